@@ -1,0 +1,109 @@
+"""Every check on a pre-training config, before anything compiles.
+
+Each failure is a UserError whose one-line message names the field and the fix.
+"""
+
+from pr_mim_jax import masking
+from pr_mim_jax import targets
+from pr_mim_jax.errors import UserError
+from pr_mim_jax.models import vit
+
+POSEMBS = ("sincos", "learned")
+DTYPES = ("bfloat16", "float32")
+KNN_FEATURES = ("mean", "cls")
+
+
+def _require(ok: bool, field: str, problem: str, fix: str):
+  if not ok:
+    raise UserError(f"config.{field}: {problem}; {fix}")
+
+
+def _positive_int(field, value):
+  _require(isinstance(value, int) and value > 0, field, f"got {value!r}", "use an integer > 0")
+
+
+def validate_model(model):
+  try:
+    spec = vit.parse_variant(model.variant)
+  except ValueError as e:
+    raise UserError(f"config.model.variant: {e}") from None
+  size, patch = model.image_size, spec.patch
+  _positive_int("model.image_size", size)
+  _require(size % patch == 0, "model.image_size",
+           f"{size} is not divisible by the patch size {patch} of variant {model.variant!r}",
+           f"use a multiple of {patch}, e.g. {max(patch, size // patch * patch)}")
+  width = model.width or spec.width
+  heads = model.heads or spec.heads
+  for field in ("width", "depth", "heads", "decoder_width", "decoder_depth", "decoder_heads"):
+    _require(isinstance(model[field], int) and model[field] >= 0, f"model.{field}",
+             f"got {model[field]!r}", "use an integer >= 0")
+  _require(width % heads == 0, "model.width", f"width {width} is not divisible by {heads} heads",
+           "change model.width or model.heads")
+  _require(model.decoder_width > 0 and model.decoder_heads > 0
+           and model.decoder_width % model.decoder_heads == 0, "model.decoder_width",
+           f"{model.decoder_width} is not a positive multiple of decoder_heads={model.decoder_heads}",
+           "change model.decoder_width or model.decoder_heads")
+  _require(model.posemb in POSEMBS, "model.posemb", f"unknown value {model.posemb!r}",
+           f"use one of {POSEMBS}")
+  _require(width % 4 == 0 and model.decoder_width % 4 == 0, "model.width",
+           f"sin-cos position embeddings need widths divisible by 4 (got {width} and "
+           f"decoder {model.decoder_width})", "use multiples of 4")
+  _require(model.compute_dtype in DTYPES, "model.compute_dtype",
+           f"unknown value {model.compute_dtype!r}", f"use one of {DTYPES}")
+  return spec
+
+
+def validate_masking(masking_cfg, num_patches: int):
+  mask, throw = masking_cfg.mask_ratio, masking_cfg.throw_ratio
+  _require(0.0 < mask < 1.0, "masking.mask_ratio", f"{mask} is outside (0, 1)", "use e.g. 0.75")
+  _require(0.0 <= throw < mask, "masking.throw_ratio",
+           f"{throw} is outside [0, mask_ratio={mask})",
+           "it is a share of ALL patches; use 0 for MAE or e.g. 0.5 with mask_ratio 0.75")
+  try:
+    masking.token_split(num_patches, mask, throw)
+  except ValueError as e:
+    raise UserError(f"config.masking: {e}; change mask_ratio/throw_ratio") from None
+
+
+def validate_optim(optim):
+  _require(optim.base_lr > 0, "optim.base_lr", f"got {optim.base_lr}", "use a value > 0, e.g. 1.5e-4")
+  _require(optim.weight_decay >= 0, "optim.weight_decay", f"got {optim.weight_decay}", "use >= 0")
+  for field in ("b1", "b2"):
+    _require(0.0 <= optim[field] < 1.0, f"optim.{field}", f"{optim[field]} is outside [0, 1)",
+             "use e.g. b1=0.9, b2=0.95")
+  _require(optim.epochs > 0, "optim.epochs", f"got {optim.epochs}", "use a value > 0")
+  _require(0 <= optim.warmup_epochs < optim.epochs, "optim.warmup_epochs",
+           f"{optim.warmup_epochs} is outside [0, epochs={optim.epochs})", "use fewer warmup epochs")
+  _require(optim.clip_grad_norm >= 0, "optim.clip_grad_norm", f"got {optim.clip_grad_norm}",
+           "use 0 (off) or a positive max norm")
+
+
+def validate_train(config, num_batch_shards: int):
+  _positive_int("batch_size", config.batch_size)
+  _require(config.batch_size % num_batch_shards == 0, "batch_size",
+           f"global batch {config.batch_size} is not divisible by the {num_batch_shards} devices "
+           "on the batch axes", f"use a multiple of {num_batch_shards}")
+  train = config.train
+  _require(isinstance(train.total_steps, int) and train.total_steps >= 0, "train.total_steps",
+           f"got {train.total_steps!r}", "use 0 (from epochs) or a positive integer")
+  for field in ("log_every", "checkpoint_every", "keep_checkpoints", "image_every", "num_images"):
+    _positive_int(f"train.{field}", train[field])
+  knn = config.knn
+  for field in ("k", "train_examples", "test_examples", "batch_size"):
+    _positive_int(f"knn.{field}", knn[field])
+  _require(knn.k <= knn.train_examples, "knn.k", f"k={knn.k} exceeds knn.train_examples",
+           "lower knn.k")
+  _require(knn.every >= 0, "knn.every", f"got {knn.every}", "use 0 (only at the end) or a step count")
+  _require(knn.temperature > 0, "knn.temperature", f"got {knn.temperature}", "use e.g. 0.07")
+  _require(knn.feature in KNN_FEATURES, "knn.feature", f"unknown value {knn.feature!r}",
+           f"use one of {KNN_FEATURES}")
+
+
+def validate_pretrain(config, num_batch_shards: int):
+  """All config checks that need no data access; raise UserError on the first problem."""
+  spec = validate_model(config.model)
+  validate_masking(config.masking, (config.model.image_size // spec.patch) ** 2)
+  _require(config.loss.target in targets.TARGETS, "loss.target",
+           f"unknown value {config.loss.target!r}", f"use one of {targets.TARGETS}")
+  validate_optim(config.optim)
+  validate_train(config, num_batch_shards)

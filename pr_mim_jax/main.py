@@ -1,0 +1,68 @@
+r"""Command line: python -m pr_mim_jax.main --config=configs/FILE.py[:k=v,...] --workdir=DIR [--config.x=y]
+
+Invalid flags and config values stop before anything compiles, with one line that
+names the field and the fix, and exit code 2.
+"""
+
+import logging
+import sys
+
+from absl import flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from pr_mim_jax.errors import UserError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, big_vision style.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and pictures go "
+                               "(local path or gs://). Rerunning with the same workdir resumes.")
+
+MODES = ("pretrain",)
+EXIT_USER_ERROR = 2
+
+
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(EXIT_USER_ERROR)
+
+
+def _parse_flags(argv):
+  try:
+    flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(str(e).splitlines()[0] + " (see --helpfull)")
+  except UserError as e:
+    _fail(str(e))
+  except Exception as e:  # pylint: disable=broad-except  # config file errors
+    cause = e.__cause__ or e.__context__
+    _fail(str(cause if isinstance(cause, UserError) else e).splitlines()[0])
+  if _CONFIG.value is None:
+    _fail("--config is required, e.g. --config=configs/pretrain.py:dataset=shapes")
+  if not _WORKDIR.value:
+    _fail("--workdir is required, e.g. --workdir=workdirs/demo")
+
+
+def main(argv=None) -> int:
+  _parse_flags(argv if argv is not None else sys.argv)
+  absl_logging.use_absl_handler()
+  absl_logging.set_verbosity(absl_logging.INFO)
+  config = _CONFIG.value
+  mode = config.get("mode", "pretrain")
+  try:
+    if mode not in MODES:
+      raise UserError(f"config.mode: unknown mode {mode!r}; use one of {MODES}")
+    from pr_mim_jax import pretrain  # pylint: disable=g-import-not-at-top
+    try:
+      summary = pretrain.train(config, _WORKDIR.value)
+    except pretrain.NonFiniteLossError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 1
+  except UserError as e:
+    _fail(str(e))
+  logging.info("done: %s", summary)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,78 @@
+"""Metric output: log lines and a JSONL file always, TensorBoard through clu when present.
+
+`clu.metric_writers` imports TensorFlow when loaded, so it is imported lazily; where
+TensorFlow is absent (typical GPU machines) training still logs. Only process 0 writes.
+"""
+
+import json
+import logging
+import os
+import time
+
+import jax
+import numpy as np
+from etils import epath
+
+
+class MetricWriter:
+  """Scalars to logs + `metrics.jsonl` (+ TensorBoard); images to TensorBoard."""
+
+  def __init__(self, workdir: str, tensorboard: bool = True):
+    self.active = jax.process_index() == 0
+    self._jsonl = epath.Path(workdir) / "metrics.jsonl"
+    self._clu = None
+    if self.active and tensorboard:
+      try:
+        import tensorflow as tf  # pylint: disable=g-import-not-at-top
+        tf.config.set_visible_devices([], "GPU")  # TF must never take GPU memory
+        from clu import metric_writers  # pylint: disable=g-import-not-at-top
+        self._clu = metric_writers.SummaryWriter(os.fspath(epath.Path(workdir) / "tensorboard"))
+      except ImportError:
+        logging.info("clu/tensorflow not installed: no TensorBoard, metrics go to %s", self._jsonl)
+
+  def write_scalars(self, step: int, scalars: dict):
+    if not self.active:
+      return
+    scalars = {k: float(v) for k, v in scalars.items()}
+    logging.info("[%d] %s", step, ", ".join(f"{k}={v:.6g}" for k, v in sorted(scalars.items())))
+    with self._jsonl.open("a") as f:
+      f.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
+    if self._clu is not None:
+      self._clu.write_scalars(step, scalars)
+
+  def write_images(self, step: int, images: dict):
+    """images: name -> uint8 [H, W, 3]."""
+    if self.active and self._clu is not None:
+      self._clu.write_images(step, {k: np.asarray(v)[None] for k, v in images.items()})
+
+  def flush(self):
+    if self._clu is not None:
+      self._clu.flush()
+
+  def close(self):
+    if self._clu is not None:
+      self._clu.close()
+
+
+class Progress:
+  """Steps/s and ETA over the last reporting interval."""
+
+  def __init__(self, first_step: int, total_steps: int):
+    self.total = total_steps
+    self._last_step, self._last_time = first_step, time.monotonic()
+
+  def report(self, step: int) -> dict:
+    now = time.monotonic()
+    rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
+    self._last_step, self._last_time = step, now
+    eta = (self.total - step) / rate if rate > 0 else float("inf")
+    logging.info("step %d/%d (%.1f%%), %.2f steps/s, ETA %s", step, self.total,
+                 100.0 * step / self.total, rate, format_seconds(eta))
+    return {"steps_per_sec": rate}
+
+
+def format_seconds(seconds: float) -> str:
+  if not np.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"

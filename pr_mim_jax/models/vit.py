@@ -1,0 +1,213 @@
+"""ViT building blocks with timm/MAE-compatible structure and logical axis names.
+
+Pre-norm blocks, exact (erf) GELU, LayerNorm eps 1e-6, qkv with bias. The fused qkv
+kernel is stored as [D, 3, heads, head_dim], which reshapes to timm's [3*D, D] weight
+(transposed) and lets tensor parallelism shard whole heads.
+"""
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pr_mim_jax.models import posemb as posemb_lib
+
+# name -> (width, depth, heads); mlp is 4x width for all of them.
+VARIANTS = {
+    "Ti": (192, 12, 3),
+    "S": (384, 12, 6),
+    "B": (768, 12, 12),
+    "L": (1024, 24, 16),
+    "H": (1280, 32, 16),
+}
+
+LN_EPS = 1e-6
+Dtype = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class VitSpec:
+  """Encoder shape parsed from a variant name like 'B/16'."""
+  width: int
+  depth: int
+  heads: int
+  patch: int
+
+
+def parse_variant(variant: str) -> VitSpec:
+  """'B/16' -> VitSpec(768, 12, 12, 16). Raises ValueError on an unknown name."""
+  name, sep, patch = variant.partition("/")
+  if name not in VARIANTS or not sep or not patch.isdigit() or int(patch) <= 0:
+    raise ValueError(
+        f"unknown variant {variant!r}; use NAME/PATCH with NAME in {sorted(VARIANTS)}, e.g. 'B/16'")
+  width, depth, heads = VARIANTS[name]
+  return VitSpec(width, depth, heads, int(patch))
+
+
+def _param(init, names):
+  return nn.with_logical_partitioning(init, names)
+
+
+def constrain(x, names):
+  """Activation sharding by logical names (a no-op outside a mesh + rules context)."""
+  return nn.with_logical_constraint(x, names)
+
+
+class HeadsDense(nn.Module):
+  """Dense layer over head-structured axes with logical names on its kernel.
+
+  Contracts the last `in_axes` axes of x with a kernel [*in, *features] (Xavier-uniform
+  over the flattened fan-in/out, as timm's Linear init). flax's DenseGeneral reshapes
+  a flat kernel at init, which breaks logical constraints inside a mesh.
+  """
+  features: tuple
+  in_axes: int
+  names: tuple
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    in_shape = x.shape[-self.in_axes:]
+    n_in = len(in_shape)
+    init = nn.initializers.xavier_uniform(
+        in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + len(self.features))))
+    kernel = self.param("kernel", _param(init, self.names), in_shape + tuple(self.features))
+    bias = self.param("bias", _param(nn.initializers.zeros, self.names[n_in:]), tuple(self.features))
+    x_axes = tuple(range(x.ndim - n_in, x.ndim))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                            ((x_axes, tuple(range(n_in))), ((), ())))
+    return y + bias.astype(self.dtype)
+
+
+class Attention(nn.Module):
+  heads: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):  # [B, N, D]
+    width = x.shape[-1]
+    head_dim = width // self.heads
+    qkv = HeadsDense((3, self.heads, head_dim), 1, ("embed", None, "heads", "kv"), self.dtype,
+                     name="qkv")(x)  # [B, N, 3, H, hd]
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, H, hd] each
+    q = constrain(q, ("batch", "tokens", "heads", "kv"))
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(head_dim).astype(self.dtype)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # [B, N, H, hd]
+    out = HeadsDense((width,), 2, ("heads", "kv", "embed"), self.dtype, name="proj")(out)
+    return constrain(out, ("batch", "tokens", "embed"))
+
+
+class Mlp(nn.Module):
+  hidden: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):  # [B, N, D]
+    width = x.shape[-1]
+    kinit = nn.initializers.xavier_uniform()
+    h = nn.Dense(self.hidden, dtype=self.dtype, name="fc1",
+                 kernel_init=_param(kinit, ("embed", "mlp")),
+                 bias_init=_param(nn.initializers.zeros, ("mlp",)))(x)
+    h = constrain(nn.gelu(h, approximate=False), ("batch", "tokens", "mlp"))
+    return nn.Dense(width, dtype=self.dtype, name="fc2",
+                    kernel_init=_param(kinit, ("mlp", "embed")),
+                    bias_init=_param(nn.initializers.zeros, ("embed",)))(h)
+
+
+def layer_norm(dtype, name):
+  return nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, name=name,
+                      scale_init=_param(nn.initializers.ones, ("embed",)),
+                      bias_init=_param(nn.initializers.zeros, ("embed",)))
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+  heads: int
+  mlp_ratio: float = 4.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):  # [B, N, D]
+    x = x + Attention(self.heads, self.dtype, name="attn")(layer_norm(self.dtype, "norm1")(x))
+    hidden = int(x.shape[-1] * self.mlp_ratio)
+    x = x + Mlp(hidden, self.dtype, name="mlp")(layer_norm(self.dtype, "norm2")(x))
+    return constrain(x, ("batch", "tokens", "embed"))
+
+
+def patchify(images, patch: int):
+  """[B, H, W, C] -> [B, L, patch*patch*C], patches row-major, pixels in (p, q, c) order."""
+  b, h, w, c = images.shape
+  gh, gw = h // patch, w // patch
+  x = images.reshape(b, gh, patch, gw, patch, c)
+  x = x.transpose(0, 1, 3, 2, 4, 5)  # [B, gh, gw, p, p, C]
+  return x.reshape(b, gh * gw, patch * patch * c)
+
+
+def unpatchify(patches, patch: int, channels: int = 3):
+  """Inverse of `patchify` for square images: [B, L, p*p*C] -> [B, H, W, C]."""
+  b, length, _ = patches.shape
+  g = int(round(np.sqrt(length)))
+  x = patches.reshape(b, g, g, patch, patch, channels).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, g * patch, g * patch, channels)
+
+
+def gather_tokens(x, ids):
+  """x: [B, L, ...], ids: [B, K] -> [B, K, ...]."""
+  return jnp.take_along_axis(x, ids.reshape(ids.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+class Encoder(nn.Module):
+  """ViT encoder over a subset of patches: patch embed, posemb, cls, blocks, final norm.
+
+  The patch embedding is a conv-equivalent kernel [p, p, 3, D] applied only to the
+  selected patches, so masked patches cost nothing.
+  """
+  spec: VitSpec
+  image_size: int
+  posemb: str = "sincos"  # 'sincos' (fixed, MAE) | 'learned' (timm, covers cls too)
+  mlp_ratio: float = 4.0
+  dtype: Dtype = jnp.float32
+
+  @property
+  def grid(self) -> int:
+    return self.image_size // self.spec.patch
+
+  @nn.compact
+  def __call__(self, images, ids_keep=None):
+    """images: [B, H, W, 3]; ids_keep: [B, K] patch indices or None (all) -> [B, 1+K, D]."""
+    d, p = self.spec.width, self.spec.patch
+    patches = patchify(images, p)  # [B, L, p*p*3]
+    if ids_keep is not None:
+      patches = gather_tokens(patches, ids_keep)  # [B, K, p*p*3]
+    kernel = self.param("patch_embed_kernel", _param(
+        nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=3),
+        (None, None, None, "embed")), (p, p, 3, d))
+    bias = self.param("patch_embed_bias", _param(nn.initializers.zeros, ("embed",)), (d,))
+    x = patches.astype(self.dtype) @ kernel.reshape(p * p * 3, d).astype(self.dtype)
+    x = x + bias.astype(self.dtype)  # [B, K, D]
+
+    length = self.grid ** 2
+    if self.posemb == "sincos":
+      table = jnp.asarray(posemb_lib.sincos_2d(d, self.grid, cls_token=True))  # [1+L, D]
+    elif self.posemb == "learned":
+      table = self.param("pos_embedding", _param(nn.initializers.normal(0.02), (None, "embed")),
+                         (1 + length, d))
+    else:
+      raise ValueError(f"unknown posemb {self.posemb!r}")
+    patch_pos = table[1:][None]  # [1, L, D]
+    if ids_keep is not None:
+      patch_pos = gather_tokens(jnp.broadcast_to(patch_pos, (x.shape[0], length, d)), ids_keep)
+    x = x + patch_pos.astype(self.dtype)
+
+    cls = self.param("cls_token", _param(nn.initializers.normal(0.02), (None, None, "embed")),
+                     (1, 1, d))
+    cls = (cls + table[:1][None]).astype(self.dtype)
+    x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, d)), x], axis=1)  # [B, 1+K, D]
+    x = constrain(x, ("batch", "tokens", "embed"))
+    for i in range(self.spec.depth):
+      x = Block(self.spec.heads, self.mlp_ratio, self.dtype, name=f"block{i}")(x)
+    return layer_norm(self.dtype, "norm")(x)

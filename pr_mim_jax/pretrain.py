@@ -1,0 +1,230 @@
+"""The pre-training loop, top to bottom: setup, resume, train, monitor, checkpoint."""
+
+import functools
+import logging
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+
+from pr_mim_jax import checkpointing
+from pr_mim_jax import config_validation
+from pr_mim_jax import knn
+from pr_mim_jax import masking
+from pr_mim_jax import metrics as metrics_lib
+from pr_mim_jax import optim
+from pr_mim_jax import preemption
+from pr_mim_jax import sharding
+from pr_mim_jax import train_step as train_step_lib
+from pr_mim_jax import visualize
+from pr_mim_jax import workdir_records
+from pr_mim_jax.data import pipeline
+from pr_mim_jax.errors import UserError
+from pr_mim_jax.models import mae
+from pr_mim_jax.train_state import TrainState
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss became NaN or inf; the state is not saved."""
+
+
+def setup_jax(config) -> None:
+  """Process-wide JAX settings: device-count-independent RNG, optional compile cache."""
+  jax.config.update("jax_threefry_partitionable", True)
+  if config.compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", str(epath.Path(config.compilation_cache_dir).expanduser()))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def token_split(config) -> masking.TokenSplit:
+  patch = mae.build(config.model).spec.patch
+  return masking.token_split((config.model.image_size // patch) ** 2,
+                             config.masking.mask_ratio, config.masking.throw_ratio)
+
+
+def _dummy_inputs(model, split):
+  images = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
+  ids_vis = jnp.arange(split.n_vis, dtype=jnp.int32)[None]
+  ids_dec = jnp.arange(split.n_vis, split.n_vis + split.n_dec, dtype=jnp.int32)[None]
+  return images, ids_vis, ids_dec
+
+
+def init_params(model, split, rng):
+  """Unboxed float32 params (a pure function of rng)."""
+  return nn.unbox(model.init(rng, *_dummy_inputs(model, split))["params"])
+
+
+def create_state(model, tx, split, seed: int, mesh, rules):
+  """A TrainState born sharded: eval_shape -> sharding tree -> jitted init with out_shardings."""
+  rng = jax.random.PRNGKey(seed)
+  param_rng, state_rng = jax.random.split(rng)
+
+  def init_fn(param_rng, state_rng):
+    params = init_params(model, split, param_rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=state_rng)
+
+  boxed = jax.eval_shape(lambda r: model.init(r, *_dummy_inputs(model, split))["params"], param_rng)
+  params_sharding = sharding.param_shardings(boxed, mesh, rules)
+  abstract = jax.eval_shape(init_fn, param_rng, state_rng)
+  state_sharding = TrainState(
+      step=sharding.replicated(mesh),
+      params=params_sharding,
+      opt_state=sharding.opt_state_shardings(abstract.opt_state, abstract.params,
+                                             params_sharding, mesh),
+      rng=sharding.replicated(mesh))
+  state = jax.jit(init_fn, out_shardings=state_sharding)(param_rng, state_rng)
+  return state, state_sharding
+
+
+def abstract_with_shardings(state, state_sharding):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      state, state_sharding)
+
+
+def check_finite(step: int, pending: list, lr_hint: float) -> list:
+  """Raise if any pending loss is not finite; returns the fetched metrics."""
+  fetched = jax.device_get(pending)
+  for s, m in fetched:
+    if not np.isfinite(m["loss"]):
+      raise NonFiniteLossError(
+          f"loss is {m['loss']} at step {s}: training stopped and this state was NOT saved "
+          f"(peak lr {lr_hint:.3g}); lower config.optim.base_lr, set config.optim.clip_grad_norm, "
+          "or use model.compute_dtype=float32, then rerun to resume from the last checkpoint")
+  return fetched
+
+
+class KnnMonitor:
+  """k-NN accuracy of encoder features on fixed labeled subsets (loaded once, lazily)."""
+
+  def __init__(self, config, model):
+    self.cfg, self.data_cfg, self.model = config.knn, config.data, model
+    self._arrays = None
+
+  def _load(self):
+    if self._arrays is None:
+      size = self.model.image_size
+      self._arrays = (
+          pipeline.labeled_arrays(self.data_cfg, self.data_cfg.train_split,
+                                  num_examples=self.cfg.train_examples, image_size=size),
+          pipeline.labeled_arrays(self.data_cfg, self.data_cfg.eval_split,
+                                  num_examples=self.cfg.test_examples, image_size=size))
+    return self._arrays
+
+  def accuracy(self, params) -> float:
+    (x_tr, y_tr), (x_te, y_te) = self._load()
+    feats = functools.partial(knn.extract_features, self.model, params,
+                              feature=self.cfg.feature, batch_size=self.cfg.batch_size)
+    return knn.knn_accuracy(feats(x_tr), y_tr, feats(x_te), y_te, k=self.cfg.k,
+                            temperature=self.cfg.temperature)
+
+
+def write_reconstructions(workdir, writer, model, params, images, state_rng, step, split, target):
+  """PNG (workdir/images/) and TensorBoard grid of original | masked | reconstruction."""
+  masks = train_step_lib.step_masks(state_rng, step, images.shape[0], split)
+  pred = jax.jit(model.apply)({"params": params}, images, masks.ids_vis, masks.ids_dec)
+  images, pred, ids_vis, ids_dec = jax.device_get((images, pred, masks.ids_vis, masks.ids_dec))
+  picture = visualize.reconstruction_grid(images, pred, ids_vis, ids_dec, model.spec.patch,
+                                          target, pipeline.denormalize)
+  if jax.process_index() == 0:
+    out = epath.Path(workdir) / "images"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"reconstruction_{step:07d}.png").write_bytes(visualize.encode_png(picture))
+    writer.write_images(step, {"reconstruction": picture})
+
+
+def train(config, workdir: str) -> dict:
+  """Pre-train per `config` in `workdir`, resuming from its latest checkpoint.
+
+  Returns a summary dict (final step, last logged loss, k-NN accuracies when computed).
+  """
+  setup_jax(config)
+  mesh, rules = sharding.make_mesh(), sharding.DATA_PARALLEL_RULES
+  config_validation.validate_pretrain(config, sharding.num_batch_shards(mesh))
+  pipeline.check_dataset(config.data)
+  num_train = pipeline.num_examples(config.data, config.data.train_split)
+  if config.batch_size > num_train:
+    raise UserError(f"config.batch_size: {config.batch_size} exceeds the {num_train} training "
+                    f"examples of {config.data.dataset!r}; use a smaller batch")
+
+  model = mae.build(config.model)
+  split = token_split(config)
+  total_steps, warmup_steps = optim.schedule_steps(config.optim, num_train, config.batch_size,
+                                                   config.train.total_steps)
+  peak = optim.peak_lr(config.optim, config.batch_size)
+  schedule = optim.lr_schedule(peak, total_steps, warmup_steps)
+  tx = optim.make_optimizer(config.optim, schedule)
+  logging.info("model %s (%s), %d train examples, %d steps (%d warmup), peak lr %.3g, tokens %s",
+               config.model.variant, config.model.compute_dtype, num_train, total_steps,
+               warmup_steps, peak, split)
+
+  workdir_records.write_records(workdir, config)
+  writer = metrics_lib.MetricWriter(workdir)
+  ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir),
+                                    max_to_keep=config.train.keep_checkpoints)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    state, state_sharding = create_state(model, tx, split, config.seed, mesh, rules)
+    start_step = ckpt.latest_step()
+    if start_step is not None:
+      state = ckpt.restore(abstract_with_shardings(state, state_sharding), start_step)
+      logging.info("resumed from %s at step %d", ckpt.directory, start_step)
+    start_step = int(state.step)
+
+    step_fn = jax.jit(
+        functools.partial(train_step_lib.train_step, model=model, tx=tx, split=split,
+                          target=config.loss.target, schedule=schedule),
+        in_shardings=(state_sharding, {"image": sharding.batch_sharding(mesh)}),
+        out_shardings=(state_sharding, sharding.replicated(mesh)),
+        donate_argnums=0)
+    batches = pipeline.train_batches(config.data, seed=config.seed, global_batch=config.batch_size,
+                                     image_size=config.model.image_size, start_step=start_step,
+                                     sharding=sharding.batch_sharding(mesh))
+    knn_monitor = KnnMonitor(config, model) if config.knn.enabled else None
+    summary = {"start_step": start_step, "total_steps": total_steps}
+    stop = preemption.StopRequest()
+    progress = metrics_lib.Progress(start_step, total_steps)
+    pending = []
+    try:
+      step = start_step
+      while step < total_steps and not stop.requested:
+        batch = next(batches)
+        state, step_metrics = step_fn(state, batch)
+        step += 1
+        pending.append((step, step_metrics))
+        last = step == total_steps
+        if step % config.train.log_every == 0 or last:
+          fetched = check_finite(step, pending, peak)
+          pending = []
+          means = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1]}
+          means.update(progress.report(step))
+          writer.write_scalars(step, means)
+          summary["loss"] = means["loss"]
+        if step % config.train.image_every == 0 or last:
+          write_reconstructions(workdir, writer, model, state.params,
+                                batch["image"][:config.train.num_images], state.rng, step - 1,
+                                split, config.loss.target)
+        if knn_monitor and config.knn.every and step % config.knn.every == 0 and not last:
+          writer.write_scalars(step, {"knn_top1": knn_monitor.accuracy(state.params)})
+        if step % config.train.checkpoint_every == 0 or last or stop.requested:
+          pending = check_finite(step, pending, peak) and []
+          ckpt.save(step, state)
+      if stop.requested:
+        logging.warning("stopped by %s at step %d; checkpoint saved in %s; rerun the same "
+                        "command to resume", stop.signal_name, step, ckpt.directory)
+      summary["step"] = step
+      summary["stopped"] = stop.requested
+      if knn_monitor and step == total_steps and not stop.requested:
+        trained = knn_monitor.accuracy(state.params)
+        random_init = knn_monitor.accuracy(init_params(model, split,
+                                                       jax.random.split(jax.random.PRNGKey(config.seed))[0]))
+        writer.write_scalars(step, {"knn_top1": trained, "knn_top1_random_init": random_init})
+        summary.update(knn_top1=trained, knn_top1_random_init=random_init)
+        logging.info("k-NN top-1 (k=%d): trained %.2f%% vs random init %.2f%%", config.knn.k,
+                     100 * trained, 100 * random_init)
+    finally:
+      stop.restore()
+      ckpt.close()
+      writer.close()
+  return summary

@@ -1,0 +1,243 @@
+"""Tests for pr_mim_jax.checkpointing: retention, exact restore, damage handling."""
+
+import pathlib
+import threading
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from pr_mim_jax import checkpointing
+from pr_mim_jax.errors import UserError
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: dict
+  opt_state: optax.OptState
+  rng: jax.Array
+
+
+def _make_state(seed: int = 0, width: int = 3) -> TrainState:
+  """A small state with a nested optax state (chain + masked adamw)."""
+  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+  params = {
+      'dense': {'kernel': jax.random.normal(k1, (4, width)),
+                'bias': jax.random.normal(k2, (width,))},
+      'scale': jnp.ones((2,), jnp.bfloat16)}
+  tx = optax.chain(
+      optax.clip_by_global_norm(1.0),
+      optax.adamw(1e-3, mask=jax.tree.map(lambda p: p.ndim > 1, params)))
+  opt_state = tx.init(params)
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+  _, opt_state = tx.update(grads, opt_state, params)  # Non-zero mu/nu/count.
+  return TrainState(step=jnp.int32(seed), params=params, opt_state=opt_state,
+                    rng=jax.random.key_data(k3))
+
+
+def _sharding():
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def _abstract(state, sharding=None):
+  sharding = sharding or _sharding()
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+      jax.eval_shape(lambda: state))
+
+
+def _assert_identical(got, want, sharding=None):
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert g.dtype == w.dtype
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    if sharding is not None:
+      assert g.sharding == sharding
+
+
+def _snapshot(path: pathlib.Path) -> dict[str, bytes]:
+  return {str(f): f.read_bytes() for f in sorted(path.rglob('*')) if f.is_file()}
+
+
+def _saved(directory, steps, *, max_to_keep=3):
+  """Saves one distinct state per step, closes, returns {step: state}."""
+  ckpt = checkpointing.Checkpointer(str(directory), max_to_keep=max_to_keep)
+  states = {s: _make_state(seed=s) for s in steps}
+  for s, state in states.items():
+    ckpt.save(s, state)
+  ckpt.close()
+  return states
+
+
+def test_checkpoint_dir():
+  assert checkpointing.checkpoint_dir('/w/run1') == '/w/run1/checkpoints'
+  assert issubclass(checkpointing.CheckpointError, UserError)
+
+
+def test_keeps_newest_and_restores_exactly(tmp_path):
+  ckpt = checkpointing.Checkpointer(str(tmp_path), max_to_keep=2)
+  states = {s: _make_state(seed=s) for s in (10, 20, 30)}
+  for s, state in states.items():
+    ckpt.save(s, state)
+  ckpt.wait()
+  assert ckpt.all_steps() == [20, 30]
+  assert ckpt.latest_step() == 30
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['20', '30']
+
+  sharding = _sharding()
+  restored = ckpt.restore(_abstract(states[30], sharding))
+  assert isinstance(restored, TrainState)
+  # Optax namedtuples (ScaleByAdamState, MaskedState, ...) come back as such.
+  assert type(restored.opt_state[1][0]) is type(states[30].opt_state[1][0])
+  _assert_identical(restored, states[30], sharding)
+  _assert_identical(ckpt.restore(_abstract(states[20]), step=20), states[20])
+  # Concrete arrays work as the target too, with their own sharding.
+  single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.device_put(_make_state(seed=99), single)
+  _assert_identical(ckpt.restore(target), states[30], single)
+  ckpt.close()
+
+
+def test_sync_save(tmp_path):
+  ckpt = checkpointing.Checkpointer(str(tmp_path), async_save=False)
+  state = _make_state()
+  ckpt.save(1, state)
+  assert ckpt.latest_step() == 1
+  _assert_identical(ckpt.restore(_abstract(state)), state)
+  ckpt.close()
+
+
+def test_async_save_close_and_reopen(tmp_path):
+  main_threads = set(threading.enumerate())
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  state = _make_state(seed=1)
+  ckpt.save(1, state)  # May still be writing when this returns.
+  ckpt.save(2, _make_state(seed=2))  # Waits for step 1, then starts step 2.
+  ckpt.wait()
+  assert ckpt.latest_step() == 2
+  assert (tmp_path / '2' / 'commit_success.txt').exists()
+  ckpt.close()
+  # No lingering non-daemon threads that would keep the process alive.
+  leftover = [t for t in threading.enumerate()
+              if t not in main_threads and not t.daemon and t.is_alive()]
+  assert not leftover
+
+  reopened = checkpointing.Checkpointer(str(tmp_path))
+  assert reopened.all_steps() == [1, 2]
+  _assert_identical(reopened.restore(_abstract(state), step=1), state)
+  reopened.close()
+
+
+def test_unfinished_save_is_ignored(tmp_path):
+  states = _saved(tmp_path, [1, 2])
+  # Make step 2 look like a save killed before orbax's final rename, and add
+  # an empty leftover temp dir as well: neither is a complete checkpoint.
+  (tmp_path / '2').rename(tmp_path / '2.orbax-checkpoint-tmp')
+  (tmp_path / '3.orbax-checkpoint-tmp-1700000000').mkdir()
+
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  assert ckpt.all_steps() == [1]
+  assert ckpt.latest_step() == 1
+  _assert_identical(ckpt.restore(_abstract(states[1])), states[1])
+  # The step can be saved again properly.
+  ckpt.save(2, states[2])
+  ckpt.wait()
+  assert ckpt.latest_step() == 2
+  _assert_identical(ckpt.restore(_abstract(states[2])), states[2])
+  ckpt.close()
+
+
+def _garble(step_dir: pathlib.Path):
+  for f in step_dir.rglob('d/*'):
+    f.write_bytes(b'not a checkpoint' * 3)
+
+
+def _truncate(step_dir: pathlib.Path):
+  for f in step_dir.rglob('d/*'):
+    f.write_bytes(f.read_bytes()[:7])
+
+
+def _drop_metadata(step_dir: pathlib.Path):
+  (step_dir / 'state' / '_METADATA').unlink()
+
+
+def _drop_manifest(step_dir: pathlib.Path):
+  for f in step_dir.rglob('manifest.ocdbt'):
+    f.unlink()
+
+
+# After a failed read, tensorstore callbacks for the other leaves still in flight
+# hit orbax's already-closed event loop ("Event loop is closed"); harmless noise.
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+@pytest.mark.parametrize('damage', [_garble, _truncate, _drop_metadata,
+                                    _drop_manifest])
+def test_corrupt_checkpoint_raises_and_is_untouched(tmp_path, damage):
+  states = _saved(tmp_path, [1, 2])
+  damage(tmp_path / '2')
+  before = _snapshot(tmp_path)
+
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  assert ckpt.latest_step() == 2
+  with pytest.raises(checkpointing.CheckpointError) as err:
+    ckpt.restore(_abstract(states[2]))  # Must not fall back to step 1.
+  msg = str(err.value)
+  assert str(tmp_path / '2') in msg
+  assert 'move it away' in msg and 'untouched' in msg
+  assert '\n' not in msg
+  assert err.value.__cause__ is not None
+  ckpt.close()
+  assert _snapshot(tmp_path) == before
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['1', '2']
+
+
+def test_incompatible_shapes_dtypes_and_tree(tmp_path):
+  _saved(tmp_path, [5])
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  wider = _make_state(width=8)
+  with pytest.raises(checkpointing.CheckpointError) as err:
+    ckpt.restore(_abstract(wider))
+  msg = str(err.value)
+  assert str(tmp_path / '5') in msg and '\n' not in msg
+  assert 'params/dense/kernel: saved (4, 3) float32, expected (4, 8)' in msg
+  assert 'and 1 more' in msg  # 6 mismatches (params + mu + nu), 5 listed.
+
+  # Orbax alone would silently cast a changed dtype.
+  state = _make_state()
+  recast = state.replace(step=jnp.float32(0))
+  with pytest.raises(checkpointing.CheckpointError, match='step: saved'):
+    ckpt.restore(_abstract(recast))
+
+  changed = state.replace(params={**state.params, 'extra': jnp.zeros(3)})
+  with pytest.raises(checkpointing.CheckpointError,
+                     match='params/extra .missing from checkpoint'):
+    ckpt.restore(_abstract(changed))
+  ckpt.close()
+
+
+def test_existing_step_is_not_overwritten(tmp_path):
+  first = _saved(tmp_path, [1])[1]
+  before = _snapshot(tmp_path)
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  ckpt.save(1, _make_state(seed=7))
+  ckpt.wait()
+  assert _snapshot(tmp_path) == before
+  _assert_identical(ckpt.restore(_abstract(first)), first)
+  ckpt.close()
+
+
+def test_missing_directory_and_empty(tmp_path):
+  directory = tmp_path / 'does' / 'not' / 'exist'
+  ckpt = checkpointing.Checkpointer(str(directory))
+  assert directory.is_dir()
+  assert ckpt.latest_step() is None
+  assert ckpt.all_steps() == []
+  with pytest.raises(checkpointing.CheckpointError, match='No complete'):
+    ckpt.restore(_abstract(_make_state()))
+  with pytest.raises(checkpointing.CheckpointError, match='step 4'):
+    ckpt.restore(_abstract(_make_state()), step=4)
+  ckpt.close()
