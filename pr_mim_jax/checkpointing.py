@@ -80,7 +80,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, max_to_keep: int = 3,
                async_save: bool = True):
-    self._dir = epath.Path(directory)
+    self.directory = epath.Path(directory)
     self._pending = None  # Step of the last async save, maybe still writing.
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     registry.add(_ITEM, ocp.args.StandardSave)
@@ -91,7 +91,7 @@ class Checkpointer:
         enable_async_checkpointing=async_save,
         preservation_policy=ocp.checkpoint_managers.LatestN(n=max_to_keep))
     self._mngr = ocp.CheckpointManager(
-        self._dir, options=options, handler_registry=registry)
+        self.directory, options=options, handler_registry=registry)
 
   def all_steps(self) -> list[int]:
     """Steps of complete checkpoints, ascending."""
@@ -111,7 +111,7 @@ class Checkpointer:
     step = int(step)
     if step in self._mngr.all_steps():
       logging.info('Checkpoint for step %d already exists in %s; not saving.',
-                   step, self._dir)
+                   step, self.directory)
       return
     try:
       # force: save whenever asked; the training loop decides the cadence.
@@ -119,7 +119,7 @@ class Checkpointer:
           **{_ITEM: ocp.args.StandardSave(state)}))
     except Exception as e:
       raise CheckpointError(f'Could not save checkpoint step {step} to '
-                            f'{self._dir}: {_short(e)}') from e
+                            f'{self.directory}: {_short(e)}') from e
     self._pending = step
 
   def wait(self) -> None:
@@ -128,7 +128,7 @@ class Checkpointer:
       self._mngr.wait_until_finished()
     except Exception as e:
       raise CheckpointError(f'Writing checkpoint step {self._pending} to '
-                            f'{self._dir} failed: {_short(e)}') from e
+                            f'{self.directory} failed: {_short(e)}') from e
     self._pending = None
 
   def restore(self, abstract_state, step: int | None = None):
@@ -136,11 +136,11 @@ class Checkpointer:
     self.wait()
     step = self.latest_step() if step is None else int(step)
     if step is None:
-      raise CheckpointError(f'No complete checkpoint found in {self._dir}.')
+      raise CheckpointError(f'No complete checkpoint found in {self.directory}.')
     if step not in self.all_steps():
-      raise CheckpointError(f'No checkpoint for step {step} in {self._dir}; '
+      raise CheckpointError(f'No checkpoint for step {step} in {self.directory}; '
                             f'available steps: {self.all_steps()}.')
-    path = self._dir / str(step)
+    path = self.directory / str(step)
 
     def damaged(e):
       return CheckpointError(

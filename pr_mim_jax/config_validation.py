@@ -34,20 +34,24 @@ def validate_model(model):
            f"use a multiple of {patch}, e.g. {max(patch, size // patch * patch)}")
   width = model.width or spec.width
   heads = model.heads or spec.heads
-  for field in ("width", "depth", "heads", "decoder_width", "decoder_depth", "decoder_heads"):
+  for field in ("width", "depth", "heads"):
     _require(isinstance(model[field], int) and model[field] >= 0, f"model.{field}",
              f"got {model[field]!r}", "use an integer >= 0")
   _require(width % heads == 0, "model.width", f"width {width} is not divisible by {heads} heads",
            "change model.width or model.heads")
-  _require(model.decoder_width > 0 and model.decoder_heads > 0
-           and model.decoder_width % model.decoder_heads == 0, "model.decoder_width",
-           f"{model.decoder_width} is not a positive multiple of decoder_heads={model.decoder_heads}",
+  for field in ("decoder_width", "decoder_depth", "decoder_heads"):
+    _positive_int(f"model.{field}", model[field])
+  _require(model.decoder_width % model.decoder_heads == 0, "model.decoder_width",
+           f"{model.decoder_width} is not divisible by decoder_heads={model.decoder_heads}",
            "change model.decoder_width or model.decoder_heads")
   _require(model.posemb in POSEMBS, "model.posemb", f"unknown value {model.posemb!r}",
            f"use one of {POSEMBS}")
-  _require(width % 4 == 0 and model.decoder_width % 4 == 0, "model.width",
-           f"sin-cos position embeddings need widths divisible by 4 (got {width} and "
-           f"decoder {model.decoder_width})", "use multiples of 4")
+  _require(model.posemb != "sincos" or width % 4 == 0, "model.width",
+           f"sin-cos position embeddings need a width divisible by 4, got {width}",
+           "use a multiple of 4 or model.posemb='learned'")
+  _require(model.decoder_width % 4 == 0, "model.decoder_width",
+           f"the decoder's sin-cos position embeddings need a width divisible by 4, got "
+           f"{model.decoder_width}", "use a multiple of 4")
   _require(model.compute_dtype in DTYPES, "model.compute_dtype",
            f"unknown value {model.compute_dtype!r}", f"use one of {DTYPES}")
   return spec

@@ -1,10 +1,11 @@
 """AdamW with MAE's settings: scaled lr, warmup + cosine, decay mask, optional clipping."""
 
 import flax.traverse_util
+import jax.numpy as jnp
 import optax
 
-# Params never decayed besides biases and norms (which are caught by ndim == 1).
-NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embedding")
+# Only weight matrices are decayed; biases, norms, cls/mask tokens and posembs are not.
+DECAY_NAMES = ("kernel", "patch_embed_kernel")
 
 
 def steps_per_epoch(num_examples: int, global_batch: int) -> int:
@@ -28,14 +29,23 @@ def peak_lr(optim_cfg, global_batch: int) -> float:
 
 
 def lr_schedule(peak: float, total_steps: int, warmup_steps: int):
-  """Linear warmup from 0 to `peak`, then half-cosine decay to 0 at `total_steps`."""
-  return optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup_steps, 1), total_steps, 0.0)
+  """Linear warmup from 0 to `peak` over `warmup_steps`, then half-cosine decay to 0 at
+  `total_steps` (MAE's per-iteration schedule). With no warmup, step 0 is at peak."""
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    warm = peak * step / max(warmup_steps, 1)
+    progress = jnp.clip((step - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0, 1.0)
+    return jnp.where(step < warmup_steps, warm, 0.5 * peak * (1.0 + jnp.cos(jnp.pi * progress)))
+  return schedule
 
 
 def decay_mask(params):
-  """True where weight decay applies: matrices, not biases/norms/tokens/posembs."""
+  """True where weight decay applies: weight matrices, not biases/norms/tokens/posembs.
+
+  Decided by name, not rank: the qkv bias is [3, heads, head_dim] yet must not decay.
+  """
   flat = flax.traverse_util.flatten_dict(params)
-  mask = {path: (leaf.ndim > 1 and path[-1] not in NO_DECAY_NAMES) for path, leaf in flat.items()}
+  mask = {path: path[-1] in DECAY_NAMES for path in flat}
   return flax.traverse_util.unflatten_dict(mask)
 
 

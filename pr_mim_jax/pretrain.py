@@ -122,8 +122,12 @@ class KnnMonitor:
 
 
 def write_reconstructions(workdir, writer, model, params, images, state_rng, step, split, target):
-  """PNG (workdir/images/) and TensorBoard grid of original | masked | reconstruction."""
-  masks = train_step_lib.step_masks(state_rng, step, images.shape[0], split)
+  """PNG (workdir/images/) and TensorBoard grid of original | masked | reconstruction.
+
+  `images` is the batch of step `step` (1-based count of finished steps), shown with the
+  masks it was trained with.
+  """
+  masks = train_step_lib.step_masks(state_rng, step - 1, images.shape[0], split)
   pred = jax.jit(model.apply)({"params": params}, images, masks.ids_vis, masks.ids_dec)
   images, pred, ids_vis, ids_dec = jax.device_get((images, pred, masks.ids_vis, masks.ids_dec))
   picture = visualize.reconstruction_grid(images, pred, ids_vis, ids_dec, model.spec.patch,
@@ -135,19 +139,25 @@ def write_reconstructions(workdir, writer, model, params, images, state_rng, ste
     writer.write_images(step, {"reconstruction": picture})
 
 
+def check_config(config) -> int:
+  """Every config and dataset check; returns the number of training examples."""
+  config_validation.validate_pretrain(config, sharding.num_batch_shards(sharding.make_mesh()))
+  pipeline.check_dataset(config.data)
+  num_train = pipeline.num_examples(config.data, config.data.train_split)
+  if config.batch_size > num_train:
+    raise UserError(f"config.batch_size: {config.batch_size} exceeds the {num_train} training "
+                    f"examples of {config.data.dataset!r}; use a smaller batch")
+  return num_train
+
+
 def train(config, workdir: str) -> dict:
   """Pre-train per `config` in `workdir`, resuming from its latest checkpoint.
 
   Returns a summary dict (final step, last logged loss, k-NN accuracies when computed).
   """
   setup_jax(config)
+  num_train = check_config(config)
   mesh, rules = sharding.make_mesh(), sharding.DATA_PARALLEL_RULES
-  config_validation.validate_pretrain(config, sharding.num_batch_shards(mesh))
-  pipeline.check_dataset(config.data)
-  num_train = pipeline.num_examples(config.data, config.data.train_split)
-  if config.batch_size > num_train:
-    raise UserError(f"config.batch_size: {config.batch_size} exceeds the {num_train} training "
-                    f"examples of {config.data.dataset!r}; use a smaller batch")
 
   model = mae.build(config.model)
   split = token_split(config)
@@ -203,7 +213,7 @@ def train(config, workdir: str) -> dict:
           summary["loss"] = means["loss"]
         if step % config.train.image_every == 0 or last:
           write_reconstructions(workdir, writer, model, state.params,
-                                batch["image"][:config.train.num_images], state.rng, step - 1,
+                                batch["image"][:config.train.num_images], state.rng, step,
                                 split, config.loss.target)
         if knn_monitor and config.knn.every and step % config.knn.every == 0 and not last:
           writer.write_scalars(step, {"knn_top1": knn_monitor.accuracy(state.params)})

@@ -37,8 +37,8 @@ def train_step(state: TrainState, batch, *, model, tx, split: masking.TokenSplit
   params = optax.apply_updates(state.params, updates)
   metrics = {
       "loss": loss,
-      "grad_norm": optax.global_norm(grads),
-      "param_norm": optax.global_norm(params),
+      "grad_norm": optax.tree.norm(grads),
+      "param_norm": optax.tree.norm(params),
       "lr": schedule(state.step),
   }
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics

@@ -1,0 +1,142 @@
+"""TFDS builder for the embedded 'shapes' dataset (see `shapes.py`).
+
+Nothing is downloaded: examples come from `shapes.generate`. Image size, split
+sizes and seed are part of the builder config, whose name encodes them (e.g.
+`s64_tr20000_te2000_seed0`), so different settings are cached side by side in
+one TFDS data_dir. Any name of that form is accepted, so
+`tfds.data_source('shapes/s32_tr1000_te100_seed3', data_dir=...)` works too once
+this module is imported. The default file format is ArrayRecord, which gives
+random access through `builder.as_data_source()`.
+"""
+
+import dataclasses
+import functools
+import re
+
+from etils import epath
+import tensorflow_datasets as tfds
+
+from pr_mim_jax import errors
+from pr_mim_jax.data import shapes
+
+_CHUNK = 500  # Examples generated per `shapes.generate` call.
+_NAME_RE = re.compile(r'^s(\d+)_tr(\d+)_te(\d+)_seed(\d+)$')
+
+
+@dataclasses.dataclass(eq=False)
+class ShapesConfig(tfds.core.BuilderConfig):
+  """Resolution, split sizes and seed of a generated shapes dataset."""
+  image_size: int = 64
+  train_size: int = 20000
+  test_size: int = 2000
+  seed: int = 0
+
+
+def config_name(image_size: int, train_size: int, test_size: int,
+                seed: int) -> str:
+  return f's{image_size}_tr{train_size}_te{test_size}_seed{seed}'
+
+
+@functools.lru_cache(maxsize=None)
+def _config(image_size: int, train_size: int, test_size: int,
+            seed: int) -> ShapesConfig:
+  """The one ShapesConfig object for these settings (TFDS compares identity)."""
+  return ShapesConfig(
+      name=config_name(image_size, train_size, test_size, seed),
+      description=(f'{image_size}x{image_size} images, {train_size} train / '
+                   f'{test_size} test examples, seed {seed}.'),
+      image_size=image_size, train_size=train_size, test_size=test_size,
+      seed=seed)
+
+
+class Shapes(tfds.core.GeneratorBasedBuilder):
+  """Procedural shapes: the class is the outline of one large shape."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  BUILDER_CONFIGS = [_config(64, 20000, 2000, 0)]
+  # Overrides TFDS's lookup of this file, which in tfds 4.9.10 needs the
+  # `importlib_resources` backport (not a declared dependency) for any builder
+  # defined inside a package.
+  code_path = epath.Path(__file__)
+
+  @classmethod
+  def get_builder_config(cls, name, version=None):
+    """Also accepts any name of the form `s{S}_tr{N}_te{M}_seed{K}`."""
+    config = super().get_builder_config(name, version=version)
+    if config is None:
+      m = _NAME_RE.match(name)
+      if m:
+        config = _config(*(int(g) for g in m.groups()))
+    return config
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    size = self.builder_config.image_size
+    return self.dataset_info_from_configs(
+        description=('Procedurally generated shapes on cluttered, textured '
+                     'backgrounds; the label is the shape class.'),
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Image(shape=(size, size, 3),
+                                         encoding_format='png'),
+            'label': tfds.features.ClassLabel(names=list(shapes.CLASS_NAMES)),
+        }),
+        supervised_keys=('image', 'label'),
+        # Store examples in index order (no TFDS key hashing), so that record
+        # i of a split is `shapes.generate(..., start=i)`; readers shuffle.
+        disable_shuffling=True,
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Nothing to download.
+    cfg = self.builder_config
+    return {
+        'train': self._generate_examples('train', cfg.train_size),
+        'test': self._generate_examples('test', cfg.test_size),
+    }
+
+  def _generate_examples(self, split, num_examples):
+    """Yields (index, example) in index order, generating chunk by chunk."""
+    cfg = self.builder_config
+    for start in range(0, num_examples, _CHUNK):
+      images, labels = shapes.generate(
+          min(_CHUNK, num_examples - start), image_size=cfg.image_size,
+          seed=cfg.seed, split=split, start=start)
+      for j in range(len(labels)):
+        yield start + j, {'image': images[j], 'label': int(labels[j])}
+
+
+def _check(image_size, train_size, test_size, seed):
+  if not shapes.MIN_IMAGE_SIZE <= image_size <= shapes.MAX_IMAGE_SIZE:
+    raise errors.UserError(
+        f'shapes: image_size={image_size} is out of range; use a value from '
+        f'{shapes.MIN_IMAGE_SIZE} to {shapes.MAX_IMAGE_SIZE}.')
+  if train_size < 1 or test_size < 1 or seed < 0:
+    raise errors.UserError(
+        f'shapes: train_size ({train_size}) and test_size ({test_size}) must '
+        f'be positive and seed ({seed}) non-negative.')
+
+
+def builder(data_dir: str | None, image_size: int = 64,
+            train_size: int = 20000, test_size: int = 2000, seed: int = 0,
+            file_format: str = 'array_record') -> tfds.core.DatasetBuilder:
+  """The (maybe not yet prepared) builder for these settings."""
+  _check(image_size, train_size, test_size, seed)
+  return Shapes(
+      data_dir=data_dir,
+      config=config_name(image_size, train_size, test_size, seed),
+      file_format=file_format)
+
+
+def prepare(data_dir: str | None, image_size: int = 64,
+            train_size: int = 20000, test_size: int = 2000, seed: int = 0,
+            file_format: str = 'array_record') -> tfds.core.DatasetBuilder:
+  """Returns a prepared builder, generating the dataset on first use only."""
+  b = builder(data_dir, image_size=image_size, train_size=train_size,
+              test_size=test_size, seed=seed, file_format=file_format)
+  if not b.is_prepared():
+    print(f'shapes: generating {train_size + test_size} images '
+          f'({image_size}x{image_size}) into {b.data_dir} (one-time; later '
+          'runs reuse it)', flush=True)
+    b.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  return b

@@ -1,0 +1,65 @@
+"""Shared fixtures: a tiny pre-training config on a tiny embedded dataset."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# Overrides that make configs/pretrain.py:dataset=shapes train in seconds on a CPU.
+TINY_OVERRIDES = {
+    "batch_size": 16,
+    "model.image_size": 16,
+    "model.variant": "Ti/4",
+    "model.width": 32,
+    "model.depth": 2,
+    "model.heads": 2,
+    "model.decoder_width": 32,
+    "model.decoder_depth": 1,
+    "model.decoder_heads": 2,
+    "data.shapes.image_size": 16,
+    "data.shapes.train_size": 256,
+    "data.shapes.test_size": 64,
+    "optim.base_lr": 1e-2,
+    "optim.epochs": 2.0,
+    "optim.warmup_epochs": 0.25,
+    "train.log_every": 4,
+    "train.checkpoint_every": 8,
+    "train.image_every": 16,
+    "train.num_images": 4,
+    "knn.k": 5,
+    "knn.train_examples": 128,
+    "knn.test_examples": 32,
+    "knn.batch_size": 64,
+}
+
+
+def load_config(arg: str = "dataset=shapes"):
+  spec = importlib.util.spec_from_file_location("pretrain_config", ROOT / "configs" / "pretrain.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def apply_overrides(config, overrides: dict):
+  for dotted, value in overrides.items():
+    *parents, leaf = dotted.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def override_flags(overrides: dict) -> list[str]:
+  """The same overrides as --config.x=y command-line flags."""
+  return [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+  """The tiny config with its own tfds data_dir under tmp_path."""
+  config = apply_overrides(load_config(), TINY_OVERRIDES)
+  config.data.data_dir = str(tmp_path / "tfds")
+  return config

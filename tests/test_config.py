@@ -1,0 +1,303 @@
+"""Tests for configs/pretrain.py, config_args, config_validation and the CLI's user errors."""
+
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from pr_mim_jax import config_args
+from pr_mim_jax import config_validation
+from pr_mim_jax.errors import UserError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG_PATH = ROOT / 'configs' / 'pretrain.py'
+
+
+def _load_config_module():
+  spec = importlib.util.spec_from_file_location('pretrain_config_under_test', CONFIG_PATH)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+get_config = _load_config_module().get_config
+
+
+# ----------------------------------------------------------------------------------------
+# Defaults.
+
+def test_defaults_match_mae():
+  c = get_config()
+  assert c.mode == 'pretrain'
+  assert c.batch_size == 4096
+  assert c.optim.base_lr == pytest.approx(1.5e-4)
+  assert c.optim.epochs == 800
+  assert c.optim.warmup_epochs == 40
+  assert c.optim.weight_decay == pytest.approx(0.05)
+  assert (c.optim.b1, c.optim.b2) == (0.9, 0.95)
+  assert c.optim.clip_grad_norm == 0
+  assert c.masking.mask_ratio == 0.75 and c.masking.throw_ratio == 0.0
+  assert c.loss.target == 'norm_pixel'
+  m = c.model
+  assert m.variant == 'B/16' and m.image_size == 224
+  assert (m.width, m.depth, m.heads) == (0, 0, 0)  # from the variant
+  assert (m.decoder_width, m.decoder_depth, m.decoder_heads) == (512, 8, 16)
+  assert m.posemb == 'sincos'
+  assert m.compute_dtype == 'bfloat16'
+  assert c.data.dataset == 'imagenet2012'
+  assert c.data.eval_split == 'validation'
+
+
+def test_get_config_none_and_empty_are_defaults():
+  assert get_config(None).to_dict() == get_config('').to_dict() == get_config().to_dict()
+
+
+def test_variant_argument():
+  c = get_config('variant=L/16')
+  assert c.model.variant == 'L/16'
+  assert c.batch_size == 4096
+  config_validation.validate_pretrain(c, 1)
+
+
+def test_shapes_demo_settings():
+  """Demo scale (exact sizes are tuning choices; check the properties that matter)."""
+  c = get_config('dataset=shapes')
+  mae_c = get_config()
+  assert c.data.dataset == 'shapes'
+  assert c.batch_size == 128
+  m = c.model
+  assert m.variant == 'Ti/8' and m.image_size == 64
+  assert m.image_size == c.data.shapes.image_size
+  assert 0 < m.depth < 12
+  assert 0 < m.decoder_width < mae_c.model.decoder_width
+  assert 0 < m.decoder_depth < mae_c.model.decoder_depth
+  assert m.compute_dtype == 'float32'
+  assert c.optim.base_lr == pytest.approx(1e-3)
+  assert c.optim.epochs == 8 and c.optim.warmup_epochs == 1
+  assert c.data.eval_split == 'test'
+  assert c.batch_size <= c.data.shapes.train_size
+  # The demo keeps MAE's masking and target.
+  assert c.masking.mask_ratio == 0.75 and c.loss.target == 'norm_pixel'
+  config_validation.validate_pretrain(c, 1)
+
+
+@pytest.mark.parametrize('arg', ['bogus=1', 'dataset', 'variant=B/16,nope=2'])
+def test_get_config_bad_arg(arg):
+  with pytest.raises(UserError):
+    get_config(arg)
+
+
+# ----------------------------------------------------------------------------------------
+# parse_arg.
+
+def test_parse_arg_types():
+  out = config_args.parse_arg('a=3,b=hello,c=true,d=0.25', a=0, b='x', c=False, d=1.0)
+  assert isinstance(out, ml_collections.ConfigDict)
+  assert out.a == 3 and type(out.a) is int
+  assert out.b == 'hello'
+  assert out.c is True
+  assert out.d == 0.25 and type(out.d) is float
+  # Defaults are kept for keys not given; None / '' give all defaults.
+  assert config_args.parse_arg('a=5', a=0, b='x').b == 'x'
+  assert config_args.parse_arg(None, a=0).a == 0
+  assert config_args.parse_arg('', a=0).a == 0
+  for text, expected in [('1', True), ('YES', True), ('False', False), ('no', False), ('0', False)]:
+    assert config_args.parse_arg(f'c={text}', c=True if not expected else False).c is expected
+  # Values may contain '/'.
+  assert config_args.parse_arg('v=L/14', v='B/16').v == 'L/14'
+
+
+@pytest.mark.parametrize('arg,match', [
+    ('nope=1', 'nope'),
+    ('a=x', 'a'),
+    ('a=1.5', 'a'),
+    ('c=maybe', 'c'),
+    ('a', 'key=value'),
+])
+def test_parse_arg_errors(arg, match):
+  with pytest.raises(UserError, match=match) as e:
+    config_args.parse_arg(arg, a=0, c=False)
+  assert '\n' not in str(e.value)
+
+
+def test_parse_arg_unknown_key_lists_known_keys():
+  with pytest.raises(UserError) as e:
+    config_args.parse_arg('nope=1', alpha=0, beta='x')
+  assert 'alpha' in str(e.value) and 'beta' in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------
+# validate_pretrain: every check, each naming its field.
+
+def _set(config, dotted, value):
+  *parents, leaf = dotted.split('.')
+  node = config
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+
+
+# (overrides, field the message must name). One entry per check in config_validation.py.
+INVALID = [
+    ({'model.variant': 'X/16'}, 'model.variant'),
+    ({'model.variant': 'B'}, 'model.variant'),
+    ({'model.image_size': 0}, 'model.image_size'),
+    ({'model.image_size': -224}, 'model.image_size'),
+    ({'model.image_size': 200}, 'model.image_size'),  # not a multiple of 16
+    ({'model.width': -1}, 'model.width'),
+    ({'model.depth': -1}, 'model.depth'),
+    ({'model.heads': -1}, 'model.heads'),
+    ({'model.decoder_width': -8}, 'model.decoder_width'),
+    ({'model.decoder_depth': -1}, 'model.decoder_depth'),
+    ({'model.decoder_heads': -1}, 'model.decoder_heads'),
+    ({'model.width': 100, 'model.heads': 3}, 'model.width'),  # not divisible by heads
+    ({'model.decoder_width': 510}, 'model.decoder_width'),  # not divisible by 16 heads
+    ({'model.decoder_width': 0}, 'model.decoder_width'),
+    ({'model.decoder_heads': 0}, 'decoder_heads'),
+    ({'model.width': 18, 'model.heads': 3}, 'model.width'),  # sin-cos needs width % 4
+    ({'model.decoder_width': 18, 'model.decoder_heads': 3}, 'model.decoder_width'),
+    ({'model.posemb': 'rope'}, 'model.posemb'),
+    ({'model.compute_dtype': 'float16'}, 'model.compute_dtype'),
+    ({'masking.mask_ratio': 1.5}, 'masking.mask_ratio'),
+    ({'masking.mask_ratio': 1.0}, 'masking.mask_ratio'),
+    ({'masking.mask_ratio': 0.0}, 'masking.mask_ratio'),
+    ({'masking.mask_ratio': -0.5}, 'masking.mask_ratio'),
+    ({'masking.throw_ratio': 0.75}, 'masking.throw_ratio'),  # == mask_ratio
+    ({'masking.throw_ratio': 0.9}, 'masking.throw_ratio'),
+    ({'masking.throw_ratio': -0.1}, 'masking.throw_ratio'),
+    ({'masking.mask_ratio': 0.999}, 'masking'),  # round(196 * 0.001) = 0 visible
+    ({'masking.throw_ratio': 0.749}, 'masking'),  # 49 visible + 147 thrown: 0 decoded
+    ({'loss.target': 'hog'}, 'loss.target'),
+    ({'optim.base_lr': -1e-4}, 'optim.base_lr'),
+    ({'optim.base_lr': 0.0}, 'optim.base_lr'),
+    ({'optim.weight_decay': -0.05}, 'optim.weight_decay'),
+    ({'optim.b1': 1.0}, 'optim.b1'),
+    ({'optim.b1': -0.1}, 'optim.b1'),
+    ({'optim.b2': 1.5}, 'optim.b2'),
+    ({'optim.epochs': 0.0}, 'optim.epochs'),
+    ({'optim.warmup_epochs': 800.0}, 'optim.warmup_epochs'),  # == epochs
+    ({'optim.warmup_epochs': 900.0}, 'optim.warmup_epochs'),
+    ({'optim.warmup_epochs': -1.0}, 'optim.warmup_epochs'),
+    ({'optim.clip_grad_norm': -1.0}, 'optim.clip_grad_norm'),
+    ({'batch_size': 0}, 'batch_size'),
+    ({'batch_size': -8}, 'batch_size'),
+    ({'batch_size': 4095}, 'batch_size'),  # not divisible by 8 shards
+    ({'train.total_steps': -1}, 'train.total_steps'),
+    ({'train.log_every': 0}, 'train.log_every'),
+    ({'train.checkpoint_every': 0}, 'train.checkpoint_every'),
+    ({'train.keep_checkpoints': 0}, 'train.keep_checkpoints'),
+    ({'train.image_every': -1}, 'train.image_every'),
+    ({'train.num_images': 0}, 'train.num_images'),
+    ({'knn.k': 0}, 'knn.k'),
+    ({'knn.train_examples': 0}, 'knn.train_examples'),
+    ({'knn.test_examples': 0}, 'knn.test_examples'),
+    ({'knn.batch_size': 0}, 'knn.batch_size'),
+    ({'knn.k': 6000}, 'knn.k'),  # more neighbours than knn.train_examples (5000)
+    ({'knn.every': -1}, 'knn.every'),
+    ({'knn.temperature': 0.0}, 'knn.temperature'),
+    ({'knn.feature': 'max'}, 'knn.feature'),
+]
+
+
+@pytest.mark.parametrize('overrides,field', INVALID,
+                         ids=[f'{f}:{list(o.values())}' for o, f in INVALID])
+def test_validate_rejects_with_field_name(overrides, field):
+  config = get_config()
+  for key, value in overrides.items():
+    _set(config, key, value)
+  with pytest.raises(UserError) as e:
+    config_validation.validate_pretrain(config, 8)
+  message = str(e.value)
+  assert field in message, message
+  assert message.startswith('config.'), message
+  assert '\n' not in message
+
+
+def test_every_check_is_covered():
+  """Each `_require` / `_positive_int` call site field appears in INVALID (a guard against
+  new checks being added without a test)."""
+  source = (ROOT / 'pr_mim_jax' / 'config_validation.py').read_text()
+  covered = {f for _, f in INVALID}
+  literal_fields = set()
+  for line in source.splitlines():
+    for prefix in ('_require(', '_positive_int('):
+      if prefix in line and '"' in line.split(prefix, 1)[1]:
+        literal = line.split(prefix, 1)[1].split('"')[1]
+        if '{' not in literal and ('.' in literal or literal == 'batch_size'):
+          literal_fields.add(literal)
+  missing = literal_fields - covered
+  assert not missing, missing
+
+
+@pytest.mark.parametrize('arg,shards', [(None, 1), (None, 8), (None, 4096),
+                                        ('dataset=shapes', 1), ('dataset=shapes', 8),
+                                        ('variant=S/16', 2)])
+def test_valid_configs_pass(arg, shards):
+  config_validation.validate_pretrain(get_config(arg), shards)
+
+
+def test_valid_variations_pass():
+  c = get_config()
+  c.masking.throw_ratio = 0.5  # PR-MIM: share of all patches, below mask_ratio
+  c.model.posemb = 'learned'
+  c.model.compute_dtype = 'float32'
+  c.loss.target = 'pixel'
+  c.optim.warmup_epochs = 0.0
+  c.optim.clip_grad_norm = 1.0
+  c.train.total_steps = 100
+  c.knn.every = 0
+  c.knn.feature = 'cls'
+  c.model.width, c.model.depth, c.model.heads = 256, 2, 4
+  config_validation.validate_pretrain(c, 4)
+
+
+# ----------------------------------------------------------------------------------------
+# Command line: user errors exit with code 2 and one `error:` line, no traceback.
+
+def _run_main(*args, extra_env=None):
+  env = dict(os.environ)
+  env.update(extra_env or {})
+  return subprocess.run([sys.executable, '-m', 'pr_mim_jax.main', *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=180)
+
+
+def _check_user_error(proc, *names):
+  assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+  assert 'Traceback' not in proc.stderr and 'Traceback' not in proc.stdout
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  errors = [l for l in lines if l.startswith('error:')]
+  assert len(errors) == 1, proc.stderr
+  assert lines[-1] == errors[0], proc.stderr
+  for name in names:
+    assert name in errors[0], errors[0]
+  return errors[0]
+
+
+def test_cli_unknown_override(tmp_path):
+  proc = _run_main('--config=configs/pretrain.py:dataset=shapes', f'--workdir={tmp_path}/wd',
+                   '--config.model.nope=1')
+  _check_user_error(proc, 'model.nope')
+  assert not (tmp_path / 'wd').exists()
+
+
+def test_cli_invalid_value_fails_before_compiling(tmp_path):
+  proc = _run_main('--config=configs/pretrain.py:dataset=shapes', f'--workdir={tmp_path}/wd',
+                   '--config.masking.mask_ratio=1.5', extra_env={'JAX_LOG_COMPILES': '1'})
+  _check_user_error(proc, 'masking.mask_ratio')
+  assert 'Compiling' not in proc.stderr, proc.stderr
+  assert not (tmp_path / 'wd').exists()
+
+
+def test_cli_bad_config_arg(tmp_path):
+  proc = _run_main('--config=configs/pretrain.py:bogus=1', f'--workdir={tmp_path}/wd')
+  _check_user_error(proc, 'bogus')
+  assert not (tmp_path / 'wd').exists()
+
+
+def test_cli_missing_workdir():
+  proc = _run_main('--config=configs/pretrain.py:dataset=shapes')
+  _check_user_error(proc, '--workdir')

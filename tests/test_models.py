@@ -1,0 +1,426 @@
+"""Tests for the ViT encoder, sin-cos position embeddings and the masked autoencoder."""
+
+import functools
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from scipy import special
+
+from pr_mim_jax import masking
+from pr_mim_jax.models import mae
+from pr_mim_jax.models import posemb
+from pr_mim_jax.models import vit
+
+IMAGE, PATCH = 16, 4
+L = (IMAGE // PATCH) ** 2  # 16 patches
+SPEC = vit.VitSpec(width=16, depth=2, heads=2, patch=PATCH)
+
+
+def tiny_mae(posemb_kind='sincos', dtype=jnp.float32):
+  return mae.MaskedAutoencoder(SPEC, IMAGE, decoder_width=8, decoder_depth=2, decoder_heads=2,
+                               posemb=posemb_kind, dtype=dtype)
+
+
+# Inputs and params come from NumPy and every apply is jitted with the same shapes:
+# eager op-by-op execution compiles each primitive separately and is much slower.
+
+def _images(seed=0, batch=2):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=(batch, IMAGE, IMAGE, 3)),
+                     jnp.float32)
+
+
+def _masks(seed=0, batch=2, mask_ratio=0.75):
+  """(ids_vis, ids_dec) as int32 arrays: a uniformly random split per example."""
+  split = masking.token_split(L, mask_ratio)
+  rng = np.random.default_rng(seed + 1000)
+  perm = np.stack([rng.permutation(L) for _ in range(batch)]).astype(np.int32)
+  return jnp.asarray(perm[:, :split.n_vis]), jnp.asarray(perm[:, split.n_vis:])
+
+
+def _np_params(module, *args, seed=0, scale=0.3):
+  """Params with the module's tree and shapes, drawn from NumPy (no compile)."""
+  shapes = nn.unbox(jax.eval_shape(module.init, jax.random.key(0), *args)['params'])
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda s: jnp.asarray(scale * rng.normal(size=s.shape), s.dtype), shapes)
+
+
+def _init(model, seed=0):
+  ids_vis, ids_dec = _masks()
+  return _np_params(model, _images(), ids_vis, ids_dec, seed=seed)
+
+
+@functools.lru_cache(maxsize=None)
+def _fns(posemb_kind='sincos', dtype=jnp.float32):
+  """Jitted (forward, encode) of the tiny model."""
+  model = tiny_mae(posemb_kind, dtype)
+  forward = jax.jit(lambda p, x, v, d: model.apply({'params': p}, x, v, d))
+  encode = jax.jit(lambda p, x, k: model.apply({'params': p}, x, k, method=model.encode))
+  return forward, encode
+
+
+def _flat(params):
+  return {'/'.join(k): v for k, v in flax.traverse_util.flatten_dict(params).items()}
+
+
+# ----------------------------------------------------------------------------------------
+# Independent NumPy references.
+
+def np_gelu(x):
+  return 0.5 * x * (1.0 + special.erf(x / np.sqrt(2.0)))
+
+
+def np_layer_norm(x, p, eps=1e-6):
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + eps) * p['scale'] + p['bias']
+
+
+def np_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  e = np.exp(x)
+  return e / e.sum(-1, keepdims=True)
+
+
+def np_attention(x, p):
+  # qkv kernel [D, 3, H, hd] is timm's fused [3*D, D] weight, transposed.
+  d = x.shape[-1]
+  kernel = np.asarray(p['qkv']['kernel'], np.float64).reshape(d, -1)
+  bias = np.asarray(p['qkv']['bias'], np.float64).reshape(-1)
+  three, heads, hd = p['qkv']['kernel'].shape[1:]
+  b, n, _ = x.shape
+  qkv = (x @ kernel + bias).reshape(b, n, 3, heads, hd).transpose(2, 0, 3, 1, 4)  # [3,B,H,N,hd]
+  q, k, v = qkv
+  attn = np_softmax(q @ k.transpose(0, 1, 3, 2) * hd ** -0.5)
+  out = (attn @ v).transpose(0, 2, 1, 3).reshape(b, n, heads * hd)
+  proj = np.asarray(p['proj']['kernel'], np.float64).reshape(heads * hd, d)
+  return out @ proj + np.asarray(p['proj']['bias'])
+
+
+def np_mlp(x, p):
+  h = np_gelu(x @ np.asarray(p['fc1']['kernel'], np.float64) + p['fc1']['bias'])
+  return h @ np.asarray(p['fc2']['kernel'], np.float64) + p['fc2']['bias']
+
+
+def np_block(x, p):
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
+  x = x + np_attention(np_layer_norm(x, p['norm1']), p['attn'])
+  return x + np_mlp(np_layer_norm(x, p['norm2']), p['mlp'])
+
+
+def mae_1d_sincos(embed_dim, pos):
+  omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
+  omega = 1.0 / 10000 ** omega
+  out = np.einsum('m,d->md', pos.reshape(-1).astype(np.float64), omega)
+  return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def mae_2d_sincos(embed_dim, grid_size, cls_token=False):
+  grid_h = np.arange(grid_size, dtype=np.float32)
+  grid_w = np.arange(grid_size, dtype=np.float32)
+  grid = np.meshgrid(grid_w, grid_h)  # w goes first (default 'xy' indexing)
+  grid = np.stack(grid, axis=0).reshape(2, 1, grid_size, grid_size)
+  emb_h = mae_1d_sincos(embed_dim // 2, grid[0])
+  emb_w = mae_1d_sincos(embed_dim // 2, grid[1])
+  emb = np.concatenate([emb_h, emb_w], axis=1)
+  if cls_token:
+    emb = np.concatenate([np.zeros([1, embed_dim]), emb], axis=0)
+  return emb
+
+
+def np_patchify(images, p):
+  b, h, w, c = images.shape
+  out = np.zeros((b, (h // p) * (w // p), p * p * c))
+  for i in range(h // p):
+    for j in range(w // p):
+      out[:, i * (w // p) + j] = images[:, i * p:(i + 1) * p, j * p:(j + 1) * p].reshape(b, -1)
+  return out
+
+
+def np_encoder(params, images, ids_keep, posemb_kind='sincos'):
+  """MAE's forward_encoder: embed all patches, add posemb, keep a subset, prepend cls."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  d, pp = SPEC.width, SPEC.patch
+  x = np_patchify(np.asarray(images, np.float64), pp) @ p['patch_embed_kernel'].reshape(-1, d)
+  x = x + p['patch_embed_bias']
+  table = (mae_2d_sincos(d, IMAGE // pp, cls_token=True) if posemb_kind == 'sincos'
+           else p['pos_embedding'])
+  x = x + table[1:][None]
+  x = np.stack([x[b, ids_keep[b]] for b in range(x.shape[0])])
+  cls = p['cls_token'] + table[:1][None]
+  x = np.concatenate([np.broadcast_to(cls, (x.shape[0], 1, d)), x], axis=1)
+  for i in range(SPEC.depth):
+    x = np_block(x, params[f'block{i}'])
+  return np_layer_norm(x, p['norm'])
+
+
+def np_decoder(params, latent, ids_vis, ids_dec, dw=8, depth=2):
+  """MAE's forward_decoder: append mask tokens, unshuffle to all L, add posemb, blocks."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  b = latent.shape[0]
+  x = latent @ p['decoder_embed']['kernel'] + p['decoder_embed']['bias']  # [B, 1+n_vis, dw]
+  full = np.zeros((b, L, dw))
+  for i in range(b):
+    full[i, :] = p['mask_token'][0, 0]  # every non-visible patch gets the mask token
+    full[i, ids_vis[i]] = x[i, 1:]
+  x = np.concatenate([x[:, :1], full], axis=1) + mae_2d_sincos(dw, IMAGE // PATCH, True)[None]
+  for i in range(depth):
+    x = np_block(x, params[f'decoder_block{i}'])
+  x = np_layer_norm(x, p['decoder_norm'])
+  x = x @ p['decoder_pred']['kernel'] + p['decoder_pred']['bias']
+  x = x[:, 1:]
+  return np.stack([x[i, ids_dec[i]] for i in range(b)])
+
+
+# ----------------------------------------------------------------------------------------
+
+def test_parse_variant():
+  assert vit.parse_variant('B/16') == vit.VitSpec(768, 12, 12, 16)
+  assert vit.parse_variant('Ti/4') == vit.VitSpec(192, 12, 3, 4)
+  assert vit.parse_variant('L/14') == vit.VitSpec(1024, 24, 16, 14)
+  assert vit.parse_variant('H/14') == vit.VitSpec(1280, 32, 16, 14)
+  assert vit.parse_variant('S/8') == vit.VitSpec(384, 12, 6, 8)
+  for bad in ('X/16', 'B', 'B/', 'B/0', 'B/x', '/16', 'b/16'):
+    with pytest.raises(ValueError):
+      vit.parse_variant(bad)
+
+
+def test_output_shapes_and_dtypes():
+  params = _init(tiny_mae())
+  forward, encode = _fns()
+  ids_vis, ids_dec = _masks()
+  pred = forward(params, _images(), ids_vis, ids_dec)
+  assert pred.shape == (2, 12, PATCH * PATCH * 3) and pred.dtype == jnp.float32
+  latent = encode(params, _images(), ids_vis)
+  assert latent.shape == (2, 1 + 4, SPEC.width) and latent.dtype == jnp.float32
+  full = encode(params, _images(), None)
+  assert full.shape == (2, 1 + L, SPEC.width)
+
+
+def test_forward_matches_numpy_mae():
+  """Encoder + decoder equal MAE's forward (decoder over ALL tokens, unshuffled)."""
+  params = _init(tiny_mae(), seed=1)
+  forward, encode = _fns()
+  images, (ids_vis, ids_dec) = _images(seed=2), _masks(seed=3)
+  latent = encode(params, images, ids_vis)
+  ref_latent = np_encoder(params['encoder'], images, np.asarray(ids_vis))
+  np.testing.assert_allclose(np.asarray(latent), ref_latent, rtol=2e-4, atol=2e-4)
+  pred = forward(params, images, ids_vis, ids_dec)
+  ref_pred = np_decoder(params, ref_latent, np.asarray(ids_vis), np.asarray(ids_dec))
+  np.testing.assert_allclose(np.asarray(pred), ref_pred, rtol=2e-4, atol=2e-4)
+
+
+def test_learned_posemb_encoder_matches_numpy():
+  params = _init(tiny_mae('learned'), seed=4)
+  _, encode = _fns('learned')
+  images, (ids_vis, _) = _images(seed=5), _masks(seed=6)
+  latent = encode(params, images, ids_vis)
+  ref = np_encoder(params['encoder'], images, np.asarray(ids_vis), posemb_kind='learned')
+  np.testing.assert_allclose(np.asarray(latent), ref, rtol=2e-4, atol=2e-4)
+  # All patches in order (ids_keep=None).
+  full = encode(params, images, None)
+  ref = np_encoder(params['encoder'], images, np.tile(np.arange(L), (2, 1)), 'learned')
+  np.testing.assert_allclose(np.asarray(full), ref, rtol=2e-4, atol=2e-4)
+
+
+def test_sincos_posemb_is_not_a_param_and_learned_adds_one():
+  shapes = {}
+  for kind in ('sincos', 'learned'):
+    model = tiny_mae(kind)
+    ids_vis, ids_dec = _masks()
+    variables = jax.eval_shape(model.init, jax.random.key(0), _images(), ids_vis, ids_dec)
+    shapes[kind] = {k: v.shape for k, v in _flat(nn.unbox(variables['params'])).items()}
+  sincos, learned = shapes['sincos'], shapes['learned']
+  assert not [k for k in sincos if 'pos' in k.split('/')[-1].lower()]
+  extra = set(learned) - set(sincos)
+  assert extra == {'encoder/pos_embedding'}
+  assert learned['encoder/pos_embedding'] == (1 + L, SPEC.width)
+  assert set(sincos) <= set(learned)
+
+
+@pytest.mark.parametrize('dim,grid', [(16, 4), (8, 3), (768, 14), (512, 14)])
+def test_sincos_2d_matches_mae(dim, grid):
+  ours = posemb.sincos_2d(dim, grid, cls_token=True)
+  ref = mae_2d_sincos(dim, grid, cls_token=True)
+  assert ours.shape == (1 + grid * grid, dim) and ours.dtype == np.float32
+  np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(ours[0], 0.0)
+  no_cls = posemb.sincos_2d(dim, grid, cls_token=False)
+  np.testing.assert_allclose(no_cls, ref[1:], rtol=1e-6, atol=1e-6)
+
+
+def test_sincos_2d_hand_case():
+  # dim 4, grid 2: each 1-D half has one frequency (omega = 1): [sin(x), cos(x)].
+  # Row-major patch order (0,0), (0,1), (1,0), (1,1); first half = column, second = row.
+  ours = posemb.sincos_2d(4, 2, cls_token=False)
+  s, c = np.sin(1.0), np.cos(1.0)
+  expected = np.array([[0, 1, 0, 1], [s, c, 0, 1], [0, 1, s, c], [s, c, s, c]], np.float32)
+  np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_sincos_2d_rejects_bad_width():
+  with pytest.raises(ValueError):
+    posemb.sincos_2d(6, 2)
+
+
+def test_vit_b16_param_count_matches_timm():
+  spec = vit.parse_variant('B/16')
+  assert (spec.width, spec.depth, spec.heads) == (768, 12, 12)
+  encoder = vit.Encoder(spec, 224)
+  variables = jax.eval_shape(encoder.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+  count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(variables['params'])))
+  # timm vit_base_patch16_224 without head: 85,798,656, of which pos_embed is 197 x 768.
+  assert count == 85_798_656 - 197 * 768
+  learned = vit.Encoder(spec, 224, posemb='learned')
+  variables = jax.eval_shape(learned.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+  count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(variables['params'])))
+  assert count == 85_798_656
+
+
+def test_default_decoder_is_mae():
+  model = mae.MaskedAutoencoder(vit.parse_variant('B/16'), 224)
+  assert (model.decoder_width, model.decoder_depth, model.decoder_heads) == (512, 8, 16)
+  split = masking.token_split(196, 0.75)
+  ids_vis = jnp.arange(split.n_vis)[None]
+  ids_dec = jnp.arange(split.n_vis, 196)[None]
+  variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)),
+                             ids_vis, ids_dec)
+  flat = {k: v.shape for k, v in _flat(nn.unbox(variables['params'])).items()}
+  blocks = {k.split('/')[0] for k in flat if k.startswith('decoder_block')}
+  assert len(blocks) == 8
+  assert flat['decoder_block0/attn/qkv/kernel'] == (512, 3, 16, 32)
+  assert flat['decoder_block0/mlp/fc1/kernel'] == (512, 2048)
+  assert flat['decoder_embed/kernel'] == (768, 512)
+  assert flat['decoder_pred/kernel'] == (512, 16 * 16 * 3)
+  assert flat['mask_token'] == (1, 1, 512)
+  pred = jax.eval_shape(model.apply, variables, jnp.zeros((1, 224, 224, 3)), ids_vis, ids_dec)
+  assert pred.shape == (1, 147, 768)
+
+
+def test_build_from_config():
+  cfg = ml_collections.ConfigDict(dict(
+      variant='Ti/4', image_size=16, width=32, depth=1, heads=4, decoder_width=8,
+      decoder_depth=1, decoder_heads=2, posemb='learned', compute_dtype='bfloat16'))
+  model = mae.build(cfg)
+  assert model.spec == vit.VitSpec(32, 1, 4, 4)
+  assert model.image_size == 16 and model.posemb == 'learned'
+  assert (model.decoder_width, model.decoder_depth, model.decoder_heads) == (8, 1, 2)
+  assert jnp.dtype(model.dtype) == jnp.bfloat16
+  cfg.width = cfg.depth = cfg.heads = 0  # 0: from the variant
+  assert mae.build(cfg).spec == vit.VitSpec(192, 12, 3, 4)
+
+
+def test_mlp_block_exact_gelu():
+  mlp = vit.Mlp(hidden=12)
+  x = 2.0 * _images(seed=1)[:, :3, 0, :]  # [2, 3, 3]
+  params = _np_params(mlp, x, seed=1)
+  out = jax.jit(mlp.apply)({'params': params}, x)
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  xn = np.asarray(x, np.float64)
+  ref = np_mlp(xn, p)
+  np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5)
+  # The tanh approximation differs measurably here, so the test does tell them apart.
+  h = xn @ p['fc1']['kernel'] + p['fc1']['bias']
+  tanh = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))
+  approx = tanh @ p['fc2']['kernel'] + p['fc2']['bias']
+  assert np.abs(approx - ref).max() > 1e-4
+
+
+def test_layer_norm_eps_1e6():
+  ln = vit.layer_norm(jnp.float32, 'ln')
+  # Tiny per-token variance (~1e-6) makes eps visible.
+  x = 1e-3 * _images(seed=2)[:, 0]  # [2, 16, 3]
+  x = x.reshape(2, 48)
+  params = _np_params(ln, x, seed=2)
+  out = np.asarray(jax.jit(ln.apply)({'params': params}, x))
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  xn = np.asarray(x, np.float64)
+  np.testing.assert_allclose(out, np_layer_norm(xn, p, eps=1e-6), rtol=1e-3, atol=1e-4)
+  assert np.abs(out - np_layer_norm(xn, p, eps=1e-5)).max() > 0.05
+
+
+def test_block_matches_numpy():
+  block = vit.Block(heads=2)
+  x = _images(seed=3)[:, :5, :, 0].reshape(2, 5, 16)[..., :8]  # [2, 5, 8]
+  params = _np_params(block, x, seed=3)
+  out = jax.jit(block.apply)({'params': params}, x)
+  ref = np_block(np.asarray(x, np.float64), params)
+  np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_compute_fp32_params():
+  model = tiny_mae(dtype=jnp.bfloat16)
+  images, (ids_vis, ids_dec) = _images(), _masks()
+  variables = jax.eval_shape(model.init, jax.random.key(0), images, ids_vis, ids_dec)
+  assert {x.dtype for x in jax.tree.leaves(nn.unbox(variables['params']))} == {
+      jnp.dtype(jnp.float32)}
+  params = _init(model)
+
+  @jax.jit
+  def run(p):
+    return model.apply({'params': p}, images, ids_vis, ids_dec,
+                       capture_intermediates=True, mutable=['intermediates'])
+
+  pred, state = run(params)
+  assert pred.dtype == jnp.float32 and pred.shape == (2, 12, 48)
+  inter = _flat(state['intermediates'])
+  for name in ('encoder/block0/__call__', 'encoder/block1/attn/__call__',
+               'encoder/block0/mlp/__call__', 'encoder/norm/__call__',
+               'decoder_block0/__call__', 'decoder_norm/__call__', 'decoder_pred/__call__'):
+    (value,) = inter[name]
+    assert value.dtype == jnp.bfloat16, name
+  latent = jax.eval_shape(lambda p: model.apply({'params': p}, images, ids_vis,
+                                                method=model.encode), params)
+  assert latent.dtype == jnp.bfloat16
+  # bf16 predictions stay close to the float32 model's.
+  ref = _fns()[0](params, images, ids_vis, ids_dec)
+  assert np.abs(np.asarray(pred) - np.asarray(ref)).max() < 0.1 * np.abs(np.asarray(ref)).max()
+
+
+def test_encode_all_patches_in_order_equals_none():
+  params = _init(tiny_mae())
+  _, encode = _fns()
+  images = _images(seed=7)
+  full = encode(params, images, None)
+  ids = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (2, L))
+  explicit = encode(params, images, ids)
+  np.testing.assert_allclose(np.asarray(explicit), np.asarray(full), rtol=1e-6, atol=1e-6)
+
+
+def test_predictions_invariant_to_visible_order_and_equivariant_in_decoded_order():
+  params = _init(tiny_mae(), seed=8)
+  forward, _ = _fns()
+  images, (ids_vis, ids_dec) = _images(seed=9), _masks(seed=10)
+  base = np.asarray(forward(params, images, ids_vis, ids_dec))
+  rng = np.random.default_rng(0)
+  perm_vis = rng.permutation(ids_vis.shape[1])
+  perm_dec = rng.permutation(ids_dec.shape[1])
+  shuffled_vis = np.asarray(forward(params, images, ids_vis[:, perm_vis], ids_dec))
+  np.testing.assert_allclose(shuffled_vis, base, rtol=1e-5, atol=1e-5)
+  shuffled_dec = np.asarray(forward(params, images, ids_vis, ids_dec[:, perm_dec]))
+  np.testing.assert_allclose(shuffled_dec, base[:, perm_dec], rtol=1e-5, atol=1e-5)
+  # Not vacuous: different decoded patches get different predictions.
+  assert np.abs(base[:, 0] - base[:, 1]).max() > 1e-3
+
+
+def test_predictions_depend_only_on_visible_pixels():
+  params = _init(tiny_mae(), seed=11)
+  forward, _ = _fns()
+  images, (ids_vis, ids_dec) = _images(seed=12), _masks(seed=13)
+  base = np.asarray(forward(params, images, ids_vis, ids_dec))
+  # Overwrite every masked patch with noise: predictions must not change.
+  vis = np.asarray(masking.binary_mask(ids_vis, L)).reshape(2, 4, 4)
+  keep = np.kron(vis, np.ones((1, PATCH, PATCH)))[..., None]  # [2, 16, 16, 1]
+  noise = 5 * np.random.default_rng(0).normal(size=images.shape)
+  noisy = jnp.asarray(np.asarray(images) * keep + (1 - keep) * noise, jnp.float32)
+  out = np.asarray(forward(params, noisy, ids_vis, ids_dec))
+  np.testing.assert_allclose(out, base, rtol=1e-6, atol=1e-6)
+  # ... but changing a visible patch does.
+  changed = jnp.asarray(np.asarray(images) + keep * 0.5, jnp.float32)
+  out = np.asarray(forward(params, changed, ids_vis, ids_dec))
+  assert np.abs(out - base).max() > 1e-4

@@ -1,0 +1,138 @@
+"""End-to-end pre-training: loss falls, checkpoints, resume after SIGTERM, fault handling."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT, TINY_OVERRIDES, override_flags
+from pr_mim_jax import checkpointing
+from pr_mim_jax import optim
+from pr_mim_jax import pretrain
+from pr_mim_jax import sharding
+from pr_mim_jax.errors import UserError
+from pr_mim_jax.models import mae
+
+
+def read_metrics(workdir):
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def final_params(config, workdir, step=None):
+  """(step, params as numpy) of a checkpoint in workdir (default: the newest)."""
+  model = mae.build(config.model)
+  split = pretrain.token_split(config)
+  tx = optim.make_optimizer(config.optim, optim.lr_schedule(1e-3, 10, 1))
+  mesh = sharding.make_mesh()
+  state, state_sharding = pretrain.create_state(model, tx, split, config.seed, mesh,
+                                                sharding.DATA_PARALLEL_RULES)
+  ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir))
+  try:
+    restored = ckpt.restore(pretrain.abstract_with_shardings(state, state_sharding), step)
+  finally:
+    ckpt.close()
+  return int(restored.step), jax.tree.map(np.asarray, restored.params)
+
+
+@pytest.mark.slow
+def test_short_run_lowers_loss_and_writes_everything(tiny_config, tmp_path):
+  workdir = str(tmp_path / "run")
+  tiny_config.train.total_steps = 24
+  summary = pretrain.train(tiny_config, workdir)
+  assert summary["step"] == 24
+  losses = [m["loss"] for m in read_metrics(workdir) if "loss" in m]
+  assert len(losses) == 6  # log_every=4
+  assert losses[-1] < losses[0]
+  assert checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir)).latest_step() == 24
+  assert sorted(os.listdir(os.path.join(workdir, "images"))) == [
+      "reconstruction_0000016.png", "reconstruction_0000024.png"]
+  for name in ("config.json", "provenance.json"):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0
+  assert json.load(open(os.path.join(workdir, "config.json")))["batch_size"] == 16
+  assert 0.0 <= summary["knn_top1"] <= 1.0 and 0.0 <= summary["knn_top1_random_init"] <= 1.0
+
+
+def _cli(workdir, data_dir, total_steps, extra=()):
+  cmd = [sys.executable, "-m", "pr_mim_jax.main", "--config=configs/pretrain.py:dataset=shapes",
+         f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+         f"--config.train.total_steps={total_steps}", "--config.knn.enabled=False",
+         *override_flags(TINY_OVERRIDES), *extra]
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  return cmd, env
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_matches_uninterrupted_run(tiny_config, tmp_path):
+  data_dir = str(tmp_path / "tfds")
+  total = 300
+  # Uninterrupted reference, in process.
+  ref_dir = str(tmp_path / "reference")
+  tiny_config.train.total_steps = total
+  tiny_config.knn.enabled = False
+  pretrain.train(tiny_config, ref_dir)
+
+  # Interrupted run: SIGTERM once a few steps are logged, then resume to the end.
+  run_dir = str(tmp_path / "interrupted")
+  cmd, env = _cli(run_dir, data_dir, total, ["--config.train.log_every=1"])
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  deadline = time.monotonic() + 120
+  while not any(m.get("step", 0) >= 5 for m in read_metrics(run_dir)):
+    assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+    assert time.monotonic() < deadline, "the run logged no steps in time"
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  out = proc.communicate(timeout=120)[0].decode()
+  assert proc.returncode == 0, out[-3000:]
+  stopped_at, _ = final_params(tiny_config, run_dir)
+  assert 5 <= stopped_at < total, f"SIGTERM checkpoint at step {stopped_at}"
+  assert "rerun the same command to resume" in out
+
+  resumed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"resumed from" in resumed.stderr
+
+  step_a, params_a = final_params(tiny_config, ref_dir)
+  step_b, params_b = final_params(tiny_config, run_dir)
+  assert step_a == step_b == total
+  jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_without_saving(tiny_config, tmp_path):
+  workdir = str(tmp_path / "nan")
+  tiny_config.train.total_steps = 16
+  tiny_config.optim.base_lr = 1e12  # diverges within a few steps
+  tiny_config.optim.warmup_epochs = 0.0
+  tiny_config.train.checkpoint_every = 1
+  tiny_config.train.log_every = 1
+  with pytest.raises(pretrain.NonFiniteLossError, match="NOT saved"):
+    pretrain.train(tiny_config, workdir)
+  ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir))
+  for step in ckpt.all_steps():  # every saved state is finite
+    _, params = final_params(tiny_config, workdir, step)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+@pytest.mark.slow
+def test_incompatible_checkpoint_is_named_and_left_alone(tiny_config, tmp_path):
+  workdir = str(tmp_path / "run")
+  tiny_config.train.total_steps = 8
+  tiny_config.knn.enabled = False
+  pretrain.train(tiny_config, workdir)
+  ckpt_dir = checkpointing.checkpoint_dir(workdir)
+  before = {p: os.path.getmtime(os.path.join(r, p)) for r, _, fs in os.walk(ckpt_dir) for p in fs}
+  tiny_config.model.width = 64  # a different model in the same workdir
+  with pytest.raises(UserError, match="checkpoints/8"):
+    pretrain.train(tiny_config, workdir)
+  after = {p: os.path.getmtime(os.path.join(r, p)) for r, _, fs in os.walk(ckpt_dir) for p in fs}
+  assert before == after

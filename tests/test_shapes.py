@@ -1,0 +1,237 @@
+"""Tests for the embedded shapes dataset and its TFDS builder."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pr_mim_jax import errors
+from pr_mim_jax.data import shapes
+
+
+def test_class_list():
+  assert len(shapes.CLASS_NAMES) >= 10
+  assert len(set(shapes.CLASS_NAMES)) == len(shapes.CLASS_NAMES)
+  assert shapes.NUM_CLASSES == len(shapes.CLASS_NAMES)
+
+
+def test_import_does_not_pull_in_tf_or_jax():
+  code = ('import sys, pr_mim_jax.data.shapes; '
+          'bad = [m for m in ("tensorflow", "jax", "tensorflow_datasets") '
+          'if m in sys.modules]; assert not bad, bad')
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=root)
+  subprocess.run([sys.executable, '-c', code], check=True, env=env)
+
+
+def test_shapes_and_dtypes():
+  images, labels = shapes.generate(12, image_size=32)
+  assert images.shape == (12, 32, 32, 3) and images.dtype == np.uint8
+  assert labels.shape == (12,) and labels.dtype == np.int32
+  assert labels.min() >= 0 and labels.max() < shapes.NUM_CLASSES
+  empty, empty_labels = shapes.generate(0, image_size=16)
+  assert empty.shape == (0, 16, 16, 3) and empty_labels.shape == (0,)
+
+
+@pytest.mark.parametrize('size', [16, 23, 256])
+def test_any_image_size(size):
+  images, labels = shapes.generate(3, image_size=size, start=7)
+  assert images.shape == (3, size, size, 3)
+  # Labels come first from each example's RNG, so they do not depend on size.
+  np.testing.assert_array_equal(labels,
+                                shapes.generate(3, image_size=64, start=7)[1])
+  # Not blank: the shape and background make every image vary spatially.
+  assert all(im.std() > 5 for im in images)
+
+
+def test_bad_arguments_are_user_errors():
+  with pytest.raises(errors.UserError):
+    shapes.generate(2, image_size=8)
+  with pytest.raises(errors.UserError):
+    shapes.generate(2, image_size=1024)
+  with pytest.raises(errors.UserError):
+    shapes.generate(2, seed=-1)
+
+
+def test_deterministic_and_chunkable():
+  images, labels = shapes.generate(15, image_size=24, seed=3)
+  again, again_labels = shapes.generate(15, image_size=24, seed=3)
+  np.testing.assert_array_equal(images, again)
+  np.testing.assert_array_equal(labels, again_labels)
+  # Any chunk is generated independently of the others.
+  head = shapes.generate(5, image_size=24, seed=3)
+  tail = shapes.generate(10, image_size=24, seed=3, start=5)
+  np.testing.assert_array_equal(np.concatenate([head[0], tail[0]]), images)
+  np.testing.assert_array_equal(np.concatenate([head[1], tail[1]]), labels)
+
+
+def test_seeds_and_splits_differ():
+  def get(**kw):
+    return shapes.generate(20, image_size=24, **kw)[0]
+  base = get(seed=0, split='train')
+  others = [get(seed=1, split='train'), get(seed=0, split='test'),
+            get(seed=0, split='validation')]
+  for other in others:
+    # Per example, not just somewhere: no image is shared with the base.
+    assert all(not np.array_equal(a, b) for a, b in zip(base, other))
+  np.testing.assert_array_equal(get(seed=0, split='validation'), others[2])
+
+
+def test_labels_cover_all_classes_evenly():
+  _, labels = shapes.generate(600, image_size=16)
+  counts = np.bincount(labels, minlength=shapes.NUM_CLASSES)
+  expected = 600 / shapes.NUM_CLASSES
+  # Multinomial std per class is ~sqrt(50) ~ 7; 0.5x..1.5x is > 3 sigma.
+  assert counts.min() > 0.5 * expected and counts.max() < 1.5 * expected
+
+
+@pytest.mark.parametrize('name', shapes.CLASS_NAMES)
+def test_sdf_zero_set_is_only_the_outline(name):
+  """Shapes built as unions must not leave zero-distance seams inside them.
+
+  A seam renders as a half-transparent line across a filled shape (and as an
+  extra stroke in outline style). On a fine grid, every point on the zero set
+  must have an outside point within two grid steps (two, not one, for points
+  deep in the narrow notches of the star).
+  """
+  n = 301
+  t = np.linspace(-1.3, 1.3, n, dtype=np.float32)
+  u, v = np.meshgrid(t, t)  # [n, n]
+  sdf = shapes._shape_sdf(name, u, v)
+  assert sdf.min() < -0.2 and sdf[0].min() > 0  # Solid, and fits the frame.
+  pad = np.pad(sdf, 2, mode='edge')
+  max_neighbour = np.max([pad[2 + dy:n + 2 + dy, 2 + dx:n + 2 + dx]
+                          for dy in range(-2, 3)
+                          for dx in range(-2, 3)], axis=0)
+  on_zero_set = np.abs(sdf) < 0.5 * (t[1] - t[0])
+  assert on_zero_set.any() and np.all(max_neighbour[on_zero_set] > 0)
+
+
+def _rotation_scale_signature(name, angle=0.0, n=241, bins=20):
+  """Histogram of boundary-to-centroid distances, in units of sqrt(area).
+
+  Invariant to rotation and scale, so two classes with (nearly) equal
+  signatures could be confused by pose alone.
+  """
+  t = np.linspace(-1.3, 1.3, n, dtype=np.float32)
+  u, v = np.meshgrid(t, t)  # [n, n]
+  c, s = np.cos(angle), np.sin(angle)
+  sdf = shapes._shape_sdf(name, c * u + s * v, c * v - s * u)
+  inside, boundary = sdf < 0, np.abs(sdf) < 0.03
+  cu, cv = u[inside].mean(), v[inside].mean()
+  area = inside.mean() * (2 * 1.3)**2
+  r = np.hypot(u[boundary] - cu, v[boundary] - cv) / np.sqrt(area)
+  hist, _ = np.histogram(r, bins=bins, range=(0, 1.5))
+  return hist / hist.sum()
+
+
+def test_signature_is_pose_invariant():
+  """Calibrates the test below: rotating a shape barely moves its signature."""
+  for name in shapes.CLASS_NAMES:
+    for angle in (1.0, 2.2):
+      diff = np.abs(_rotation_scale_signature(name)
+                    - _rotation_scale_signature(name, angle)).sum()
+      assert diff < 0.09, (name, angle, diff)
+
+
+def test_classes_differ_under_rotation_and_scale():
+  sigs = {c: _rotation_scale_signature(c) for c in shapes.CLASS_NAMES}
+  for i, a in enumerate(shapes.CLASS_NAMES):
+    for b in shapes.CLASS_NAMES[i + 1:]:
+      # L1 distance between histograms, above the rotation noise bound (0.09)
+      # of the test above: no pose maps one class onto another.
+      assert np.abs(sigs[a] - sigs[b]).sum() > 0.12, (a, b)
+
+
+def test_class_not_given_by_colour_or_position():
+  images, labels = shapes.generate(2000, image_size=24, split='train')
+  test_images, test_labels = shapes.generate(600, image_size=24, split='test')
+  x = images.astype(np.float32) / 255.0
+
+  # Same-class images differ a lot pixel-wise (random colour, pose, background):
+  # the per-pixel std across one class is over half that of uniform noise
+  # (0.29); a fixed colour or position per class would pull it far lower.
+  for c in range(shapes.NUM_CLASSES):
+    assert x[labels == c].std(axis=0).mean() > 0.15
+
+  # Nearest class mean on the mean RGB colour is near chance (1/12 = 0.083).
+  # With 600 test examples the std of a chance-level accuracy is ~0.011, so the
+  # bound 1.6/NUM_CLASSES = 0.133 is > 4 sigma above chance yet far below what
+  # any real colour cue would give.
+  feats = x.mean(axis=(1, 2))  # [N, 3]
+  means = np.stack([feats[labels == c].mean(0)
+                    for c in range(shapes.NUM_CLASSES)])
+  test_feats = test_images.astype(np.float32).mean(axis=(1, 2)) / 255.0
+  dists = np.linalg.norm(test_feats[:, None] - means[None], axis=-1)
+  accuracy = np.mean(dists.argmin(1) == test_labels)
+  assert accuracy < 1.6 / shapes.NUM_CLASSES
+
+
+# ---------------------------------------------------------------------------
+# TFDS builder.
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def prepared(tmp_path_factory):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  from pr_mim_jax.data import shapes_tfds
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  builder = shapes_tfds.prepare(data_dir, image_size=16, train_size=40,
+                                test_size=10, seed=5)
+  return tfds, shapes_tfds, data_dir, builder
+
+
+def test_builder_metadata(prepared):
+  _, _, _, builder = prepared
+  assert builder.name == 'shapes'
+  assert builder.builder_config.name == 's16_tr40_te10_seed5'
+  assert builder.info.splits['train'].num_examples == 40
+  assert builder.info.splits['test'].num_examples == 10
+  assert builder.info.features['image'].shape == (16, 16, 3)
+  assert tuple(builder.info.features['label'].names) == shapes.CLASS_NAMES
+
+
+def test_data_source_matches_generator(prepared):
+  tfds, _, data_dir, builder = prepared
+  source = builder.as_data_source()
+  by_name = tfds.data_source('shapes/s16_tr40_te10_seed5', data_dir=data_dir,
+                             download=False)
+  for split, n in (('train', 40), ('test', 10)):
+    images, labels = shapes.generate(n, image_size=16, seed=5, split=split)
+    assert len(source[split]) == n
+    # PNG is lossless and records are stored in index order.
+    got = [source[split][i] for i in range(n)]
+    np.testing.assert_array_equal(np.stack([g['image'] for g in got]), images)
+    np.testing.assert_array_equal([g['label'] for g in got], labels)
+    np.testing.assert_array_equal(by_name[split][n - 1]['image'], images[-1])
+
+
+def test_prepare_reuses_cache(prepared, monkeypatch):
+  _, shapes_tfds, data_dir, builder = prepared
+  files = sorted(p for p in builder.data_path.iterdir())
+  mtimes = [os.path.getmtime(p) for p in files]
+
+  def fail(*args, **kwargs):
+    raise AssertionError('download_and_prepare called on a prepared dataset')
+
+  monkeypatch.setattr(shapes_tfds.Shapes, 'download_and_prepare', fail)
+  again = shapes_tfds.prepare(data_dir, image_size=16, train_size=40,
+                              test_size=10, seed=5)
+  assert again.is_prepared()
+  assert [os.path.getmtime(p) for p in files] == mtimes
+  # Other settings are a different, not yet prepared, config side by side.
+  other = shapes_tfds.builder(data_dir, image_size=16, train_size=40,
+                              test_size=10, seed=6)
+  assert not other.is_prepared()
+  assert other.data_dir != builder.data_dir
+
+
+def test_builder_rejects_bad_settings(prepared):
+  _, shapes_tfds, data_dir, _ = prepared
+  with pytest.raises(errors.UserError):
+    shapes_tfds.builder(data_dir, image_size=4)
+  with pytest.raises(errors.UserError):
+    shapes_tfds.builder(data_dir, train_size=0)
