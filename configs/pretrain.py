@@ -51,8 +51,9 @@ def get_config(arg=None):
       eval_split="test" if demo else "validation",
       data_dir=ml_collections.FieldReference(None, field_type=str),  # tfds data_dir; None = default
       shapes=dict(image_size=64, train_size=20000, test_size=2000, seed=0),
-      prefetch=2,
+      prefetch=2,  # device batches prefetched
       num_parallel_calls=-1,  # -1 = AUTOTUNE
+      backend="auto",  # 'tf' (tf.data) | 'numpy' (no TensorFlow) | 'auto' = tf if installed
   ))
 
   c.train = ml_collections.ConfigDict(dict(

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# One node, all of its GPUs, one process (JAX drives every local GPU from it).
+#   launch/gpu_local.sh WORKDIR [--config.FIELD=VALUE ...]
+# Environment: CONFIG (default configs/pretrain.py:variant=B/16), DATA_DIR (tfds data_dir),
+# CUDA_VISIBLE_DEVICES to choose GPUs. Install first: pip install -U "jax[cuda12]" -r requirements.txt
+set -euo pipefail
+workdir=${1:?usage: launch/gpu_local.sh WORKDIR [--config.FIELD=VALUE ...]}
+shift
+args=(--config="${CONFIG:-configs/pretrain.py:variant=B/16}" --workdir="$workdir")
+[ -n "${DATA_DIR:-}" ] && args+=(--config.data.data_dir="$DATA_DIR")
+# Let XLA take most of the GPU memory up front; TF never touches the GPU.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
+exec python -m pr_mim_jax.main "${args[@]}" "$@"

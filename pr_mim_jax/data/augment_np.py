@@ -1,0 +1,104 @@
+"""MAE's training augmentation in NumPy + Pillow, for machines without TensorFlow.
+
+The same recipe as `augment.py` (random resized crop with area in [0.2, 1] and aspect
+ratio in [3/4, 4/3], bicubic resize, horizontal flip with p=0.5, ImageNet
+normalisation) and the same box-sampling algorithm as TF's
+`sample_distorted_bounding_box`, but a *distribution* match only: the random
+numbers come from NumPy, Pillow's bicubic resize differs in detail from TF's, and
+resized pixels are rounded to uint8. Never bit-identical to the TF path; it is
+deterministic on its own, keyed by (seed, step, position in the global batch).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+# ImageNet normalisation, as MAE.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+AREA_RANGE = (0.2, 1.0)
+ASPECT_RANGE = (3 / 4, 4 / 3)
+MAX_ATTEMPTS = 10
+EVAL_CROP_FRACTION = 0.875  # resize the shorter side to size / 0.875, centre crop size
+
+_MEAN255 = np.asarray(MEAN, np.float32) * 255
+_STD255 = np.asarray(STD, np.float32) * 255
+
+
+def example_rng(seed: int, step: int, position: int) -> np.random.Generator:
+  """The random stream of one example: a pure function of (seed, step, position)."""
+  return np.random.default_rng([seed, step, position])
+
+
+def normalize(image: np.ndarray) -> np.ndarray:
+  """[..., 3] pixels in [0, 255] -> float32 normalised with MEAN / STD."""
+  return (np.asarray(image, np.float32) - _MEAN255) / _STD255
+
+
+def to_rgb_array(img: Image.Image) -> np.ndarray:
+  """Any Pillow image (grayscale, palette, RGBA, ...) -> uint8 [H, W, 3]."""
+  if img.mode != "RGB":
+    img = img.convert("RGB")
+  return np.asarray(img, np.uint8)
+
+
+def sample_crop_box(height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+  """(top, left, crop_h, crop_w) as TF's sample_distorted_bounding_box draws it.
+
+  Per attempt: aspect ratio w/h uniform in ASPECT_RANGE, crop height uniform among
+  the integers whose area fits AREA_RANGE, offsets uniform. After MAX_ATTEMPTS
+  failures, the whole image (as TF).
+  """
+  lo, hi = AREA_RANGE[0] * height * width, AREA_RANGE[1] * height * width
+  for _ in range(MAX_ATTEMPTS):
+    ratio = rng.uniform(*ASPECT_RANGE)
+    h_min = int(round(np.sqrt(lo / ratio)))
+    h_max = int(round(np.sqrt(hi / ratio)))
+    h_max = min(h_max, height, int((width + 0.5) / ratio))
+    h = h_max if h_min >= h_max else int(rng.integers(h_min, h_max + 1))
+    w = int(round(h * ratio))
+    if w * h < lo:
+      h += 1
+      w = int(round(h * ratio))
+    if w * h > hi:
+      h -= 1
+      w = int(round(h * ratio))
+    if lo <= w * h <= hi and 0 < w <= width and 0 < h <= height:
+      top = int(rng.integers(0, height - h + 1))
+      left = int(rng.integers(0, width - w + 1))
+      return top, left, h, w
+  return 0, 0, height, width
+
+
+def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
+  """uint8 [H, W, 3] -> uint8 [size, size, 3]: random box, bicubic resize."""
+  height, width = image.shape[:2]
+  top, left, h, w = sample_crop_box(height, width, rng)
+  img = Image.fromarray(image)
+  out = img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
+  return np.asarray(out, np.uint8)
+
+
+def train_augment(image: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
+  """uint8 [H, W, 3] -> float32 [size, size, 3]: crop, resize, flip, normalise."""
+  out = random_resized_crop(image, rng, size)
+  if rng.uniform() < 0.5:
+    out = out[:, ::-1]
+  return normalize(out)
+
+
+def eval_transform(image: np.ndarray, size: int) -> np.ndarray:
+  """uint8 [H, W, 3] -> float32 [size, size, 3] as MAE eval (identity resize at native size)."""
+  height, width = image.shape[:2]
+  if (height, width) != (size, size):
+    short = int(size / EVAL_CROP_FRACTION)
+    if height <= width:
+      new_h, new_w = short, max(short, int(short * width / height))
+    else:
+      new_h, new_w = max(short, int(short * height / width)), short
+    img = Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BICUBIC)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    image = np.asarray(img.crop((left, top, left + size, top + size)), np.uint8)
+  return normalize(image)

@@ -1,0 +1,252 @@
+"""Random-access example sources: in-memory arrays, image folders, tfds datasets.
+
+A source has a length and gives example `i` on demand, so each process reads only
+the examples its part of the batch needs. Two access styles, one per backend:
+
+* NumPy (`image(i)`, `label(i)`): decoded uint8 [H, W, 3], for the TF-free path.
+* TF (`keys(indices)` then `tf_parse(key)`): `keys` runs in Python (inside a
+  `tf.numpy_function`) and returns cheap per-example keys (a file path, a raw
+  serialized record); `tf_parse` runs in TF ops and turns one key into
+  {'image': encoded bytes, 'label'?}, so file reads and image decoding run in
+  tf.data's parallel threads, not under the GIL.
+
+This module never imports TensorFlow at import time: tfds and TF are imported
+inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import io
+import os
+from typing import Any
+
+import numpy as np
+from etils import epath
+from PIL import Image
+
+from pr_mim_jax.data import augment_np
+from pr_mim_jax.errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+FOLDER_PREFIX = "folder:"
+SHAPES = "shapes"
+TF_INSTALL = "pip install tensorflow-cpu tensorflow-datasets array-record"
+
+
+def parse_dataset(name: str) -> tuple[str, str]:
+  """'shapes' | 'folder:PATH' | tfds name -> (kind, arg), kind in {'shapes', 'folder', 'tfds'}."""
+  if not isinstance(name, str) or not name.strip():
+    raise UserError(f"data.dataset must be a non-empty string, got {name!r}; "
+                    "use 'shapes', a tfds name or 'folder:/path'")
+  name = name.strip()
+  if name == SHAPES:
+    return "shapes", ""
+  if name.startswith(FOLDER_PREFIX):
+    path = name[len(FOLDER_PREFIX):]
+    if not path:
+      raise UserError("data.dataset='folder:' has no path; write folder:/path/to/images")
+    return "folder", path
+  return "tfds", name
+
+
+class ArraySource:
+  """Examples held in memory: uint8 [N, H, W, 3] images and optional int labels."""
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray | None = None):
+    self.images = images  # [N, H, W, 3] uint8
+    self.labels = labels  # [N] int32 or None
+    self.labeled = labels is not None
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  def image(self, i: int) -> np.ndarray:
+    return self.images[i]
+
+  def label(self, i: int) -> int:
+    return int(self.labels[i])
+
+
+# ----------------------------------------------------------------- image folders
+
+
+@functools.lru_cache(maxsize=8)
+def list_image_files(root: str) -> tuple[str, ...]:
+  """Image files under `root`, sorted by relative path.
+
+  Recursive; .jpg/.jpeg/.png in any case; hidden files (like macOS ._x.jpg) skipped.
+
+  Cached per process: listing a large folder (or a gs:// bucket) is slow.
+  """
+  path = epath.Path(root)
+  if not path.exists():
+    raise UserError(f"image folder {root} does not exist; "
+                    "fix the path in data.dataset='folder:...'")
+  if not path.is_dir():
+    raise UserError(f"image folder {root} is not a directory; "
+                    "point data.dataset='folder:...' at a directory")
+  rel = []
+  for dirpath, _, filenames in path.walk():
+    prefix = os.path.relpath(os.fspath(dirpath), os.fspath(path))
+    for f in filenames:
+      if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):
+        rel.append(f if prefix == "." else f"{prefix}/{f}")
+  if not rel:
+    raise UserError(f"image folder {root} has no .jpg/.jpeg/.png files; add images or fix the path")
+  rel.sort()
+  base = os.fspath(path)
+  return tuple(f"{base}/{r}" for r in rel)
+
+
+class FolderSource:
+  """Unlabeled images in a folder tree (local or gs://), in sorted relative-path order."""
+
+  labeled = False
+
+  def __init__(self, root: str):
+    self.root = root
+    self.paths = list_image_files(root)
+    self._paths_np = np.array([p.encode() for p in self.paths], dtype=object)
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def image(self, i: int) -> np.ndarray:
+    """Decoded uint8 [H, W, 3] (grayscale, palette and RGBA become RGB)."""
+    data = epath.Path(self.paths[i]).read_bytes()
+    with Image.open(io.BytesIO(data)) as img:
+      return augment_np.to_rgb_array(img)
+
+  def label(self, i: int) -> int:
+    raise UserError(f"image folder {self.root} has no labels; "
+                    "use a labeled dataset for k-NN evaluation")
+
+  def keys(self, indices: np.ndarray) -> np.ndarray:
+    """File paths (object array of bytes) of the examples."""
+    return self._paths_np[np.asarray(indices, np.int64)]
+
+  def tf_parse(self, key):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    return {"image": tf.io.read_file(key)}
+
+
+# ------------------------------------------------------------------------- tfds
+
+
+def needs_tf_error(name: str) -> UserError:
+  """The error for a dataset that only the TF backend can read."""
+  return UserError(f"dataset {name!r} needs tensorflow and tensorflow-datasets: {TF_INSTALL}")
+
+
+def import_tfds(name: str):
+  """Imports tensorflow_datasets, or says how to install it."""
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise needs_tf_error(name) from e
+  return tfds
+
+
+def _not_prepared_message(name: str, builder: Any, data_dir: str | None) -> str:
+  root = getattr(builder, "_data_dir_root", None)  # tfds's default data_dir when data_dir is None
+  where = data_dir or (os.fspath(root) if root else "~/tensorflow_datasets")
+  base = name.split(":")[0]
+  if base == "imagenet2012":
+    manual = f"{where}/downloads/manual"
+    return (f"dataset imagenet2012 is not prepared in {where}: put ILSVRC2012_img_train.tar and "
+            f"ILSVRC2012_img_val.tar in {manual}/, then run "
+            f"`tfds build imagenet2012 --data_dir={where} --file_format=array_record`")
+  return (f"dataset {name} is not prepared in {where}: run "
+          f"`tfds build {base} --data_dir={where} --file_format=array_record` "
+          "(or set data.data_dir to where it is)")
+
+
+def tfds_builder(name: str, data_dir: str | None, *, require_prepared: bool = True):
+  """The tfds builder of `name` ('name' or 'name:version'), with UserErrors for every mistake."""
+  tfds = import_tfds(name)
+  if data_dir is not None and not epath.Path(data_dir).exists():
+    raise UserError(f"data_dir {data_dir} does not exist; create it or fix data.data_dir")
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    base = name.split(":")[0]
+    close = difflib.get_close_matches(base, tfds.list_builders(with_community_datasets=False), n=3)
+    hint = f" did you mean {', '.join(close)}?" if close else ""
+    raise UserError(f"unknown dataset {name!r}:{hint} use a tfds name, 'shapes' "
+                    "or 'folder:/path/to/images'") from e
+  except AssertionError as e:  # tfds's way to say "no such version"
+    raise UserError(f"cannot load dataset {name!r}: {str(e).splitlines()[-1]}") from e
+  if require_prepared:
+    if not builder.is_prepared():
+      raise UserError(_not_prepared_message(name, builder, data_dir))
+    formats = {f.value for f in builder.info.available_file_formats()}
+    if not formats & {"array_record", "parquet"}:
+      stored = ", ".join(sorted(formats)) or "unknown"
+      raise UserError(
+          f"dataset {name} in {builder.data_dir} is stored as {stored}, without random access; "
+          f"re-prepare it with `tfds build {name.split(':')[0]} --file_format=array_record`")
+  return builder
+
+
+def check_split(name: str, builder: Any, split: str) -> int:
+  """Examples in `split` (tfds slices like 'train[:10%]' work); UserError for unknown splits."""
+  try:
+    return int(builder.info.splits[split].num_examples)
+  except (KeyError, ValueError) as e:
+    splits = ", ".join(sorted(builder.info.splits))
+    raise UserError(f"dataset {name} has no split {split!r}; its splits are {splits}") from e
+
+
+class TfdsSource:
+  """A split of a tfds dataset prepared in a random-access format (array_record)."""
+
+  def __init__(self, builder: Any, split: str, name: str | None = None):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    self.name = name or builder.name
+    check_split(self.name, builder, split)
+    features = builder.info.features
+    if "image" not in features:
+      raise UserError(f"dataset {self.name} has no 'image' feature (it has {', '.join(features)}); "
+                      "use an image dataset")
+    self.builder, self.split, self.features = builder, split, features
+    self.labeled = "label" in features
+    self._raw = builder.as_data_source(
+        split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+    self._decoded = None
+
+  def __len__(self) -> int:
+    return len(self._raw)
+
+  def keys(self, indices: np.ndarray) -> np.ndarray:
+    """Raw serialized records (object array of bytes) of the examples."""
+    records = self._raw.__getitems__([int(i) for i in np.asarray(indices).reshape(-1)])
+    out = np.empty(len(records), dtype=object)
+    out[:] = records
+    return out
+
+  def tf_parse(self, key):
+    """Serialized record -> {'image': encoded bytes, 'label'?: int64}, in TF ops."""
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    ex = self.features.deserialize_example(key, decoders={"image": tfds.decode.SkipDecoding()})
+    out = {"image": ex["image"]}
+    if self.labeled:
+      out["label"] = ex["label"]
+    return out
+
+  def _numpy_source(self):
+    if self._decoded is None:
+      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+      self._decoded = self.builder.as_data_source(
+          self.split, decoders={"image": tfds.decode.SkipDecoding()})
+    return self._decoded
+
+  def image(self, i: int) -> np.ndarray:
+    """Decoded uint8 [H, W, 3] through Pillow (for tools; training uses tf_parse)."""
+    data = self._numpy_source()[int(i)]["image"]
+    with Image.open(io.BytesIO(data)) as img:
+      return augment_np.to_rgb_array(img)
+
+  def label(self, i: int) -> int:
+    return int(self._numpy_source()[int(i)]["label"])

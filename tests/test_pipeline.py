@@ -1,0 +1,383 @@
+"""End-to-end input pipeline: folders, tfds, shapes; TF and NumPy backends; resume; processes."""
+
+import itertools
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from PIL import Image
+
+from pr_mim_jax.data import pipeline, sampler, sources
+from pr_mim_jax.errors import UserError
+
+SIZE, BATCH, SEED = 16, 8, 3
+HAVE_TF = pipeline._tf_importable()  # pylint: disable=protected-access
+needs_tf = pytest.mark.skipif(not HAVE_TF, reason="tensorflow / tensorflow_datasets not installed")
+
+
+def _config(dataset, **kw):
+  cfg = dict(dataset=dataset, train_split="train", eval_split="test", data_dir=None,
+             shapes=dict(image_size=16, train_size=40, test_size=12, seed=0), prefetch=2,
+             num_parallel_calls=-1)
+  cfg.update(kw)
+  return ml_collections.ConfigDict(cfg)
+
+
+def _take(it, n):
+  out = list(itertools.islice(it, n))
+  if hasattr(it, "close"):
+    it.close()
+  return out
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+  """21 images (PNG/JPG/JPEG, upper-case suffixes, nested, grayscale, RGBA, palette) + non-images."""
+  root = tmp_path_factory.mktemp("images")
+  rng = np.random.default_rng(0)
+  for i in range(21):
+    sub = root / ["", "a", "a/b", "c"][i % 4]
+    sub.mkdir(parents=True, exist_ok=True)
+    arr = (rng.uniform(size=(18 + i % 5, 20 + i % 7, 3)) * 255).astype(np.uint8)
+    img = Image.fromarray(arr)
+    kind = i % 6
+    if kind == 0:
+      img.convert("L").save(sub / f"gray{i}.png")
+    elif kind == 1:
+      img.save(sub / f"photo{i}.JPG", quality=90)
+    elif kind == 2:
+      img.convert("RGBA").save(sub / f"alpha{i}.png")
+    elif kind == 3:
+      img.convert("P").save(sub / f"pal{i}.PNG")
+    elif kind == 4:
+      img.save(sub / f"photo{i}.jpeg")
+    else:
+      img.save(sub / f"rgb{i}.png")
+  (root / "notes.txt").write_text("not an image")
+  (root / "a" / "x.gif").write_bytes(b"GIF89a")
+  return str(root)
+
+
+def _sharding():
+  mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+  return NamedSharding(mesh, PartitionSpec("data"))
+
+
+# ---------------------------------------------------------------------- folders
+
+
+def test_folder_listing(folder):
+  paths = sources.list_image_files(folder)
+  assert len(paths) == 21 == pipeline.num_examples(_config(f"folder:{folder}"), "train")
+  rel = [os.path.relpath(p, folder) for p in paths]
+  assert rel == sorted(rel)
+  assert not any(p.endswith((".txt", ".gif")) for p in paths)
+
+
+@needs_tf
+def test_folder_decoding_tf_matches_pillow(folder):
+  """Grayscale, RGBA and palette PNGs become the same RGB pixels in TF and Pillow."""
+  from pr_mim_jax.data import augment  # pylint: disable=g-import-not-at-top
+  src = sources.FolderSource(folder)
+  for i, path in enumerate(src.paths):
+    tf_img = augment.decode(src.tf_parse(src.keys([i])[0])["image"]).numpy()
+    pil_img = src.image(i)
+    assert tf_img.shape == pil_img.shape and tf_img.shape[-1] == 3
+    diff = np.abs(tf_img.astype(int) - pil_img.astype(int))
+    is_jpeg = path.lower().endswith((".jpg", ".jpeg"))
+    assert diff.max() <= (8 if is_jpeg else 0), path  # libjpeg IDCT variants
+    if is_jpeg:
+      assert diff.mean() < 2, path
+
+
+@pytest.mark.parametrize("backend", [pytest.param("tf", marks=needs_tf), "numpy"])
+def test_train_batches_folder(folder, backend):
+  data = _config(f"folder:{folder}")
+  batches = _take(pipeline.train_batches(data, seed=SEED, global_batch=BATCH, image_size=SIZE,
+                                         start_step=0, sharding=_sharding(), backend=backend), 3)
+  for b in batches:
+    assert set(b) == {"image"}
+    x = b["image"]
+    assert isinstance(x, jax.Array) and x.shape == (BATCH, SIZE, SIZE, 3) and x.dtype == np.float32
+    x = np.asarray(x)
+    lo = (0 - np.array(pipeline.MEAN)) / np.array(pipeline.STD)
+    hi = (1 - np.array(pipeline.MEAN)) / np.array(pipeline.STD)
+    assert (x >= lo - 1e-4).all() and (x <= hi + 1e-4).all()
+    pix = pipeline.denormalize(x)
+    assert pix.dtype == np.uint8 and pix.shape == x.shape and pix.max() > 100
+
+
+@pytest.mark.parametrize("backend", [pytest.param("tf", marks=needs_tf), "numpy"])
+def test_resume_is_bit_exact(folder, backend):
+  data = _config(f"folder:{folder}")
+  kw = dict(seed=SEED, global_batch=BATCH, image_size=SIZE, sharding=_sharding(), backend=backend)
+  full = _take(pipeline.train_batches(data, start_step=0, **kw), 6)  # 2 steps/epoch: 3 epochs
+  resumed = _take(pipeline.train_batches(data, start_step=3, **kw), 3)
+  for a, b in zip(full[3:], resumed):
+    np.testing.assert_array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+  assert not np.array_equal(np.asarray(full[3]["image"]), np.asarray(full[4]["image"]))
+
+
+@pytest.mark.parametrize("backend", [pytest.param("tf", marks=needs_tf), "numpy"])
+def test_process_split_equals_global_batch(folder, backend):
+  data = _config(f"folder:{folder}")
+  kw = dict(seed=SEED, global_batch=BATCH, image_size=SIZE, start_step=1, backend=backend)
+  single = _take(pipeline.host_batches(data, **kw), 3)
+  parts = [_take(pipeline.host_batches(data, process_index=p, process_count=2, **kw), 3)
+           for p in range(2)]
+  for s in range(3):
+    for key in ("image", "index"):
+      joined = np.concatenate([parts[0][s][key], parts[1][s][key]])
+      np.testing.assert_array_equal(single[s][key], joined)
+    want = sampler.global_batch_indices(SEED, 1 + s, 21, BATCH)
+    np.testing.assert_array_equal(single[s]["index"], want)
+
+
+@needs_tf
+def test_numpy_backend_matches_tf_indices(folder):
+  data = _config(f"folder:{folder}")
+  kw = dict(seed=SEED, global_batch=BATCH, image_size=SIZE, start_step=2)
+  tf_b = _take(pipeline.host_batches(data, backend="tf", **kw), 3)
+  np_b = _take(pipeline.host_batches(data, backend="numpy", **kw), 3)
+  for a, b in zip(tf_b, np_b):
+    np.testing.assert_array_equal(a["index"], b["index"])
+    assert a["image"].shape == b["image"].shape and a["image"].dtype == b["image"].dtype
+    # Same crops are not promised, but the same images: similar statistics.
+    assert abs(a["image"].mean() - b["image"].mean()) < 0.5
+
+
+def test_folder_has_no_labels(folder):
+  with pytest.raises(UserError, match="no labels"):
+    pipeline.labeled_arrays(_config(f"folder:{folder}"), "test", num_examples=4, image_size=SIZE)
+
+
+# ----------------------------------------------------------------- check_dataset
+
+
+def test_check_dataset_folder_errors(tmp_path):
+  with pytest.raises(UserError, match="does not exist"):
+    pipeline.check_dataset(_config(f"folder:{tmp_path}/nope"))
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(UserError, match=f"{tmp_path}/empty has no"):
+    pipeline.check_dataset(_config(f"folder:{tmp_path}/empty"))
+  (tmp_path / "docs" / "sub").mkdir(parents=True)
+  (tmp_path / "docs" / "sub" / "readme.txt").write_text("hi")
+  with pytest.raises(UserError, match=f"{tmp_path}/docs has no"):
+    pipeline.check_dataset(_config(f"folder:{tmp_path}/docs"))
+  with pytest.raises(UserError, match="no path"):
+    pipeline.check_dataset(_config("folder:"))
+
+
+def test_check_dataset_shapes():
+  pipeline.check_dataset(_config("shapes"))
+  with pytest.raises(UserError, match="validation"):
+    pipeline.check_dataset(_config("shapes", eval_split="validation"))
+  with pytest.raises(UserError, match="image_size"):
+    pipeline.check_dataset(
+        _config("shapes", shapes=dict(image_size=4, train_size=8, test_size=8, seed=0)))
+
+
+@needs_tf
+def test_check_dataset_tfds_errors(tmp_path):
+  with pytest.raises(UserError, match="imagenett.*imagenette"):
+    pipeline.check_dataset(_config("imagenett", data_dir=str(tmp_path)))
+  with pytest.raises(UserError, match=f"data_dir {tmp_path}/missing does not exist"):
+    pipeline.check_dataset(_config("cifar10", data_dir=str(tmp_path / "missing")))
+  with pytest.raises(UserError, match="cifar10 is not prepared"):
+    pipeline.check_dataset(_config("cifar10", data_dir=str(tmp_path)))
+  with pytest.raises(UserError) as e:
+    pipeline.check_dataset(_config("imagenet2012", data_dir=str(tmp_path)))
+  msg = str(e.value)
+  assert f"{tmp_path}/downloads/manual" in msg
+  assert "ILSVRC2012_img_train.tar" in msg and "ILSVRC2012_img_val.tar" in msg
+  assert "--file_format=array_record" in msg and "\n" not in msg
+
+
+def test_tfds_name_on_numpy_backend_fails():
+  with pytest.raises(UserError, match="needs tensorflow"):
+    pipeline.host_batches(_config("cifar10", backend="numpy"), seed=0, global_batch=8, image_size=SIZE)
+  with pytest.raises(UserError, match="unknown data backend"):
+    pipeline.host_batches(_config("shapes"), seed=0, global_batch=8, image_size=SIZE, backend="torch")
+
+
+# --------------------------------------------------------------- tfds by name
+
+
+@pytest.fixture(scope="module")
+def tiny_tfds(tmp_path_factory):
+  """A tiny labeled tfds dataset (JPEG images of varying size), prepared as array_record."""
+  if not HAVE_TF:
+    pytest.skip("tensorflow / tensorflow_datasets not installed")
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  class PrMimTinyImages(tfds.core.GeneratorBasedBuilder):
+    """20 train + 6 test images; the label is the image's mean colour bucket."""
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(
+          builder=self,
+          features=tfds.features.FeaturesDict({
+              "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+              "label": tfds.features.ClassLabel(num_classes=3)}),
+          disable_shuffling=True)
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples(20, 0), "test": self._generate_examples(6, 100)}
+
+    def _generate_examples(self, n, offset):
+      for i in range(n):
+        label = i % 3
+        img = np.full((20 + i % 4, 24, 3), 40 + 80 * label, np.uint8)
+        yield i, {"image": img, "label": label}
+
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  PrMimTinyImages(data_dir=data_dir, file_format="array_record").download_and_prepare()
+  return data_dir
+
+
+def test_tfds_train_and_labeled(tiny_tfds):
+  data = _config("pr_mim_tiny_images", data_dir=tiny_tfds)
+  pipeline.check_dataset(data)
+  assert pipeline.num_examples(data, "train") == 20 and pipeline.num_examples(data, "test") == 6
+  kw = dict(seed=SEED, global_batch=BATCH, image_size=SIZE, sharding=_sharding())
+  full = _take(pipeline.train_batches(data, start_step=0, **kw), 4)
+  resumed = _take(pipeline.train_batches(data, start_step=2, **kw), 2)
+  for a, b in zip(full[2:], resumed):
+    assert a["image"].shape == (BATCH, SIZE, SIZE, 3)
+    np.testing.assert_array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+  # Constant-colour images stay constant through crop/resize/flip.
+  host = _take(pipeline.host_batches(data, seed=SEED, global_batch=BATCH, image_size=SIZE), 1)[0]
+  pix = pipeline.denormalize(host["image"])
+  expect = 40 + 80 * (host["index"] % 3)
+  assert np.abs(pix.astype(int) - expect[:, None, None, None]).max() <= 3  # JPEG
+
+  images, labels = pipeline.labeled_arrays(data, "test", num_examples=100, image_size=SIZE)
+  assert images.shape == (6, SIZE, SIZE, 3) and images.dtype == np.float32
+  assert labels.dtype == np.int32 and labels.tolist() == [i % 3 for i in range(6)]
+  pix = pipeline.denormalize(images)
+  assert np.abs(pix.astype(int) - (40 + 80 * labels)[:, None, None, None]).max() <= 3
+  with pytest.raises(UserError, match="no split 'validation'"):
+    pipeline.labeled_arrays(data, "validation", num_examples=4, image_size=SIZE)
+
+
+# ----------------------------------------------------------------------- shapes
+
+
+def test_shapes_numpy_backend():
+  from pr_mim_jax.data import shapes  # pylint: disable=g-import-not-at-top
+  data = _config("shapes")
+  assert pipeline.num_examples(data, "train") == 40 and pipeline.num_examples(data, "test") == 12
+  images, labels = pipeline.labeled_arrays(data, "test", num_examples=10, image_size=16, backend="numpy")
+  raw, want = shapes.generate(10, image_size=16, seed=0, split="test")
+  np.testing.assert_array_equal(labels, want)
+  np.testing.assert_array_equal(pipeline.denormalize(images), raw)  # native size: only normalised
+  it = pipeline.host_batches(data, seed=0, global_batch=BATCH, image_size=SIZE, backend="numpy")
+  batch = _take(it, 1)[0]
+  assert batch["image"].shape == (BATCH, SIZE, SIZE, 3)
+
+
+def _have_shapes_tfds():
+  try:
+    from pr_mim_jax.data import shapes_tfds  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    return False
+  return True
+
+
+@needs_tf
+@pytest.mark.skipif(not _have_shapes_tfds(), reason="shapes_tfds.py not available")
+def test_shapes_tf_backend(tmp_path):
+  from pr_mim_jax.data import shapes  # pylint: disable=g-import-not-at-top
+  data = _config("shapes", data_dir=str(tmp_path))
+  images, labels = pipeline.labeled_arrays(data, "test", num_examples=12, image_size=16, backend="tf")
+  raw, want = shapes.generate(12, image_size=16, seed=0, split="test")
+  np.testing.assert_array_equal(labels, want)
+  np.testing.assert_array_equal(pipeline.denormalize(images), raw)
+  kw = dict(seed=0, global_batch=BATCH, image_size=SIZE, start_step=4)
+  tf_b = _take(pipeline.host_batches(data, backend="tf", **kw), 2)
+  np_b = _take(pipeline.host_batches(data, backend="numpy", **kw), 2)
+  for a, b in zip(tf_b, np_b):
+    np.testing.assert_array_equal(a["index"], b["index"])
+    assert a["image"].shape == b["image"].shape == (BATCH, SIZE, SIZE, 3)
+
+
+# ---------------------------------------------------------------- TF-free, sharding
+
+
+def test_without_tensorflow(folder, tmp_path):
+  """Without tensorflow, 'auto' uses NumPy for folders/shapes and explains tfds names."""
+  script = f"""
+import sys
+sys.modules['tensorflow'] = None
+sys.modules['tensorflow_datasets'] = None
+import ml_collections
+from pr_mim_jax.data import pipeline
+from pr_mim_jax.errors import UserError
+cfg = lambda name: ml_collections.ConfigDict(dict(dataset=name, train_split='train', eval_split='test',
+    data_dir=None, shapes=dict(image_size=16, train_size=16, test_size=8, seed=0), prefetch=1,
+    num_parallel_calls=2))
+pipeline.check_dataset(cfg('shapes'))
+pipeline.check_dataset(cfg('folder:{folder}'))
+b = next(pipeline.host_batches(cfg('folder:{folder}'), seed=0, global_batch=4, image_size=8))
+assert b['image'].shape == (4, 8, 8, 3), b['image'].shape
+x, y = pipeline.labeled_arrays(cfg('shapes'), 'test', num_examples=4, image_size=16)
+assert x.shape == (4, 16, 16, 3) and y.shape == (4,)
+try:
+  pipeline.check_dataset(cfg('imagenet2012'))
+except UserError as e:
+  assert 'needs tensorflow' in str(e), e
+else:
+  raise AssertionError('no UserError')
+assert 'tensorflow.python' not in sys.modules
+print('OK')
+"""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                       timeout=120, check=False)
+  assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
+def test_sharding_positions_follow_device_rows():
+  class FakeSharding:
+    def __init__(self, slices):
+      self.slices = slices
+
+    def addressable_devices_indices_map(self, shape):
+      return {d: (slice(a, b), slice(None)) for d, (a, b) in enumerate(self.slices)}
+
+  positions = pipeline._sharding_positions  # pylint: disable=protected-access
+  pos = positions(FakeSharding([(24, 28), (8, 12)]), (32, 4, 4, 3))
+  np.testing.assert_array_equal(pos, np.r_[8:12, 24:28])
+  pos = positions(FakeSharding([(0, 16), (0, 16)]), (16, 4, 4, 3))  # replicated
+  np.testing.assert_array_equal(pos, np.arange(16))
+
+
+def test_device_prefetcher_order_errors_and_stop():
+  closed = []
+
+  def numbers(fail_at=None):
+    try:
+      for i in itertools.count():
+        if i == fail_at:
+          raise UserError("broken example")
+        yield i
+    finally:
+      closed.append(True)
+
+  p = pipeline.DevicePrefetcher(numbers(), 2)
+  assert _take(p, 5) == [0, 1, 2, 3, 4]  # _take closes it
+  p._thread.join(5)  # pylint: disable=protected-access
+  assert not p._thread.is_alive() and closed  # pylint: disable=protected-access
+  with pytest.raises(StopIteration):
+    next(p)
+  p = pipeline.DevicePrefetcher(numbers(fail_at=3), 2)
+  assert [next(p) for _ in range(3)] == [0, 1, 2]
+  with pytest.raises(UserError, match="broken example"):
+    next(p)
