@@ -12,6 +12,7 @@ only finalized steps, so a process killed mid-save never leaves a step that
 """
 
 from absl import logging
+import os
 from etils import epath
 import jax
 import numpy as np
@@ -80,7 +81,8 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, max_to_keep: int = 3,
                async_save: bool = True):
-    self.directory = epath.Path(directory)
+    # orbax needs absolute paths; a relative local workdir is resolved against the cwd.
+    self.directory = epath.Path(directory if "://" in directory else os.path.abspath(directory))
     self._pending = None  # Step of the last async save, maybe still writing.
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     registry.add(_ITEM, ocp.args.StandardSave)

@@ -241,3 +241,17 @@ def test_missing_directory_and_empty(tmp_path):
   with pytest.raises(checkpointing.CheckpointError, match='step 4'):
     ckpt.restore(_abstract(_make_state()), step=4)
   ckpt.close()
+
+
+def test_relative_directory_async_save_and_restore(tmp_path, monkeypatch):
+  """A relative workdir (as typed on the command line) saves asynchronously and restores."""
+  monkeypatch.chdir(tmp_path)
+  state = _make_state(seed=3)
+  ckpt = checkpointing.Checkpointer("workdirs/run/checkpoints", max_to_keep=2)
+  ckpt.save(1, state)
+  ckpt.save(2, state)
+  ckpt.wait()
+  assert ckpt.all_steps() == [1, 2]
+  _assert_identical(ckpt.restore(_abstract(state)), state)
+  ckpt.close()
+  assert (tmp_path / "workdirs" / "run" / "checkpoints" / "2").is_dir()
