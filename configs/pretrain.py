@@ -40,7 +40,7 @@ def get_config(arg=None):
   c.optim = ml_collections.ConfigDict(dict(
       base_lr=1e-3 if demo else 1.5e-4,  # lr = base_lr * batch_size / 256
       weight_decay=0.05, b1=0.9, b2=0.95,
-      epochs=8.0 if demo else 800.0,
+      epochs=6.0 if demo else 800.0,
       warmup_epochs=1.0 if demo else 40.0,
       clip_grad_norm=0.0,  # 0 = off
   ))
@@ -51,6 +51,7 @@ def get_config(arg=None):
       eval_split="test" if demo else "validation",
       data_dir=ml_collections.FieldReference(None, field_type=str),  # tfds data_dir; None = default
       shapes=dict(image_size=64, train_size=20000, test_size=2000, seed=0),
+      crop_min_scale=0.5 if demo else 0.2,  # random resized crop area share in [this, 1] (MAE: 0.2)
       prefetch=2,  # device batches prefetched
       num_parallel_calls=-1,  # -1 = AUTOTUNE
       backend="auto",  # 'tf' (tf.data) | 'numpy' (no TensorFlow) | 'auto' = tf if installed

@@ -103,6 +103,11 @@ def validate_train(config, num_batch_shards: int):
            f"use one of {KNN_FEATURES}")
 
 
+def validate_data(data):
+  _require(0.0 < data.crop_min_scale <= 1.0, "data.crop_min_scale",
+           f"{data.crop_min_scale} is outside (0, 1]", "use e.g. 0.2 (MAE)")
+
+
 def validate_pretrain(config, num_batch_shards: int):
   """All config checks that need no data access; raise UserError on the first problem."""
   spec = validate_model(config.model)
@@ -110,4 +115,5 @@ def validate_pretrain(config, num_batch_shards: int):
   _require(config.loss.target in targets.TARGETS, "loss.target",
            f"unknown value {config.loss.target!r}", f"use one of {targets.TARGETS}")
   validate_optim(config.optim)
+  validate_data(config.data)
   validate_train(config, num_batch_shards)

@@ -143,6 +143,9 @@ def check_config(config) -> int:
   """Every config and dataset check; returns the number of training examples."""
   config_validation.validate_pretrain(config, sharding.num_batch_shards(sharding.make_mesh()))
   pipeline.check_dataset(config.data)
+  if config.knn.enabled and config.data.dataset.startswith("folder:"):
+    raise UserError(f"config.knn.enabled: {config.data.dataset} has no labels for the k-NN "
+                    "monitor; add --config.knn.enabled=False")
   num_train = pipeline.num_examples(config.data, config.data.train_split)
   if config.batch_size > num_train:
     raise UserError(f"config.batch_size: {config.batch_size} exceeds the {num_train} training "

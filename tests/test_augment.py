@@ -106,18 +106,20 @@ def test_tf_flip_rate_and_seeding(tfa):
   assert not np.array_equal(fn(3, 1), outs[3])  # another position
 
 
-def test_tf_crop_boxes_match_np_distribution(tfa):
+@pytest.mark.parametrize("min_scale", [0.2, 0.7])
+def test_tf_crop_boxes_match_np_distribution(tfa, min_scale):
   h, w = 60, 80
-  fn = tfa.tf.function(lambda s: tfa.sample_crop_box([h, w, 3], tfa.tf.stack([s, 0])))
+  fn = tfa.tf.function(lambda s: tfa.sample_crop_box([h, w, 3], tfa.tf.stack([s, 0]), min_scale))
   tf_areas = []
   for s in range(300):
     begin, size = (t.numpy() for t in fn(tfa.tf.constant(s, tfa.tf.int64)))
     assert begin[0] + size[0] <= h and begin[1] + size[1] <= w
     tf_areas.append(size[0] * size[1] / (h * w))
-  np_areas = [np.prod(augment_np.sample_crop_box(h, w, np.random.default_rng(s))[2:]) / (h * w)
-              for s in range(300)]
+  np_areas = [np.prod(augment_np.sample_crop_box(h, w, np.random.default_rng(s), min_scale)[2:])
+              / (h * w) for s in range(300)]
   tf_areas = np.array(tf_areas)
-  assert tf_areas.min() >= 0.2 and tf_areas.max() <= 1.0
+  assert tf_areas.min() >= min_scale and tf_areas.max() <= 1.0
+  assert min(np_areas) >= min_scale
   assert abs(tf_areas.mean() - np.mean(np_areas)) < 0.05
 
 

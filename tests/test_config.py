@@ -77,7 +77,8 @@ def test_shapes_demo_settings():
   assert 0 < m.decoder_depth < mae_c.model.decoder_depth
   assert m.compute_dtype == 'float32'
   assert c.optim.base_lr == pytest.approx(1e-3)
-  assert c.optim.epochs == 8 and c.optim.warmup_epochs == 1
+  assert c.optim.epochs == 6 and c.optim.warmup_epochs == 1
+  assert c.data.crop_min_scale == 0.5 and mae_c.data.crop_min_scale == 0.2  # MAE's default
   assert c.data.eval_split == 'test'
   assert c.batch_size <= c.data.shapes.train_size
   # The demo keeps MAE's masking and target.
@@ -162,6 +163,8 @@ INVALID = [
     ({'model.decoder_width': 18, 'model.decoder_heads': 3}, 'model.decoder_width'),
     ({'model.posemb': 'rope'}, 'model.posemb'),
     ({'model.compute_dtype': 'float16'}, 'model.compute_dtype'),
+    ({'data.crop_min_scale': 0.0}, 'data.crop_min_scale'),
+    ({'data.crop_min_scale': 1.5}, 'data.crop_min_scale'),
     ({'masking.mask_ratio': 1.5}, 'masking.mask_ratio'),
     ({'masking.mask_ratio': 1.0}, 'masking.mask_ratio'),
     ({'masking.mask_ratio': 0.0}, 'masking.mask_ratio'),

@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
-from pr_mim_jax.data import pipeline, sampler, sources
+from pr_mim_jax.data import pipeline, prefetch, sampler, sources
 from pr_mim_jax.errors import UserError
 
 SIZE, BATCH, SEED = 16, 8, 3
@@ -371,13 +371,13 @@ def test_device_prefetcher_order_errors_and_stop():
     finally:
       closed.append(True)
 
-  p = pipeline.DevicePrefetcher(numbers(), 2)
+  p = prefetch.DevicePrefetcher(numbers(), 2)
   assert _take(p, 5) == [0, 1, 2, 3, 4]  # _take closes it
   p._thread.join(5)  # pylint: disable=protected-access
   assert not p._thread.is_alive() and closed  # pylint: disable=protected-access
   with pytest.raises(StopIteration):
     next(p)
-  p = pipeline.DevicePrefetcher(numbers(fail_at=3), 2)
+  p = prefetch.DevicePrefetcher(numbers(fail_at=3), 2)
   assert [next(p) for _ in range(3)] == [0, 1, 2]
   with pytest.raises(UserError, match="broken example"):
     next(p)

@@ -74,7 +74,7 @@ def _cli(workdir, data_dir, total_steps, extra=()):
 @pytest.mark.slow
 def test_sigterm_then_resume_matches_uninterrupted_run(tiny_config, tmp_path):
   data_dir = str(tmp_path / "tfds")
-  total = 300
+  total = 150
   # Uninterrupted reference, in process.
   ref_dir = str(tmp_path / "reference")
   tiny_config.train.total_steps = total
@@ -136,3 +136,42 @@ def test_incompatible_checkpoint_is_named_and_left_alone(tiny_config, tmp_path):
     pretrain.train(tiny_config, workdir)
   after = {p: os.path.getmtime(os.path.join(r, p)) for r, _, fs in os.walk(ckpt_dir) for p in fs}
   assert before == after
+
+
+@pytest.mark.slow
+def test_trains_without_tensorflow(tmp_path):
+  """GPU machines often lack TensorFlow: the NumPy source and JSONL metrics take over."""
+  workdir = tmp_path / "run"
+  script = f"""
+import sys
+sys.modules['tensorflow'] = None
+sys.modules['tensorflow_datasets'] = None
+sys.path.insert(0, {str(ROOT / 'tests')!r})
+from conftest import TINY_OVERRIDES, apply_overrides, load_config
+from pr_mim_jax import pretrain
+config = apply_overrides(load_config(), TINY_OVERRIDES)
+config.train.total_steps = 8
+summary = pretrain.train(config, {str(workdir)!r})
+assert 'tensorflow' not in sys.modules or sys.modules['tensorflow'] is None
+print('KNN', summary['knn_top1'])
+"""
+  proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "KNN" in proc.stdout
+  assert [m["step"] for m in read_metrics(workdir) if "loss" in m] == [4, 8]
+  assert not (workdir / "tensorboard").exists()
+  assert (workdir / "images" / "reconstruction_0000008.png").exists()
+
+
+def test_unlabeled_folder_needs_knn_off(tiny_config, tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  folder = tmp_path / "images"
+  folder.mkdir()
+  for i in range(20):
+    Image.fromarray(np.full((20, 20, 3), i * 10, np.uint8)).save(folder / f"{i}.png")
+  tiny_config.data.dataset = f"folder:{folder}"
+  with pytest.raises(UserError, match="knn.enabled"):
+    pretrain.check_config(tiny_config)
+  tiny_config.knn.enabled = False
+  assert pretrain.check_config(tiny_config) == 20

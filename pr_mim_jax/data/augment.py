@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from pr_mim_jax.data.augment_np import (AREA_RANGE, ASPECT_RANGE, EVAL_CROP_FRACTION,
+from pr_mim_jax.data.augment_np import (MIN_SCALE, ASPECT_RANGE, EVAL_CROP_FRACTION,
                                         MAX_ATTEMPTS, MEAN, STD)
 
 # TensorFlow must never take GPU memory from JAX.
@@ -38,11 +38,11 @@ def example_seeds(seed, step, position):
   return crop_seed, flip_seed
 
 
-def sample_crop_box(image_shape, seed):
+def sample_crop_box(image_shape, seed, min_scale: float = MIN_SCALE):
   """(begin [3], size [3]) of a random crop box of an image with shape [H, W, C]."""
   begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
       image_shape, bounding_boxes=tf.zeros([1, 0, 4], tf.float32), seed=seed,
-      min_object_covered=0.0, aspect_ratio_range=ASPECT_RANGE, area_range=AREA_RANGE,
+      min_object_covered=0.0, aspect_ratio_range=ASPECT_RANGE, area_range=(min_scale, 1.0),
       max_attempts=MAX_ATTEMPTS, use_image_if_no_bounding_boxes=True)
   return begin, size
 
@@ -61,13 +61,13 @@ def _resize(image, size: int):
   return tf.clip_by_value(out, 0.0, 255.0)
 
 
-def random_resized_crop(image, seed, size: int):
+def random_resized_crop(image, seed, size: int, min_scale: float = MIN_SCALE):
   """Decoded uint8 [H, W, 3] -> float32 [size, size, 3] in [0, 255]."""
-  begin, box = sample_crop_box(tf.shape(image), seed)
+  begin, box = sample_crop_box(tf.shape(image), seed, min_scale)
   return _resize(tf.slice(image, begin, box), size)
 
 
-def decode_random_resized_crop(encoded, seed, size: int):
+def decode_random_resized_crop(encoded, seed, size: int, min_scale: float = MIN_SCALE):
   """Encoded JPEG/PNG/... bytes -> float32 [size, size, 3] in [0, 255].
 
   JPEGs decode only the crop window (`decode_and_crop_jpeg`: much faster on large
@@ -75,13 +75,13 @@ def decode_random_resized_crop(encoded, seed, size: int):
   levels through chroma upsampling, deterministically); other formats decode fully.
   """
   def jpeg():
-    begin, box = sample_crop_box(tf.image.extract_jpeg_shape(encoded), seed)
+    begin, box = sample_crop_box(tf.image.extract_jpeg_shape(encoded), seed, min_scale)
     window = tf.stack([begin[0], begin[1], box[0], box[1]])
     return tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
 
   def other():
     image = decode(encoded)
-    begin, box = sample_crop_box(tf.shape(image), seed)
+    begin, box = sample_crop_box(tf.shape(image), seed, min_scale)
     return tf.slice(image, begin, box)
 
   crop = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)  # uint8 [h, w, 3]
@@ -105,7 +105,8 @@ def random_flip(image, seed):
   return tf.image.stateless_random_flip_left_right(image, seed)
 
 
-def train_augment(image, seed, step, position, size: int, encoded: bool = True):
+def train_augment(image, seed, step, position, size: int, encoded: bool = True,
+                  min_scale: float = MIN_SCALE):
   """One training example -> float32 normalised [size, size, 3].
 
   `image` is encoded bytes (encoded=True) or uint8 [H, W, 3]; (seed, step, position)
@@ -113,9 +114,9 @@ def train_augment(image, seed, step, position, size: int, encoded: bool = True):
   """
   crop_seed, flip_seed = example_seeds(seed, step, position)
   if encoded:
-    out = decode_random_resized_crop(image, crop_seed, size)
+    out = decode_random_resized_crop(image, crop_seed, size, min_scale)
   else:
-    out = random_resized_crop(image, crop_seed, size)
+    out = random_resized_crop(image, crop_seed, size, min_scale)
   return normalize(random_flip(out, flip_seed))
 
 

@@ -18,7 +18,7 @@ from PIL import Image
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
-AREA_RANGE = (0.2, 1.0)
+MIN_SCALE = 0.2  # MAE: RandomResizedCrop(scale=(0.2, 1.0)); data.crop_min_scale overrides
 ASPECT_RANGE = (3 / 4, 4 / 3)
 MAX_ATTEMPTS = 10
 EVAL_CROP_FRACTION = 0.875  # resize the shorter side to size / 0.875, centre crop size
@@ -44,14 +44,15 @@ def to_rgb_array(img: Image.Image) -> np.ndarray:
   return np.asarray(img, np.uint8)
 
 
-def sample_crop_box(height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+def sample_crop_box(height: int, width: int, rng: np.random.Generator,
+                    min_scale: float = MIN_SCALE) -> tuple[int, int, int, int]:
   """(top, left, crop_h, crop_w) as TF's sample_distorted_bounding_box draws it.
 
   Per attempt: aspect ratio w/h uniform in ASPECT_RANGE, crop height uniform among
-  the integers whose area fits AREA_RANGE, offsets uniform. After MAX_ATTEMPTS
+  the integers whose area share fits [min_scale, 1], offsets uniform. After MAX_ATTEMPTS
   failures, the whole image (as TF).
   """
-  lo, hi = AREA_RANGE[0] * height * width, AREA_RANGE[1] * height * width
+  lo, hi = min_scale * height * width, height * width
   for _ in range(MAX_ATTEMPTS):
     ratio = rng.uniform(*ASPECT_RANGE)
     h_min = int(round(np.sqrt(lo / ratio)))
@@ -72,18 +73,20 @@ def sample_crop_box(height: int, width: int, rng: np.random.Generator) -> tuple[
   return 0, 0, height, width
 
 
-def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
+def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
+                        min_scale: float = MIN_SCALE) -> np.ndarray:
   """uint8 [H, W, 3] -> uint8 [size, size, 3]: random box, bicubic resize."""
   height, width = image.shape[:2]
-  top, left, h, w = sample_crop_box(height, width, rng)
+  top, left, h, w = sample_crop_box(height, width, rng, min_scale)
   img = Image.fromarray(image)
   out = img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
   return np.asarray(out, np.uint8)
 
 
-def train_augment(image: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
+def train_augment(image: np.ndarray, rng: np.random.Generator, size: int,
+                  min_scale: float = MIN_SCALE) -> np.ndarray:
   """uint8 [H, W, 3] -> float32 [size, size, 3]: crop, resize, flip, normalise."""
-  out = random_resized_crop(image, rng, size)
+  out = random_resized_crop(image, rng, size, min_scale)
   if rng.uniform() < 0.5:
     out = out[:, ::-1]
   return normalize(out)

@@ -29,18 +29,15 @@ into memory once per process.
 
 from __future__ import annotations
 
-import atexit
 import concurrent.futures
 import functools
 import os
-import queue
-import threading
 from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
 
-from pr_mim_jax.data import augment_np, sampler, sources
+from pr_mim_jax.data import augment_np, prefetch, sampler, sources
 from pr_mim_jax.errors import UserError
 
 MEAN = augment_np.MEAN  # ImageNet normalisation, as MAE
@@ -218,7 +215,8 @@ def num_examples(data, split: str) -> int:
 # ------------------------------------------------------------ host-local batches
 
 
-def _tf_train_batches(source, *, seed, global_batch, image_size, start_step, positions, threads):
+def _tf_train_batches(source, *, seed, global_batch, image_size, start_step, positions, threads,
+                      min_scale):
   """tf.data: schedule -> keys (Python) -> parse/decode/augment (parallel TF) -> batches."""
   tf, augment = _tf()
   local = len(positions)
@@ -241,7 +239,8 @@ def _tf_train_batches(source, *, seed, global_batch, image_size, start_step, pos
 
   def load(step, idx, pos, key):  # one example, in TF ops
     ex = source.tf_parse(key)
-    image = augment.train_augment(ex["image"], seed, step, pos, image_size)  # [S, S, 3]
+    image = augment.train_augment(ex["image"], seed, step, pos, image_size,
+                                  min_scale=min_scale)  # [S, S, 3]
     return {"image": image, "index": idx, "step": step}
 
   ds = ds.map(read, num_parallel_calls=2, deterministic=True).unbatch()
@@ -262,7 +261,8 @@ def _tf_train_batches(source, *, seed, global_batch, image_size, start_step, pos
   return batches()
 
 
-def _np_train_batches(source, *, seed, global_batch, image_size, start_step, positions, threads):
+def _np_train_batches(source, *, seed, global_batch, image_size, start_step, positions, threads,
+                      min_scale):
   """NumPy + Pillow in a thread pool (Pillow releases the GIL while decoding/resizing)."""
   n = len(source)
 
@@ -272,7 +272,8 @@ def _np_train_batches(source, *, seed, global_batch, image_size, start_step, pos
       for s in sampler.schedule(seed, n, global_batch, start_step, positions):
         def one(k, s=s):
           rng = augment_np.example_rng(seed, s.step, int(s.positions[k]))
-          return augment_np.train_augment(source.image(int(s.indices[k])), rng, image_size)
+          return augment_np.train_augment(source.image(int(s.indices[k])), rng, image_size,
+                                          min_scale)
         images = np.stack(list(pool.map(one, range(len(positions)))))  # [local, S, S, 3]
         yield {"image": images, "index": s.indices}
     finally:
@@ -288,7 +289,8 @@ def _host_batches(data, *, seed, global_batch, image_size, start_step, positions
   make = _tf_train_batches if backend == "tf" else _np_train_batches
   return make(source, seed=seed, global_batch=global_batch, image_size=image_size,
               start_step=start_step, positions=np.asarray(positions, np.int64),
-              threads=_threads(data))
+              threads=_threads(data),
+              min_scale=float(_get(data, "crop_min_scale", augment_np.MIN_SCALE)))
 
 
 def host_batches(data, *, seed: int, global_batch: int, image_size: int, start_step: int = 0,
@@ -321,105 +323,6 @@ def _sharding_positions(sharding: jax.sharding.Sharding, global_shape: Sequence[
   return np.unique(np.concatenate(rows)).astype(np.int64)
 
 
-class _Failure:
-  """An exception raised in the loader thread, to re-raise in the consumer."""
-
-  def __init__(self, exc: BaseException):
-    self.exc = exc
-
-
-def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
-  """Blocking put that gives up once `stop` is set."""
-  while not stop.is_set():
-    try:
-      q.put(item, timeout=0.1)
-      return True
-    except queue.Full:
-      pass
-  return False
-
-
-# Live loader threads and their stop events. Joined at exit: a thread (or a TF
-# thread it drives) still running during interpreter teardown aborts the process.
-_WORKERS: dict[threading.Thread, threading.Event] = {}
-_WORKERS_LOCK = threading.Lock()
-
-
-def _prefetch_worker(iterator: Iterator[Any], q: queue.Queue, stop: threading.Event):
-  # Holds no reference to the DevicePrefetcher, so dropping it stops this thread.
-  try:
-    for item in iterator:
-      if not _put(q, item, stop):
-        break
-  except BaseException as e:  # pylint: disable=broad-except
-    _put(q, _Failure(e), stop)
-  finally:
-    close = getattr(iterator, "close", None)
-    if close is not None:
-      close()  # shuts the tf.data pipeline down from this thread
-    with _WORKERS_LOCK:
-      _WORKERS.pop(threading.current_thread(), None)
-
-
-@atexit.register
-def _stop_workers():
-  """Stops loader threads and waits for them before the interpreter tears down TF and JAX."""
-  with _WORKERS_LOCK:
-    workers = list(_WORKERS.items())
-  for _, stop in workers:
-    stop.set()
-  for thread, _ in workers:
-    thread.join(timeout=30)
-
-
-class DevicePrefetcher:
-  """Runs an iterator in a background thread, keeping up to `size` items ready.
-
-  Starts at construction, so the first batches load while the caller compiles.
-  Exceptions in the thread re-raise in the consumer. `close()` (or dropping the
-  prefetcher) stops the thread, which then closes the iterator.
-  """
-
-  def __init__(self, iterator: Iterator[Any], size: int):
-    self._queue: queue.Queue = queue.Queue(maxsize=max(1, size))
-    self._stop = threading.Event()
-    self._done = False
-    self._thread = threading.Thread(target=_prefetch_worker, name="device_prefetch", daemon=True,
-                                    args=(iterator, self._queue, self._stop))
-    with _WORKERS_LOCK:
-      _WORKERS[self._thread] = self._stop
-    self._thread.start()
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    if self._done:
-      raise StopIteration
-    while True:
-      try:
-        item = self._queue.get(timeout=1.0)
-        break
-      except queue.Empty:
-        if not self._thread.is_alive() and self._queue.empty():
-          self._done = True
-          raise StopIteration from None
-    if isinstance(item, _Failure):
-      self._done = True
-      raise item.exc
-    return item
-
-  def close(self, timeout: float | None = None):
-    """Stops the loader thread; waits up to `timeout` seconds for it to finish."""
-    self._stop.set()
-    self._done = True
-    if timeout:
-      self._thread.join(timeout)
-
-  def __del__(self):
-    self._stop.set()
-
-
 def train_batches(data, *, seed: int, global_batch: int, image_size: int, start_step: int,
                   sharding: jax.sharding.NamedSharding,
                   backend: str | None = None) -> Iterator[dict]:
@@ -446,7 +349,7 @@ def train_batches(data, *, seed: int, global_batch: int, image_size: int, start_
     finally:
       host.close()
 
-  return DevicePrefetcher(device_batches(), int(_get(data, "prefetch", 2) or 1))
+  return prefetch.DevicePrefetcher(device_batches(), int(_get(data, "prefetch", 2) or 1))
 
 
 # ----------------------------------------------------------------- labeled arrays

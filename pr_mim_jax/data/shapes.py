@@ -4,11 +4,11 @@ Each image holds one large shape whose *outline geometry alone* defines the
 class. Everything else is nuisance, drawn at random per image, so that the
 class cannot be read off colour, position or local texture statistics:
 
-* shape: colour, scale (28%-64% of the image side), position, full rotation,
+* shape: colour, scale (40%-76% of the image side), position, full rotation,
   slight anisotropic stretch, fill style (solid, two-tone stripes or outline);
 * background: mixtures of colour gradients, sinusoidal stripes / plaid,
   blotchy low-frequency colour noise and per-pixel Gaussian noise;
-* clutter: 2-6 small dots, line segments and polygon fragments drawn under or
+* clutter: 1-4 small dots, line segments and polygon fragments drawn under or
   over the shape;
 * finish: optional slight blur and pixel noise.
 
@@ -229,18 +229,18 @@ def _background(rng, size):
   # Scalar draws first, arrays last (keeps the scene similar across sizes).
   c0, c1, c2 = _random_colour(rng), _random_colour(rng), _random_colour(rng)
   grad_angle = rng.uniform(0, 2 * np.pi)
-  grad_amount = rng.uniform(0.0, 1.0)
-  stripes = rng.random() < 0.55
+  grad_amount = rng.uniform(0.0, 0.5)
+  stripes = rng.random() < 0.45
   stripe_freq = rng.uniform(1.5, 9.0)  # Cycles per image side.
   stripe_angle = rng.uniform(0, np.pi)
   stripe_phase = rng.uniform(0, 2 * np.pi)
   stripe_hard = rng.random() < 0.4
   plaid = rng.random() < 0.35
   plaid_angle = stripe_angle + rng.uniform(np.pi / 4, 3 * np.pi / 4)
-  stripe_amount = rng.uniform(0.2, 0.8)
-  blotches = rng.random() < 0.55
+  stripe_amount = rng.uniform(0.05, 0.2)
+  blotches = rng.random() < 0.45
   blotch_grid = int(rng.integers(3, 9))
-  blotch_amount = rng.uniform(0.3, 0.9)
+  blotch_amount = rng.uniform(0.1, 0.25)
   noise_std = rng.uniform(0.0, 0.1) if rng.random() < 0.7 else 0.0
 
   # Linear gradient between two colours.
@@ -311,12 +311,12 @@ def _draw_clutter(rng, img, size):
 def _draw_shape(rng, img, size, name):
   """Draws the main shape of class `name` with random pose and style."""
   px, _ = _pixel_centres(size)
-  radius = rng.uniform(0.14, 0.32) * size  # Bounding radius, in pixels.
+  radius = rng.uniform(0.26, 0.42) * size  # Bounding radius, in pixels.
   margin = 0.8 * radius  # Shape stays mostly inside the image.
   cx, cy = rng.uniform(margin, size - margin, 2)
   angle = rng.uniform(0, 2 * np.pi)
   stretch = rng.uniform(0.88, 1.12)  # Mild anisotropy along the shape's u.
-  style = rng.choice(3, p=[0.4, 0.2, 0.4])  # Solid, stripes, outline.
+  style = rng.choice(3, p=[0.75, 0.05, 0.2])  # Solid, stripes, outline.
   stroke = max(1.0, rng.uniform(0.09, 0.17) * radius)  # Outline width, px.
   stripe_freq = rng.uniform(2.0, 4.0)  # Stripe cycles per unit of radius.
   stripe_angle = rng.uniform(0, np.pi)
@@ -365,7 +365,7 @@ def _blur(img):
 def _render(rng, size):
   """One example: (image uint8 [S, S, 3], label)."""
   label = int(rng.integers(NUM_CLASSES))
-  n_clutter = int(rng.integers(2, 7))
+  n_clutter = int(rng.integers(0, 3))
   n_under = int(rng.integers(0, n_clutter + 1))
   blur = rng.random() < 0.35
   final_noise = rng.uniform(0.0, 0.03)

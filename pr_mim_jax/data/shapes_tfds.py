@@ -52,8 +52,10 @@ def _config(image_size: int, train_size: int, test_size: int,
 class Shapes(tfds.core.GeneratorBasedBuilder):
   """Procedural shapes: the class is the outline of one large shape."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  # Bump on every change to the generator's output: caches are keyed by version.
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.',
+                   '1.1.0': 'Larger shapes, calmer backgrounds, less clutter.'}
   BUILDER_CONFIGS = [_config(64, 20000, 2000, 0)]
   # Overrides TFDS's lookup of this file, which in tfds 4.9.10 needs the
   # `importlib_resources` backport (not a declared dependency) for any builder
