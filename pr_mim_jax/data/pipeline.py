@@ -182,10 +182,7 @@ def check_dataset(data) -> None:
   kind, arg = sources.parse_dataset(_get(data, "dataset", None))
   if kind == "shapes":
     from pr_mim_jax.data import shapes  # pylint: disable=g-import-not-at-top
-    size = _shapes_cfg(data)[0]
-    if not shapes.MIN_IMAGE_SIZE <= size <= shapes.MAX_IMAGE_SIZE:
-      raise UserError(f"data.shapes.image_size={size} is out of range; "
-                      f"use {shapes.MIN_IMAGE_SIZE} to {shapes.MAX_IMAGE_SIZE}")
+    shapes.check_image_size(_shapes_cfg(data)[0])
     for field in ("train_split", "eval_split"):
       _check_shapes_split(_get(data, field, "train"))
   elif kind == "folder":

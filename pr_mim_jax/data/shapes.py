@@ -383,6 +383,14 @@ def _render(rng, size):
   return img, label
 
 
+def check_image_size(image_size: int) -> None:
+  """UserError unless the generator supports this resolution."""
+  if not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
+    raise errors.UserError(
+        f'data.shapes.image_size={image_size} is out of range; use a value from '
+        f'{MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}.')
+
+
 def generate(num_examples: int, image_size: int = 64, seed: int = 0,
              split: str = 'train', start: int = 0
              ) -> tuple[np.ndarray, np.ndarray]:
@@ -392,10 +400,7 @@ def generate(num_examples: int, image_size: int = 64, seed: int = 0,
   same (seed, split, index, image_size) always gives the same example, so
   `generate(10, start=5)` equals `generate(15)[5:]`.
   """
-  if not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
-    raise errors.UserError(
-        f'shapes: image_size={image_size} is out of range; use a value from '
-        f'{MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}.')
+  check_image_size(image_size)
   if num_examples < 0 or start < 0 or seed < 0:
     raise errors.UserError(
         f'shapes: num_examples ({num_examples}), start ({start}) and seed '

@@ -108,10 +108,7 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
 
 
 def _check(image_size, train_size, test_size, seed):
-  if not shapes.MIN_IMAGE_SIZE <= image_size <= shapes.MAX_IMAGE_SIZE:
-    raise errors.UserError(
-        f'shapes: image_size={image_size} is out of range; use a value from '
-        f'{shapes.MIN_IMAGE_SIZE} to {shapes.MAX_IMAGE_SIZE}.')
+  shapes.check_image_size(image_size)
   if train_size < 1 or test_size < 1 or seed < 0:
     raise errors.UserError(
         f'shapes: train_size ({train_size}) and test_size ({test_size}) must '

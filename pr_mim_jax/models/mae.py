@@ -30,18 +30,18 @@ class MaskedAutoencoder(nn.Module):
                                self.dtype, name="encoder")
     self.decoder_embed = nn.Dense(
         self.decoder_width, dtype=self.dtype,
-        kernel_init=vit._param(nn.initializers.xavier_uniform(), ("embed", None)),
-        bias_init=vit._param(nn.initializers.zeros, ("embed",)))
+        kernel_init=vit.partitioned(nn.initializers.xavier_uniform(), ("embed", None)),
+        bias_init=vit.partitioned(nn.initializers.zeros, ("embed",)))
     self.mask_token = self.param(
-        "mask_token", vit._param(nn.initializers.normal(0.02), (None, None, "embed")),
+        "mask_token", vit.partitioned(nn.initializers.normal(0.02), (None, None, "embed")),
         (1, 1, self.decoder_width))
     self.decoder_blocks = [vit.Block(self.decoder_heads, self.mlp_ratio, self.dtype,
                                      name=f"decoder_block{i}") for i in range(self.decoder_depth)]
     self.decoder_norm = vit.layer_norm(self.dtype, "decoder_norm")
     self.decoder_pred = nn.Dense(
         self.spec.patch ** 2 * 3, dtype=self.dtype,
-        kernel_init=vit._param(nn.initializers.xavier_uniform(), ("embed", None)),
-        bias_init=vit._param(nn.initializers.zeros, (None,)))
+        kernel_init=vit.partitioned(nn.initializers.xavier_uniform(), ("embed", None)),
+        bias_init=vit.partitioned(nn.initializers.zeros, (None,)))
 
   @property
   def num_patches(self) -> int:

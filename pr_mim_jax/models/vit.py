@@ -47,7 +47,8 @@ def parse_variant(variant: str) -> VitSpec:
   return VitSpec(width, depth, heads, int(patch))
 
 
-def _param(init, names):
+def partitioned(init, names):
+  """An initializer whose params carry logical axis names (for the sharding rules)."""
   return nn.with_logical_partitioning(init, names)
 
 
@@ -74,8 +75,8 @@ class HeadsDense(nn.Module):
     n_in = len(in_shape)
     init = nn.initializers.xavier_uniform(
         in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + len(self.features))))
-    kernel = self.param("kernel", _param(init, self.names), in_shape + tuple(self.features))
-    bias = self.param("bias", _param(nn.initializers.zeros, self.names[n_in:]), tuple(self.features))
+    kernel = self.param("kernel", partitioned(init, self.names), in_shape + tuple(self.features))
+    bias = self.param("bias", partitioned(nn.initializers.zeros, self.names[n_in:]), tuple(self.features))
     x_axes = tuple(range(x.ndim - n_in, x.ndim))
     y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
                             ((x_axes, tuple(range(n_in))), ((), ())))
@@ -110,18 +111,18 @@ class Mlp(nn.Module):
     width = x.shape[-1]
     kinit = nn.initializers.xavier_uniform()
     h = nn.Dense(self.hidden, dtype=self.dtype, name="fc1",
-                 kernel_init=_param(kinit, ("embed", "mlp")),
-                 bias_init=_param(nn.initializers.zeros, ("mlp",)))(x)
+                 kernel_init=partitioned(kinit, ("embed", "mlp")),
+                 bias_init=partitioned(nn.initializers.zeros, ("mlp",)))(x)
     h = constrain(nn.gelu(h, approximate=False), ("batch", "tokens", "mlp"))
     return nn.Dense(width, dtype=self.dtype, name="fc2",
-                    kernel_init=_param(kinit, ("mlp", "embed")),
-                    bias_init=_param(nn.initializers.zeros, ("embed",)))(h)
+                    kernel_init=partitioned(kinit, ("mlp", "embed")),
+                    bias_init=partitioned(nn.initializers.zeros, ("embed",)))(h)
 
 
 def layer_norm(dtype, name):
   return nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, name=name,
-                      scale_init=_param(nn.initializers.ones, ("embed",)),
-                      bias_init=_param(nn.initializers.zeros, ("embed",)))
+                      scale_init=partitioned(nn.initializers.ones, ("embed",)),
+                      bias_init=partitioned(nn.initializers.zeros, ("embed",)))
 
 
 class Block(nn.Module):
@@ -183,10 +184,10 @@ class Encoder(nn.Module):
     patches = patchify(images, p)  # [B, L, p*p*3]
     if ids_keep is not None:
       patches = gather_tokens(patches, ids_keep)  # [B, K, p*p*3]
-    kernel = self.param("patch_embed_kernel", _param(
+    kernel = self.param("patch_embed_kernel", partitioned(
         nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=3),
         (None, None, None, "embed")), (p, p, 3, d))
-    bias = self.param("patch_embed_bias", _param(nn.initializers.zeros, ("embed",)), (d,))
+    bias = self.param("patch_embed_bias", partitioned(nn.initializers.zeros, ("embed",)), (d,))
     x = patches.astype(self.dtype) @ kernel.reshape(p * p * 3, d).astype(self.dtype)
     x = x + bias.astype(self.dtype)  # [B, K, D]
 
@@ -194,7 +195,7 @@ class Encoder(nn.Module):
     if self.posemb == "sincos":
       table = jnp.asarray(posemb_lib.sincos_2d(d, self.grid, cls_token=True))  # [1+L, D]
     elif self.posemb == "learned":
-      table = self.param("pos_embedding", _param(nn.initializers.normal(0.02), (None, "embed")),
+      table = self.param("pos_embedding", partitioned(nn.initializers.normal(0.02), (None, "embed")),
                          (1 + length, d))
     else:
       raise ValueError(f"unknown posemb {self.posemb!r}")
@@ -203,7 +204,7 @@ class Encoder(nn.Module):
       patch_pos = gather_tokens(jnp.broadcast_to(patch_pos, (x.shape[0], length, d)), ids_keep)
     x = x + patch_pos.astype(self.dtype)
 
-    cls = self.param("cls_token", _param(nn.initializers.normal(0.02), (None, None, "embed")),
+    cls = self.param("cls_token", partitioned(nn.initializers.normal(0.02), (None, None, "embed")),
                      (1, 1, d))
     cls = (cls + table[:1][None]).astype(self.dtype)
     x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, d)), x], axis=1)  # [B, 1+K, D]
