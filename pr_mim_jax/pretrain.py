@@ -221,7 +221,8 @@ def train(config, workdir: str) -> dict:
         if knn_monitor and config.knn.every and step % config.knn.every == 0 and not last:
           writer.write_scalars(step, {"knn_top1": knn_monitor.accuracy(state.params)})
         if step % config.train.checkpoint_every == 0 or last or stop.requested:
-          pending = check_finite(step, pending, peak) and []
+          check_finite(step, pending, peak)  # a non-finite state is never saved
+          pending = []
           ckpt.save(step, state)
       if stop.requested:
         logging.warning("stopped by %s at step %d; checkpoint saved in %s; rerun the same "
