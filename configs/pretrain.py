@@ -1,26 +1,36 @@
-r"""MAE-style pre-training.
+r"""Masked-image-model pre-training: MAE, partial reconstruction or PR-MIM.
 
-ImageNet scale follows MAE (800 epochs, global batch 4096, base lr 1.5e-4, 40 warmup
-epochs, mask 0.75, norm_pixel target). `dataset=shapes` gives demo-scale settings for
-the embedded dataset, sized for a CPU laptop.
+`method=` picks the method and expands into the masking / reconstruction fields below;
+explicit --config.* overrides win, and inconsistent combinations are rejected before
+anything compiles. ImageNet scale follows MAE (800 epochs, or 1600 via
+--config.optim.epochs=1600; global batch 4096, base lr 1.5e-4, 40 warmup epochs, mask
+0.75, norm_pixel target); partial and PR-MIM throw 0.5 of all patches. `dataset=shapes`
+gives demo-scale settings for the embedded dataset, sized for a CPU laptop.
 
   python -m pr_mim_jax.main --config=configs/pretrain.py:dataset=shapes --workdir=workdirs/demo
-  python -m pr_mim_jax.main --config=configs/pretrain.py:variant=L/16 --workdir=gs://bucket/mae_l \
-      --config.data.data_dir=gs://bucket/tfds
+  python -m pr_mim_jax.main --config=configs/pretrain.py:method=mae,dataset=shapes --workdir=workdirs/mae
+  python -m pr_mim_jax.main --config=configs/pretrain.py:method=pr_mim,variant=L/16 \
+      --workdir=gs://bucket/prmim_l --config.data.data_dir=gs://bucket/tfds
 """
 
 import ml_collections
 
 from pr_mim_jax import config_args
+from pr_mim_jax import errors
+from pr_mim_jax.methods import METHODS
 
 
 def get_config(arg=None):
-  arg = config_args.parse_arg(arg, variant="", dataset="imagenet2012")
+  arg = config_args.parse_arg(arg, method="pr_mim", variant="", dataset="imagenet2012")
+  if arg.method not in METHODS:
+    raise errors.UserError(f"config argument method={arg.method!r}: use one of {sorted(METHODS)}")
+  throw_ratio, throw_strategy, thrown_reconstruction = METHODS[arg.method]
   # The embedded dataset gets a narrow 6-block encoder unless a variant is named.
   demo = arg.dataset == "shapes"
   tiny = demo and not arg.variant
   c = ml_collections.ConfigDict()
   c.mode = "pretrain"
+  c.method = arg.method  # 'mae' | 'partial' | 'pr_mim'; checked against the fields below
   c.seed = 0
   c.batch_size = 128 if demo else 4096  # global
   c.compilation_cache_dir = ""  # e.g. ~/.cache/pr_mim_jax/xla; '' = off
@@ -33,10 +43,27 @@ def get_config(arg=None):
       decoder_depth=2 if demo else 8,
       decoder_heads=4 if demo else 16,
       posemb="sincos",  # 'sincos' (fixed, MAE) | 'learned' (timm)
+      decoder="self_attention",  # 'self_attention' (MAE) | 'cross_attention' (CrossMAE)
       compute_dtype="float32" if demo else "bfloat16",  # params stay float32
   ))
-  c.masking = ml_collections.ConfigDict(dict(mask_ratio=0.75, throw_ratio=0.0))
-  c.loss = ml_collections.ConfigDict(dict(target="norm_pixel"))  # 'norm_pixel' | 'pixel'
+  c.masking = ml_collections.ConfigDict(dict(
+      mask_ratio=0.75,
+      throw_ratio=throw_ratio,  # a share of ALL patches; 0 <= throw_ratio < mask_ratio
+      throw_strategy=throw_strategy,  # 'random' | 'running_cell' | 'furthest'
+  ))
+  # How thrown tokens are reconstructed (PR-MIM); unused when thrown_reconstruction='none'.
+  c.reconstruction = ml_collections.ConfigDict(dict(
+      thrown_reconstruction=thrown_reconstruction,  # 'none' | 'progressive'
+      num_stages=1,  # groups of thrown tokens, each from the tokens reconstructed before it
+      window=3,  # odd box side of the neighbourhood each thrown token aggregates
+      aggregator="local_attention",  # 'local_attention' | 'interpolate' | 'last_block'
+      key_width=64,  # local_attention: query/key and MLP width
+      heads=4,  # local_attention: heads (divide key_width and the decoder width)
+  ))
+  c.loss = ml_collections.ConfigDict(dict(
+      target="norm_pixel",  # 'norm_pixel' | 'pixel' | 'hog'
+      thrown_loss_weight=1.0,  # loss weight of thrown tokens vs 1 for decoded ones (PR-MIM)
+  ))
   c.optim = ml_collections.ConfigDict(dict(
       base_lr=1e-3 if demo else 1.5e-4,  # lr = base_lr * batch_size / 256
       weight_decay=0.05, b1=0.9, b2=0.95,

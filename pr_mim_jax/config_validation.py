@@ -6,6 +6,9 @@ Each failure is a UserError whose one-line message names the field and the fix.
 from pr_mim_jax import masking
 from pr_mim_jax import targets
 from pr_mim_jax.errors import UserError
+from pr_mim_jax.methods import METHODS
+from pr_mim_jax.models import mae
+from pr_mim_jax.models import progressive
 from pr_mim_jax.models import vit
 
 POSEMBS = ("sincos", "learned")
@@ -52,21 +55,67 @@ def validate_model(model):
   _require(model.decoder_width % 4 == 0, "model.decoder_width",
            f"the decoder's sin-cos position embeddings need a width divisible by 4, got "
            f"{model.decoder_width}", "use a multiple of 4")
+  _require(model.decoder in mae.DECODERS, "model.decoder", f"unknown value {model.decoder!r}",
+           f"use one of {mae.DECODERS}")
   _require(model.compute_dtype in DTYPES, "model.compute_dtype",
            f"unknown value {model.compute_dtype!r}", f"use one of {DTYPES}")
   return spec
 
 
-def validate_masking(masking_cfg, num_patches: int):
+def validate_masking(masking_cfg, num_patches: int) -> masking.TokenSplit:
   mask, throw = masking_cfg.mask_ratio, masking_cfg.throw_ratio
   _require(0.0 < mask < 1.0, "masking.mask_ratio", f"{mask} is outside (0, 1)", "use e.g. 0.75")
   _require(0.0 <= throw < mask, "masking.throw_ratio",
            f"{throw} is outside [0, mask_ratio={mask})",
            "it is a share of ALL patches; use 0 for MAE or e.g. 0.5 with mask_ratio 0.75")
+  _require(masking_cfg.throw_strategy in masking.THROW_STRATEGIES, "masking.throw_strategy",
+           f"unknown value {masking_cfg.throw_strategy!r}", f"use one of {masking.THROW_STRATEGIES}")
   try:
-    masking.token_split(num_patches, mask, throw)
+    return masking.token_split(num_patches, mask, throw)
   except ValueError as e:
     raise UserError(f"config.masking: {e}; change mask_ratio/throw_ratio") from None
+
+
+def validate_method(config, split: masking.TokenSplit):
+  """The method switch against the fields it expands into; PR-MIM's reconstruction fields."""
+  method, rec = config.method, config.reconstruction
+  _require(method in METHODS, "method", f"unknown value {method!r}", f"use one of {tuple(METHODS)}")
+  _require(rec.thrown_reconstruction in mae.THROWN_RECONSTRUCTIONS,
+           "reconstruction.thrown_reconstruction", f"unknown value {rec.thrown_reconstruction!r}",
+           f"use one of {mae.THROWN_RECONSTRUCTIONS}")
+  if method == "mae":
+    _require(split.n_throw == 0, "masking.throw_ratio",
+             f"method 'mae' decodes every masked token but throw_ratio={config.masking.throw_ratio}",
+             "set it to 0, or use method=partial or method=pr_mim")
+  else:
+    _require(split.n_throw > 0, "masking.throw_ratio",
+             f"method {method!r} needs thrown tokens but throw_ratio={config.masking.throw_ratio} "
+             f"throws none of {split.num_patches} patches", "use e.g. 0.5, or method=mae")
+  expected = METHODS[method][2]
+  _require(rec.thrown_reconstruction == expected, "reconstruction.thrown_reconstruction",
+           f"method {method!r} implies {expected!r}, got {rec.thrown_reconstruction!r}",
+           "drop the override, or pick the method that matches (pr_mim reconstructs thrown "
+           "tokens progressively; partial and mae do not)")
+  _require(rec.aggregator in progressive.AGGREGATORS, "reconstruction.aggregator",
+           f"unknown value {rec.aggregator!r}", f"use one of {progressive.AGGREGATORS}")
+  _require(isinstance(rec.window, int) and rec.window > 0 and rec.window % 2 == 1,
+           "reconstruction.window", f"got {rec.window!r}", "use an odd integer > 0, e.g. 3")
+  _positive_int("reconstruction.num_stages", rec.num_stages)
+  if rec.thrown_reconstruction == "progressive":
+    _require(rec.num_stages <= split.n_throw, "reconstruction.num_stages",
+             f"{rec.num_stages} stages exceed the {split.n_throw} thrown tokens",
+             f"use at most {split.n_throw}")
+    _require(rec.aggregator != "last_block" or rec.num_stages == 1, "reconstruction.num_stages",
+             "the last_block aggregator reconstructs every thrown token in one pass",
+             "use num_stages=1 with aggregator='last_block'")
+  _positive_int("reconstruction.key_width", rec.key_width)
+  _positive_int("reconstruction.heads", rec.heads)
+  if rec.aggregator == "local_attention":
+    _require(rec.key_width % rec.heads == 0 and config.model.decoder_width % rec.heads == 0,
+             "reconstruction.heads", f"{rec.heads} heads must divide key_width={rec.key_width} "
+             f"and model.decoder_width={config.model.decoder_width}", "use e.g. 4")
+  _require(config.loss.thrown_loss_weight >= 0, "loss.thrown_loss_weight",
+           f"got {config.loss.thrown_loss_weight}", "use a weight >= 0 (1.0 = same as decoded tokens)")
 
 
 def validate_optim(optim):
@@ -111,9 +160,13 @@ def validate_data(data):
 def validate_pretrain(config, num_batch_shards: int):
   """All config checks that need no data access; raise UserError on the first problem."""
   spec = validate_model(config.model)
-  validate_masking(config.masking, (config.model.image_size // spec.patch) ** 2)
+  split = validate_masking(config.masking, (config.model.image_size // spec.patch) ** 2)
+  validate_method(config, split)
   _require(config.loss.target in targets.TARGETS, "loss.target",
            f"unknown value {config.loss.target!r}", f"use one of {targets.TARGETS}")
+  _require(config.loss.target != "hog" or targets.hog_supported(spec.patch), "loss.target",
+           f"'hog' splits each patch into 2x2 cells and needs an even patch size, got {spec.patch}",
+           "use a variant with an even patch size or another target")
   validate_optim(config.optim)
   validate_data(config.data)
   validate_train(config, num_batch_shards)

@@ -38,17 +38,11 @@ def setup_jax(config) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
-def token_split(config) -> masking.TokenSplit:
-  patch = mae.build(config.model).spec.patch
-  return masking.token_split((config.model.image_size // patch) ** 2,
-                             config.masking.mask_ratio, config.masking.throw_ratio)
-
-
-def _dummy_inputs(model, split):
+def _dummy_inputs(model, split: masking.TokenSplit):
   images = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
-  ids_vis = jnp.arange(split.n_vis, dtype=jnp.int32)[None]
-  ids_dec = jnp.arange(split.n_vis, split.n_vis + split.n_dec, dtype=jnp.int32)[None]
-  return images, ids_vis, ids_dec
+  ids = jnp.arange(split.num_patches, dtype=jnp.int32)[None]
+  a, b = split.n_vis, split.n_vis + split.n_dec
+  return images, ids[:, :a], ids[:, a:b], ids[:, b:]
 
 
 def init_params(model, split, rng):
@@ -77,6 +71,16 @@ def create_state(model, tx, split, seed: int, mesh, rules):
       rng=sharding.replicated(mesh))
   state = jax.jit(init_fn, out_shardings=state_sharding)(param_rng, state_rng)
   return state, state_sharding
+
+
+def jit_train_step(model, tx, task, schedule, mesh, state_sharding):
+  """The donated, sharded, jitted train step that every loop (and the benchmark) runs."""
+  return jax.jit(
+      functools.partial(train_step_lib.train_step, model=model, tx=tx, task=task,
+                        schedule=schedule),
+      in_shardings=(state_sharding, {"image": sharding.batch_sharding(mesh)}),
+      out_shardings=(state_sharding, sharding.replicated(mesh)),
+      donate_argnums=0)
 
 
 def abstract_with_shardings(state, state_sharding):
@@ -121,17 +125,19 @@ class KnnMonitor:
                             temperature=self.cfg.temperature)
 
 
-def write_reconstructions(workdir, writer, model, params, images, state_rng, step, split, target):
-  """PNG (workdir/images/) and TensorBoard grid of original | masked | reconstruction.
+def write_reconstructions(workdir, writer, model, params, images, state_rng, step, task):
+  """PNG (workdir/images/) and TensorBoard grid of original | token map | reconstruction.
 
   `images` is the batch of step `step` (1-based count of finished steps), shown with the
-  masks it was trained with.
+  masks it was trained with; thrown tokens are drawn distinctly (visualize.py).
   """
-  masks = train_step_lib.step_masks(state_rng, step - 1, images.shape[0], split)
-  pred = jax.jit(model.apply)({"params": params}, images, masks.ids_vis, masks.ids_dec)
-  images, pred, ids_vis, ids_dec = jax.device_get((images, pred, masks.ids_vis, masks.ids_dec))
-  picture = visualize.reconstruction_grid(images, pred, ids_vis, ids_dec, model.spec.patch,
-                                          target, pipeline.denormalize)
+  masks = train_step_lib.step_masks(state_rng, step - 1, images.shape[0], task)
+  ids_throw = masks.ids_throw if task.reconstruct_thrown else None
+  preds = jax.jit(model.apply)({"params": params}, images, masks.ids_vis, masks.ids_dec, ids_throw)
+  images, preds, masks = jax.device_get((images, preds, masks))
+  picture = visualize.reconstruction_grid(images, preds.dec, masks.ids_vis, masks.ids_dec,
+                                          task.patch, task.target, pipeline.denormalize,
+                                          ids_throw=masks.ids_throw, pred_throw=preds.throw)
   if jax.process_index() == 0:
     out = epath.Path(workdir) / "images"
     out.mkdir(parents=True, exist_ok=True)
@@ -162,16 +168,18 @@ def train(config, workdir: str) -> dict:
   num_train = check_config(config)
   mesh, rules = sharding.make_mesh(), sharding.DATA_PARALLEL_RULES
 
-  model = mae.build(config.model)
-  split = token_split(config)
+  model = mae.from_config(config)
+  task = train_step_lib.task_from_config(config)
+  split = task.split
   total_steps, warmup_steps = optim.schedule_steps(config.optim, num_train, config.batch_size,
                                                    config.train.total_steps)
   peak = optim.peak_lr(config.optim, config.batch_size)
   schedule = optim.lr_schedule(peak, total_steps, warmup_steps)
   tx = optim.make_optimizer(config.optim, schedule)
-  logging.info("model %s (%s), %d train examples, %d steps (%d warmup), peak lr %.3g, tokens %s",
-               config.model.variant, config.model.compute_dtype, num_train, total_steps,
-               warmup_steps, peak, split)
+  logging.info("%s: model %s (%s), %d train examples, %d steps (%d warmup), peak lr %.3g, "
+               "tokens %s, throw %s", config.method, config.model.variant,
+               config.model.compute_dtype, num_train, total_steps, warmup_steps, peak, split,
+               task.throw_strategy)
 
   workdir_records.write_records(workdir, config)
   writer = metrics_lib.MetricWriter(workdir)
@@ -185,12 +193,7 @@ def train(config, workdir: str) -> dict:
       logging.info("resumed from %s at step %d", ckpt.directory, start_step)
     start_step = int(state.step)
 
-    step_fn = jax.jit(
-        functools.partial(train_step_lib.train_step, model=model, tx=tx, split=split,
-                          target=config.loss.target, schedule=schedule),
-        in_shardings=(state_sharding, {"image": sharding.batch_sharding(mesh)}),
-        out_shardings=(state_sharding, sharding.replicated(mesh)),
-        donate_argnums=0)
+    step_fn = jit_train_step(model, tx, task, schedule, mesh, state_sharding)
     batches = pipeline.train_batches(config.data, seed=config.seed, global_batch=config.batch_size,
                                      image_size=config.model.image_size, start_step=start_step,
                                      sharding=sharding.batch_sharding(mesh))
@@ -216,8 +219,7 @@ def train(config, workdir: str) -> dict:
           summary["loss"] = means["loss"]
         if step % config.train.image_every == 0 or last:
           write_reconstructions(workdir, writer, model, state.params,
-                                batch["image"][:config.train.num_images], state.rng, step,
-                                split, config.loss.target)
+                                batch["image"][:config.train.num_images], state.rng, step, task)
         if knn_monitor and config.knn.every and step % config.knn.every == 0 and not last:
           writer.write_scalars(step, {"knn_top1": knn_monitor.accuracy(state.params)})
         if step % config.train.checkpoint_every == 0 or last or stop.requested:

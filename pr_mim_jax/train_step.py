@@ -1,5 +1,6 @@
 """The pure pre-training step: masks, forward, loss, gradients, AdamW update."""
 
+import dataclasses
 import functools
 
 import jax
@@ -9,34 +10,71 @@ import optax
 from pr_mim_jax import losses
 from pr_mim_jax import masking
 from pr_mim_jax import targets
+from pr_mim_jax.models import vit
 from pr_mim_jax.train_state import TrainState
 
 
-def step_masks(rng, step, batch_size: int, split: masking.TokenSplit) -> masking.Masks:
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """Static description of what one step masks, throws, reconstructs and scores."""
+  split: masking.TokenSplit
+  grid: int
+  patch: int
+  throw_strategy: str = "random"
+  num_stages: int = 1
+  target: str = "norm_pixel"
+  reconstruct_thrown: bool = False  # PR-MIM: thrown tokens are predicted and scored
+  thrown_loss_weight: float = 1.0
+
+
+def task_from_config(config) -> Task:
+  patch = vit.parse_variant(config.model.variant).patch
+  grid = config.model.image_size // patch
+  return Task(
+      split=masking.token_split(grid * grid, config.masking.mask_ratio, config.masking.throw_ratio),
+      grid=grid, patch=patch,
+      throw_strategy=config.masking.throw_strategy,
+      num_stages=config.reconstruction.num_stages,
+      target=config.loss.target,
+      reconstruct_thrown=config.reconstruction.thrown_reconstruction == "progressive",
+      thrown_loss_weight=config.loss.thrown_loss_weight)
+
+
+def step_masks(rng, step, batch_size: int, task: Task) -> masking.Masks:
   """The masks of one step: a pure function of (rng, step)."""
-  return masking.random_masks(jax.random.fold_in(rng, step), batch_size, split)
+  return masking.make_masks(jax.random.fold_in(rng, step), batch_size, task.split,
+                            task.throw_strategy, task.grid, task.num_stages)
 
 
-def loss_fn(params, model, images, masks: masking.Masks, target: str):
-  """Masked reconstruction loss on the decoded tokens; returns (loss, predictions)."""
-  pred = model.apply({"params": params}, images, masks.ids_vis, masks.ids_dec)  # [B, n_dec, P]
-  tgt = targets.patch_targets(images, model.spec.patch, target)  # [B, L, P]
-  tgt = jnp.take_along_axis(tgt, masks.ids_dec[..., None], axis=1)  # [B, n_dec, P]
-  return losses.weighted_patch_mse(pred, tgt), pred
+def loss_fn(params, model, images, masks: masking.Masks, task: Task):
+  """Reconstruction loss, sum(w * l) / sum(w) over scored tokens; returns (loss, (preds, parts)).
+
+  Decoded tokens weigh 1. With progressive reconstruction the thrown tokens are scored too,
+  with weight `thrown_loss_weight`; otherwise they are never supervised.
+  """
+  ids_throw = masks.ids_throw if task.reconstruct_thrown else None
+  preds = model.apply({"params": params}, images, masks.ids_vis, masks.ids_dec, ids_throw)
+  tgt = targets.patch_targets(images, task.patch, task.target)  # [B, L, P]
+  loss_dec = losses.weighted_patch_mse(preds.dec, vit.gather_tokens(tgt, masks.ids_dec))
+  if preds.throw is None:
+    return loss_dec, (preds, {"loss_decoded": loss_dec})
+  loss_throw = losses.weighted_patch_mse(preds.throw, vit.gather_tokens(tgt, masks.ids_throw))
+  n_dec, n_throw = task.split.n_dec, task.split.n_throw * task.thrown_loss_weight
+  loss = (n_dec * loss_dec + n_throw * loss_throw) / (n_dec + n_throw)
+  return loss, (preds, {"loss_decoded": loss_dec, "loss_thrown": loss_throw})
 
 
-def train_step(state: TrainState, batch, *, model, tx, split: masking.TokenSplit,
-               target: str, schedule):
+def train_step(state: TrainState, batch, *, model, tx, task: Task, schedule):
   """(state, {'image': [B, H, W, 3]}) -> (new state, scalar metrics)."""
   images = batch["image"]
-  masks = step_masks(state.rng, state.step, images.shape[0], split)
-  grad_fn = jax.value_and_grad(functools.partial(loss_fn, model=model, target=target),
-                               has_aux=True)
-  (loss, _), grads = grad_fn(state.params, images=images, masks=masks)
+  masks = step_masks(state.rng, state.step, images.shape[0], task)
+  grad_fn = jax.value_and_grad(functools.partial(loss_fn, model=model, task=task), has_aux=True)
+  (loss, (_, parts)), grads = grad_fn(state.params, images=images, masks=masks)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {
       "loss": loss,
+      **parts,
       "grad_norm": optax.tree.norm(grads),
       "param_norm": optax.tree.norm(params),
       "lr": schedule(state.step),

@@ -40,9 +40,17 @@ def test_defaults_match_mae():
   assert c.optim.weight_decay == pytest.approx(0.05)
   assert (c.optim.b1, c.optim.b2) == (0.9, 0.95)
   assert c.optim.clip_grad_norm == 0
-  assert c.masking.mask_ratio == 0.75 and c.masking.throw_ratio == 0.0
-  assert c.loss.target == 'norm_pixel'
+  # The default method is PR-MIM: throw 0.5 of all patches, furthest sampling, progressive.
+  assert c.method == 'pr_mim'
+  assert c.masking.mask_ratio == 0.75 and c.masking.throw_ratio == 0.5
+  assert c.masking.throw_strategy == 'furthest'
+  r = c.reconstruction
+  assert r.thrown_reconstruction == 'progressive'
+  assert (r.num_stages, r.window) == (1, 3)
+  assert r.aggregator in ('local_attention', 'interpolate', 'last_block')
+  assert c.loss.target == 'norm_pixel' and c.loss.thrown_loss_weight == 1.0
   m = c.model
+  assert m.decoder == 'self_attention'
   assert m.variant == 'B/16' and m.image_size == 224
   assert (m.width, m.depth, m.heads) == (0, 0, 0)  # from the variant
   assert (m.decoder_width, m.decoder_depth, m.decoder_heads) == (512, 8, 16)
@@ -50,6 +58,43 @@ def test_defaults_match_mae():
   assert m.compute_dtype == 'bfloat16'
   assert c.data.dataset == 'imagenet2012'
   assert c.data.eval_split == 'validation'
+
+
+@pytest.mark.parametrize('method,throw,strategy,reconstruction', [
+    ('mae', 0.0, 'random', 'none'),
+    ('partial', 0.5, 'random', 'none'),
+    ('pr_mim', 0.5, 'furthest', 'progressive'),
+])
+@pytest.mark.parametrize('dataset', ['imagenet2012', 'shapes'])
+def test_method_argument_expands(method, throw, strategy, reconstruction, dataset):
+  c = get_config(f'method={method},dataset={dataset}')
+  assert c.method == method
+  assert (c.masking.throw_ratio, c.masking.throw_strategy) == (throw, strategy)
+  assert c.reconstruction.thrown_reconstruction == reconstruction
+  config_validation.validate_pretrain(c, 1)
+
+
+def test_method_overrides_win_when_consistent():
+  c = get_config('method=partial')
+  c.masking.throw_strategy = 'furthest'  # partial reconstruction with furthest sampling
+  c.masking.throw_ratio = 0.25
+  config_validation.validate_pretrain(c, 1)
+  c = get_config('method=pr_mim')
+  c.masking.throw_strategy = 'running_cell'
+  c.reconstruction.aggregator = 'last_block'
+  config_validation.validate_pretrain(c, 1)
+
+
+def test_unknown_method_argument():
+  with pytest.raises(UserError, match='method'):
+    get_config('method=simmim')
+
+
+@pytest.mark.parametrize('variant', ['Ti/16', 'S/16', 'B/16', 'L/16', 'H/14'])
+def test_every_variant_validates(variant):
+  c = get_config(f'variant={variant}')
+  assert c.model.variant == variant
+  config_validation.validate_pretrain(c, 1)
 
 
 def test_get_config_none_and_empty_are_defaults():
@@ -174,7 +219,29 @@ INVALID = [
     ({'masking.throw_ratio': -0.1}, 'masking.throw_ratio'),
     ({'masking.mask_ratio': 0.999}, 'masking'),  # round(196 * 0.001) = 0 visible
     ({'masking.throw_ratio': 0.749}, 'masking'),  # 49 visible + 147 thrown: 0 decoded
-    ({'loss.target': 'hog'}, 'loss.target'),
+    ({'loss.target': 'sift'}, 'loss.target'),
+    ({'model.variant': 'B/7', 'loss.target': 'hog'}, 'loss.target'),  # odd patch: no 2x2 cells
+    ({'model.decoder': 'mlp'}, 'model.decoder'),
+    ({'method': 'simmim'}, 'method'),
+    ({'method': 'mae'}, 'masking.throw_ratio'),  # mae with the default throw 0.5
+    ({'masking.throw_ratio': 0.0}, 'masking.throw_ratio'),  # pr_mim needs thrown tokens
+    ({'masking.throw_ratio': 0.002}, 'masking.throw_ratio'),  # round(0.39) = 0 thrown
+    ({'method': 'partial'}, 'reconstruction.thrown_reconstruction'),  # + progressive
+    ({'reconstruction.thrown_reconstruction': 'none'}, 'reconstruction.thrown_reconstruction'),
+    ({'reconstruction.thrown_reconstruction': 'magic'}, 'reconstruction.thrown_reconstruction'),
+    ({'masking.throw_strategy': 'grid'}, 'masking.throw_strategy'),
+    ({'reconstruction.aggregator': 'mlp'}, 'reconstruction.aggregator'),
+    ({'reconstruction.window': 2}, 'reconstruction.window'),
+    ({'reconstruction.window': 0}, 'reconstruction.window'),
+    ({'reconstruction.window': -3}, 'reconstruction.window'),
+    ({'reconstruction.num_stages': 0}, 'reconstruction.num_stages'),
+    ({'reconstruction.num_stages': 99}, 'reconstruction.num_stages'),  # 98 thrown tokens
+    ({'reconstruction.aggregator': 'last_block', 'reconstruction.num_stages': 2},
+     'reconstruction.num_stages'),
+    ({'reconstruction.key_width': 0}, 'reconstruction.key_width'),
+    ({'reconstruction.heads': 0}, 'reconstruction.heads'),
+    ({'reconstruction.heads': 3}, 'reconstruction.heads'),  # does not divide 64 or 512
+    ({'loss.thrown_loss_weight': -1.0}, 'loss.thrown_loss_weight'),
     ({'optim.base_lr': -1e-4}, 'optim.base_lr'),
     ({'optim.base_lr': 0.0}, 'optim.base_lr'),
     ({'optim.weight_decay': -0.05}, 'optim.weight_decay'),

@@ -178,7 +178,7 @@ def _tiny_setup(lr=1e-3):
   images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 16, 3)), jnp.float32)
 
   # Params from NumPy (xavier-like scale): cheaper than compiling the model's initialisers.
-  shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), images,
+  shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), images[:1],
                                    jnp.zeros((1, split.n_vis), jnp.int32),
                                    jnp.zeros((1, split.n_dec), jnp.int32))['params'])
   rng = np.random.default_rng(0)
@@ -189,23 +189,25 @@ def _tiny_setup(lr=1e-3):
                      opt_state=jax.jit(tx.init)(params),
                      rng=jax.random.key_data(jax.random.key(1)))
 
+  task = train_step_lib.Task(split=split, grid=4, patch=4, target='norm_pixel')
   step_fn = jax.jit(lambda s, b: train_step_lib.train_step(
-      s, b, model=model, tx=tx, split=split, target='norm_pixel', schedule=schedule))
-  return model, split, state, step_fn, images, train_step_lib
+      s, b, model=model, tx=tx, task=task, schedule=schedule))
+  return model, task, state, step_fn, images, train_step_lib
 
 
 def test_loss_fn_matches_mae_reference_and_train_step_learns():
-  model, split, state, step_fn, images, ts = _tiny_setup(lr=3e-3)
-  masks = ts.step_masks(state.rng, 0, 2, split)
+  model, task, state, step_fn, images, ts = _tiny_setup(lr=3e-3)
+  masks = ts.step_masks(state.rng, 0, 2, task)
   # Masks are a pure function of (rng, step), and change with the step.
-  again = ts.step_masks(state.rng, 0, 2, split)
+  again = ts.step_masks(state.rng, 0, 2, task)
   np.testing.assert_array_equal(np.asarray(masks.ids_vis), np.asarray(again.ids_vis))
-  other = ts.step_masks(state.rng, 1, 2, split)
+  other = ts.step_masks(state.rng, 1, 2, task)
   assert not np.array_equal(np.asarray(masks.ids_restore), np.asarray(other.ids_restore))
   assert masks.ids_dec.shape == (2, 8) and masks.ids_throw.shape == (2, 4)
 
-  loss, pred = jax.jit(lambda p: ts.loss_fn(p, model, images, masks, 'norm_pixel'))(state.params)
-  assert pred.shape == (2, 8, 48)
+  loss, (preds, _) = jax.jit(lambda p: ts.loss_fn(p, model, images, masks, task))(state.params)
+  pred = preds.dec
+  assert pred.shape == (2, 8, 48) and preds.throw is None
   # Reference: MAE's loss with mask = 1 on decoded patches only (thrown ones are ignored).
   ids_dec = np.asarray(masks.ids_dec)
   pred_full = np.zeros((2, 16, 48))

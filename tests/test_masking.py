@@ -1,4 +1,4 @@
-"""Tests for pr_mim_jax.masking: static token counts and uniform random masks."""
+"""Tests for pr_mim_jax.masking: static token counts, random masks and throw strategies."""
 
 import functools
 
@@ -148,3 +148,159 @@ def test_binary_mask_of_masked_sets_complements_visible():
   masked = np.asarray(masking.binary_mask(m.ids_mask, 25))
   np.testing.assert_array_equal(vis + masked, np.ones((5, 25)))
   np.testing.assert_array_equal(masked.sum(1), np.full(5, split.n_mask))
+
+
+# --- Throw strategies -------------------------------------------------------------------------
+
+_STRATEGY_CASES = [  # (grid, mask, throw, num_stages)
+    (4, 0.75, 0.5, 3),
+    (5, 0.76, 0.4, 2),  # odd grid: 6 visible, 9 decoded, 10 thrown
+    (7, 0.75, 0.25, 1),
+    (7, 0.75, 0.0, 1),  # nothing thrown
+]
+
+
+_make_masks_jit = jax.jit(masking.make_masks, static_argnums=(1, 2, 3, 4, 5))
+
+
+def _make(key, batch, grid, mask, throw, strategy, num_stages=1):
+  split = masking.token_split(grid * grid, mask, throw)
+  return split, _make_masks_jit(jax.random.key(key), batch, split, strategy, grid, num_stages)
+
+
+@pytest.mark.parametrize('strategy', masking.THROW_STRATEGIES)
+@pytest.mark.parametrize('grid,mask,throw,num_stages', _STRATEGY_CASES)
+def test_make_masks_partition(strategy, grid, mask, throw, num_stages):
+  split, masks = _make(0, 4, grid, mask, throw, strategy, num_stages)
+  _check_masks(masks, split, 4)
+  for a in jax.tree.leaves(masks):
+    assert a.dtype == jnp.int32
+
+
+@pytest.mark.parametrize('strategy', masking.THROW_STRATEGIES)
+def test_make_masks_key_determinism(strategy):
+  _, a = _make(3, 4, 4, 0.75, 0.5, strategy, 3)
+  _, b = _make(3, 4, 4, 0.75, 0.5, strategy, 3)
+  _, c = _make(4, 4, 4, 0.75, 0.5, strategy, 3)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  for name in ('ids_vis', 'ids_dec', 'ids_throw'):
+    assert not np.array_equal(np.sort(np.asarray(getattr(a, name)), 1),
+                              np.sort(np.asarray(getattr(c, name)), 1)), name
+
+
+@pytest.mark.parametrize('throw', [0.0, 0.25])
+def test_make_masks_random_equals_random_masks(throw):
+  split, masks = _make(9, 4, 7, 0.75, throw, 'random', 1)
+  expected = masking.random_masks(jax.random.key(9), 4, split)
+  for x, y in zip(jax.tree.leaves(masks), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_make_masks_same_visible_set_for_every_strategy():
+  # The gradient study compares methods on the same visible set: it may depend on rng only.
+  vis = [np.asarray(_make(11, 4, 7, 0.75, 0.25, s)[1].ids_vis) for s in masking.THROW_STRATEGIES]
+  vis.append(np.asarray(_make(11, 4, 7, 0.75, 0.25, 'furthest', 3)[1].ids_vis))
+  for v in vis[1:]:
+    np.testing.assert_array_equal(v, vis[0])
+
+
+def test_make_masks_under_jit_matches_eager():
+  split, jitted = _make(2, 4, 4, 0.75, 0.5, 'furthest', 3)
+  eager = masking.make_masks(jax.random.key(2), 4, split, 'furthest', 4, 3)
+  for x, y in zip(jax.tree.leaves(jitted), jax.tree.leaves(eager)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_make_masks_unknown_strategy_raises():
+  split = masking.token_split(16, 0.75, 0.5)
+  with pytest.raises(ValueError, match='running_cell'):
+    masking.make_masks(jax.random.key(0), 2, split, 'checkerboard', 4)
+
+
+def test_make_masks_bad_stages_or_grid_raise():
+  split = masking.token_split(16, 0.75, 0.25)  # 4 thrown
+  with pytest.raises(ValueError):
+    masking.make_masks(jax.random.key(0), 2, split, 'furthest', 4, num_stages=5)
+  with pytest.raises(ValueError):
+    masking.make_masks(jax.random.key(0), 2, split, 'random', 4, num_stages=0)
+  with pytest.raises(ValueError):
+    masking.make_masks(jax.random.key(0), 2, split, 'furthest', 5)
+
+
+def test_running_cell_pattern_hand_cases():
+  diag = np.array([[1, 0, 1, 0], [0, 1, 0, 1], [1, 0, 1, 0], [0, 1, 0, 1]], bool)
+  # mask 0.75, throw 0.5: 8 of 16 patches in the decoder -> k = 2, the diagonal of each cell.
+  np.testing.assert_array_equal(
+      masking.running_cell_pattern(4, masking.token_split(16, 0.75, 0.5)).reshape(4, 4), diag)
+  # 12 of 16 in the decoder -> k = 3: everything but (1, 0) of each cell.
+  k3 = np.array([[1, 1, 1, 1], [0, 1, 0, 1], [1, 1, 1, 1], [0, 1, 0, 1]], bool)
+  np.testing.assert_array_equal(
+      masking.running_cell_pattern(4, masking.token_split(16, 0.75, 0.25)).reshape(4, 4), k3)
+  # Odd grid, 4 of 25 in the decoder -> k = 1: the (0, 0) corners, cut off at the border.
+  k1 = np.zeros((5, 5), bool)
+  k1[::2, ::2] = True
+  np.testing.assert_array_equal(
+      masking.running_cell_pattern(5, masking.token_split(25, 0.92, 0.76)).reshape(5, 5), k1)
+
+
+def test_running_cell_prefers_pattern_then_fills_or_trims():
+  # grid 5: 6 visible, 9 decoded, 10 thrown; k = round(4 * 15 / 25) = 2 -> a 13-patch pattern.
+  # The masked part of the pattern holds 7..13 patches, so some examples trim it to 9 and
+  # others decode all of it and fill up with off-pattern patches.
+  split, masks = _make(5, 64, 5, 0.76, 0.4, 'running_cell')
+  assert (split.n_vis, split.n_dec, split.n_throw) == (6, 9, 10)
+  pattern = set(np.flatnonzero(masking.running_cell_pattern(5, split)))
+  assert len(pattern) == 13
+  trimmed = filled = 0
+  for vis, dec in zip(np.asarray(masks.ids_vis), np.asarray(masks.ids_dec)):
+    on = pattern - set(vis)  # masked pattern patches
+    if len(on) >= split.n_dec:
+      assert set(dec) <= on
+      trimmed += 1
+    else:
+      assert on <= set(dec)
+      filled += 1
+  assert trimmed and filled
+  # Trimming is by noise: different examples keep different subsets of the pattern.
+  assert len({tuple(sorted(d)) for d in np.asarray(masks.ids_dec)}) > 32
+
+
+def test_furthest_stages_continue_furthest_sampling():
+  grid = 10
+  split, one = _make(6, 8, grid, 0.75, 0.5, 'furthest', 1)
+  _, three = _make(6, 8, grid, 0.75, 0.5, 'furthest', 3)
+  np.testing.assert_array_equal(np.asarray(one.ids_dec), np.asarray(three.ids_dec))
+  sizes = masking.stage_sizes(split.n_throw, 3)
+  rows, cols = np.divmod(np.arange(grid * grid), grid)
+  for vis, dec, throw in zip(np.asarray(three.ids_vis), np.asarray(three.ids_dec),
+                             np.asarray(three.ids_throw)):
+    # Each pick (decoded, then stages 1 and 2) is a furthest remaining patch from those before.
+    kept = list(vis)
+    remaining = sorted(set(range(grid * grid)) - set(vis))
+    for p in np.concatenate([dec, throw[:sum(sizes[:-1])]]):
+      sq = (rows[remaining, None] - rows[kept]) ** 2 + (cols[remaining, None] - cols[kept]) ** 2
+      nearest = dict(zip(remaining, sq.min(axis=1)))  # remaining patch -> its nearest kept
+      assert nearest[p] == max(nearest.values())
+      kept.append(p)
+      remaining.remove(p)
+    assert set(throw[sum(sizes[:-1]):]) == set(remaining)
+
+
+@pytest.mark.parametrize('n_throw,num_stages,expected', [
+    (98, 3, (33, 33, 32)),
+    (98, 1, (98,)),
+    (98, 2, (49, 49)),
+    (10, 4, (3, 3, 2, 2)),
+    (5, 5, (1, 1, 1, 1, 1)),
+    (0, 1, ()),
+    (0, 3, ()),
+])
+def test_stage_sizes(n_throw, num_stages, expected):
+  assert masking.stage_sizes(n_throw, num_stages) == expected
+
+
+@pytest.mark.parametrize('n_throw,num_stages', [(5, 0), (5, -1), (5, 6), (0, 0)])
+def test_stage_sizes_raises(n_throw, num_stages):
+  with pytest.raises(ValueError):
+    masking.stage_sizes(n_throw, num_stages)

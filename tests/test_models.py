@@ -59,7 +59,7 @@ def _init(model, seed=0):
 def _fns(posemb_kind='sincos', dtype=jnp.float32):
   """Jitted (forward, encode) of the tiny model."""
   model = tiny_mae(posemb_kind, dtype)
-  forward = jax.jit(lambda p, x, v, d: model.apply({'params': p}, x, v, d))
+  forward = jax.jit(lambda p, x, v, d: model.apply({'params': p}, x, v, d).dec)
   encode = jax.jit(lambda p, x, k: model.apply({'params': p}, x, k, method=model.encode))
   return forward, encode
 
@@ -299,7 +299,7 @@ def test_default_decoder_is_mae():
   assert flat['decoder_pred/kernel'] == (512, 16 * 16 * 3)
   assert flat['mask_token'] == (1, 1, 512)
   pred = jax.eval_shape(model.apply, variables, jnp.zeros((1, 224, 224, 3)), ids_vis, ids_dec)
-  assert pred.shape == (1, 147, 768)
+  assert pred.dec.shape == (1, 147, 768) and pred.throw is None
 
 
 def test_build_from_config():
@@ -366,7 +366,7 @@ def test_bf16_compute_fp32_params():
     return model.apply({'params': p}, images, ids_vis, ids_dec,
                        capture_intermediates=True, mutable=['intermediates'])
 
-  pred, state = run(params)
+  (pred, _), state = run(params)
   assert pred.dtype == jnp.float32 and pred.shape == (2, 12, 48)
   inter = _flat(state['intermediates'])
   for name in ('encoder/block0/__call__', 'encoder/block1/attn/__call__',

@@ -16,6 +16,7 @@ from pr_mim_jax import checkpointing
 from pr_mim_jax import optim
 from pr_mim_jax import pretrain
 from pr_mim_jax import sharding
+from pr_mim_jax import train_step as train_step_lib
 from pr_mim_jax.errors import UserError
 from pr_mim_jax.models import mae
 
@@ -30,8 +31,8 @@ def read_metrics(workdir):
 
 def final_params(config, workdir, step=None):
   """(step, params as numpy) of a checkpoint in workdir (default: the newest)."""
-  model = mae.build(config.model)
-  split = pretrain.token_split(config)
+  model = mae.from_config(config)
+  split = train_step_lib.task_from_config(config).split
   tx = optim.make_optimizer(config.optim, optim.lr_schedule(1e-3, 10, 1))
   mesh = sharding.make_mesh()
   state, state_sharding = pretrain.create_state(model, tx, split, config.seed, mesh,

@@ -70,13 +70,16 @@ class HeadsDense(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, part=None):
+    """`part` (a slice of the first feature axis) applies only those outputs, e.g. q of qkv."""
     in_shape = x.shape[-self.in_axes:]
     n_in = len(in_shape)
     init = nn.initializers.xavier_uniform(
         in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + len(self.features))))
     kernel = self.param("kernel", partitioned(init, self.names), in_shape + tuple(self.features))
     bias = self.param("bias", partitioned(nn.initializers.zeros, self.names[n_in:]), tuple(self.features))
+    if part is not None:
+      kernel, bias = kernel[(slice(None),) * n_in + (part,)], bias[part]
     x_axes = tuple(range(x.ndim - n_in, x.ndim))
     y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
                             ((x_axes, tuple(range(n_in))), ((), ())))
@@ -84,16 +87,23 @@ class HeadsDense(nn.Module):
 
 
 class Attention(nn.Module):
+  """Multi-head attention; with `context`, queries come from x and keys/values from context."""
   heads: int
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):  # [B, N, D]
+  def __call__(self, x, context=None):  # x: [B, N, D], context: [B, M, D] or None
     width = x.shape[-1]
     head_dim = width // self.heads
-    qkv = HeadsDense((3, self.heads, head_dim), 1, ("embed", None, "heads", "kv"), self.dtype,
-                     name="qkv")(x)  # [B, N, 3, H, hd]
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, H, hd] each
+    qkv_dense = HeadsDense((3, self.heads, head_dim), 1, ("embed", None, "heads", "kv"),
+                           self.dtype, name="qkv")
+    if context is None:
+      qkv = qkv_dense(x)  # [B, N, 3, H, hd]
+      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, H, hd] each
+    else:
+      q = qkv_dense(x, part=slice(0, 1))[:, :, 0]  # [B, N, H, hd]
+      kv = qkv_dense(context, part=slice(1, 3))  # [B, M, 2, H, hd]
+      k, v = kv[:, :, 0], kv[:, :, 1]
     q = constrain(q, ("batch", "tokens", "heads", "kv"))
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(head_dim).astype(self.dtype)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
@@ -126,14 +136,20 @@ def layer_norm(dtype, name):
 
 
 class Block(nn.Module):
-  """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+  """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x)).
+
+  With `context` [B, M, D] the block cross-attends: x's tokens query ln(context) (the same
+  norm1) and nothing attends to x. CrossMAE's decoder and the `last_block` aggregator use it.
+  """
   heads: int
   mlp_ratio: float = 4.0
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):  # [B, N, D]
-    x = x + Attention(self.heads, self.dtype, name="attn")(layer_norm(self.dtype, "norm1")(x))
+  def __call__(self, x, context=None):  # [B, N, D]
+    norm1 = layer_norm(self.dtype, "norm1")
+    kv = None if context is None else norm1(context)
+    x = x + Attention(self.heads, self.dtype, name="attn")(norm1(x), kv)
     hidden = int(x.shape[-1] * self.mlp_ratio)
     x = x + Mlp(hidden, self.dtype, name="mlp")(layer_norm(self.dtype, "norm2")(x))
     return constrain(x, ("batch", "tokens", "embed"))

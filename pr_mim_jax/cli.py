@@ -1,0 +1,61 @@
+"""Shared command-line handling: user mistakes become one `error:` line and exit code 2.
+
+Every entry point (main, benchmark, visualize_masks, gradient_study) parses absl flags and
+a big_vision config through `run`, so a bad flag, config argument or override never shows
+a raw traceback.
+"""
+
+import sys
+from typing import Callable
+
+from absl import flags
+
+from pr_mim_jax.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(EXIT_USER_ERROR)
+
+
+def _unknown_override(argv, error: Exception) -> str | None:
+  """Name the --config.x.y=... flag behind a KeyError/AttributeError from ml_collections."""
+  for err in (error, error.__cause__, error.__context__):
+    if isinstance(err, (KeyError, AttributeError)):
+      missing = str(err.args[0] if err.args else err).strip("'\"")
+      for arg in argv:
+        path = arg.split("=", 1)[0].removeprefix("--config.")
+        if arg.startswith("--config.") and missing in path.split("."):
+          return (f"config.{path}: unknown config field ({arg}); check the spelling against the "
+                  "config file or the README's field list")
+  return None
+
+
+def parse_flags(argv, required: dict[str, str]) -> None:
+  """Parse absl flags; `required` maps flag name -> an example value for the message."""
+  try:
+    flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(str(e).splitlines()[0] + " (see --helpfull)")
+  except UserError as e:
+    fail(str(e))
+  except Exception as e:  # pylint: disable=broad-except  # config file and override errors
+    cause = e.__cause__ or e.__context__
+    if isinstance(cause, UserError):
+      fail(str(cause))
+    fail(_unknown_override(argv, e) or str(e).splitlines()[0])
+  for name, example in required.items():
+    if not flags.FLAGS[name].value:
+      fail(f"--{name} is required, e.g. --{name}={example}")
+
+
+def run(main: Callable[[], int | None], required: dict[str, str], argv=None) -> int:
+  """Parse flags, then run `main()`; a UserError it raises is printed as one line."""
+  parse_flags(argv if argv is not None else sys.argv, required)
+  try:
+    return main() or 0
+  except UserError as e:
+    fail(str(e))
+  return EXIT_USER_ERROR

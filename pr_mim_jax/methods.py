@@ -1,0 +1,27 @@
+"""The three pre-training methods and the config fields each one implies (DESIGN section 1).
+
+`configs/pretrain.py` expands `method=` with this table; the benchmark, the gradient tool
+and the study switch methods on one config with `with_method`.
+"""
+
+import ml_collections
+
+# method -> (throw_ratio, throw_strategy, thrown_reconstruction)
+METHODS = {
+    "mae": (0.0, "random", "none"),  # decode every masked token
+    "partial": (0.5, "random", "none"),  # CrossMAE / VideoMAE V2 style: thrown tokens unsupervised
+    "pr_mim": (0.5, "furthest", "progressive"),  # furthest sampling + progressive reconstruction
+}
+
+
+def with_method(config: ml_collections.ConfigDict, method: str,
+                throw_ratio: float | None = None) -> ml_collections.ConfigDict:
+  """A copy of `config` switched to `method` (its default throw_ratio unless given)."""
+  default_throw, strategy, reconstruction = METHODS[method]
+  c = config.copy_and_resolve_references()
+  with c.unlocked():
+    c.method = method
+    c.masking.throw_ratio = default_throw if throw_ratio is None else throw_ratio
+    c.masking.throw_strategy = strategy
+    c.reconstruction.thrown_reconstruction = reconstruction
+  return c

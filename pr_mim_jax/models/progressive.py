@@ -1,0 +1,109 @@
+"""Progressive reconstruction of thrown tokens: cheap local aggregation over a window box.
+
+The decoder reconstructs only the kept tokens (visible + decoded). Each thrown token is then
+rebuilt from the features of already-reconstructed tokens inside a `window x window` box
+around it, plus one global (cls) key so that an empty box still has something to attend to.
+Features live on an [L, D] canvas; a static [L, window**2] index table gives every token's
+box, and a validity mask hides positions off the grid or not yet reconstructed. Stages run
+in order and each writes its outputs onto the canvas for the next (DESIGN section 1).
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pr_mim_jax.models import vit
+
+AGGREGATORS = ("local_attention", "interpolate", "last_block")
+NEG_INF = -1e9
+
+
+def neighbourhood(grid: int, window: int) -> tuple[np.ndarray, np.ndarray]:
+  """Static box table: (index [L, window**2] int32, on_grid [L, window**2] bool).
+
+  Offsets are row-major over the box, centre included; off-grid entries point at patch 0
+  and are marked invalid.
+  """
+  r = window // 2
+  rows, cols = np.divmod(np.arange(grid * grid), grid)  # [L]
+  dr, dc = np.divmod(np.arange(window * window), window)
+  nr = rows[:, None] + dr[None] - r  # [L, w*w]
+  nc = cols[:, None] + dc[None] - r
+  on_grid = (nr >= 0) & (nr < grid) & (nc >= 0) & (nc < grid)
+  index = np.where(on_grid, nr * grid + nc, 0).astype(np.int32)
+  return index, on_grid
+
+
+def scatter_tokens(canvas, ids, values):
+  """canvas: [B, L, ...], ids: [B, K], values: [B, K, ...] -> canvas with rows ids set."""
+  rows = jnp.arange(canvas.shape[0])[:, None]
+  return canvas.at[rows, ids].set(values.astype(canvas.dtype))
+
+
+class LocalAggregator(nn.Module):
+  """One stage: thrown queries aggregate their box neighbours and the global feature.
+
+  `local_attention`: narrow (key_width) query/key projections, a learned key bias per box
+  offset, values are the neighbours' features split over heads, then a narrow residual
+  MLP that also sees the query (position). `interpolate`: weights from a learned logit per
+  offset alone, no projections.
+  """
+  grid: int
+  window: int
+  kind: str = "local_attention"
+  key_width: int = 64
+  heads: int = 4
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, canvas, known, glob, queries, ids):
+    """canvas [B, L, D], known [B, L] bool, glob [B, D], queries [B, n, D], ids [B, n] -> [B, n, D]."""
+    b, n = ids.shape
+    d = canvas.shape[-1]
+    index, on_grid = neighbourhood(self.grid, self.window)
+    nb = jnp.asarray(index)[ids]  # [B, n, w*w]
+    valid = jnp.asarray(on_grid)[ids] & vit.gather_tokens(known, nb.reshape(b, -1)).reshape(nb.shape)
+    valid = jnp.concatenate([valid, jnp.ones((b, n, 1), bool)], axis=-1)  # [B, n, K]; K = w*w+1
+    feats = vit.gather_tokens(canvas, nb.reshape(b, -1)).reshape(b, n, -1, d)
+    feats = jnp.concatenate([feats, jnp.broadcast_to(glob[:, None, None], (b, n, 1, d))], axis=2)
+    num_keys = self.window ** 2 + 1
+    heads = 1 if self.kind == "interpolate" else self.heads
+
+    if self.kind == "interpolate":
+      logits = self.param("offset_logit", vit.partitioned(nn.initializers.zeros, (None,)),
+                          (num_keys,))
+      logits = jnp.broadcast_to(logits, (b, n, 1, num_keys))  # [B, n, 1, K]
+    elif self.kind == "local_attention":
+      hd = self.key_width // heads
+      dense = lambda name: nn.Dense(  # noqa: E731
+          self.key_width, dtype=self.dtype, name=name,
+          kernel_init=vit.partitioned(nn.initializers.xavier_uniform(), ("embed", None)),
+          bias_init=vit.partitioned(nn.initializers.zeros, (None,)))
+      q = dense("query")(queries).reshape(b, n, heads, hd)
+      key_dense = dense("key")
+      k = vit.gather_tokens(key_dense(canvas), nb.reshape(b, -1)).reshape(b, n, -1, self.key_width)
+      k = jnp.concatenate([k, jnp.broadcast_to(key_dense(glob)[:, None, None],
+                                               (b, n, 1, self.key_width))], axis=2)  # [B, n, K, kw]
+      offset = self.param("offset_key", vit.partitioned(nn.initializers.normal(0.02), (None, None)),
+                          (num_keys, self.key_width))
+      k = (k + offset.astype(self.dtype)).reshape(b, n, num_keys, heads, hd)
+      logits = jnp.einsum("bnhd,bnkhd->bnhk", q, k) / np.sqrt(hd).astype(self.dtype)
+    else:
+      raise ValueError(f"unknown aggregator {self.kind!r}; expected one of {AGGREGATORS[:2]}")
+
+    logits = jnp.where(valid[:, :, None], logits.astype(jnp.float32), NEG_INF)
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)  # [B, n, h, K]
+    values = feats.reshape(b, n, num_keys, heads, d // heads)
+    out = jnp.einsum("bnhk,bnkhc->bnhc", weights, values).reshape(b, n, d)  # [B, n, D]
+    if self.kind == "local_attention":
+      h = nn.Dense(self.key_width, dtype=self.dtype, name="mlp_in",
+                   kernel_init=vit.partitioned(nn.initializers.xavier_uniform(), ("embed", None)),
+                   bias_init=vit.partitioned(nn.initializers.zeros, (None,)))(out + queries)
+      out = out + nn.Dense(d, dtype=self.dtype, name="mlp_out",
+                           kernel_init=vit.partitioned(nn.initializers.zeros, (None, "embed")),
+                           bias_init=vit.partitioned(nn.initializers.zeros, ("embed",)))(
+                               nn.gelu(h, approximate=False))
+    return vit.constrain(out, ("batch", "tokens", "embed"))

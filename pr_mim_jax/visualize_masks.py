@@ -1,0 +1,125 @@
+r"""Pictures of the token split under each throw strategy, on real images of a config's dataset.
+
+  python -m pr_mim_jax.visualize_masks --config=configs/pretrain.py:dataset=shapes --out=DIR \
+      [--num_images=8] [--seed=0]
+
+Writes masks_random.png, masks_running_cell.png, masks_furthest.png (one row per image:
+original | token map) and masks_compare.png (original | random | running_cell | furthest).
+All strategies draw from the same rng, so every row has the same visible set in every
+picture. Colours are those of visualize.token_map: visible as is, decoded grey, thrown dark
+red over a faint copy of the image. Uses the config's image size, patch, mask_ratio and
+throw_ratio (0.5 when the config throws nothing, e.g. MAE) and the eval split of its
+(labeled) dataset. Pictures are upscaled (nearest neighbour) to at least 192 px.
+"""
+
+import math
+import os
+import sys
+import types
+
+import jax
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+
+from pr_mim_jax import cli
+from pr_mim_jax import masking
+from pr_mim_jax import visualize
+from pr_mim_jax.data import pipeline
+from pr_mim_jax.errors import UserError
+from pr_mim_jax.models import vit
+
+
+
+def _define_flags() -> types.SimpleNamespace:
+  """The CLI's flags, defined when it runs (so importing this module defines none)."""
+  return types.SimpleNamespace(
+      config=config_flags.DEFINE_config_file("config", None, "Pre-training config.",
+                                             lock_config=True),
+      out=flags.DEFINE_string("out", None, "Output directory for the PNGs (created if missing)."),
+      num_images=flags.DEFINE_integer("num_images", 8, "Images (rows) per picture."),
+      seed=flags.DEFINE_integer("seed", 0, "Seed of the masks."))
+
+MIN_WIDTH = 192  # px; smaller images are upscaled by an integer factor
+DEFAULT_THROW = 0.5  # throw_ratio used when the config throws nothing
+
+
+def _prepare_out(out: str) -> None:
+  try:
+    os.makedirs(out, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"--out: cannot create {out}: {e.strerror or e}") from None
+  if not os.access(out, os.W_OK | os.X_OK):
+    raise UserError(f"--out: {out} is not writable; choose another directory")
+
+
+def _split_and_patch(config) -> tuple[masking.TokenSplit, int, float]:
+  """(token split, patch, throw_ratio used) from the config; UserError naming the field."""
+  try:
+    patch = vit.parse_variant(config.model.variant).patch
+  except ValueError as e:
+    raise UserError(f"config.model.variant: {e}") from None
+  size = config.model.image_size
+  if size <= 0 or size % patch:
+    raise UserError(f"config.model.image_size: {size} is not a positive multiple of the patch "
+                    f"size {patch}")
+  throw = float(config.masking.throw_ratio) or DEFAULT_THROW
+  try:
+    split = masking.token_split((size // patch) ** 2, config.masking.mask_ratio, throw)
+  except ValueError as e:
+    raise UserError(f"config.masking: {e}; lower throw_ratio or raise mask_ratio") from None
+  return split, patch, throw
+
+
+def write_pictures(config, out: str, num_images: int = 8, seed: int = 0) -> list[str]:
+  """Writes the four PNGs into `out` and returns their paths."""
+  if num_images < 1:
+    raise UserError(f"--num_images: got {num_images}; use >= 1")
+  _prepare_out(out)
+  split, patch, throw = _split_and_patch(config)
+  if not config.masking.throw_ratio:
+    print(f"config.masking.throw_ratio is 0; drawing the pictures with throw_ratio={throw}",
+          flush=True)
+  size = config.model.image_size
+  images, _ = pipeline.labeled_arrays(config.data, config.data.eval_split,
+                                      num_examples=num_images, image_size=size)  # [N, S, S, 3]
+  grid = size // patch
+  rng = jax.random.key(seed)  # one rng for all strategies: same visible sets
+  maps = {}
+  for strategy in masking.THROW_STRATEGIES:
+    masks = jax.device_get(masking.make_masks(rng, images.shape[0], split, strategy, grid))
+    maps[strategy] = visualize.token_map(images, masks.ids_vis, masks.ids_dec, masks.ids_throw,
+                                         patch, pipeline.denormalize)  # [N, S, S, 3]
+  factor = max(1, math.ceil(MIN_WIDTH / size))
+  originals = visualize.upscale(pipeline.denormalize(images), factor)
+  maps = {k: visualize.upscale(v, factor) for k, v in maps.items()}
+
+  pictures = {f"masks_{s}.png": visualize.grid([[o, m] for o, m in zip(originals, maps[s])])
+              for s in masking.THROW_STRATEGIES}
+  pictures["masks_compare.png"] = visualize.grid(
+      [[o, *(maps[s][i] for s in masking.THROW_STRATEGIES)] for i, o in enumerate(originals)])
+  paths = []
+  for name, picture in pictures.items():
+    path = os.path.join(out, name)
+    try:
+      with open(path, "wb") as f:
+        f.write(visualize.encode_png(picture))
+    except OSError as e:
+      raise UserError(f"--out: cannot write {path}: {e.strerror or e}") from None
+    paths.append(path)
+  return paths
+
+
+def _run(f: types.SimpleNamespace) -> None:
+  for path in write_pictures(f.config.value, f.out.value, f.num_images.value, f.seed.value):
+    print(path, flush=True)
+
+
+def main(argv=None) -> int:
+  f = _define_flags()
+  return cli.run(lambda: _run(f), {"config": "configs/pretrain.py:dataset=shapes", "out": "/tmp/masks"},
+                 argv)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
