@@ -197,7 +197,9 @@ def _run(f: types.SimpleNamespace) -> int:
   config = f.config.value
   if f.batches.value < 2:
     raise UserError(f"--batches: got {f.batches.value}; use >= 2 (the spread needs several batches)")
-  settings = [setting_config(config, s) and s for s in f.settings.value]
+  settings = f.settings.value
+  for s in settings:  # every entry checked before anything trains
+    setting_config(config, s)
   out = epath.Path(f.out.value)
   try:
     out.mkdir(parents=True, exist_ok=True)

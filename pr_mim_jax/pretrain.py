@@ -26,6 +26,9 @@ from pr_mim_jax.models import mae
 from pr_mim_jax.train_state import TrainState
 
 
+MIN_PICTURE_SIZE = 128  # px per tile; smaller images are upscaled (nearest neighbour)
+
+
 class NonFiniteLossError(RuntimeError):
   """The loss became NaN or inf; the state is not saved."""
 
@@ -138,6 +141,7 @@ def write_reconstructions(workdir, writer, model, params, images, state_rng, ste
   picture = visualize.reconstruction_grid(images, preds.dec, masks.ids_vis, masks.ids_dec,
                                           task.patch, task.target, pipeline.denormalize,
                                           ids_throw=masks.ids_throw, pred_throw=preds.throw)
+  picture = visualize.upscale(picture, max(1, -(-MIN_PICTURE_SIZE // images.shape[1])))
   if jax.process_index() == 0:
     out = epath.Path(workdir) / "images"
     out.mkdir(parents=True, exist_ok=True)

@@ -139,22 +139,26 @@ class MaskedAutoencoder(nn.Module):
       # Thrown queries attend to the kept tokens' block inputs; nothing attends to them.
       thrown = self.decoder_norm(self.decoder_blocks[-1](thrown_queries, last_input))
     else:
-      ids_kept = jnp.concatenate([ids_vis, ids_dec], axis=1)  # [B, n_vis+n_dec]
-      canvas = jnp.zeros((latent.shape[0], self.num_patches, self.decoder_width), self.dtype)
-      canvas = progressive.scatter_tokens(canvas, ids_kept, kept_feats)  # [B, L, Dd]
-      known = progressive.scatter_tokens(jnp.zeros(canvas.shape[:2], bool), ids_kept,
-                                         jnp.ones(ids_kept.shape, bool))  # [B, L]
-      outs, start = [], 0
-      for size in masking.stage_sizes(ids_throw.shape[1], self.num_stages):
-        ids = ids_throw[:, start:start + size]
-        out = self.thrown(canvas, known, glob, thrown_queries[:, start:start + size], ids)
-        canvas = progressive.scatter_tokens(canvas, ids, out)
-        known = progressive.scatter_tokens(known, ids, jnp.ones(ids.shape, bool))
-        outs.append(out)
-        start += size
-      thrown = jnp.concatenate(outs, axis=1)  # [B, n_throw, Dd]
+      thrown = self._progressive(kept_feats, glob, jnp.concatenate([ids_vis, ids_dec], axis=1),
+                                 ids_throw, thrown_queries)
     pred_throw = self.decoder_pred(thrown)  # [B, n_throw, P]
     return Predictions(pred_dec.astype(jnp.float32), pred_throw.astype(jnp.float32))
+
+  def _progressive(self, kept_feats, glob, ids_kept, ids_throw, queries):
+    """Stages of local aggregation over an [L, Dd] canvas -> thrown features [B, n_throw, Dd]."""
+    canvas = jnp.zeros((kept_feats.shape[0], self.num_patches, self.decoder_width), self.dtype)
+    canvas = progressive.scatter_tokens(canvas, ids_kept, kept_feats)  # [B, L, Dd]
+    known = progressive.scatter_tokens(jnp.zeros(canvas.shape[:2], bool), ids_kept,
+                                       jnp.ones(ids_kept.shape, bool))  # [B, L]
+    outs, start = [], 0
+    for size in masking.stage_sizes(ids_throw.shape[1], self.num_stages):
+      ids = ids_throw[:, start:start + size]
+      out = self.thrown(canvas, known, glob, queries[:, start:start + size], ids)  # [B, size, Dd]
+      canvas = progressive.scatter_tokens(canvas, ids, out)
+      known = progressive.scatter_tokens(known, ids, jnp.ones(ids.shape, bool))
+      outs.append(out)
+      start += size
+    return jnp.concatenate(outs, axis=1)
 
   def __call__(self, images, ids_vis, ids_dec, ids_throw=None, thrown_queries=None) -> Predictions:
     """images: [B, H, W, 3] -> Predictions (float32) for the decoded and thrown patches."""
