@@ -45,6 +45,8 @@ def get_config(arg=None):
       posemb="sincos",  # 'sincos' (fixed, MAE) | 'learned' (timm)
       decoder="self_attention",  # 'self_attention' (MAE) | 'cross_attention' (CrossMAE)
       compute_dtype="float32" if demo else "bfloat16",  # params stay float32
+      remat="none",  # per block: 'none' | 'full' | 'dots_saveable' (recompute to save memory)
+      scan_layers=False,  # nn.scan over encoder blocks (params 'blocks' with a layer axis)
   ))
   c.masking = ml_collections.ConfigDict(dict(
       mask_ratio=0.75,
@@ -91,6 +93,7 @@ def get_config(arg=None):
       keep_checkpoints=3,
       image_every=500 if demo else 5000,
       num_images=8,
+      grad_accum_steps=1,  # micro-batches per step (same update, less activation memory)
   ))
   c.knn = ml_collections.ConfigDict(dict(
       k=20, temperature=0.07,
@@ -100,4 +103,14 @@ def get_config(arg=None):
       feature="mean",  # 'mean' (average-pooled patch tokens) | 'cls'
       enabled=True,
   ))
+
+  # Device mesh (axes data, fsdp, tensor; the batch is split over data x fsdp). ICI sizes
+  # within a slice, -1 = the devices left (at most one -1). Default: pure data parallel;
+  # fsdp > 1 shards params + optimizer state (ZeRO-3); tensor > 1 shards heads and MLP.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Sizes across slices (multi-slice TPU, over DCN); all 1 = one slice.
+  c.mesh_dcn = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
+  # Logical axis -> comma-separated mesh axes ('' = replicated).
+  c.sharding_rules = ml_collections.ConfigDict(dict(
+      batch="data,fsdp", tokens="", embed="fsdp", mlp="tensor", heads="tensor", kv=""))
   return c

@@ -85,7 +85,7 @@ def cost(config) -> dict:
 
 def time_train_step(config, batch_size: int, steps: int, warmup: int) -> dict:
   pretrain.setup_jax(config)
-  mesh, rules = sharding.make_mesh(), sharding.DATA_PARALLEL_RULES
+  mesh, rules = sharding.mesh_from_config(config), sharding.rules_from_config(config)
   model = mae.from_config(config)
   task = train_step_lib.task_from_config(config)
   schedule = optim.lr_schedule(optim.peak_lr(config.optim, batch_size), 10_000, 100)

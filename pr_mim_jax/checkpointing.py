@@ -133,8 +133,14 @@ class Checkpointer:
                             f'{self.directory} failed: {_short(e)}') from e
     self._pending = None
 
-  def restore(self, abstract_state, step: int | None = None):
-    """Restores `step` (default: latest) with `abstract_state`'s tree/shardings."""
+  def restore(self, abstract_state, step: int | None = None, relayouts=()):
+    """Restores `step` (default: latest) with `abstract_state`'s tree/shardings.
+
+    `relayouts`: (to_saved, from_saved) pairs of pure functions over state trees (e.g.
+    vit.unscan_params / vit.scan_params). When the checkpoint does not match
+    `abstract_state` but matches `to_saved(abstract_state)`, it is restored in that layout
+    and returned as `from_saved(restored)`, placed on `abstract_state`'s shardings.
+    """
     self.wait()
     step = self.latest_step() if step is None else int(step)
     if step is None:
@@ -159,6 +165,13 @@ class Checkpointer:
       problems = _mismatches(saved, target)
     except Exception as e:
       raise damaged(e) from e
+    convert = None
+    for to_saved, from_saved in relayouts if problems else ():
+      alt = to_saved(target)
+      if not _mismatches(saved, alt):
+        logging.info('Checkpoint %s has another layout; converting it on restore.', path)
+        target, convert, problems = alt, from_saved, []
+        break
     if problems:
       listed = '; '.join(problems[:_MAX_LISTED])
       more = len(problems) - _MAX_LISTED
@@ -172,7 +185,11 @@ class Checkpointer:
           **{_ITEM: ocp.args.StandardRestore(target)}))
     except Exception as e:
       raise damaged(e) from e
-    return restored[_ITEM]
+    if convert is None:
+      return restored[_ITEM]
+    final = jax.tree.map(_to_abstract, abstract_state)
+    return jax.tree.map(lambda x, t: jax.device_put(x, getattr(t, 'sharding', None)),
+                        convert(restored[_ITEM]), final)
 
   def close(self) -> None:
     """Waits for pending saves, then stops orbax's background threads."""

@@ -4,6 +4,7 @@ Each failure is a UserError whose one-line message names the field and the fix.
 """
 
 from pr_mim_jax import masking
+from pr_mim_jax import sharding
 from pr_mim_jax import targets
 from pr_mim_jax.errors import UserError
 from pr_mim_jax.methods import METHODS
@@ -59,6 +60,11 @@ def validate_model(model):
            f"use one of {mae.DECODERS}")
   _require(model.compute_dtype in DTYPES, "model.compute_dtype",
            f"unknown value {model.compute_dtype!r}", f"use one of {DTYPES}")
+  remat = model.get("remat", "none")
+  _require(remat in vit.REMAT_POLICIES, "model.remat", f"unknown value {remat!r}",
+           f"use one of {tuple(vit.REMAT_POLICIES)}")
+  scan = model.get("scan_layers", False)
+  _require(isinstance(scan, bool), "model.scan_layers", f"got {scan!r}", "use True or False")
   return spec
 
 
@@ -141,6 +147,12 @@ def validate_train(config, num_batch_shards: int):
            f"got {train.total_steps!r}", "use 0 (from epochs) or a positive integer")
   for field in ("log_every", "checkpoint_every", "keep_checkpoints", "image_every", "num_images"):
     _positive_int(f"train.{field}", train[field])
+  accum = train.get("grad_accum_steps", 1)
+  _positive_int("train.grad_accum_steps", accum)
+  _require(config.batch_size % (accum * num_batch_shards) == 0, "train.grad_accum_steps",
+           f"global batch {config.batch_size} is not divisible by grad_accum_steps={accum} x "
+           f"{num_batch_shards} batch shards", f"use a batch_size that is a multiple of "
+           f"{accum * num_batch_shards}, or fewer grad_accum_steps")
   knn = config.knn
   for field in ("k", "train_examples", "test_examples", "batch_size"):
     _positive_int(f"knn.{field}", knn[field])
@@ -157,6 +169,35 @@ def validate_data(data):
            f"{data.crop_min_scale} is outside (0, 1]", "use e.g. 0.2 (MAE)")
 
 
+def validate_mesh(config):
+  """config.mesh / mesh_dcn sizes and config.sharding_rules names (device count aside)."""
+  for name in ("mesh", "mesh_dcn"):
+    node = config[name]
+    _require(set(node) == set(sharding.MESH_AXES), name, f"has axes {sorted(node)}",
+             f"use exactly {sharding.MESH_AXES}")
+    for axis in sharding.MESH_AXES:
+      size = node[axis]
+      ok = isinstance(size, int) and (size >= 1 or (size == -1 and name == "mesh"))
+      _require(ok, f"{name}.{axis}", f"got {size!r}",
+               "use an integer >= 1 or -1 (the devices left)" if name == "mesh"
+               else "use an integer >= 1 (slices along this axis)")
+  fills = [a for a in sharding.MESH_AXES if config.mesh[a] == -1]
+  _require(len(fills) <= 1, "mesh", f"{fills} are all -1", "use -1 on one axis at most")
+  rules = config.sharding_rules
+  unknown = sorted(set(rules) - set(sharding.LOGICAL_AXES))
+  _require(not unknown, "sharding_rules", f"unknown logical axes {unknown}",
+           f"use only {sharding.LOGICAL_AXES}")
+  for logical in sharding.LOGICAL_AXES:
+    _require(logical in rules and isinstance(rules[logical], str), f"sharding_rules.{logical}",
+             f"got {rules.get(logical)!r}", "use comma-separated mesh axes, '' = replicated")
+    axes = [a.strip() for a in rules[logical].split(",") if a.strip()]
+    bad = [a for a in axes if a not in sharding.MESH_AXES]
+    _require(not bad, f"sharding_rules.{logical}", f"unknown mesh axes {bad}",
+             f"use names from {sharding.MESH_AXES}")
+    _require(len(set(axes)) == len(axes), f"sharding_rules.{logical}",
+             f"repeats a mesh axis in {rules[logical]!r}", "name each mesh axis once")
+
+
 def validate_pretrain(config, num_batch_shards: int):
   """All config checks that need no data access; raise UserError on the first problem."""
   spec = validate_model(config.model)
@@ -169,4 +210,5 @@ def validate_pretrain(config, num_batch_shards: int):
            "use a variant with an even patch size or another target")
   validate_optim(config.optim)
   validate_data(config.data)
+  validate_mesh(config)
   validate_train(config, num_batch_shards)

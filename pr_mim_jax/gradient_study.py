@@ -122,7 +122,7 @@ def run_setting(config, setting: str, steps: int, every: int, probe_images, prob
   """Train one setting, measuring at steps 0, every, 2*every, ..., steps; returns rows + k-NN."""
   config = setting_config(config, setting)
   pretrain.check_config(config)
-  mesh, rules = sharding.make_mesh(), sharding.DATA_PARALLEL_RULES
+  mesh, rules = sharding.mesh_from_config(config), sharding.rules_from_config(config)
   model = mae.from_config(config)
   task = train_step_lib.task_from_config(config)
   mae_config = methods.with_method(config, "mae")

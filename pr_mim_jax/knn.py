@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pr_mim_jax import sharding
+
 
 def pool_features(tokens, feature: str):
   """[B, 1+L, D] encoder output -> [B, D]: average of patch tokens, or the cls token."""
@@ -33,7 +35,7 @@ def extract_features(model, params, images: np.ndarray, *, feature: str, batch_s
     chunk = images[start:start + batch_size]
     pad = batch_size - len(chunk)
     padded = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)]) if pad else chunk
-    out.append(np.asarray(_embed(model, feature, params, padded))[:len(chunk)])
+    out.append(sharding.to_host(_embed(model, feature, params, padded))[:len(chunk)])
   return np.concatenate(out)
 
 

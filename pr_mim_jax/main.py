@@ -18,6 +18,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, big_visi
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and pictures go "
                                "(local path or gs://). Rerunning with the same workdir resumes.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for a "
+                                   "multi-process run outside TPU pods and SLURM (or "
+                                   "JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in the job (or JAX_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (or JAX_PROCESS_ID).")
 
 MODES = ("pretrain",)
 REQUIRED = {"config": "configs/pretrain.py:dataset=shapes", "workdir": "workdirs/demo"}
@@ -28,7 +33,9 @@ def _run() -> int:
   mode = config.get("mode", "pretrain")
   if mode not in MODES:
     raise UserError(f"config.mode: unknown mode {mode!r}; use one of {MODES}")
+  from pr_mim_jax import distributed  # pylint: disable=g-import-not-at-top
   from pr_mim_jax import pretrain  # pylint: disable=g-import-not-at-top
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   pretrain.check_config(config)  # before INFO logging, so a mistake prints one line
   absl_logging.use_absl_handler()
   absl_logging.set_verbosity(absl_logging.INFO)

@@ -23,6 +23,7 @@ from pr_mim_jax import workdir_records
 from pr_mim_jax.data import pipeline
 from pr_mim_jax.errors import UserError
 from pr_mim_jax.models import mae
+from pr_mim_jax.models import vit
 from pr_mim_jax.train_state import TrainState
 
 
@@ -66,6 +67,7 @@ def create_state(model, tx, split, seed: int, mesh, rules):
   boxed = jax.eval_shape(lambda r: model.init(r, *_dummy_inputs(model, split))["params"], param_rng)
   params_sharding = sharding.param_shardings(boxed, mesh, rules)
   abstract = jax.eval_shape(init_fn, param_rng, state_rng)
+  sharding.check_divisible(abstract.params, params_sharding)
   state_sharding = TrainState(
       step=sharding.replicated(mesh),
       params=params_sharding,
@@ -137,7 +139,7 @@ def write_reconstructions(workdir, writer, model, params, images, state_rng, ste
   masks = train_step_lib.step_masks(state_rng, step - 1, images.shape[0], task)
   ids_throw = masks.ids_throw if task.reconstruct_thrown else None
   preds = jax.jit(model.apply)({"params": params}, images, masks.ids_vis, masks.ids_dec, ids_throw)
-  images, preds, masks = jax.device_get((images, preds, masks))
+  images, preds, masks = sharding.to_host((images, preds, masks))
   picture = visualize.reconstruction_grid(images, preds.dec, masks.ids_vis, masks.ids_dec,
                                           task.patch, task.target, pipeline.denormalize,
                                           ids_throw=masks.ids_throw, pred_throw=preds.throw)
@@ -151,7 +153,9 @@ def write_reconstructions(workdir, writer, model, params, images, state_rng, ste
 
 def check_config(config) -> int:
   """Every config and dataset check; returns the number of training examples."""
-  config_validation.validate_pretrain(config, sharding.num_batch_shards(sharding.make_mesh()))
+  config_validation.validate_mesh(config)  # before the device count is used
+  mesh = sharding.mesh_from_config(config)
+  config_validation.validate_pretrain(config, sharding.num_batch_shards(mesh))
   pipeline.check_dataset(config.data)
   if config.knn.enabled and config.data.dataset.startswith("folder:"):
     raise UserError(f"config.knn.enabled: {config.data.dataset} has no labels for the k-NN "
@@ -170,7 +174,8 @@ def train(config, workdir: str) -> dict:
   """
   setup_jax(config)
   num_train = check_config(config)
-  mesh, rules = sharding.make_mesh(), sharding.DATA_PARALLEL_RULES
+  mesh, rules = sharding.mesh_from_config(config), sharding.rules_from_config(config)
+  logging.info("mesh %s, sharding rules %s", dict(mesh.shape), rules)
 
   model = mae.from_config(config)
   task = train_step_lib.task_from_config(config)
@@ -193,7 +198,8 @@ def train(config, workdir: str) -> dict:
     state, state_sharding = create_state(model, tx, split, config.seed, mesh, rules)
     start_step = ckpt.latest_step()
     if start_step is not None:
-      state = ckpt.restore(abstract_with_shardings(state, state_sharding), start_step)
+      state = ckpt.restore(abstract_with_shardings(state, state_sharding), start_step,
+                           relayouts=vit.CHECKPOINT_RELAYOUTS)
       logging.info("resumed from %s at step %d", ckpt.directory, start_step)
     start_step = int(state.step)
 
@@ -226,7 +232,7 @@ def train(config, workdir: str) -> dict:
                                 batch["image"][:config.train.num_images], state.rng, step, task)
         if knn_monitor and config.knn.every and step % config.knn.every == 0 and not last:
           writer.write_scalars(step, {"knn_top1": knn_monitor.accuracy(state.params)})
-        if step % config.train.checkpoint_every == 0 or last or stop.requested:
+        if step % config.train.checkpoint_every == 0 or last or stop.should_stop(step):
           check_finite(step, pending, peak)  # a non-finite state is never saved
           pending = []
           ckpt.save(step, state)
@@ -237,8 +243,9 @@ def train(config, workdir: str) -> dict:
       summary["stopped"] = stop.requested
       if knn_monitor and step == total_steps and not stop.requested:
         trained = knn_monitor.accuracy(state.params)
-        random_init = knn_monitor.accuracy(init_params(model, split,
-                                                       jax.random.split(jax.random.PRNGKey(config.seed))[0]))
+        # Jitted: eager sharding constraints reject init's batch of 1 on a multi-device mesh.
+        init_fn = jax.jit(functools.partial(init_params, model, split))
+        random_init = knn_monitor.accuracy(init_fn(jax.random.split(jax.random.PRNGKey(config.seed))[0]))
         writer.write_scalars(step, {"knn_top1": trained, "knn_top1_random_init": random_init})
         summary.update(knn_top1=trained, knn_top1_random_init=random_init)
         logging.info("k-NN top-1 (k=%d): trained %.2f%% vs random init %.2f%%", config.knn.k,

@@ -25,6 +25,7 @@ class Task:
   target: str = "norm_pixel"
   reconstruct_thrown: bool = False  # PR-MIM: thrown tokens are predicted and scored
   thrown_loss_weight: float = 1.0
+  grad_accum_steps: int = 1  # micro-batches per step; one optimizer update on their mean grads
 
 
 def task_from_config(config) -> Task:
@@ -37,7 +38,8 @@ def task_from_config(config) -> Task:
       num_stages=config.reconstruction.num_stages,
       target=config.loss.target,
       reconstruct_thrown=config.reconstruction.thrown_reconstruction == "progressive",
-      thrown_loss_weight=config.loss.thrown_loss_weight)
+      thrown_loss_weight=config.loss.thrown_loss_weight,
+      grad_accum_steps=config.train.get("grad_accum_steps", 1))
 
 
 def step_masks(rng, step, batch_size: int, task: Task) -> masking.Masks:
@@ -64,12 +66,51 @@ def loss_fn(params, model, images, masks: masking.Masks, task: Task):
   return loss, (preds, {"loss_decoded": loss_dec, "loss_thrown": loss_throw})
 
 
+def micro_batches(tree, k: int):
+  """Leaves [B, ...] -> [k, B/k, ...]; micro-batch j holds examples j, j+k, j+2k, ...
+
+  Strided, so a batch sharded contiguously over devices stays local when each device's
+  shard divides by k.
+  """
+  return jax.tree.map(lambda x: x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1),
+                      tree)
+
+
+def loss_and_grads(params, images, masks, *, model, task: Task):
+  """(loss, parts, grads), averaged over `task.grad_accum_steps` micro-batches.
+
+  Every micro-batch scores the same number of tokens, so the mean of the micro-batch losses
+  and grads equals the full batch's (up to float rounding).
+  """
+  grad_fn = jax.value_and_grad(functools.partial(loss_fn, model=model, task=task), has_aux=True)
+
+  def micro(images, masks):
+    (loss, (_, parts)), grads = grad_fn(params, images=images, masks=masks)
+    return loss, parts, grads
+
+  k = task.grad_accum_steps
+  if k == 1:
+    return micro(images, masks)
+
+  def body(acc, batch):  # batch: ([B/k, H, W, 3], Masks of [B/k, ...])
+    return jax.tree.map(lambda a, x: a + x / k, acc, micro(*batch)), None
+
+  xs = micro_batches((images, masks), k)  # leaves [k, B/k, ...]
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                       jax.eval_shape(micro, *jax.tree.map(lambda x: x[0], xs)))
+  (loss, parts, grads), _ = jax.lax.scan(body, zeros, xs)
+  return loss, parts, grads
+
+
 def train_step(state: TrainState, batch, *, model, tx, task: Task, schedule):
-  """(state, {'image': [B, H, W, 3]}) -> (new state, scalar metrics)."""
+  """(state, {'image': [B, H, W, 3]}) -> (new state, scalar metrics).
+
+  The masks are drawn for the whole batch, then split with the images into
+  `task.grad_accum_steps` micro-batches, so accumulation changes memory, not the update.
+  """
   images = batch["image"]
   masks = step_masks(state.rng, state.step, images.shape[0], task)
-  grad_fn = jax.value_and_grad(functools.partial(loss_fn, model=model, task=task), has_aux=True)
-  (loss, (_, parts)), grads = grad_fn(state.params, images=images, masks=masks)
+  loss, parts, grads = loss_and_grads(state.params, images, masks, model=model, task=task)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {

@@ -270,6 +270,17 @@ INVALID = [
     ({'knn.every': -1}, 'knn.every'),
     ({'knn.temperature': 0.0}, 'knn.temperature'),
     ({'knn.feature': 'max'}, 'knn.feature'),
+    ({'model.remat': 'some'}, 'model.remat'),
+    ({'model.scan_layers': None}, 'model.scan_layers'),
+    ({'train.grad_accum_steps': 0}, 'train.grad_accum_steps'),
+    ({'train.grad_accum_steps': 3}, 'train.grad_accum_steps'),  # 4096 % (3 * 8 shards)
+    ({'mesh.fsdp': 0}, 'config.mesh.fsdp'),
+    ({'mesh.tensor': -2}, 'config.mesh.tensor'),
+    ({'mesh_dcn.data': -1}, 'config.mesh_dcn.data'),
+    ({'mesh_dcn.tensor': 0}, 'config.mesh_dcn.tensor'),
+    ({'mesh.fsdp': -1}, 'config.mesh:'),  # data is -1 too
+    ({'sharding_rules.embed': 'model'}, 'config.sharding_rules.embed'),
+    ({'sharding_rules.heads': 'tensor,tensor'}, 'config.sharding_rules.heads'),
 ]
 
 

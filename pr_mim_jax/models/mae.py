@@ -52,10 +52,12 @@ class MaskedAutoencoder(nn.Module):
   window: int = 3
   key_width: int = 64
   aggregator_heads: int = 4
+  remat: str = "none"  # per transformer block (encoder and decoder): a vit.REMAT_POLICIES key
+  scan_layers: bool = False  # nn.scan over the encoder blocks
 
   def setup(self):
     self.encoder = vit.Encoder(self.spec, self.image_size, self.posemb, self.mlp_ratio,
-                               self.dtype, name="encoder")
+                               self.dtype, self.remat, self.scan_layers, name="encoder")
     self.decoder_embed = nn.Dense(
         self.decoder_width, dtype=self.dtype,
         kernel_init=vit.partitioned(nn.initializers.xavier_uniform(), ("embed", None)),
@@ -63,8 +65,9 @@ class MaskedAutoencoder(nn.Module):
     self.mask_token = self.param(
         "mask_token", vit.partitioned(nn.initializers.normal(0.02), (None, None, "embed")),
         (1, 1, self.decoder_width))
-    self.decoder_blocks = [vit.Block(self.decoder_heads, self.mlp_ratio, self.dtype,
-                                     name=f"decoder_block{i}") for i in range(self.decoder_depth)]
+    block = vit.block_class(self.remat)
+    self.decoder_blocks = [block(self.decoder_heads, self.mlp_ratio, self.dtype,
+                                 name=f"decoder_block{i}") for i in range(self.decoder_depth)]
     self.decoder_norm = vit.layer_norm(self.dtype, "decoder_norm")
     if self.thrown_reconstruction == "progressive" and self.aggregator != "last_block":
       self.thrown = progressive.LocalAggregator(
@@ -187,6 +190,8 @@ def build(model_cfg, reconstruction_cfg=None, pred_dim: int = 0) -> MaskedAutoen
       dtype=jnp.dtype(model_cfg.compute_dtype),
       pred_dim=pred_dim,
       decoder=model_cfg.get("decoder", "self_attention"),
+      remat=model_cfg.get("remat", "none"),
+      scan_layers=model_cfg.get("scan_layers", False),
       **extra)
 
 

@@ -6,6 +6,7 @@ kernel is stored as [D, 3, heads, head_dim], which reshapes to timm's [3*D, D] w
 """
 
 import dataclasses
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -26,6 +27,16 @@ VARIANTS = {
 
 LN_EPS = 1e-6
 Dtype = Any
+
+# Rematerialization per transformer block: 'none' keeps every activation for the backward
+# pass; 'full' keeps only each block's input; 'dots_saveable' also keeps the outputs of
+# matmuls without batch dims (the Dense/qkv/proj/MLP products; attention logits and softmax
+# are recomputed) via jax.checkpoint_policies.dots_with_no_batch_dims_saveable.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +166,15 @@ class Block(nn.Module):
     return constrain(x, ("batch", "tokens", "embed"))
 
 
+def block_class(remat: str = "none", prevent_cse: bool = True):
+  """Block, wrapped in nn.remat for remat != 'none'; param names are unchanged."""
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat {remat!r}; use one of {tuple(REMAT_POLICIES)}")
+  if remat == "none":
+    return Block
+  return nn.remat(Block, policy=REMAT_POLICIES[remat], prevent_cse=prevent_cse)
+
+
 def patchify(images, patch: int):
   """[B, H, W, C] -> [B, L, patch*patch*C], patches row-major, pixels in (p, q, c) order."""
   b, h, w, c = images.shape
@@ -188,6 +208,8 @@ class Encoder(nn.Module):
   posemb: str = "sincos"  # 'sincos' (fixed, MAE) | 'learned' (timm, covers cls too)
   mlp_ratio: float = 4.0
   dtype: Dtype = jnp.float32
+  remat: str = "none"  # a REMAT_POLICIES key
+  scan_layers: bool = False  # nn.scan over blocks: params 'blocks' with a leading 'layers' axis
 
   @property
   def grid(self) -> int:
@@ -225,6 +247,85 @@ class Encoder(nn.Module):
     cls = (cls + table[:1][None]).astype(self.dtype)
     x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, d)), x], axis=1)  # [B, 1+K, D]
     x = constrain(x, ("batch", "tokens", "embed"))
-    for i in range(self.spec.depth):
-      x = Block(self.spec.heads, self.mlp_ratio, self.dtype, name=f"block{i}")(x)
+    if self.scan_layers:
+      block = block_class(self.remat, prevent_cse=False)(
+          self.spec.heads, self.mlp_ratio, self.dtype, name="blocks")
+      scan = nn.scan(lambda mdl, carry, _: (mdl(carry), None),
+                     variable_axes={"params": 0}, split_rngs={"params": True},
+                     length=self.spec.depth, metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = scan(block, x, None)
+    else:
+      cls = block_class(self.remat)
+      for i in range(self.spec.depth):
+        x = cls(self.spec.heads, self.mlp_ratio, self.dtype, name=f"block{i}")(x)
     return layer_norm(self.dtype, "norm")(x)
+
+
+# Scanned <-> unscanned encoder layouts. Both walk any pytree (params, or a whole train
+# state whose optimizer holds params-shaped subtrees): a dict with keys block0..block{n-1}
+# (the encoder's; decoder blocks are named decoder_block{i}) <-> one key 'blocks' whose
+# leaves carry a leading layer axis. Leaves may be arrays or ShapeDtypeStructs (the
+# NamedSharding spec gains / loses a leading None).
+_BLOCK_KEY = re.compile(r"block(\d+)")
+
+
+def _block_ids(node) -> list[int]:
+  if not isinstance(node, dict):
+    return []
+  return sorted(int(m.group(1)) for k in node if isinstance(k, str)
+                for m in [_BLOCK_KEY.fullmatch(k)] if m)
+
+
+def _stack(*xs):
+  x = xs[0]
+  if isinstance(x, jax.ShapeDtypeStruct):
+    sharding = x.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(None, *sharding.spec))
+    return jax.ShapeDtypeStruct((len(xs),) + tuple(x.shape), x.dtype, sharding=sharding)
+  return jnp.stack(xs)
+
+
+def _unstack(x, n: int) -> list:
+  if isinstance(x, jax.ShapeDtypeStruct):
+    sharding = x.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
+    return [jax.ShapeDtypeStruct(tuple(x.shape[1:]), x.dtype, sharding=sharding)] * n
+  return [x[i] for i in range(n)]
+
+
+def scan_params(tree):
+  """{..., 'block0': t0, ..., 'block{n-1}': t} -> {..., 'blocks': stack(t_i)} wherever it occurs."""
+  def convert(node):
+    ids = _block_ids(node)
+    if not ids:
+      return node
+    assert ids == list(range(len(ids))), f"blocks are not block0..block{len(ids) - 1}: {ids}"
+    out = {k: v for k, v in node.items() if not (isinstance(k, str) and _BLOCK_KEY.fullmatch(k))}
+    out["blocks"] = jax.tree.map(_stack, *[node[f"block{i}"] for i in ids])
+    return out
+  return jax.tree.map(convert, tree, is_leaf=lambda n: bool(_block_ids(n)))
+
+
+def unscan_params(tree):
+  """Inverse of `scan_params`: 'blocks' [n, ...] -> 'block0'..'block{n-1}'."""
+  is_scanned = lambda n: isinstance(n, dict) and "blocks" in n
+
+  def convert(node):
+    if not is_scanned(node):
+      return node
+    blocks = node["blocks"]
+    n = jax.tree.leaves(blocks)[0].shape[0]
+    out = {k: v for k, v in node.items() if k != "blocks"}
+    per_leaf = jax.tree.map(lambda x: _unstack(x, n), blocks)
+    for i in range(n):
+      out[f"block{i}"] = jax.tree.map(lambda parts: parts[i], per_leaf,
+                                      is_leaf=lambda v: isinstance(v, list))
+    return out
+  return jax.tree.map(convert, tree, is_leaf=is_scanned)
+
+
+# For checkpointing.Checkpointer.restore: a checkpoint of either layout loads into a model of
+# the other. (to_saved, from_saved) pairs over the whole train state.
+CHECKPOINT_RELAYOUTS = ((scan_params, unscan_params), (unscan_params, scan_params))

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Pre-train on a Cloud TPU VM slice: create (or reuse) it, install on every worker, run on all
+# workers at once and stream the logs. jax.distributed detects the pod by itself.
+#   launch/tpu_pod.sh WORKDIR [--config.FIELD=VALUE ...]      (WORKDIR: a gs:// path)
+# Environment (required): TPU_NAME, ZONE, PROJECT. Optional: ACCELERATOR (default v4-32),
+# RUNTIME (default tpu-ubuntu2204-base), CONFIG (default configs/pretrain.py:variant=B/16),
+# DATA_DIR (gs:// tfds data_dir), REPO (git URL to clone; default: copy this checkout).
+set -euo pipefail
+workdir=${1:?usage: launch/tpu_pod.sh gs://BUCKET/WORKDIR [--config.FIELD=VALUE ...]}
+shift
+: "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}" "${PROJECT:?set PROJECT}"
+accelerator=${ACCELERATOR:-v4-32}
+runtime=${RUNTIME:-tpu-ubuntu2204-base}
+config=${CONFIG:-configs/pretrain.py:variant=B/16}
+tpu=(gcloud compute tpus tpu-vm --project="$PROJECT" --zone="$ZONE")
+
+if ! "${tpu[@]}" describe "$TPU_NAME" >/dev/null 2>&1; then
+  "${tpu[@]}" create "$TPU_NAME" --accelerator-type="$accelerator" --version="$runtime"
+fi
+
+# The same code on every worker: clone REPO, or copy this checkout.
+if [ -n "${REPO:-}" ]; then
+  "${tpu[@]}" ssh "$TPU_NAME" --worker=all --command="rm -rf pr_mim_jax && git clone -q $REPO pr_mim_jax"
+else
+  tar czf /tmp/pr_mim_jax.tgz --exclude=.venv --exclude=workdirs --exclude=.git .
+  "${tpu[@]}" scp /tmp/pr_mim_jax.tgz "$TPU_NAME":pr_mim_jax.tgz --worker=all
+  "${tpu[@]}" ssh "$TPU_NAME" --worker=all --command="rm -rf pr_mim_jax && mkdir pr_mim_jax && tar xzf pr_mim_jax.tgz -C pr_mim_jax"
+fi
+"${tpu[@]}" ssh "$TPU_NAME" --worker=all --command="cd pr_mim_jax && python3 -m venv .venv && . .venv/bin/activate && pip install -q -U 'jax[tpu]' -r requirements.txt"
+
+args=(--config="$config" --workdir="$workdir")
+[ -n "${DATA_DIR:-}" ] && args+=(--config.data.data_dir="$DATA_DIR")
+# Every worker runs the same command; ssh streams all workers' output here.
+"${tpu[@]}" ssh "$TPU_NAME" --worker=all --command="cd pr_mim_jax && . .venv/bin/activate && python -m pr_mim_jax.main ${args[*]} $*"
