@@ -1,7 +1,10 @@
 """Shared fixtures: a tiny pre-training config on a tiny embedded dataset."""
 
 import importlib.util
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -33,6 +36,17 @@ TINY_OVERRIDES = {
     "knn.test_examples": 32,
     "knn.batch_size": 64,
 }
+
+
+def run_with_fake_devices(code: str, devices: int = 8, timeout: int = 600):
+  """Runs `python -c code` with `devices` fake CPU devices; returns the finished process.
+
+  The device count must be set before JAX initialises, hence a fresh process.
+  """
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
+      os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}").strip())
+  return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=timeout, check=False)
 
 
 def load_config(arg: str = "dataset=shapes"):

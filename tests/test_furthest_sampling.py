@@ -1,9 +1,6 @@
 """Tests for pr_mim_jax.furthest_sampling and the coverage it gives make_masks('furthest')."""
 
 import functools
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +9,7 @@ import pytest
 
 from pr_mim_jax import furthest_sampling
 from pr_mim_jax import masking
-from conftest import ROOT
+from conftest import run_with_fake_devices
 
 
 def _fps_numpy(noise, kept, grid, num_samples):
@@ -171,10 +168,6 @@ print('SHARDED_OK')
 
 
 def test_batch_sharded_over_8_devices_matches_single_device():
-  # The fake device count must be set before JAX initialises: run in a fresh process.
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=(
-      os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip())
-  proc = subprocess.run([sys.executable, '-c', _SHARDED_CHECK], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=300, check=False)
+  proc = run_with_fake_devices(_SHARDED_CHECK, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'SHARDED_OK' in proc.stdout

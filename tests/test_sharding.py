@@ -1,9 +1,6 @@
 """Tests for pr_mim_jax.sharding: meshes and rules from the config, on 8 fake CPU devices."""
 
 import json
-import os
-import subprocess
-import sys
 import types
 
 import numpy as np
@@ -12,7 +9,7 @@ import pytest
 from pr_mim_jax import config_validation
 from pr_mim_jax import sharding
 from pr_mim_jax.errors import UserError
-from conftest import ROOT, TINY_OVERRIDES, apply_overrides, load_config
+from conftest import TINY_OVERRIDES, apply_overrides, load_config, run_with_fake_devices
 
 
 def _config(mesh=None, mesh_dcn=None):
@@ -233,11 +230,7 @@ print("JSON" + json.dumps(out))
 
 @pytest.fixture(scope="module")
 def multi_device():
-  # The fake device count must be set before JAX initialises: run in a fresh process.
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
-      os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip())
-  proc = subprocess.run([sys.executable, "-c", _MULTI_DEVICE], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600, check=False)
+  proc = run_with_fake_devices(_MULTI_DEVICE)
   assert proc.returncode == 0, proc.stderr[-4000:]
   line = [l for l in proc.stdout.splitlines() if l.startswith("JSON")][-1]
   return json.loads(line[4:])
