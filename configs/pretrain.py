@@ -79,7 +79,8 @@ def get_config(arg=None):
       train_split="train",
       eval_split="test" if demo else "validation",
       data_dir=ml_collections.FieldReference(None, field_type=str),  # tfds data_dir; None = default
-      shapes=dict(image_size=64, train_size=20000, test_size=2000, seed=0),
+      shapes=dict(image_size=64, train_size=20000, test_size=2000, seed=0,
+                  difficulty="hard"),  # 'hard' | 'easy' (sanity check; shapes.py)
       crop_min_scale=0.5 if demo else 0.2,  # random resized crop area share in [this, 1] (MAE: 0.2)
       prefetch=2,  # device batches prefetched
       num_parallel_calls=-1,  # -1 = AUTOTUNE

@@ -191,6 +191,44 @@ class Checkpointer:
     return jax.tree.map(lambda x, t: jax.device_put(x, getattr(t, 'sharding', None)),
                         convert(restored[_ITEM]), final)
 
+  def restore_subtree(self, keys: tuple[str, ...], sharding, step: int | None = None):
+    """Reads only the subtree at `keys` of a saved state (e.g. ('params', 'encoder')).
+
+    Returns (subtree of arrays placed with `sharding`, step). Nothing else is read, so a
+    pre-training checkpoint's optimizer state costs no memory.
+    """
+    self.wait()
+    step = self.latest_step() if step is None else int(step)
+    if step is None or step not in self.all_steps():
+      raise CheckpointError(f'No complete checkpoint {"" if step is None else step} in '
+                            f'{self.directory}; available steps: {self.all_steps()}.')
+    try:
+      node = self._mngr.item_metadata(step)[_ITEM].tree
+    except Exception as e:
+      raise CheckpointError(f'Checkpoint {self.directory / str(step)} is damaged or '
+                            f'unreadable ({_short(e)}).') from e
+    for i, key in enumerate(keys):
+      if not isinstance(node, dict) or key not in node:
+        have = sorted(node) if isinstance(node, dict) else type(node).__name__
+        raise CheckpointError(f'Checkpoint {self.directory / str(step)} has no '
+                              f'{"/".join(keys[:i + 1])} (it has {have}); is it a '
+                              'pre-training checkpoint of this project?')
+      node = node[key]
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), node)
+    for key in reversed(keys):
+      target = {key: target}
+    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), target)
+    try:
+      restored = ocp.PyTreeCheckpointer().restore(
+          self.directory / str(step) / _ITEM, args=ocp.args.PyTreeRestore(
+              item=target, restore_args=restore_args, partial_restore=True))
+    except Exception as e:
+      raise CheckpointError(f'Checkpoint {self.directory / str(step)} is damaged or '
+                            f'unreadable ({_short(e)}).') from e
+    for key in keys:
+      restored = restored[key]
+    return restored, step
+
   def close(self) -> None:
     """Waits for pending saves, then stops orbax's background threads."""
     try:

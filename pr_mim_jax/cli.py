@@ -20,6 +20,17 @@ def fail(message: str) -> None:
   sys.exit(EXIT_USER_ERROR)
 
 
+def output_dir(path: str, flag: str):
+  """The directory `path` (local or gs://), created; a UserError naming --flag otherwise."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  out = epath.Path(path)
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"--{flag}: cannot create {out}: {e.strerror}") from None
+  return out
+
+
 def _unknown_override(argv, error: Exception) -> str | None:
   """Name the --config.x.y=... flag behind a KeyError/AttributeError from ml_collections."""
   for err in (error, error.__cause__, error.__context__):

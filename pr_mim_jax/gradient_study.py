@@ -200,11 +200,7 @@ def _run(f: types.SimpleNamespace) -> int:
   settings = f.settings.value
   for s in settings:  # every entry checked before anything trains
     setting_config(config, s)
-  out = epath.Path(f.out.value)
-  try:
-    out.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise UserError(f"--out: cannot create {out}: {e.strerror}") from None
+  out = cli.output_dir(f.out.value, "out")
   absl_logging.use_absl_handler()
   absl_logging.set_verbosity(absl_logging.INFO)
   pretrain.setup_jax(config)

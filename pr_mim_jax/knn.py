@@ -24,7 +24,8 @@ def pool_features(tokens, feature: str):
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _embed(model, feature, params, images):
-  tokens = model.apply({"params": params}, images, method=model.encode)  # [B, 1+L, D]
+  # MaskedAutoencoder.encode, or a bare vit.Encoder's __call__.
+  tokens = model.apply({"params": params}, images, method=getattr(type(model), "encode", None))  # [B, 1+L, D]
   return pool_features(tokens, feature).astype(jnp.float32)
 
 
@@ -51,9 +52,13 @@ def knn_predict(train_feats, train_labels, test_feats, *, k: int, num_classes: i
 
 
 def knn_accuracy(train_feats, train_labels, test_feats, test_labels, *, k: int = 20,
-                 temperature: float = 0.07) -> float:
-  """Top-1 accuracy of the weighted cosine k-NN classifier."""
+                 temperature: float = 0.07, chunk: int = 1024) -> float:
+  """Top-1 accuracy of the weighted cosine k-NN classifier (test features in chunks)."""
   num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-  scores = knn_predict(train_feats, train_labels, test_feats, k=min(k, len(train_feats)),
-                       num_classes=num_classes, temperature=temperature)
-  return float(np.mean(np.asarray(scores).argmax(-1) == test_labels))
+  correct = 0
+  for start in range(0, len(test_feats), chunk):
+    scores = knn_predict(train_feats, train_labels, test_feats[start:start + chunk],
+                         k=min(k, len(train_feats)), num_classes=num_classes,
+                         temperature=temperature)
+    correct += int(np.sum(np.asarray(scores).argmax(-1) == test_labels[start:start + chunk]))
+  return correct / len(test_feats)

@@ -1,5 +1,8 @@
 r"""Command line: python -m pr_mim_jax.main --config=configs/FILE.py[:k=v,...] --workdir=DIR [--config.x=y]
 
+config.mode picks the job: pretrain (configs/pretrain.py), linear_probe
+(configs/linear_probe.py), finetune (configs/finetune.py) or knn (configs/knn.py).
+
 Invalid flags and config values stop before anything compiles, with one line that
 names the field and the fix, and exit code 2.
 """
@@ -24,7 +27,7 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of proc
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in the job (or JAX_NUM_PROCESSES).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (or JAX_PROCESS_ID).")
 
-MODES = ("pretrain",)
+MODES = ("pretrain", "linear_probe", "finetune", "knn")
 REQUIRED = {"config": "configs/pretrain.py:dataset=shapes", "workdir": "workdirs/demo"}
 
 
@@ -36,14 +39,20 @@ def _run() -> int:
   from pr_mim_jax import distributed  # pylint: disable=g-import-not-at-top
   from pr_mim_jax import pretrain  # pylint: disable=g-import-not-at-top
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  pretrain.check_config(config)  # before INFO logging, so a mistake prints one line
+  if mode == "pretrain":
+    run, check = pretrain.train, pretrain.check_config
+  else:
+    from pr_mim_jax import classify  # pylint: disable=g-import-not-at-top
+    run, check = ((classify.knn_eval, classify.check_knn_config) if mode == "knn"
+                  else (classify.train, classify.check_config))
+  check(config)  # before INFO logging, so a mistake prints one line
   absl_logging.use_absl_handler()
   absl_logging.set_verbosity(absl_logging.INFO)
   # orbax narrates every save at INFO; keep its warnings and errors only.
   absl_logging.get_absl_handler().addFilter(
       lambda r: r.levelno >= logging.WARNING or "/orbax/" not in r.pathname)
   try:
-    summary = pretrain.train(config, _WORKDIR.value)
+    summary = run(config, _WORKDIR.value)
   except pretrain.NonFiniteLossError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -130,6 +130,15 @@ class KnnMonitor:
                             temperature=self.cfg.temperature)
 
 
+def log_metrics(step: int, pending: list, peak_lr: float, progress, writer) -> dict:
+  """Means of the pending steps' metrics (after the finite check) plus steps/s, written."""
+  fetched = check_finite(step, pending, peak_lr)
+  means = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1]}
+  means.update(progress.report(step))
+  writer.write_scalars(step, means)
+  return means
+
+
 def write_reconstructions(workdir, writer, model, params, images, state_rng, step, task):
   """PNG (workdir/images/) and TensorBoard grid of original | token map | reconstruction.
 
@@ -221,12 +230,8 @@ def train(config, workdir: str) -> dict:
         pending.append((step, step_metrics))
         last = step == total_steps
         if step % config.train.log_every == 0 or last:
-          fetched = check_finite(step, pending, peak)
+          summary["loss"] = log_metrics(step, pending, peak, progress, writer)["loss"]
           pending = []
-          means = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1]}
-          means.update(progress.report(step))
-          writer.write_scalars(step, means)
-          summary["loss"] = means["loss"]
         if step % config.train.image_every == 0 or last:
           write_reconstructions(workdir, writer, model, state.params,
                                 batch["image"][:config.train.num_images], state.rng, step, task)

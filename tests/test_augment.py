@@ -130,3 +130,14 @@ def test_tf_eval_transform(tfa):
   out = tfa.eval_transform(np.broadcast_to(COLOUR, (30, 50, 3)).copy(), SIZE).numpy()
   assert out.shape == (SIZE, SIZE, 3)
   np.testing.assert_allclose(out, np.broadcast_to(augment_np.normalize(COLOUR), out.shape), atol=1e-4)
+
+
+def test_crop_flip_is_train_augment_before_normalising(tfa):
+  img = _gradient()
+  np.testing.assert_array_equal(
+      augment_np.normalize(augment_np.crop_flip(img, augment_np.example_rng(1, 2, 3), SIZE)),
+      augment_np.train_augment(img, augment_np.example_rng(1, 2, 3), SIZE))
+  raw = tfa.crop_flip(img, 1, 2, 3, SIZE, encoded=False)
+  assert raw.dtype == tfa.tf.float32 and float(tfa.tf.reduce_max(raw)) > 10  # [0, 255] pixels
+  np.testing.assert_array_equal(tfa.normalize(raw).numpy(),
+                                tfa.train_augment(img, 1, 2, 3, SIZE, encoded=False).numpy())

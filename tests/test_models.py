@@ -142,7 +142,7 @@ def np_patchify(images, p):
   return out
 
 
-def np_encoder(params, images, ids_keep, posemb_kind='sincos'):
+def np_encoder(params, images, ids_keep, posemb_kind='sincos', final_norm=True):
   """MAE's forward_encoder: embed all patches, add posemb, keep a subset, prepend cls."""
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
   d, pp = SPEC.width, SPEC.patch
@@ -156,7 +156,7 @@ def np_encoder(params, images, ids_keep, posemb_kind='sincos'):
   x = np.concatenate([np.broadcast_to(cls, (x.shape[0], 1, d)), x], axis=1)
   for i in range(SPEC.depth):
     x = np_block(x, params[f'block{i}'])
-  return np_layer_norm(x, p['norm'])
+  return np_layer_norm(x, p['norm']) if final_norm else x
 
 
 def np_decoder(params, latent, ids_vis, ids_dec, dw=8, depth=2):
@@ -424,3 +424,145 @@ def test_predictions_depend_only_on_visible_pixels():
   changed = jnp.asarray(np.asarray(images) + keep * 0.5, jnp.float32)
   out = np.asarray(forward(params, changed, ids_vis, ids_dec))
   assert np.abs(out - base).max() > 1e-4
+
+
+# ----------------------------------------------------------------------------------------
+# Drop path (stochastic depth) and pooled encoder outputs.
+
+def _encoder_params(encoder, seed=0):
+  return _np_params(encoder, _images(), seed=seed)
+
+
+@functools.lru_cache(maxsize=None)
+def _encoder_fn(drop_path=0.0, remat='none', scan_layers=False, train=False, pool='none',
+                depth=SPEC.depth):
+  spec = vit.VitSpec(SPEC.width, depth, SPEC.heads, PATCH)
+  encoder = vit.Encoder(spec, IMAGE, remat=remat, scan_layers=scan_layers, drop_path=drop_path)
+  fn = jax.jit(lambda p, x, key: encoder.apply({'params': p}, x, train=train, pool=pool,
+                                               rngs={'dropout': key}))
+  return encoder, fn
+
+
+def test_drop_path_rates_linspace():
+  np.testing.assert_allclose(vit.drop_path_rates(0.3, 4), [0.0, 0.1, 0.2, 0.3])
+  np.testing.assert_array_equal(vit.drop_path_rates(0.5, 1), [0.0])
+
+
+def test_stochastic_depth_per_example_statistics():
+  branch = jnp.ones((4096, 3, 2))
+  out = np.asarray(jax.jit(vit.stochastic_depth)(branch, 0.5, jax.random.key(0)))
+  per_example = out[:, 0, 0]
+  # Whole examples are dropped (0) or kept and rescaled (1 / 0.5 = 2), never single tokens.
+  assert set(np.unique(out)) == {0.0, 2.0}
+  np.testing.assert_array_equal(out, np.broadcast_to(per_example[:, None, None], out.shape))
+  assert abs((per_example == 0).mean() - 0.5) < 0.05  # binomial std ~0.008
+  assert abs(out.mean() - 1.0) < 0.1  # expectation preserved
+  # Rate 0 keeps everything, exactly; a traced rate works too (scan feeds one per layer).
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 3)), jnp.float32)
+  np.testing.assert_array_equal(np.asarray(vit.stochastic_depth(x, 0.0, jax.random.key(1))),
+                                np.asarray(x))
+  out = jax.jit(vit.stochastic_depth)(x, jnp.float32(0.25), jax.random.key(1))
+  ratio = np.asarray(out) / np.asarray(x)  # [8, 3]
+  assert np.all(np.isclose(ratio, 0.0) | np.isclose(ratio, 1 / 0.75, rtol=1e-6))
+
+
+def test_block_drop_path_identity_when_off():
+  x = _images(seed=3)[:, :5, :, 0].reshape(2, 5, 16)[..., :8]  # [2, 5, 8]
+  params = _np_params(vit.Block(heads=2), x, seed=3)
+  plain = np.asarray(jax.jit(vit.Block(heads=2).apply)({'params': params}, x))
+  dropped = vit.Block(heads=2, drop_path=0.5)
+  # deterministic (the default) -> bit-identical, and needs no rng.
+  out = jax.jit(dropped.apply)({'params': params}, x)
+  np.testing.assert_array_equal(np.asarray(out), plain)
+  # Rate 0 while training -> bit-identical too.
+  train = jax.jit(lambda p, x: vit.Block(heads=2).apply({'params': p}, x, None, False,
+                                                        rngs={'dropout': jax.random.key(0)}))
+  out = train(params, x)
+  np.testing.assert_array_equal(np.asarray(out), plain)
+
+
+def test_block_drop_path_drops_whole_branches_per_example():
+  """Each example's output is x + ka * 2 attn(..) then + km * 2 mlp(..), ka, km in {0, 1}."""
+  batch = 64
+  x = jnp.asarray(np.random.default_rng(4).normal(size=(batch, 3, 8)), jnp.float32)
+  block = vit.Block(heads=2, drop_path=0.5)
+  params = _np_params(block, x, seed=4)
+  out = np.asarray(jax.jit(lambda p, x: block.apply(
+      {'params': p}, x, deterministic=False, rngs={'dropout': jax.random.key(5)}))(params, x))
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  xn = np.asarray(x, np.float64)
+  combos = {}
+  for ka in (0, 1):
+    h = xn + ka * 2 * np_attention(np_layer_norm(xn, p['norm1']), p['attn'])
+    for km in (0, 1):
+      combos[(ka, km)] = h + km * 2 * np_mlp(np_layer_norm(h, p['norm2']), p['mlp'])
+  seen = []
+  for b in range(batch):
+    match = [c for c, ref in combos.items() if np.allclose(out[b], ref[b], rtol=1e-4, atol=1e-4)]
+    assert len(match) == 1, (b, match)
+    seen.append(match[0])
+  counts = {c: seen.count(c) for c in combos}
+  assert all(n >= 5 for n in counts.values()), counts  # each ~16 of 64
+
+
+def test_encoder_drop_path_off_in_eval_and_at_rate_zero():
+  params = _encoder_params(vit.Encoder(SPEC, IMAGE), seed=20)
+  images, key = _images(seed=21), jax.random.key(0)
+  base = np.asarray(_encoder_fn()[1](params, images, key))
+  for kw in (dict(drop_path=0.5), dict(drop_path=0.0, train=True)):
+    np.testing.assert_array_equal(np.asarray(_encoder_fn(**kw)[1](params, images, key)), base)
+  # Depth 1: linspace(0, rate, 1) = [0], so training changes nothing either.
+  params1 = _encoder_params(vit.Encoder(vit.VitSpec(16, 1, 2, PATCH), IMAGE), seed=22)
+  eval1 = _encoder_fn(depth=1)[1](params1, images, key)
+  train1 = _encoder_fn(drop_path=0.5, train=True, depth=1)[1](params1, images, key)
+  np.testing.assert_array_equal(np.asarray(train1), np.asarray(eval1))
+
+
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_encoder_drop_path_under_remat_and_scan(scan_layers):
+  """Identical examples: block 0 (rate 0) is deterministic, block 1 (rate 0.5) drops each
+  branch per example, so training outputs take exactly 4 distinct values. Remat gives the
+  same outputs (same rngs); gradients flow."""
+  convert = vit.scan_params if scan_layers else (lambda t: t)
+  params = convert(_encoder_params(vit.Encoder(SPEC, IMAGE), seed=23))
+  images = jnp.broadcast_to(_images(seed=24, batch=1), (64, IMAGE, IMAGE, 3))
+  key = jax.random.key(1)
+  outs = {}
+  for remat in ('none', 'full'):
+    _, fn = _encoder_fn(0.5, remat, scan_layers, train=True, pool='gap')
+    outs[remat] = np.asarray(fn(params, images, key))  # [64, D]
+  np.testing.assert_allclose(outs['full'], outs['none'], rtol=1e-5, atol=1e-5)
+  distinct = np.unique(np.round(outs['none'], 4), axis=0)
+  assert len(distinct) == 4, len(distinct)
+  # Eval: the same as the unrolled, drop-path-free encoder.
+  _, eval_fn = _encoder_fn(0.5, 'full', scan_layers, pool='gap')
+  unrolled = vit.unscan_params(params) if scan_layers else params
+  ref = _encoder_fn(pool='gap')[1](unrolled, images[:2], key)
+  np.testing.assert_allclose(np.asarray(eval_fn(params, images[:2], key)), np.asarray(ref),
+                             rtol=1e-5, atol=1e-5)
+  encoder, _ = _encoder_fn(0.5, 'full', scan_layers)
+  loss = lambda p: encoder.apply({'params': p}, images[:4], train=True, pool='gap',
+                                 rngs={'dropout': key}).sum()
+  grads = jax.jit(jax.grad(loss))(params)
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
+def test_encoder_pool_modes_match_numpy():
+  params = _encoder_params(vit.Encoder(SPEC, IMAGE), seed=25)
+  images, key = _images(seed=26), jax.random.key(0)
+  ids = np.tile(np.arange(L), (2, 1))
+  tokens = np.asarray(_encoder_fn(pool='none')[1](params, images, key))
+  np.testing.assert_allclose(tokens, np_encoder(params, images, ids), rtol=2e-4, atol=2e-4)
+  cls = np.asarray(_encoder_fn(pool='cls')[1](params, images, key))
+  assert cls.shape == (2, SPEC.width)
+  np.testing.assert_allclose(cls, tokens[:, 0], rtol=1e-6, atol=1e-6)
+  # gap = MAE's fc_norm(mean of the pre-norm patch tokens), fc_norm being the encoder's 'norm'.
+  gap = np.asarray(_encoder_fn(pool='gap')[1](params, images, key))
+  pre_norm = np_encoder(params, images, ids, final_norm=False)
+  norm = jax.tree.map(lambda a: np.asarray(a, np.float64), params['norm'])
+  np.testing.assert_allclose(gap, np_layer_norm(pre_norm[:, 1:].mean(1), norm),
+                             rtol=2e-4, atol=2e-4)
+  # Not the mean of the normed tokens.
+  assert np.abs(gap - tokens[:, 1:].mean(1)).max() > 1e-2
+  with pytest.raises(ValueError):
+    vit.Encoder(SPEC, IMAGE).apply({'params': params}, images, pool='max')

@@ -1,5 +1,7 @@
-"""Tests for pr_mim_jax.optim: decay mask, lr scaling and schedule, AdamW, clipping."""
+"""Tests for pr_mim_jax.optim: decay mask, lr scaling and schedule, AdamW, clipping, layer-wise
+lr decay, the linear-probe LARS and the EMA."""
 
+import functools
 import math
 
 import flax
@@ -12,6 +14,7 @@ import optax
 import pytest
 
 from pr_mim_jax import optim
+from pr_mim_jax.models import classifier
 from pr_mim_jax.models import mae
 from pr_mim_jax.models import vit
 
@@ -232,3 +235,195 @@ def test_very_short_runs_have_a_valid_schedule(override):
   values = [float(sched(s)) for s in range(total + 1)]
   assert all(0.0 <= v <= 1.0 for v in values)
   assert values[-1] == pytest.approx(0.0, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------
+# Fine-tuning (layer-wise lr decay), linear probing (LARS on the head), EMA.
+
+DEPTH = 3
+
+
+def classifier_shapes(scan_layers=False, posemb='learned'):
+  model = classifier.Classifier(vit.VitSpec(16, DEPTH, 2, PATCH), IMAGE, 5, posemb=posemb,
+                                scan_layers=scan_layers)
+  variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                             jnp.zeros((1, IMAGE, IMAGE, 3)))
+  return nn.unbox(variables['params'])
+
+
+_BLOCK_LEAVES = ('norm1/scale', 'norm1/bias', 'attn/qkv/kernel', 'attn/qkv/bias',
+                 'attn/proj/kernel', 'attn/proj/bias', 'norm2/scale', 'norm2/bias',
+                 'mlp/fc1/kernel', 'mlp/fc1/bias', 'mlp/fc2/kernel', 'mlp/fc2/bias')
+# BEiT / MAE layer ids of a depth-3 classifier, written out by hand.
+LAYER_IDS = {
+    'encoder/patch_embed_kernel': 0, 'encoder/patch_embed_bias': 0,
+    'encoder/cls_token': 0, 'encoder/pos_embedding': 0,
+    **{f'encoder/block0/{k}': 1 for k in _BLOCK_LEAVES},
+    **{f'encoder/block1/{k}': 2 for k in _BLOCK_LEAVES},
+    **{f'encoder/block2/{k}': 3 for k in _BLOCK_LEAVES},
+    'encoder/norm/scale': 4, 'encoder/norm/bias': 4,
+    'head/dense/kernel': 4, 'head/dense/bias': 4,
+}
+
+
+def _flat(tree):
+  return {'/'.join(k): v for k, v in flax.traverse_util.flatten_dict(tree).items()}
+
+
+def test_layer_id_for_every_param():
+  flat = _flat(classifier_shapes())
+  assert set(flat) == set(LAYER_IDS)
+  got = {k: optim.layer_id(tuple(k.split('/')), DEPTH) for k in flat}
+  assert got == LAYER_IDS
+  with pytest.raises(ValueError, match='scanned'):
+    optim.layer_id(('encoder', 'blocks', 'attn', 'qkv', 'kernel'), DEPTH)
+
+
+def test_layer_decay_scales_hand_values():
+  decay = 0.5
+  # decay ** (4 - id): embed 1/16, block0 1/8, block1 1/4, block2 1/2, norm + head 1.
+  by_id = {0: 0.0625, 1: 0.125, 2: 0.25, 3: 0.5, 4: 1.0}
+  scales = _flat(optim.layer_decay_scales(classifier_shapes(), DEPTH, decay))
+  assert scales == {k: by_id[i] for k, i in LAYER_IDS.items()}
+  # Scanned: one row per block, broadcasting against the stacked leaf.
+  shapes = classifier_shapes(scan_layers=True)
+  scanned = _flat(optim.layer_decay_scales(shapes, DEPTH, decay))
+  flat_shapes = _flat(shapes)
+  for k, s in scanned.items():
+    if '/blocks/' in k:
+      leaf = flat_shapes[k]
+      assert s.shape == (DEPTH,) + (1,) * (len(leaf.shape) - 1), k
+      np.testing.assert_array_equal(s.reshape(-1), [0.125, 0.25, 0.5])
+      assert np.broadcast_shapes(s.shape, leaf.shape) == leaf.shape
+    else:
+      assert s == by_id[LAYER_IDS[k]], k
+  assert {k.replace('/blocks/', '/block0/') for k in scanned} == {
+      k for k in LAYER_IDS if '/block1/' not in k and '/block2/' not in k}
+
+
+def ft_cfg(**overrides):
+  return optim_cfg(**dict(dict(b2=0.999, layer_decay=0.75), **overrides))
+
+
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_finetune_update_is_layer_scaled_adamw(scan_layers):
+  shapes = classifier_shapes(scan_layers)
+  params = np_params(shapes, seed=1)
+  rng = np.random.default_rng(2)
+  grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+  lr, wd, decay = 0.01, 0.05, 0.75
+  tx = optim.make_finetune_optimizer(ft_cfg(weight_decay=wd, layer_decay=decay),
+                                     optax.constant_schedule(lr), shapes, DEPTH)
+  ref_tx = optax.adamw(lr, b1=0.9, b2=0.999, weight_decay=wd, mask=optim.decay_mask)
+
+  @jax.jit
+  def updates(params, grads):
+    ours, _ = tx.update(grads, tx.init(params), params)
+    ref, _ = ref_tx.update(grads, ref_tx.init(params), params)
+    return ours, ref
+
+  ours, ref = map(_flat, updates(params, grads))
+  for k in ref:
+    ids = np.arange(1, DEPTH + 1) if '/blocks/' in k else LAYER_IDS[k]
+    scale = np.asarray(decay ** (DEPTH + 1.0 - ids)).reshape((-1,) + (1,) * (ref[k].ndim - 1))
+    expected = np.asarray(ref[k]) * (scale if '/blocks/' in k else scale.item())
+    np.testing.assert_allclose(np.asarray(ours[k]), expected, rtol=1e-6, err_msg=k)
+  # Block 0's kernel moves decay ** depth as far as the head's, relative to plain AdamW.
+  if scan_layers:
+    ratio_block = np.asarray(ours['encoder/blocks/mlp/fc1/kernel'])[0] / np.asarray(
+        ref['encoder/blocks/mlp/fc1/kernel'])[0]
+  else:
+    ratio_block = np.asarray(ours['encoder/block0/mlp/fc1/kernel']) / np.asarray(
+        ref['encoder/block0/mlp/fc1/kernel'])
+  ratio_head = np.asarray(ours['head/dense/kernel']) / np.asarray(ref['head/dense/kernel'])
+  np.testing.assert_allclose(ratio_block, decay ** DEPTH, rtol=1e-5)
+  np.testing.assert_allclose(ratio_head, 1.0, rtol=1e-6)
+
+
+def test_finetune_weight_decay_is_layer_scaled_too():
+  shapes = classifier_shapes()
+  params = np_params(shapes)
+  lr, wd, decay = 0.5, 0.1, 0.5
+  tx = optim.make_finetune_optimizer(ft_cfg(weight_decay=wd, layer_decay=decay),
+                                     optax.constant_schedule(lr), shapes, DEPTH)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
+  new = _flat(optax.apply_updates(params, updates))
+  old = _flat(params)
+  for k in old:
+    scale = decay ** (DEPTH + 1 - LAYER_IDS[k])
+    factor = 1 - lr * scale * wd if _expected_decay(tuple(k.split('/'))) else 1.0
+    np.testing.assert_allclose(np.asarray(new[k]), np.asarray(old[k]) * factor, rtol=1e-6,
+                               err_msg=k)
+
+
+def test_finetune_clipping_and_default_b2():
+  shapes = {'head': {'dense': {'kernel': jnp.ones((2, 2)), 'bias': jnp.ones((2,))}}}
+  grads = {'head': {'dense': {'kernel': jnp.full((2, 2), 3.0), 'bias': jnp.array([4.0, 0.0])}}}
+  cfg = ml_collections.ConfigDict(dict(b1=0.9, weight_decay=0.0, layer_decay=0.75,
+                                       clip_grad_norm=1.0))  # no b2: 0.999
+  tx = optim.make_finetune_optimizer(cfg, optax.constant_schedule(0.1), shapes, DEPTH)
+  _, state = tx.update(grads, tx.init(shapes), shapes)
+  mu = _first_moment(state)['head']['dense']
+  nu = optax.tree_utils.tree_get(state, 'nu')['head']['dense']
+  np.testing.assert_allclose(np.asarray(mu['kernel']), 0.1 * 3.0 / math.sqrt(52), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(nu['kernel']), 0.001 * 9.0 / 52, rtol=1e-5)
+
+
+def _np_mae_lars(params, grads_list, lrs, wd, momentum=0.9, trust=0.001):
+  """MAE's util/lars.py: decay + trust ratio on matrices only; mu = m mu + d; p -= lr mu."""
+  p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+  mu = {k: np.zeros_like(v) for k, v in p.items()}
+  for grads, lr in zip(grads_list, lrs):
+    for k in p:
+      d = np.asarray(grads[k], np.float64)
+      if p[k].ndim > 1:
+        d = d + wd * p[k]
+        pn, dn = np.linalg.norm(p[k]), np.linalg.norm(d)
+        d = d * (trust * pn / dn if pn > 0 and dn > 0 else 1.0)
+      mu[k] = momentum * mu[k] + d
+      p[k] = p[k] - lr * mu[k]
+  return p
+
+
+def test_probe_optimizer_trains_head_only_as_mae_lars():
+  shapes = classifier_shapes()
+  params = np_params(shapes, seed=3)
+  rng = np.random.default_rng(4)
+  grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+           for _ in range(3)]
+  lrs = [0.1, 0.2, 0.05]  # a changing lr: MAE scales the momentum buffer by today's lr
+  sched = lambda step: jnp.asarray(lrs)[step]
+  tx = optim.make_probe_optimizer(ml_collections.ConfigDict(dict(weight_decay=0.1)), sched)
+  state = tx.init(params)
+  # The frozen encoder keeps no optimizer state: only the head's momentum (+ step counts).
+  head_size = sum(x.size for x in jax.tree.leaves(params['head']))
+  assert head_size <= sum(x.size for x in jax.tree.leaves(state)) <= head_size + 4
+  step = jax.jit(tx.update)
+  p = params
+  for g in grads:
+    updates, state = step(g, state, p)
+    p = optax.apply_updates(p, updates)
+  for k, v in _flat(params['encoder']).items():
+    np.testing.assert_array_equal(np.asarray(_flat(p['encoder'])[k]), np.asarray(v), err_msg=k)
+  head = lambda t: {k: v for k, v in _flat(t['head']).items()}
+  ref = _np_mae_lars(head(params), [head(g) for g in grads], lrs, wd=0.1)
+  for k, v in head(p).items():
+    assert np.abs(np.asarray(v) - np.asarray(head(params)[k])).max() > 1e-4, k
+    np.testing.assert_allclose(np.asarray(v), ref[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  # Default weight decay is 0.
+  tx0 = optim.make_probe_optimizer(ml_collections.ConfigDict(), optax.constant_schedule(0.1))
+  updates, _ = jax.jit(tx0.update)(grads[0], tx0.init(params), params)
+  ref = _np_mae_lars(head(params), [head(grads[0])], [0.1], wd=0.0)
+  for k, v in head(optax.apply_updates(params, updates)).items():
+    np.testing.assert_allclose(np.asarray(v), ref[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_ema_update():
+  ema = {'a': jnp.array([1.0, 2.0]), 'b': {'c': jnp.array(4.0, jnp.bfloat16)}}
+  params = {'a': jnp.array([3.0, -2.0]), 'b': {'c': jnp.array(0.0, jnp.bfloat16)}}
+  out = jax.jit(optim.ema_update)(ema, params, 0.75)
+  np.testing.assert_allclose(np.asarray(out['a']), [1.5, 1.0], rtol=1e-6)
+  assert out['b']['c'].dtype == jnp.bfloat16 and float(out['b']['c']) == 3.0
+  same = optim.ema_update(ema, params, 1.0)
+  np.testing.assert_array_equal(np.asarray(same['a']), np.asarray(ema['a']))

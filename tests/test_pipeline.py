@@ -149,8 +149,8 @@ def test_numpy_backend_matches_tf_indices(folder):
     assert abs(a["image"].mean() - b["image"].mean()) < 0.5
 
 
-def test_folder_has_no_labels(folder):
-  with pytest.raises(UserError, match="no labels"):
+def test_unlabeled_folder_has_no_labeled_split(folder):
+  with pytest.raises(UserError, match="no labeled split 'train'"):
     pipeline.labeled_arrays(_config(f"folder:{folder}"), "test", num_examples=4, image_size=SIZE)
 
 
@@ -326,6 +326,11 @@ b = next(pipeline.host_batches(cfg('folder:{folder}'), seed=0, global_batch=4, i
 assert b['image'].shape == (4, 8, 8, 3), b['image'].shape
 x, y = pipeline.labeled_arrays(cfg('shapes'), 'test', num_examples=4, image_size=16)
 assert x.shape == (4, 16, 16, 3) and y.shape == (4,)
+b = next(pipeline.labeled_host_batches(cfg('shapes'), seed=0, global_batch=4, image_size=16,
+                                       augment='randaugment'))
+assert b['image'].shape == (4, 16, 16, 3) and b['label'].shape == (4,)
+assert sum(b['mask'].sum() for b in pipeline.eval_host_batches(cfg('shapes'), 'test',
+                                                               global_batch=3, image_size=16)) == 8
 try:
   pipeline.check_dataset(cfg('imagenet2012'))
 except UserError as e:
@@ -381,3 +386,173 @@ def test_device_prefetcher_order_errors_and_stop():
   assert [next(p) for _ in range(3)] == [0, 1, 2]
   with pytest.raises(UserError, match="broken example"):
     next(p)
+
+
+# ------------------------------------------------------------ labeled use: folders
+
+CLASSES = ("ant", "bee", "cat")  # class folders; colour of class c: 30 + 90 c
+
+
+@pytest.fixture(scope="module")
+def labeled_folder(tmp_path_factory):
+  """root/train/{ant,bee,cat}/ (4 each, one nested, one JPEG) and root/val/{ant,cat}/ (2 + 3)."""
+  root = tmp_path_factory.mktemp("labeled")
+  counts = {"train": (4, 4, 4), "val": (2, 0, 3)}
+  for split, per_class in counts.items():
+    for c, n in enumerate(per_class):
+      for i in range(n):
+        sub = root / split / CLASSES[c] / ("deep" if (split, c, i) == ("train", 1, 0) else "")
+        sub.mkdir(parents=True, exist_ok=True)
+        img = Image.fromarray(np.full((20 + i, 24, 3), 30 + 90 * c, np.uint8))
+        img.save(sub / (f"{i}.jpg" if (split, i) == ("train", 3) else f"{i}.png"))
+  return str(root)
+
+
+def _colour_labels(images):
+  """Class of constant-colour images from their mean pixel (colour 30 + 90 c)."""
+  return np.round((pipeline.denormalize(images).mean((1, 2, 3)) - 30) / 90).astype(int)
+
+
+def test_labeled_folder_classes_and_counts(labeled_folder):
+  data = _config(f"folder:{labeled_folder}", eval_split="val")
+  pipeline.check_labeled_dataset(data)
+  assert pipeline.num_classes(data) == 3
+  assert pipeline.num_examples(data, "train", labeled=True) == 12
+  assert pipeline.num_examples(data, "val", labeled=True) == 5
+  assert pipeline.num_examples(data, "train") == 17  # unlabeled: the whole tree, as before
+  src = sources.LabeledFolderSource(labeled_folder, "val", CLASSES)
+  assert src.labels.tolist() == [0, 0, 2, 2, 2]
+  for backend in ["numpy"] + (["tf"] if HAVE_TF else []):
+    x, y = pipeline.labeled_arrays(data, "val", num_examples=10, image_size=SIZE, backend=backend)
+    assert x.shape == (5, SIZE, SIZE, 3) and y.tolist() == [0, 0, 2, 2, 2]
+    np.testing.assert_array_equal(_colour_labels(x), y)
+
+
+def test_labeled_folder_errors(labeled_folder, tmp_path):
+  data = lambda **kw: _config(f"folder:{tmp_path}", **kw)
+  for c in ("a", "b"):
+    (tmp_path / "train" / c).mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "train" / c / "x.png")
+  (tmp_path / "val" / "zebra").mkdir(parents=True)
+  Image.new("RGB", (8, 8)).save(tmp_path / "val" / "zebra" / "x.png")
+  with pytest.raises(UserError, match="class folders zebra"):
+    pipeline.check_labeled_dataset(data(eval_split="val"))
+  with pytest.raises(UserError, match="no labeled split 'test'"):
+    pipeline.check_labeled_dataset(data(eval_split="test"))
+  Image.new("RGB", (8, 8)).save(tmp_path / "train" / "loose.png")
+  pipeline.check_dataset(data())  # pre-training: any tree of images
+  sources.folder_classes.cache_clear()
+  sources.list_image_files.cache_clear()
+  with pytest.raises(UserError, match="loose.png is not inside a class folder"):
+    pipeline.num_classes(data())
+
+
+# --------------------------------------------------------------------- eval batches
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("shapes_tfds"))
+
+
+def _eval_cases():
+  return [(k, "numpy") for k in ("shapes", "folder")] + [
+      pytest.param(k, "tf", marks=needs_tf) for k in ("shapes", "folder")]
+
+
+@pytest.mark.parametrize("kind,backend", _eval_cases())
+def test_eval_covers_each_example_once(kind, backend, labeled_folder, shapes_dir):
+  if kind == "shapes":
+    data, split, limit = _config("shapes", data_dir=shapes_dir), "test", 11
+  else:
+    data, split, limit = _config(f"folder:{labeled_folder}", eval_split="val"), "val", None
+  want_x, want_y = pipeline.labeled_arrays(data, split, num_examples=limit or 99, image_size=SIZE,
+                                           backend=backend)
+  n, batch = len(want_y), 6
+  for procs in (1, 2, 3):
+    parts = [list(pipeline.eval_host_batches(data, split, global_batch=batch, image_size=SIZE,
+                                             process_index=p, process_count=procs,
+                                             backend=backend, num_examples=limit))
+             for p in range(procs)]
+    assert [len(p) for p in parts] == [pipeline.num_eval_batches(n, batch)] * procs
+    # Global rows in order: batch by batch, the processes' parts side by side.
+    got = {key: np.concatenate([np.concatenate([p[b][key] for p in parts])
+                                for b in range(len(parts[0]))]) for key in parts[0][0]}
+    assert got["mask"].tolist() == [1.0] * n + [0.0] * (len(got["mask"]) - n)
+    assert got["index"][:n].tolist() == list(range(n))
+    np.testing.assert_array_equal(got["image"][:n], want_x)
+    np.testing.assert_array_equal(got["label"][:n], want_y)
+    assert not got["image"][n:].any() and not got["label"][n:].any()  # padding: zeros, label 0
+
+
+def test_eval_batches_device(labeled_folder):
+  data = _config(f"folder:{labeled_folder}", eval_split="val")
+  batches = list(pipeline.eval_batches(data, "val", global_batch=4, image_size=SIZE,
+                                       sharding=_sharding(), backend="numpy"))
+  assert len(batches) == 2
+  for b in batches:
+    assert set(b) == {"image", "label", "mask"} and b["image"].shape == (4, SIZE, SIZE, 3)
+    assert b["label"].dtype == np.int32 and b["mask"].dtype == np.float32
+  mask = np.concatenate([np.asarray(b["mask"]) for b in batches])
+  labels = np.concatenate([np.asarray(b["label"]) for b in batches])
+  correct = sum(float((np.asarray(b["mask"]) * (np.asarray(b["label"]) == 2)).sum())
+                for b in batches)
+  assert mask.sum() == 5 and labels[mask > 0].tolist() == [0, 0, 2, 2, 2] and correct == 3
+  with pytest.raises(UserError, match="num_examples > 0"):
+    pipeline.eval_batches(data, "val", global_batch=4, image_size=SIZE, sharding=_sharding(),
+                          backend="numpy", num_examples=0)
+
+
+# ---------------------------------------------------------- labeled train batches
+
+
+@pytest.mark.parametrize("augment", ["crop_flip", "randaugment"])
+@pytest.mark.parametrize("backend", [pytest.param("tf", marks=needs_tf), "numpy"])
+def test_labeled_train_batches(labeled_folder, backend, augment):
+  data = _config(f"folder:{labeled_folder}", eval_split="val", random_erase=0.5,
+                 randaugment=dict(num_ops=2, magnitude=8, magnitude_std=0.5))
+  kw = dict(seed=SEED, global_batch=4, image_size=SIZE, sharding=_sharding(), backend=backend,
+            augment=augment)
+  full = _take(pipeline.labeled_train_batches(data, start_step=0, **kw), 5)  # 3 steps/epoch
+  resumed = _take(pipeline.labeled_train_batches(data, start_step=3, **kw), 2)
+  for a, b in zip(full[3:], resumed):
+    assert set(a) == {"image", "label"} and a["label"].dtype == np.int32
+    for key in a:
+      np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]))
+  x = np.concatenate([np.asarray(b["image"]) for b in full])  # [20, S, S, 3]
+  assert np.isfinite(x).all()
+  if augment == "crop_flip":  # constant-colour classes: labels follow the pixels
+    np.testing.assert_array_equal(_colour_labels(x), np.concatenate([b["label"] for b in full]))
+  else:  # erasing and geometric fills break up the constant colours
+    assert 4 < (np.ptp(x, axis=(1, 2)).max(-1) > 0.1).sum() < 20
+  src = sources.LabeledFolderSource(labeled_folder, "train", CLASSES)
+  host = _take(pipeline.labeled_host_batches(data, seed=SEED, global_batch=4, image_size=SIZE,
+                                             process_index=1, process_count=2, backend=backend,
+                                             augment=augment), 3)
+  for s, b in enumerate(host):
+    want = sampler.global_batch_indices(SEED, s, 12, 4)[2:]
+    np.testing.assert_array_equal(b["index"], want)
+    np.testing.assert_array_equal(b["label"], src.labels[want])
+
+
+def test_labeled_train_needs_labels(folder):
+  with pytest.raises(UserError, match="unknown augmentation"):
+    pipeline.labeled_host_batches(_config("shapes"), seed=0, global_batch=4, image_size=SIZE,
+                                  augment="autoaugment", backend="numpy")
+  with pytest.raises(UserError, match="no labeled split"):
+    pipeline.labeled_host_batches(_config(f"folder:{folder}"), seed=0, global_batch=4,
+                                  image_size=SIZE, backend="numpy")
+
+
+def test_tfds_labeled_use(tiny_tfds):
+  data = _config("pr_mim_tiny_images", data_dir=tiny_tfds)
+  pipeline.check_labeled_dataset(data)
+  assert pipeline.num_classes(data) == 3
+  host = _take(pipeline.labeled_host_batches(data, seed=SEED, global_batch=BATCH,
+                                             image_size=SIZE), 2)
+  for b in host:
+    np.testing.assert_array_equal(b["label"], b["index"] % 3)
+  batches = list(pipeline.eval_host_batches(data, "test", global_batch=4, image_size=SIZE))
+  labels = np.concatenate([b["label"] for b in batches])
+  assert labels.tolist() == [0, 1, 2, 0, 1, 2, 0, 0]
+  assert batches[-1]["mask"].tolist() == [1, 1, 0, 0]

@@ -79,6 +79,21 @@ def test_seeds_and_splits_differ():
   np.testing.assert_array_equal(get(seed=0, split='validation'), others[2])
 
 
+def test_easy_variant_is_a_centred_white_shape_with_the_same_labels():
+  hard_images, hard_labels = shapes.generate(48, image_size=32, seed=3)
+  images, labels = shapes.generate(48, image_size=32, seed=3, difficulty='easy')
+  np.testing.assert_array_equal(labels, hard_labels)  # the label is drawn first in both
+  assert not np.array_equal(images, hard_images)
+  assert (images[..., 0] == images[..., 1]).all() and (images[..., 1] == images[..., 2]).all()
+  assert (images[:, [0, 0, -1, -1], [0, -1, 0, -1]] == 0).all()  # black corners
+  area = (images[..., 0] > 127).mean(axis=(1, 2))  # [N] share of white pixels
+  assert (area > 0.05).all()
+  np.testing.assert_array_equal(shapes.generate(5, 32, 3, difficulty='easy', start=2)[0],
+                                images[2:7])
+  with pytest.raises(errors.UserError, match='difficulty'):
+    shapes.generate(1, difficulty='medium')
+
+
 def test_labels_cover_all_classes_evenly():
   _, labels = shapes.generate(600, image_size=16)
   counts = np.bincount(labels, minlength=shapes.NUM_CLASSES)
@@ -235,3 +250,11 @@ def test_builder_rejects_bad_settings(prepared):
     shapes_tfds.builder(data_dir, image_size=4)
   with pytest.raises(errors.UserError):
     shapes_tfds.builder(data_dir, train_size=0)
+
+
+def test_easy_variant_has_its_own_builder_config(prepared):
+  _, shapes_tfds, _, _ = prepared
+  config = shapes_tfds.Shapes.get_builder_config('s16_tr40_te10_seed5_easy')
+  assert (config.difficulty, config.image_size, config.seed) == ('easy', 16, 5)
+  assert shapes_tfds.Shapes.get_builder_config('s16_tr40_te10_seed5').difficulty == 'hard'
+  assert shapes_tfds.config_name(16, 40, 10, 5, 'easy') == 's16_tr40_te10_seed5_easy'

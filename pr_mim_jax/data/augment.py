@@ -29,11 +29,16 @@ _MEAN255 = tf.constant(MEAN, tf.float32) * 255.0
 _STD255 = tf.constant(STD, tf.float32) * 255.0
 
 
-def example_seeds(seed, step, position):
-  """Two independent stateless seeds (crop, flip) for one example, each int64 [2]."""
+def example_key(seed, step, position):
+  """The stateless seed of one example, int64 [2]: a function of (seed, step, position)."""
   base = tf.stack([tf.cast(seed, tf.int64), tf.constant(0, tf.int64)])
   key = tf.random.experimental.stateless_fold_in(base, tf.cast(step, tf.int64))
-  key = tf.random.experimental.stateless_fold_in(key, tf.cast(position, tf.int64))
+  return tf.random.experimental.stateless_fold_in(key, tf.cast(position, tf.int64))
+
+
+def example_seeds(seed, step, position):
+  """Two independent stateless seeds (crop, flip) for one example, each int64 [2]."""
+  key = example_key(seed, step, position)
   crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(key, 2))
   return crop_seed, flip_seed
 
@@ -112,12 +117,18 @@ def train_augment(image, seed, step, position, size: int, encoded: bool = True,
   `image` is encoded bytes (encoded=True) or uint8 [H, W, 3]; (seed, step, position)
   key all randomness.
   """
+  return normalize(crop_flip(image, seed, step, position, size, encoded, min_scale))
+
+
+def crop_flip(image, seed, step, position, size: int, encoded: bool = True,
+              min_scale: float = MIN_SCALE):
+  """train_augment before normalisation: float32 [size, size, 3] in [0, 255]."""
   crop_seed, flip_seed = example_seeds(seed, step, position)
   if encoded:
     out = decode_random_resized_crop(image, crop_seed, size, min_scale)
   else:
     out = random_resized_crop(image, crop_seed, size, min_scale)
-  return normalize(random_flip(out, flip_seed))
+  return random_flip(out, flip_seed)
 
 
 def eval_transform(image, size: int):

@@ -86,10 +86,14 @@ def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
 def train_augment(image: np.ndarray, rng: np.random.Generator, size: int,
                   min_scale: float = MIN_SCALE) -> np.ndarray:
   """uint8 [H, W, 3] -> float32 [size, size, 3]: crop, resize, flip, normalise."""
+  return normalize(crop_flip(image, rng, size, min_scale))
+
+
+def crop_flip(image: np.ndarray, rng: np.random.Generator, size: int,
+              min_scale: float = MIN_SCALE) -> np.ndarray:
+  """train_augment before normalisation: uint8 [size, size, 3]."""
   out = random_resized_crop(image, rng, size, min_scale)
-  if rng.uniform() < 0.5:
-    out = out[:, ::-1]
-  return normalize(out)
+  return out[:, ::-1] if rng.uniform() < 0.5 else out
 
 
 def eval_transform(image: np.ndarray, size: int) -> np.ndarray:

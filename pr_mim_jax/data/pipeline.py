@@ -2,8 +2,13 @@
 
 Datasets (`data.dataset`): 'shapes' (embedded, generated locally), any tfds name
 ('imagenet2012', 'cifar10:3.0.2') prepared as array_record in `data.data_dir`, or
-'folder:/path' (recursive jpg/jpeg/png, local or gs://, unlabeled; a folder has one
-unnamed split, so split names are ignored for it).
+'folder:/path' (recursive jpg/jpeg/png, local or gs://). For pre-training a folder is
+unlabeled with one unnamed split (split names are ignored); for labeled use
+(labeled_train_batches, eval_batches, labeled_arrays) a split is the sub-folder
+/path/<split>/<class>/..., classes being the sorted class folders of data.train_split.
+
+Evaluation (eval_batches) reads each example of a split once, in order, un-augmented;
+every process yields ceil(N / B) batches, the last padded with rows of mask 0.
 
 Determinism. The global batch at step s is a pure function of (seed, s), whatever
 the number of processes: `sampler.py` draws one permutation per epoch seeded by
@@ -77,6 +82,15 @@ def _shapes_cfg(data) -> tuple[int, int, int, int]:
   return tuple(int(v) for v in vals)
 
 
+def _shapes_difficulty(data) -> str:
+  """data.shapes.difficulty: 'hard' (default) or 'easy' (see shapes.DIFFICULTIES)."""
+  from pr_mim_jax.data import shapes  # pylint: disable=g-import-not-at-top
+  value = _get(_get(data, "shapes", None) or {}, "difficulty", "hard")
+  if value not in shapes.DIFFICULTIES:
+    raise UserError(f"data.shapes.difficulty={value!r}: use one of {shapes.DIFFICULTIES}")
+  return value
+
+
 def _threads(data) -> int:
   """data.num_parallel_calls; <= 0 means AUTOTUNE (TF) or one thread per core (NumPy)."""
   return int(_get(data, "num_parallel_calls", -1) or -1)
@@ -129,19 +143,21 @@ def _require_tf(data, name: str) -> None:
 
 
 @functools.lru_cache(maxsize=4)
-def _shapes_arrays(image_size: int, train_size: int, test_size: int, seed: int, split: str):
+def _shapes_arrays(image_size: int, train_size: int, test_size: int, seed: int, split: str,
+                   difficulty: str = "hard"):
   """(uint8 [N, S, S, 3], int32 [N]) of a shapes split, generated once per process."""
   from pr_mim_jax.data import shapes  # pylint: disable=g-import-not-at-top
   n = train_size if split == "train" else test_size
-  return shapes.generate(n, image_size=image_size, seed=seed, split=split)
+  return shapes.generate(n, image_size=image_size, seed=seed, split=split, difficulty=difficulty)
 
 
 @functools.lru_cache(maxsize=4)
 def _shapes_builder(data_dir: str | None, image_size: int, train_size: int, test_size: int,
-                    seed: int):
+                    seed: int, difficulty: str = "hard"):
   """The shapes tfds builder, prepared in data_dir on first use (then read from there)."""
   from pr_mim_jax.data import shapes_tfds  # pylint: disable=g-import-not-at-top
-  return shapes_tfds.prepare(data_dir, image_size, train_size, test_size, seed)
+  return shapes_tfds.prepare(data_dir, image_size, train_size, test_size, seed,
+                             difficulty=difficulty)
 
 
 @functools.lru_cache(maxsize=8)
@@ -154,24 +170,40 @@ def _check_shapes_split(split: str) -> None:
     raise UserError(f"dataset shapes has no split {split!r}; use 'train' or 'test'")
 
 
-def _open_source(data, split: str, backend: str):
-  """The random-access source of a split for a resolved backend."""
+def _open_source(data, split: str, backend: str, labeled: bool = False):
+  """The random-access source of a split for a resolved backend.
+
+  labeled=True: 'folder:' reads root/split/<class>/ (LabeledFolderSource) instead of the
+  whole tree, and sources without labels raise a UserError.
+  """
   kind, arg = sources.parse_dataset(data.dataset)
   data_dir = _get(data, "data_dir", None)
   if kind == "folder":
-    return sources.FolderSource(arg)
+    if not labeled:
+      return sources.FolderSource(arg)
+    return sources.LabeledFolderSource(arg, split, _folder_classes(data))
   if kind == "shapes":
     _check_shapes_split(split)
     size, n_train, n_test, shapes_seed = _shapes_cfg(data)
+    difficulty = _shapes_difficulty(data)
     if backend == "numpy":
-      return sources.ArraySource(*_shapes_arrays(size, n_train, n_test, shapes_seed, split))
+      return sources.ArraySource(*_shapes_arrays(size, n_train, n_test, shapes_seed, split,
+                                                 difficulty))
     _tf()  # hide GPUs before tfds touches TF
-    builder = _shapes_builder(data_dir, size, n_train, n_test, shapes_seed)
+    builder = _shapes_builder(data_dir, size, n_train, n_test, shapes_seed, difficulty)
     return sources.TfdsSource(builder, split, "shapes")
   if backend == "numpy":
     raise sources.needs_tf_error(arg)
   _tf()
-  return sources.TfdsSource(_tfds_builder(arg, data_dir), split, arg)
+  source = sources.TfdsSource(_tfds_builder(arg, data_dir), split, arg)
+  if labeled and not source.labeled:
+    raise UserError(f"dataset {arg} has no 'label' feature; use a labeled dataset")
+  return source
+
+
+def _folder_classes(data) -> tuple[str, ...]:
+  _, root = sources.parse_dataset(data.dataset)
+  return sources.folder_classes(root, _get(data, "train_split", "train"))
 
 
 # -------------------------------------------------------------------- public: info
@@ -183,6 +215,7 @@ def check_dataset(data) -> None:
   if kind == "shapes":
     from pr_mim_jax.data import shapes  # pylint: disable=g-import-not-at-top
     shapes.check_image_size(_shapes_cfg(data)[0])
+    _shapes_difficulty(data)
     for field in ("train_split", "eval_split"):
       _check_shapes_split(_get(data, field, "train"))
   elif kind == "folder":
@@ -196,38 +229,113 @@ def check_dataset(data) -> None:
         sources.check_split(arg, builder, split)
 
 
-def num_examples(data, split: str) -> int:
-  """Number of examples in a split (for 'folder:', of the whole folder)."""
+def check_labeled_dataset(data) -> None:
+  """check_dataset for labeled use (fine-tuning, linear probe): both splits exist and are labeled.
+
+  'folder:ROOT' needs ROOT/<data.train_split>/<class>/ and ROOT/<data.eval_split>/<class>/.
+  """
+  kind, arg = sources.parse_dataset(_get(data, "dataset", None))
+  if kind == "folder":
+    for field in ("train_split", "eval_split"):
+      sources.LabeledFolderSource(arg, _get(data, field, "train"), _folder_classes(data))
+    return
+  check_dataset(data)
+  num_classes(data)  # UserError without labels
+
+
+def num_examples(data, split: str, labeled: bool = False) -> int:
+  """Examples in a split; 'folder:' unlabeled: the whole tree, labeled: root/split."""
   kind, arg = sources.parse_dataset(data.dataset)
   if kind == "shapes":
     _check_shapes_split(split)
     _, n_train, n_test, _ = _shapes_cfg(data)
     return n_train if split == "train" else n_test
   if kind == "folder":
+    if labeled:
+      return len(sources.LabeledFolderSource(arg, split, _folder_classes(data)))
     return len(sources.list_image_files(arg))
   _require_tf(data, arg)
   return sources.check_split(arg, _tfds_builder(arg, _get(data, "data_dir", None)), split)
 
 
+def num_classes(data) -> int:
+  """Classes: shapes 12, tfds its 'label' feature, 'folder:' the train split's class folders."""
+  kind, arg = sources.parse_dataset(data.dataset)
+  if kind == "shapes":
+    from pr_mim_jax.data import shapes  # pylint: disable=g-import-not-at-top
+    return shapes.NUM_CLASSES
+  if kind == "folder":
+    return len(_folder_classes(data))
+  _require_tf(data, arg)
+  features = _tfds_builder(arg, _get(data, "data_dir", None)).info.features
+  if "label" not in features or not hasattr(features["label"], "num_classes"):
+    raise UserError(f"dataset {arg} has no 'label' class feature; use a labeled dataset")
+  return int(features["label"].num_classes)
+
+
+def num_eval_batches(n: int, global_batch: int) -> int:
+  """Batches of one eval pass over n examples: ceil(n / global_batch), the last one padded."""
+  return -(-int(n) // int(global_batch))
+
+
+# -------------------------------------------------------------------- transforms
+
+AUGMENTS = ("crop_flip", "randaugment")
+
+
+def _randaugment_cfg(data) -> dict:
+  """RandAugment + random erasing settings (timm rand-m9-mstd0.5-inc1, erasing 0.25 as MAE)."""
+  cfg = _get(data, "randaugment", None) or {}
+  return dict(num_ops=int(_get(cfg, "num_ops", 2)), magnitude=float(_get(cfg, "magnitude", 9.0)),
+              magnitude_std=float(_get(cfg, "magnitude_std", 0.5)),
+              erase_prob=float(_get(data, "random_erase", 0.25)))
+
+
+def _train_transform(data, backend: str, augment: str, seed: int, image_size: int):
+  """fn(image, step, position) -> float32 normalised [S, S, 3]; image: TF encoded bytes or NumPy
+  uint8 [H, W, 3] per backend."""
+  if augment not in AUGMENTS:
+    raise UserError(f"unknown augmentation {augment!r}; use one of {', '.join(AUGMENTS)}")
+  min_scale = float(_get(data, "crop_min_scale", augment_np.MIN_SCALE))
+  ra = _randaugment_cfg(data) if augment == "randaugment" else None
+  if backend == "tf":
+    _, aug = _tf()
+    if ra is None:
+      return lambda x, step, pos: aug.train_augment(x, seed, step, pos, image_size,
+                                                    min_scale=min_scale)
+    from pr_mim_jax.data import randaugment  # pylint: disable=g-import-not-at-top
+    return lambda x, step, pos: randaugment.train_augment(x, seed, step, pos, image_size,
+                                                          min_scale=min_scale, **ra)
+  if ra is None:
+    return lambda x, step, pos: augment_np.train_augment(
+        x, augment_np.example_rng(seed, step, pos), image_size, min_scale)
+  from pr_mim_jax.data import randaugment_np  # pylint: disable=g-import-not-at-top
+  return lambda x, step, pos: randaugment_np.train_augment(
+      x, augment_np.example_rng(seed, step, pos), image_size, min_scale=min_scale, **ra)
+
+
+def _eval_transform(backend: str, image_size: int):
+  if backend == "tf":
+    _, aug = _tf()
+    return lambda x, step, pos: aug.eval_transform(aug.decode(x), image_size)
+  return lambda x, step, pos: augment_np.eval_transform(x, image_size)
+
+
 # ------------------------------------------------------------ host-local batches
 
 
-def _tf_train_batches(source, *, seed, global_batch, image_size, start_step, positions, threads,
-                      min_scale):
-  """tf.data: schedule -> keys (Python) -> parse/decode/augment (parallel TF) -> batches."""
-  tf, augment = _tf()
-  local = len(positions)
-  n = len(source)
+def _tf_batches(source, steps, *, local, transform, labeled, threads):
+  """tf.data: steps (Python) -> keys (Python) -> parse/decode/transform (parallel TF) -> batches.
+
+  `steps` yields sampler.StepIndices with `local` rows, consecutive steps.
+  """
+  tf, _ = _tf()
   npc = tf.data.AUTOTUNE if threads <= 0 else threads
-
-  def schedule():
-    for s in sampler.schedule(seed, n, global_batch, start_step, positions):
-      yield s.step, s.indices, s.positions
-
   spec = (tf.TensorSpec([], tf.int64),  # step
           tf.TensorSpec([local], tf.int64),  # example indices
           tf.TensorSpec([local], tf.int64))  # positions in the global batch
-  ds = tf.data.Dataset.from_generator(schedule, output_signature=spec)
+  ds = tf.data.Dataset.from_generator(lambda: ((s.step, s.indices, s.positions) for s in steps),
+                                      output_signature=spec)
 
   def read(step, idx, pos):  # one step: [local] keys read in Python
     keys = tf.numpy_function(source.keys, [idx], tf.string)
@@ -236,9 +344,10 @@ def _tf_train_batches(source, *, seed, global_batch, image_size, start_step, pos
 
   def load(step, idx, pos, key):  # one example, in TF ops
     ex = source.tf_parse(key)
-    image = augment.train_augment(ex["image"], seed, step, pos, image_size,
-                                  min_scale=min_scale)  # [S, S, 3]
-    return {"image": image, "index": idx, "step": step}
+    out = {"image": transform(ex["image"], step, pos), "index": idx, "step": step}  # [S, S, 3]
+    if labeled:
+      out["label"] = tf.cast(ex["label"], tf.int32)
+    return out
 
   ds = ds.map(read, num_parallel_calls=2, deterministic=True).unbatch()
   ds = ds.map(load, num_parallel_calls=npc, deterministic=True)
@@ -248,46 +357,54 @@ def _tf_train_batches(source, *, seed, global_batch, image_size, start_step, pos
   ds = ds.with_options(options)
 
   def batches():
-    step = start_step
+    step = None
     for b in ds.as_numpy_iterator():
-      if not (b["step"] == step).all():
-        raise RuntimeError(f"tf.data batch mixes steps {np.unique(b['step'])} (expected {step})")
-      yield {"image": b["image"], "index": b["index"]}
-      step += 1
+      step = b["step"][0] if step is None else step + 1
+      if not (b.pop("step") == step).all():
+        raise RuntimeError(f"tf.data batch mixes steps (expected {step})")
+      yield b
 
   return batches()
 
 
-def _np_train_batches(source, *, seed, global_batch, image_size, start_step, positions, threads,
-                      min_scale):
+def _np_batches(source, steps, *, local, transform, labeled, threads):
   """NumPy + Pillow in a thread pool (Pillow releases the GIL while decoding/resizing)."""
-  n = len(source)
+  del local
 
   def batches():
     pool = concurrent.futures.ThreadPoolExecutor(_pool_size(threads), "augment_np")
     try:
-      for s in sampler.schedule(seed, n, global_batch, start_step, positions):
+      for s in steps:
         def one(k, s=s):
-          rng = augment_np.example_rng(seed, s.step, int(s.positions[k]))
-          return augment_np.train_augment(source.image(int(s.indices[k])), rng, image_size,
-                                          min_scale)
-        images = np.stack(list(pool.map(one, range(len(positions)))))  # [local, S, S, 3]
-        yield {"image": images, "index": s.indices}
+          return transform(source.image(int(s.indices[k])), s.step, int(s.positions[k]))
+        b = {"image": np.stack(list(pool.map(one, range(len(s.indices))))),  # [local, S, S, 3]
+             "index": s.indices}
+        if labeled:
+          b["label"] = np.array([source.label(int(i)) for i in s.indices], np.int32)
+        yield b
     finally:
       pool.shutdown(wait=False, cancel_futures=True)
 
   return batches()
 
 
-def _host_batches(data, *, seed, global_batch, image_size, start_step, positions, backend):
+def _load(data, source, backend, steps, *, local, transform, labeled):
+  make = _tf_batches if backend == "tf" else _np_batches
+  return make(source, steps, local=local, transform=transform, labeled=labeled,
+              threads=_threads(data))
+
+
+def _host_batches(data, *, seed, global_batch, image_size, start_step, positions, backend,
+                  labeled=False, augment="crop_flip"):
+  """Training batches of the rows at `positions`: {'image', 'index', 'label' if labeled}."""
   backend = _backend(data, backend)
-  source = _open_source(data, _get(data, "train_split", "train"), backend)
+  source = _open_source(data, _get(data, "train_split", "train"), backend, labeled=labeled)
   sampler.steps_per_epoch(len(source), global_batch)  # UserError if the split is too small
-  make = _tf_train_batches if backend == "tf" else _np_train_batches
-  return make(source, seed=seed, global_batch=global_batch, image_size=image_size,
-              start_step=start_step, positions=np.asarray(positions, np.int64),
-              threads=_threads(data),
-              min_scale=float(_get(data, "crop_min_scale", augment_np.MIN_SCALE)))
+  transform = _train_transform(data, backend, augment, seed, image_size)
+  positions = np.asarray(positions, np.int64)
+  steps = sampler.schedule(seed, len(source), global_batch, start_step, positions)
+  return _load(data, source, backend, steps, local=len(positions), transform=transform,
+               labeled=labeled)
 
 
 def host_batches(data, *, seed: int, global_batch: int, image_size: int, start_step: int = 0,
@@ -305,6 +422,63 @@ def host_batches(data, *, seed: int, global_batch: int, image_size: int, start_s
                        start_step=start_step, positions=positions, backend=backend)
 
 
+def labeled_host_batches(data, *, seed: int, global_batch: int, image_size: int,
+                         start_step: int = 0, process_index: int = 0, process_count: int = 1,
+                         augment: str = "crop_flip",
+                         backend: str | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """host_batches of labeled data: adds 'label': int32 [B/P]; `augment` as labeled_train_batches."""
+  positions = sampler.process_positions(global_batch, process_index, process_count)
+  return _host_batches(data, seed=seed, global_batch=global_batch, image_size=image_size,
+                       start_step=start_step, positions=positions, backend=backend, labeled=True,
+                       augment=augment)
+
+
+def _eval_source(data, split: str, backend: str | None, limit: int | None):
+  """(labeled source, resolved backend, number of examples to evaluate)."""
+  backend = _backend(data, backend)
+  source = _open_source(data, split, backend, labeled=True)
+  n = len(source) if limit is None else min(int(limit), len(source))
+  if n <= 0:
+    raise UserError(f"nothing to evaluate in split {split!r} of {data.dataset} "
+                    f"({len(source)} examples, num_examples={limit}); use num_examples > 0")
+  return source, backend, n
+
+
+def _eval_host(data, source, backend, n, *, global_batch, image_size, positions):
+  """num_eval_batches(n, B) batches of the rows at `positions`, in order; rows >= n are
+  padding: image 0, label 0, mask 0."""
+  positions = np.asarray(positions, np.int64)
+
+  def steps():
+    for b in range(num_eval_batches(n, global_batch)):
+      yield sampler.StepIndices(b, np.minimum(b * global_batch + positions, n - 1), positions)
+
+  host = _load(data, source, backend, steps(), local=len(positions),
+               transform=_eval_transform(backend, image_size), labeled=True)
+
+  def batches():
+    try:
+      for b, batch in enumerate(host):
+        mask = b * global_batch + positions < n  # [local]
+        yield {"image": np.where(mask[:, None, None, None], batch["image"], 0).astype(np.float32),
+               "label": np.where(mask, batch["label"], 0).astype(np.int32),
+               "mask": mask.astype(np.float32), "index": batch["index"]}
+    finally:
+      host.close()
+
+  return batches()
+
+
+def eval_host_batches(data, split: str, *, global_batch: int, image_size: int,
+                      process_index: int = 0, process_count: int = 1, backend: str | None = None,
+                      num_examples: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """Process-local eval batches as NumPy: eval_batches's rows of process `process_index`."""
+  positions = sampler.process_positions(global_batch, process_index, process_count)
+  source, backend, n = _eval_source(data, split, backend, num_examples)
+  return _eval_host(data, source, backend, n, global_batch=global_batch, image_size=image_size,
+                    positions=positions)
+
+
 # ---------------------------------------------------------------- device batches
 
 
@@ -320,6 +494,37 @@ def _sharding_positions(sharding: jax.sharding.Sharding, global_shape: Sequence[
   return np.unique(np.concatenate(rows)).astype(np.int64)
 
 
+def _process_positions(sharding, global_batch: int, image_size: int) -> np.ndarray:
+  """This process's rows of the global batch; UserError unless the batch splits evenly."""
+  n_proc = jax.process_count()
+  if global_batch % n_proc:
+    raise UserError(f"global batch size {global_batch} is not divisible by the {n_proc} "
+                    f"processes; use a multiple of {n_proc}")
+  return _sharding_positions(sharding, (global_batch, image_size, image_size, 3))
+
+
+def _leading_axis(sharding, ndim: int):
+  """The batch sharding for a rank-`ndim` array (labels, mask): drops trailing spec entries."""
+  spec = getattr(sharding, "spec", None)
+  if spec is None or len(spec) <= ndim:
+    return sharding
+  return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[:ndim]))
+
+
+def _device_batches(data, host, sharding, global_batch: int) -> Iterator[dict]:
+  """Host batches -> global jax arrays (all keys but 'index'), prefetched in a thread."""
+  def device_batches():
+    try:
+      for b in host:
+        yield {k: jax.make_array_from_process_local_data(
+                   _leading_axis(sharding, v.ndim), v, (global_batch,) + v.shape[1:])
+               for k, v in b.items() if k != "index"}
+    finally:
+      host.close()
+
+  return prefetch.DevicePrefetcher(device_batches(), int(_get(data, "prefetch", 2) or 1))
+
+
 def train_batches(data, *, seed: int, global_batch: int, image_size: int, start_step: int,
                   sharding: jax.sharding.NamedSharding,
                   backend: str | None = None) -> Iterator[dict]:
@@ -330,57 +535,45 @@ def train_batches(data, *, seed: int, global_batch: int, image_size: int, start_
   prepared ahead in a background thread. Raises UserError for a bad dataset or a
   global_batch not divisible by the process count.
   """
-  n_proc = jax.process_count()
-  if global_batch % n_proc:
-    raise UserError(f"global batch size {global_batch} is not divisible by the {n_proc} "
-                    f"processes; use a multiple of {n_proc}")
-  global_shape = (global_batch, image_size, image_size, 3)
-  positions = _sharding_positions(sharding, global_shape)
+  positions = _process_positions(sharding, global_batch, image_size)
   host = _host_batches(data, seed=seed, global_batch=global_batch, image_size=image_size,
                        start_step=start_step, positions=positions, backend=backend)
+  return _device_batches(data, host, sharding, global_batch)
 
-  def device_batches():
-    try:
-      for b in host:
-        yield {"image": jax.make_array_from_process_local_data(sharding, b["image"], global_shape)}
-    finally:
-      host.close()
 
-  return prefetch.DevicePrefetcher(device_batches(), int(_get(data, "prefetch", 2) or 1))
+def labeled_train_batches(data, *, seed: int, global_batch: int, image_size: int, start_step: int,
+                          sharding: jax.sharding.NamedSharding, augment: str,
+                          backend: str | None = None) -> Iterator[dict]:
+  """train_batches of a labeled split: {'image': float32 [B, S, S, 3], 'label': int32 [B]}.
+
+  augment: 'crop_flip' (random resized crop, scale [data.crop_min_scale, 1], + flip: the
+  linear-probe recipe) or 'randaugment' (crop + flip + RandAugment data.randaugment.{num_ops=2,
+  magnitude=9, magnitude_std=0.5} + random erasing with probability data.random_erase=0.25:
+  the fine-tuning recipe). UserError if the dataset has no labels.
+  """
+  positions = _process_positions(sharding, global_batch, image_size)
+  host = _host_batches(data, seed=seed, global_batch=global_batch, image_size=image_size,
+                       start_step=start_step, positions=positions, backend=backend, labeled=True,
+                       augment=augment)
+  return _device_batches(data, host, sharding, global_batch)
+
+
+def eval_batches(data, split: str, *, global_batch: int, image_size: int, sharding,
+                 backend: str | None = None, num_examples: int | None = None) -> Iterator[dict]:
+  """One in-order, un-augmented pass over the first num_examples (None: all) of `split`.
+
+  Yields num_eval_batches(N, global_batch) batches {'image': float32 [B, S, S, 3], 'label':
+  int32 [B], 'mask': float32 [B]} on every process; the last batch is padded with rows of
+  mask 0 (image 0, label 0), so mask-weighted sums over all batches count each example once.
+  """
+  positions = _process_positions(sharding, global_batch, image_size)
+  source, backend, n = _eval_source(data, split, backend, num_examples)
+  host = _eval_host(data, source, backend, n, global_batch=global_batch, image_size=image_size,
+                    positions=positions)
+  return _device_batches(data, host, sharding, global_batch)
 
 
 # ----------------------------------------------------------------- labeled arrays
-
-
-def _tf_labeled(source, n: int, image_size: int, threads: int):
-  tf, augment = _tf()
-  npc = tf.data.AUTOTUNE if threads <= 0 else threads
-
-  def read(idx):  # [chunk] keys
-    keys = tf.numpy_function(source.keys, [idx], tf.string)
-    keys.set_shape(idx.shape)
-    return keys
-
-  def load(key):
-    ex = source.tf_parse(key)
-    image = augment.eval_transform(augment.decode(ex["image"]), image_size)  # [S, S, 3]
-    return image, tf.cast(ex["label"], tf.int32)
-
-  ds = tf.data.Dataset.range(n).batch(_LABELED_CHUNK).map(read).unbatch()
-  ds = ds.map(load, num_parallel_calls=npc, deterministic=True).batch(_LABELED_CHUNK)
-  images, labels = [], []
-  for x, y in ds.as_numpy_iterator():
-    images.append(x)
-    labels.append(y)
-  return np.concatenate(images), np.concatenate(labels)
-
-
-def _np_labeled(source, n: int, image_size: int, threads: int):
-  with concurrent.futures.ThreadPoolExecutor(_pool_size(threads)) as pool:
-    images = list(pool.map(lambda i: augment_np.eval_transform(source.image(i), image_size),
-                           range(n)))
-  labels = np.array([source.label(i) for i in range(n)], np.int32)
-  return np.stack(images), labels
 
 
 def labeled_arrays(data, split: str, *, num_examples: int, image_size: int,
@@ -391,17 +584,14 @@ def labeled_arrays(data, split: str, *, num_examples: int, image_size: int,
   split size). Images: shorter side resized to S / 0.875 (bicubic), centre crop S
   (images already S x S are only normalised). UserError for unlabeled datasets.
   """
-  kind, arg = sources.parse_dataset(data.dataset)
-  if kind == "folder":
-    raise UserError(f"dataset folder:{arg} has no labels; use a labeled dataset (shapes or a "
-                    "tfds name) for k-NN evaluation, or turn the k-NN monitor off")
-  backend = _backend(data, backend)
-  source = _open_source(data, split, backend)
-  if not source.labeled:
-    raise UserError(f"dataset {data.dataset} has no 'label' feature; "
-                    "use a labeled dataset for k-NN evaluation")
-  n = min(int(num_examples), len(source))
-  if n <= 0:
+  if int(num_examples) <= 0:
     raise UserError(f"labeled_arrays needs num_examples > 0, got {num_examples}")
-  make = _tf_labeled if backend == "tf" else _np_labeled
-  return make(source, n, image_size, _threads(data))
+  source, backend, n = _eval_source(data, split, backend, num_examples)
+  chunk = min(_LABELED_CHUNK, n)
+  images, labels = [], []
+  for b in _eval_host(data, source, backend, n, global_batch=chunk, image_size=image_size,
+                      positions=np.arange(chunk)):
+    keep = b["mask"] > 0
+    images.append(b["image"][keep])
+    labels.append(b["label"][keep])
+  return np.concatenate(images), np.concatenate(labels)

@@ -39,6 +39,12 @@ MAX_IMAGE_SIZE = 256
 
 _SPLIT_IDS = {'train': 0, 'test': 1}
 
+# 'hard' (the default) is the dataset described above. 'easy' is a sanity-check variant:
+# one white shape of fixed size, centred on black, only its rotation random. Its classes
+# are linearly separable from almost any features, so it tests evaluation plumbing (a
+# linear probe must learn it) where 'hard' needs far more pre-training than a test has.
+DIFFICULTIES = ('hard', 'easy')
+
 
 def split_id(split: str) -> int:
   """Stable integer for a split name (train=0, test=1, others via CRC32)."""
@@ -383,6 +389,20 @@ def _render(rng, size):
   return img, label
 
 
+def _render_easy(rng, size):
+  """One 'easy' example: (white shape, centred, radius 0.36 * size, random rotation, on black)."""
+  label = int(rng.integers(NUM_CLASSES))
+  angle = rng.uniform(0, 2 * np.pi)
+  px, _ = _pixel_centres(size)
+  radius = np.float32(0.36 * size)
+  dx, dy = px[None, :] - size / 2, px[:, None] - size / 2  # [1, S], [S, 1]
+  c, s = np.float32(np.cos(angle)) / radius, np.float32(np.sin(angle)) / radius
+  sdf = _shape_sdf(CLASS_NAMES[label], dx * c + dy * s, dy * c - dx * s) * radius  # [S, S]
+  alpha = np.clip(0.5 - sdf, 0.0, 1.0)
+  img = np.round(np.repeat(alpha[..., None], 3, axis=-1) * 255.0)
+  return img.astype(np.uint8), label
+
+
 def check_image_size(image_size: int) -> None:
   """UserError unless the generator supports this resolution."""
   if not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
@@ -392,7 +412,7 @@ def check_image_size(image_size: int) -> None:
 
 
 def generate(num_examples: int, image_size: int = 64, seed: int = 0,
-             split: str = 'train', start: int = 0
+             split: str = 'train', start: int = 0, difficulty: str = 'hard'
              ) -> tuple[np.ndarray, np.ndarray]:
   """Generates examples `start .. start + num_examples - 1` of a split.
 
@@ -401,6 +421,9 @@ def generate(num_examples: int, image_size: int = 64, seed: int = 0,
   `generate(10, start=5)` equals `generate(15)[5:]`.
   """
   check_image_size(image_size)
+  if difficulty not in DIFFICULTIES:
+    raise errors.UserError(f'data.shapes.difficulty={difficulty!r}: use one of {DIFFICULTIES}')
+  render = _render if difficulty == 'hard' else _render_easy
   if num_examples < 0 or start < 0 or seed < 0:
     raise errors.UserError(
         f'shapes: num_examples ({num_examples}), start ({start}) and seed '
@@ -410,5 +433,5 @@ def generate(num_examples: int, image_size: int = 64, seed: int = 0,
   labels = np.empty((num_examples,), np.int32)
   for n in range(num_examples):
     rng = np.random.default_rng([seed, sid, start + n])
-    images[n], labels[n] = _render(rng, image_size)
+    images[n], labels[n] = render(rng, image_size)
   return images, labels

@@ -20,7 +20,7 @@ from pr_mim_jax import errors
 from pr_mim_jax.data import shapes
 
 _CHUNK = 500  # Examples generated per `shapes.generate` call.
-_NAME_RE = re.compile(r'^s(\d+)_tr(\d+)_te(\d+)_seed(\d+)$')
+_NAME_RE = re.compile(r'^s(\d+)_tr(\d+)_te(\d+)_seed(\d+)(?:_(easy))?$')
 
 
 @dataclasses.dataclass(eq=False)
@@ -30,23 +30,25 @@ class ShapesConfig(tfds.core.BuilderConfig):
   train_size: int = 20000
   test_size: int = 2000
   seed: int = 0
+  difficulty: str = 'hard'
 
 
 def config_name(image_size: int, train_size: int, test_size: int,
-                seed: int) -> str:
-  return f's{image_size}_tr{train_size}_te{test_size}_seed{seed}'
+                seed: int, difficulty: str = 'hard') -> str:
+  suffix = '' if difficulty == 'hard' else f'_{difficulty}'
+  return f's{image_size}_tr{train_size}_te{test_size}_seed{seed}{suffix}'
 
 
 @functools.lru_cache(maxsize=None)
 def _config(image_size: int, train_size: int, test_size: int,
-            seed: int) -> ShapesConfig:
+            seed: int, difficulty: str = 'hard') -> ShapesConfig:
   """The one ShapesConfig object for these settings (TFDS compares identity)."""
   return ShapesConfig(
-      name=config_name(image_size, train_size, test_size, seed),
+      name=config_name(image_size, train_size, test_size, seed, difficulty),
       description=(f'{image_size}x{image_size} images, {train_size} train / '
-                   f'{test_size} test examples, seed {seed}.'),
+                   f'{test_size} test examples, seed {seed}, {difficulty}.'),
       image_size=image_size, train_size=train_size, test_size=test_size,
-      seed=seed)
+      seed=seed, difficulty=difficulty)
 
 
 class Shapes(tfds.core.GeneratorBasedBuilder):
@@ -64,12 +66,12 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
 
   @classmethod
   def get_builder_config(cls, name, version=None):
-    """Also accepts any name of the form `s{S}_tr{N}_te{M}_seed{K}`."""
+    """Also accepts any name of the form `s{S}_tr{N}_te{M}_seed{K}[_easy]`."""
     config = super().get_builder_config(name, version=version)
     if config is None:
       m = _NAME_RE.match(name)
       if m:
-        config = _config(*(int(g) for g in m.groups()))
+        config = _config(*(int(g) for g in m.groups()[:4]), m.group(5) or 'hard')
     return config
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -102,7 +104,7 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
     for start in range(0, num_examples, _CHUNK):
       images, labels = shapes.generate(
           min(_CHUNK, num_examples - start), image_size=cfg.image_size,
-          seed=cfg.seed, split=split, start=start)
+          seed=cfg.seed, split=split, start=start, difficulty=cfg.difficulty)
       for j in range(len(labels)):
         yield start + j, {'image': images[j], 'label': int(labels[j])}
 
@@ -117,21 +119,27 @@ def _check(image_size, train_size, test_size, seed):
 
 def builder(data_dir: str | None, image_size: int = 64,
             train_size: int = 20000, test_size: int = 2000, seed: int = 0,
-            file_format: str = 'array_record') -> tfds.core.DatasetBuilder:
+            file_format: str = 'array_record',
+            difficulty: str = 'hard') -> tfds.core.DatasetBuilder:
   """The (maybe not yet prepared) builder for these settings."""
   _check(image_size, train_size, test_size, seed)
+  if difficulty not in shapes.DIFFICULTIES:
+    raise errors.UserError(f'data.shapes.difficulty={difficulty!r}: use one of '
+                           f'{shapes.DIFFICULTIES}')
   return Shapes(
       data_dir=data_dir,
-      config=config_name(image_size, train_size, test_size, seed),
+      config=config_name(image_size, train_size, test_size, seed, difficulty),
       file_format=file_format)
 
 
 def prepare(data_dir: str | None, image_size: int = 64,
             train_size: int = 20000, test_size: int = 2000, seed: int = 0,
-            file_format: str = 'array_record') -> tfds.core.DatasetBuilder:
+            file_format: str = 'array_record',
+            difficulty: str = 'hard') -> tfds.core.DatasetBuilder:
   """Returns a prepared builder, generating the dataset on first use only."""
   b = builder(data_dir, image_size=image_size, train_size=train_size,
-              test_size=test_size, seed=seed, file_format=file_format)
+              test_size=test_size, seed=seed, file_format=file_format,
+              difficulty=difficulty)
   if not b.is_prepared():
     print(f'shapes: generating {train_size + test_size} images '
           f'({image_size}x{image_size}) into {b.data_dir} (one-time; later '

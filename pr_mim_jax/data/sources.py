@@ -105,9 +105,9 @@ class FolderSource:
 
   labeled = False
 
-  def __init__(self, root: str):
+  def __init__(self, root: str, paths: tuple[str, ...] | None = None):
     self.root = root
-    self.paths = list_image_files(root)
+    self.paths = list_image_files(root) if paths is None else paths
     self._paths_np = np.array([p.encode() for p in self.paths], dtype=object)
 
   def __len__(self) -> int:
@@ -130,6 +130,75 @@ class FolderSource:
   def tf_parse(self, key):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     return {"image": tf.io.read_file(key)}
+
+
+# --------------------------------------------------------- labeled image folders
+
+
+def split_folder(root: str, split: str) -> str:
+  """The folder of a labeled split: root/split."""
+  return os.fspath(epath.Path(root) / split)
+
+
+def _labeled_split_files(root: str, split: str) -> tuple[str, ...]:
+  folder = split_folder(root, split)
+  if not epath.Path(folder).is_dir():
+    raise UserError(f"dataset folder:{root} has no labeled split {split!r}: {folder} is not a "
+                    f"directory; labeled use needs {root}/<split>/<class>/*.jpg|png (set "
+                    "data.train_split / data.eval_split to its sub-folders)")
+  return list_image_files(folder)
+
+
+def _class_names(root: str, split: str, paths: tuple[str, ...]) -> list[str]:
+  """The class folder of every image: its first path component under root/split."""
+  base = os.fspath(epath.Path(split_folder(root, split)))
+  names = []
+  for p in paths:
+    rel = p[len(base) + 1:]
+    if "/" not in rel:
+      raise UserError(f"{p} is not inside a class folder; a labeled folder dataset needs "
+                      f"{root}/{split}/<class>/*.jpg|png (move loose images into class folders)")
+    names.append(rel.split("/", 1)[0])
+  return names
+
+
+@functools.lru_cache(maxsize=8)
+def folder_classes(root: str, train_split: str) -> tuple[str, ...]:
+  """Sorted class names of a labeled folder: the class sub-folders of its train split."""
+  paths = _labeled_split_files(root, train_split)
+  return tuple(sorted(set(_class_names(root, train_split, paths))))
+
+
+class LabeledFolderSource(FolderSource):
+  """Images in root/split/<class>/ (nested below is fine); label = index of <class> in `classes`.
+
+  `classes` come from the train split (folder_classes) so every split's labels agree.
+  """
+
+  labeled = True
+
+  def __init__(self, root: str, split: str, classes: tuple[str, ...]):
+    paths = _labeled_split_files(root, split)
+    names = _class_names(root, split, paths)
+    unknown = sorted(set(names) - set(classes))
+    if unknown:
+      raise UserError(f"split {split!r} of folder:{root} has class folders {', '.join(unknown)} "
+                      "that the train split lacks; remove them or add them to the train split")
+    super().__init__(split_folder(root, split), paths)
+    index = {c: i for i, c in enumerate(classes)}
+    self.classes = tuple(classes)
+    self.labels = np.array([index[n] for n in names], np.int32)  # [N]
+    self._depth = len(os.fspath(epath.Path(self.root)).split("/"))  # class component of a path
+
+  def label(self, i: int) -> int:
+    return int(self.labels[i])
+
+  def tf_parse(self, key):
+    """Path -> {'image': file bytes, 'label': int32}: the label from the class folder name."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    name = tf.strings.split(key, "/")[self._depth]
+    hit = tf.cast(tf.equal(tf.constant(self.classes), name), tf.int32)  # [C], one 1
+    return {"image": tf.io.read_file(key), "label": tf.argmax(hit, output_type=tf.int32)}
 
 
 # ------------------------------------------------------------------------- tfds

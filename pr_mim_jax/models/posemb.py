@@ -1,11 +1,17 @@
-"""Fixed 2-D sin-cos position embeddings in MAE's layout.
+"""Position embeddings: fixed 2-D sin-cos tables, and resizing learned ones.
 
-The first half of the channels encodes the column (x) coordinate and the second half
-the row (y), each as [sin | cos] over geometrically spaced frequencies; an optional zero
-row is prepended for the cls token. These are constants, never params: AdamW would
-otherwise decay them.
+Sin-cos tables follow MAE's layout: the first half of the channels encodes the column (x)
+coordinate and the second half the row (y), each as [sin | cos] over geometrically spaced
+frequencies; an optional zero row is prepended for the cls token. These are constants,
+never params: AdamW would otherwise decay them.
+
+A learned table [1+L, D] (cls row, then a row-major grid) is carried to another resolution
+by bicubic resizing of its grid, as when fine-tuning at a higher resolution than the
+pre-training one.
 """
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -27,3 +33,34 @@ def sincos_2d(dim: int, grid_size: int, cls_token: bool = True) -> np.ndarray:
   if cls_token:
     table = np.concatenate([np.zeros((1, dim)), table], axis=0)
   return table.astype(np.float32)
+
+
+def resize_learned(table, new_grid: int):
+  """[1+L, D] learned table -> [1+new_grid**2, D] float32: cls row kept, grid bicubic-resized.
+
+  jax.image.resize 'bicubic' is Keys' cubic (a = -0.5) on half-pixel centres, with the
+  weights of out-of-image taps renormalized away (as PIL; torch's bicubic instead repeats
+  edge pixels, so MAE's interpolate_pos_embed differs slightly at the border). No
+  antialiasing, so shrinking samples the grid as MAE does.
+  """
+  table = jnp.asarray(table, jnp.float32)
+  length, dim = table.shape[0] - 1, table.shape[1]
+  grid = int(round(np.sqrt(length)))
+  if grid * grid != length:
+    raise ValueError(f"position table has {length} patch rows, not a square grid")
+  if grid == new_grid:
+    return table
+  patches = table[1:].reshape(grid, grid, dim)  # [g, g, D]
+  patches = jax.image.resize(patches, (new_grid, new_grid, dim), "bicubic", antialias=False)
+  return jnp.concatenate([table[:1], patches.reshape(new_grid * new_grid, dim)], axis=0)
+
+
+def adapt_encoder_params(encoder_params, new_grid: int):
+  """Encoder params with a learned 'pos_embedding' resized to `new_grid` (if it differs).
+
+  Sin-cos tables are not params (recomputed from image_size), so nothing else changes.
+  """
+  table = encoder_params.get("pos_embedding")
+  if table is None or table.shape[0] == 1 + new_grid * new_grid:
+    return encoder_params
+  return dict(encoder_params, pos_embedding=resize_learned(table, new_grid))

@@ -146,33 +146,71 @@ def layer_norm(dtype, name):
                       bias_init=partitioned(nn.initializers.zeros, ("embed",)))
 
 
+def stochastic_depth(branch, rate, rng):
+  """Stochastic depth: zero a residual branch [B, ...] per example with prob `rate`.
+
+  Kept examples are scaled by 1 / (1 - rate) so the expectation is unchanged. `rate` may be
+  traced (a scanned per-layer rate); rate 0 keeps every example with scale 1, exactly.
+  """
+  keep_prob = 1.0 - jnp.asarray(rate, jnp.float32)
+  keep = jax.random.bernoulli(rng, keep_prob, (branch.shape[0],) + (1,) * (branch.ndim - 1))
+  scale = jnp.where(keep, 1.0 / keep_prob, 0.0).astype(branch.dtype)  # [B, 1, ...]
+  return branch * scale
+
+
 class Block(nn.Module):
   """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x)).
 
   With `context` [B, M, D] the block cross-attends: x's tokens query ln(context) (the same
   norm1) and nothing attends to x. CrossMAE's decoder and the `last_block` aggregator use it.
+
+  `drop_path` is this block's stochastic-depth rate; each residual branch is dropped per
+  example (rng stream 'dropout') unless `deterministic`. A `drop_rate` call argument
+  overrides it, so nn.scan can feed one rate per layer. With rate 0 or deterministic=True
+  the block is exactly the plain one.
   """
   heads: int
   mlp_ratio: float = 4.0
   dtype: Dtype = jnp.float32
+  drop_path: float = 0.0
+
+  def __call__(self, x, context=None, deterministic=True, drop_rate=None):  # [B, N, D]
+    # All arguments go positionally to `forward`, the method nn.remat lifts: jax.checkpoint's
+    # static_argnums (deterministic) must index a passed argument.
+    return self.forward(x, context, deterministic, drop_rate)
 
   @nn.compact
-  def __call__(self, x, context=None):  # [B, N, D]
+  def forward(self, x, context, deterministic, drop_rate):
+    rate = self.drop_path if drop_rate is None else drop_rate
+    active = not deterministic and not (isinstance(rate, (int, float)) and rate == 0)
+
+    def residual(branch):
+      return stochastic_depth(branch, rate, self.make_rng("dropout")) if active else branch
+
     norm1 = layer_norm(self.dtype, "norm1")
     kv = None if context is None else norm1(context)
-    x = x + Attention(self.heads, self.dtype, name="attn")(norm1(x), kv)
+    x = x + residual(Attention(self.heads, self.dtype, name="attn")(norm1(x), kv))
     hidden = int(x.shape[-1] * self.mlp_ratio)
-    x = x + Mlp(hidden, self.dtype, name="mlp")(layer_norm(self.dtype, "norm2")(x))
+    x = x + residual(Mlp(hidden, self.dtype, name="mlp")(layer_norm(self.dtype, "norm2")(x)))
     return constrain(x, ("batch", "tokens", "embed"))
 
 
 def block_class(remat: str = "none", prevent_cse: bool = True):
-  """Block, wrapped in nn.remat for remat != 'none'; param names are unchanged."""
+  """Block, wrapped in nn.remat for remat != 'none'; param names are unchanged.
+
+  Only `Block.forward` is rematerialized, with `deterministic` (argument 3) static.
+  """
   if remat not in REMAT_POLICIES:
     raise ValueError(f"unknown remat {remat!r}; use one of {tuple(REMAT_POLICIES)}")
   if remat == "none":
     return Block
-  return nn.remat(Block, policy=REMAT_POLICIES[remat], prevent_cse=prevent_cse)
+  return nn.remat(Block, policy=REMAT_POLICIES[remat], prevent_cse=prevent_cse,
+                  static_argnums=(3,), methods=["forward"])
+
+
+def drop_path_rates(drop_path: float, depth: int) -> np.ndarray:
+  """Per-block stochastic-depth rates rising linearly from 0 to `drop_path` (timm)."""
+  return np.linspace(0.0, drop_path, depth)
 
 
 def patchify(images, patch: int):
@@ -197,11 +235,19 @@ def gather_tokens(x, ids):
   return jnp.take_along_axis(x, ids.reshape(ids.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
+POOLS = ("none", "cls", "gap")
+
+
 class Encoder(nn.Module):
   """ViT encoder over a subset of patches: patch embed, posemb, cls, blocks, final norm.
 
   The patch embedding is a conv-equivalent kernel [p, p, 3, D] applied only to the
   selected patches, so masked patches cost nothing.
+
+  Pooling for classification: 'cls' is the normed cls token; 'gap' is MAE's global pool,
+  fc_norm(mean of the patch tokens' block outputs). Here fc_norm IS the final 'norm': MAE
+  drops its pre-trained final norm and trains a fresh fc_norm, while reusing it keeps every
+  pre-trained weight in use and the param tree identical for all pool modes.
   """
   spec: VitSpec
   image_size: int
@@ -210,14 +256,21 @@ class Encoder(nn.Module):
   dtype: Dtype = jnp.float32
   remat: str = "none"  # a REMAT_POLICIES key
   scan_layers: bool = False  # nn.scan over blocks: params 'blocks' with a leading 'layers' axis
+  drop_path: float = 0.0  # stochastic depth of the last block (linear from 0 at the first)
 
   @property
   def grid(self) -> int:
     return self.image_size // self.spec.patch
 
   @nn.compact
-  def __call__(self, images, ids_keep=None):
-    """images: [B, H, W, 3]; ids_keep: [B, K] patch indices or None (all) -> [B, 1+K, D]."""
+  def __call__(self, images, ids_keep=None, *, train: bool = False, pool: str = "none"):
+    """images: [B, H, W, 3]; ids_keep: [B, K] patch indices or None (all).
+
+    Returns [B, 1+K, D] for pool='none', else [B, D]. `train` turns drop path on (needs
+    the 'dropout' rng when drop_path > 0).
+    """
+    if pool not in POOLS:
+      raise ValueError(f"unknown pool {pool!r}; use one of {POOLS}")
     d, p = self.spec.width, self.spec.patch
     patches = patchify(images, p)  # [B, L, p*p*3]
     if ids_keep is not None:
@@ -247,18 +300,28 @@ class Encoder(nn.Module):
     cls = (cls + table[:1][None]).astype(self.dtype)
     x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, d)), x], axis=1)  # [B, 1+K, D]
     x = constrain(x, ("batch", "tokens", "embed"))
+    deterministic = not train or self.drop_path == 0
+    rates = drop_path_rates(self.drop_path, self.spec.depth)
     if self.scan_layers:
       block = block_class(self.remat, prevent_cse=False)(
           self.spec.heads, self.mlp_ratio, self.dtype, name="blocks")
-      scan = nn.scan(lambda mdl, carry, _: (mdl(carry), None),
-                     variable_axes={"params": 0}, split_rngs={"params": True},
+      body = lambda mdl, carry, rate: (mdl(carry, None, deterministic, rate), None)
+      scan = nn.scan(body, variable_axes={"params": 0},
+                     split_rngs={"params": True, "dropout": True},
                      length=self.spec.depth, metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = scan(block, x, None)
+      x, _ = scan(block, x, None if deterministic else jnp.asarray(rates, jnp.float32))
     else:
       cls = block_class(self.remat)
       for i in range(self.spec.depth):
-        x = cls(self.spec.heads, self.mlp_ratio, self.dtype, name=f"block{i}")(x)
-    return layer_norm(self.dtype, "norm")(x)
+        x = cls(self.spec.heads, self.mlp_ratio, self.dtype, float(rates[i]),
+                name=f"block{i}")(x, None, deterministic)
+    norm = layer_norm(self.dtype, "norm")
+    if pool == "cls":
+      return norm(x[:, 0])  # [B, D]
+    if pool == "gap":
+      mean = x[:, 1:].astype(jnp.float32).mean(axis=1).astype(self.dtype)  # [B, D]
+      return norm(mean)
+    return norm(x)  # [B, 1+K, D]
 
 
 # Scanned <-> unscanned encoder layouts. Both walk any pytree (params, or a whole train

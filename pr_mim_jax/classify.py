@@ -1,0 +1,386 @@
+"""Linear probing and fine-tuning from a pre-training workdir, top to bottom.
+
+Setup resolves the architecture from the pre-training run's config.json, reads only the
+encoder weights of its checkpoint, and builds a sharded ClassifierState in one jitted
+init (position embeddings interpolated when the resolution changes). Then the loop:
+train, evaluate exactly over the whole eval split (padded, masked batches), checkpoint;
+a rerun with the same workdir resumes from its own latest checkpoint.
+"""
+
+import functools
+import json
+import logging
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+
+from pr_mim_jax import checkpointing
+from pr_mim_jax import classify_step
+from pr_mim_jax import config_validation
+from pr_mim_jax import knn
+from pr_mim_jax import metrics as metrics_lib
+from pr_mim_jax import optim
+from pr_mim_jax import preemption
+from pr_mim_jax import pretrain
+from pr_mim_jax import sharding
+from pr_mim_jax import workdir_records
+from pr_mim_jax.data import pipeline
+from pr_mim_jax.errors import UserError
+from pr_mim_jax.models import classifier as classifier_lib
+from pr_mim_jax.models import posemb as posemb_lib
+from pr_mim_jax.models import vit
+from pr_mim_jax.train_state import ClassifierState
+
+ARCH_FIELDS = ("variant", "width", "depth", "heads", "posemb", "image_size")
+POOLS = ("cls", "gap")
+HEADS = ("linear", "batchnorm_linear")
+OPTIMIZERS = ("lars", "adamw")
+AUGMENTS = ("crop_flip", "randaugment")
+
+
+def pretrained_config(init_workdir: str):
+  """The config.json a pre-training run left in its workdir (a ConfigDict)."""
+  path = epath.Path(init_workdir) / "config.json"
+  if not path.exists():
+    raise UserError(f"config.init.workdir: {init_workdir} has no config.json; point it at a "
+                    "pre-training workdir (python -m pr_mim_jax.main --config=configs/"
+                    "pretrain.py ... --workdir=DIR), or use init= (empty) for random init")
+  try:
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+  except (ValueError, TypeError) as e:
+    raise UserError(f"config.init.workdir: {path} is not valid JSON ({e})") from None
+
+
+def resolve_model(config) -> ml_collections.ConfigDict:
+  """config.model with the architecture fields left empty ('' / 0) taken from the init run.
+
+  A field set in both with different values is an error, except image_size: a different
+  resolution is allowed and the position embeddings are interpolated.
+  """
+  model = ml_collections.ConfigDict(config.model.to_dict())
+  if config.init.workdir:
+    pre = pretrained_config(config.init.workdir).model
+    for field in ARCH_FIELDS:
+      if not model[field]:
+        model[field] = pre[field]
+      elif field != "image_size" and model[field] != pre[field]:
+        raise UserError(f"config.model.{field}: {model[field]!r} differs from the pre-trained "
+                        f"model's {pre[field]!r} ({config.init.workdir}/config.json); leave it "
+                        "empty to use the pre-trained value")
+    model.pretrained_image_size = pre.image_size
+  else:
+    model.posemb = model.posemb or "sincos"
+    for field in ("variant", "image_size"):
+      if not model[field]:
+        raise UserError(f"config.model.{field}: needed when config.init.workdir is empty "
+                        "(random init); set it, or set init=WORKDIR of a pre-training run")
+    model.pretrained_image_size = model.image_size
+  return model
+
+
+def build_model(model_cfg, config, num_classes: int):
+  """The Classifier of `config` with the resolved architecture `model_cfg`."""
+  full = config.copy_and_resolve_references()
+  with full.unlocked():
+    full.model = model_cfg
+  return classifier_lib.from_config(full, num_classes)
+
+
+def _require(ok, field, problem, fix):
+  if not ok:
+    raise UserError(f"config.{field}: {problem}; {fix}")
+
+
+def validate(config, num_batch_shards: int) -> ml_collections.ConfigDict:
+  """Every check that needs no data access; returns the resolved model config."""
+  config_validation.validate_mesh(config)
+  model = resolve_model(config)
+  full = ml_collections.ConfigDict(dict(model.to_dict(), decoder_width=4, decoder_depth=1,
+                                        decoder_heads=1, decoder="self_attention"))
+  config_validation.validate_model(full)
+  _require(model.pretrained_image_size % vit.parse_variant(model.variant).patch == 0,
+           "init.workdir", "the pre-trained image size is not a multiple of the patch size",
+           "use a matching pre-training run")
+  _require(0.0 <= model.drop_path < 1.0, "model.drop_path", f"got {model.drop_path}",
+           "use a rate in [0, 1), e.g. 0.1")
+  _require(config.head.pool in POOLS, "head.pool", f"unknown value {config.head.pool!r}",
+           f"use one of {POOLS}")
+  _require(config.head.kind in HEADS, "head.kind", f"unknown value {config.head.kind!r}",
+           f"use one of {HEADS}")
+  o = config.optim
+  _require(o.optimizer in OPTIMIZERS, "optim.optimizer", f"unknown value {o.optimizer!r}",
+           f"use one of {OPTIMIZERS}")
+  _require(config.mode != "linear_probe" or o.optimizer == "lars", "optim.optimizer",
+           "linear probing trains the head with LARS", "use 'lars'")
+  _require(0.0 < o.layer_decay <= 1.0, "optim.layer_decay", f"got {o.layer_decay}",
+           "use a factor in (0, 1], 1 = off")
+  _require(0.0 <= o.momentum < 1.0, "optim.momentum", f"got {o.momentum}", "use e.g. 0.9")
+  config_validation.validate_optim(o)
+  for field in ("mixup_alpha", "cutmix_alpha"):
+    _require(config.mixup[field] >= 0, f"mixup.{field}", f"got {config.mixup[field]}",
+             "use 0 (off) or a Beta parameter > 0")
+  for field in ("prob", "switch_prob"):
+    _require(0.0 <= config.mixup[field] <= 1.0, f"mixup.{field}", f"got {config.mixup[field]}",
+             "use a probability in [0, 1]")
+  _require(0.0 <= config.label_smoothing < 1.0, "label_smoothing",
+           f"got {config.label_smoothing}", "use a value in [0, 1), e.g. 0.1")
+  _require(0.0 <= config.ema.decay < 1.0, "ema.decay", f"got {config.ema.decay}",
+           "use 0 (off) or e.g. 0.9999")
+  _require(config.data.augment in AUGMENTS, "data.augment",
+           f"unknown value {config.data.augment!r}", f"use one of {AUGMENTS}")
+  config_validation.validate_data(config.data)
+  _require(isinstance(config.batch_size, int) and config.batch_size > 0
+           and config.batch_size % num_batch_shards == 0, "batch_size",
+           f"got {config.batch_size!r}", f"use a positive multiple of {num_batch_shards}")
+  _require(isinstance(config.eval.batch_size, int) and config.eval.batch_size > 0
+           and config.eval.batch_size % num_batch_shards == 0, "eval.batch_size",
+           f"got {config.eval.batch_size!r}", f"use a positive multiple of {num_batch_shards}")
+  for field in ("log_every", "checkpoint_every", "keep_checkpoints"):
+    _require(isinstance(config.train[field], int) and config.train[field] > 0, f"train.{field}",
+             f"got {config.train[field]!r}", "use an integer > 0")
+  for field in ("total_steps", "eval_every"):
+    _require(isinstance(config.train[field], int) and config.train[field] >= 0, f"train.{field}",
+             f"got {config.train[field]!r}", "use an integer >= 0")
+  return model
+
+
+def check_config(config):
+  """Config and dataset checks; returns (resolved model config, train examples, classes)."""
+  mesh = sharding.mesh_from_config(config)  # after validate_mesh inside validate
+  model = validate(config, sharding.num_batch_shards(mesh))
+  pipeline.check_labeled_dataset(config.data)
+  num_train = pipeline.num_examples(config.data, config.data.train_split, labeled=True)
+  _require(config.batch_size <= num_train, "batch_size",
+           f"{config.batch_size} exceeds the {num_train} training examples", "use a smaller batch")
+  return model, num_train, pipeline.num_classes(config.data)
+
+
+def make_optimizer(config, schedule, params, depth: int):
+  """LARS on the head (linear probing) or AdamW with layer decay (fine-tuning)."""
+  if config.optim.optimizer == "lars":
+    return optim.make_probe_optimizer(config.optim, schedule)
+  return optim.make_finetune_optimizer(config.optim, schedule, params, depth)
+
+
+def create_state(config, model, make_tx, mesh, rules, encoder):
+  """(state, state shardings, tx): a ClassifierState born sharded, with `encoder` (pre-trained
+  params, or None for random init) loaded in. make_tx(abstract params) -> optax transform."""
+  dummy = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
+  param_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  boxed = jax.eval_shape(lambda r: model.init(r, dummy, train=False), param_rng)
+  tx = make_tx(jax.eval_shape(lambda r: nn.unbox(model.init(r, dummy, train=False)["params"]),
+                              param_rng))
+
+  def init_fn(param_rng, state_rng, encoder):
+    variables = nn.unbox(model.init(param_rng, dummy, train=False))
+    params = variables["params"]
+    if encoder is not None:
+      params = classifier_lib.load_encoder(params, encoder)
+    return ClassifierState(step=jnp.zeros((), jnp.int32), params=params,
+                           batch_stats=variables.get("batch_stats", {}),
+                           opt_state=tx.init(params), rng=state_rng,
+                           ema_params=params if config.ema.decay else None)
+
+  params_sharding = sharding.param_shardings(boxed["params"], mesh, rules)
+  try:
+    abstract = jax.eval_shape(init_fn, param_rng, state_rng, encoder)
+  except ValueError as e:  # load_encoder: missing / unexpected keys, shape mismatches
+    raise UserError(f"config.init.workdir: the pre-trained encoder does not fit this model: "
+                    f"{' '.join(str(e).split())}") from None
+  sharding.check_divisible(abstract.params, params_sharding)
+  replicated = sharding.replicated(mesh)
+  state_sharding = ClassifierState(
+      step=replicated, params=params_sharding,
+      batch_stats=jax.tree.map(lambda _: replicated, abstract.batch_stats),
+      opt_state=sharding.opt_state_shardings(abstract.opt_state, abstract.params,
+                                             params_sharding, mesh),
+      rng=replicated, ema_params=params_sharding if config.ema.decay else None)
+  state = jax.jit(init_fn, out_shardings=state_sharding)(param_rng, state_rng, encoder)
+  return state, state_sharding, tx
+
+
+def read_pretrained_encoder(config, mesh):
+  """Encoder params of the init run's checkpoint (replicated), or None for random init."""
+  if not config.init.workdir:
+    logging.warning("config.init.workdir is empty: the encoder starts from random init")
+    return None
+  ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(config.init.workdir),
+                                    max_to_keep=1 << 30)
+  try:
+    encoder, step = ckpt.restore_subtree(("params", "encoder"), sharding.replicated(mesh),
+                                         config.init.step or None)
+  finally:
+    ckpt.close()
+  logging.info("encoder from %s, step %d", ckpt.directory, step)
+  return encoder
+
+
+def evaluate(eval_fn, params, batch_stats, config, image_size: int, mesh) -> dict:
+  """Exact top-1 / top-5 / loss over the eval split (every process sees the same numbers)."""
+  n = config.eval.num_examples or None
+  totals = None
+  for batch in pipeline.eval_batches(config.data, config.data.eval_split,
+                                     global_batch=config.eval.batch_size, image_size=image_size,
+                                     sharding=sharding.batch_sharding(mesh), num_examples=n):
+    sums = eval_fn(params, batch_stats, batch)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = {k: float(v) for k, v in jax.device_get(totals).items()}
+  count = max(totals["count"], 1.0)
+  return {"top1": totals["correct_top1"] / count, "top5": totals["correct_top5"] / count,
+          "loss": totals["loss_sum"] / count, "count": totals["count"]}
+
+
+def train(config, workdir: str) -> dict:
+  """Probe or fine-tune per `config` in `workdir`, resuming from its latest checkpoint.
+
+  Returns a summary dict: steps, the final eval top-1 / top-5 (and EMA's, when kept).
+  """
+  pretrain.setup_jax(config)
+  model_cfg, num_train, num_classes = check_config(config)
+  mesh, rules = sharding.mesh_from_config(config), sharding.rules_from_config(config)
+  model = build_model(model_cfg, config, num_classes)
+  recipe = classify_step.recipe_from_config(config, num_classes)
+  total_steps, warmup_steps = optim.schedule_steps(config.optim, num_train, config.batch_size,
+                                                   config.train.total_steps)
+  peak = optim.peak_lr(config.optim, config.batch_size)
+  schedule = optim.lr_schedule(peak, total_steps, warmup_steps)
+  eval_every = config.train.eval_every or optim.steps_per_epoch(num_train, config.batch_size)
+  logging.info("%s: %s (%s) at %d px, %d classes, %d train examples, %d steps (%d warmup), "
+               "peak lr %.3g", config.mode, model_cfg.variant, config.head.pool,
+               model_cfg.image_size, num_classes, num_train, total_steps, warmup_steps, peak)
+
+  workdir_records.write_records(workdir, config)
+  writer = metrics_lib.MetricWriter(workdir)
+  ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir),
+                                    max_to_keep=config.train.keep_checkpoints)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    resume = ckpt.latest_step() is not None
+    encoder = None if resume else read_pretrained_encoder(config, mesh)
+    make_tx = functools.partial(make_optimizer, config, schedule, depth=model.spec.depth)
+    state, state_sharding, tx = create_state(config, model, make_tx, mesh, rules, encoder)
+    del encoder
+    if resume:
+      state = ckpt.restore(pretrain.abstract_with_shardings(state, state_sharding))
+      logging.info("resumed from %s at step %d", ckpt.directory, int(state.step))
+    start_step = int(state.step)
+    batch_sharding = sharding.batch_sharding(mesh)
+    step_fn = jax.jit(
+        functools.partial(classify_step.train_step, model=model, tx=tx, recipe=recipe,
+                          schedule=schedule),
+        in_shardings=(state_sharding, {"image": batch_sharding, "label": batch_sharding}),
+        out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+    eval_fn = jax.jit(functools.partial(classify_step.eval_step, model=model),
+                      out_shardings=sharding.replicated(mesh))
+    run_eval = functools.partial(evaluate, eval_fn, config=config,
+                                 image_size=model_cfg.image_size, mesh=mesh)
+
+    def eval_all(step):
+      results = {f"eval_{k}": v for k, v in run_eval(state.params, state.batch_stats).items()
+                 if k != "count"}
+      if state.ema_params is not None:
+        ema = run_eval(state.ema_params, state.batch_stats)
+        results.update(eval_ema_top1=ema["top1"], eval_ema_top5=ema["top5"])
+      writer.write_scalars(step, results)
+      return results
+
+    batches = pipeline.labeled_train_batches(
+        config.data, seed=config.seed, global_batch=config.batch_size,
+        image_size=model_cfg.image_size, start_step=start_step, sharding=batch_sharding,
+        augment=config.data.augment)
+    summary = {"start_step": start_step, "total_steps": total_steps}
+    stop = preemption.StopRequest()
+    progress = metrics_lib.Progress(start_step, total_steps)
+    pending = []
+    try:
+      step = start_step
+      while step < total_steps and not stop.requested:
+        state, step_metrics = step_fn(state, next(batches))
+        step += 1
+        pending.append((step, step_metrics))
+        last = step == total_steps
+        if step % config.train.log_every == 0 or last:
+          summary["loss"] = pretrain.log_metrics(step, pending, peak, progress, writer)["loss"]
+          pending = []
+        if step % eval_every == 0 or last:
+          summary.update(eval_all(step))
+        if step % config.train.checkpoint_every == 0 or last or stop.should_stop(step):
+          pretrain.check_finite(step, pending, peak)
+          pending = []
+          ckpt.save(step, state)
+      if stop.requested:
+        logging.warning("stopped by %s at step %d; checkpoint saved in %s; rerun the same "
+                        "command to resume", stop.signal_name, step, ckpt.directory)
+      elif start_step == total_steps:  # already finished: report the final numbers again
+        summary.update(eval_all(step))
+      summary["step"] = step
+      summary["stopped"] = stop.requested
+    finally:
+      stop.restore()
+      ckpt.close()
+      writer.close()
+  if "eval_top1" in summary:
+    logging.info("%s: top-1 %.2f%%, top-5 %.2f%% on %s", config.mode,
+                 100 * summary["eval_top1"], 100 * summary["eval_top5"], config.data.eval_split)
+  return summary
+
+
+def _features(encoder, params, data, split, n, config, mesh):
+  """Pooled features [N, D] and labels [N] of the first n examples of a split, streamed."""
+  embed = jax.jit(lambda p, x: knn.pool_features(encoder.apply({"params": p}, x),
+                                                 config.knn.feature).astype(jnp.float32),
+                  out_shardings=sharding.replicated(mesh))
+  feats, labels = [], []
+  for batch in pipeline.eval_batches(data, split, global_batch=config.knn.batch_size,
+                                     image_size=encoder.image_size,
+                                     sharding=sharding.batch_sharding(mesh), num_examples=n):
+    keep = np.asarray(sharding.to_host(batch["mask"])) > 0
+    feats.append(np.asarray(embed(params, batch["image"]))[keep])
+    labels.append(np.asarray(sharding.to_host(batch["label"]))[keep])
+  return np.concatenate(feats), np.concatenate(labels)
+
+
+def knn_eval(config, workdir: str) -> dict:
+  """k-NN top-1 of a pre-training checkpoint's encoder (configs/knn.py)."""
+  pretrain.setup_jax(config)
+  model_cfg = check_knn_config(config)
+  mesh = sharding.make_mesh()
+  spec = vit.parse_variant(model_cfg.variant)
+  spec = vit.VitSpec(model_cfg.width or spec.width, model_cfg.depth or spec.depth,
+                     model_cfg.heads or spec.heads, spec.patch)
+  encoder = vit.Encoder(spec, model_cfg.image_size, model_cfg.posemb,
+                        dtype=jnp.dtype(model_cfg.compute_dtype))
+  with jax.set_mesh(mesh):
+    params = posemb_lib.adapt_encoder_params(read_pretrained_encoder(config, mesh),
+                                             model_cfg.image_size // spec.patch)
+    train = _features(encoder, params, config.data, config.data.train_split,
+                      config.knn.train_examples, config, mesh)
+    test = _features(encoder, params, config.data, config.data.eval_split,
+                     config.knn.test_examples, config, mesh)
+  top1 = knn.knn_accuracy(*train, *test, k=config.knn.k, temperature=config.knn.temperature)
+  workdir_records.write_records(workdir, config)
+  writer = metrics_lib.MetricWriter(workdir, tensorboard=False)
+  writer.write_scalars(0, {"knn_top1": top1, "train_examples": len(train[1]),
+                           "test_examples": len(test[1])})
+  writer.close()
+  logging.info("k-NN top-1 (k=%d, %s features): %.2f%% on %d test images", config.knn.k,
+               config.knn.feature, 100 * top1, len(test[1]))
+  return {"knn_top1": top1}
+
+
+def check_knn_config(config) -> ml_collections.ConfigDict:
+  _require(bool(config.init.workdir), "init.workdir", "k-NN needs a pre-training run",
+           "use configs/knn.py:init=WORKDIR")
+  model = resolve_model(config)
+  for field in ("k", "train_examples", "test_examples", "batch_size"):
+    _require(isinstance(config.knn[field], int) and config.knn[field] > 0, f"knn.{field}",
+             f"got {config.knn[field]!r}", "use an integer > 0")
+  _require(config.knn.feature in config_validation.KNN_FEATURES, "knn.feature",
+           f"unknown value {config.knn.feature!r}", f"use one of {config_validation.KNN_FEATURES}")
+  _require(config.knn.temperature > 0, "knn.temperature", f"got {config.knn.temperature}",
+           "use e.g. 0.07")
+  pipeline.check_labeled_dataset(config.data)
+  return model

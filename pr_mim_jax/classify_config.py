@@ -1,0 +1,115 @@
+r"""Defaults of the two supervised evaluations, linear probing and fine-tuning (data only).
+
+configs/linear_probe.py and configs/finetune.py return `get_config(mode, arg)`. ImageNet
+scale follows MAE: linear probe with LARS (base lr 0.1, batch 16384, 90 epochs, 10 warmup,
+no weight decay, cls token, BatchNorm head without affine); fine-tuning with AdamW (batch
+1024, 5 warmup epochs, weight decay 0.05, b2 0.999, layer decay, drop path, RandAugment
+m9-mstd0.5, random erasing 0.25, mixup 0.8 / cutmix 1.0, label smoothing 0.1, global
+average pooling). `variant=B/16` (default) and `variant=L/16` pick MAE's per-model
+fine-tuning settings. `dataset=shapes` gives settings sized for the embedded dataset.
+
+Arguments: init=WORKDIR (a pre-training workdir; its latest checkpoint unless
+--config.init.step is set; '' = random init, a baseline), variant=, dataset=.
+"""
+
+import ml_collections
+
+from pr_mim_jax import config_args
+from pr_mim_jax import errors
+
+MODES = ("linear_probe", "finetune")
+
+# MAE's fine-tuning recipe per model size: (epochs, base_lr, layer_decay, drop_path).
+FINETUNE_RECIPES = {"B": (100.0, 5e-4, 0.65, 0.1), "L": (50.0, 1e-3, 0.75, 0.2),
+                    "H": (50.0, 1e-3, 0.75, 0.3)}
+
+
+def get_config(mode: str, arg=None):
+  arg = config_args.parse_arg(arg, init="", variant="", dataset="imagenet2012")
+  if mode not in MODES:
+    raise errors.UserError(f"unknown evaluation mode {mode!r}; use one of {MODES}")
+  probe = mode == "linear_probe"
+  demo = arg.dataset == "shapes"
+  size_name = (arg.variant or "B/16").split("/")[0]
+  if not probe and not demo and size_name not in FINETUNE_RECIPES:
+    raise errors.UserError(f"config argument variant={arg.variant!r}: MAE's fine-tuning "
+                           f"recipes cover {sorted(FINETUNE_RECIPES)}; set the optim fields "
+                           "yourself from the B or L recipe")
+  ft_epochs, ft_lr, ft_decay, ft_drop = FINETUNE_RECIPES.get(size_name, FINETUNE_RECIPES["B"])
+
+  c = ml_collections.ConfigDict()
+  c.mode = mode
+  c.seed = 0
+  c.compilation_cache_dir = ""  # e.g. ~/.cache/pr_mim_jax/xla; '' = off
+  # The pre-training run to start from: its workdir (orbax checkpoint + config.json).
+  c.init = ml_collections.ConfigDict(dict(workdir=arg.init, step=0))  # step 0 = latest
+  if demo:
+    c.batch_size = 256 if probe else 128
+  else:
+    c.batch_size = 16384 if probe else 1024
+
+  # Architecture fields left empty ('' / 0) come from the pre-training run's config.json.
+  c.model = ml_collections.ConfigDict(dict(
+      variant=arg.variant, width=0, depth=0, heads=0, posemb="",
+      image_size=0 if demo else 224,  # differs from pre-training: posembs are interpolated
+      compute_dtype="float32" if demo else "bfloat16",
+      remat="none", scan_layers=False,
+      drop_path=0.0 if probe else (0.1 if demo else ft_drop),
+  ))
+  c.head = ml_collections.ConfigDict(dict(
+      pool="cls" if probe else "gap",  # 'cls' token | 'gap' (mean of patch tokens + norm)
+      kind="batchnorm_linear" if probe else "linear",  # MAE: BN without affine for probing
+      freeze_encoder=probe,  # stop_gradient on the features: the encoder is not trained
+  ))
+  c.optim = ml_collections.ConfigDict(dict(
+      optimizer="lars" if probe else "adamw",
+      # lr = base_lr * batch_size / 256. The demo probe keeps MAE's peak lr (0.1 x 16384 / 256
+      # = 6.4) at batch 256: LARS's trust ratio sets each step's size relative to the weights,
+      # so the linear-scaling rule would only shrink it 64-fold on a small dataset.
+      base_lr=(6.4 if demo else 0.1) if probe else (1e-3 if demo else ft_lr),
+      weight_decay=0.0 if probe else 0.05,
+      momentum=0.9,  # lars
+      b1=0.9, b2=0.999,  # adamw
+      layer_decay=1.0 if probe else (0.75 if demo else ft_decay),
+      epochs=(10.0 if probe else 5.0) if demo else (90.0 if probe else ft_epochs),
+      warmup_epochs=1.0 if demo else (10.0 if probe else 5.0),
+      clip_grad_norm=0.0,
+  ))
+  c.mixup = ml_collections.ConfigDict(dict(
+      mixup_alpha=0.0 if probe else 0.8, cutmix_alpha=0.0 if probe else 1.0,
+      prob=1.0, switch_prob=0.5,
+  ))
+  c.label_smoothing = 0.0 if probe else 0.1
+  c.ema = ml_collections.ConfigDict(dict(decay=0.0))  # e.g. 0.9999; 0 = off
+
+  c.data = ml_collections.ConfigDict(dict(
+      dataset=arg.dataset,  # 'shapes' | a labeled tfds name | 'folder:/root' (root/<split>/<class>/)
+      train_split="train",
+      eval_split="test" if demo else "validation",
+      data_dir=ml_collections.FieldReference(None, field_type=str),
+      shapes=dict(image_size=64, train_size=20000, test_size=2000, seed=0,
+                  difficulty="hard"),  # 'hard' | 'easy' (sanity check; shapes.py)
+      augment="crop_flip" if probe else "randaugment",  # 'crop_flip' | 'randaugment'
+      # Random resized crop area share in [this, 1]: torchvision's 0.08 as MAE; 0.5 for the
+      # 64 px shapes, where a small crop often cuts the one shape that defines the class.
+      crop_min_scale=0.5 if demo else 0.08,
+      randaugment=dict(num_ops=2, magnitude=9, magnitude_std=0.5),
+      random_erase=0.0 if probe else 0.25,
+      prefetch=2,
+      num_parallel_calls=-1,
+      backend="auto",
+  ))
+  c.train = ml_collections.ConfigDict(dict(
+      total_steps=0,  # 0: from optim.epochs and the dataset size
+      log_every=50 if demo else 100,
+      eval_every=0,  # steps between evaluations; 0 = once per epoch
+      checkpoint_every=500 if demo else 2000,
+      keep_checkpoints=2,
+  ))
+  c.eval = ml_collections.ConfigDict(dict(batch_size=500 if demo else 1000, num_examples=0))  # 0 = all
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.mesh_dcn = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
+  c.sharding_rules = ml_collections.ConfigDict(dict(
+      batch="data,fsdp", tokens="", embed="fsdp", mlp="tensor", heads="tensor", kv=""))
+  return c

@@ -1,0 +1,334 @@
+r"""The paper's comparison at small scale: MAE vs partial reconstruction vs PR-MIM.
+
+  python -m pr_mim_jax.study --config=configs/study.py:setting=cpu --workdir=workdirs/study_cpu
+
+For every seed and method: pre-train on the embedded shapes dataset (same epochs, batch,
+model), then score the encoder by k-NN, a linear probe and a short fine-tune, and measure
+the reconstruction loss on ALL masked tokens of fixed test masks (partial reconstruction:
+its decoder with every masked token as a query; MAE and PR-MIM: their own paths). Writes
+study.md (table), study.png (plot) and results.jsonl to the workdir. Each finished stage
+is recorded, so a rerun skips it and an interrupted study resumes.
+"""
+
+import collections
+import importlib.util
+import json
+import logging
+import pathlib
+import sys
+import time
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+from absl import logging as absl_logging
+from etils import epath
+from ml_collections import config_flags
+
+from pr_mim_jax import benchmark
+from pr_mim_jax import checkpointing
+from pr_mim_jax import classify
+from pr_mim_jax import classify_config
+from pr_mim_jax import cli
+from pr_mim_jax import losses
+from pr_mim_jax import masking
+from pr_mim_jax import pretrain
+from pr_mim_jax import sharding
+from pr_mim_jax import targets
+from pr_mim_jax import train_step as train_step_lib
+from pr_mim_jax.data import pipeline
+from pr_mim_jax.errors import UserError
+from pr_mim_jax.methods import METHODS
+from pr_mim_jax.models import mae
+from pr_mim_jax.models import vit
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+ACCURACIES = (("knn_top1", "k-NN"), ("probe_top1", "linear probe"), ("finetune_top1", "fine-tune"))
+
+
+def _define_flags() -> types.SimpleNamespace:
+  return types.SimpleNamespace(
+      config=config_flags.DEFINE_config_file("config", None, "configs/study.py[:setting=...]",
+                                             lock_config=True),
+      workdir=flags.DEFINE_string("workdir", None, "Where runs, results and the table go."))
+
+
+def _load_pretrain_config(arg: str):
+  spec = importlib.util.spec_from_file_location("pretrain_config", CONFIGS / "pretrain.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def _ints(text: str, field: str) -> list[int]:
+  try:
+    return [int(t) for t in text.split(",") if t.strip()]
+  except ValueError:
+    raise UserError(f"config.{field}: {text!r} is not a comma-separated list of integers") from None
+
+
+def runs(study) -> list[tuple[str, str, float]]:
+  """(label, method, throw_ratio) of every pre-training setting."""
+  out = []
+  for m in [m.strip() for m in study.methods.split(",") if m.strip()]:
+    if m not in METHODS:
+      raise UserError(f"config.methods: unknown method {m!r}; use some of {sorted(METHODS)}")
+    out.append((m, m, METHODS[m][0]))
+  for text in [t.strip() for t in study.pr_mim_throw_ratios.split(",") if t.strip()]:
+    try:
+      throw = float(text)
+    except ValueError:
+      raise UserError(f"config.pr_mim_throw_ratios: {text!r} is not a number") from None
+    out.append((f"pr_mim@{throw:g}", "pr_mim", throw))
+  if not out:
+    raise UserError("config.methods: no method to run; use e.g. 'mae,partial,pr_mim'")
+  return out
+
+
+def _data(config, study):
+  config.data.backend = study.backend
+  config.data.shapes.update(study.shapes.to_dict())
+
+
+def pretrain_config(study, method: str, throw: float, seed: int):
+  c = _load_pretrain_config(f"method={method},dataset=shapes")
+  c.masking.throw_ratio = throw
+  c.seed = seed
+  c.batch_size = study.pretrain.batch_size
+  for k in ("epochs", "warmup_epochs", "base_lr"):
+    c.optim[k] = study.pretrain[k]
+  c.model.update(study.model.to_dict())
+  c.model.image_size = study.shapes.image_size
+  _data(c, study)
+  c.knn.train_examples, c.knn.test_examples = study.knn.train_examples, study.knn.test_examples
+  c.train.image_every = c.train.checkpoint_every = 10 ** 9  # the last step is still saved
+  return c
+
+
+def eval_config(study, mode: str, init: str, seed: int):
+  c = classify_config.get_config(mode, f"init={init},dataset=shapes")
+  s = study[mode]
+  c.seed = seed
+  c.batch_size = s.batch_size
+  for k in ("epochs", "warmup_epochs", "base_lr"):
+    c.optim[k] = s[k]
+  if mode == "finetune":
+    c.optim.layer_decay, c.model.drop_path = s.layer_decay, s.drop_path
+  _data(c, study)
+  c.train.checkpoint_every = 10 ** 9
+  c.train.eval_every = 10 ** 9  # evaluate once, at the end
+  return c
+
+
+def reconstruction_loss(config, workdir: str, num_examples: int, batch: int = 250) -> float:
+  """Mean loss over every masked token of fixed test masks (same visible set for all methods)."""
+  model = mae.from_config(config)
+  task = train_step_lib.task_from_config(config)
+  mesh = sharding.mesh_from_config(config)
+  ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir), max_to_keep=1 << 30)
+  try:
+    params, _ = ckpt.restore_subtree(("params",), sharding.replicated(mesh))
+  finally:
+    ckpt.close()
+  images, _ = pipeline.labeled_arrays(config.data, config.data.eval_split,
+                                      num_examples=num_examples, image_size=model.image_size)
+
+  @jax.jit
+  def batch_loss(params, images, rng):
+    m = masking.make_masks(rng, images.shape[0], task.split, task.throw_strategy, task.grid,
+                           task.num_stages)
+    if task.reconstruct_thrown:  # PR-MIM: decoded + progressively reconstructed tokens
+      ids_q, ids_t = m.ids_dec, m.ids_throw
+    else:  # MAE; partial reconstruction decodes every masked token here
+      ids_q, ids_t = m.ids_mask, None
+    preds = model.apply({"params": params}, images, m.ids_vis, ids_q, ids_t)
+    pred = preds.dec if preds.throw is None else jnp.concatenate([preds.dec, preds.throw], 1)
+    ids = ids_q if ids_t is None else jnp.concatenate([ids_q, ids_t], 1)  # [B, n_masked]
+    tgt = targets.patch_targets(images, task.patch, task.target)  # [B, L, P]
+    return losses.weighted_patch_mse(pred, vit.gather_tokens(tgt, ids)) * images.shape[0]
+
+  total = 0.0
+  for i, start in enumerate(range(0, len(images), batch)):
+    chunk = images[start:start + batch]
+    total += float(batch_loss(params, chunk, jax.random.PRNGKey(1000 + i)))
+  return total / len(images)
+
+
+def _record(path: epath.Path, key: str, values: dict) -> None:
+  with path.open("a") as f:
+    f.write(json.dumps({"key": key, **values}) + "\n")
+
+
+def _done(path: epath.Path) -> dict:
+  if not path.exists():
+    return {}
+  return {r["key"]: r for r in map(json.loads, path.read_text().splitlines()) if r}
+
+
+class Stopped(Exception):
+  """A stage was stopped by a signal (its checkpoint is saved); the study ends there."""
+
+
+def finished(summary: dict, *keys) -> dict:
+  """The values to record of a finished stage; Stopped if a signal cut it short."""
+  if summary.get("stopped"):
+    raise Stopped()
+  return {k: summary[k] for k in keys}
+
+
+def run_all(study, workdir: epath.Path) -> list[dict]:
+  """Every (seed, setting) through pre-training and the three evaluations; resumable."""
+  log = workdir / "results.jsonl"
+  rows = []
+  for seed in _ints(study.seeds, "seeds"):
+    for label, method, throw in runs(study):
+      base = workdir / f"{label}_seed{seed}"
+      cfg = pretrain_config(study, method, throw, seed)
+      done = _done(log)
+      row = {"label": label, "method": method, "throw_ratio": throw, "seed": seed,
+             "gflop_per_img": benchmark.cost(cfg)["gflop_per_img"]["total"]}
+
+      def stage(name, fn):
+        key = f"{label}/{seed}/{name}"
+        if key not in done:
+          t0 = time.perf_counter()
+          values = fn()
+          values["seconds"] = time.perf_counter() - t0
+          _record(log, key, values)
+          done[key] = values
+        return done[key]
+
+      pre = stage("pretrain", lambda: finished(pretrain.train(cfg, str(base / "pretrain")),
+                                               "loss", "knn_top1", "knn_top1_random_init"))
+      rec = stage("reconstruction", lambda: {"recon_loss": reconstruction_loss(
+          cfg, str(base / "pretrain"), study.reconstruction_examples)})
+      probe = stage("linear_probe", lambda: finished(classify.train(
+          eval_config(study, "linear_probe", str(base / "pretrain"), seed),
+          str(base / "linear_probe")), "eval_top1"))
+      ft = stage("finetune", lambda: finished(classify.train(
+          eval_config(study, "finetune", str(base / "pretrain"), seed),
+          str(base / "finetune")), "eval_top1"))
+      row.update(knn_top1=pre["knn_top1"], knn_top1_random_init=pre["knn_top1_random_init"],
+                 pretrain_loss=pre["loss"], recon_loss=rec["recon_loss"], probe_top1=probe["eval_top1"],
+                 finetune_top1=ft["eval_top1"], pretrain_seconds=pre["seconds"],
+                 total_seconds=sum(s["seconds"] for s in (pre, rec, probe, ft)))
+      rows.append(row)
+      write_outputs(study, workdir, rows)
+  return rows
+
+
+def _mean_std(values) -> tuple[float, float]:
+  v = np.asarray(values, np.float64)
+  return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def summarize(rows: list[dict]) -> dict:
+  """label -> metric -> (mean, std over seeds)."""
+  by = collections.defaultdict(list)
+  for r in rows:
+    by[r["label"]].append(r)
+  metrics = ("knn_top1", "probe_top1", "finetune_top1", "recon_loss", "gflop_per_img",
+             "pretrain_seconds", "total_seconds", "knn_top1_random_init")
+  return {label: {m: _mean_std([r[m] for r in rs]) for m in metrics} | {"seeds": len(rs)}
+          for label, rs in by.items()}
+
+
+def spread_verdicts(summary: dict) -> list[str]:
+  """Per accuracy: does the gap between methods exceed the seed-to-seed spread?"""
+  lines = []
+  for key, name in ACCURACIES:
+    means = {k: v[key][0] for k, v in summary.items()}
+    stds = [v[key][1] for v in summary.values()]
+    gap = max(means.values()) - min(means.values())
+    best = max(means, key=means.get)
+    if min(v["seeds"] for v in summary.values()) < 2:
+      lines.append(f"- {name}: best {best}, gap {100 * gap:.1f} points; one seed only, so the "
+                   "seed-to-seed spread is unmeasured.")
+    else:
+      spread = float(np.mean(stds))
+      verdict = "exceeds" if gap > 2 * spread else "does not exceed"
+      lines.append(f"- {name}: best {best}, gap {100 * gap:.1f} points {verdict} twice the mean "
+                   f"seed std ({100 * spread:.1f} points).")
+  return lines
+
+
+def write_outputs(study, workdir: epath.Path, rows: list[dict]) -> None:
+  summary = summarize(rows)
+  pct = lambda ms: f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}"  # noqa: E731
+  lines = [f"Setting `{study.setting}`, {jax.devices()[0].device_kind}, seeds {study.seeds}; "
+           "mean ± std over seeds (std 0 with one seed).", "",
+           "| method | k-NN top-1 % | linear probe top-1 % | fine-tune top-1 % | recon loss "
+           "(all masked) | GFLOP/img (pre-train fwd+bwd) | pre-train s | total s |",
+           "|---|---|---|---|---|---|---|---|"]
+  for label, s in summary.items():
+    lines.append(f"| {label} | {pct(s['knn_top1'])} | {pct(s['probe_top1'])} | "
+                 f"{pct(s['finetune_top1'])} | {s['recon_loss'][0]:.4f} ± {s['recon_loss'][1]:.4f} | "
+                 f"{s['gflop_per_img'][0]:.3f} | {s['pretrain_seconds'][0]:.0f} | "
+                 f"{s['total_seconds'][0]:.0f} |")
+  chance = 100.0 / 12
+  knn_init = np.mean([r["knn_top1_random_init"] for r in rows])
+  lines += ["", f"Chance is {chance:.1f}%; k-NN of the randomly initialised encoder: "
+            f"{100 * knn_init:.1f}%.", ""] + spread_verdicts(summary)
+  (workdir / "study.md").write_text("\n".join(lines) + "\n")
+  plot(summary, workdir / "study.png")
+
+
+def plot(summary: dict, path: epath.Path) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  labels = list(summary)
+  x = np.arange(len(labels))
+  fig, axes = plt.subplots(1, 4, figsize=(15, 3.6), dpi=110)
+  width = 0.8 / len(ACCURACIES)
+  for i, (key, name) in enumerate(ACCURACIES):
+    axes[0].bar(x + (i - 1) * width, [100 * summary[l][key][0] for l in labels], width,
+                yerr=[100 * summary[l][key][1] for l in labels], capsize=3, label=name)
+  axes[0].axhline(100 / 12, color="grey", linestyle="--", linewidth=1, label="chance")
+  axes[0].set_ylabel("top-1 %")
+  axes[0].legend(fontsize=7)
+  panels = (("recon_loss", "recon loss, all masked tokens"), ("gflop_per_img", "GFLOP / image"),
+            ("total_seconds", "wall time (s)"))
+  for ax, (key, name) in zip(axes[1:], panels):
+    ax.bar(x, [summary[l][key][0] for l in labels], yerr=[summary[l][key][1] for l in labels],
+           capsize=3, color="tab:gray")
+    ax.set_ylabel(name)
+  for ax in axes:
+    ax.set_xticks(x, labels, rotation=20, fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+  fig.tight_layout()
+  with path.open("wb") as f:
+    fig.savefig(f, format="png")
+  plt.close(fig)
+
+
+def _run(f: types.SimpleNamespace) -> int:
+  study = f.config.value
+  for label, method, throw in runs(study):  # every setting checked before anything trains
+    cfg = pretrain_config(study, method, throw, 0)
+    pretrain.check_config(cfg)
+  _ints(study.seeds, "seeds")
+  workdir = cli.output_dir(f.workdir.value, "workdir")
+  absl_logging.use_absl_handler()
+  absl_logging.set_verbosity(absl_logging.INFO)
+  absl_logging.get_absl_handler().addFilter(
+      lambda r: r.levelno >= logging.WARNING or "/orbax/" not in r.pathname)
+  try:
+    run_all(study, workdir)
+  except Stopped:
+    logging.warning("study stopped by a signal; rerun the same command to resume")
+    return 0
+  print((workdir / "study.md").read_text())
+  return 0
+
+
+def main(argv=None) -> int:
+  f = _define_flags()
+  return cli.run(lambda: _run(f), {"config": "configs/study.py:setting=cpu",
+                                   "workdir": "workdirs/study_cpu"}, argv)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,242 @@
+"""Linear probing and fine-tuning from a pre-training workdir, end to end on tiny data."""
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT, TINY_OVERRIDES, apply_overrides, load_config, run_with_fake_devices
+from pr_mim_jax import checkpointing
+from pr_mim_jax import classify
+from pr_mim_jax import classify_config
+from pr_mim_jax import classify_step
+from pr_mim_jax import pretrain
+from pr_mim_jax import sharding
+from pr_mim_jax.errors import UserError
+from pr_mim_jax.models import mae
+
+# The embedded dataset's 'easy' variant at 32 px: a tiny encoder trains in seconds, and its
+# classes are linearly separable. (On the default 'hard' variant a briefly pre-trained encoder
+# is at chance; see docs/evaluation.md.)
+SIZE = 32
+DATA = {"data.shapes.image_size": SIZE, "data.shapes.train_size": 512,
+        "data.shapes.test_size": 100, "data.shapes.difficulty": "easy", "data.backend": "numpy",
+        "data.crop_min_scale": 1.0}  # whole-image crops: the shapes are centred at a fixed size
+PRETRAIN = dict(TINY_OVERRIDES, **DATA, **{
+    "model.image_size": SIZE, "model.variant": "Ti/4", "batch_size": 32, "optim.epochs": 2.0,
+    "train.checkpoint_every": 1000, "train.image_every": 1000, "knn.enabled": False})
+
+
+def eval_config(mode, init, **overrides):
+  c = classify_config.get_config(mode, f"init={init},dataset=shapes")
+  return apply_overrides(c, {
+      **DATA, "batch_size": 32,
+      "eval.batch_size": 24,  # 100 test images: the last batch is padded
+      "optim.epochs": 2.0, "optim.warmup_epochs": 0.5, "train.log_every": 4,
+      "train.checkpoint_every": 1000, **overrides})
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+  """A pre-training workdir: the tiny encoder trained for 64 steps on 32 px shapes."""
+  workdir = str(tmp_path_factory.mktemp("pretrain"))
+  config = apply_overrides(load_config("method=pr_mim,dataset=shapes"), PRETRAIN)
+  pretrain.train(config, workdir)
+  return workdir
+
+
+def encoder_checkpoint(workdir):
+  ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir))
+  try:
+    params, _ = ckpt.restore_subtree(("params", "encoder"), sharding.replicated(sharding.make_mesh()))
+  finally:
+    ckpt.close()
+  return jax.tree.map(np.asarray, params)
+
+
+def test_finetune_starts_from_every_pretrained_encoder_weight(pretrained):
+  config = eval_config("finetune", pretrained)
+  model_cfg, _, num_classes = classify.check_config(config)
+  model = classify.build_model(model_cfg, config, num_classes)
+  mesh = sharding.make_mesh()
+  with jax.set_mesh(mesh):
+    state, _, _ = classify.create_state(
+        config, model, lambda p: classify.make_optimizer(config, lambda s: 1e-3, p, 2), mesh,
+        sharding.DATA_PARALLEL_RULES, classify.read_pretrained_encoder(config, mesh))
+  saved = encoder_checkpoint(pretrained)
+  loaded = jax.tree.map(np.asarray, state.params["encoder"])
+  assert jax.tree.structure(saved) == jax.tree.structure(loaded)
+  for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(loaded)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_linear_probe_beats_chance_and_keeps_the_encoder(pretrained, tmp_path):
+  # MAE's peak lr (0.1 x 16384 / 256 = 6.4) at batch 32.
+  config = eval_config("linear_probe", pretrained, **{"optim.epochs": 5.0, "optim.base_lr": 51.2})
+  summary = classify.train(config, str(tmp_path / "probe"))
+  assert summary["eval_top1"] > 3 * (1 / 12), summary  # 12 classes: chance is 8.3%
+  assert summary["eval_top5"] >= summary["eval_top1"]
+  # The frozen encoder is exactly the pre-trained one at the end.
+  ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(str(tmp_path / "probe")))
+  try:
+    final, _ = ckpt.restore_subtree(("params", "encoder"), sharding.replicated(sharding.make_mesh()))
+  finally:
+    ckpt.close()
+  for a, b in zip(jax.tree.leaves(encoder_checkpoint(pretrained)), jax.tree.leaves(final)):
+    np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_evaluation_counts_every_example_once(pretrained):
+  config = eval_config("linear_probe", pretrained)
+  model_cfg, _, num_classes = classify.check_config(config)
+  model = classify.build_model(model_cfg, config, num_classes)
+  mesh = sharding.make_mesh()
+  with jax.set_mesh(mesh):
+    state, _, _ = classify.create_state(config, model, lambda p: classify.make_optimizer(config, lambda s: 0.1, p, 2),
+                                        mesh, sharding.DATA_PARALLEL_RULES, None)
+    eval_fn = jax.jit(lambda p, b, batch: classify_step.eval_step(p, b, batch, model=model))
+    result = classify.evaluate(eval_fn, state.params, state.batch_stats, config, SIZE, mesh)
+  assert result["count"] == 100
+  # Reference: plain NumPy accuracy of the same model on all 100 test images at once.
+  from pr_mim_jax.data import pipeline
+  images, labels = pipeline.labeled_arrays(config.data, "test", num_examples=100, image_size=SIZE)
+  logits = np.asarray(model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                                  images, train=False))
+  assert result["top1"] == pytest.approx(np.mean(logits.argmax(-1) == labels))
+  top5 = np.argsort(-logits, axis=-1)[:, :5]
+  assert result["top5"] == pytest.approx(np.mean((top5 == labels[:, None]).any(-1)))
+
+
+def test_finetune_cli_runs_resumes_and_reports(pretrained, tmp_path):
+  workdir = str(tmp_path / "ft")
+  args = [sys.executable, "-m", "pr_mim_jax.main", f"--config=configs/finetune.py:init={pretrained},dataset=shapes",
+          f"--workdir={workdir}", *[f"--config.{k}={v}" for k, v in DATA.items()],
+          "--config.batch_size=32", "--config.eval.batch_size=24", "--config.train.log_every=2",
+          "--config.ema.decay=0.9", "--config.model.image_size=48"]  # 48 px: posembs resized
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  first = subprocess.run(args + ["--config.train.total_steps=3"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+  assert first.returncode == 0, first.stderr[-3000:]
+  second = subprocess.run(args + ["--config.train.total_steps=5"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert "resumed from" in second.stderr
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  evals = [r for r in rows if "eval_top1" in r]
+  assert [r["step"] for r in evals] == [3, 5]
+  for r in evals:
+    assert 0 <= r["eval_top1"] <= r["eval_top5"] <= 1 and "eval_ema_top1" in r
+
+
+def test_bad_init_workdir_is_one_line(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "pr_mim_jax.main",
+       f"--config=configs/linear_probe.py:init={tmp_path},dataset=shapes",
+       f"--workdir={tmp_path / 'probe'}", "--config.data.backend=numpy"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert result.returncode == 2
+  assert result.stderr.startswith("error: config.init.workdir:"), result.stderr
+  assert "Traceback" not in result.stderr
+
+
+def test_architecture_conflict_names_the_field(pretrained):
+  config = eval_config("finetune", pretrained, **{"model.variant": "Ti/8"})
+  with pytest.raises(UserError, match=r"config.model.variant: 'Ti/8' differs"):
+    classify.check_config(config)
+
+
+def test_random_init_needs_a_variant():
+  config = eval_config("linear_probe", "")
+  with pytest.raises(UserError, match="config.model.variant"):
+    classify.check_config(config)
+
+
+def test_knn_mode_matches_the_pretraining_monitor(pretrained, tmp_path):
+  """configs/knn.py streams features through a bare encoder; the monitor uses the MAE model
+  on in-memory arrays. Both must give the same accuracy."""
+  spec = importlib.util.spec_from_file_location("knn_config", ROOT / "configs" / "knn.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = apply_overrides(module.get_config(f"init={pretrained},dataset=shapes"), {
+      **DATA, "knn.train_examples": 200, "knn.test_examples": 50, "knn.batch_size": 32, "knn.k": 5})
+  got = classify.knn_eval(config, str(tmp_path / "knn"))["knn_top1"]
+  pre = apply_overrides(load_config("method=pr_mim,dataset=shapes"), PRETRAIN)
+  pre.knn.train_examples, pre.knn.test_examples, pre.knn.k = 200, 50, 5
+  ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(pretrained))
+  try:
+    params, _ = ckpt.restore_subtree(("params",), sharding.replicated(sharding.make_mesh()))
+  finally:
+    ckpt.close()
+  want = pretrain.KnnMonitor(pre, mae.from_config(pre)).accuracy(params)
+  assert got == pytest.approx(want, abs=1 / 50 + 1e-9)  # at most one float-tie flip
+  with open(tmp_path / "knn" / "metrics.jsonl") as f:
+    assert json.loads(f.readline())["knn_top1"] == pytest.approx(got)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("head.pool", "max", "config.head.pool: unknown value 'max'"),
+    ("optim.layer_decay", 1.5, "config.optim.layer_decay: got 1.5"),
+    ("mixup.prob", 2.0, "config.mixup.prob: got 2.0"),
+    ("data.augment", "autoaugment", "config.data.augment: unknown value 'autoaugment'"),
+    ("eval.batch_size", 0, "config.eval.batch_size: got 0"),
+])
+def test_bad_eval_fields_are_named(pretrained, field, value, message):
+  config = eval_config("finetune", pretrained, **{field: value})
+  with pytest.raises(UserError, match=re.escape(message)):
+    classify.check_config(config)
+
+
+def test_evaluation_is_exact_on_a_multi_device_mesh():
+  """On 4 fake devices (the last batch padded to the device grid) the counts equal 1 device's."""
+  code = """
+import sys, jax
+sys.path.insert(0, "tests")
+from test_classify import eval_config, SIZE
+from pr_mim_jax import classify, classify_step, sharding
+config = eval_config("linear_probe", "", **{"model.variant": "Ti/8", "model.image_size": SIZE,
+                                            "model.width": 32, "model.depth": 1, "model.heads": 2})
+model_cfg, _, num_classes = classify.check_config(config)
+model = classify.build_model(model_cfg, config, num_classes)
+results = []
+for devices in (jax.devices()[:1], jax.devices()):
+  mesh = sharding.make_mesh(devices)
+  with jax.set_mesh(mesh):
+    state, _, _ = classify.create_state(config, model, lambda p: classify.make_optimizer(
+        config, lambda s: 0.1, p, 1), mesh, sharding.DATA_PARALLEL_RULES, None)
+    eval_fn = jax.jit(lambda p, b, batch: classify_step.eval_step(p, b, batch, model=model))
+    results.append(classify.evaluate(eval_fn, state.params, state.batch_stats, config, SIZE, mesh))
+one, four = results
+assert four["count"] == one["count"] == 100, results
+assert four["top1"] == one["top1"] and four["top5"] == one["top5"], results
+assert abs(four["loss"] - one["loss"]) < 1e-5, results
+print("OK")
+"""
+  result = run_with_fake_devices(code, devices=4)
+  assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("variant,epochs,lr,decay,drop", [
+    ("B/16", 100.0, 5e-4, 0.65, 0.1), ("L/16", 50.0, 1e-3, 0.75, 0.2)])
+def test_finetune_defaults_are_maes(variant, epochs, lr, decay, drop):
+  c = classify_config.get_config("finetune", f"variant={variant}")
+  assert (c.optim.epochs, c.optim.base_lr, c.optim.layer_decay, c.model.drop_path) == (
+      epochs, lr, decay, drop)
+  assert (c.batch_size, c.optim.warmup_epochs, c.optim.weight_decay, c.optim.b2) == (1024, 5.0, 0.05, 0.999)
+  assert (c.mixup.mixup_alpha, c.mixup.cutmix_alpha, c.label_smoothing) == (0.8, 1.0, 0.1)
+  assert (c.data.augment, c.data.random_erase, c.head.pool, c.head.kind) == (
+      "randaugment", 0.25, "gap", "linear")
+
+
+def test_linear_probe_defaults_are_maes():
+  c = classify_config.get_config("linear_probe", "")
+  assert (c.optim.optimizer, c.optim.base_lr, c.batch_size, c.optim.epochs,
+          c.optim.warmup_epochs, c.optim.weight_decay) == ("lars", 0.1, 16384, 90.0, 10.0, 0.0)
+  assert (c.head.pool, c.head.kind, c.head.freeze_encoder, c.data.augment) == (
+      "cls", "batchnorm_linear", True, "crop_flip")

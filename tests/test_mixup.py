@@ -1,0 +1,93 @@
+"""Label smoothing, Mixup and CutMix: target sums, recovered lambdas, identity cases."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pr_mim_jax import mixup
+
+B, H, W, C = 8, 12, 16, 10
+
+
+def _batch():
+  """Distinct constant images (value i + 1) with distinct labels, so mixing is readable."""
+  images = jnp.broadcast_to(jnp.arange(1.0, B + 1)[:, None, None, None], (B, H, W, 3))
+  return images, jnp.arange(B) % C
+
+
+@functools.partial(jax.jit, static_argnames=("mixup_alpha", "cutmix_alpha", "prob", "smoothing"))
+def _mix(rng, *, mixup_alpha, cutmix_alpha, prob=1.0, smoothing=0.0):
+  images, labels = _batch()
+  targets = mixup.one_hot_smoothed(labels, C, smoothing)
+  return mixup.mix(rng, images, targets, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
+                   prob=prob)
+
+
+def _lam(targets, smoothing=0.0):
+  """lam per example from mixed targets: the weight of the example's own label."""
+  own = np.asarray(targets)[np.arange(B), np.arange(B) % C]
+  off = smoothing / C
+  return (own - off) / (1 - smoothing)
+
+
+def test_one_hot_smoothed():
+  t = mixup.one_hot_smoothed(jnp.array([0, 3]), 5, 0.1)
+  np.testing.assert_allclose(t[0], [0.92, 0.02, 0.02, 0.02, 0.02], atol=1e-6)
+  np.testing.assert_allclose(t.sum(-1), 1.0, atol=1e-6)
+  np.testing.assert_array_equal(mixup.one_hot_smoothed(jnp.array([1]), 3, 0.0), [[0, 1, 0]])
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("mixup_alpha,cutmix_alpha", [(0.8, 0.0), (0.0, 1.0), (0.8, 1.0)])
+def test_targets_sum_to_one(smoothing, mixup_alpha, cutmix_alpha):
+  for s in range(4):
+    _, t = _mix(jax.random.key(s), mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
+                smoothing=smoothing)
+    assert t.shape == (B, C)
+    np.testing.assert_allclose(t.sum(-1), 1.0, atol=1e-5)
+
+
+def test_cutmix_pixel_share_equals_target_lambda():
+  own = np.arange(1.0, B + 1)[:, None, None]
+  lams = []
+  for s in range(12):
+    x, t = _mix(jax.random.key(s), mixup_alpha=0.0, cutmix_alpha=1.0)
+    x = np.asarray(x)[..., 0]  # [B, H, W]
+    from_own, from_other = x == own, x == own[::-1]
+    assert (from_own | from_other).all()  # pasted, not blended
+    lam = _lam(t)
+    np.testing.assert_allclose(lam, from_own.mean((1, 2)), atol=1e-6)  # pair (i, B-1-i) distinct
+    lams.append(lam[0])
+  assert np.ptp(lams) > 0.2  # boxes of various sizes
+
+
+def test_mixup_is_lambda_blend():
+  images, _ = _batch()
+  for s in range(4):
+    x, t = _mix(jax.random.key(s), mixup_alpha=0.8, cutmix_alpha=0.0)
+    lam = _lam(t)
+    assert np.ptp(lam) < 1e-6  # one lambda per batch
+    want = lam[0] * images + (1 - lam[0]) * images[::-1]
+    np.testing.assert_allclose(x, want, rtol=1e-5, atol=1e-5)
+
+
+def test_switch_uses_both():
+  kinds = set()
+  for s in range(16):
+    x, _ = _mix(jax.random.key(s), mixup_alpha=0.8, cutmix_alpha=1.0)
+    own = np.arange(1.0, B + 1)[:, None, None]
+    kinds.add(bool(((x[..., 0] == own) | (x[..., 0] == own[::-1])).all()))  # True: cutmix
+  assert kinds == {True, False}
+
+
+def test_identity():
+  images, labels = _batch()
+  targets = mixup.one_hot_smoothed(labels, C, 0.1)
+  for kw in (dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=0.0),
+             dict(mixup_alpha=0.0, cutmix_alpha=0.0)):
+    x, t = mixup.mix(jax.random.key(0), images, targets, **kw)
+    np.testing.assert_array_equal(x, images)
+    np.testing.assert_array_equal(t, targets)

@@ -1,0 +1,73 @@
+"""The small-scale study: every method through pre-training and three evaluations, resumable."""
+
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from pr_mim_jax import study
+
+TINY = {
+    "methods": "mae,partial,pr_mim", "seeds": "0",
+    "shapes.image_size": 16, "shapes.train_size": 128, "shapes.test_size": 48,
+    "model.variant": "Ti/4", "model.width": 32, "model.depth": 2, "model.heads": 2,
+    "model.decoder_width": 32, "model.decoder_depth": 1, "model.decoder_heads": 2,
+    "pretrain.batch_size": 32, "pretrain.epochs": 1.0, "pretrain.warmup_epochs": 0.25,
+    "knn.train_examples": 64, "knn.test_examples": 32,
+    "linear_probe.batch_size": 32, "linear_probe.epochs": 1.0, "linear_probe.warmup_epochs": 0.25,
+    "finetune.batch_size": 32, "finetune.epochs": 1.0, "finetune.warmup_epochs": 0.25,
+    "reconstruction_examples": 40,
+}
+
+
+def run_study(workdir, **extra):
+  flags = [f"--config.{k}={v}" for k, v in dict(TINY, **extra).items()]
+  return subprocess.run(
+      [sys.executable, "-m", "pr_mim_jax.study", "--config=configs/study.py:setting=cpu",
+       f"--workdir={workdir}", *flags], cwd=ROOT, capture_output=True, text=True, timeout=900,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+@pytest.mark.slow
+def test_study_writes_table_and_plot_then_resumes(tmp_path):
+  first = run_study(tmp_path)
+  assert first.returncode == 0, first.stderr[-3000:]
+  table = (tmp_path / "study.md").read_text()
+  for method in ("mae", "partial", "pr_mim"):
+    assert f"| {method} |" in table
+  assert (tmp_path / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  records = [json.loads(l) for l in (tmp_path / "results.jsonl").read_text().splitlines()]
+  assert len(records) == 3 * 4  # pretrain, reconstruction, linear_probe, finetune per method
+  by = {r["key"]: r for r in records}
+  for method in ("mae", "partial", "pr_mim"):
+    for acc in (by[f"{method}/0/linear_probe"]["eval_top1"], by[f"{method}/0/finetune"]["eval_top1"],
+                by[f"{method}/0/pretrain"]["knn_top1"]):
+      assert 0.0 <= acc <= 1.0
+    assert np.isfinite(by[f"{method}/0/reconstruction"]["recon_loss"])
+  second = run_study(tmp_path)  # everything is recorded: nothing runs again
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert len((tmp_path / "results.jsonl").read_text().splitlines()) == len(records)
+
+
+def test_extra_throw_ratios_and_bad_methods():
+  c = ml_collections.ConfigDict(dict(methods="mae,pr_mim", pr_mim_throw_ratios="0.25,0.625"))
+  assert study.runs(c) == [("mae", "mae", 0.0), ("pr_mim", "pr_mim", 0.5),
+                           ("pr_mim@0.25", "pr_mim", 0.25), ("pr_mim@0.625", "pr_mim", 0.625)]
+  c.methods = "mae,beit"
+  with pytest.raises(study.UserError, match="config.methods: unknown method 'beit'"):
+    study.runs(c)
+
+
+def test_spread_verdicts():
+  summary = {"a": {"knn_top1": (0.30, 0.01), "probe_top1": (0.5, 0.05), "finetune_top1": (0.6, 0.0),
+                   "seeds": 3},
+             "b": {"knn_top1": (0.20, 0.01), "probe_top1": (0.45, 0.05), "finetune_top1": (0.6, 0.0),
+                   "seeds": 3}}
+  lines = study.spread_verdicts(summary)
+  assert "gap 10.0 points exceeds" in lines[0]  # 10 points vs 2 x 1 point
+  assert "gap 5.0 points does not exceed" in lines[1]  # 5 points vs 2 x 5 points
