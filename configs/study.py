@@ -5,9 +5,10 @@ r"""The small-scale comparison of MAE, partial reconstruction and PR-MIM (pr_mim
 
 Every method pre-trains with the same epochs, batch and seeds on the embedded shapes
 dataset, read from memory (no TensorFlow needed); each is then scored by k-NN, a linear
-probe and a short fine-tune. `cpu` took 21 minutes on the project's 2-core CPU machine
-(docs/evaluation.md); `gpu` is sized for one GPU run of about 6 minutes, an estimate:
-it has not run on a GPU yet (about 840k images through the NumPy input pipeline).
+probe and a short fine-tune. `cpu` took 20-22 minutes per seed on the project's 2-core
+CPU machine, under load (docs/evaluation.md). `gpu` is sized for one GPU run of about 6
+minutes: an estimate, it has not run on a GPU yet (about 840k images per seed through
+the NumPy input pipeline).
 """
 
 import ml_collections

@@ -236,21 +236,22 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def spread_verdicts(summary: dict) -> list[str]:
-  """Per accuracy: does the gap between methods exceed the seed-to-seed spread?"""
+  """Per accuracy and the reconstruction loss: does the gap between the methods exceed the
+  seed-to-seed spread (twice the mean std over seeds)?"""
   lines = []
-  for key, name in ACCURACIES:
+  for key, name, scale, unit in [(k, n, 100, " points") for k, n in ACCURACIES] + [
+      ("recon_loss", "reconstruction loss", 1, "")]:
     means = {k: v[key][0] for k, v in summary.items()}
-    stds = [v[key][1] for v in summary.values()]
-    gap = max(means.values()) - min(means.values())
-    best = max(means, key=means.get)
+    gap = scale * (max(means.values()) - min(means.values()))
+    best = (min if key == "recon_loss" else max)(means, key=means.get)
+    text = f"- {name}: best {best}, gap {gap:.{1 if scale == 100 else 4}f}{unit}"
     if min(v["seeds"] for v in summary.values()) < 2:
-      lines.append(f"- {name}: best {best}, gap {100 * gap:.1f} points; one seed only, so the "
-                   "seed-to-seed spread is unmeasured.")
+      lines.append(f"{text}; one seed only, so the seed-to-seed spread is unmeasured.")
     else:
-      spread = float(np.mean(stds))
+      spread = scale * float(np.mean([v[key][1] for v in summary.values()]))
       verdict = "exceeds" if gap > 2 * spread else "does not exceed"
-      lines.append(f"- {name}: best {best}, gap {100 * gap:.1f} points {verdict} twice the mean "
-                   f"seed std ({100 * spread:.1f} points).")
+      lines.append(f"{text} {verdict} twice the mean seed std "
+                   f"({spread:.{1 if scale == 100 else 4}f}{unit}).")
   return lines
 
 

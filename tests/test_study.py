@@ -65,9 +65,10 @@ def test_extra_throw_ratios_and_bad_methods():
 
 def test_spread_verdicts():
   summary = {"a": {"knn_top1": (0.30, 0.01), "probe_top1": (0.5, 0.05), "finetune_top1": (0.6, 0.0),
-                   "seeds": 3},
+                   "recon_loss": (0.40, 0.002), "seeds": 3},
              "b": {"knn_top1": (0.20, 0.01), "probe_top1": (0.45, 0.05), "finetune_top1": (0.6, 0.0),
-                   "seeds": 3}}
+                   "recon_loss": (0.45, 0.004), "seeds": 3}}
   lines = study.spread_verdicts(summary)
   assert "gap 10.0 points exceeds" in lines[0]  # 10 points vs 2 x 1 point
   assert "gap 5.0 points does not exceed" in lines[1]  # 5 points vs 2 x 5 points
+  assert "best a, gap 0.0500 exceeds twice the mean seed std (0.0030)" in lines[3]  # lower wins
