@@ -60,15 +60,21 @@ def encoder_checkpoint(workdir):
   return jax.tree.map(np.asarray, params)
 
 
-def test_finetune_starts_from_every_pretrained_encoder_weight(pretrained):
-  config = eval_config("finetune", pretrained)
+def fresh_state(config, pretrained_encoder: bool):
+  """(model, state) as classify.train builds them, with or without the init run's encoder."""
   model_cfg, _, num_classes = classify.check_config(config)
   model = classify.build_model(model_cfg, config, num_classes)
   mesh = sharding.make_mesh()
   with jax.set_mesh(mesh):
+    encoder = classify.read_pretrained_encoder(config, mesh) if pretrained_encoder else None
     state, _, _ = classify.create_state(
         config, model, lambda p: classify.make_optimizer(config, lambda s: 1e-3, p, 2), mesh,
-        sharding.DATA_PARALLEL_RULES, classify.read_pretrained_encoder(config, mesh))
+        sharding.DATA_PARALLEL_RULES, encoder)
+  return model, state
+
+
+def test_finetune_starts_from_every_pretrained_encoder_weight(pretrained):
+  _, state = fresh_state(eval_config("finetune", pretrained), pretrained_encoder=True)
   saved = encoder_checkpoint(pretrained)
   loaded = jax.tree.map(np.asarray, state.params["encoder"])
   assert jax.tree.structure(saved) == jax.tree.structure(loaded)
@@ -83,23 +89,16 @@ def test_linear_probe_beats_chance_and_keeps_the_encoder(pretrained, tmp_path):
   assert summary["eval_top1"] > 3 * (1 / 12), summary  # 12 classes: chance is 8.3%
   assert summary["eval_top5"] >= summary["eval_top1"]
   # The frozen encoder is exactly the pre-trained one at the end.
-  ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(str(tmp_path / "probe")))
-  try:
-    final, _ = ckpt.restore_subtree(("params", "encoder"), sharding.replicated(sharding.make_mesh()))
-  finally:
-    ckpt.close()
+  final = encoder_checkpoint(str(tmp_path / "probe"))
   for a, b in zip(jax.tree.leaves(encoder_checkpoint(pretrained)), jax.tree.leaves(final)):
-    np.testing.assert_array_equal(a, np.asarray(b))
+    np.testing.assert_array_equal(a, b)
 
 
 def test_evaluation_counts_every_example_once(pretrained):
   config = eval_config("linear_probe", pretrained)
-  model_cfg, _, num_classes = classify.check_config(config)
-  model = classify.build_model(model_cfg, config, num_classes)
+  model, state = fresh_state(config, pretrained_encoder=False)
   mesh = sharding.make_mesh()
   with jax.set_mesh(mesh):
-    state, _, _ = classify.create_state(config, model, lambda p: classify.make_optimizer(config, lambda s: 0.1, p, 2),
-                                        mesh, sharding.DATA_PARALLEL_RULES, None)
     eval_fn = jax.jit(lambda p, b, batch: classify_step.eval_step(p, b, batch, model=model))
     result = classify.evaluate(eval_fn, state.params, state.batch_stats, config, SIZE, mesh)
   assert result["count"] == 100

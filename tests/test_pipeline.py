@@ -10,11 +10,11 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
-from pr_mim_jax.data import pipeline, prefetch, sampler, sources
+from pr_mim_jax.data import datasets, pipeline, prefetch, sampler, sources
 from pr_mim_jax.errors import UserError
 
 SIZE, BATCH, SEED = 16, 8, 3
-HAVE_TF = pipeline._tf_importable()  # pylint: disable=protected-access
+HAVE_TF = datasets.tf_importable()
 needs_tf = pytest.mark.skipif(not HAVE_TF, reason="tensorflow / tensorflow_datasets not installed")
 
 

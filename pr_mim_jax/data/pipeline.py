@@ -1,5 +1,9 @@
 """The input pipeline the trainer calls: deterministic, resumable, multi-process.
 
+This module builds batches (transforms, host-local and device batches, labeled arrays);
+datasets.py resolves the backend, opens sources and answers dataset checks and counts,
+which are re-exported here.
+
 Datasets (`data.dataset`): 'shapes' (embedded, generated locally), any tfds name
 ('imagenet2012', 'cifar10:3.0.2') prepared as array_record in `data.data_dir`, or
 'folder:/path' (recursive jpg/jpeg/png, local or gs://). For pre-training a folder is
@@ -35,20 +39,19 @@ into memory once per process.
 from __future__ import annotations
 
 import concurrent.futures
-import functools
-import os
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import jax
 import numpy as np
 
-from pr_mim_jax.data import augment_np, prefetch, sampler, sources
+from pr_mim_jax.data import augment_np, datasets, prefetch, sampler
+# Dataset checks and counts, re-exported: callers need only this module.
+from pr_mim_jax.data.datasets import (  # noqa: F401  # pylint: disable=unused-import
+    check_dataset, check_labeled_dataset, num_classes, num_eval_batches, num_examples)
 from pr_mim_jax.errors import UserError
 
 MEAN = augment_np.MEAN  # ImageNet normalisation, as MAE
 STD = augment_np.STD
-BACKENDS = ("auto", "tf", "numpy")
-SHAPES_SPLITS = ("train", "test")
 _LABELED_CHUNK = 256
 
 
@@ -58,226 +61,6 @@ def denormalize(images: np.ndarray) -> np.ndarray:
   return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
 
 
-# ------------------------------------------------------------------ config access
-
-
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-  """cfg.key for ConfigDicts and plain objects, cfg[key] for dicts; else default."""
-  if isinstance(cfg, dict):
-    return cfg.get(key, default)
-  try:
-    return getattr(cfg, key)
-  except (AttributeError, KeyError):
-    return default
-
-
-def _shapes_cfg(data) -> tuple[int, int, int, int]:
-  """(image_size, train_size, test_size, seed) of data.shapes."""
-  cfg = _get(data, "shapes", None) or {}
-  vals = (_get(cfg, "image_size", 64), _get(cfg, "train_size", 20000), _get(cfg, "test_size", 2000),
-          _get(cfg, "seed", 0))
-  for name, v in zip(("image_size", "train_size", "test_size", "seed"), vals):
-    if not isinstance(v, (int, np.integer)) or v < 0:
-      raise UserError(f"data.shapes.{name} must be a non-negative integer, got {v!r}")
-  return tuple(int(v) for v in vals)
-
-
-def _shapes_difficulty(data) -> str:
-  """data.shapes.difficulty: 'hard' (default) or 'easy' (see shapes.DIFFICULTIES)."""
-  from pr_mim_jax.data import shapes  # pylint: disable=g-import-not-at-top
-  value = _get(_get(data, "shapes", None) or {}, "difficulty", "hard")
-  if value not in shapes.DIFFICULTIES:
-    raise UserError(f"data.shapes.difficulty={value!r}: use one of {shapes.DIFFICULTIES}")
-  return value
-
-
-def _threads(data) -> int:
-  """data.num_parallel_calls; <= 0 means AUTOTUNE (TF) or one thread per core (NumPy)."""
-  return int(_get(data, "num_parallel_calls", -1) or -1)
-
-
-def _pool_size(threads: int) -> int:
-  return threads if threads > 0 else (os.cpu_count() or 1)
-
-
-# ----------------------------------------------------------------------- backends
-
-
-@functools.lru_cache(maxsize=1)
-def _tf_importable() -> bool:
-  try:
-    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
-    import tensorflow_datasets  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
-    return False
-  return True
-
-
-def _tf():
-  """(tensorflow, augment); importing augment hides all GPUs from TF."""
-  from pr_mim_jax.data import augment  # pylint: disable=g-import-not-at-top
-  return augment.tf, augment
-
-
-def _backend(data, backend: str | None) -> str:
-  """Resolves 'auto' | 'tf' | 'numpy' to 'tf' or 'numpy'."""
-  b = backend if backend is not None else (_get(data, "backend", None) or "auto")
-  if b not in BACKENDS:
-    raise UserError(f"unknown data backend {b!r}; use one of {', '.join(BACKENDS)}")
-  if b == "auto":
-    return "tf" if _tf_importable() else "numpy"
-  if b == "tf" and not _tf_importable():
-    raise UserError("data backend 'tf' needs tensorflow and tensorflow-datasets: "
-                    f"{sources.TF_INSTALL}")
-  return b
-
-
-def _require_tf(data, name: str) -> None:
-  """UserError unless the TF backend is usable (TF importable, not data.backend='numpy')."""
-  if _backend(data, None) == "numpy":
-    raise sources.needs_tf_error(name)
-  _tf()
-
-
-# ------------------------------------------------------------------------ sources
-
-
-@functools.lru_cache(maxsize=4)
-def _shapes_arrays(image_size: int, train_size: int, test_size: int, seed: int, split: str,
-                   difficulty: str = "hard"):
-  """(uint8 [N, S, S, 3], int32 [N]) of a shapes split, generated once per process."""
-  from pr_mim_jax.data import shapes  # pylint: disable=g-import-not-at-top
-  n = train_size if split == "train" else test_size
-  return shapes.generate(n, image_size=image_size, seed=seed, split=split, difficulty=difficulty)
-
-
-@functools.lru_cache(maxsize=4)
-def _shapes_builder(data_dir: str | None, image_size: int, train_size: int, test_size: int,
-                    seed: int, difficulty: str = "hard"):
-  """The shapes tfds builder, prepared in data_dir on first use (then read from there)."""
-  from pr_mim_jax.data import shapes_tfds  # pylint: disable=g-import-not-at-top
-  return shapes_tfds.prepare(data_dir, image_size, train_size, test_size, seed,
-                             difficulty=difficulty)
-
-
-@functools.lru_cache(maxsize=8)
-def _tfds_builder(name: str, data_dir: str | None):
-  return sources.tfds_builder(name, data_dir)
-
-
-def _check_shapes_split(split: str) -> None:
-  if split not in SHAPES_SPLITS:
-    raise UserError(f"dataset shapes has no split {split!r}; use 'train' or 'test'")
-
-
-def _open_source(data, split: str, backend: str, labeled: bool = False):
-  """The random-access source of a split for a resolved backend.
-
-  labeled=True: 'folder:' reads root/split/<class>/ (LabeledFolderSource) instead of the
-  whole tree, and sources without labels raise a UserError.
-  """
-  kind, arg = sources.parse_dataset(data.dataset)
-  data_dir = _get(data, "data_dir", None)
-  if kind == "folder":
-    if not labeled:
-      return sources.FolderSource(arg)
-    return sources.LabeledFolderSource(arg, split, _folder_classes(data))
-  if kind == "shapes":
-    _check_shapes_split(split)
-    size, n_train, n_test, shapes_seed = _shapes_cfg(data)
-    difficulty = _shapes_difficulty(data)
-    if backend == "numpy":
-      return sources.ArraySource(*_shapes_arrays(size, n_train, n_test, shapes_seed, split,
-                                                 difficulty))
-    _tf()  # hide GPUs before tfds touches TF
-    builder = _shapes_builder(data_dir, size, n_train, n_test, shapes_seed, difficulty)
-    return sources.TfdsSource(builder, split, "shapes")
-  if backend == "numpy":
-    raise sources.needs_tf_error(arg)
-  _tf()
-  source = sources.TfdsSource(_tfds_builder(arg, data_dir), split, arg)
-  if labeled and not source.labeled:
-    raise UserError(f"dataset {arg} has no 'label' feature; use a labeled dataset")
-  return source
-
-
-def _folder_classes(data) -> tuple[str, ...]:
-  _, root = sources.parse_dataset(data.dataset)
-  return sources.folder_classes(root, _get(data, "train_split", "train"))
-
-
-# -------------------------------------------------------------------- public: info
-
-
-def check_dataset(data) -> None:
-  """Cheap validation of `data`: UserError naming what is wrong. TF-free for shapes/folder."""
-  kind, arg = sources.parse_dataset(_get(data, "dataset", None))
-  if kind == "shapes":
-    from pr_mim_jax.data import shapes  # pylint: disable=g-import-not-at-top
-    shapes.check_image_size(_shapes_cfg(data)[0])
-    _shapes_difficulty(data)
-    for field in ("train_split", "eval_split"):
-      _check_shapes_split(_get(data, field, "train"))
-  elif kind == "folder":
-    sources.list_image_files(arg)
-  else:
-    _require_tf(data, arg)
-    builder = _tfds_builder(arg, _get(data, "data_dir", None))
-    for field in ("train_split", "eval_split"):
-      split = _get(data, field, None)
-      if split is not None:
-        sources.check_split(arg, builder, split)
-
-
-def check_labeled_dataset(data) -> None:
-  """check_dataset for labeled use (fine-tuning, linear probe): both splits exist and are labeled.
-
-  'folder:ROOT' needs ROOT/<data.train_split>/<class>/ and ROOT/<data.eval_split>/<class>/.
-  """
-  kind, arg = sources.parse_dataset(_get(data, "dataset", None))
-  if kind == "folder":
-    for field in ("train_split", "eval_split"):
-      sources.LabeledFolderSource(arg, _get(data, field, "train"), _folder_classes(data))
-    return
-  check_dataset(data)
-  num_classes(data)  # UserError without labels
-
-
-def num_examples(data, split: str, labeled: bool = False) -> int:
-  """Examples in a split; 'folder:' unlabeled: the whole tree, labeled: root/split."""
-  kind, arg = sources.parse_dataset(data.dataset)
-  if kind == "shapes":
-    _check_shapes_split(split)
-    _, n_train, n_test, _ = _shapes_cfg(data)
-    return n_train if split == "train" else n_test
-  if kind == "folder":
-    if labeled:
-      return len(sources.LabeledFolderSource(arg, split, _folder_classes(data)))
-    return len(sources.list_image_files(arg))
-  _require_tf(data, arg)
-  return sources.check_split(arg, _tfds_builder(arg, _get(data, "data_dir", None)), split)
-
-
-def num_classes(data) -> int:
-  """Classes: shapes 12, tfds its 'label' feature, 'folder:' the train split's class folders."""
-  kind, arg = sources.parse_dataset(data.dataset)
-  if kind == "shapes":
-    from pr_mim_jax.data import shapes  # pylint: disable=g-import-not-at-top
-    return shapes.NUM_CLASSES
-  if kind == "folder":
-    return len(_folder_classes(data))
-  _require_tf(data, arg)
-  features = _tfds_builder(arg, _get(data, "data_dir", None)).info.features
-  if "label" not in features or not hasattr(features["label"], "num_classes"):
-    raise UserError(f"dataset {arg} has no 'label' class feature; use a labeled dataset")
-  return int(features["label"].num_classes)
-
-
-def num_eval_batches(n: int, global_batch: int) -> int:
-  """Batches of one eval pass over n examples: ceil(n / global_batch), the last one padded."""
-  return -(-int(n) // int(global_batch))
-
-
 # -------------------------------------------------------------------- transforms
 
 AUGMENTS = ("crop_flip", "randaugment")
@@ -285,10 +68,10 @@ AUGMENTS = ("crop_flip", "randaugment")
 
 def _randaugment_cfg(data) -> dict:
   """RandAugment + random erasing settings (timm rand-m9-mstd0.5-inc1, erasing 0.25 as MAE)."""
-  cfg = _get(data, "randaugment", None) or {}
-  return dict(num_ops=int(_get(cfg, "num_ops", 2)), magnitude=float(_get(cfg, "magnitude", 9.0)),
-              magnitude_std=float(_get(cfg, "magnitude_std", 0.5)),
-              erase_prob=float(_get(data, "random_erase", 0.25)))
+  cfg = datasets.get(data, "randaugment", None) or {}
+  return dict(num_ops=int(datasets.get(cfg, "num_ops", 2)), magnitude=float(datasets.get(cfg, "magnitude", 9.0)),
+              magnitude_std=float(datasets.get(cfg, "magnitude_std", 0.5)),
+              erase_prob=float(datasets.get(data, "random_erase", 0.25)))
 
 
 def _train_transform(data, backend: str, augment: str, seed: int, image_size: int):
@@ -296,10 +79,10 @@ def _train_transform(data, backend: str, augment: str, seed: int, image_size: in
   uint8 [H, W, 3] per backend."""
   if augment not in AUGMENTS:
     raise UserError(f"unknown augmentation {augment!r}; use one of {', '.join(AUGMENTS)}")
-  min_scale = float(_get(data, "crop_min_scale", augment_np.MIN_SCALE))
+  min_scale = float(datasets.get(data, "crop_min_scale", augment_np.MIN_SCALE))
   ra = _randaugment_cfg(data) if augment == "randaugment" else None
   if backend == "tf":
-    _, aug = _tf()
+    _, aug = datasets.tf_modules()
     if ra is None:
       return lambda x, step, pos: aug.train_augment(x, seed, step, pos, image_size,
                                                     min_scale=min_scale)
@@ -316,7 +99,7 @@ def _train_transform(data, backend: str, augment: str, seed: int, image_size: in
 
 def _eval_transform(backend: str, image_size: int):
   if backend == "tf":
-    _, aug = _tf()
+    _, aug = datasets.tf_modules()
     return lambda x, step, pos: aug.eval_transform(aug.decode(x), image_size)
   return lambda x, step, pos: augment_np.eval_transform(x, image_size)
 
@@ -329,7 +112,7 @@ def _tf_batches(source, steps, *, local, transform, labeled, threads):
 
   `steps` yields sampler.StepIndices with `local` rows, consecutive steps.
   """
-  tf, _ = _tf()
+  tf, _ = datasets.tf_modules()
   npc = tf.data.AUTOTUNE if threads <= 0 else threads
   spec = (tf.TensorSpec([], tf.int64),  # step
           tf.TensorSpec([local], tf.int64),  # example indices
@@ -372,7 +155,7 @@ def _np_batches(source, steps, *, local, transform, labeled, threads):
   del local
 
   def batches():
-    pool = concurrent.futures.ThreadPoolExecutor(_pool_size(threads), "augment_np")
+    pool = concurrent.futures.ThreadPoolExecutor(datasets.pool_size(threads), "augment_np")
     try:
       for s in steps:
         def one(k, s=s):
@@ -391,14 +174,14 @@ def _np_batches(source, steps, *, local, transform, labeled, threads):
 def _load(data, source, backend, steps, *, local, transform, labeled):
   make = _tf_batches if backend == "tf" else _np_batches
   return make(source, steps, local=local, transform=transform, labeled=labeled,
-              threads=_threads(data))
+              threads=datasets.threads(data))
 
 
 def _host_batches(data, *, seed, global_batch, image_size, start_step, positions, backend,
                   labeled=False, augment="crop_flip"):
   """Training batches of the rows at `positions`: {'image', 'index', 'label' if labeled}."""
-  backend = _backend(data, backend)
-  source = _open_source(data, _get(data, "train_split", "train"), backend, labeled=labeled)
+  backend = datasets.resolve_backend(data, backend)
+  source = datasets.open_source(data, datasets.get(data, "train_split", "train"), backend, labeled=labeled)
   sampler.steps_per_epoch(len(source), global_batch)  # UserError if the split is too small
   transform = _train_transform(data, backend, augment, seed, image_size)
   positions = np.asarray(positions, np.int64)
@@ -435,8 +218,8 @@ def labeled_host_batches(data, *, seed: int, global_batch: int, image_size: int,
 
 def _eval_source(data, split: str, backend: str | None, limit: int | None):
   """(labeled source, resolved backend, number of examples to evaluate)."""
-  backend = _backend(data, backend)
-  source = _open_source(data, split, backend, labeled=True)
+  backend = datasets.resolve_backend(data, backend)
+  source = datasets.open_source(data, split, backend, labeled=True)
   n = len(source) if limit is None else min(int(limit), len(source))
   if n <= 0:
     raise UserError(f"nothing to evaluate in split {split!r} of {data.dataset} "
@@ -522,7 +305,7 @@ def _device_batches(data, host, sharding, global_batch: int) -> Iterator[dict]:
     finally:
       host.close()
 
-  return prefetch.DevicePrefetcher(device_batches(), int(_get(data, "prefetch", 2) or 1))
+  return prefetch.DevicePrefetcher(device_batches(), int(datasets.get(data, "prefetch", 2) or 1))
 
 
 def train_batches(data, *, seed: int, global_batch: int, image_size: int, start_step: int,

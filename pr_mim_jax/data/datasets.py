@@ -1,0 +1,242 @@
+"""Which dataset, read how: config access, backends, opening sources, dataset facts.
+
+Everything the batch builders in pipeline.py need to know about a dataset before the
+first batch: the resolved backend ('tf' or 'numpy'), the random-access source of a split
+(sources.py), and cheap checks and counts (check_dataset, num_examples, num_classes)
+that raise UserErrors naming what is wrong. TensorFlow is imported only when the 'tf'
+backend is used.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import numpy as np
+
+from pr_mim_jax.data import sources
+from pr_mim_jax.errors import UserError
+
+BACKENDS = ("auto", "tf", "numpy")
+SHAPES_SPLITS = ("train", "test")
+
+
+# ------------------------------------------------------------------ config access
+
+
+def get(cfg: Any, key: str, default: Any = None) -> Any:
+  """cfg.key for ConfigDicts and plain objects, cfg[key] for dicts; else default."""
+  if isinstance(cfg, dict):
+    return cfg.get(key, default)
+  try:
+    return getattr(cfg, key)
+  except (AttributeError, KeyError):
+    return default
+
+
+def _shapes_cfg(data) -> tuple[int, int, int, int]:
+  """(image_size, train_size, test_size, seed) of data.shapes."""
+  cfg = get(data, "shapes", None) or {}
+  vals = (get(cfg, "image_size", 64), get(cfg, "train_size", 20000), get(cfg, "test_size", 2000),
+          get(cfg, "seed", 0))
+  for name, v in zip(("image_size", "train_size", "test_size", "seed"), vals):
+    if not isinstance(v, (int, np.integer)) or v < 0:
+      raise UserError(f"data.shapes.{name} must be a non-negative integer, got {v!r}")
+  return tuple(int(v) for v in vals)
+
+
+def _shapes_difficulty(data) -> str:
+  """data.shapes.difficulty: 'hard' (default) or 'easy' (see shapes.DIFFICULTIES)."""
+  from pr_mim_jax.data import shapes  # pylint: disable=g-import-not-at-top
+  value = get(get(data, "shapes", None) or {}, "difficulty", "hard")
+  if value not in shapes.DIFFICULTIES:
+    raise UserError(f"data.shapes.difficulty={value!r}: use one of {shapes.DIFFICULTIES}")
+  return value
+
+
+def threads(data) -> int:
+  """data.num_parallel_calls; <= 0 means AUTOTUNE (TF) or one thread per core (NumPy)."""
+  return int(get(data, "num_parallel_calls", -1) or -1)
+
+
+def pool_size(threads: int) -> int:
+  return threads if threads > 0 else (os.cpu_count() or 1)
+
+
+# ----------------------------------------------------------------------- backends
+
+
+@functools.lru_cache(maxsize=1)
+def tf_importable() -> bool:
+  try:
+    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
+    import tensorflow_datasets  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    return False
+  return True
+
+
+def tf_modules():
+  """(tensorflow, augment); importing augment hides all GPUs from TF."""
+  from pr_mim_jax.data import augment  # pylint: disable=g-import-not-at-top
+  return augment.tf, augment
+
+
+def resolve_backend(data, backend: str | None) -> str:
+  """Resolves 'auto' | 'tf' | 'numpy' to 'tf' or 'numpy'."""
+  b = backend if backend is not None else (get(data, "backend", None) or "auto")
+  if b not in BACKENDS:
+    raise UserError(f"unknown data backend {b!r}; use one of {', '.join(BACKENDS)}")
+  if b == "auto":
+    return "tf" if tf_importable() else "numpy"
+  if b == "tf" and not tf_importable():
+    raise UserError("data backend 'tf' needs tensorflow and tensorflow-datasets: "
+                    f"{sources.TF_INSTALL}")
+  return b
+
+
+def _require_tf(data, name: str) -> None:
+  """UserError unless the TF backend is usable (TF importable, not data.backend='numpy')."""
+  if resolve_backend(data, None) == "numpy":
+    raise sources.needs_tf_error(name)
+  tf_modules()
+
+
+# ------------------------------------------------------------------------ sources
+
+
+@functools.lru_cache(maxsize=4)
+def _shapes_arrays(image_size: int, train_size: int, test_size: int, seed: int, split: str,
+                   difficulty: str = "hard"):
+  """(uint8 [N, S, S, 3], int32 [N]) of a shapes split, generated once per process."""
+  from pr_mim_jax.data import shapes  # pylint: disable=g-import-not-at-top
+  n = train_size if split == "train" else test_size
+  return shapes.generate(n, image_size=image_size, seed=seed, split=split, difficulty=difficulty)
+
+
+@functools.lru_cache(maxsize=4)
+def _shapes_builder(data_dir: str | None, image_size: int, train_size: int, test_size: int,
+                    seed: int, difficulty: str = "hard"):
+  """The shapes tfds builder, prepared in data_dir on first use (then read from there)."""
+  from pr_mim_jax.data import shapes_tfds  # pylint: disable=g-import-not-at-top
+  return shapes_tfds.prepare(data_dir, image_size, train_size, test_size, seed,
+                             difficulty=difficulty)
+
+
+@functools.lru_cache(maxsize=8)
+def _tfds_builder(name: str, data_dir: str | None):
+  return sources.tfds_builder(name, data_dir)
+
+
+def _check_shapes_split(split: str) -> None:
+  if split not in SHAPES_SPLITS:
+    raise UserError(f"dataset shapes has no split {split!r}; use 'train' or 'test'")
+
+
+def open_source(data, split: str, backend: str, labeled: bool = False):
+  """The random-access source of a split for a resolved backend.
+
+  labeled=True: 'folder:' reads root/split/<class>/ (LabeledFolderSource) instead of the
+  whole tree, and sources without labels raise a UserError.
+  """
+  kind, arg = sources.parse_dataset(data.dataset)
+  data_dir = get(data, "data_dir", None)
+  if kind == "folder":
+    if not labeled:
+      return sources.FolderSource(arg)
+    return sources.LabeledFolderSource(arg, split, _folder_classes(data))
+  if kind == "shapes":
+    _check_shapes_split(split)
+    size, n_train, n_test, shapes_seed = _shapes_cfg(data)
+    difficulty = _shapes_difficulty(data)
+    if backend == "numpy":
+      return sources.ArraySource(*_shapes_arrays(size, n_train, n_test, shapes_seed, split,
+                                                 difficulty))
+    tf_modules()  # hide GPUs before tfds touches TF
+    builder = _shapes_builder(data_dir, size, n_train, n_test, shapes_seed, difficulty)
+    return sources.TfdsSource(builder, split, "shapes")
+  if backend == "numpy":
+    raise sources.needs_tf_error(arg)
+  tf_modules()
+  source = sources.TfdsSource(_tfds_builder(arg, data_dir), split, arg)
+  if labeled and not source.labeled:
+    raise UserError(f"dataset {arg} has no 'label' feature; use a labeled dataset")
+  return source
+
+
+def _folder_classes(data) -> tuple[str, ...]:
+  _, root = sources.parse_dataset(data.dataset)
+  return sources.folder_classes(root, get(data, "train_split", "train"))
+
+
+# -------------------------------------------------------------------- public: info
+
+
+def check_dataset(data) -> None:
+  """Cheap validation of `data`: UserError naming what is wrong. TF-free for shapes/folder."""
+  kind, arg = sources.parse_dataset(get(data, "dataset", None))
+  if kind == "shapes":
+    from pr_mim_jax.data import shapes  # pylint: disable=g-import-not-at-top
+    shapes.check_image_size(_shapes_cfg(data)[0])
+    _shapes_difficulty(data)
+    for field in ("train_split", "eval_split"):
+      _check_shapes_split(get(data, field, "train"))
+  elif kind == "folder":
+    sources.list_image_files(arg)
+  else:
+    _require_tf(data, arg)
+    builder = _tfds_builder(arg, get(data, "data_dir", None))
+    for field in ("train_split", "eval_split"):
+      split = get(data, field, None)
+      if split is not None:
+        sources.check_split(arg, builder, split)
+
+
+def check_labeled_dataset(data) -> None:
+  """check_dataset for labeled use (fine-tuning, linear probe): both splits exist and are labeled.
+
+  'folder:ROOT' needs ROOT/<data.train_split>/<class>/ and ROOT/<data.eval_split>/<class>/.
+  """
+  kind, arg = sources.parse_dataset(get(data, "dataset", None))
+  if kind == "folder":
+    for field in ("train_split", "eval_split"):
+      sources.LabeledFolderSource(arg, get(data, field, "train"), _folder_classes(data))
+    return
+  check_dataset(data)
+  num_classes(data)  # UserError without labels
+
+
+def num_examples(data, split: str, labeled: bool = False) -> int:
+  """Examples in a split; 'folder:' unlabeled: the whole tree, labeled: root/split."""
+  kind, arg = sources.parse_dataset(data.dataset)
+  if kind == "shapes":
+    _check_shapes_split(split)
+    _, n_train, n_test, _ = _shapes_cfg(data)
+    return n_train if split == "train" else n_test
+  if kind == "folder":
+    if labeled:
+      return len(sources.LabeledFolderSource(arg, split, _folder_classes(data)))
+    return len(sources.list_image_files(arg))
+  _require_tf(data, arg)
+  return sources.check_split(arg, _tfds_builder(arg, get(data, "data_dir", None)), split)
+
+
+def num_classes(data) -> int:
+  """Classes: shapes 12, tfds its 'label' feature, 'folder:' the train split's class folders."""
+  kind, arg = sources.parse_dataset(data.dataset)
+  if kind == "shapes":
+    from pr_mim_jax.data import shapes  # pylint: disable=g-import-not-at-top
+    return shapes.NUM_CLASSES
+  if kind == "folder":
+    return len(_folder_classes(data))
+  _require_tf(data, arg)
+  features = _tfds_builder(arg, get(data, "data_dir", None)).info.features
+  if "label" not in features or not hasattr(features["label"], "num_classes"):
+    raise UserError(f"dataset {arg} has no 'label' class feature; use a labeled dataset")
+  return int(features["label"].num_classes)
+
+
+def num_eval_batches(n: int, global_batch: int) -> int:
+  """Batches of one eval pass over n examples: ceil(n / global_batch), the last one padded."""
+  return -(-int(n) // int(global_batch))
