@@ -47,6 +47,7 @@ def get_config(arg=None):
       compute_dtype="float32" if demo else "bfloat16",  # params stay float32
       remat="none",  # per block: 'none' | 'full' | 'dots_saveable' (recompute to save memory)
       scan_layers=False,  # nn.scan over encoder blocks (params 'blocks' with a layer axis)
+      attention="einsum",  # 'einsum' | 'xla' | 'cudnn' | 'cudnn_padded' (models/vit.py)
   ))
   c.masking = ml_collections.ConfigDict(dict(
       mask_ratio=0.75,
@@ -72,6 +73,7 @@ def get_config(arg=None):
       epochs=6.0 if demo else 800.0,
       warmup_epochs=1.0 if demo else 40.0,
       clip_grad_norm=0.0,  # 0 = off
+      mu_dtype="",  # AdamW first moment: '' = float32 like the params | 'bfloat16'
   ))
 
   c.data = ml_collections.ConfigDict(dict(
@@ -95,6 +97,9 @@ def get_config(arg=None):
       image_every=500 if demo else 5000,
       num_images=8,
       grad_accum_steps=1,  # micro-batches per step (same update, less activation memory)
+      # A profiler trace (TensorBoard / Perfetto) of steps start+1 .. start+steps, written
+      # to workdir/profile; 0 steps = no trace.
+      profile_start_step=10, profile_steps=0,
   ))
   c.knn = ml_collections.ConfigDict(dict(
       k=20, temperature=0.07,

@@ -1,22 +1,32 @@
-r"""Train-step cost and timing on synthetic, device-resident data (no TensorFlow needed).
+r"""Train-step cost and speed on synthetic, device-resident data (no TensorFlow needed).
 
   python -m pr_mim_jax.benchmark --config=configs/pretrain.py --methods=mae,partial,pr_mim \
-      --variants=B/16,L/16 --no-timing
-  python -m pr_mim_jax.benchmark --config=configs/pretrain.py:variant=B/16 --batch=256 --steps=20
+      --variants=B/16 --batch=256 --steps=20 --json=bench.json --markdown=bench.md
+  python -m pr_mim_jax.benchmark --config=configs/pretrain.py --variants=B/16,L/16 --no-timing
 
-Prints one JSON line per (method, variant) setting: the analytic fwd+bwd GFLOP per image
-split into encoder / decoder / thrown-token reconstruction, and its ratio to MAE at the same
-variant; unless --no-timing, also compile time, median step time, images/s, achieved
-TFLOP/s and peak device memory. Timed work lives here, never in tests.
+Per (method, variant) setting it prints one JSON line: the analytic fwd+bwd GFLOP per image
+(encoder / decoder / thrown-token reconstruction) and its ratio to MAE; unless --no-timing,
+also compile time, median step time, images/s, achieved TFLOP/s, MFU against a bf16 matmul
+ceiling measured in the same run, peak device memory (and XLA's compile-time temp-buffer
+size, which any backend reports), and the time furthest sampling takes.
+Each timed setting runs in a fresh process (JAX cannot reset the memory peak), and so does
+the ceiling measurement. A summary with the ratios to MAE follows as markdown. The step
+timed is the one `pretrain` runs (`pretrain.jit_train_step`), with the config's model,
+attention, remat and optimizer settings. Timed work lives here, never in tests.
 """
 
+import dataclasses
+import datetime
 import json
+import re
+import subprocess
 import sys
 import time
 import types
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import flags
 from ml_collections import config_flags
@@ -27,11 +37,15 @@ from pr_mim_jax import flops
 from pr_mim_jax import methods
 from pr_mim_jax import optim
 from pr_mim_jax import pretrain
+from pr_mim_jax import profiler
 from pr_mim_jax import sharding
 from pr_mim_jax import train_step as train_step_lib
 from pr_mim_jax.errors import UserError
 from pr_mim_jax.models import mae
 
+RESULT_PREFIX = "RESULT "  # a child process's result line on stdout
+CEILING = "ceiling"  # --child value of the matmul-ceiling process
+MASK_LOOP = 20  # mask generations per timed call (amortizes dispatch)
 
 
 def _define_flags() -> types.SimpleNamespace:
@@ -45,7 +59,18 @@ def _define_flags() -> types.SimpleNamespace:
                                 "default: the config's."),
       variants=flags.DEFINE_list("variants", [], "Encoder variants, e.g. B/16,L/16; default: the "
                                  "config's."),
-      no_timing=flags.DEFINE_boolean("no-timing", False, "Only print the analytic cost model."))
+      no_timing=flags.DEFINE_boolean("no-timing", False, "Only print the analytic cost model."),
+      json=flags.DEFINE_string("json", "", "Also write every result, the ceiling and the "
+                               "ratios to this JSON file."),
+      markdown=flags.DEFINE_string("markdown", "", "Also write the summary tables here."),
+      isolate=flags.DEFINE_boolean("isolate", True, "Time each setting in a fresh process "
+                                   "(exact peak memory); --noisolate runs all in this one."),
+      ceiling_size=flags.DEFINE_integer("ceiling_size", 0, "Matrix side of the bf16 matmul "
+                                        "ceiling; 0 = 8192 on accelerators, 512 on CPU."),
+      profile_dir=flags.DEFINE_string("profile_dir", "", "Record a profiler trace of 5 more "
+                                      "steps per setting under this directory."),
+      child=flags.DEFINE_string("child", "", "Internal: run one setting index (or 'ceiling') "
+                                "and print its result line."))
 
 
 def settings(config, method_names, variants):
@@ -76,6 +101,8 @@ def cost(config) -> dict:
       "thrown_reconstruction": config.reconstruction.thrown_reconstruction,
       "aggregator": config.reconstruction.aggregator if task.reconstruct_thrown else None,
       "decoder": config.model.decoder, "target": config.loss.target,
+      "dtype": config.model.compute_dtype, "attention": config.model.get("attention", "einsum"),
+      "remat": config.model.get("remat", "none"), "mu_dtype": config.optim.get("mu_dtype", ""),
       "tokens": {"vis": task.split.n_vis, "dec": task.split.n_dec, "throw": task.split.n_throw},
       "gflop_per_img": {"encoder": round(f.encoder, 3), "decoder": round(f.decoder, 3),
                         "thrown": round(f.thrown, 3), "total": round(f.total, 3)},
@@ -83,7 +110,46 @@ def cost(config) -> dict:
   }
 
 
-def time_train_step(config, batch_size: int, steps: int, warmup: int) -> dict:
+def _median_seconds(fn, repeats: int) -> float:
+  """Median wall time of `fn()` (which must block until its work is done)."""
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def matmul_ceiling(size: int = 0, chain: int = 10) -> dict:
+  """bf16 matmul TFLOP/s on device 0: the best of a few sizes, `chain` dependent products
+  per call (so dispatch is amortized). The MFU denominator, measured rather than quoted."""
+  device = jax.devices()[0]
+  sizes = [size] if size else ([512] if device.platform == "cpu" else [4096, 8192])
+  best = 0.0
+  for n in sizes:
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+    b = (jax.random.normal(jax.random.key(1), (n, n), jnp.float32) / np.sqrt(n)).astype(jnp.bfloat16)
+    run = jax.jit(lambda a, b: jax.lax.fori_loop(0, chain, lambda _, x: x @ b, a))
+    jax.block_until_ready(run(a, b))
+    seconds = _median_seconds(lambda: jax.block_until_ready(run(a, b)), 5)
+    best = max(best, chain * 2 * n ** 3 / seconds / 1e12)
+  return {"matmul_ceiling_tflop_per_s": round(best, 2), "ceiling_sizes": sizes,
+          "device": device.device_kind}
+
+
+def time_masks(task, batch_size: int, repeats: int = 5) -> float:
+  """Milliseconds per batch of mask generation for `task`, on device, in one jitted loop."""
+  def body(i, acc):
+    m = train_step_lib.step_masks(jax.random.key(0), i, batch_size, task)
+    return acc + m.ids_dec[0, 0] + m.ids_throw[0, 0]  # keeps every generation live
+
+  run = jax.jit(lambda: jax.lax.fori_loop(0, MASK_LOOP, body, jnp.int32(0)))
+  jax.block_until_ready(run())
+  return _median_seconds(lambda: jax.block_until_ready(run()), repeats) / MASK_LOOP * 1e3
+
+
+def time_train_step(config, batch_size: int, steps: int, warmup: int, profile_dir: str = "") -> dict:
+  """Compile, warm up and time the train step `pretrain` runs, on synthetic on-device images."""
   pretrain.setup_jax(config)
   mesh, rules = sharding.mesh_from_config(config), sharding.rules_from_config(config)
   model = mae.from_config(config)
@@ -95,50 +161,201 @@ def time_train_step(config, batch_size: int, steps: int, warmup: int) -> dict:
     size = config.model.image_size
     images = jax.device_put(
         np.random.default_rng(0).standard_normal((batch_size, size, size, 3), np.float32),
-        sharding.batch_sharding(mesh))
+        sharding.batch_sharding(mesh))  # [B, H, W, 3], on device
+    batch = {"image": images}
     step_fn = pretrain.jit_train_step(model, tx, task, schedule, mesh, state_sharding)
     t0 = time.perf_counter()
-    compiled = step_fn.lower(state, {"image": images}).compile()
+    compiled = step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
+    analysis = compiled.memory_analysis()  # XLA's compile-time buffer sizes (any backend)
     for _ in range(warmup):
-      state, metrics = compiled(state, {"image": images})
+      state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
     times = []
     for _ in range(steps):
       t0 = time.perf_counter()
-      state, metrics = compiled(state, {"image": images})
+      state, metrics = compiled(state, batch)
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - t0)
+    if profile_dir:
+      window = profiler.StepWindow(
+          f"{profile_dir}/{config.method}_{config.model.variant.replace('/', '_')}", 0, 5)
+      window.after_step(0)
+      for i in range(1, 6):
+        state, metrics = compiled(state, batch)
+        window.after_step(i, metrics)
   step_s = float(np.median(times))
   stats = jax.devices()[0].memory_stats() or {}
-  return {
-      "variant": config.model.variant, "image_size": size, "batch": batch_size,
-      "mask_ratio": config.masking.mask_ratio, "throw_ratio": config.masking.throw_ratio,
-      "dtype": config.model.compute_dtype, "device": jax.devices()[0].device_kind,
+  row = {
+      "batch": batch_size, "device": jax.devices()[0].device_kind,
       "num_devices": jax.device_count(), "compile_s": round(compile_s, 2),
       "step_ms": round(step_s * 1e3, 2), "img_per_s": round(batch_size / step_s, 1),
       "peak_gib": round(stats["peak_bytes_in_use"] / 2**30, 2) if "peak_bytes_in_use" in stats else None,
+      "xla_temp_gib": (round(analysis.temp_size_in_bytes / 2**30, 3)
+                       if getattr(analysis, "temp_size_in_bytes", None) is not None else None),
       "loss": float(metrics["loss"]),
   }
+  if task.split.n_throw:
+    masks_ms = time_masks(task, batch_size)
+    random_ms = time_masks(dataclasses.replace(task, throw_strategy="random"), batch_size)
+    row.update(masks_ms=round(masks_ms, 3), masks_random_ms=round(random_ms, 3))
+    if task.throw_strategy == "furthest":
+      furthest = max(masks_ms - random_ms, 0.0)
+      row.update(furthest_ms=round(furthest, 3), furthest_share=round(furthest / (step_s * 1e3), 4))
+  return row
 
 
-def _run(f: types.SimpleNamespace):
+def add_throughput(row: dict, ceiling: float | None) -> dict:
+  """Achieved TFLOP/s from the analytic count, and MFU against the measured ceiling."""
+  if "img_per_s" in row:
+    row["tflop_per_s"] = round(row["gflop_per_img"]["total"] * row["img_per_s"] / 1e3, 6)
+    row["mfu"] = round(row["tflop_per_s"] / ceiling, 6) if ceiling else None
+  return row
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+  """Each non-MAE method against MAE on the same variant: images/s, memory and FLOPs."""
+  mae_rows = {r["variant"]: r for r in rows if r["method"] == "mae" and "error" not in r}
+  out = []
+  for r in rows:
+    base = mae_rows.get(r["variant"])
+    if r["method"] == "mae" or base is None or "error" in r:
+      continue
+    entry = {"method": r["method"], "variant": r["variant"], "vs": "mae",
+             "gflop_per_img": r["flop_ratio_vs_mae"]}
+    for key in ("img_per_s", "peak_gib"):
+      if r.get(key) and base.get(key):
+        entry[key] = round(r[key] / base[key], 3)
+    out.append(entry)
+  return out
+
+
+def _cell(value, fmt="{}"):
+  return "–" if value is None else fmt.format(value)
+
+
+def markdown(report: dict) -> str:
+  """The summary tables of a report (settings, then ratios to MAE)."""
+  lines = [f"Device: {report.get('device') or '?'} x{report.get('num_devices') or '?'}, "
+           f"jax {report['jax']}; bf16 matmul ceiling "
+           f"{_cell(report.get('matmul_ceiling_tflop_per_s'), '{:.3g}')} TFLOP/s.", "",
+           "| method | variant | attention | batch | img/s | step ms | peak GiB | GFLOP/img | "
+           "TFLOP/s | MFU | furthest ms (share of step) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in report["settings"]:
+    if "error" in r:
+      lines.append(f"| {r['method']} | {r['variant']} | {r['attention']} | failed: "
+                   f"{r['error'].replace('|', '/')} |" + " |" * 7)
+      continue
+    furthest = (f"{r['furthest_ms']:.2f} ({100 * r['furthest_share']:.1f}%)"
+                if "furthest_ms" in r else "–")
+    lines.append(
+        f"| {r['method']} | {r['variant']} | {r['attention']} | {_cell(r.get('batch'))} | "
+        f"{_cell(r.get('img_per_s'), '{:.0f}')} | {_cell(r.get('step_ms'), '{:.1f}')} | "
+        f"{_cell(r.get('peak_gib'), '{:.2f}')} | {r['gflop_per_img']['total']:.3g} | "
+        f"{_cell(r.get('tflop_per_s'), '{:.3g}')} | "
+        f"{_cell(r.get('mfu') and 100 * r['mfu'], '{:.1f}%')} | {furthest} |")
+  if report["ratios"]:
+    lines += ["", "| method vs MAE | variant | img/s × | peak memory × | FLOPs × |",
+              "|---|---|---|---|---|"]
+    for q in report["ratios"]:
+      lines.append(f"| {q['method']} | {q['variant']} | {_cell(q.get('img_per_s'), '{:.3f}')} | "
+                   f"{_cell(q.get('peak_gib'), '{:.3f}')} | {q['gflop_per_img']:.3f} |")
+  return "\n".join(lines) + "\n"
+
+
+def _child_argv(argv) -> list[str]:
+  """This run's flags, minus the ones only the parent uses (as --f=v or --f v)."""
+  skip, out, args = ("--json", "--markdown", "--child"), [], iter(argv[1:])
+  for a in args:
+    if a in skip:
+      next(args, None)
+    elif a.split("=", 1)[0] not in skip:
+      out.append(a)
+  return out
+
+
+def _in_child(argv, child: str) -> dict:
+  """Run `--child=child` in a fresh Python process; its result row, or {'error': ...}."""
+  cmd = [sys.executable, "-m", "pr_mim_jax.benchmark", *_child_argv(argv), f"--child={child}"]
+  proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  for line in proc.stdout.splitlines():
+    if line.startswith(RESULT_PREFIX):
+      return json.loads(line[len(RESULT_PREFIX):])
+  return {"error": _error_line(proc.stderr, proc.returncode)}
+
+
+def _error_line(stderr: str, returncode: int) -> str:
+  """The exception line of a child's traceback (e.g. 'XlaRuntimeError: RESOURCE_EXHAUSTED:
+  ...'), else its last line; JAX prints a note after the exception, so the last line is not
+  enough."""
+  lines = [l.strip() for l in stderr.splitlines() if l.strip()]
+  errors = [l for l in lines if re.match(r"^[\w.]+(Error|Exception|Exhausted)\b", l)]
+  return ((errors or lines or [f"exit code {returncode}"])[-1])[:300]
+
+
+def _write(path: str, text: str, flag: str) -> None:
+  try:
+    with open(path, "w") as f:
+      f.write(text)
+  except OSError as e:
+    raise UserError(f"--{flag}: cannot write {path}: {e.strerror}") from None
+
+
+def _run(f: types.SimpleNamespace, argv) -> None:
   unknown = set(f.methods.value) - set(methods.METHODS)
   if unknown:
     raise UserError(f"--methods: unknown {sorted(unknown)}; use names from {list(methods.METHODS)}")
-  for config in settings(f.config.value, f.methods.value, f.variants.value):
-    batch = f.batch.value or config.batch_size
-    config_validation.validate_pretrain(config, 1)
-    result = cost(config)
-    if not f.no_timing.value:
-      result.update(time_train_step(config, batch, f.steps.value, f.warmup.value))
-      result["tflop_per_s"] = round(result["gflop_per_img"]["total"] * result["img_per_s"] / 1e3, 4)
-    print(json.dumps(result), flush=True)
+  configs = settings(f.config.value, f.methods.value, f.variants.value)
+  batch_of = lambda c: f.batch.value or c.batch_size
+  for c in configs:
+    config_validation.validate_pretrain(c, 1)
+  timing = not f.no_timing.value
+  if f.child.value:  # one setting (or the ceiling) in this fresh process
+    if f.child.value == CEILING:
+      row = matmul_ceiling(f.ceiling_size.value)
+    else:
+      c = configs[int(f.child.value)]
+      row = time_train_step(c, batch_of(c), f.steps.value, f.warmup.value, f.profile_dir.value)
+    print(RESULT_PREFIX + json.dumps(row), flush=True)
+    return
+
+  report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "jax": jax.__version__, "command": " ".join(argv), "timed": timing,
+            "isolated": timing and f.isolate.value, "steps": f.steps.value, "settings": []}
+  if timing:
+    measure = ((lambda child: _in_child(argv, child)) if f.isolate.value else
+               (lambda child: matmul_ceiling(f.ceiling_size.value) if child == CEILING else
+                time_train_step(configs[int(child)], batch_of(configs[int(child)]),
+                                f.steps.value, f.warmup.value, f.profile_dir.value)))
+    report.update(measure(CEILING))
+  start = time.perf_counter()
+  for i, c in enumerate(configs):
+    row = cost(c)
+    if timing:
+      row.update(measure(str(i)))
+      add_throughput(row, report.get("matmul_ceiling_tflop_per_s"))
+      elapsed = time.perf_counter() - start
+      print(f"[{i + 1}/{len(configs)}] {row['method']} {row['variant']}: "
+            f"{row.get('img_per_s', row.get('error'))} img/s; about "
+            f"{elapsed / (i + 1) * (len(configs) - i - 1):.0f} s left", file=sys.stderr, flush=True)
+    report["settings"].append(row)
+    print(json.dumps(row), flush=True)
+  report["num_devices"] = next((r["num_devices"] for r in report["settings"] if "num_devices" in r), None)
+  report["ratios"] = ratios(report["settings"])
+  text = markdown(report)
+  if timing:
+    print(text, flush=True)
+  if f.json.value:
+    _write(f.json.value, json.dumps(report, indent=1) + "\n", "json")
+  if f.markdown.value:
+    _write(f.markdown.value, text, "markdown")
 
 
 def main(argv=None) -> int:
   f = _define_flags()
-  return cli.run(lambda: _run(f), {"config": "configs/pretrain.py:variant=B/16"}, argv)
+  argv = list(argv if argv is not None else sys.argv)
+  return cli.run(lambda: _run(f, argv), {"config": "configs/pretrain.py:variant=B/16"}, argv)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def get_config(mode: str, arg=None):
       variant=arg.variant, width=0, depth=0, heads=0, posemb="",
       image_size=0 if demo else 224,  # differs from pre-training: posembs are interpolated
       compute_dtype="float32" if demo else "bfloat16",
-      remat="none", scan_layers=False,
+      remat="none", scan_layers=False, attention="einsum",  # as in pre-training
       drop_path=0.0 if probe else (0.1 if demo else ft_drop),
   ))
   c.head = ml_collections.ConfigDict(dict(

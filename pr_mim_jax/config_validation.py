@@ -65,6 +65,9 @@ def validate_model(model):
            f"use one of {tuple(vit.REMAT_POLICIES)}")
   scan = model.get("scan_layers", False)
   _require(isinstance(scan, bool), "model.scan_layers", f"got {scan!r}", "use True or False")
+  attention = model.get("attention", "einsum")
+  _require(attention in vit.ATTENTIONS, "model.attention", f"unknown value {attention!r}",
+           f"use one of {vit.ATTENTIONS} ('cudnn*' need an NVIDIA GPU)")
   return spec
 
 
@@ -135,6 +138,9 @@ def validate_optim(optim):
            f"{optim.warmup_epochs} is outside [0, epochs={optim.epochs})", "use fewer warmup epochs")
   _require(optim.clip_grad_norm >= 0, "optim.clip_grad_norm", f"got {optim.clip_grad_norm}",
            "use 0 (off) or a positive max norm")
+  mu_dtype = optim.get("mu_dtype", "")
+  _require(mu_dtype in ("",) + DTYPES, "optim.mu_dtype", f"unknown value {mu_dtype!r}",
+           "use '' (the params' float32) or 'bfloat16'")
 
 
 def validate_train(config, num_batch_shards: int):
@@ -147,6 +153,10 @@ def validate_train(config, num_batch_shards: int):
            f"got {train.total_steps!r}", "use 0 (from epochs) or a positive integer")
   for field in ("log_every", "checkpoint_every", "keep_checkpoints", "image_every", "num_images"):
     _positive_int(f"train.{field}", train[field])
+  for field in ("profile_start_step", "profile_steps"):
+    value = train.get(field, 0)
+    _require(isinstance(value, int) and value >= 0, f"train.{field}", f"got {value!r}",
+             "use an integer >= 0 (profile_steps=0: no trace)")
   accum = train.get("grad_accum_steps", 1)
   _positive_int("train.grad_accum_steps", accum)
   _require(config.batch_size % (accum * num_batch_shards) == 0, "train.grad_accum_steps",

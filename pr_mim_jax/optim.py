@@ -62,8 +62,10 @@ def make_optimizer(optim_cfg, schedule) -> optax.GradientTransformation:
   parts = []
   if optim_cfg.clip_grad_norm:
     parts.append(optax.clip_by_global_norm(optim_cfg.clip_grad_norm))
+  mu_dtype = optim_cfg.get("mu_dtype", "") or None  # None: the params' dtype
   parts.append(optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2,
-                           weight_decay=optim_cfg.weight_decay, mask=decay_mask))
+                           weight_decay=optim_cfg.weight_decay, mask=decay_mask,
+                           mu_dtype=mu_dtype))
   return optax.chain(*parts)
 
 

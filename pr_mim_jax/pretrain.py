@@ -16,6 +16,7 @@ from pr_mim_jax import masking
 from pr_mim_jax import metrics as metrics_lib
 from pr_mim_jax import optim
 from pr_mim_jax import preemption
+from pr_mim_jax import profiler
 from pr_mim_jax import sharding
 from pr_mim_jax import train_step as train_step_lib
 from pr_mim_jax import visualize
@@ -199,8 +200,6 @@ def train(config, workdir: str) -> dict:
                config.model.compute_dtype, num_train, total_steps, warmup_steps, peak, split,
                task.throw_strategy)
 
-  workdir_records.write_records(workdir, config)
-  writer = metrics_lib.MetricWriter(workdir)
   ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir),
                                     max_to_keep=config.train.keep_checkpoints)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -211,6 +210,9 @@ def train(config, workdir: str) -> dict:
                            relayouts=vit.CHECKPOINT_RELAYOUTS)
       logging.info("resumed from %s at step %d", ckpt.directory, start_step)
     start_step = int(state.step)
+    # After the restore: a config that does not fit the checkpoint leaves config.json as it was.
+    workdir_records.write_records(workdir, config)
+    writer = metrics_lib.MetricWriter(workdir)
 
     step_fn = jit_train_step(model, tx, task, schedule, mesh, state_sharding)
     batches = pipeline.train_batches(config.data, seed=config.seed, global_batch=config.batch_size,
@@ -220,6 +222,10 @@ def train(config, workdir: str) -> dict:
     summary = {"start_step": start_step, "total_steps": total_steps}
     stop = preemption.StopRequest()
     progress = metrics_lib.Progress(start_step, total_steps)
+    trace = profiler.StepWindow(str(epath.Path(workdir) / "profile"),
+                                config.train.get("profile_start_step", 0),
+                                config.train.get("profile_steps", 0))
+    trace.after_step(start_step)  # a window that starts here (step 0, or a resume)
     pending = []
     try:
       step = start_step
@@ -227,6 +233,7 @@ def train(config, workdir: str) -> dict:
         batch = next(batches)
         state, step_metrics = step_fn(state, batch)
         step += 1
+        trace.after_step(step, step_metrics)
         pending.append((step, step_metrics))
         last = step == total_steps
         if step % config.train.log_every == 0 or last:
@@ -256,6 +263,7 @@ def train(config, workdir: str) -> dict:
         logging.info("k-NN top-1 (k=%d): trained %.2f%% vs random init %.2f%%", config.knn.k,
                      100 * trained, 100 * random_init)
     finally:
+      trace.close()
       stop.restore()
       ckpt.close()
       writer.close()

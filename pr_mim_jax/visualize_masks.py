@@ -18,7 +18,6 @@ import sys
 import types
 
 import jax
-import numpy as np
 from absl import flags
 from ml_collections import config_flags
 

@@ -4,7 +4,10 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, TINY_OVERRIDES, override_flags
+from pr_mim_jax import benchmark
 
 
 def _run(*args):
@@ -32,15 +35,82 @@ def test_no_timing_prints_one_line_per_setting():
   assert by[("mae", "L/16")]["gflop_per_img"]["encoder"] > 3 * by[("mae", "B/16")]["gflop_per_img"]["encoder"]
 
 
-def test_timing_fields_on_a_tiny_config(tmp_path):
+def test_isolated_timing_writes_json_and_markdown(tmp_path):
   flags = [f for f in override_flags(TINY_OVERRIDES) if not f.startswith("--config.knn")]
-  proc = _run("--config=configs/pretrain.py:dataset=shapes", *flags, "--steps=2", "--warmup=1",
-              "--batch=8")
+  out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
+  proc = _run("--config=configs/pretrain.py:dataset=shapes", *flags, "--methods=mae,pr_mim",
+              "--steps=2", "--warmup=1", "--batch=8", "--ceiling_size=64",
+              f"--json={out_json}", f"--markdown={out_md}")
   assert proc.returncode == 0, proc.stderr
-  (row,) = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-  assert row["method"] == "pr_mim" and row["batch"] == 8
-  for key in ("compile_s", "step_ms", "img_per_s", "tflop_per_s", "loss"):
-    assert isinstance(row[key], float) and row[key] > 0, key
+  report = json.loads(out_json.read_text())
+  assert report["isolated"] and report["timed"] and report["jax"]
+  assert report["matmul_ceiling_tflop_per_s"] > 0 and report["ceiling_sizes"] == [64]
+  mae_row, pr_row = report["settings"]
+  assert (mae_row["method"], pr_row["method"]) == ("mae", "pr_mim")
+  for r in report["settings"]:
+    assert r["batch"] == 8 and r["attention"] == "einsum" and r["num_devices"] == 1
+    for key in ("compile_s", "step_ms", "img_per_s", "tflop_per_s", "mfu", "xla_temp_gib", "loss"):
+      assert isinstance(r[key], float) and r[key] > 0, key
+    # Derived fields follow from the measured ones.
+    assert r["img_per_s"] == pytest.approx(8 / (r["step_ms"] / 1e3), rel=0.01)
+    assert r["tflop_per_s"] == pytest.approx(r["gflop_per_img"]["total"] * r["img_per_s"] / 1e3,
+                                             rel=0.01)
+    assert r["mfu"] == pytest.approx(r["tflop_per_s"] / report["matmul_ceiling_tflop_per_s"],
+                                     rel=0.01)
+  assert "furthest_ms" not in mae_row  # MAE throws nothing
+  assert pr_row["throw_strategy"] == "furthest" and pr_row["masks_ms"] > 0
+  assert pr_row["furthest_ms"] == pytest.approx(
+      max(pr_row["masks_ms"] - pr_row["masks_random_ms"], 0), abs=2e-3)
+  assert pr_row["furthest_share"] == pytest.approx(pr_row["furthest_ms"] / pr_row["step_ms"],
+                                                   rel=0.02, abs=1e-4)
+  (ratio,) = report["ratios"]
+  assert ratio["method"] == "pr_mim" and ratio["vs"] == "mae"
+  assert ratio["img_per_s"] == pytest.approx(pr_row["img_per_s"] / mae_row["img_per_s"], rel=0.01)
+  assert ratio["gflop_per_img"] == pr_row["flop_ratio_vs_mae"] < 1
+  md = out_md.read_text()
+  assert "| mae | Ti/4 | einsum | 8 |" in md and "| pr_mim | Ti/4 |" in md
+  assert md in proc.stdout  # the summary is printed too
+
+
+def _row(method, img_per_s, peak, flop_ratio, variant="B/16"):
+  return {"method": method, "variant": variant, "attention": "einsum", "img_per_s": img_per_s,
+          "peak_gib": peak, "flop_ratio_vs_mae": flop_ratio,
+          "gflop_per_img": {"total": 58.0 * flop_ratio}}
+
+
+def test_ratios_and_throughput_hand_case():
+  rows = [_row("mae", 4000.0, 10.0, 1.0), _row("pr_mim", 6000.0, 6.5, 0.7),
+          _row("partial", 5000.0, None, 0.72), _row("pr_mim", 900.0, 30.0, 0.7, "L/16"),
+          {**_row("pr_mim", 1.0, 1.0, 0.7, "S/16"), "error": "out of memory"}]
+  assert benchmark.ratios(rows) == [
+      {"method": "pr_mim", "variant": "B/16", "vs": "mae", "gflop_per_img": 0.7,
+       "img_per_s": 1.5, "peak_gib": 0.65},
+      {"method": "partial", "variant": "B/16", "vs": "mae", "gflop_per_img": 0.72,
+       "img_per_s": 1.25}]  # no memory ratio without a peak; no MAE row for L/16 or S/16
+  row = benchmark.add_throughput(_row("mae", 4000.0, 10.0, 1.0), ceiling=800.0)
+  assert row["tflop_per_s"] == 232.0 and row["mfu"] == 0.29  # 58 GFLOP x 4000 / s
+  assert benchmark.add_throughput(_row("mae", 4000.0, 10.0, 1.0), None)["mfu"] is None
+
+
+def test_markdown_lists_settings_failures_and_ratios():
+  rows = [_row("mae", 4000.0, 10.0, 1.0), _row("pr_mim", 6000.0, 6.5, 0.7),
+          {**_row("partial", None, None, 0.72), "error": "RESOURCE_EXHAUSTED | oom"}]
+  report = {"device": "NVIDIA H200", "num_devices": 1, "jax": "0.11.2",
+            "matmul_ceiling_tflop_per_s": 790.0, "settings": rows,
+            "ratios": benchmark.ratios(rows)}
+  md = benchmark.markdown(report).splitlines()
+  assert md[0] == "Device: NVIDIA H200 x1, jax 0.11.2; bf16 matmul ceiling 790 TFLOP/s."
+  assert any(l.startswith("| pr_mim | B/16 | einsum | – | 6000 |") for l in md)
+  failed = [l for l in md if "failed" in l]
+  assert failed and "RESOURCE_EXHAUSTED / oom" in failed[0]  # '|' would break the table
+  assert "| pr_mim | B/16 | 1.500 | 0.650 | 0.700 |" in md
+  assert all(l.count("|") == md[3].count("|") for l in md[2:6])  # every row has every column
+
+
+def test_child_processes_get_the_parents_flags_minus_outputs():
+  argv = ["benchmark", "--config=c.py", "--json=a.json", "--markdown", "b.md", "--steps=3",
+          "--child=1", "--jsonl=keep"]
+  assert benchmark._child_argv(argv) == ["--config=c.py", "--steps=3", "--jsonl=keep"]
 
 
 def test_bad_method_is_one_error_line():
@@ -48,3 +118,14 @@ def test_bad_method_is_one_error_line():
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines() == [
       "error: --methods: unknown ['simmim']; use names from ['mae', 'partial', 'pr_mim']"]
+
+
+def test_a_failed_child_reports_its_exception_line():
+  stderr = ("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+            "jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory allocating 9 GiB\n"
+            "--------------------\nFor simplicity, JAX has removed its internal frames from the "
+            "traceback of the following exception.\n")
+  assert benchmark._error_line(stderr, 1) == (
+      "jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory allocating 9 GiB")
+  assert benchmark._error_line("warning\nkilled\n", -9) == "killed"
+  assert benchmark._error_line("", -9) == "exit code -9"

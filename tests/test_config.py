@@ -272,6 +272,10 @@ INVALID = [
     ({'knn.feature': 'max'}, 'knn.feature'),
     ({'model.remat': 'some'}, 'model.remat'),
     ({'model.scan_layers': None}, 'model.scan_layers'),
+    ({'model.attention': 'flash'}, 'model.attention'),
+    ({'optim.mu_dtype': 'float16'}, 'optim.mu_dtype'),
+    ({'train.profile_steps': -1}, 'train.profile_steps'),
+    ({'train.profile_start_step': -3}, 'train.profile_start_step'),
     ({'train.grad_accum_steps': 0}, 'train.grad_accum_steps'),
     ({'train.grad_accum_steps': 3}, 'train.grad_accum_steps'),  # 4096 % (3 * 8 shards)
     ({'mesh.fsdp': 0}, 'config.mesh.fsdp'),

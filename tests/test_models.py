@@ -566,3 +566,54 @@ def test_encoder_pool_modes_match_numpy():
   assert np.abs(gap - tokens[:, 1:].mean(1)).max() > 1e-2
   with pytest.raises(ValueError):
     vit.Encoder(SPEC, IMAGE).apply({'params': params}, images, pool='max')
+
+
+# ----------------------------------------------------------------------------------------
+# Attention implementations (config.model.attention): all compute the same function.
+
+def _qkv(n, m, heads=3, hd=8, batch=2, seed=0):
+  rng = np.random.default_rng(seed)
+  return [jnp.asarray(rng.normal(size=(batch, t, heads, hd)), jnp.float32) for t in (n, m, m)]
+
+
+def np_attend(q, k, v):
+  """Reference in float64: softmax(q k^T / sqrt(hd)) v per head. [B, N, H, hd]."""
+  q, k, v = (np.asarray(a, np.float64).transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, H, T, hd]
+  probs = np_softmax(q @ k.transpose(0, 1, 3, 2) / np.sqrt(q.shape[-1]))
+  return (probs @ v).transpose(0, 2, 1, 3)
+
+
+@pytest.mark.parametrize('n,m', [(5, 5), (3, 7), (50, 50)])
+@pytest.mark.parametrize('impl', ['einsum', 'xla'])
+def test_attend_matches_numpy(impl, n, m):
+  q, k, v = _qkv(n, m)
+  np.testing.assert_allclose(np.asarray(vit.attend(q, k, v, impl)), np_attend(q, k, v),
+                             rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('n,m,multiple', [(5, 5, 8), (3, 7, 4), (50, 50, 64), (16, 16, 8)])
+def test_padded_attention_ignores_the_padding(n, m, multiple):
+  # The padding path behind 'cudnn_padded', run through XLA (cuDNN needs a GPU): padded keys
+  # get no weight and padded queries are dropped, so the result is attention over real tokens.
+  q, k, v = _qkv(n, m, seed=1)
+  out = vit.padded_attention(q, k, v, 'xla', multiple)
+  assert out.shape == q.shape
+  np.testing.assert_allclose(np.asarray(out), np_attend(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_attention_is_rejected():
+  q, k, v = _qkv(2, 2)
+  with pytest.raises(ValueError, match="unknown attention 'flash'"):
+    vit.attend(q, k, v, 'flash')
+
+
+def test_mae_forward_is_the_same_for_every_cpu_attention():
+  params = _init(tiny_mae(), seed=5)
+  images, (ids_vis, ids_dec) = _images(seed=6), _masks(seed=7)
+  outs = {}
+  for impl in ('einsum', 'xla'):
+    model = mae.MaskedAutoencoder(SPEC, IMAGE, decoder_width=8, decoder_depth=2,
+                                  decoder_heads=2, attention=impl)
+    outs[impl] = np.asarray(jax.jit(lambda p: model.apply({'params': p}, images, ids_vis,
+                                                           ids_dec).dec)(params))
+  np.testing.assert_allclose(outs['xla'], outs['einsum'], rtol=1e-5, atol=1e-5)

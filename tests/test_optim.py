@@ -427,3 +427,21 @@ def test_ema_update():
   assert out['b']['c'].dtype == jnp.bfloat16 and float(out['b']['c']) == 3.0
   same = optim.ema_update(ema, params, 1.0)
   np.testing.assert_array_equal(np.asarray(same['a']), np.asarray(ema['a']))
+
+
+def test_mu_dtype_bfloat16_keeps_the_first_moment_in_bf16():
+  params = {'kernel': jnp.ones((3, 2)), 'bias': jnp.zeros((2,))}
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.25), params)
+  moments = {}
+  for mu_dtype in ('', 'bfloat16'):
+    tx = optim.make_optimizer(optim_cfg(mu_dtype=mu_dtype), optax.constant_schedule(0.1))
+    _, state = tx.update(grads, tx.init(params), params)
+    (adam,) = [s for s in jax.tree.leaves(state, is_leaf=lambda s: hasattr(s, 'mu'))
+               if hasattr(s, 'mu')]
+    moments[mu_dtype] = adam
+  assert moments[''].mu['kernel'].dtype == jnp.float32
+  assert moments['bfloat16'].mu['kernel'].dtype == jnp.bfloat16
+  assert moments['bfloat16'].nu['kernel'].dtype == jnp.float32  # only mu shrinks
+  # (1 - b1) * g = 0.025 after one step, in either dtype.
+  np.testing.assert_allclose(np.asarray(moments['bfloat16'].mu['kernel'], np.float32), 0.025,
+                             rtol=1e-2)

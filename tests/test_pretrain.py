@@ -49,8 +49,11 @@ def final_params(config, workdir, step=None):
 def test_short_run_lowers_loss_and_writes_everything(tiny_config, tmp_path):
   workdir = str(tmp_path / "run")
   tiny_config.train.total_steps = 24
+  tiny_config.train.profile_start_step, tiny_config.train.profile_steps = 4, 2
   summary = pretrain.train(tiny_config, workdir)
   assert summary["step"] == 24
+  traces = [f for _, _, files in os.walk(os.path.join(workdir, "profile")) for f in files]
+  assert any(f.endswith(".xplane.pb") for f in traces), traces  # one trace of steps 5..6
   losses = [m["loss"] for m in read_metrics(workdir) if "loss" in m]
   assert len(losses) == 6  # log_every=4
   assert losses[-1] < losses[0]

@@ -73,6 +73,7 @@ class Classifier(nn.Module):
   drop_path: float = 0.0
   remat: str = "none"
   scan_layers: bool = False
+  attention: str = "einsum"  # a vit.ATTENTIONS entry
 
   @nn.compact
   def __call__(self, images, train: bool):
@@ -81,7 +82,7 @@ class Classifier(nn.Module):
       raise ValueError(f"unknown pool {self.pool!r}; use one of {POOLS}")
     encoder = vit.Encoder(self.spec, self.image_size, self.posemb, dtype=self.dtype,
                           remat=self.remat, scan_layers=self.scan_layers,
-                          drop_path=self.drop_path, name="encoder")
+                          drop_path=self.drop_path, attention=self.attention, name="encoder")
     feats = encoder(images, train=train and not self.freeze_encoder, pool=self.pool)  # [B, D]
     feats = feats.astype(jnp.float32)
     if self.freeze_encoder:
@@ -107,7 +108,8 @@ def from_config(config, num_classes: int) -> Classifier:
       freeze_encoder=h.get("freeze_encoder", False),
       drop_path=m.get("drop_path", 0.0),
       remat=m.get("remat", "none"),
-      scan_layers=m.get("scan_layers", False))
+      scan_layers=m.get("scan_layers", False),
+      attention=m.get("attention", "einsum"))
 
 
 def _flat(tree) -> dict:

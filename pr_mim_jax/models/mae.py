@@ -54,10 +54,12 @@ class MaskedAutoencoder(nn.Module):
   aggregator_heads: int = 4
   remat: str = "none"  # per transformer block (encoder and decoder): a vit.REMAT_POLICIES key
   scan_layers: bool = False  # nn.scan over the encoder blocks
+  attention: str = "einsum"  # every transformer block's: a vit.ATTENTIONS entry
 
   def setup(self):
     self.encoder = vit.Encoder(self.spec, self.image_size, self.posemb, self.mlp_ratio,
-                               self.dtype, self.remat, self.scan_layers, name="encoder")
+                               self.dtype, self.remat, self.scan_layers,
+                               attention=self.attention, name="encoder")
     self.decoder_embed = nn.Dense(
         self.decoder_width, dtype=self.dtype,
         kernel_init=vit.partitioned(nn.initializers.xavier_uniform(), ("embed", None)),
@@ -67,7 +69,7 @@ class MaskedAutoencoder(nn.Module):
         (1, 1, self.decoder_width))
     block = vit.block_class(self.remat)
     self.decoder_blocks = [block(self.decoder_heads, self.mlp_ratio, self.dtype,
-                                 name=f"decoder_block{i}") for i in range(self.decoder_depth)]
+                                 attention=self.attention, name=f"decoder_block{i}") for i in range(self.decoder_depth)]
     self.decoder_norm = vit.layer_norm(self.dtype, "decoder_norm")
     if self.thrown_reconstruction == "progressive" and self.aggregator != "last_block":
       self.thrown = progressive.LocalAggregator(
@@ -192,6 +194,7 @@ def build(model_cfg, reconstruction_cfg=None, pred_dim: int = 0) -> MaskedAutoen
       decoder=model_cfg.get("decoder", "self_attention"),
       remat=model_cfg.get("remat", "none"),
       scan_layers=model_cfg.get("scan_layers", False),
+      attention=model_cfg.get("attention", "einsum"),
       **extra)
 
 

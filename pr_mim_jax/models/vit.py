@@ -39,6 +39,15 @@ REMAT_POLICIES = {
 }
 
 
+# How attention is computed (config.model.attention); every choice is the same function:
+# 'einsum': two einsums and a float32 softmax, spelled out here (runs everywhere);
+# 'xla': jax.nn.dot_product_attention's XLA path; 'cudnn': its cuDNN fused kernel (GPU only);
+# 'cudnn_padded': cuDNN on sequences zero-padded to a multiple of CUDNN_SEQ_MULTIPLE, the
+# padded keys masked out by length (DESIGN section 2: cuDNN refused MAE's lengths 50 / 197).
+ATTENTIONS = ("einsum", "xla", "cudnn", "cudnn_padded")
+CUDNN_SEQ_MULTIPLE = 64
+
+
 @dataclasses.dataclass(frozen=True)
 class VitSpec:
   """Encoder shape parsed from a variant name like 'B/16'."""
@@ -97,10 +106,44 @@ class HeadsDense(nn.Module):
     return y + bias.astype(self.dtype)
 
 
+def _pad_tokens(x, multiple: int):
+  """[B, N, H, hd] -> [B, ceil(N / multiple) * multiple, H, hd], zeros appended."""
+  pad = -x.shape[1] % multiple
+  return jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else x
+
+
+def padded_attention(q, k, v, implementation: str, multiple: int = CUDNN_SEQ_MULTIPLE):
+  """jax.nn.dot_product_attention on sequences zero-padded to a multiple of `multiple`.
+
+  The padded keys are masked out by length and the padded queries' rows dropped, so this
+  is exactly attention over the real tokens. q: [B, N, H, hd]; k, v: [B, M, H, hd].
+  """
+  n, m = q.shape[1], k.shape[1]
+  out = jax.nn.dot_product_attention(
+      _pad_tokens(q, multiple), _pad_tokens(k, multiple), _pad_tokens(v, multiple),
+      key_value_seq_lengths=jnp.full((q.shape[0],), m, jnp.int32),
+      implementation=implementation)
+  return out[:, :n]  # [B, N, H, hd]
+
+
+def attend(q, k, v, implementation: str = "einsum"):
+  """softmax(q k^T / sqrt(hd)) v. q: [B, N, H, hd]; k, v: [B, M, H, hd] -> [B, N, H, hd]."""
+  if implementation == "einsum":
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1]).astype(q.dtype)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+  if implementation in ("xla", "cudnn"):
+    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+  if implementation == "cudnn_padded":
+    return padded_attention(q, k, v, "cudnn")
+  raise ValueError(f"unknown attention {implementation!r}; use one of {ATTENTIONS}")
+
+
 class Attention(nn.Module):
   """Multi-head attention; with `context`, queries come from x and keys/values from context."""
   heads: int
   dtype: Dtype = jnp.float32
+  implementation: str = "einsum"  # one of ATTENTIONS
 
   @nn.compact
   def __call__(self, x, context=None):  # x: [B, N, D], context: [B, M, D] or None
@@ -116,9 +159,7 @@ class Attention(nn.Module):
       kv = qkv_dense(context, part=slice(1, 3))  # [B, M, 2, H, hd]
       k, v = kv[:, :, 0], kv[:, :, 1]
     q = constrain(q, ("batch", "tokens", "heads", "kv"))
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(head_dim).astype(self.dtype)
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # [B, N, H, hd]
+    out = attend(q, k, v, self.implementation)  # [B, N, H, hd]
     out = HeadsDense((width,), 2, ("heads", "kv", "embed"), self.dtype, name="proj")(out)
     return constrain(out, ("batch", "tokens", "embed"))
 
@@ -173,6 +214,7 @@ class Block(nn.Module):
   mlp_ratio: float = 4.0
   dtype: Dtype = jnp.float32
   drop_path: float = 0.0
+  attention: str = "einsum"  # one of ATTENTIONS
 
   def __call__(self, x, context=None, deterministic=True, drop_rate=None):  # [B, N, D]
     # All arguments go positionally to `forward`, the method nn.remat lifts: jax.checkpoint's
@@ -189,7 +231,7 @@ class Block(nn.Module):
 
     norm1 = layer_norm(self.dtype, "norm1")
     kv = None if context is None else norm1(context)
-    x = x + residual(Attention(self.heads, self.dtype, name="attn")(norm1(x), kv))
+    x = x + residual(Attention(self.heads, self.dtype, self.attention, name="attn")(norm1(x), kv))
     hidden = int(x.shape[-1] * self.mlp_ratio)
     x = x + residual(Mlp(hidden, self.dtype, name="mlp")(layer_norm(self.dtype, "norm2")(x)))
     return constrain(x, ("batch", "tokens", "embed"))
@@ -257,6 +299,7 @@ class Encoder(nn.Module):
   remat: str = "none"  # a REMAT_POLICIES key
   scan_layers: bool = False  # nn.scan over blocks: params 'blocks' with a leading 'layers' axis
   drop_path: float = 0.0  # stochastic depth of the last block (linear from 0 at the first)
+  attention: str = "einsum"  # one of ATTENTIONS
 
   @property
   def grid(self) -> int:
@@ -304,7 +347,7 @@ class Encoder(nn.Module):
     rates = drop_path_rates(self.drop_path, self.spec.depth)
     if self.scan_layers:
       block = block_class(self.remat, prevent_cse=False)(
-          self.spec.heads, self.mlp_ratio, self.dtype, name="blocks")
+          self.spec.heads, self.mlp_ratio, self.dtype, attention=self.attention, name="blocks")
       body = lambda mdl, carry, rate: (mdl(carry, None, deterministic, rate), None)
       scan = nn.scan(body, variable_axes={"params": 0},
                      split_rngs={"params": True, "dropout": True},
@@ -313,7 +356,7 @@ class Encoder(nn.Module):
     else:
       cls = block_class(self.remat)
       for i in range(self.spec.depth):
-        x = cls(self.spec.heads, self.mlp_ratio, self.dtype, float(rates[i]),
+        x = cls(self.spec.heads, self.mlp_ratio, self.dtype, float(rates[i]), self.attention,
                 name=f"block{i}")(x, None, deterministic)
     norm = layer_norm(self.dtype, "norm")
     if pool == "cls":

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The whole GPU benchmark in one command: the ViT-B/16 and ViT-L/16 train steps of MAE,
+# partial reconstruction and PR-MIM (224 px, batch 256, bf16, mask 0.75, throw 0.5), each in
+# a fresh process, plus the bf16 matmul ceiling; then JSON and markdown.
+#   launch/gpu_benchmark.sh OUT_DIR [sweep] [--config.FIELD=VALUE ...]
+# `sweep` instead times the optimisation levers on B/16 (MAE and PR-MIM): attention
+# xla / cudnn / cudnn_padded, AdamW mu in bf16, and remat dots_saveable, one file each.
+# No TensorFlow needed. Environment: STEPS (timed steps, default 20), BATCH (default 256).
+set -euo pipefail
+out=${1:?usage: launch/gpu_benchmark.sh OUT_DIR [sweep] [--config.FIELD=VALUE ...]}
+shift
+mode=main
+if [ "${1:-}" = sweep ]; then mode=sweep; shift; fi
+mkdir -p "$out"
+common=(--config=configs/pretrain.py --batch="${BATCH:-256}" --steps="${STEPS:-20}" --warmup=3)
+
+bench() {  # NAME [extra flags...]: one harness run -> OUT/NAME.json + OUT/NAME.md
+  local name=$1
+  shift
+  echo "== $name" >&2
+  python -m pr_mim_jax.benchmark "${common[@]}" --json="$out/$name.json" \
+      --markdown="$out/$name.md" "$@" >"$out/$name.log"
+  { echo "## $name"; echo; cat "$out/$name.md"; echo; } >>"$out/summary.md"
+}
+
+: >"$out/summary.md"
+if [ "$mode" = main ]; then
+  bench vit_b16 --methods=mae,partial,pr_mim --variants=B/16 "$@"
+  bench vit_l16 --methods=mae,partial,pr_mim --variants=L/16 "$@"
+else
+  for attention in xla cudnn cudnn_padded; do
+    bench "b16_attention_$attention" --methods=mae,pr_mim --variants=B/16 \
+        --config.model.attention="$attention" "$@"
+  done
+  bench b16_mu_bf16 --methods=mae,pr_mim --variants=B/16 --config.optim.mu_dtype=bfloat16 "$@"
+  bench b16_remat_dots --methods=mae,pr_mim --variants=B/16 --config.model.remat=dots_saveable "$@"
+fi
+echo "wrote $out/summary.md and one .json / .md per run" >&2

@@ -1,0 +1,364 @@
+r"""Command line: weights in and out, between our workdirs and timm / official MAE files.
+
+  python -m pr_mim_jax.convert --from=mae_pretrain_vit_base.pth --to=workdirs/mae_b16
+  python -m pr_mim_jax.convert --from=workdirs/demo --to=vit.safetensors [--with_decoder]
+
+Sources (told apart by content): a `torch.save` file (.pth / .pt / .bin, read without
+torch by pth_reader), a .safetensors file, or a pre-training workdir (`--step=N`, default
+the latest checkpoint). Targets, from --to unless --format names one:
+- `workdir` (a path without a suffix): config.json (a pre-training config, `--config`, for
+  the file's architecture) plus a step-0 checkpoint of a complete pre-training state, so
+  every mode runs from it: `init=WORKDIR` for probing / fine-tuning / k-NN, or
+  `--workdir=WORKDIR` with the same config to continue pre-training.
+- `timm` (a .safetensors path): the encoder in timm's names, plus `<to minus suffix>.json`
+  naming the timm model and its arguments (also in the file's metadata).
+- `mae`: timm plus the official MAE decoder keys (or `--with_decoder`).
+Every problem (missing / unknown keys, shapes) is reported at once and nothing is written;
+outputs are built next to the target and renamed into place. An existing target is kept
+unless --overwrite.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import sys
+
+import ml_dtypes
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+
+from pr_mim_jax import cli
+from pr_mim_jax import pth_reader
+from pr_mim_jax import timm_weights
+from pr_mim_jax.errors import UserError
+
+FORMATS = ("workdir", "timm", "mae")
+TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+METADATA_KEY = "pr_mim_jax"
+DEFAULT_CONFIG = "configs/pretrain.py:method=mae"
+
+_FROM = flags.DEFINE_string("from", None, "A .pth/.pt/.bin or .safetensors file, or a workdir.")
+_TO = flags.DEFINE_string("to", None, "A workdir, or a .safetensors file.")
+_FORMAT = flags.DEFINE_string("format", "", f"Target format, one of {FORMATS}; '' = from --to.")
+_WITH_DECODER = flags.DEFINE_bool("with_decoder", False, "Export MAE's decoder keys too (= --format=mae).")
+_STEP = flags.DEFINE_integer("step", 0, "Checkpoint step of a workdir source; 0 = latest.")
+_HEADS = flags.DEFINE_integer("heads", 0, "Encoder heads, when the width is not a standard one.")
+_DECODER_HEADS = flags.DEFINE_integer("decoder_heads", 0, "Decoder heads (MAE's 512 wide: 16).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing target.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, f"Pre-training config of a workdir target (default {DEFAULT_CONFIG}); "
+    "its model fields are set from the weights.", lock_config=True)
+
+
+# --- sources -------------------------------------------------------------------------------
+
+def _is_workdir(path: pathlib.Path) -> bool:
+  return path.is_dir()
+
+
+def _read_file(path: pathlib.Path) -> tuple[dict, dict]:
+  """(state dict of NumPy arrays, our metadata from a safetensors header or {})."""
+  if not path.is_file():
+    raise UserError(f"--from: {path} does not exist")
+  with open(path, "rb") as f:
+    head = f.read(9)
+  if head[:2] == b"PK" or path.suffix in TORCH_SUFFIXES:
+    return pth_reader.state_dict(pth_reader.read(str(path)), str(path)), {}
+  try:
+    state, metadata = _read_safetensors(path)
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # not safetensors
+    raise UserError(f"--from: {path} is neither a torch.save file nor safetensors "
+                    f"({type(e).__name__}: {str(e)[:200]})") from None
+  ours = json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else {}
+  return state, ours
+
+
+def _read_safetensors(path: pathlib.Path) -> tuple[dict, dict]:
+  """(name -> array, header metadata) of a .safetensors file, read from its own layout: an
+  8-byte little-endian header length, a JSON header of {name: {dtype, shape, data_offsets}},
+  then the bytes. Read by hand because safetensors' NumPy API rejects bfloat16 tensors,
+  which timm's hub files may hold."""
+  dtypes = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+            "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+            "BOOL": np.bool_}
+  with open(path, "rb") as f:
+    size = int.from_bytes(f.read(8), "little")
+    if not 2 <= size <= 100 << 20:
+      raise ValueError(f"header length {size} is not plausible")
+    header = json.loads(f.read(size))
+    data = f.read()
+  metadata = header.pop("__metadata__", None) or {}
+  state = {}
+  for name, info in header.items():
+    begin, end = info["data_offsets"]
+    if info["dtype"] not in dtypes or not 0 <= begin <= end <= len(data):
+      raise ValueError(f"tensor {name}: dtype {info['dtype']} or offsets {begin}..{end} unusable")
+    state[name] = np.frombuffer(data[begin:end], np.dtype(dtypes[info["dtype"]]).newbyteorder(
+        "<")).reshape(info["shape"])
+  return state, metadata
+
+
+def read_file_weights(path, heads: int = 0, decoder_heads: int = 0):
+  """(params, arch, description) of a timm / MAE file. Heads: the flags, else our export
+  metadata, else the standard widths."""
+  path = pathlib.Path(path)
+  state, meta = _read_file(path)
+  heads = heads or meta.get("timm", {}).get("kwargs", {}).get("num_heads", 0)
+  decoder_heads = decoder_heads or (meta.get("decoder") or {}).get("heads", 0)
+  ignored = [k for k in timm_weights.IGNORED if k in state]
+  arch = timm_weights.infer_arch(state, heads, decoder_heads)
+  params = timm_weights.from_state_dict(state, arch)
+  note = f" (ignored: {', '.join(ignored)})" if ignored else ""
+  return params, arch, f"{path}{note}"
+
+
+def _workdir_config(path: pathlib.Path):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  cfg = path / "config.json"
+  if not cfg.is_file():
+    raise UserError(f"--from: {path} is a directory without config.json; point it at a "
+                    "pre-training workdir")
+  config = ml_collections.ConfigDict(json.loads(cfg.read_text()))
+  if config.get("mode", "pretrain") != "pretrain":
+    raise UserError(f"--from: {path} is a {config.mode} workdir; export a pre-training workdir")
+  return config
+
+
+def arch_from_config(model, params) -> timm_weights.Arch:
+  """The Arch of a pre-training config's model fields and its (unscanned) params."""
+  from pr_mim_jax.models import vit  # pylint: disable=g-import-not-at-top
+  spec = vit.parse_variant(model.variant)
+  enc = params["encoder"]
+  dec = dict(decoder_width=model.decoder_width, decoder_depth=model.decoder_depth,
+             decoder_heads=model.decoder_heads,
+             decoder_hidden=np.shape(params["decoder_block0"]["mlp"]["fc1"]["kernel"])[1],
+             pred_dim=np.shape(params["decoder_pred"]["kernel"])[1]) if "decoder_block0" in params else {}
+  return timm_weights.Arch(
+      width=model.width or spec.width, depth=model.depth or spec.depth,
+      heads=model.heads or spec.heads, patch=spec.patch, grid=model.image_size // spec.patch,
+      mlp_hidden=np.shape(enc["block0"]["mlp"]["fc1"]["kernel"])[1], posemb=model.posemb, **dec)
+
+
+def read_workdir_weights(path, step: int = 0):
+  """(params as NumPy, arch, description, config) of a pre-training workdir's checkpoint."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from pr_mim_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from pr_mim_jax.models import vit  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(path)
+  config = _workdir_config(path)
+  ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(str(path)), max_to_keep=1 << 30)
+  try:
+    params, step = ckpt.restore_subtree(
+        ("params",), jax.sharding.SingleDeviceSharding(jax.devices()[0]), step or None)
+  finally:
+    ckpt.close()
+  params = vit.unscan_params(jax.tree.map(np.asarray, params))
+  return params, arch_from_config(config.model, params), f"{path} step {step}", config
+
+
+# --- targets -------------------------------------------------------------------------------
+
+def target_format(to: str, fmt: str, with_decoder: bool) -> str:
+  if fmt and fmt not in FORMATS:
+    raise UserError(f"--format: unknown value {fmt!r}; use one of {FORMATS}")
+  if not fmt:
+    suffix = pathlib.Path(to).suffix
+    if suffix == ".safetensors":
+      fmt = "timm"
+    elif not suffix or pathlib.Path(to).is_dir():
+      fmt = "workdir"
+    else:
+      raise UserError(f"--to: cannot tell the format of {to}; write a .safetensors file (timm) "
+                      "or a workdir (a directory), or pass --format")
+  if fmt == "timm" and with_decoder:
+    fmt = "mae"
+  return fmt
+
+
+def _check_target(path: pathlib.Path, overwrite: bool) -> None:
+  busy = path.is_file() or (path.is_dir() and any(path.iterdir()))
+  if busy and not overwrite:
+    raise UserError(f"--to: {path} exists; pass --overwrite to replace it, or choose another path")
+  if not path.parent.is_dir():
+    raise UserError(f"--to: the directory {path.parent} does not exist")
+
+
+def _replace(tmp: pathlib.Path, path: pathlib.Path) -> None:
+  """Moves tmp onto path (a file or a directory), removing what was there."""
+  if path.is_dir():
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old)
+  else:
+    os.replace(tmp, path)
+
+
+def timm_metadata(arch: timm_weights.Arch, with_decoder: bool, source: str) -> dict:
+  decoder = (dict(width=arch.decoder_width, depth=arch.decoder_depth, heads=arch.decoder_heads,
+                  mlp_hidden=arch.decoder_hidden, pred_dim=arch.pred_dim)
+             if with_decoder else None)
+  return {"timm": timm_weights.timm_model(arch), "posemb": arch.posemb, "decoder": decoder,
+          "source": source, "written_by": "python -m pr_mim_jax.convert"}
+
+
+def write_timm(params, arch, to: pathlib.Path, with_decoder: bool, source: str) -> str:
+  """The encoder (and with_decoder, MAE's decoder) as safetensors + the JSON next to it."""
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  if with_decoder and not arch.has_decoder:
+    raise UserError(f"--with_decoder: {source} has no decoder")
+  state = timm_weights.to_state_dict(params, arch, with_decoder)
+  meta = timm_metadata(arch, with_decoder, source)
+  sidecar = to.with_suffix(".json")
+  tmp, tmp_json = (p.with_name(f".{p.name}.tmp-{os.getpid()}") for p in (to, sidecar))
+  try:
+    safetensors.numpy.save_file(state, str(tmp), metadata={
+        "format": "pt", METADATA_KEY: json.dumps(meta, sort_keys=True)})
+    tmp_json.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    _replace(tmp_json, sidecar)
+    _replace(tmp, to)
+  finally:
+    for p in (tmp, tmp_json):
+      p.unlink(missing_ok=True)
+  return (f"wrote {to} ({len(state)} arrays{', with the MAE decoder' if with_decoder else ''}) "
+          f"and {sidecar}: timm.create_model({meta['timm']['name']!r}, **kwargs)")
+
+
+def default_config():
+  """configs/pretrain.py:method=mae of this source tree."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  file, _, arg = DEFAULT_CONFIG.partition(":")
+  path = pathlib.Path(__file__).resolve().parents[1] / file
+  if not path.is_file():
+    raise UserError(f"--config: {path} not found; pass --config=PATH/pretrain.py:method=mae")
+  spec = importlib.util.spec_from_file_location("pretrain_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def fit_config(config, arch: timm_weights.Arch) -> None:
+  """Sets config.model's architecture fields from the weights'."""
+  from pr_mim_jax.models import vit  # pylint: disable=g-import-not-at-top
+  if arch.mlp_hidden != 4 * arch.width or (arch.has_decoder and
+                                           arch.decoder_hidden != 4 * arch.decoder_width):
+    raise UserError(f"the weights have MLP ratio {arch.mlp_ratio:g} (decoder: "
+                    f"{arch.decoder_hidden / max(arch.decoder_width, 1):g}); pre-training configs "
+                    "use 4. Convert to .safetensors instead, or to a workdir from a 4x model")
+  m = config.model
+  exact = next((n for n, shape in vit.VARIANTS.items()
+                if shape == (arch.width, arch.depth, arch.heads)), None)
+  by_width = next((n for n, (w, _, _) in vit.VARIANTS.items() if w == arch.width), "B")
+  m.variant = f"{exact or by_width}/{arch.patch}"
+  m.width, m.depth, m.heads = (0, 0, 0) if exact else (arch.width, arch.depth, arch.heads)
+  m.image_size, m.posemb = arch.image_size, arch.posemb
+  if arch.has_decoder:
+    m.decoder_width, m.decoder_depth, m.decoder_heads = (
+        arch.decoder_width, arch.decoder_depth, arch.decoder_heads)
+    if m.decoder != "self_attention":
+      raise UserError(f"config.model.decoder: {m.decoder!r}, but the weights hold MAE's "
+                      "self-attention decoder; use 'self_attention'")
+
+
+def _merge(fresh, loaded):
+  """fresh params (jax arrays) with every array of `loaded` put in; a WeightsError lists the
+  arrays that do not fit. Returns (params, top-level groups left fresh)."""
+  import flax  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  flat_fresh = flax.traverse_util.flatten_dict(fresh, sep="/")
+  flat_loaded = flax.traverse_util.flatten_dict(loaded, sep="/")
+  problems = [f"{k} (not in the model)" for k in flat_loaded if k not in flat_fresh]
+  problems += [f"{k}: file {np.shape(v)}, model {flat_fresh[k].shape}"
+               for k, v in flat_loaded.items()
+               if k in flat_fresh and tuple(np.shape(v)) != tuple(flat_fresh[k].shape)]
+  if problems:
+    raise timm_weights.WeightsError(
+        f"{len(problems)} arrays do not fit the configured model: {timm_weights.listing(problems)}")
+  out = {k: (jax.device_put(flat_loaded[k], v.sharding) if k in flat_loaded else v)
+         for k, v in flat_fresh.items()}
+  fresh_groups = sorted({k.split("/")[0] for k in flat_fresh if k not in flat_loaded})
+  return flax.traverse_util.unflatten_dict(out, sep="/"), fresh_groups
+
+
+def write_workdir(params, arch, to: pathlib.Path, config, source: str) -> str:
+  """config.json + a step-0 pre-training checkpoint of the loaded weights (see module doc)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from pr_mim_jax import checkpointing, config_validation, optim, pretrain, sharding  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from pr_mim_jax import train_step, workdir_records  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from pr_mim_jax.models import mae, vit  # pylint: disable=g-import-not-at-top,g-multiple-import
+  fit_config(config, arch)
+  pretrain.setup_jax(config)
+  config_validation.validate_mesh(config)
+  mesh, rules = sharding.mesh_from_config(config), sharding.rules_from_config(config)
+  config_validation.validate_pretrain(config, sharding.num_batch_shards(mesh))
+  model = mae.from_config(config)
+  task = train_step.task_from_config(config)
+  tx = optim.make_optimizer(config.optim, lambda step: 0.0)  # the state's shape only
+  if config.model.scan_layers:
+    params = vit.scan_params(params)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    state, _ = pretrain.create_state(model, tx, task.split, config.seed, mesh, rules)
+    merged, fresh = _merge(state.params, params)
+    state = state.replace(params=merged)
+  tmp = to.with_name(f".{to.name}.tmp-{os.getpid()}")
+  try:
+    workdir_records.write_records(str(tmp), config)
+    ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(str(tmp)), async_save=False)
+    try:
+      ckpt.save(0, state)
+    finally:
+      ckpt.close()
+    _replace(tmp, to)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  what = (f"{config.method}, {config.model.variant} width {arch.width} depth {arch.depth} "
+          f"heads {arch.heads}, {arch.image_size} px, posemb {arch.posemb}")
+  fresh_note = f"; freshly initialised: {', '.join(fresh)}" if fresh else ""
+  return (f"wrote {to}: step-0 pre-training state ({what}) from {source}; decoder "
+          f"{'from the file' if arch.has_decoder else 'freshly initialised'}{fresh_note}. "
+          f"To continue pre-training, use its config with: {' '.join(model_overrides(config))}")
+
+
+def model_overrides(config) -> list[str]:
+  """--config.model.* flags that give another pre-training config this architecture."""
+  fields = ("variant", "width", "depth", "heads", "image_size", "posemb", "decoder_width",
+            "decoder_depth", "decoder_heads")
+  return [f"--config.model.{f}={config.model[f]}" for f in fields]
+
+
+def convert(src: str, to: str, fmt: str = "", *, with_decoder: bool = False, step: int = 0,
+            heads: int = 0, decoder_heads: int = 0, overwrite: bool = False, config=None) -> str:
+  """Reads `src`, writes `to`; returns a one-line summary. Raises UserError, writing nothing."""
+  src_path, to_path = pathlib.Path(src), pathlib.Path(to)
+  fmt = target_format(to, fmt, with_decoder)
+  _check_target(to_path, overwrite)
+  if _is_workdir(src_path):
+    if fmt == "workdir":
+      raise UserError("--from and --to are both workdirs; nothing to convert")
+    params, arch, source, _ = read_workdir_weights(src_path, step)
+  else:
+    params, arch, source = read_file_weights(src_path, heads, decoder_heads)
+  if fmt == "workdir":
+    return write_workdir(params, arch, to_path, config if config is not None else default_config(),
+                         source)
+  return write_timm(params, arch, to_path, fmt == "mae", source)
+
+
+def _run() -> int:
+  message = convert(flags.FLAGS["from"].value, _TO.value, _FORMAT.value,
+                    with_decoder=_WITH_DECODER.value, step=_STEP.value, heads=_HEADS.value,
+                    decoder_heads=_DECODER_HEADS.value, overwrite=_OVERWRITE.value,
+                    config=_CONFIG.value)
+  print(message)
+  return 0
+
+
+def main(argv=None) -> int:
+  return cli.run(_run, {"from": "mae_pretrain_vit_base.pth", "to": "workdirs/mae_b16"}, argv)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

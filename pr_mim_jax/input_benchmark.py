@@ -1,0 +1,147 @@
+r"""Input-pipeline throughput per host and per CPU core: can this host feed the accelerator?
+
+  python -m pr_mim_jax.input_benchmark --sources=shapes,jpeg --image_size=224 --batch=256 \
+      --batches=20 --step_img_per_s=3523 --json=input.json
+
+It times the pre-training pipeline (`pipeline.host_batches`: read, decode, random resized
+crop, flip, normalize, batch) on two sources: the embedded `shapes` dataset through tfds,
+and a folder of JPEGs it writes first (ImageNet-like 500x375 photos-to-be: smooth colour
+fields plus noise, quality 90). Per setting it reports images/s on this host, the CPU cores
+the process kept busy (CPU time / wall time), images/s per busy core, and, given the
+accelerator's measured step rate (--step_img_per_s), the cores needed to keep it fed.
+"""
+
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+import types
+
+import ml_collections
+import numpy as np
+from absl import flags
+
+from pr_mim_jax import cli
+from pr_mim_jax.data import datasets
+from pr_mim_jax.data import pipeline
+from pr_mim_jax.errors import UserError
+
+SOURCES = ("shapes", "jpeg")
+WARMUP_BATCHES = 2  # untimed: pipeline start-up, tf.data autotuning
+
+
+def _define_flags() -> types.SimpleNamespace:
+  return types.SimpleNamespace(
+      sources=flags.DEFINE_list("sources", list(SOURCES), f"From {list(SOURCES)}."),
+      backends=flags.DEFINE_list("backends", ["auto"], "From ['auto', 'tf', 'numpy']; auto = tf "
+                                 "if installed."),
+      image_size=flags.DEFINE_integer("image_size", 224, "Output crop side."),
+      batch=flags.DEFINE_integer("batch", 256, "Images per batch."),
+      batches=flags.DEFINE_integer("batches", 20, "Timed batches per setting."),
+      threads=flags.DEFINE_integer("threads", -1, "data.num_parallel_calls; -1 = AUTOTUNE / "
+                                   "one per core."),
+      jpeg_dir=flags.DEFINE_string("jpeg_dir", "", "Folder for the generated JPEGs (reused if "
+                                   "it holds them); '' = a temporary folder."),
+      jpeg_count=flags.DEFINE_integer("jpeg_count", 1024, "JPEGs to generate."),
+      shapes_size=flags.DEFINE_integer("shapes_size", 4096, "Train images of the shapes dataset."),
+      data_dir=flags.DEFINE_string("data_dir", "", "tfds data_dir for shapes; '' = default."),
+      step_img_per_s=flags.DEFINE_float("step_img_per_s", 0.0, "The accelerator's measured "
+                                        "train-step rate, to size the host (0 = skip)."),
+      json=flags.DEFINE_string("json", "", "Also write the results to this JSON file."))
+
+
+def write_jpegs(directory: str, count: int, size=(500, 375), seed: int = 0) -> str:
+  """`count` JPEGs of `size` (w, h) in `directory`; existing ones are kept (reruns are cheap)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  os.makedirs(directory, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  w, h = size
+  for i in range(count):
+    path = os.path.join(directory, f"img_{i:06d}.jpg")
+    if os.path.exists(path):
+      continue
+    coarse = rng.uniform(0, 255, (h // 25 + 1, w // 25 + 1, 3)).astype(np.uint8)
+    smooth = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), np.float32)
+    pixels = np.clip(smooth + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)  # [h, w, 3]
+    Image.fromarray(pixels).save(path, quality=90)
+  return directory
+
+
+def data_config(dataset: str, backend: str, threads: int, shapes_size: int,
+                data_dir: str) -> ml_collections.ConfigDict:
+  """The `config.data` fields the pre-training pipeline reads (MAE's crop scale 0.2)."""
+  return ml_collections.ConfigDict(dict(
+      dataset=dataset, train_split="train", data_dir=data_dir or None,
+      shapes=dict(image_size=64, train_size=shapes_size, test_size=64, seed=0, difficulty="hard"),
+      crop_min_scale=0.2, num_parallel_calls=threads, backend=backend))
+
+
+def measure(data, *, batch: int, image_size: int, batches: int) -> dict:
+  """Images/s of host_batches, and the CPU cores this process kept busy meanwhile."""
+  it = pipeline.host_batches(data, seed=0, global_batch=batch, image_size=image_size)
+  for _ in range(WARMUP_BATCHES):
+    next(it)
+  usage0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+  for _ in range(batches):
+    b = next(it)
+  wall = time.perf_counter() - t0
+  usage1 = resource.getrusage(resource.RUSAGE_SELF)
+  cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
+  assert b["image"].shape == (batch, image_size, image_size, 3)
+  img_per_s = batch * batches / wall
+  cores = cpu / wall
+  return {"img_per_s": round(img_per_s, 1), "cpu_cores_busy": round(cores, 2),
+          "img_per_s_per_core": round(img_per_s / max(cores, 1e-9), 1)}
+
+
+def _run(f: types.SimpleNamespace) -> None:
+  bad = sorted(set(f.sources.value) - set(SOURCES))
+  if bad:
+    raise UserError(f"--sources: unknown {bad}; use names from {list(SOURCES)}")
+  bad = sorted(set(f.backends.value) - set(datasets.BACKENDS))
+  if bad:
+    raise UserError(f"--backends: unknown {bad}; use names from {list(datasets.BACKENDS)}")
+  for name in ("batch", "batches", "image_size", "jpeg_count", "shapes_size"):
+    if getattr(f, name).value <= 0:
+      raise UserError(f"--{name}: got {getattr(f, name).value}; use an integer > 0")
+  tmp = None
+  rows = []
+  for source in f.sources.value:
+    if source == "jpeg":
+      if not f.jpeg_dir.value:
+        tmp = tmp or tempfile.TemporaryDirectory(prefix="pr_mim_jpegs_")
+      folder = write_jpegs(f.jpeg_dir.value or tmp.name, f.jpeg_count.value)
+      dataset = f"folder:{folder}"
+    else:
+      dataset = "shapes"
+    for backend in f.backends.value:
+      data = data_config(dataset, backend, f.threads.value, f.shapes_size.value, f.data_dir.value)
+      resolved = datasets.resolve_backend(data, None)
+      row = {"source": source, "backend": resolved, "image_size": f.image_size.value,
+             "batch": f.batch.value, "threads": f.threads.value, "host_cores": os.cpu_count()}
+      row.update(measure(data, batch=f.batch.value, image_size=f.image_size.value,
+                         batches=f.batches.value))
+      if f.step_img_per_s.value > 0:
+        row["step_img_per_s"] = f.step_img_per_s.value
+        row["cores_to_feed"] = round(f.step_img_per_s.value / row["img_per_s_per_core"], 1)
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+  if tmp:
+    tmp.cleanup()
+  if f.json.value:
+    try:
+      with open(f.json.value, "w") as out:
+        json.dump(rows, out, indent=1)
+    except OSError as e:
+      raise UserError(f"--json: cannot write {f.json.value}: {e.strerror}") from None
+
+
+def main(argv=None) -> int:
+  f = _define_flags()
+  return cli.run(lambda: _run(f), {}, argv)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

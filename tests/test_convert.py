@@ -1,0 +1,169 @@
+"""python -m pr_mim_jax.convert: MAE .pth -> workdir (probe, k-NN, resume) -> safetensors."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from conftest import ROOT, apply_overrides, load_config
+from pr_mim_jax import checkpointing
+from pr_mim_jax import classify
+from pr_mim_jax import classify_config
+from pr_mim_jax import convert
+from pr_mim_jax import pth_reader
+from pr_mim_jax import sharding
+from pr_mim_jax.errors import UserError
+
+FIXTURES = ROOT / "tests" / "fixtures"
+MAE_PTH = FIXTURES / "mae_tiny.pth"  # width 32, depth 1, 2 heads, patch 4, 16 px; decoder 16 x 1, 2 heads
+DATA = {"data.shapes.image_size": 16, "data.shapes.train_size": 64, "data.shapes.test_size": 32,
+        "data.backend": "numpy"}
+ENV = dict(os.environ, JAX_PLATFORMS="cpu")
+
+
+def pretrain_config():
+  return apply_overrides(load_config("method=mae,dataset=shapes"),
+                         {**DATA, "batch_size": 16, "knn.enabled": False})
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  path = tmp_path_factory.mktemp("convert") / "mae_tiny"
+  message = convert.convert(str(MAE_PTH), str(path), heads=2, decoder_heads=2,
+                            config=pretrain_config())
+  assert "decoder from the file" in message and "posemb sincos" in message, message
+  return path
+
+
+def mae_state():
+  return pth_reader.state_dict(pth_reader.read(str(MAE_PTH)))
+
+
+def test_workdir_exports_back_to_the_same_mae_file(workdir, tmp_path):
+  out = tmp_path / "mae.safetensors"
+  convert.convert(str(workdir), str(out), "mae")
+  back, want = safetensors.numpy.load_file(str(out)), mae_state()
+  assert set(back) == set(want)
+  for k in want:
+    assert np.array_equal(back[k], want[k]), k
+  meta = json.loads((tmp_path / "mae.json").read_text())
+  assert meta["timm"]["kwargs"]["num_heads"] == 2 and meta["decoder"]["heads"] == 2
+  assert meta["posemb"] == "sincos"
+
+
+def test_knn_and_linear_probe_start_from_a_converted_workdir(workdir, tmp_path):
+  spec = importlib.util.spec_from_file_location("knn_config", ROOT / "configs" / "knn.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = apply_overrides(module.get_config(f"init={workdir},dataset=shapes"), {
+      **DATA, "knn.train_examples": 64, "knn.test_examples": 32, "knn.batch_size": 32, "knn.k": 5})
+  assert 0.0 <= classify.knn_eval(config, str(tmp_path / "knn"))["knn_top1"] <= 1.0
+
+  probe = apply_overrides(classify_config.get_config("linear_probe", f"init={workdir},dataset=shapes"),
+                          {**DATA, "batch_size": 16, "eval.batch_size": 16})
+  model_cfg, _, _ = classify.check_config(probe)
+  assert (model_cfg.width, model_cfg.depth, model_cfg.heads, model_cfg.image_size) == (32, 1, 2, 16)
+  mesh = sharding.make_mesh()
+  with jax.set_mesh(mesh):
+    encoder = classify.read_pretrained_encoder(probe, mesh)
+  np.testing.assert_array_equal(np.asarray(encoder["block0"]["mlp"]["fc1"]["kernel"]),
+                                mae_state()["blocks.0.mlp.fc1.weight"].T)
+
+
+def test_pretraining_resumes_from_a_converted_workdir(workdir, tmp_path):
+  run = tmp_path / "continued"
+  shutil.copytree(workdir, run)
+  config = pretrain_config()
+  convert.fit_config(config, convert.read_file_weights(MAE_PTH, 2, 2)[1])
+  args = [sys.executable, "-m", "pr_mim_jax.main", "--config=configs/pretrain.py:method=mae,dataset=shapes",
+          f"--workdir={run}", "--config.batch_size=16", "--config.knn.enabled=False",
+          "--config.train.total_steps=2", *[f"--config.{k}={v}" for k, v in DATA.items()],
+          *convert.model_overrides(config)]
+  result = subprocess.run(args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "resumed from" in result.stderr and "at step 0" in result.stderr
+  ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(str(run)))
+  try:
+    assert ckpt.all_steps() == [0, 2]
+  finally:
+    ckpt.close()
+
+
+def test_cli_lists_every_problem_and_writes_nothing(tmp_path):
+  state = mae_state()
+  del state["blocks.0.norm2.bias"]
+  state["blocks.0.attn.q_norm.weight"] = np.ones(16, np.float32)
+  state["norm.weight"] = np.ones(30, np.float32)
+  bad = tmp_path / "bad.safetensors"
+  safetensors.numpy.save_file(state, str(bad))
+  target = tmp_path / "out"
+  result = subprocess.run(
+      [sys.executable, "-m", "pr_mim_jax.convert", f"--from={bad}", f"--to={target}",
+       "--heads=2", "--decoder_heads=2"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+      timeout=300)
+  assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  line = result.stderr.strip().splitlines()[-1]
+  assert line.startswith("error: the weights do not fit"), result.stderr
+  for part in ("1 missing: blocks.0.norm2.bias", "1 unknown: blocks.0.attn.q_norm.weight",
+               "norm.weight (30,) (expected (32,))"):
+    assert part in line
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors"]
+
+
+def test_timm_file_round_trips_with_its_heads_in_the_metadata(tmp_path):
+  out = tmp_path / "vit_s.safetensors"
+  convert.convert(str(FIXTURES / "vit_s.safetensors"), str(out), heads=12)
+  # 12 heads at width 384 is not standard: re-reading needs no --heads, the metadata has it.
+  params, arch, _ = convert.read_file_weights(out)
+  assert (arch.heads, arch.posemb, arch.mlp_ratio) == (12, "learned", 0.5)
+  want = safetensors.numpy.load_file(str(FIXTURES / "vit_s.safetensors"))
+  back = safetensors.numpy.load_file(str(out))
+  assert set(back) == set(want) and all(np.array_equal(back[k], want[k]) for k in want)
+  with pytest.raises(UserError, match="exists; pass --overwrite"):
+    convert.convert(str(FIXTURES / "vit_s.safetensors"), str(out), heads=12)
+  convert.convert(str(FIXTURES / "vit_ti.safetensors"), str(out), overwrite=True)
+  assert convert.read_file_weights(out)[1].width == 192
+  # Pre-training configs use MLP ratio 4: a workdir target says so, and nothing is written.
+  with pytest.raises(UserError, match="MLP ratio 0.5"):
+    convert.convert(str(FIXTURES / "vit_s.safetensors"), str(tmp_path / "wd"), heads=12,
+                    config=pretrain_config())
+  assert not (tmp_path / "wd").exists()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["vit_s.json", "vit_s.safetensors"]
+
+
+def _write_safetensors_by_hand(path, state):
+  """The safetensors layout written independently: u64 header length, JSON header, bytes."""
+  header, chunks, offset = {}, [], 0
+  for name, array in state.items():
+    raw = np.ascontiguousarray(array).tobytes()
+    header[name] = {"dtype": "BF16", "shape": list(array.shape),
+                    "data_offsets": [offset, offset + len(raw)]}
+    chunks.append(raw)
+    offset += len(raw)
+  text = json.dumps(header).encode()
+  path.write_bytes(len(text).to_bytes(8, "little") + text + b"".join(chunks))
+
+
+def test_bfloat16_safetensors_are_read(tmp_path):
+  import ml_dtypes  # pylint: disable=g-import-not-at-top
+  want = {k: v.astype(ml_dtypes.bfloat16)
+          for k, v in safetensors.numpy.load_file(str(FIXTURES / "vit_ti.safetensors")).items()}
+  src = tmp_path / "bf16.safetensors"
+  _write_safetensors_by_hand(src, want)
+  out = tmp_path / "f32.safetensors"
+  convert.convert(str(src), str(out))
+  back = safetensors.numpy.load_file(str(out))
+  assert set(back) == set(want)
+  for k in want:
+    assert back[k].dtype == np.float32 and np.array_equal(back[k], want[k].astype(np.float32)), k
+  src.write_bytes(b"\x05" + bytes(20))  # not safetensors: a clear error, nothing written
+  with pytest.raises(UserError, match="neither a torch.save file nor safetensors"):
+    convert.convert(str(src), str(tmp_path / "x.safetensors"))
+  assert not (tmp_path / "x.safetensors").exists()

@@ -1,0 +1,63 @@
+"""Tests for the input-pipeline benchmark's output and its generated JPEG folder (no timings)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT
+from pr_mim_jax import input_benchmark
+
+
+def _run(*args):
+  return subprocess.run([sys.executable, "-m", "pr_mim_jax.input_benchmark", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_write_jpegs_makes_decodable_photo_sized_files_once(tmp_path):
+  folder = input_benchmark.write_jpegs(str(tmp_path / "jpegs"), 3)
+  names = sorted(os.listdir(folder))
+  assert names == ["img_000000.jpg", "img_000001.jpg", "img_000002.jpg"]
+  first = os.path.join(folder, names[0])
+  with Image.open(first) as img:
+    assert img.format == "JPEG" and img.size == (500, 375) and img.mode == "RGB"
+    pixels = np.asarray(img, np.float32)
+  assert pixels.std() > 20  # real content, not a flat image
+  before = os.path.getmtime(first)
+  input_benchmark.write_jpegs(folder, 4)  # a rerun adds the missing file only
+  assert len(os.listdir(folder)) == 4 and os.path.getmtime(first) == before
+
+
+def test_reports_per_host_and_per_core_rates(tmp_path):
+  out = tmp_path / "input.json"
+  proc = _run("--sources=jpeg,shapes", "--backends=numpy,auto", "--batch=8", "--batches=2",
+              "--jpeg_count=12", f"--jpeg_dir={tmp_path / 'jpegs'}", "--shapes_size=64",
+              f"--data_dir={tmp_path / 'tfds'}", "--image_size=32", "--step_img_per_s=1000",
+              f"--json={out}")
+  assert proc.returncode == 0, proc.stderr
+  rows = json.loads(out.read_text())
+  printed = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
+  assert rows == printed
+  expected_auto = "tf" if input_benchmark.datasets.tf_importable() else "numpy"
+  assert [(r["source"], r["backend"]) for r in rows] == [
+      ("jpeg", "numpy"), ("jpeg", expected_auto), ("shapes", "numpy"), ("shapes", expected_auto)]
+  for r in rows:
+    assert r["batch"] == 8 and r["image_size"] == 32 and r["host_cores"] == os.cpu_count()
+    assert r["img_per_s"] > 0 and r["cpu_cores_busy"] > 0
+    assert r["img_per_s_per_core"] == pytest.approx(r["img_per_s"] / r["cpu_cores_busy"], rel=0.02)
+    assert r["cores_to_feed"] == pytest.approx(1000 / r["img_per_s_per_core"], rel=0.02, abs=0.06)
+  assert len(os.listdir(tmp_path / "jpegs")) == 12
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--sources=imagenet"], "--sources: unknown ['imagenet']; use names from ['shapes', 'jpeg']"),
+    (["--batch=0"], "--batch: got 0; use an integer > 0"),
+])
+def test_bad_arguments_are_one_error_line(args, message):
+  proc = _run(*args)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines() == [f"error: {message}"]

@@ -1,0 +1,43 @@
+"""Tests for the profiler's step window (what it traces, not how long anything takes)."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+
+from pr_mim_jax import profiler
+
+
+def _run(directory, start, num_steps, total=6):
+  window = profiler.StepWindow(str(directory), start, num_steps)
+  step_fn = jax.jit(lambda x: x @ x / 8)
+  x = jnp.ones((8, 8))
+  window.after_step(0)
+  active = []
+  for step in range(1, total + 1):
+    x = step_fn(x)
+    active.append(window.active)  # tracing while this step ran
+    window.after_step(step, x)
+  window.close()
+  return active
+
+
+def _traces(directory):
+  return [f for _, _, files in os.walk(directory) for f in files if f.endswith(".xplane.pb")]
+
+
+def test_traces_exactly_the_window(tmp_path):
+  active = _run(tmp_path / "p", start=2, num_steps=3)
+  assert active == [False, False, True, True, True, False]  # steps 3, 4 and 5
+  assert len(_traces(tmp_path / "p")) == 1
+
+
+def test_window_from_step_zero_and_off(tmp_path):
+  assert _run(tmp_path / "a", start=0, num_steps=1) == [True] + [False] * 5
+  assert _run(tmp_path / "b", start=2, num_steps=0) == [False] * 6
+  assert not (tmp_path / "b").exists()
+
+
+def test_a_window_past_the_run_is_closed_by_close(tmp_path):
+  assert _run(tmp_path / "c", start=5, num_steps=10) == [False] * 5 + [True]
+  assert len(_traces(tmp_path / "c")) == 1

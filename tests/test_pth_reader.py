@@ -1,0 +1,85 @@
+"""The torch-free .pth reader: a real torch.save file, views, and what it refuses."""
+
+import argparse
+import io
+import os
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from pr_mim_jax import pth_reader
+
+FIXTURES = ROOT / "tests" / "fixtures"
+
+
+def test_reads_a_real_torch_save_file_exactly():
+  tree = pth_reader.read(str(FIXTURES / "mae_tiny.pth"))
+  expected = np.load(FIXTURES / "mae_tiny_expected.npz")
+  for key in expected.files:
+    group, name = key.split("/")
+    got = tree[group][name]
+    if got.dtype.name == "bfloat16":
+      got = got.astype(np.float32)
+    assert got.shape == expected[key].shape and got.dtype == expected[key].dtype, key
+    np.testing.assert_array_equal(got, expected[key], err_msg=key)
+  assert tree["views"]["half"].dtype == np.float16 and tree["views"]["long"].dtype == np.int64
+  # MAE's training args: an inert placeholder, readable, none of argparse's code ran.
+  assert isinstance(tree["args"], pth_reader.Opaque)
+  assert tree["args"].global_name == "argparse.Namespace" and tree["args"].mask_ratio == 0.75
+  assert tree["epoch"] == 799
+  state = pth_reader.state_dict(tree)
+  assert "decoder_pred.weight" in state and "views" not in state
+
+
+def test_matches_torch_load_when_torch_is_installed():
+  torch = pytest.importorskip("torch")
+  ours = pth_reader.state_dict(pth_reader.read(str(FIXTURES / "mae_tiny.pth")))
+  # torch's own safe loader refuses argparse.Namespace (MAE's 'args') unless allowed.
+  with torch.serialization.safe_globals([argparse.Namespace]):
+    theirs = torch.load(FIXTURES / "mae_tiny.pth", weights_only=True)["model"]
+  assert set(ours) == set(theirs)
+  for k, v in theirs.items():
+    np.testing.assert_array_equal(ours[k], v.numpy())
+
+
+class _Evil:
+  def __reduce__(self):
+    return (os.system, ("touch should_not_exist",))
+
+
+def _fake_torch_zip(path, obj):
+  buf = io.BytesIO()
+  pickle.Pickler(buf, protocol=2).dump(obj)
+  with zipfile.ZipFile(path, "w") as z:
+    z.writestr("archive/data.pkl", buf.getvalue())
+
+
+def test_refuses_pickled_code_and_names_the_global(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  path = tmp_path / "evil.pth"
+  _fake_torch_zip(path, {"model": _Evil()})
+  with pytest.raises(pth_reader.PthError, match=r"refusing to unpickle the global (posix|os)\.system"):
+    pth_reader.read(str(path))
+  assert not (tmp_path / "should_not_exist").exists()
+
+
+def test_refuses_legacy_and_foreign_files(tmp_path):
+  legacy = tmp_path / "old.pth"
+  legacy.write_bytes(pickle.dumps({"a": 1}, protocol=2))
+  with pytest.raises(pth_reader.PthError, match="legacy"):
+    pth_reader.read(str(legacy))
+  text = tmp_path / "notes.pth"
+  text.write_text("hello")
+  with pytest.raises(pth_reader.PthError, match="neither"):
+    pth_reader.read(str(text))
+  with pytest.raises(pth_reader.PthError, match="no state dict"):
+    pth_reader.state_dict({"epoch": 3})
+
+
+def test_state_dict_finds_the_weights():
+  w = np.ones(2, np.float32)
+  assert set(pth_reader.state_dict({"state_dict": {"module.a": w}, "epoch": 1})) == {"a"}
+  assert set(pth_reader.state_dict({"a": w, "b": w})) == {"a", "b"}

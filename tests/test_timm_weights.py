@@ -1,0 +1,242 @@
+"""timm / official MAE weights <-> our params: golden timm features, round trips, MAE loss.
+
+The golden fixtures (tests/fixtures/, written by make_timm_fixtures.py with real timm) are
+always checked; the live test reruns the comparison against timm itself where it imports.
+"""
+
+import functools
+import json
+
+import jax
+import numpy as np
+import pytest
+import safetensors.numpy
+from scipy import special
+
+from conftest import ROOT
+from pr_mim_jax import masking
+from pr_mim_jax import pretrain
+from pr_mim_jax import timm_weights
+from pr_mim_jax import train_step
+from pr_mim_jax.models import mae
+from pr_mim_jax.models import posemb
+from pr_mim_jax.models import vit
+
+FIXTURES = ROOT / "tests" / "fixtures"
+CONFIGS = json.loads((FIXTURES / "timm_fixtures.json").read_text())
+MODELS = ("vit_ti", "vit_s")
+RTOL = 1e-4
+
+
+def encoder_of(arch):
+  return vit.Encoder(vit.VitSpec(arch.width, arch.depth, arch.heads, arch.patch),
+                     arch.image_size, arch.posemb, arch.mlp_ratio)
+
+
+def our_features(state, heads, images_nchw):
+  """[B, 1+L, D] features of our encoder loaded from a timm state dict."""
+  arch = timm_weights.infer_arch(state, heads)
+  params = timm_weights.from_state_dict(state, arch)
+  images = np.asarray(images_nchw, np.float32).transpose(0, 2, 3, 1)  # NCHW -> NHWC
+  return np.asarray(encoder_of(arch).apply({"params": params["encoder"]}, images))
+
+
+def assert_close(got, want):
+  rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+  assert rel < RTOL and np.allclose(got, want, rtol=RTOL, atol=RTOL * np.abs(want).max()), rel
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_timm_weights_give_timms_features(name):
+  state = safetensors.numpy.load_file(str(FIXTURES / f"{name}.safetensors"))
+  golden = np.load(FIXTURES / "timm_golden.npz")
+  got = our_features(state, CONFIGS[name]["kwargs"]["num_heads"], golden[f"{name}/input"])
+  assert_close(got, golden[f"{name}/features"])
+
+
+def tiny_mae(posemb_kind="sincos", scan=False):
+  model = mae.MaskedAutoencoder(vit.VitSpec(32, 2, 4, 4), 16, decoder_width=16, decoder_depth=2,
+                                decoder_heads=2, posemb=posemb_kind, scan_layers=scan)
+  split = masking.token_split(16, 0.75)
+  shapes = jax.eval_shape(functools.partial(pretrain.init_params, model, split), jax.random.PRNGKey(0))
+  rng = np.random.default_rng(0)  # random values: faster than running init, no zero biases
+  return model, split, jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes)
+
+
+def arch_of(model, params):
+  params = vit.unscan_params(params)
+  return timm_weights.Arch(
+      width=32, depth=2, heads=4, patch=4, grid=4, posemb=model.posemb,
+      mlp_hidden=params["encoder"]["block0"]["mlp"]["fc1"]["kernel"].shape[1],
+      decoder_width=16, decoder_depth=2, decoder_heads=2, decoder_hidden=64, pred_dim=48)
+
+
+@pytest.mark.parametrize("kind,scan", [("sincos", False), ("learned", False), ("learned", True)])
+def test_export_then_import_is_bit_exact(kind, scan):
+  model, _, params = tiny_mae(kind, scan)
+  state = timm_weights.to_state_dict(params, arch_of(model, params), with_decoder=True)
+  arch = timm_weights.infer_arch(state, heads=4, decoder_heads=2)
+  assert arch == arch_of(model, params)
+  back = timm_weights.from_state_dict(state, arch)
+  want = vit.unscan_params(params)
+  assert jax.tree.structure(back) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(want)):
+    assert a.dtype == np.float32 and np.array_equal(a, b)
+  # Encoder only: the timm file has no decoder keys, and imports as an encoder alone.
+  enc_only = timm_weights.to_state_dict(params, arch)
+  assert not timm_weights.has_decoder_keys(enc_only)
+  assert set(timm_weights.from_state_dict(enc_only, timm_weights.infer_arch(enc_only, 4))) == {"encoder"}
+
+
+def random_mae_state(rng, d=32, depth=2, dd=16, ddepth=1, patch=4, grid=4):
+  """A state dict with the official MAE names and shapes, random values."""
+  arch = timm_weights.Arch(width=d, depth=depth, heads=4, patch=patch, grid=grid, mlp_hidden=4 * d,
+                           posemb="sincos", decoder_width=dd, decoder_depth=ddepth, decoder_heads=2,
+                           decoder_hidden=4 * dd, pred_dim=patch * patch * 3)
+  state = {k: (0.05 * rng.standard_normal(s)).astype(np.float32)
+           for k, s in timm_weights.expected_shapes(arch, True).items()}
+  for k in state:
+    if k.endswith("norm1.weight") or k.endswith("norm2.weight") or k.endswith("norm.weight"):
+      state[k] += 1
+  state["pos_embed"] = posemb.sincos_2d(d, grid)[None]
+  state["decoder_pos_embed"] = posemb.sincos_2d(dd, grid)[None]
+  return state
+
+
+# --- an independent NumPy MAE (official layout: torch weights, NCHW, unshuffle by ids_restore)
+
+def _ln(x, w, b):
+  mu = x.mean(-1, keepdims=True)
+  return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + 1e-6) * w + b
+
+
+def _linear(s, name, x):
+  return x @ s[f"{name}.weight"].T + s[f"{name}.bias"]
+
+
+def _block(s, p, x, heads):
+  b, n, d = x.shape
+  h = _ln(x, s[f"{p}.norm1.weight"], s[f"{p}.norm1.bias"])
+  qkv = _linear(s, f"{p}.attn.qkv", h).reshape(b, n, 3, heads, d // heads).transpose(2, 0, 3, 1, 4)
+  logits = qkv[0] @ qkv[1].transpose(0, 1, 3, 2) / np.sqrt(d // heads)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  x = x + _linear(s, f"{p}.attn.proj", (probs @ qkv[2]).transpose(0, 2, 1, 3).reshape(b, n, d))
+  h = _linear(s, f"{p}.mlp.fc1", _ln(x, s[f"{p}.norm2.weight"], s[f"{p}.norm2.bias"]))
+  return x + _linear(s, f"{p}.mlp.fc2", 0.5 * h * (1 + special.erf(h / np.sqrt(2))))
+
+
+def numpy_mae_loss(s, imgs, ids_keep, ids_restore, mask, heads=4, dec_heads=2, patch=4):
+  """MAE forward + norm_pix loss; imgs [B, 3, H, W] float64; mask [B, L] 1 = masked."""
+  s = {k: v.astype(np.float64) for k, v in s.items()}
+  b, _, hgt, _ = imgs.shape
+  g = hgt // patch
+  cols = imgs.reshape(b, 3, g, patch, g, patch).transpose(0, 2, 4, 1, 3, 5).reshape(b, g * g, -1)
+  x = cols @ s["patch_embed.proj.weight"].reshape(s["patch_embed.proj.weight"].shape[0], -1).T
+  x = x + s["patch_embed.proj.bias"] + s["pos_embed"][:, 1:]
+  x = np.take_along_axis(x, ids_keep[..., None], axis=1)
+  cls = np.broadcast_to(s["cls_token"] + s["pos_embed"][:, :1], (b, 1, x.shape[-1]))
+  x = np.concatenate([cls, x], 1)
+  for i in range(len({k.split(".")[1] for k in s if k.startswith("blocks.")})):
+    x = _block(s, f"blocks.{i}", x, heads)
+  x = _linear(s, "decoder_embed", _ln(x, s["norm.weight"], s["norm.bias"]))
+  n_mask = ids_restore.shape[1] + 1 - x.shape[1]
+  full = np.concatenate([x[:, 1:], np.broadcast_to(s["mask_token"], (b, n_mask, x.shape[-1]))], 1)
+  full = np.take_along_axis(full, ids_restore[..., None], axis=1)
+  x = np.concatenate([x[:, :1], full], 1) + s["decoder_pos_embed"]
+  for i in range(len({k.split(".")[1] for k in s if k.startswith("decoder_blocks.")})):
+    x = _block(s, f"decoder_blocks.{i}", x, dec_heads)
+  pred = _linear(s, "decoder_pred", _ln(x, s["decoder_norm.weight"], s["decoder_norm.bias"]))[:, 1:]
+  target = imgs.reshape(b, 3, g, patch, g, patch).transpose(0, 2, 4, 3, 5, 1).reshape(b, g * g, -1)
+  target = (target - target.mean(-1, keepdims=True)) / np.sqrt(target.var(-1, ddof=1, keepdims=True) + 1e-6)
+  loss = ((pred - target) ** 2).mean(-1)
+  return (loss * mask).sum() / mask.sum()
+
+
+def test_official_mae_state_dict_gives_the_reference_loss():
+  rng = np.random.default_rng(0)
+  state = random_mae_state(rng)
+  arch = timm_weights.infer_arch(state, heads=4, decoder_heads=2)
+  assert arch.posemb == "sincos" and arch.decoder_depth == 1
+  params = timm_weights.from_state_dict(state, arch)
+  model = mae.MaskedAutoencoder(vit.VitSpec(32, 2, 4, 4), 16, decoder_width=16, decoder_depth=1,
+                                decoder_heads=2)
+  split = masking.token_split(16, 0.75)
+  fresh = jax.eval_shape(functools.partial(pretrain.init_params, model, split), jax.random.PRNGKey(0))
+  assert jax.tree.structure(fresh) == jax.tree.structure(params)
+  images = rng.standard_normal((2, 16, 16, 3)).astype(np.float32)
+  order = np.stack([rng.permutation(16) for _ in range(2)]).astype(np.int32)  # [B, L]
+  masks = masking.Masks(order[:, :4], order[:, 4:], order[:, 16:], np.argsort(order, 1).astype(np.int32))
+  task = train_step.Task(split=split, grid=4, patch=4, target="norm_pixel")
+  ours, _ = train_step.loss_fn(params, model, images, masks, task)
+  mask = np.ones((2, 16))
+  np.put_along_axis(mask, order[:, :4], 0.0, axis=1)
+  want = numpy_mae_loss(state, images.transpose(0, 3, 1, 2).astype(np.float64), order[:, :4],
+                        np.argsort(order, 1), mask)
+  assert float(ours) == pytest.approx(want, rel=1e-5)
+
+
+def test_problems_are_listed_together():
+  state = random_mae_state(np.random.default_rng(1))
+  arch = timm_weights.infer_arch(state, heads=4, decoder_heads=2)
+  del state["blocks.1.mlp.fc2.bias"]
+  state["blocks.0.ls1.gamma"] = np.ones(32, np.float32)
+  state["norm.bias"] = np.zeros(31, np.float32)
+  state["head.weight"] = np.zeros((10, 32), np.float32)  # a classifier head is ignored
+  with pytest.raises(timm_weights.WeightsError) as e:
+    timm_weights.from_state_dict(state, arch)
+  msg = str(e.value)
+  assert "1 missing: blocks.1.mlp.fc2.bias" in msg and "1 unknown: blocks.0.ls1.gamma" in msg
+  assert "norm.bias (31,) (expected (32,))" in msg and "head.weight" not in msg
+
+
+def test_refuses_non_vits_and_odd_grids():
+  with pytest.raises(timm_weights.WeightsError, match="not a ViT.*conv1.weight"):
+    timm_weights.infer_arch({"conv1.weight": np.zeros((8, 3, 3, 3))})
+  state = random_mae_state(np.random.default_rng(2))
+  state["pos_embed"] = np.zeros((1, 1 + 12, 32), np.float32)
+  with pytest.raises(timm_weights.WeightsError, match="not a square grid"):
+    timm_weights.infer_arch(state, heads=4, decoder_heads=2)
+  with pytest.raises(timm_weights.WeightsError, match="pass --heads"):
+    timm_weights.infer_arch(random_mae_state(np.random.default_rng(3)))
+
+
+def test_long_lists_are_truncated():
+  assert timm_weights.listing([str(i) for i in range(25)]) == (
+      "0, 1, 2, 3, 4, 5, 6, 7, 8, 9, ... and 15 more")
+
+
+# --- live timm ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", MODELS)
+def test_live_timm_round_trip(name):
+  """A fresh random timm model: our conversion matches forward_features, and our export
+  loads into timm (strict) and gives our features."""
+  timm = pytest.importorskip("timm")
+  torch = pytest.importorskip("torch")
+  cfg = CONFIGS[name]
+  torch.manual_seed(7)
+  model = timm.create_model(cfg["timm_name"], pretrained=False, **cfg["kwargs"]).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.02 * torch.randn_like(p))
+  size = cfg["kwargs"]["img_size"]
+  x = torch.randn(2, 3, size, size)
+  with torch.no_grad():
+    want = model.forward_features(x).numpy()
+  state = {k: v.numpy() for k, v in model.state_dict().items()}
+  heads = cfg["kwargs"]["num_heads"]
+  assert_close(our_features(state, heads, x.numpy()), want)
+
+  arch = timm_weights.infer_arch(state, heads)
+  params = timm_weights.from_state_dict(state, arch)
+  params["encoder"] = jax.tree.map(lambda a: a * 1.5, params["encoder"])  # not timm's values
+  exported = timm_weights.to_state_dict(params, arch)
+  spec = timm_weights.timm_model(arch)
+  fresh = timm.create_model(spec["name"], pretrained=False, **spec["kwargs"]).eval()
+  fresh.load_state_dict({k: torch.from_numpy(v) for k, v in exported.items()}, strict=True)
+  with torch.no_grad():
+    theirs = fresh.forward_features(x).numpy()
+  ours = np.asarray(encoder_of(arch).apply({"params": params["encoder"]},
+                                           x.numpy().transpose(0, 2, 3, 1)))
+  assert_close(ours, theirs)
