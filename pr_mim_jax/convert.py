@@ -23,6 +23,7 @@ import os
 import pathlib
 import shutil
 import sys
+import types
 
 import ml_dtypes
 import numpy as np
@@ -39,17 +40,23 @@ TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 METADATA_KEY = "pr_mim_jax"
 DEFAULT_CONFIG = "configs/pretrain.py:method=mae"
 
-_FROM = flags.DEFINE_string("from", None, "A .pth/.pt/.bin or .safetensors file, or a workdir.")
-_TO = flags.DEFINE_string("to", None, "A workdir, or a .safetensors file.")
-_FORMAT = flags.DEFINE_string("format", "", f"Target format, one of {FORMATS}; '' = from --to.")
-_WITH_DECODER = flags.DEFINE_bool("with_decoder", False, "Export MAE's decoder keys too (= --format=mae).")
-_STEP = flags.DEFINE_integer("step", 0, "Checkpoint step of a workdir source; 0 = latest.")
-_HEADS = flags.DEFINE_integer("heads", 0, "Encoder heads, when the width is not a standard one.")
-_DECODER_HEADS = flags.DEFINE_integer("decoder_heads", 0, "Decoder heads (MAE's 512 wide: 16).")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing target.")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, f"Pre-training config of a workdir target (default {DEFAULT_CONFIG}); "
-    "its model fields are set from the weights.", lock_config=True)
+
+
+def _define_flags() -> types.SimpleNamespace:
+  """The CLI's flags, defined when it runs (so importing this module defines none)."""
+  return types.SimpleNamespace(
+      src=flags.DEFINE_string("from", None, "A .pth/.pt/.bin or .safetensors file, or a workdir."),
+      to=flags.DEFINE_string("to", None, "A workdir, or a .safetensors file."),
+      format=flags.DEFINE_string("format", "", f"Target format, one of {FORMATS}; '' = from --to."),
+      with_decoder=flags.DEFINE_bool("with_decoder", False,
+                                     "Export MAE's decoder keys too (= --format=mae)."),
+      step=flags.DEFINE_integer("step", 0, "Checkpoint step of a workdir source; 0 = latest."),
+      heads=flags.DEFINE_integer("heads", 0, "Encoder heads, when the width is not a standard one."),
+      decoder_heads=flags.DEFINE_integer("decoder_heads", 0, "Decoder heads (MAE's 512 wide: 16)."),
+      overwrite=flags.DEFINE_bool("overwrite", False, "Replace an existing target."),
+      config=config_flags.DEFINE_config_file(
+          "config", None, f"Pre-training config of a workdir target (default {DEFAULT_CONFIG}); "
+          "its model fields are set from the weights.", lock_config=True))
 
 
 # --- sources -------------------------------------------------------------------------------
@@ -347,17 +354,17 @@ def convert(src: str, to: str, fmt: str = "", *, with_decoder: bool = False, ste
   return write_timm(params, arch, to_path, fmt == "mae", source)
 
 
-def _run() -> int:
-  message = convert(flags.FLAGS["from"].value, _TO.value, _FORMAT.value,
-                    with_decoder=_WITH_DECODER.value, step=_STEP.value, heads=_HEADS.value,
-                    decoder_heads=_DECODER_HEADS.value, overwrite=_OVERWRITE.value,
-                    config=_CONFIG.value)
-  print(message)
+def _run(f: types.SimpleNamespace) -> int:
+  print(convert(f.src.value, f.to.value, f.format.value, with_decoder=f.with_decoder.value,
+                step=f.step.value, heads=f.heads.value, decoder_heads=f.decoder_heads.value,
+                overwrite=f.overwrite.value, config=f.config.value))
   return 0
 
 
 def main(argv=None) -> int:
-  return cli.run(_run, {"from": "mae_pretrain_vit_base.pth", "to": "workdirs/mae_b16"}, argv)
+  f = _define_flags()
+  return cli.run(lambda: _run(f), {"from": "mae_pretrain_vit_base.pth", "to": "workdirs/mae_b16"},
+                 argv)
 
 
 if __name__ == "__main__":

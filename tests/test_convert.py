@@ -167,3 +167,13 @@ def test_bfloat16_safetensors_are_read(tmp_path):
   with pytest.raises(UserError, match="neither a torch.save file nor safetensors"):
     convert.convert(str(src), str(tmp_path / "x.safetensors"))
   assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_importing_defines_no_flags_so_it_coexists_with_main():
+  # A library user (or a test) imports convert beside pr_mim_jax.main: no DuplicateFlagError,
+  # and no TensorFlow pulled in.
+  code = ("import sys, pr_mim_jax.main, pr_mim_jax.convert, pr_mim_jax.benchmark; "
+          "assert 'tensorflow' not in sys.modules, 'tensorflow imported'")
+  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
