@@ -32,6 +32,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from pr_mim_jax import cli
+from pr_mim_jax import compile_report
 from pr_mim_jax import config_validation
 from pr_mim_jax import flops
 from pr_mim_jax import methods
@@ -71,20 +72,6 @@ def _define_flags() -> types.SimpleNamespace:
                                       "steps per setting under this directory."),
       child=flags.DEFINE_string("child", "", "Internal: run one setting index (or 'ceiling') "
                                 "and print its result line."))
-
-
-def settings(config, method_names, variants):
-  """One config per (method, variant); the config's own when a list is empty."""
-  out = []
-  for variant in variants or [config.model.variant]:
-    for method in method_names or [config.method]:
-      c = methods.with_method(config, method) if method_names else config.copy_and_resolve_references()
-      if variants:
-        with c.unlocked():
-          c.model.variant = variant
-          c.model.width = c.model.depth = c.model.heads = 0  # all from the variant
-      out.append(c)
-  return out
 
 
 def cost(config) -> dict:
@@ -167,7 +154,7 @@ def time_train_step(config, batch_size: int, steps: int, warmup: int, profile_di
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-    analysis = compiled.memory_analysis()  # XLA's compile-time buffer sizes (any backend)
+    memory = compile_report.Memory.of(compiled)  # XLA's compile-time buffer sizes (any backend)
     for _ in range(warmup):
       state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
@@ -191,8 +178,9 @@ def time_train_step(config, batch_size: int, steps: int, warmup: int, profile_di
       "num_devices": jax.device_count(), "compile_s": round(compile_s, 2),
       "step_ms": round(step_s * 1e3, 2), "img_per_s": round(batch_size / step_s, 1),
       "peak_gib": round(stats["peak_bytes_in_use"] / 2**30, 2) if "peak_bytes_in_use" in stats else None,
-      "xla_temp_gib": (round(analysis.temp_size_in_bytes / 2**30, 3)
-                       if getattr(analysis, "temp_size_in_bytes", None) is not None else None),
+      # What the compile report states for this very program, next to the measured peak.
+      "xla_temp_gib": round(memory.temp / 2**30, 3),
+      "xla_total_gib": round(memory.total / 2**30, 3),
       "loss": float(metrics["loss"]),
   }
   if task.split.n_throw:
@@ -239,20 +227,21 @@ def markdown(report: dict) -> str:
   lines = [f"Device: {report.get('device') or '?'} x{report.get('num_devices') or '?'}, "
            f"jax {report['jax']}; bf16 matmul ceiling "
            f"{_cell(report.get('matmul_ceiling_tflop_per_s'), '{:.3g}')} TFLOP/s.", "",
-           "| method | variant | attention | batch | img/s | step ms | peak GiB | GFLOP/img | "
-           "TFLOP/s | MFU | furthest ms (share of step) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| method | variant | attention | batch | img/s | step ms | peak GiB | XLA total GiB | "
+           "GFLOP/img | TFLOP/s | MFU | furthest ms (share of step) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in report["settings"]:
     if "error" in r:
       lines.append(f"| {r['method']} | {r['variant']} | {r['attention']} | failed: "
-                   f"{r['error'].replace('|', '/')} |" + " |" * 7)
+                   f"{r['error'].replace('|', '/')} |" + " |" * 8)
       continue
     furthest = (f"{r['furthest_ms']:.2f} ({100 * r['furthest_share']:.1f}%)"
                 if "furthest_ms" in r else "–")
     lines.append(
         f"| {r['method']} | {r['variant']} | {r['attention']} | {_cell(r.get('batch'))} | "
         f"{_cell(r.get('img_per_s'), '{:.0f}')} | {_cell(r.get('step_ms'), '{:.1f}')} | "
-        f"{_cell(r.get('peak_gib'), '{:.2f}')} | {r['gflop_per_img']['total']:.3g} | "
+        f"{_cell(r.get('peak_gib'), '{:.2f}')} | {_cell(r.get('xla_total_gib'), '{:.2f}')} | "
+        f"{r['gflop_per_img']['total']:.3g} | "
         f"{_cell(r.get('tflop_per_s'), '{:.3g}')} | "
         f"{_cell(r.get('mfu') and 100 * r['mfu'], '{:.1f}%')} | {furthest} |")
   if report["ratios"]:
@@ -294,19 +283,12 @@ def _error_line(stderr: str, returncode: int) -> str:
   return ((errors or lines or [f"exit code {returncode}"])[-1])[:300]
 
 
-def _write(path: str, text: str, flag: str) -> None:
-  try:
-    with open(path, "w") as f:
-      f.write(text)
-  except OSError as e:
-    raise UserError(f"--{flag}: cannot write {path}: {e.strerror}") from None
-
 
 def _run(f: types.SimpleNamespace, argv) -> None:
   unknown = set(f.methods.value) - set(methods.METHODS)
   if unknown:
     raise UserError(f"--methods: unknown {sorted(unknown)}; use names from {list(methods.METHODS)}")
-  configs = settings(f.config.value, f.methods.value, f.variants.value)
+  configs = methods.sweep(f.config.value, f.methods.value, f.variants.value)
   batch_of = lambda c: f.batch.value or c.batch_size
   for c in configs:
     config_validation.validate_pretrain(c, 1)
@@ -346,10 +328,7 @@ def _run(f: types.SimpleNamespace, argv) -> None:
   text = markdown(report)
   if timing:
     print(text, flush=True)
-  if f.json.value:
-    _write(f.json.value, json.dumps(report, indent=1) + "\n", "json")
-  if f.markdown.value:
-    _write(f.markdown.value, text, "markdown")
+  cli.write_report(f.json.value, report, f.markdown.value, text)
 
 
 def main(argv=None) -> int:

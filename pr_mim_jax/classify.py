@@ -166,28 +166,31 @@ def make_optimizer(config, schedule, params, depth: int):
   return optim.make_finetune_optimizer(config.optim, schedule, params, depth)
 
 
-def create_state(config, model, make_tx, mesh, rules, encoder):
-  """(state, state shardings, tx): a ClassifierState born sharded, with `encoder` (pre-trained
-  params, or None for random init) loaded in. make_tx(abstract params) -> optax transform."""
-  dummy = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
-  param_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  boxed = jax.eval_shape(lambda r: model.init(r, dummy, train=False), param_rng)
-  tx = make_tx(jax.eval_shape(lambda r: nn.unbox(model.init(r, dummy, train=False)["params"]),
-                              param_rng))
+def _state_init(config, model, make_tx, mesh, rules, encoder):
+  """(init_fn(PRNGKey(seed), encoder) -> ClassifierState, state shardings, tx): the one recipe
+  behind create_state and abstract_state. Nothing runs eagerly, so the mesh may hold
+  compile-only devices."""
+  def variables(rng):
+    dummy = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
+    return model.init(rng, dummy, train=False)
 
-  def init_fn(param_rng, state_rng, encoder):
-    variables = nn.unbox(model.init(param_rng, dummy, train=False))
-    params = variables["params"]
+  boxed = jax.eval_shape(lambda: variables(jax.random.PRNGKey(0)))
+  tx = make_tx(jax.eval_shape(lambda: nn.unbox(variables(jax.random.PRNGKey(0)))["params"]))
+
+  def init_fn(rng, encoder):
+    param_rng, state_rng = jax.random.split(rng)
+    init = nn.unbox(variables(param_rng))
+    params = init["params"]
     if encoder is not None:
       params = classifier_lib.load_encoder(params, encoder)
     return ClassifierState(step=jnp.zeros((), jnp.int32), params=params,
-                           batch_stats=variables.get("batch_stats", {}),
+                           batch_stats=init.get("batch_stats", {}),
                            opt_state=tx.init(params), rng=state_rng,
                            ema_params=params if config.ema.decay else None)
 
   params_sharding = sharding.param_shardings(boxed["params"], mesh, rules)
   try:
-    abstract = jax.eval_shape(init_fn, param_rng, state_rng, encoder)
+    abstract = jax.eval_shape(lambda: init_fn(jax.random.PRNGKey(0), encoder))
   except ValueError as e:  # load_encoder: missing / unexpected keys, shape mismatches
     raise UserError(f"config.init.workdir: the pre-trained encoder does not fit this model: "
                     f"{' '.join(str(e).split())}") from None
@@ -199,8 +202,33 @@ def create_state(config, model, make_tx, mesh, rules, encoder):
       opt_state=sharding.opt_state_shardings(abstract.opt_state, abstract.params,
                                              params_sharding, mesh),
       rng=replicated, ema_params=params_sharding if config.ema.decay else None)
-  state = jax.jit(init_fn, out_shardings=state_sharding)(param_rng, state_rng, encoder)
+  return init_fn, state_sharding, tx
+
+
+def create_state(config, model, make_tx, mesh, rules, encoder):
+  """(state, state shardings, tx): a ClassifierState born sharded, with `encoder` (pre-trained
+  params, or None for random init) loaded in. make_tx(abstract params) -> optax transform."""
+  init_fn, state_sharding, tx = _state_init(config, model, make_tx, mesh, rules, encoder)
+  state = jax.jit(init_fn, out_shardings=state_sharding)(jax.random.PRNGKey(config.seed), encoder)
   return state, state_sharding, tx
+
+
+def abstract_state(config, model, make_tx, mesh, rules):
+  """create_state for a random init, without running it: ShapeDtypeStructs with the same
+  shardings (the pre-trained encoder, when there is one, has the same shapes)."""
+  init_fn, state_sharding, tx = _state_init(config, model, make_tx, mesh, rules, None)
+  abstract = jax.eval_shape(lambda: init_fn(jax.random.PRNGKey(0), None))
+  return pretrain.abstract_with_shardings(abstract, state_sharding), state_sharding, tx
+
+
+def jit_train_step(model, tx, recipe, schedule, mesh, state_sharding):
+  """The donated, sharded, jitted probing / fine-tuning step that `train` runs."""
+  batch_sharding = sharding.batch_sharding(mesh)
+  return jax.jit(
+      functools.partial(classify_step.train_step, model=model, tx=tx, recipe=recipe,
+                        schedule=schedule),
+      in_shardings=(state_sharding, {"image": batch_sharding, "label": batch_sharding}),
+      out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
 
 
 def read_pretrained_encoder(config, mesh):
@@ -268,11 +296,7 @@ def train(config, workdir: str) -> dict:
       logging.info("resumed from %s at step %d", ckpt.directory, int(state.step))
     start_step = int(state.step)
     batch_sharding = sharding.batch_sharding(mesh)
-    step_fn = jax.jit(
-        functools.partial(classify_step.train_step, model=model, tx=tx, recipe=recipe,
-                          schedule=schedule),
-        in_shardings=(state_sharding, {"image": batch_sharding, "label": batch_sharding}),
-        out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+    step_fn = jit_train_step(model, tx, recipe, schedule, mesh, state_sharding)
     eval_fn = jax.jit(functools.partial(classify_step.eval_step, model=model),
                       out_shardings=sharding.replicated(mesh))
     run_eval = functools.partial(evaluate, eval_fn, config=config,

@@ -5,6 +5,7 @@ a big_vision config through `run`, so a bad flag, config argument or override ne
 a raw traceback.
 """
 
+import json
 import sys
 from typing import Callable
 
@@ -29,6 +30,23 @@ def output_dir(path: str, flag: str):
   except OSError as e:
     raise UserError(f"--{flag}: cannot create {out}: {e.strerror}") from None
   return out
+
+
+def write_text(path: str, text: str, flag: str) -> None:
+  """Write `text` to the file a --flag named; a UserError naming the flag if that fails."""
+  try:
+    with open(path, "w") as f:
+      f.write(text)
+  except OSError as e:
+    raise UserError(f"--{flag}: cannot write {path}: {e.strerror}") from None
+
+
+def write_report(json_path: str, report, markdown_path: str, markdown: str) -> None:
+  """The --json and --markdown outputs of a report tool; an empty path writes nothing."""
+  if json_path:
+    write_text(json_path, json.dumps(report, indent=1) + "\n", "json")
+  if markdown_path:
+    write_text(markdown_path, markdown, "markdown")
 
 
 def _unknown_override(argv, error: Exception) -> str | None:

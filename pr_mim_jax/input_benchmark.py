@@ -131,11 +131,7 @@ def _run(f: types.SimpleNamespace) -> None:
   if tmp:
     tmp.cleanup()
   if f.json.value:
-    try:
-      with open(f.json.value, "w") as out:
-        json.dump(rows, out, indent=1)
-    except OSError as e:
-      raise UserError(f"--json: cannot write {f.json.value}: {e.strerror}") from None
+    cli.write_text(f.json.value, json.dumps(rows, indent=1), "json")
 
 
 def main(argv=None) -> int:

@@ -73,17 +73,27 @@ def random_masks(rng: jax.Array, batch: int, split: TokenSplit) -> Masks:
                _inverse_permutation(ids_shuffle))
 
 
+def scatter_rows(x: jax.Array, ids: jax.Array, values: jax.Array, mode=None) -> jax.Array:
+  """x [B, L, ...] with x[b, ids[b, k]] = values[b, k] for ids [B, K], values [B, K, ...].
+
+  Written per example under vmap, so the scatter carries the batch as a batching dimension
+  and XLA keeps it sharded over the batch axes; indexing with an explicit row iota instead
+  let XLA gather the whole global batch onto every device under FSDP.
+  """
+  return jax.vmap(lambda xb, ib, vb: xb.at[ib].set(vb.astype(xb.dtype), mode=mode))(x, ids, values)
+
+
 def _inverse_permutation(ids_shuffle: jax.Array) -> jax.Array:
   """[B, L] permutations -> [B, L] int32 inverses, by a scatter (O(L)) rather than a sort."""
   batch, length = ids_shuffle.shape
-  return jnp.zeros((batch, length), jnp.int32).at[jnp.arange(batch)[:, None], ids_shuffle].set(
-      jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length)))
+  return scatter_rows(jnp.zeros((batch, length), jnp.int32), ids_shuffle,
+                      jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length)))
 
 
 def binary_mask(ids: jax.Array, num_patches: int) -> jax.Array:
   """[B, K] indices -> [B, L] float mask with 1 at those patches."""
-  return jnp.zeros((ids.shape[0], num_patches), jnp.float32).at[
-      jnp.arange(ids.shape[0])[:, None], ids].set(1.0)
+  return scatter_rows(jnp.zeros((ids.shape[0], num_patches), jnp.float32), ids,
+                      jnp.ones(ids.shape, jnp.float32))
 
 
 def stage_sizes(n_throw: int, num_stages: int) -> tuple[int, ...]:
@@ -113,8 +123,7 @@ def _untaken_in_order(ids_order: jax.Array, taken: jax.Array, n: int) -> jax.Arr
   batch = ids_order.shape[0]
   free = ~jnp.take_along_axis(taken, ids_order, axis=1)  # [B, K]
   slot = jnp.where(free, jnp.cumsum(free, axis=1) - 1, n)  # [B, K], n = dropped
-  return jnp.zeros((batch, n), jnp.int32).at[jnp.arange(batch)[:, None], slot].set(
-      ids_order, mode="drop")
+  return scatter_rows(jnp.zeros((batch, n), jnp.int32), slot, ids_order, mode="drop")
 
 
 def running_cell_pattern(grid: int, split: TokenSplit) -> np.ndarray:

@@ -1,7 +1,7 @@
 """The three pre-training methods and the config fields each one implies (DESIGN section 1).
 
-`configs/pretrain.py` expands `method=` with this table; the benchmark, the gradient tool
-and the study switch methods on one config with `with_method`.
+`configs/pretrain.py` expands `method=` with this table; the benchmark, the compile report,
+the gradient tool and the study switch methods on one config with `with_method` / `sweep`.
 """
 
 import ml_collections
@@ -25,3 +25,17 @@ def with_method(config: ml_collections.ConfigDict, method: str,
     c.masking.throw_strategy = strategy
     c.reconstruction.thrown_reconstruction = reconstruction
   return c
+
+
+def sweep(config: ml_collections.ConfigDict, method_names, variants) -> list:
+  """One config per (variant, method); the config's own method / variant when a list is empty."""
+  out = []
+  for variant in variants or [config.model.variant]:
+    for method in method_names or [None]:
+      c = with_method(config, method) if method else config.copy_and_resolve_references()
+      if variants:
+        with c.unlocked():
+          c.model.variant = variant
+          c.model.width = c.model.depth = c.model.heads = 0  # all from the variant
+      out.append(c)
+  return out

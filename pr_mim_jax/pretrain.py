@@ -55,19 +55,20 @@ def init_params(model, split, rng):
   return nn.unbox(model.init(rng, *_dummy_inputs(model, split))["params"])
 
 
-def create_state(model, tx, split, seed: int, mesh, rules):
-  """A TrainState born sharded: eval_shape -> sharding tree -> jitted init with out_shardings."""
-  rng = jax.random.PRNGKey(seed)
-  param_rng, state_rng = jax.random.split(rng)
-
-  def init_fn(param_rng, state_rng):
+def _state_init(model, tx, split, mesh, rules):
+  """(init_fn(PRNGKey(seed)) -> TrainState, the state's shardings): the one recipe behind
+  create_state and abstract_state, so a compile-only run lays the state out exactly as
+  training does. Nothing runs eagerly, so the mesh may hold compile-only devices."""
+  def init_fn(rng):
+    param_rng, state_rng = jax.random.split(rng)
     params = init_params(model, split, param_rng)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=state_rng)
 
-  boxed = jax.eval_shape(lambda r: model.init(r, *_dummy_inputs(model, split))["params"], param_rng)
+  boxed = jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), *_dummy_inputs(model, split))["params"])
   params_sharding = sharding.param_shardings(boxed, mesh, rules)
-  abstract = jax.eval_shape(init_fn, param_rng, state_rng)
+  abstract = jax.eval_shape(lambda: init_fn(jax.random.PRNGKey(0)))
   sharding.check_divisible(abstract.params, params_sharding)
   state_sharding = TrainState(
       step=sharding.replicated(mesh),
@@ -75,8 +76,20 @@ def create_state(model, tx, split, seed: int, mesh, rules):
       opt_state=sharding.opt_state_shardings(abstract.opt_state, abstract.params,
                                              params_sharding, mesh),
       rng=sharding.replicated(mesh))
-  state = jax.jit(init_fn, out_shardings=state_sharding)(param_rng, state_rng)
-  return state, state_sharding
+  return init_fn, state_sharding
+
+
+def create_state(model, tx, split, seed: int, mesh, rules):
+  """A TrainState born sharded: eval_shape -> sharding tree -> jitted init with out_shardings."""
+  init_fn, state_sharding = _state_init(model, tx, split, mesh, rules)
+  return jax.jit(init_fn, out_shardings=state_sharding)(jax.random.PRNGKey(seed)), state_sharding
+
+
+def abstract_state(model, tx, split, mesh, rules):
+  """create_state without running init: ShapeDtypeStructs carrying the same shardings."""
+  init_fn, state_sharding = _state_init(model, tx, split, mesh, rules)
+  abstract = jax.eval_shape(lambda: init_fn(jax.random.PRNGKey(0)))
+  return abstract_with_shardings(abstract, state_sharding), state_sharding
 
 
 def jit_train_step(model, tx, task, schedule, mesh, state_sharding):

@@ -49,7 +49,8 @@ def test_isolated_timing_writes_json_and_markdown(tmp_path):
   assert (mae_row["method"], pr_row["method"]) == ("mae", "pr_mim")
   for r in report["settings"]:
     assert r["batch"] == 8 and r["attention"] == "einsum" and r["num_devices"] == 1
-    for key in ("compile_s", "step_ms", "img_per_s", "tflop_per_s", "mfu", "xla_temp_gib", "loss"):
+    for key in ("compile_s", "step_ms", "img_per_s", "tflop_per_s", "mfu", "xla_temp_gib", "xla_total_gib",
+                "loss"):
       assert isinstance(r[key], float) and r[key] > 0, key
     # Derived fields follow from the measured ones.
     assert r["img_per_s"] == pytest.approx(8 / (r["step_ms"] / 1e3), rel=0.01)

@@ -324,6 +324,16 @@ def train_batches(data, *, seed: int, global_batch: int, image_size: int, start_
   return _device_batches(data, host, sharding, global_batch)
 
 
+def abstract_batch(global_batch: int, image_size: int, sharding, labeled: bool = False) -> dict:
+  """ShapeDtypeStructs of one global batch as train_batches (labeled: labeled_train_batches)
+  yields it, for compiling a step without data."""
+  batch = {"image": jax.ShapeDtypeStruct((global_batch, image_size, image_size, 3), np.float32,
+                                         sharding=sharding)}
+  if labeled:
+    batch["label"] = jax.ShapeDtypeStruct((global_batch,), np.int32, sharding=sharding)
+  return batch
+
+
 def labeled_train_batches(data, *, seed: int, global_batch: int, image_size: int, start_step: int,
                           sharding: jax.sharding.NamedSharding, augment: str,
                           backend: str | None = None) -> Iterator[dict]:

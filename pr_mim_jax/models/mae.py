@@ -152,15 +152,15 @@ class MaskedAutoencoder(nn.Module):
   def _progressive(self, kept_feats, glob, ids_kept, ids_throw, queries):
     """Stages of local aggregation over an [L, Dd] canvas -> thrown features [B, n_throw, Dd]."""
     canvas = jnp.zeros((kept_feats.shape[0], self.num_patches, self.decoder_width), self.dtype)
-    canvas = progressive.scatter_tokens(canvas, ids_kept, kept_feats)  # [B, L, Dd]
-    known = progressive.scatter_tokens(jnp.zeros(canvas.shape[:2], bool), ids_kept,
-                                       jnp.ones(ids_kept.shape, bool))  # [B, L]
+    canvas = masking.scatter_rows(canvas, ids_kept, kept_feats)  # [B, L, Dd]
+    known = masking.scatter_rows(jnp.zeros(canvas.shape[:2], bool), ids_kept,
+                                 jnp.ones(ids_kept.shape, bool))  # [B, L]
     outs, start = [], 0
     for size in masking.stage_sizes(ids_throw.shape[1], self.num_stages):
       ids = ids_throw[:, start:start + size]
       out = self.thrown(canvas, known, glob, queries[:, start:start + size], ids)  # [B, size, Dd]
-      canvas = progressive.scatter_tokens(canvas, ids, out)
-      known = progressive.scatter_tokens(known, ids, jnp.ones(ids.shape, bool))
+      canvas = masking.scatter_rows(canvas, ids, out)
+      known = masking.scatter_rows(known, ids, jnp.ones(ids.shape, bool))
       outs.append(out)
       start += size
     return jnp.concatenate(outs, axis=1)

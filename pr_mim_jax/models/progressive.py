@@ -37,12 +37,6 @@ def neighbourhood(grid: int, window: int) -> tuple[np.ndarray, np.ndarray]:
   return index, on_grid
 
 
-def scatter_tokens(canvas, ids, values):
-  """canvas: [B, L, ...], ids: [B, K], values: [B, K, ...] -> canvas with rows ids set."""
-  rows = jnp.arange(canvas.shape[0])[:, None]
-  return canvas.at[rows, ids].set(values.astype(canvas.dtype))
-
-
 class LocalAggregator(nn.Module):
   """One stage: thrown queries aggregate their box neighbours and the global feature.
 

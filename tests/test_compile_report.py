@@ -1,0 +1,300 @@
+"""Tests for the compile report: the fit search on fake numbers, the report's arithmetic, and
+real compiles of a tiny model (this host's CPU always; a TPU slice and a GPU where their
+compile-only pieces are installed, see README "Will it fit?")."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, TINY_OVERRIDES, override_flags
+from pr_mim_jax import compile_report
+from pr_mim_jax.compile_report import Memory, Probe
+
+GIB = 2 ** 30
+
+
+# ----------------------------------------------------------------------------------------
+# The fit search, on made-up memory curves.
+
+def _measure(curve, limit, calls, report_total=True):
+  def measure(b):
+    calls.append(b)
+    total = curve(b)
+    return Probe(b, total if report_total or total <= limit else None, total <= limit)
+  return measure
+
+
+def _brute_force(curve, limit, step, max_batch):
+  fitting = [b for b in range(step, max_batch + 1, step) if curve(b) <= limit]
+  return max(fitting, default=0)
+
+
+def test_affine_memory_is_found_in_a_few_compiles():
+  curve = lambda b: int(1.5 * GIB + 0.03 * GIB * b)  # fixed state + activations per example
+  calls = []
+  best, trail = compile_report.largest_fitting(_measure(curve, 16 * GIB, calls), 16,
+                                               limit_bytes=16 * GIB, max_batch=4096)
+  assert best == 483 == _brute_force(curve, 16 * GIB, 1, 4096)
+  assert len(calls) <= 5, calls  # 16, 32, then the line's answer and its neighbour
+  assert len(set(calls)) == len(calls)  # never the same compile twice
+  assert [p.per_device_batch for p in trail] == sorted(calls)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_matches_brute_force_on_random_monotone_curves(seed):
+  rng = np.random.default_rng(seed)
+  fixed, linear, quad = rng.uniform(0.1, 4) * GIB, rng.uniform(1e-3, 0.2) * GIB, rng.uniform(0, 1e-4) * GIB
+  jumps = np.sort(rng.integers(1, 600, size=3))  # XLA changing its mind about a layout
+  curve = lambda b: int(fixed + linear * b + quad * b * b + 0.3 * GIB * np.sum(b >= jumps))
+  limit = int(rng.uniform(2, 40) * GIB)
+  step = int(rng.choice([1, 2, 8]))
+  start = int(rng.integers(1, 700))
+  report_total = bool(seed % 2)  # odd seeds: failures carry no total, as a TPU refusal
+  calls = []
+  best, _ = compile_report.largest_fitting(_measure(curve, limit, calls, report_total), start,
+                                           limit_bytes=limit, step=step, max_batch=1024)
+  assert best == _brute_force(curve, limit, step, 1024)
+  assert best % step == 0
+  assert len(calls) == len(set(calls)) <= 24
+
+
+def test_a_jump_in_memory_falls_back_to_bisection():
+  # Past 1000 examples the compiler switches to a plan with 19 GiB more (a made-up jump, like
+  # XLA's scheduler giving up overlap), so straight lines keep guessing wrong.
+  curve = lambda b: int((1 + 0.01 * b + (19 if b > 1000 else 0)) * GIB)
+  calls = []
+  best, _ = compile_report.largest_fitting(_measure(curve, 15 * GIB, calls), 100,
+                                           limit_bytes=15 * GIB, max_batch=4096)
+  assert best == 1000
+  assert len(calls) <= 2 * np.log2(4096), calls
+
+
+def test_tolerance_stops_early_with_a_bracket():
+  curve = lambda b: int((1 + 0.01 * b + (19 if b > 1000 else 0)) * GIB)
+  exact_calls, rough_calls = [], []
+  compile_report.largest_fitting(_measure(curve, 15 * GIB, exact_calls), 100,
+                                 limit_bytes=15 * GIB, max_batch=4096)
+  best, trail = compile_report.largest_fitting(_measure(curve, 15 * GIB, rough_calls), 100,
+                                               limit_bytes=15 * GIB, max_batch=4096, tolerance=0.05)
+  failing = min(p.per_device_batch for p in trail if not p.fits)
+  assert best <= 1000 < failing <= 1.05 * best
+  assert len(rough_calls) < len(exact_calls)
+
+
+def test_nothing_fits_and_everything_fits():
+  calls = []
+  best, trail = compile_report.largest_fitting(_measure(lambda b: 10 * GIB + b, GIB, calls), 64,
+                                               limit_bytes=GIB, max_batch=512)
+  assert best == 0 and trail[0].per_device_batch == 1 and not trail[0].fits
+  calls = []
+  best, _ = compile_report.largest_fitting(_measure(lambda b: b, GIB, calls), 100,
+                                           limit_bytes=GIB, max_batch=512)
+  assert best == 512 and calls[-1] == 512
+
+
+# ----------------------------------------------------------------------------------------
+# The report's arithmetic.
+
+def _fake_compiled(argument, output, alias, temp, code=0, flops=None):
+  analysis = types.SimpleNamespace(argument_size_in_bytes=argument, output_size_in_bytes=output,
+                                   alias_size_in_bytes=alias, temp_size_in_bytes=temp,
+                                   generated_code_size_in_bytes=code)
+  return types.SimpleNamespace(memory_analysis=lambda: analysis, cost_analysis=lambda: flops)
+
+
+def test_memory_total_counts_aliased_outputs_once():
+  m = Memory.of(_fake_compiled(3 * GIB, 2 * GIB, 2 * GIB, 5 * GIB, code=GIB // 2))
+  assert m.total == 3 * GIB + 5 * GIB + GIB // 2
+  assert m.bytes()["total"] == m.total
+  assert m.gib() == {"argument": 3.0, "output": 2.0, "alias": 2.0, "temp": 5.0, "code": 0.5,
+                     "total": 8.5}
+
+
+@pytest.mark.parametrize("cost,expected", [
+    ({"flops": 4e12}, 4e12 * 8 / 256 / 1e9),
+    ([{"flops": 4e12}], 4e12 * 8 / 256 / 1e9),  # older jax: one dict per program
+    (None, None),  # the GPU compiler gives no cost analysis
+    ({}, None),
+])
+def test_xla_flops_scale_to_one_image(cost, expected):
+  got = compile_report.xla_gflop_per_img(_fake_compiled(0, 0, 0, 0, flops=cost), 8, 256)
+  assert got == pytest.approx(expected) if expected else got is None
+
+
+def test_markdown_lists_each_setting_and_an_out_of_memory_refusal():
+  base = {"mode": "pretrain", "variant": "B/16", "mesh": {"data": 4, "fsdp": 1, "tensor": 1},
+          "global_batch": 64, "per_device_batch": 16, "compile_s": 12.0,
+          "analytic_gflop_per_img": 41.9, "xla_gflop_per_img": None}
+  report = {"target": "TPU v5e:2x2 (4 chips)", "device_memory_gib": 15.75, "memory_note": "n",
+            "versions": "jax 0", "settings": [
+                dict(base, method="mae", fits=True, headroom_gib=5.5, largest_per_device_batch=40,
+                     memory_gib={"argument": 1.0, "temp": 9.25, "total": 10.25}),
+                dict(base, method="pr_mim", fits=False, memory_gib=None, headroom_gib=None),
+                {"mode": "pretrain", "method": "partial", "variant": "B/16", "error": "boom | x"}]}
+  text = compile_report.markdown(report)
+  rows = [l for l in text.splitlines() if l.startswith("| pretrain")]
+  assert len(rows) == 3
+  assert "| 4x1x1 | 64 | 16 | 1.00 | 9.25 | 10.25 | yes (+5.50) | 40 |" in rows[0]
+  assert "no (compiler: out of memory)" in rows[1]
+  assert "failed: boom / x" in rows[2]
+  assert all(r.count("|") == rows[0].count("|") for r in rows)
+
+
+# ----------------------------------------------------------------------------------------
+# Real compiles of a tiny model.
+
+TINY_FLAGS = [f for f in override_flags(TINY_OVERRIDES)
+              if f.startswith(("--config.model.", "--config.batch_size"))]
+
+
+def _run(args, python=sys.executable, extra_path="", timeout=900):
+  env = dict(os.environ)
+  if extra_path:
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (extra_path, env.get("PYTHONPATH", "")) if p)
+  return subprocess.run([python, "-m", "pr_mim_jax.compile_report", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _check_report(report, row, max_batch):
+  """What every report row must satisfy, whatever the target."""
+  m = row["memory_bytes"]
+  assert m["total"] == m["argument"] + m["output"] - m["alias"] + m["temp"] + m["code"]
+  assert row["memory_gib"] == {k: round(v / GIB, 3) for k, v in m.items()}
+  assert row["fits"] == (m["total"] / GIB <= row["device_memory_gib"])
+  assert row["headroom_gib"] == pytest.approx(row["device_memory_gib"] - m["total"] / GIB, abs=0.01)
+  search = {p["per_device_batch"]: p for p in row["fit_search"]}
+  best = row["largest_per_device_batch"]
+  assert search[best]["fits"] and row["largest_global_batch"] == best * row["global_batch"] // row["per_device_batch"]
+  step = row["search_step"]
+  assert all(b % step == 0 for b in search)
+  if best < max_batch:  # the search bracketed its answer
+    failing = row["smallest_failing_per_device_batch"]
+    assert not search[failing]["fits"] and failing > best
+    assert failing - best <= max(step, row["search_tolerance"] * best)
+  totals = [p["total_gib"] for _, p in sorted(search.items()) if p["total_gib"] is not None]
+  assert totals == sorted(totals)  # more examples never took less memory
+  assert report["target"] and report["versions"].startswith("jax ")
+
+
+def test_cpu_target_reports_the_compiled_step(tmp_path):
+  out_json, out_md = tmp_path / "fit.json", tmp_path / "fit.md"
+  proc = _run(["--config=configs/pretrain.py:dataset=shapes", *TINY_FLAGS, "--target=cpu",
+               "--num_devices=2", "--methods=mae,pr_mim", "--max_per_device_batch=16",
+               f"--json={out_json}", f"--markdown={out_md}"])
+  assert proc.returncode == 0, proc.stderr
+  report = json.loads(out_json.read_text())
+  mae_row, pr_row = report["settings"]
+  assert (mae_row["method"], pr_row["method"]) == ("mae", "pr_mim")
+  for row in report["settings"]:
+    assert row["num_devices"] == 2 and row["mesh"] == {"data": 2, "fsdp": 1, "tensor": 1}
+    assert (row["global_batch"], row["per_device_batch"]) == (16, 8)
+    _check_report(report, row, 16)
+    assert row["largest_per_device_batch"] == 16  # a tiny model fits the host's memory
+    assert row["xla_vs_analytic"] > 0.9  # XLA counts elementwise work too
+  # PR-MIM decodes a quarter of the masked tokens MAE does. (At this toy size its memory is
+  # dominated by fixed costs, so only the FLOPs are compared.)
+  assert pr_row["analytic_gflop_per_img"] < mae_row["analytic_gflop_per_img"]
+  assert out_md.read_text().count("| pretrain |") == 2
+
+
+def test_evaluation_configs_compile_their_own_step(tmp_path):
+  rows = {}
+  for mode in ("finetune", "linear_probe"):
+    out_json = tmp_path / f"{mode}.json"
+    proc = _run([f"--config=configs/{mode}.py:variant=Ti/4,dataset=shapes",
+                 "--config.model.image_size=16", "--config.model.width=32",
+                 "--config.model.depth=2", "--config.model.heads=2", "--config.batch_size=8",
+                 "--target=cpu", "--nofit", "--num_classes=12", f"--json={out_json}"])
+    assert proc.returncode == 0, proc.stderr
+    rows[mode] = json.loads(out_json.read_text())["settings"][0]
+    assert rows[mode]["mode"] == mode and rows[mode]["method"] is None
+  probe, finetune = rows["linear_probe"]["memory_bytes"], rows["finetune"]["memory_bytes"]
+  # The probe trains only its head: no optimizer state and no saved activations for the
+  # frozen encoder, so it is the smaller program on both counts.
+  assert probe["argument"] < finetune["argument"] and probe["temp"] < finetune["temp"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--target=tpu:v9:2x2"], "--target: 'tpu:v9:2x2' is not a TPU slice"),
+    (["--target=gpu:h100", "--num_devices=12"], "--num_devices: 12 GPUs"),
+    (["--target=cpu", "--methods=mea"], "--methods: unknown ['mea']"),
+    (["--target=cpu", "--num_devices=2", "--config.batch_size=15"],
+     "config.batch_size: global batch 15 is not divisible by the 2 devices"),
+    (["--target=cpu", "--config.mode=knn"], "config.mode: 'knn' has no train step"),
+])
+def test_mistakes_are_one_line(args, message):
+  proc = _run(["--config=configs/pretrain.py:dataset=shapes", *TINY_FLAGS, "--nofit", *args])
+  assert proc.returncode == 2, proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), proc.stderr
+
+
+def _extra(module: str, env_var: str):
+  """(python, extra PYTHONPATH) able to import `module`, or a skip saying how to get one."""
+  try:
+    if importlib.util.find_spec(module) is not None:
+      return sys.executable, ""
+  except ModuleNotFoundError:
+    pass
+  path = os.environ.get(env_var, "")
+  if path and os.path.isdir(path):
+    return sys.executable, path
+  pytest.skip(f"{module} is not installed here and {env_var} names no directory holding it "
+              "(README, 'Will it fit?': how to run these tests)")
+
+
+def test_missing_pieces_say_what_to_install():
+  for module, target, extra in (("libtpu", "tpu:v5e:2x2", "tpu-compile"),
+                                ("jax_plugins.xla_cuda12", "gpu:h100", "gpu-compile")):
+    try:
+      if importlib.util.find_spec(module) is not None:
+        continue
+    except ModuleNotFoundError:
+      pass
+    proc = _run(["--config=configs/pretrain.py:dataset=shapes", *TINY_FLAGS, "--nofit",
+                 f"--target={target}"])
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: --target=") and f".[{extra}]" in lines[0]
+
+
+@pytest.mark.parametrize("module,env_var,args,device_kind,devices", [
+    ("libtpu", "PR_MIM_JAX_TPU_EXTRA", ["--target=tpu:v5e:2x2"], "TPU v5 lite", 4),
+    # Two slices over DCN: the hybrid mesh needs the slice_index real TPU devices carry.
+    ("libtpu", "PR_MIM_JAX_TPU_EXTRA", ["--target=tpu:v5e:2x2", "--num_slices=2",
+                                        "--config.mesh_dcn.data=2"], "TPU v5 lite", 8),
+    ("jax_plugins.xla_cuda12", "PR_MIM_JAX_GPU_EXTRA", ["--target=gpu:h100", "--num_devices=4"],
+     "NVIDIA H100 80GB HBM3", 4),
+])
+def test_tiny_model_compiles_for_accelerators(tmp_path, module, env_var, args, device_kind,
+                                              devices):
+  python, path = _extra(module, env_var)
+  out_json = tmp_path / "fit.json"
+  gpu = "--target=gpu:h100" in args
+  proc = _run(["--config=configs/pretrain.py:dataset=shapes", *TINY_FLAGS, *args,
+               f"--config.batch_size={8 * devices}", "--max_per_device_batch=16",
+               f"--json={out_json}"], python=python, extra_path=path)
+  assert proc.returncode == 0, proc.stderr
+  # The native libraries' start-up complaints (no GPU, no TPU VM here) are kept out of sight.
+  assert "cudart_stub" not in proc.stderr and "TPU_WORKER_HOSTNAMES" not in proc.stderr
+  report = json.loads(out_json.read_text())
+  row = report["settings"][0]
+  assert row["device_kind"] == device_kind and row["num_devices"] == devices
+  assert row["mesh"] == {"data": devices, "fsdp": 1, "tensor": 1}
+  assert row["memory_bytes"]["alias"] > 0  # the donated train state is reused for the new one
+  assert row["per_device_batch"] == 8
+  _check_report(report, row, 16)
+  assert row["largest_per_device_batch"] == 16  # a tiny model fits any accelerator
+  if not gpu:
+    # The compiler's own HBM limit, and its FLOP count near ours (the rest is elementwise).
+    assert 15 < report["device_memory_gib"] <= 16 and "compiler" in report["memory_note"]
+    assert 0.9 < row["xla_vs_analytic"] < 2
+  else:
+    assert report["device_memory_gib"] == pytest.approx(0.75 * 84_942_979_072 / GIB, abs=0.01)
+    assert row["xla_gflop_per_img"] is None

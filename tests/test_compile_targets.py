@@ -1,0 +1,83 @@
+"""Tests for compile_targets: target names, TPU slice shapes, the GPU description, and the
+TPU compiler's out-of-memory message (no accelerator pieces needed)."""
+
+import re
+
+import pytest
+
+from pr_mim_jax import compile_targets as ct
+from pr_mim_jax.errors import UserError
+
+
+@pytest.mark.parametrize("text,devices,slices,expected", [
+    ("tpu:v5e:16x16", 0, 1, ("tpu", "v5e:16x16", 256, 1)),
+    ("tpu:v5p:4x4x8", 0, 2, ("tpu", "v5p:4x4x8", 256, 2)),
+    ("tpu:v4:2x2x1", 4, 1, ("tpu", "v4:2x2x1", 4, 1)),
+    ("gpu:h100", 0, 1, ("gpu", "h100", 8, 1)),
+    ("gpu:h200", 16, 1, ("gpu", "h200", 16, 1)),
+    ("cpu", 0, 1, ("cpu", "cpu", 1, 1)),
+])
+def test_targets_parse(text, devices, slices, expected):
+  spec = ct.parse_target(text, devices, slices)
+  assert (spec.platform, spec.name, spec.num_devices, spec.num_slices) == expected
+
+
+@pytest.mark.parametrize("text,devices,slices,flag", [
+    ("tpu:v5e:4x4x4", 0, 1, "--target"),  # v5e slices are 2-D
+    ("tpu:v5p:4x4", 0, 1, "--target"),
+    ("tpu:v9:2x2", 0, 1, "--target"),
+    ("tpu:v5e", 0, 1, "--target"),
+    ("tpu:v5e:2x2", 8, 1, "--num_devices"),  # a 2x2 slice has 4 chips
+    ("gpu:rtx", 0, 1, "--target"),
+    ("gpu:h100", 12, 1, "--num_devices"),  # not whole 8-GPU hosts
+    ("gpu:h100", 0, 2, "--num_slices"),
+    ("tpu:v5e:2x2", 0, 0, "--num_slices"),
+    ("h100", 0, 1, "--target"),
+])
+def test_bad_targets_name_the_flag(text, devices, slices, flag):
+  with pytest.raises(UserError, match=f"^{re.escape(flag)}"):
+    ct.parse_target(text, devices, slices)
+
+
+@pytest.mark.parametrize("gen,dims,wrap", [
+    ("v5e", (16, 16), (True, True, False)),  # a full v5e pod is a 2-D torus
+    ("v5e", (8, 16), (False, True, False)),
+    ("v5e", (2, 2), (False, False, False)),
+    ("v5p", (4, 4, 8), (True, True, True)),  # whole 4x4x4 cubes close into rings
+    ("v5p", (2, 4, 4), (False, False, False)),
+    ("v4", (4, 4, 4), (True, True, True)),
+])
+def test_tpu_wrap_follows_the_slice_shape(gen, dims, wrap):
+  assert ct.tpu_wrap(gen, dims) == wrap
+
+
+def test_gpu_description_carries_the_card():
+  spec = ct.GPUS["h200"]
+  text = ct.gpu_target_config(spec)
+  fields = dict(re.findall(r"^\s*(\w+): (\S+)$", text, re.M))
+  assert int(fields["device_memory_size"]) == spec.memory_bytes == 151_397_597_184
+  assert int(fields["core_count"]) == 132
+  assert "cuda_compute_capability { major: 9 minor: 0 }" in text
+  assert f'device_description_str: "{spec.name}"' in text
+  assert text.count("{") == text.count("}")
+
+
+@pytest.mark.parametrize("message,expected", [
+    ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+     "temporaries (144.00G) exceeds available HBM (15.75G).", int(15.75 * 2 ** 30)),
+    ("Ran out of memory in memory space hbm. Used 20.51G of 95.74G hbm. Exceeded hbm capacity "
+     "by 4.77G.", int(95.74 * 2 ** 30)),
+    ("INTERNAL: something else", None),
+])
+def test_tpu_oom_limit(message, expected):
+  assert ct.tpu_oom_limit(message) == expected
+
+
+def test_gpu_memory_is_jax_preallocation(monkeypatch):
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+  assert ct.gpu_memory_fraction() == 0.75
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", ".9")
+  assert ct.gpu_memory_fraction() == 0.9
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "lots")
+  with pytest.raises(UserError, match="XLA_PYTHON_CLIENT_MEM_FRACTION"):
+    ct.gpu_memory_fraction()
