@@ -1,8 +1,8 @@
 """Shared command-line handling: user mistakes become one `error:` line and exit code 2.
 
-Every entry point (main, benchmark, visualize_masks, gradient_study) parses absl flags and
-a big_vision config through `run`, so a bad flag, config argument or override never shows
-a raw traceback.
+Every entry point parses absl flags and a big_vision config through `run`, so a bad flag,
+config argument or override never shows a raw traceback, and -h / --help / --helpfull
+print the command's usage.
 """
 
 import json
@@ -62,8 +62,34 @@ def _unknown_override(argv, error: Exception) -> str | None:
   return None
 
 
+HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "--helpfull")
+
+
+def usage(full: bool) -> str:
+  """The command's docstring and its flags; `full` adds absl's own flags."""
+  by_module = flags.FLAGS.flags_by_module_dict()
+  ours = [m for m in by_module if not m.startswith("absl")]
+  main = sys.modules.get("__main__")
+  # absl names a module run with `python -m` by its file path.
+  modules_of = {m: sys.modules.get(m) or (main if m == getattr(main, "__file__", None) else None)
+                for m in ours}
+  docs = [(mod.__doc__ or "").strip() for mod in modules_of.values() if mod is not None]
+  own = [f"Flags:\n{flags.FLAGS.module_help(m).strip().split(chr(10), 1)[1]}" for m in ours]
+  others = [flags.FLAGS.module_help(m) for m in by_module if m not in ours] if full else []
+  parts = [d for d in docs if d] + own + others
+  if not full:
+    parts.append("(--helpfull also lists absl's logging flags.)")
+  return "\n\n".join(parts) + "\n"
+
+
 def parse_flags(argv, required: dict[str, str]) -> None:
-  """Parse absl flags; `required` maps flag name -> an example value for the message."""
+  """Parse absl flags; `required` maps flag name -> an example value for the message.
+
+  -h / --help / --helpshort / --helpfull print the usage and exit 0."""
+  asked = [a for a in argv[1:] if a in HELP_FLAGS]
+  if asked:
+    print(usage(full="--helpfull" in asked), end="")
+    sys.exit(0)
   try:
     flags.FLAGS(argv)
   except flags.Error as e:

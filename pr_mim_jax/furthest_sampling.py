@@ -1,4 +1,4 @@
-"""Batched furthest-point sampling of masked patches on the patch grid (DESIGN section 1).
+"""Batched furthest-point sampling of masked patches on the patch grid (the PR-MIM paper's Figure 5).
 
 Seeded by the kept (visible) patches, each pick is the masked patch furthest from every
 kept or already picked patch, so the picks spread evenly over the image. The loop is

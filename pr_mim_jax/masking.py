@@ -29,7 +29,7 @@ _CELL_ORDER = ((0, 0), (1, 1), (0, 1), (1, 0))
 
 @dataclasses.dataclass(frozen=True)
 class TokenSplit:
-  """Static token counts for L patches (DESIGN section 1)."""
+  """Static token counts for L patches (docs/method.md)."""
   num_patches: int
   n_vis: int
   n_dec: int

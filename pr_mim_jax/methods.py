@@ -1,4 +1,4 @@
-"""The three pre-training methods and the config fields each one implies (DESIGN section 1).
+"""The three pre-training methods and the config fields each one implies (docs/method.md).
 
 `configs/pretrain.py` expands `method=` with this table; the benchmark, the compile report,
 the gradient tool and the study switch methods on one config with `with_method` / `sweep`.

@@ -5,7 +5,7 @@ rebuilt from the features of already-reconstructed tokens inside a `window x win
 around it, plus one global (cls) key so that an empty box still has something to attend to.
 Features live on an [L, D] canvas; a static [L, window**2] index table gives every token's
 box, and a validity mask hides positions off the grid or not yet reconstructed. Stages run
-in order and each writes its outputs onto the canvas for the next (DESIGN section 1).
+in order and each writes its outputs onto the canvas for the next (docs/method.md).
 """
 
 from typing import Any

@@ -43,7 +43,7 @@ REMAT_POLICIES = {
 # 'einsum': two einsums and a float32 softmax, spelled out here (runs everywhere);
 # 'xla': jax.nn.dot_product_attention's XLA path; 'cudnn': its cuDNN fused kernel (GPU only);
 # 'cudnn_padded': cuDNN on sequences zero-padded to a multiple of CUDNN_SEQ_MULTIPLE, the
-# padded keys masked out by length (DESIGN section 2: cuDNN refused MAE's lengths 50 / 197).
+# padded keys masked out by length (on an H200 cuDNN refused MAE's lengths 50 / 197).
 ATTENTIONS = ("einsum", "xla", "cudnn", "cudnn_padded")
 CUDNN_SEQ_MULTIPLE = 64
 
