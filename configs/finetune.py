@@ -11,6 +11,8 @@ Fields and defaults: pr_mim_jax/classify_config.py.
 
 from pr_mim_jax import classify_config
 
+ARGUMENTS = classify_config.ARGUMENTS
+
 
 def get_config(arg=None):
   return classify_config.get_config("finetune", arg)

@@ -12,14 +12,16 @@ import ml_collections
 from pr_mim_jax import config_args
 
 
+ARGUMENTS = dict(init="", dataset="imagenet2012")  # FILE:key=value,...
+
 def get_config(arg=None):
-  arg = config_args.parse_arg(arg, init="", dataset="imagenet2012")
+  arg = config_args.parse_arg(arg, **ARGUMENTS)
   demo = arg.dataset == "shapes"
   c = ml_collections.ConfigDict()
   c.mode = "knn"
   c.seed = 0
   c.compilation_cache_dir = ""
-  c.init = ml_collections.ConfigDict(dict(workdir=arg.init, step=0))  # step 0 = latest
+  c.init = ml_collections.ConfigDict(dict(workdir=arg.init, step=-1))  # -1 = latest
   # '' / 0: from the pre-training run's config.json.
   c.model = ml_collections.ConfigDict(dict(
       variant="", width=0, depth=0, heads=0, posemb="", image_size=0,

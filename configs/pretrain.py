@@ -20,8 +20,10 @@ from pr_mim_jax import errors
 from pr_mim_jax.methods import METHODS
 
 
+ARGUMENTS = dict(method="pr_mim", variant="", dataset="imagenet2012")  # FILE:key=value,...
+
 def get_config(arg=None):
-  arg = config_args.parse_arg(arg, method="pr_mim", variant="", dataset="imagenet2012")
+  arg = config_args.parse_arg(arg, **ARGUMENTS)
   if arg.method not in METHODS:
     raise errors.UserError(f"config argument method={arg.method!r}: use one of {sorted(METHODS)}")
   throw_ratio, throw_strategy, thrown_reconstruction = METHODS[arg.method]
@@ -52,7 +54,7 @@ def get_config(arg=None):
       attention="einsum",  # 'einsum' | 'xla' | 'cudnn' | 'cudnn_padded' (models/vit.py)
   ))
   c.masking = ml_collections.ConfigDict(dict(
-      mask_ratio=0.75,
+      mask_ratio=0.75,  # visible tokens: int(L (1 - mask_ratio)), truncated as in MAE
       throw_ratio=throw_ratio,  # a share of ALL patches; 0 <= throw_ratio < mask_ratio
       throw_strategy=throw_strategy,  # 'random' | 'running_cell' | 'furthest'
   ))
@@ -106,7 +108,7 @@ def get_config(arg=None):
   c.knn = ml_collections.ConfigDict(dict(
       k=20, temperature=0.07,
       train_examples=5000, test_examples=1000,
-      every=0,  # steps between k-NN evaluations; 0 = only at init and end
+      every=0,  # steps between k-NN evaluations; 0 = only at the end (beside random init)
       batch_size=256,
       feature="mean",  # 'mean' (average-pooled patch tokens) | 'cls'
       enabled=True,

@@ -19,8 +19,10 @@ from pr_mim_jax import errors
 SETTINGS = ("cpu", "gpu")
 
 
+ARGUMENTS = dict(setting="cpu")  # FILE:key=value,...
+
 def get_config(arg=None):
-  arg = config_args.parse_arg(arg, setting="cpu")
+  arg = config_args.parse_arg(arg, **ARGUMENTS)
   if arg.setting not in SETTINGS:
     raise errors.UserError(f"config argument setting={arg.setting!r}: use one of {SETTINGS}")
   gpu = arg.setting == "gpu"

@@ -10,6 +10,7 @@ a rerun with the same workdir resumes from its own latest checkpoint.
 import functools
 import json
 import logging
+import time
 
 import flax.linen as nn
 import jax
@@ -27,6 +28,7 @@ from pr_mim_jax import optim
 from pr_mim_jax import preemption
 from pr_mim_jax import pretrain
 from pr_mim_jax import sharding
+from pr_mim_jax import step_queue
 from pr_mim_jax import workdir_records
 from pr_mim_jax.data import pipeline
 from pr_mim_jax.errors import UserError
@@ -40,6 +42,7 @@ POOLS = ("cls", "gap")
 HEADS = ("linear", "batchnorm_linear")
 OPTIMIZERS = ("lars", "adamw")
 AUGMENTS = ("crop_flip", "randaugment")
+EVAL_KEYS = ("eval_top1", "eval_top5", "eval_loss", "eval_ema_top1", "eval_ema_top5")
 
 
 def pretrained_config(init_workdir: str):
@@ -95,9 +98,16 @@ def _require(ok, field, problem, fix):
     raise UserError(f"config.{field}: {problem}; {fix}")
 
 
+def _check_init_step(config) -> None:
+  step = config.init.step
+  _require(isinstance(step, int) and step >= -1, "init.step", f"got {step!r}",
+           "use -1 (the latest checkpoint) or the step of a saved checkpoint, e.g. 0")
+
+
 def validate(config, num_batch_shards: int) -> ml_collections.ConfigDict:
   """Every check that needs no data access; returns the resolved model config."""
   config_validation.validate_mesh(config)
+  _check_init_step(config)
   model = resolve_model(config)
   full = ml_collections.ConfigDict(dict(model.to_dict(), decoder_width=4, decoder_depth=1,
                                         decoder_heads=1, decoder="self_attention"))
@@ -231,8 +241,11 @@ def jit_train_step(model, tx, recipe, schedule, mesh, state_sharding):
       out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
 
 
-def read_pretrained_encoder(config, mesh):
-  """Encoder params of the init run's checkpoint (replicated), or None for random init."""
+def read_pretrained_encoder(config, mesh, scan_layers: bool):
+  """Encoder params of the init run's checkpoint (replicated), or None for random init.
+
+  Laid out for an encoder with `scan_layers` (stacked 'blocks') or without, whichever layout
+  the checkpoint was saved in."""
   if not config.init.workdir:
     logging.warning("config.init.workdir is empty: the encoder starts from random init")
     return None
@@ -240,11 +253,11 @@ def read_pretrained_encoder(config, mesh):
                                     max_to_keep=1 << 30)
   try:
     encoder, step = ckpt.restore_subtree(("params", "encoder"), sharding.replicated(mesh),
-                                         config.init.step or None)
+                                         None if config.init.step < 0 else config.init.step)
   finally:
     ckpt.close()
   logging.info("encoder from %s, step %d", ckpt.directory, step)
-  return encoder
+  return vit.scan_params(encoder) if scan_layers else vit.unscan_params(encoder)
 
 
 def evaluate(eval_fn, params, batch_stats, config, image_size: int, mesh) -> dict:
@@ -281,18 +294,24 @@ def train(config, workdir: str) -> dict:
                "peak lr %.3g", config.mode, model_cfg.variant, config.head.pool,
                model_cfg.image_size, num_classes, num_train, total_steps, warmup_steps, peak)
 
-  workdir_records.write_records(workdir, config)
-  writer = metrics_lib.MetricWriter(workdir)
   ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir),
                                     max_to_keep=config.train.keep_checkpoints)
+  latest = ckpt.latest_step()
+  if latest is not None and latest >= total_steps:
+    ckpt.close()
+    return pretrain.finished_summary(workdir, latest, EVAL_KEYS)
+  pretrain.log_outputs(workdir, ckpt.directory)
+  workdir_records.write_records(workdir, config)
+  writer = metrics_lib.MetricWriter(workdir)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    resume = ckpt.latest_step() is not None
-    encoder = None if resume else read_pretrained_encoder(config, mesh)
+    resume = latest is not None
+    encoder = None if resume else read_pretrained_encoder(config, mesh, model_cfg.scan_layers)
     make_tx = functools.partial(make_optimizer, config, schedule, depth=model.spec.depth)
     state, state_sharding, tx = create_state(config, model, make_tx, mesh, rules, encoder)
     del encoder
     if resume:
-      state = ckpt.restore(pretrain.abstract_with_shardings(state, state_sharding))
+      state = ckpt.restore(pretrain.abstract_with_shardings(state, state_sharding),
+                           relayouts=vit.CHECKPOINT_RELAYOUTS)
       logging.info("resumed from %s at step %d", ckpt.directory, int(state.step))
     start_step = int(state.step)
     batch_sharding = sharding.batch_sharding(mesh)
@@ -318,38 +337,55 @@ def train(config, workdir: str) -> dict:
     summary = {"start_step": start_step, "total_steps": total_steps}
     stop = preemption.StopRequest()
     progress = metrics_lib.Progress(start_step, total_steps)
-    pending = []
+    pending, queue = [], step_queue.StepQueue()
+    logging.info("compiling the train step; the first step waits for it")
+    started = time.monotonic()
     try:
       step = start_step
       while step < total_steps and not stop.requested:
         state, step_metrics = step_fn(state, next(batches))
         step += 1
+        if step == start_step + 1:
+          pretrain.wait_for_first_step(step, step_metrics, started)
+        queue.push(step_metrics)
         pending.append((step, step_metrics))
         last = step == total_steps
         if step % config.train.log_every == 0 or last:
           summary["loss"] = pretrain.log_metrics(step, pending, peak, progress, writer)["loss"]
           pending = []
         if step % eval_every == 0 or last:
-          summary.update(eval_all(step))
+          summary.update(eval_all(step), eval_step=step)
         if step % config.train.checkpoint_every == 0 or last or stop.should_stop(step):
           pretrain.check_finite(step, pending, peak)
           pending = []
+          logging.info("saving checkpoint %d in %s", step, ckpt.directory)
           ckpt.save(step, state)
       if stop.requested:
         logging.warning("stopped by %s at step %d; checkpoint saved in %s; rerun the same "
                         "command to resume", stop.signal_name, step, ckpt.directory)
-      elif start_step == total_steps:  # already finished: report the final numbers again
-        summary.update(eval_all(step))
       summary["step"] = step
       summary["stopped"] = stop.requested
     finally:
       stop.restore()
       ckpt.close()
       writer.close()
-  if "eval_top1" in summary:
-    logging.info("%s: top-1 %.2f%%, top-5 %.2f%% on %s", config.mode,
-                 100 * summary["eval_top1"], 100 * summary["eval_top5"], config.data.eval_split)
+  logging.info("%s", result_line(config, summary))
   return summary
+
+
+def result_line(config, summary) -> str:
+  """What the run's evaluation says, naming the step it was made at (never a stale number
+  presented as the result of a stopped run)."""
+  if "eval_step" not in summary:
+    return (f"{config.mode}: stopped at step {summary['step']} of {summary['total_steps']} "
+            "with no evaluation since it started; rerun the same command to resume")
+  line = (f"{config.mode}: top-1 {100 * summary['eval_top1']:.2f}%, top-5 "
+          f"{100 * summary['eval_top5']:.2f}% on {config.data.eval_split} at step "
+          f"{summary['eval_step']} of {summary['total_steps']}")
+  if summary["eval_step"] != summary["step"]:
+    line += (f" (the last evaluation: the run stopped at step {summary['step']}; rerun the "
+             "same command to resume and finish)")
+  return line
 
 
 def _features(encoder, params, data, split, n, config, mesh):
@@ -357,6 +393,7 @@ def _features(encoder, params, data, split, n, config, mesh):
   embed = jax.jit(lambda p, x: knn.pool_features(encoder.apply({"params": p}, x),
                                                  config.knn.feature).astype(jnp.float32),
                   out_shardings=sharding.replicated(mesh))
+  logging.info("k-NN: embedding %s images of %s", n or "all", split)
   feats, labels = [], []
   for batch in pipeline.eval_batches(data, split, global_batch=config.knn.batch_size,
                                      image_size=encoder.image_size,
@@ -378,7 +415,7 @@ def knn_eval(config, workdir: str) -> dict:
   encoder = vit.Encoder(spec, model_cfg.image_size, model_cfg.posemb,
                         dtype=jnp.dtype(model_cfg.compute_dtype))
   with jax.set_mesh(mesh):
-    params = posemb_lib.adapt_encoder_params(read_pretrained_encoder(config, mesh),
+    params = posemb_lib.adapt_encoder_params(read_pretrained_encoder(config, mesh, False),
                                              model_cfg.image_size // spec.patch)
     train = _features(encoder, params, config.data, config.data.train_split,
                       config.knn.train_examples, config, mesh)
@@ -398,6 +435,7 @@ def knn_eval(config, workdir: str) -> dict:
 def check_knn_config(config) -> ml_collections.ConfigDict:
   _require(bool(config.init.workdir), "init.workdir", "k-NN needs a pre-training run",
            "use configs/knn.py:init=WORKDIR")
+  _check_init_step(config)
   model = resolve_model(config)
   for field in ("k", "train_examples", "test_examples", "batch_size"):
     _require(isinstance(config.knn[field], int) and config.knn[field] > 0, f"knn.{field}",

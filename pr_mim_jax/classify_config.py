@@ -9,7 +9,8 @@ average pooling). `variant=B/16` (default) and `variant=L/16` pick MAE's per-mod
 fine-tuning settings. `dataset=shapes` gives settings sized for the embedded dataset.
 
 Arguments: init=WORKDIR (a pre-training workdir; its latest checkpoint unless
---config.init.step is set; '' = random init, a baseline), variant=, dataset=.
+--config.init.step=N is set; -1 = latest; '' = random init, a baseline), variant=,
+dataset=.
 """
 
 import ml_collections
@@ -24,8 +25,10 @@ FINETUNE_RECIPES = {"B": (100.0, 5e-4, 0.65, 0.1), "L": (50.0, 1e-3, 0.75, 0.2),
                     "H": (50.0, 1e-3, 0.75, 0.3)}
 
 
+ARGUMENTS = dict(init="", variant="", dataset="imagenet2012")  # FILE:key=value,...
+
 def get_config(mode: str, arg=None):
-  arg = config_args.parse_arg(arg, init="", variant="", dataset="imagenet2012")
+  arg = config_args.parse_arg(arg, **ARGUMENTS)
   if mode not in MODES:
     raise errors.UserError(f"unknown evaluation mode {mode!r}; use one of {MODES}")
   probe = mode == "linear_probe"
@@ -42,7 +45,7 @@ def get_config(mode: str, arg=None):
   c.seed = 0
   c.compilation_cache_dir = ""  # e.g. ~/.cache/pr_mim_jax/xla; '' = off
   # The pre-training run to start from: its workdir (orbax checkpoint + config.json).
-  c.init = ml_collections.ConfigDict(dict(workdir=arg.init, step=0))  # step 0 = latest
+  c.init = ml_collections.ConfigDict(dict(workdir=arg.init, step=-1))  # -1 = latest
   if demo:
     c.batch_size = 256 if probe else 128
   else:

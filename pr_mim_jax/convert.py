@@ -4,18 +4,25 @@ r"""Command line: weights in and out, between our workdirs and timm / official M
   python -m pr_mim_jax.convert --from=workdirs/demo --to=vit.safetensors [--with_decoder]
 
 Sources (told apart by content): a `torch.save` file (.pth / .pt / .bin, read without
-torch by pth_reader), a .safetensors file, or a pre-training workdir (`--step=N`, default
+torch by pth_reader), a .safetensors file, or a pre-training workdir (`--step=N`, default -1:
 the latest checkpoint). Targets, from --to unless --format names one:
 - `workdir` (a path without a suffix): config.json (a pre-training config, `--config`, for
   the file's architecture) plus a step-0 checkpoint of a complete pre-training state, so
   every mode runs from it: `init=WORKDIR` for probing / fine-tuning / k-NN, or
   `--workdir=WORKDIR` with the same config to continue pre-training.
 - `timm` (a .safetensors path): the encoder in timm's names, plus `<to minus suffix>.json`
-  naming the timm model and its arguments (also in the file's metadata).
+  naming the timm model and its arguments (also in the file's metadata). The name is
+  timm's own only when the shape (width, depth, heads, patch, image size, MLP ratio 4) is
+  exactly one of timm's plain ViTs (e.g. vit_base_patch16_224). Any other shape (our demo's
+  128-wide, 6-block ViT/8) gets the nearest plain ViT, of the same patch size where timm
+  has one, as the entrypoint the kwargs override, and a "note" naming every overridden
+  value, also printed: timm.create_model(name, pretrained=False, **kwargs) builds the
+  right model either way, since timm's vit_* entrypoints let kwargs override their shape.
 - `mae`: timm plus the official MAE decoder keys (or `--with_decoder`).
 Every problem (missing / unknown keys, shapes) is reported at once and nothing is written;
-outputs are built next to the target and renamed into place. An existing target is kept
-unless --overwrite.
+outputs are built next to the target and renamed into place, with the permissions any
+new file gets (0666 less the umask; safetensors itself would leave 0600). An existing
+target is kept unless --overwrite.
 """
 
 import json
@@ -50,7 +57,7 @@ def _define_flags() -> types.SimpleNamespace:
       format=flags.DEFINE_string("format", "", f"Target format, one of {FORMATS}; '' = from --to."),
       with_decoder=flags.DEFINE_bool("with_decoder", False,
                                      "Export MAE's decoder keys too (= --format=mae)."),
-      step=flags.DEFINE_integer("step", 0, "Checkpoint step of a workdir source; 0 = latest."),
+      step=flags.DEFINE_integer("step", -1, "Checkpoint step of a workdir source; -1 = latest."),
       heads=flags.DEFINE_integer("heads", 0, "Encoder heads, when the width is not a standard one."),
       decoder_heads=flags.DEFINE_integer("decoder_heads", 0, "Decoder heads (MAE's 512 wide: 16)."),
       overwrite=flags.DEFINE_bool("overwrite", False, "Replace an existing target."),
@@ -148,7 +155,7 @@ def arch_from_config(model, params) -> timm_weights.Arch:
       mlp_hidden=np.shape(enc["block0"]["mlp"]["fc1"]["kernel"])[1], posemb=model.posemb, **dec)
 
 
-def read_workdir_weights(path, step: int = 0):
+def read_workdir_weights(path, step: int = -1):
   """(params as NumPy, arch, description, config) of a pre-training workdir's checkpoint."""
   import jax  # pylint: disable=g-import-not-at-top
   from pr_mim_jax import checkpointing  # pylint: disable=g-import-not-at-top
@@ -158,7 +165,7 @@ def read_workdir_weights(path, step: int = 0):
   ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(str(path)), max_to_keep=1 << 30)
   try:
     params, step = ckpt.restore_subtree(
-        ("params",), jax.sharding.SingleDeviceSharding(jax.devices()[0]), step or None)
+        ("params",), jax.sharding.SingleDeviceSharding(jax.devices()[0]), None if step < 0 else step)
   finally:
     ckpt.close()
   params = vit.unscan_params(jax.tree.map(np.asarray, params))
@@ -203,6 +210,20 @@ def _replace(tmp: pathlib.Path, path: pathlib.Path) -> None:
     os.replace(tmp, path)
 
 
+def _umask() -> int:
+  """The process umask, read by setting it and putting it back (there is no getter); it is
+  077 for that instant, so nothing another thread creates meanwhile is exposed."""
+  mask = os.umask(0o077)
+  os.umask(mask)
+  return mask
+
+
+def _as_new_file(path: pathlib.Path) -> None:
+  """Gives `path` the mode open() gives a new file (0666 less the umask): safetensors writes
+  0600, which would keep a file meant for sharing from others the umask lets read it."""
+  os.chmod(path, 0o666 & ~_umask())
+
+
 def timm_metadata(arch: timm_weights.Arch, with_decoder: bool, source: str) -> dict:
   decoder = (dict(width=arch.decoder_width, depth=arch.decoder_depth, heads=arch.decoder_heads,
                   mlp_hidden=arch.decoder_hidden, pred_dim=arch.pred_dim)
@@ -223,14 +244,17 @@ def write_timm(params, arch, to: pathlib.Path, with_decoder: bool, source: str) 
   try:
     safetensors.numpy.save_file(state, str(tmp), metadata={
         "format": "pt", METADATA_KEY: json.dumps(meta, sort_keys=True)})
+    _as_new_file(tmp)
     tmp_json.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     _replace(tmp_json, sidecar)
     _replace(tmp, to)
   finally:
     for p in (tmp, tmp_json):
       p.unlink(missing_ok=True)
+  note = meta["timm"].get("note")
   return (f"wrote {to} ({len(state)} arrays{', with the MAE decoder' if with_decoder else ''}) "
-          f"and {sidecar}: timm.create_model({meta['timm']['name']!r}, **kwargs)")
+          f"and {sidecar}: timm.create_model({meta['timm']['name']!r}, **kwargs)"
+          + (f"; {note}" if note else ""))
 
 
 def default_config():
@@ -336,7 +360,7 @@ def model_overrides(config) -> list[str]:
   return [f"--config.model.{f}={config.model[f]}" for f in fields]
 
 
-def convert(src: str, to: str, fmt: str = "", *, with_decoder: bool = False, step: int = 0,
+def convert(src: str, to: str, fmt: str = "", *, with_decoder: bool = False, step: int = -1,
             heads: int = 0, decoder_heads: int = 0, overwrite: bool = False, config=None) -> str:
   """Reads `src`, writes `to`; returns a one-line summary. Raises UserError, writing nothing."""
   src_path, to_path = pathlib.Path(src), pathlib.Path(to)

@@ -30,26 +30,32 @@ from pr_mim_jax.errors import UserError
 
 SOURCES = ("shapes", "jpeg")
 WARMUP_BATCHES = 2  # untimed: pipeline start-up, tf.data autotuning
+# Required: a run takes minutes and writes a dataset (shapes into the tfds data_dir, JPEGs).
+REQUIRED = {"sources": ",".join(SOURCES)}
 
 
-def _define_flags() -> types.SimpleNamespace:
+def _define_flags(flag_values=flags.FLAGS) -> types.SimpleNamespace:
+  """The tool's flags, defined in `flag_values` (absl's global FLAGS; tests pass their own)."""
+  fv = {"flag_values": flag_values}
   return types.SimpleNamespace(
-      sources=flags.DEFINE_list("sources", list(SOURCES), f"From {list(SOURCES)}."),
+      sources=flags.DEFINE_list("sources", None, f"Required: sources to time, from "
+                                f"{list(SOURCES)}.", **fv),
       backends=flags.DEFINE_list("backends", ["auto"], "From ['auto', 'tf', 'numpy']; auto = tf "
-                                 "if installed."),
-      image_size=flags.DEFINE_integer("image_size", 224, "Output crop side."),
-      batch=flags.DEFINE_integer("batch", 256, "Images per batch."),
-      batches=flags.DEFINE_integer("batches", 20, "Timed batches per setting."),
+                                 "if installed.", **fv),
+      image_size=flags.DEFINE_integer("image_size", 224, "Output crop side.", **fv),
+      batch=flags.DEFINE_integer("batch", 256, "Images per batch.", **fv),
+      batches=flags.DEFINE_integer("batches", 20, "Timed batches per setting.", **fv),
       threads=flags.DEFINE_integer("threads", -1, "data.num_parallel_calls; -1 = AUTOTUNE / "
-                                   "one per core."),
+                                   "one per core.", **fv),
       jpeg_dir=flags.DEFINE_string("jpeg_dir", "", "Folder for the generated JPEGs (reused if "
-                                   "it holds them); '' = a temporary folder."),
-      jpeg_count=flags.DEFINE_integer("jpeg_count", 1024, "JPEGs to generate."),
-      shapes_size=flags.DEFINE_integer("shapes_size", 4096, "Train images of the shapes dataset."),
-      data_dir=flags.DEFINE_string("data_dir", "", "tfds data_dir for shapes; '' = default."),
+                                   "it holds them); '' = a temporary folder.", **fv),
+      jpeg_count=flags.DEFINE_integer("jpeg_count", 1024, "JPEGs to generate.", **fv),
+      shapes_size=flags.DEFINE_integer("shapes_size", 4096, "Train images of the shapes "
+                                       "dataset.", **fv),
+      data_dir=flags.DEFINE_string("data_dir", "", "tfds data_dir for shapes; '' = default.", **fv),
       step_img_per_s=flags.DEFINE_float("step_img_per_s", 0.0, "The accelerator's measured "
-                                        "train-step rate, to size the host (0 = skip)."),
-      json=flags.DEFINE_string("json", "", "Also write the results to this JSON file."))
+                                        "train-step rate, to size the host (0 = skip).", **fv),
+      json=flags.DEFINE_string("json", "", "Also write the results to this JSON file.", **fv))
 
 
 def write_jpegs(directory: str, count: int, size=(500, 375), seed: int = 0) -> str:
@@ -134,9 +140,9 @@ def _run(f: types.SimpleNamespace) -> None:
     cli.write_text(f.json.value, json.dumps(rows, indent=1), "json")
 
 
-def main(argv=None) -> int:
-  f = _define_flags()
-  return cli.run(lambda: _run(f), {}, argv)
+def main(argv=None, flag_values=flags.FLAGS) -> int:
+  f = _define_flags(flag_values)
+  return cli.run(lambda: _run(f), REQUIRED, argv, flag_values)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from pr_mim_jax import cli
+from pr_mim_jax import log_filters
 from pr_mim_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, big_vision style.",
@@ -48,9 +49,7 @@ def _run() -> int:
   check(config)  # before INFO logging, so a mistake prints one line
   absl_logging.use_absl_handler()
   absl_logging.set_verbosity(absl_logging.INFO)
-  # orbax narrates every save at INFO; keep its warnings and errors only.
-  absl_logging.get_absl_handler().addFilter(
-      lambda r: r.levelno >= logging.WARNING or "/orbax/" not in r.pathname)
+  absl_logging.get_absl_handler().addFilter(lambda r: not log_filters.is_narration(r))
   try:
     summary = run(config, _WORKDIR.value)
   except pretrain.NonFiniteLossError as e:

@@ -54,6 +54,22 @@ class MetricWriter:
       self._clu.close()
 
 
+def last_recorded(workdir: str, keys) -> dict:
+  """{key: (step, value)} of the last row of workdir/metrics.jsonl holding each key.
+
+  A finished run reports these instead of recomputing them (and appending duplicates)."""
+  path = epath.Path(workdir) / "metrics.jsonl"
+  found = {}
+  if path.exists():
+    for line in path.read_text().splitlines():
+      try:
+        row = json.loads(line)
+      except ValueError:
+        continue  # a line torn by a kill
+      found.update({k: (row["step"], row[k]) for k in keys if k in row})
+  return found
+
+
 class Progress:
   """Steps/s and ETA over the last reporting interval."""
 

@@ -2,6 +2,7 @@
 
 import functools
 import logging
+import time
 
 import flax.linen as nn
 import jax
@@ -18,6 +19,7 @@ from pr_mim_jax import optim
 from pr_mim_jax import preemption
 from pr_mim_jax import profiler
 from pr_mim_jax import sharding
+from pr_mim_jax import step_queue
 from pr_mim_jax import train_step as train_step_lib
 from pr_mim_jax import visualize
 from pr_mim_jax import workdir_records
@@ -26,9 +28,6 @@ from pr_mim_jax.errors import UserError
 from pr_mim_jax.models import mae
 from pr_mim_jax.models import vit
 from pr_mim_jax.train_state import TrainState
-
-
-MIN_PICTURE_SIZE = 128  # px per tile; smaller images are upscaled (nearest neighbour)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -138,6 +137,7 @@ class KnnMonitor:
 
   def accuracy(self, params) -> float:
     (x_tr, y_tr), (x_te, y_te) = self._load()
+    logging.info("k-NN: embedding %d train and %d test images", len(y_tr), len(y_te))
     feats = functools.partial(knn.extract_features, self.model, params,
                               feature=self.cfg.feature, batch_size=self.cfg.batch_size)
     return knn.knn_accuracy(feats(x_tr), y_tr, feats(x_te), y_te, k=self.cfg.k,
@@ -166,12 +166,13 @@ def write_reconstructions(workdir, writer, model, params, images, state_rng, ste
   picture = visualize.reconstruction_grid(images, preds.dec, masks.ids_vis, masks.ids_dec,
                                           task.patch, task.target, pipeline.denormalize,
                                           ids_throw=masks.ids_throw, pred_throw=preds.throw)
-  picture = visualize.upscale(picture, max(1, -(-MIN_PICTURE_SIZE // images.shape[1])))
   if jax.process_index() == 0:
     out = epath.Path(workdir) / "images"
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"reconstruction_{step:07d}.png").write_bytes(visualize.encode_png(picture))
+    path = out / f"reconstruction_{step:07d}.png"
+    path.write_bytes(visualize.encode_png(picture))
     writer.write_images(step, {"reconstruction": picture})
+    logging.info("wrote %s", path)
 
 
 def check_config(config) -> int:
@@ -188,6 +189,32 @@ def check_config(config) -> int:
     raise UserError(f"config.batch_size: {config.batch_size} exceeds the {num_train} training "
                     f"examples of {config.data.dataset!r}; use a smaller batch")
   return num_train
+
+
+def finished_summary(workdir: str, step: int, keys, needed=()) -> dict | None:
+  """The summary of a run whose checkpoint is already at its last step, read from its
+  metrics.jsonl: nothing is recomputed and nothing is appended. None when one of the
+  `needed` keys was never recorded (a run killed during its final k-NN): compute it then."""
+  recorded = metrics_lib.last_recorded(workdir, keys)
+  if any(k not in recorded for k in needed):
+    return None
+  logging.info("%s is already finished (step %d); nothing to do. Recorded results: %s. To "
+               "train longer, raise config.train.total_steps (or optim.epochs).", workdir, step,
+               ", ".join(f"{k}={v:.4g} (step {s})" for k, (s, v) in recorded.items()) or "none")
+  return {"step": step, "finished_before": True, **{k: v for k, (_, v) in recorded.items()}}
+
+
+def log_outputs(workdir: str, ckpt_dir) -> None:
+  logging.info("writing to %s: checkpoints in %s, metrics in metrics.jsonl and tensorboard/, "
+               "reconstruction pictures in images/. Setting up the model state, the input "
+               "pipeline and the metric writers", workdir, ckpt_dir)
+
+
+def wait_for_first_step(step: int, outputs, started: float) -> None:
+  """Block on the run's first step once, so the log says what the silent wait was."""
+  jax.block_until_ready(outputs)
+  logging.info("step %d done %.0f s after start (compiling the step takes most of it)", step,
+               time.monotonic() - started)
 
 
 def train(config, workdir: str) -> dict:
@@ -215,6 +242,15 @@ def train(config, workdir: str) -> dict:
 
   ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir),
                                     max_to_keep=config.train.keep_checkpoints)
+  latest = ckpt.latest_step()
+  if latest is not None and latest >= total_steps:
+    knn_keys = ("knn_top1", "knn_top1_random_init")
+    done = finished_summary(workdir, latest, ("loss",) + knn_keys,
+                            needed=knn_keys if config.knn.enabled else ())
+    if done is not None:
+      ckpt.close()
+      return done
+  log_outputs(workdir, ckpt.directory)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state, state_sharding = create_state(model, tx, split, config.seed, mesh, rules)
     start_step = ckpt.latest_step()
@@ -239,18 +275,24 @@ def train(config, workdir: str) -> dict:
                                 config.train.get("profile_start_step", 0),
                                 config.train.get("profile_steps", 0))
     trace.after_step(start_step)  # a window that starts here (step 0, or a resume)
-    pending = []
+    pending, queue = [], step_queue.StepQueue()
+    logging.info("compiling the train step; the first step waits for it")
+    started = time.monotonic()
     try:
       step = start_step
       while step < total_steps and not stop.requested:
         batch = next(batches)
         state, step_metrics = step_fn(state, batch)
         step += 1
+        if step == start_step + 1:
+          wait_for_first_step(step, step_metrics, started)
+        queue.push(step_metrics)
         trace.after_step(step, step_metrics)
         pending.append((step, step_metrics))
         last = step == total_steps
         if step % config.train.log_every == 0 or last:
           summary["loss"] = log_metrics(step, pending, peak, progress, writer)["loss"]
+          summary["loss_step"] = step
           pending = []
         if step % config.train.image_every == 0 or last:
           write_reconstructions(workdir, writer, model, state.params,
@@ -260,6 +302,7 @@ def train(config, workdir: str) -> dict:
         if step % config.train.checkpoint_every == 0 or last or stop.should_stop(step):
           check_finite(step, pending, peak)  # a non-finite state is never saved
           pending = []
+          logging.info("saving checkpoint %d in %s", step, ckpt.directory)
           ckpt.save(step, state)
       if stop.requested:
         logging.warning("stopped by %s at step %d; checkpoint saved in %s; rerun the same "

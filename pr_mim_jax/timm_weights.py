@@ -27,10 +27,17 @@ SINCOS_ATOL = 1e-5  # a stored sin-cos table matches ours to float32 rounding
 MAE_DECODER_HEADS = {512: 16}  # official MAE decoder width -> heads
 IGNORED = ("head.weight", "head.bias")  # a classifier head: our encoder has none
 _MAX_LISTED = 10
-# (timm model name, width, depth, heads) of the standard ViTs.
-_TIMM_NAMES = (("vit_tiny_patch16_224", 192, 12, 3), ("vit_small_patch16_224", 384, 12, 6),
-               ("vit_base_patch16_224", 768, 12, 12), ("vit_large_patch16_224", 1024, 24, 16),
-               ("vit_huge_patch14_224", 1280, 32, 16))
+# timm's plain ViT entrypoints (vision_transformer.py: class token, token pooling, MLP ratio
+# 4, nothing else set), by size: (embed_dim, depth, num_heads), then (patch_size, img_size)s.
+# Each calls VisionTransformer(**dict(its shape, **kwargs)): our kwargs override its shape.
+_TIMM_VITS = {
+    "tiny": ((192, 12, 3), ((16, 224), (16, 384))),
+    "small": ((384, 12, 6), ((32, 224), (32, 384), (16, 224), (16, 384), (8, 224))),
+    "base": ((768, 12, 12), ((32, 224), (32, 384), (16, 224), (16, 384), (8, 224))),
+    "large": ((1024, 24, 16), ((32, 224), (32, 384), (16, 224), (16, 384), (14, 224))),
+    "huge": ((1280, 32, 16), ((14, 224),)),
+}
+TIMM_FALLBACK = "vit_base_patch16_224"  # the base when no entrypoint has our patch size
 
 
 class WeightsError(UserError):
@@ -313,12 +320,48 @@ def to_state_dict(params: dict, arch: Arch, with_decoder: bool = False) -> dict[
   return out
 
 
+def timm_architectures() -> dict[str, dict]:
+  """timm entrypoint name -> the shape kwargs it builds when given none."""
+  return {f"vit_{size}_patch{patch}_{img}": dict(img_size=img, patch_size=patch, embed_dim=width,
+                                                 depth=depth, num_heads=heads, mlp_ratio=4.0)
+          for size, ((width, depth, heads), shapes) in _TIMM_VITS.items()
+          for patch, img in shapes}
+
+
+def shape_kwargs(arch: Arch) -> dict:
+  """The create_model kwargs that fix the encoder's shape (those timm_architectures lists)."""
+  return dict(embed_dim=arch.width, depth=arch.depth, num_heads=arch.heads,
+              patch_size=arch.patch, img_size=arch.image_size, mlp_ratio=arch.mlp_ratio)
+
+
+def base_architecture(shape: dict, known: dict) -> str:
+  """The entrypoint whose shape is `shape`, else the nearest one: same patch size first,
+  then width, depth / heads, image size; ties go to the Base width (ViT-B/p)."""
+  def rank(name):
+    k = known[name]
+    return tuple(k[f] == shape[f] for f in ("patch_size", "embed_dim", "depth", "num_heads",
+                                              "img_size")) + (k["embed_dim"] == 768,)
+  best = max(known, key=rank)
+  return best if known[best]["patch_size"] == shape["patch_size"] else TIMM_FALLBACK
+
+
+def override_note(name: str, shape: dict, known: dict) -> str:
+  """'' when `shape` is entrypoint `name`'s; else a sentence listing every kwarg that differs."""
+  diffs = [f"{f}={v:g} (not {known[name][f]:g})" for f, v in shape.items() if v != known[name][f]]
+  if not diffs:
+    return ""
+  return (f"not a standard timm model: kwargs override the architecture of {name}: "
+          + ", ".join(diffs))
+
+
 def timm_model(arch: Arch) -> dict:
-  """{'name', 'kwargs'} so that timm.create_model(name, pretrained=False, **kwargs) builds
-  the encoder: a standard name when the shape is one, always with explicit kwargs."""
-  name = next((n for n, w, d, h in _TIMM_NAMES
-               if (w, d, h) == (arch.width, arch.depth, arch.heads)), "vit_base_patch16_224")
-  kwargs = dict(img_size=arch.image_size, patch_size=arch.patch, embed_dim=arch.width,
-                depth=arch.depth, num_heads=arch.heads, mlp_ratio=arch.mlp_ratio,
-                class_token=True, global_pool="token", num_classes=0)
-  return {"name": name, "kwargs": kwargs}
+  """{'name', 'kwargs'[, 'note']} so that timm.create_model(name, pretrained=False, **kwargs)
+  builds the encoder. The name is timm's own when the shape (width, depth, heads, patch,
+  image size, MLP ratio) is exactly one of its plain ViTs; otherwise it is the nearest such
+  ViT (same patch size when timm has one), and 'note' says which kwargs override it, so the
+  name never passes for the architecture. The kwargs always spell out the whole shape."""
+  known, shape = timm_architectures(), shape_kwargs(arch)
+  name = base_architecture(shape, known)
+  kwargs = dict(shape, class_token=True, global_pool="token", num_classes=0)
+  note = override_note(name, shape, known)
+  return {"name": name, "kwargs": kwargs, **({"note": note} if note else {})}

@@ -1,35 +1,44 @@
-"""Pictures of the token split and of reconstructions (NumPy, for PNGs and TensorBoard).
+"""Pictures of the token split and of reconstructions (NumPy + Pillow, for PNGs and TensorBoard).
 
-A row of `reconstruction_grid` is original | token map | reconstruction.
+A row of `reconstruction_grid` is original | token map | reconstruction; a title band names
+the columns and a legend under the tiles explains the markings. Tiles are upscaled (nearest
+neighbour) to at least MIN_TILE px so that the text fits.
 
 Token map (`token_map`), per patch class:
 - visible: the image as it is;
 - decoded (masked, reconstructed by the decoder): flat grey (128, 128, 128);
-- thrown (masked, never decoded): dark red (140, 20, 20) over a faint copy of the image
-  (25% image), so the eye reads them as "thrown" and still sees what was there.
+- thrown (masked, never decoded): opaque diagonal stripes of black and yellow (MARK_DARK,
+  MARK_LIGHT). Two far-apart colours in a regular pattern stay visible on any image; a
+  see-through tint vanished on images of that colour. The original column shows what was there.
 
-Reconstruction: visible patches as they are, decoded patches predicted. Thrown patches
-are predicted when `pred_throw` is given (PR-MIM), with a light red tint (30% of
-(220, 40, 40)) to mark them; without predictions (partial reconstruction) they are solid
-dark red. Predictions of `norm_pixel` are mapped back to pixels with each patch's own
-mean and std (as MAE's demo does). `hog` predictions are not pixels, so for that target
-the reconstruction column is left out.
+Reconstruction: visible patches as they are, decoded patches predicted. Thrown patches are
+predicted when `pred_throw` is given (PR-MIM) and framed by a dashed black-and-yellow border
+(the same stripes, on the patch's edge only), so the prediction shows inside the frame;
+without predictions (partial reconstruction) they carry the token map's stripes. Predictions
+of `norm_pixel` are mapped back to pixels with each patch's own mean and std (as MAE's demo
+does). `hog` predictions are not pixels, so for that target the reconstruction column is left
+out.
 """
 
 import io
+import math
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from pr_mim_jax.models import vit
 
 GREY = 0.5  # decoded patches in the token map, in [0, 1] display units
-THROWN_RGB = (140, 20, 20)  # thrown patches: token map tint; reconstruction with no prediction
-THROWN_IMAGE_ALPHA = 0.25  # share of the image kept under the token map's thrown tint
-PRED_TINT_RGB = (220, 40, 40)  # tint over predicted thrown patches
-PRED_TINT_ALPHA = 0.3
+MARK_DARK = (0, 0, 0)  # thrown-patch stripes and frames: two far-apart colours
+MARK_LIGHT = (255, 221, 0)
 VISIBLE, DECODED, THROWN = 0, 1, 2  # patch classes
 NORM_EPS = 1e-6
+MIN_TILE = 128  # px; reconstruction_grid upscales smaller tiles so titles fit above them
+TITLE_PX = 16  # font size of column titles (shrunk to fit narrow tiles)
+LEGEND_PX = 14  # font size of the legend
+TEXT_RGB = (0, 0, 0)
+BACKGROUND = 255  # white gaps and text bands
+PAD = 4  # px around text
 
 
 def patch_classes(ids_vis, ids_dec, num_patches: int) -> np.ndarray:
@@ -49,9 +58,31 @@ def _pixel_classes(classes: np.ndarray, patch: int) -> np.ndarray:
   return np.repeat(np.repeat(grid_cls, patch, axis=1), patch, axis=2)
 
 
-def _blend(pixels, rgb, alpha: float):
-  """alpha * rgb + (1 - alpha) * pixels, float."""
-  return alpha * np.asarray(rgb, np.float32) + (1.0 - alpha) * pixels
+def stripes(height: int, width: int, stripe: int) -> np.ndarray:
+  """uint8 [height, width, 3]: diagonal stripes of MARK_DARK and MARK_LIGHT, `stripe` px apart.
+
+  The thrown-patch marking: no solid image content looks like it.
+  """
+  y, x = np.indices((height, width))
+  dark = ((x + y) // max(1, stripe)) % 2 == 0  # [height, width]
+  return np.where(dark[..., None], MARK_DARK, MARK_LIGHT).astype(np.uint8)
+
+
+def patch_frame(height: int, width: int, patch: int, border: int) -> np.ndarray:
+  """bool [height, width]: pixels within `border` px of their patch's edge."""
+  y, x = np.indices((height, width))
+  near = lambda v: (v % patch < border) | (v % patch >= patch - border)
+  return near(y) | near(x)
+
+
+def _stripe_px(patch: int) -> int:
+  """Stripe (and dash) width: two dark-light periods per patch."""
+  return max(1, patch // 4)
+
+
+def _frame_px(patch: int) -> int:
+  """Frame width around predicted thrown patches: thin, so the prediction shows."""
+  return max(1, patch // 8)
 
 
 def token_map(images, ids_vis, ids_dec, ids_throw, patch: int, denormalize) -> np.ndarray:
@@ -66,7 +97,7 @@ def token_map(images, ids_vis, ids_dec, ids_throw, patch: int, denormalize) -> n
   where = _pixel_classes(classes, patch)[..., None]  # [B, H, W, 1]
   pixels = np.asarray(denormalize(images), np.float32)  # [B, H, W, 3] in 0..255
   out = np.where(where == DECODED, GREY * 255, pixels)
-  out = np.where(where == THROWN, _blend(pixels, THROWN_RGB, 1 - THROWN_IMAGE_ALPHA), out)
+  out = np.where(where == THROWN, stripes(*images.shape[1:3], _stripe_px(patch)), out)
   return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
@@ -83,7 +114,10 @@ def _pred_to_patches(pred, patches, ids, target: str) -> np.ndarray:
 
 def reconstruction(images, pred_dec, ids_vis, ids_dec, patch: int, target: str, denormalize,
                    ids_throw=None, pred_throw=None) -> np.ndarray:
-  """uint8 [B, H, W, 3]: visible as they are, decoded (and thrown, if given) predicted."""
+  """uint8 [B, H, W, 3]: visible as they are, decoded (and thrown, if given) predicted.
+
+  Thrown patches are framed by stripes when predicted, filled with stripes when not.
+  """
   if pred_throw is not None and ids_throw is None:
     raise ValueError("pred_throw needs ids_throw")
   images = np.asarray(images, np.float32)
@@ -93,28 +127,137 @@ def reconstruction(images, pred_dec, ids_vis, ids_dec, patch: int, target: str, 
   recon[rows, np.asarray(ids_dec)] = _pred_to_patches(pred_dec, patches, ids_dec, target)
   if pred_throw is not None:
     recon[rows, np.asarray(ids_throw)] = _pred_to_patches(pred_throw, patches, ids_throw, target)
-  pixels = np.asarray(denormalize(vit.unpatchify(recon, patch)), np.float32)
+  pixels = np.asarray(denormalize(vit.unpatchify(recon, patch)), np.float32)  # [B, H, W, 3]
   where = _pixel_classes(patch_classes(ids_vis, ids_dec, patches.shape[1]), patch)[..., None]
-  thrown = (_blend(pixels, PRED_TINT_RGB, PRED_TINT_ALPHA) if pred_throw is not None
-            else np.broadcast_to(np.asarray(THROWN_RGB, np.float32), pixels.shape))
+  h, w = pixels.shape[1:3]
+  marks = stripes(h, w, _stripe_px(patch))  # [H, W, 3]
+  if pred_throw is not None:
+    frame = patch_frame(h, w, patch, _frame_px(patch))[..., None]  # [H, W, 1]
+    thrown = np.where(frame, marks, pixels)
+  else:
+    thrown = np.broadcast_to(marks, pixels.shape)
   out = np.where(where == THROWN, thrown, pixels)
   return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
-def grid(rows: list[list[np.ndarray]], gap: int = 2) -> np.ndarray:
-  """Tiles of equal size -> one uint8 picture with white gaps."""
+def font(px: int):
+  """Pillow's built-in font at `px` px (Pillow >= 10.1); older Pillow has one small size."""
+  try:
+    return ImageFont.load_default(size=px)
+  except TypeError:  # Pillow < 10.1: load_default() takes no size
+    return ImageFont.load_default()
+
+
+def _text_width(text: str, fnt) -> int:
+  left, _, right, _ = fnt.getbbox(text)
+  return right - left
+
+
+def _text_rows(fnt) -> tuple[int, int]:
+  """(top, bottom) of a line's ink below the point it is drawn at."""
+  _, top, _, bottom = fnt.getbbox("Agjy")
+  return top, bottom
+
+
+def _title_font(titles, tile_w: int):
+  """The largest font, up to TITLE_PX, in which every title fits its column."""
+  for px in range(TITLE_PX, 7, -1):
+    fnt = font(px)
+    if max(_text_width(t, fnt) for t in titles) <= tile_w - 2 * PAD:
+      return fnt
+  return fnt
+
+
+def title_band(titles, tile_w: int, gap: int, width: int) -> np.ndarray:
+  """uint8 [h, width, 3]: each title centred over its column of tile_w px (gap px apart)."""
+  fnt = _title_font(titles, tile_w)
+  top, bottom = _text_rows(fnt)
+  band = Image.new("RGB", (width, bottom - top + 2 * PAD), (BACKGROUND,) * 3)
+  draw = ImageDraw.Draw(band)
+  for j, text in enumerate(titles):
+    left = fnt.getbbox(text)[0]
+    x = j * (tile_w + gap) + (tile_w - _text_width(text, fnt)) // 2 - left
+    draw.text((x, PAD - top), text, fill=TEXT_RGB, font=fnt)
+  return np.asarray(band)
+
+
+def legend_items(reconstructed: bool = False, predicted_thrown: bool = False,
+                 swatch: int = LEGEND_PX + 4) -> list:
+  """[(swatch uint8 [s, s, 3] or None, text)]: each marking drawn as in the tiles, and its meaning.
+
+  reconstructed: the picture has a reconstruction column (decoded patches are grey only in
+  the token map); predicted_thrown: it frames predicted thrown patches (PR-MIM).
+  """
+  s = swatch
+  marks = stripes(s, s, s // 4)  # [s, s, 3]
+  decoded = "decoded: masked, reconstructed" + (" (grey in token map)" if reconstructed else "")
+  items = [(None, "visible: the image"),
+           (np.full((s, s, 3), round(GREY * 255), np.uint8), decoded),
+           (marks, "thrown: masked, never decoded")]
+  if predicted_thrown:
+    frame = patch_frame(s, s, s, max(2, s // 8))[..., None]  # [s, s, 1]
+    framed = np.where(frame, marks, np.uint8(BACKGROUND)).astype(np.uint8)
+    items.append((framed, "thrown, predicted (PR-MIM)"))
+  return items
+
+
+def _legend_layout(items, width: int, fnt) -> tuple[list, int, int]:
+  """Left-to-right flow of the items, wrapped at `width`: ([(x, y)], line height, height)."""
+  top, bottom = _text_rows(fnt)
+  line = max([bottom - top] + [sw.shape[0] for sw, _ in items if sw is not None])
+  x, y, spots = PAD, PAD, []
+  for sw, text in items:
+    w = (0 if sw is None else sw.shape[1] + PAD) + _text_width(text, fnt)
+    if x > PAD and x + w > width - PAD:
+      x, y = PAD, y + line + PAD
+    spots.append((x, y))
+    x += w + 4 * PAD
+  return spots, line, y + line + PAD
+
+
+def legend_band(items, width: int) -> np.ndarray:
+  """uint8 [h, width, 3]: the legend items (legend_items), wrapped to the picture's width."""
+  fnt = font(LEGEND_PX)
+  spots, line, height = _legend_layout(items, width, fnt)
+  top, bottom = _text_rows(fnt)
+  band = Image.new("RGB", (width, height), (BACKGROUND,) * 3)
+  draw = ImageDraw.Draw(band)
+  for (sw, text), (x, y) in zip(items, spots):
+    if sw is not None:
+      band.paste(Image.fromarray(sw), (x, y + (line - sw.shape[0]) // 2))
+      x += sw.shape[1] + PAD
+    draw.text((x - fnt.getbbox(text)[0], y + (line - bottom - top) // 2), text, fill=TEXT_RGB,
+              font=fnt)
+  return np.asarray(band)
+
+
+def grid(rows: list[list[np.ndarray]], gap: int = 2, titles=None, legend=None) -> np.ndarray:
+  """Tiles of equal size -> one uint8 picture with white gaps.
+
+  titles: one per column, drawn in a band above the tiles; legend: legend_items, drawn below.
+  """
   h, w = rows[0][0].shape[:2]
   ncol = max(len(r) for r in rows)
-  out = np.full((len(rows) * (h + gap) - gap, ncol * (w + gap) - gap, 3), 255, np.uint8)
+  out = np.full((len(rows) * (h + gap) - gap, ncol * (w + gap) - gap, 3), BACKGROUND, np.uint8)
   for i, row in enumerate(rows):
     for j, tile in enumerate(row):
       out[i * (h + gap):i * (h + gap) + h, j * (w + gap):j * (w + gap) + w] = tile
-  return out
+  bands = [out]
+  if titles:
+    bands.insert(0, title_band(titles, w, gap, out.shape[1]))
+  if legend:
+    bands.append(legend_band(legend, out.shape[1]))
+  return np.concatenate(bands, axis=0)
 
 
 def upscale(image: np.ndarray, factor: int) -> np.ndarray:
   """Nearest-neighbour integer upscaling of [..., H, W, C], so patches stay sharp."""
   return np.repeat(np.repeat(image, factor, axis=-3), factor, axis=-2)
+
+
+def fit_factor(size: int, min_size: int = MIN_TILE) -> int:
+  """Smallest integer upscaling that makes `size` px at least `min_size` px."""
+  return max(1, math.ceil(min_size / size))
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -124,15 +267,23 @@ def encode_png(image: np.ndarray) -> bytes:
 
 
 def reconstruction_grid(images, pred_dec, ids_vis, ids_dec, patch, target, denormalize,
-                        ids_throw=None, pred_throw=None) -> np.ndarray:
+                        ids_throw=None, pred_throw=None, *, scale=None) -> np.ndarray:
   """One row per example: original | token map | reconstruction, as uint8 [H', W', 3].
 
   pred_dec: [B, n_dec, P] predictions of the decoded patches; pred_throw: [B, n_throw, P]
   of the thrown ones (PR-MIM) or None. For target 'hog' the row is original | token map.
+  Columns are titled and a legend explains the markings; tiles are upscaled by `scale`
+  (None: the smallest factor that makes them >= MIN_TILE px, room for the titles).
   """
-  originals = np.asarray(denormalize(np.asarray(images, np.float32)), np.uint8)
+  originals = np.asarray(denormalize(np.asarray(images, np.float32)), np.uint8)  # [B, H, W, 3]
   columns = [originals, token_map(images, ids_vis, ids_dec, ids_throw, patch, denormalize)]
+  titles = ["original", "token map"]
   if target != "hog":
     columns.append(reconstruction(images, pred_dec, ids_vis, ids_dec, patch, target,
                                   denormalize, ids_throw, pred_throw))
-  return grid([list(row) for row in zip(*columns)])
+    titles.append("reconstruction")
+  factor = scale or fit_factor(originals.shape[2])
+  columns = [upscale(c, factor) for c in columns]
+  legend = legend_items(reconstructed=target != "hog",
+                        predicted_thrown=target != "hog" and pred_throw is not None)
+  return grid([list(row) for row in zip(*columns)], titles=titles, legend=legend)

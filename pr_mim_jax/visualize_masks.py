@@ -6,13 +6,13 @@ r"""Pictures of the token split under each throw strategy, on real images of a c
 Writes masks_random.png, masks_running_cell.png, masks_furthest.png (one row per image:
 original | token map) and masks_compare.png (original | random | running_cell | furthest).
 All strategies draw from the same rng, so every row has the same visible set in every
-picture. Colours are those of visualize.token_map: visible as is, decoded grey, thrown dark
-red over a faint copy of the image. Uses the config's image size, patch, mask_ratio and
-throw_ratio (0.5 when the config throws nothing, e.g. MAE) and the eval split of its
-(labeled) dataset. Pictures are upscaled (nearest neighbour) to at least 192 px.
+picture. Markings are those of visualize.token_map: visible as is, decoded flat grey, thrown
+opaque black-and-yellow diagonal stripes (visible on any image). A title band names the
+columns and a legend under the tiles explains the markings. Uses the config's image size,
+patch, mask_ratio and throw_ratio (0.5 when the config throws nothing, e.g. MAE) and the eval
+split of its (labeled) dataset. Tiles are upscaled (nearest neighbour) to at least 192 px.
 """
 
-import math
 import os
 import sys
 import types
@@ -39,7 +39,7 @@ def _define_flags() -> types.SimpleNamespace:
       num_images=flags.DEFINE_integer("num_images", 8, "Images (rows) per picture."),
       seed=flags.DEFINE_integer("seed", 0, "Seed of the masks."))
 
-MIN_WIDTH = 192  # px; smaller images are upscaled by an integer factor
+MIN_WIDTH = 192  # px; smaller images are upscaled by an integer factor (room for titles)
 DEFAULT_THROW = 0.5  # throw_ratio used when the config throws nothing
 
 
@@ -89,14 +89,18 @@ def write_pictures(config, out: str, num_images: int = 8, seed: int = 0) -> list
     masks = jax.device_get(masking.make_masks(rng, images.shape[0], split, strategy, grid))
     maps[strategy] = visualize.token_map(images, masks.ids_vis, masks.ids_dec, masks.ids_throw,
                                          patch, pipeline.denormalize)  # [N, S, S, 3]
-  factor = max(1, math.ceil(MIN_WIDTH / size))
+  factor = visualize.fit_factor(size, MIN_WIDTH)
   originals = visualize.upscale(pipeline.denormalize(images), factor)
   maps = {k: visualize.upscale(v, factor) for k, v in maps.items()}
 
-  pictures = {f"masks_{s}.png": visualize.grid([[o, m] for o, m in zip(originals, maps[s])])
+  legend = visualize.legend_items()
+  pictures = {f"masks_{s}.png": visualize.grid([[o, m] for o, m in zip(originals, maps[s])],
+                                               titles=["original", f"token map: {s}"],
+                                               legend=legend)
               for s in masking.THROW_STRATEGIES}
   pictures["masks_compare.png"] = visualize.grid(
-      [[o, *(maps[s][i] for s in masking.THROW_STRATEGIES)] for i, o in enumerate(originals)])
+      [[o, *(maps[s][i] for s in masking.THROW_STRATEGIES)] for i, o in enumerate(originals)],
+      titles=["original", *masking.THROW_STRATEGIES], legend=legend)
   paths = []
   for name, picture in pictures.items():
     path = os.path.join(out, name)

@@ -20,6 +20,7 @@ from pr_mim_jax import pretrain
 from pr_mim_jax import sharding
 from pr_mim_jax.errors import UserError
 from pr_mim_jax.models import mae
+from pr_mim_jax.models import vit
 
 # The embedded dataset's 'easy' variant at 32 px: a tiny encoder trains in seconds, and its
 # classes are linearly separable. (On the default 'hard' variant a briefly pre-trained encoder
@@ -40,6 +41,13 @@ def eval_config(mode, init, **overrides):
       "eval.batch_size": 24,  # 100 test images: the last batch is padded
       "optim.epochs": 2.0, "optim.warmup_epochs": 0.5, "train.log_every": 4,
       "train.checkpoint_every": 1000, **overrides})
+
+
+def load_knn_config(arg):
+  spec = importlib.util.spec_from_file_location("knn_config", ROOT / "configs" / "knn.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +74,7 @@ def fresh_state(config, pretrained_encoder: bool):
   model = classify.build_model(model_cfg, config, num_classes)
   mesh = sharding.make_mesh()
   with jax.set_mesh(mesh):
-    encoder = classify.read_pretrained_encoder(config, mesh) if pretrained_encoder else None
+    encoder = classify.read_pretrained_encoder(config, mesh, False) if pretrained_encoder else None
     state, _, _ = classify.create_state(
         config, model, lambda p: classify.make_optimizer(config, lambda s: 1e-3, p, 2), mesh,
         sharding.DATA_PARALLEL_RULES, encoder)
@@ -160,10 +168,7 @@ def test_random_init_needs_a_variant():
 def test_knn_mode_matches_the_pretraining_monitor(pretrained, tmp_path):
   """configs/knn.py streams features through a bare encoder; the monitor uses the MAE model
   on in-memory arrays. Both must give the same accuracy."""
-  spec = importlib.util.spec_from_file_location("knn_config", ROOT / "configs" / "knn.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = apply_overrides(module.get_config(f"init={pretrained},dataset=shapes"), {
+  config = apply_overrides(load_knn_config(f"init={pretrained},dataset=shapes"), {
       **DATA, "knn.train_examples": 200, "knn.test_examples": 50, "knn.batch_size": 32, "knn.k": 5})
   got = classify.knn_eval(config, str(tmp_path / "knn"))["knn_top1"]
   pre = apply_overrides(load_config("method=pr_mim,dataset=shapes"), PRETRAIN)
@@ -239,3 +244,72 @@ def test_linear_probe_defaults_are_maes():
           c.optim.warmup_epochs, c.optim.weight_decay) == ("lars", 0.1, 16384, 90.0, 10.0, 0.0)
   assert (c.head.pool, c.head.kind, c.head.freeze_encoder, c.data.augment) == (
       "cls", "batchnorm_linear", True, "crop_flip")
+
+
+def test_result_line_names_the_step_of_its_numbers():
+  config = eval_config("finetune", "")
+  stopped = {"step": 443, "total_steps": 1000, "eval_step": 312, "eval_top1": 0.18,
+             "eval_top5": 0.625}
+  line = classify.result_line(config, stopped)
+  assert "top-1 18.00%" in line and "at step 312 of 1000" in line
+  assert "stopped at step 443" in line
+  finished = dict(stopped, step=1000, eval_step=1000)
+  assert "stopped" not in classify.result_line(config, finished)
+  assert "no evaluation" in classify.result_line(config, {"step": 5, "total_steps": 1000})
+
+
+class _StopAt:
+  """A stop request that arrives at `step` (what SIGTERM does, without a signal)."""
+
+  def __init__(self, step):
+    self.step, self.requested, self.signal_name = step, False, "test stop"
+
+  def should_stop(self, step):
+    self.requested = self.requested or step >= self.step
+    return self.requested
+
+  def restore(self):
+    pass
+
+
+def test_stopped_run_reports_its_last_evaluation_step_and_resumes_scanned(pretrained, tmp_path,
+                                                                         monkeypatch):
+  """Stopped at step 3 with the last evaluation at step 2: the summary says so. The resume
+  runs with scan_layers=True, so the unscanned checkpoint is relaid on restore."""
+  workdir = str(tmp_path / "ft")
+  overrides = {"train.total_steps": 4, "train.eval_every": 2, "eval.num_examples": 24}
+  monkeypatch.setattr(classify.preemption, "StopRequest", lambda: _StopAt(3))
+  summary = classify.train(eval_config("finetune", pretrained, **overrides), workdir)
+  assert (summary["step"], summary["eval_step"], summary["stopped"]) == (3, 2, True)
+  monkeypatch.undo()
+  config = eval_config("finetune", pretrained, **overrides, **{"model.scan_layers": True})
+  resumed = classify.train(config, workdir)
+  assert (resumed["start_step"], resumed["step"], resumed["eval_step"]) == (3, 4, 4)
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  again = classify.train(config, workdir)  # finished: nothing recomputed or appended
+  assert again["finished_before"] and again["eval_top1"] == resumed["eval_top1"]
+  assert [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))] == rows
+
+
+def test_knn_reads_a_scanned_checkpoint(pretrained, tmp_path):
+  """The same weights saved with stacked blocks (scan_layers=True) give the same k-NN."""
+  scanned = tmp_path / "scanned"
+  scanned.mkdir()
+  config = json.loads(open(os.path.join(pretrained, "config.json")).read())
+  config["model"]["scan_layers"] = True
+  (scanned / "config.json").write_text(json.dumps(config))
+  ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(pretrained))
+  try:
+    params, step = ckpt.restore_subtree(("params",), sharding.replicated(sharding.make_mesh()))
+  finally:
+    ckpt.close()
+  out = checkpointing.Checkpointer(checkpointing.checkpoint_dir(str(scanned)))
+  try:
+    out.save(step, {"params": vit.scan_params(params)})
+  finally:
+    out.close()
+  knn = {"knn.train_examples": 100, "knn.test_examples": 50, "knn.batch_size": 32, "knn.k": 5}
+  tops = [classify.knn_eval(apply_overrides(load_knn_config(f"init={init},dataset=shapes"),
+                                            {**DATA, **knn}), str(tmp_path / name))["knn_top1"]
+          for name, init in (("plain", pretrained), ("from_scanned", scanned))]
+  assert tops[0] == tops[1]

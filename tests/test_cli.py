@@ -1,11 +1,17 @@
-"""Command-line help: every entry point answers -h / --help / --helpshort / --helpfull."""
+"""Command line: every entry point answers -h / --help / --helpfull; mistakes are one line."""
 
+import logging
 import subprocess
 import sys
 
+import ml_collections
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from conftest import ROOT
+from pr_mim_jax import cli
+from pr_mim_jax import log_filters
 
 ENTRY_POINTS = ("main", "convert", "benchmark", "study", "visualize_masks", "gradient_study",
                 "input_benchmark", "compile_report")
@@ -32,3 +38,137 @@ def test_help_variants(flag):
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "--workdir" in proc.stdout
   assert ("logtostderr" in proc.stdout) == (flag == "--helpfull")
+
+
+# ----------------------------------------------------------------------------------------
+# User mistakes in flags and config overrides: one `error:` line naming the field and the fix.
+
+CONFIG = "configs/pretrain.py:dataset=shapes"
+
+
+def _parse_error(monkeypatch, capsys, *args, config=CONFIG):
+  """The stderr lines of cli.parse_flags on `args`, in-process, with a fresh FlagValues."""
+  monkeypatch.chdir(ROOT)
+  argv = ["prog", *([f"--config={config}"] if config else []), *args]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "Config file.", flag_values=fv,
+                                  lock_config=True, sys_argv=argv)
+  flags.DEFINE_integer("num_processes", 0, "Processes.", flag_values=fv)
+  with pytest.raises(SystemExit) as e:
+    cli.parse_flags(argv, {"config": CONFIG}, fv)
+  assert e.value.code == 2
+  out = capsys.readouterr()
+  assert out.out == ""
+  return out.err.splitlines()
+
+
+@pytest.mark.parametrize("arg,line", [
+    ("--config.optim.base_lrr=1e-3",
+     "--config.optim.base_lrr: unknown config field optim.base_lrr; did you mean optim.base_lr?"),
+    ("--config.optimm.base_lr=1",
+     "--config.optimm.base_lr: unknown config field optimm.base_lr; did you mean optim.base_lr?"),
+    ("--config.optimm.base_lrr=1",
+     "--config.optimm.base_lrr: unknown config field optimm.base_lrr; did you mean optim.base_lr?"),
+    ("--config.batch_size=abc", "--config.batch_size=abc: expected an integer"),
+    ("--config.optim.base_lr=abc", "--config.optim.base_lr=abc: expected a number"),
+    ("--num_processes=x", "--num_processes=x: expected an integer"),
+    ("--bogus=1", "Unknown command line flag 'bogus' (see --helpfull)"),
+    ("--config.model.variant.x=1", "--config.model.variant.x: config field model.variant is a "
+     "str, not a group of fields; set it with --config.model.variant=VALUE"),
+])
+def test_flag_mistakes_are_one_line_with_the_fix(monkeypatch, capsys, arg, line):
+  assert _parse_error(monkeypatch, capsys, arg) == [f"error: {line}"]
+
+
+def test_unknown_field_without_close_match_lists_the_fields(monkeypatch, capsys):
+  [line] = _parse_error(monkeypatch, capsys, "--config.optim.zzz=1")
+  assert line.startswith("error: --config.optim.zzz: unknown config field optim.zzz; "
+                         "config.optim has fields ")
+  assert "base_lr, " in line and "helpfull" not in line
+
+
+def test_group_given_a_value_names_its_fields(monkeypatch, capsys):
+  [line] = _parse_error(monkeypatch, capsys, "--config.optim=1")
+  assert line.startswith("error: --config.optim=1: optim is a group of fields (")
+  assert "base_lr" in line and "--config.optim." in line and "helpfull" not in line
+
+
+def test_override_without_config_file_says_which_flag(monkeypatch, capsys):
+  assert _parse_error(monkeypatch, capsys, "--config.optim.base_lr=1", config=None) == [
+      f"error: --config.optim.base_lr: a config override needs --config first, e.g. "
+      f"--config={CONFIG}"]
+
+
+def test_field_problem_walks_and_fixes_each_step():
+  config = ml_collections.ConfigDict({"optim": {"base_lr": 1.0, "b1": 0.9}, "seed": 0})
+  assert cli.field_problem(config, "optim.base_lr") is None
+  assert cli.field_problem(config, "optim.base_lrr") == (
+      "unknown config field optim.base_lrr; did you mean optim.base_lr?")
+  assert cli.field_problem(config, "optimm.b1") == (
+      "unknown config field optimm.b1; did you mean optim.b1?")
+  assert cli.field_problem(config, "xyz") == (
+      "unknown config field xyz; config has fields optim, seed")
+
+
+def test_unknown_key_fallback_reads_ml_collections_message():
+  """Without a reloadable config, ml_collections' own 'Did you mean' is used."""
+  try:
+    try:
+      raise KeyError("base_lrr")
+    except KeyError as inner:
+      raise KeyError('\'base_lrr\'\nDid you mean "base_lr" instead of "base_lrr"?') from inner
+  except KeyError as outer:
+    error = AttributeError(outer)
+    error.__cause__ = outer
+  assert cli._unknown_key(["prog", "--config.optim.base_lrr=1"], error) == (
+      "--config.optim.base_lrr: unknown config field optim.base_lrr; did you mean optim.base_lr?")
+
+
+def test_run_installs_the_log_filters():
+  logger = logging.getLogger(log_filters.JAX_BACKEND_LOGGER)
+  assert cli.run(lambda: 0, {}, ["prog"], flags.FlagValues()) == 0
+  assert sum(isinstance(f, log_filters.DropMissingLibtpu) for f in logger.filters) == 1
+
+
+def test_misspelt_field_end_to_end(tmp_path):
+  """The item as a user meets it: python -m pr_mim_jax.main ... --config.optim.base_lrr=1e-3."""
+  proc = _run("main", f"--config={CONFIG}", f"--workdir={tmp_path}/wd",
+              "--config.optim.base_lrr=1e-3")
+  assert proc.returncode == 2
+  assert proc.stderr.splitlines() == [
+      "error: --config.optim.base_lrr: unknown config field optim.base_lrr; "
+      "did you mean optim.base_lr?"]
+  assert not (tmp_path / "wd").exists()
+
+
+def _config_flag_values():
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "Config file.", flag_values=fv)
+  return fv
+
+
+@pytest.mark.parametrize("file,arguments", [
+    ("configs/pretrain.py", ("method  (default 'pr_mim')", "variant  (default '')",
+                             "dataset  (default 'imagenet2012')")),
+    ("configs/finetune.py", ("init  (default '')", "variant  (default '')")),
+    ("configs/knn.py", ("init  (default '')",)),
+    ("configs/study.py", ("setting  (default 'cpu')",)),
+])
+def test_help_with_a_config_file_prints_its_description_and_arguments(file, arguments,
+                                                                      monkeypatch):
+  monkeypatch.chdir(ROOT)
+  text = cli.cli_help.usage(["prog", f"--config={file}:dataset=shapes", "--help"], full=False,
+                            flag_values=_config_flag_values())
+  assert f"Config file {file}:" in text
+  assert "python -m pr_mim_jax." in text  # the file's own docstring, with its example command
+  assert f"Arguments, as --config={file}:key=value,...:" in text
+  for line in arguments:
+    assert line in text
+
+
+def test_help_without_a_config_file_says_how_to_see_one():
+  text = cli.cli_help.usage(["prog", "--help"], full=False, flag_values=_config_flag_values())
+  assert "Add --config=FILE to --help" in text
+  missing = cli.cli_help.usage(["prog", "--config=nope.py", "-h"], full=False,
+                               flag_values=_config_flag_values())
+  assert "--config=nope.py: no such config file." in missing

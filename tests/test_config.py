@@ -217,7 +217,7 @@ INVALID = [
     ({'masking.throw_ratio': 0.75}, 'masking.throw_ratio'),  # == mask_ratio
     ({'masking.throw_ratio': 0.9}, 'masking.throw_ratio'),
     ({'masking.throw_ratio': -0.1}, 'masking.throw_ratio'),
-    ({'masking.mask_ratio': 0.999}, 'masking'),  # round(196 * 0.001) = 0 visible
+    ({'masking.mask_ratio': 0.999}, 'masking'),  # int(196 * 0.001) = 0 visible
     ({'masking.throw_ratio': 0.749}, 'masking'),  # 49 visible + 147 thrown: 0 decoded
     ({'loss.target': 'sift'}, 'loss.target'),
     ({'model.variant': 'B/7', 'loss.target': 'hog'}, 'loss.target'),  # odd patch: no 2x2 cells

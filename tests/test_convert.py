@@ -58,6 +58,21 @@ def test_workdir_exports_back_to_the_same_mae_file(workdir, tmp_path):
   assert meta["posemb"] == "sincos"
 
 
+def test_export_of_a_non_standard_shape_says_the_kwargs_override_the_name(workdir, tmp_path):
+  # width 32, depth 1, patch 4, 16 px: no timm ViT has this shape, and the JSON says so.
+  out = tmp_path / "vit.safetensors"
+  message = convert.convert(str(workdir), str(out))
+  spec = json.loads((tmp_path / "vit.json").read_text())["timm"]
+  assert spec["name"] == "vit_base_patch16_224"
+  assert "kwargs override the architecture of vit_base_patch16_224" in spec["note"]
+  for part in ("embed_dim=32 (not 768)", "depth=1 (not 12)", "num_heads=2 (not 12)",
+               "patch_size=4 (not 16)", "img_size=16 (not 224)"):
+    assert part in spec["note"]
+  assert spec["note"] in message
+  with safetensors.safe_open(str(out), "np") as f:
+    assert json.loads(f.metadata()[convert.METADATA_KEY])["timm"] == spec
+
+
 def test_knn_and_linear_probe_start_from_a_converted_workdir(workdir, tmp_path):
   spec = importlib.util.spec_from_file_location("knn_config", ROOT / "configs" / "knn.py")
   module = importlib.util.module_from_spec(spec)
@@ -72,7 +87,7 @@ def test_knn_and_linear_probe_start_from_a_converted_workdir(workdir, tmp_path):
   assert (model_cfg.width, model_cfg.depth, model_cfg.heads, model_cfg.image_size) == (32, 1, 2, 16)
   mesh = sharding.make_mesh()
   with jax.set_mesh(mesh):
-    encoder = classify.read_pretrained_encoder(probe, mesh)
+    encoder = classify.read_pretrained_encoder(probe, mesh, False)
   np.testing.assert_array_equal(np.asarray(encoder["block0"]["mlp"]["fc1"]["kernel"]),
                                 mae_state()["blocks.0.mlp.fc1.weight"].T)
 
@@ -94,6 +109,13 @@ def test_pretraining_resumes_from_a_converted_workdir(workdir, tmp_path):
     assert ckpt.all_steps() == [0, 2]
   finally:
     ckpt.close()
+  # Step 0 can be asked for by number; -1 (the default) is the latest.
+  step0, _, source0, _ = convert.read_workdir_weights(run, 0)
+  latest, _, source, _ = convert.read_workdir_weights(run)
+  assert source0.endswith("step 0") and source.endswith("step 2")
+  jax.tree.map(np.testing.assert_array_equal, step0, convert.read_workdir_weights(workdir)[0])
+  assert any(not np.array_equal(a, b)
+             for a, b in zip(jax.tree.leaves(step0), jax.tree.leaves(latest)))
 
 
 def test_cli_lists_every_problem_and_writes_nothing(tmp_path):
@@ -136,6 +158,24 @@ def test_timm_file_round_trips_with_its_heads_in_the_metadata(tmp_path):
                     config=pretrain_config())
   assert not (tmp_path / "wd").exists()
   assert sorted(p.name for p in tmp_path.iterdir()) == ["vit_s.json", "vit_s.safetensors"]
+
+
+def _mode(path):
+  return os.stat(path).st_mode & 0o777
+
+
+@pytest.mark.parametrize("umask,want", [(0o022, 0o644), (0o077, 0o600)], ids=["022", "077"])
+def test_exported_files_get_the_mode_the_umask_gives_new_files(tmp_path, umask, want):
+  out = tmp_path / "vit_ti.safetensors"
+  old = os.umask(umask)
+  try:
+    convert.convert(str(FIXTURES / "vit_ti.safetensors"), str(out))
+    modes = (_mode(out), _mode(tmp_path / "vit_ti.json"))
+    convert.convert(str(FIXTURES / "vit_ti.safetensors"), str(out), overwrite=True)
+    replaced = (_mode(out), _mode(tmp_path / "vit_ti.json"))
+  finally:
+    os.umask(old)
+  assert modes == replaced == (want, want), [oct(m) for m in modes + replaced]
 
 
 def _write_safetensors_by_hand(path, state):

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from absl import flags
 from PIL import Image
 
 from conftest import ROOT
@@ -53,11 +54,35 @@ def test_reports_per_host_and_per_core_rates(tmp_path):
   assert len(os.listdir(tmp_path / "jpegs")) == 12
 
 
+def _main(argv, monkeypatch, tmp_path):
+  """input_benchmark.main in-process with fresh flags; HOME (~/tensorflow_datasets) in tmp_path."""
+  monkeypatch.setenv("HOME", str(tmp_path))
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tensorflow_datasets"))
+  monkeypatch.setattr(input_benchmark, "measure", _must_not_run)
+  monkeypatch.setattr(input_benchmark, "write_jpegs", _must_not_run)
+  with pytest.raises(SystemExit) as e:
+    input_benchmark.main(["input_benchmark", *argv], flags.FlagValues())
+  return e.value.code
+
+
+def _must_not_run(*args, **kwargs):
+  raise AssertionError("the benchmark ran")
+
+
 @pytest.mark.parametrize("args,message", [
+    ([], "--sources is required, e.g. --sources=shapes,jpeg"),
     (["--sources=imagenet"], "--sources: unknown ['imagenet']; use names from ['shapes', 'jpeg']"),
-    (["--batch=0"], "--batch: got 0; use an integer > 0"),
+    (["--sources=shapes", "--batch=0"], "--batch: got 0; use an integer > 0"),
 ])
-def test_bad_arguments_are_one_error_line(args, message):
-  proc = _run(*args)
-  assert proc.returncode == 2
-  assert proc.stderr.strip().splitlines() == [f"error: {message}"]
+def test_bad_arguments_are_one_error_line_and_write_nothing(args, message, monkeypatch, tmp_path,
+                                                            capsys):
+  assert _main(args, monkeypatch, tmp_path) == 2
+  out = capsys.readouterr()
+  assert out.err.splitlines() == [f"error: {message}"] and out.out == ""
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_help_needs_no_sources(monkeypatch, tmp_path, capsys):
+  assert _main(["--help"], monkeypatch, tmp_path) == 0
+  out = capsys.readouterr().out
+  assert "python -m pr_mim_jax.input_benchmark --sources=shapes,jpeg" in out and "--sources" in out

@@ -16,9 +16,12 @@ from pr_mim_jax import masking
     (196, 0.75, 0.5, (49, 49, 98)),
     (16, 0.75, 0.0, (4, 12, 0)),
     (16, 0.5, 0.25, (8, 4, 4)),
-    (10, 0.75, 0.0, (2, 8, 0)),  # round(2.5) -> 2 (banker's rounding)
-    (10, 0.65, 0.0, (4, 6, 0)),  # round(3.5) -> 4
-    (64, 0.9, 0.3, (6, 39, 19)),  # round(6.4) = 6, round(19.2) = 19
+    # n_vis truncates as the official MAE's int(L * (1 - mask_ratio)); n_throw rounds.
+    (10, 0.75, 0.0, (2, 8, 0)),  # int(2.5) = 2
+    (10, 0.65, 0.0, (3, 7, 0)),  # int(3.5) = 3 (rounding would give 4)
+    (196, 0.7, 0.0, (58, 138, 0)),  # int(58.8) = 58 (rounding would give 59)
+    (196, 0.9, 0.0, (19, 177, 0)),  # int(19.6) = 19 (rounding would give 20)
+    (64, 0.9, 0.3, (6, 39, 19)),  # int(6.4) = 6, round(19.2) = 19
 ])
 def test_token_split_counts(length, mask, throw, expected):
   split = masking.token_split(length, mask, throw)

@@ -196,6 +196,34 @@ def test_check_dataset_tfds_errors(tmp_path):
   assert "--file_format=array_record" in msg and "\n" not in msg
 
 
+@pytest.mark.parametrize("name,first", [("shapez", "shapes"), ("shape", "shapes"),
+                                        ("smalnorb", "smallnorb"), ("imagenett", "imagenette")])
+def test_typo_hint_ranks_our_own_dataset_first_when_close(name, first):
+  tfds_names = ["shapes3d", "savee", "smallnorb", "imagenette", "imagenet2012", "shapes"]
+  close = sources.close_dataset_names(name, tfds_names)
+  assert close[0] == first and len(close) == len(set(close)) <= 3
+  assert ("shapes" in close) == name.startswith("shape")
+
+
+@needs_tf
+def test_unknown_tfds_name_suggests_shapes_first(tmp_path, monkeypatch):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(tfds, "list_builders", lambda **kw: ["savee", "shapes3d", "smallnorb"])
+  for name in ("shapez", "shape"):
+    with pytest.raises(UserError, match=f"unknown dataset '{name}': did you mean shapes, "):
+      sources.tfds_builder(name, str(tmp_path))
+
+
+@needs_tf
+def test_unprepared_tfds_dataset_is_one_error_without_tfds_warning(tmp_path, caplog):
+  """tfds warns "Variant folder ... has no dataset_info.json" when asked about a folder that
+  does not exist yet; that line must not come before our one-line error."""
+  with caplog.at_level("WARNING"):
+    with pytest.raises(UserError, match="cifar10 is not prepared"):
+      pipeline.check_dataset(_config("cifar10", data_dir=str(tmp_path)))
+  assert "Variant folder" not in caplog.text
+
+
 def test_tfds_name_on_numpy_backend_fails():
   with pytest.raises(UserError, match="needs tensorflow"):
     pipeline.host_batches(_config("cifar10", backend="numpy"), seed=0, global_batch=8, image_size=SIZE)
@@ -288,12 +316,27 @@ def _have_shapes_tfds():
   return True
 
 
+@pytest.mark.skipif(not _have_shapes_tfds(), reason="shapes_tfds.py not available")
+def test_shapes_generation_estimate():
+  from pr_mim_jax.data import shapes_tfds  # pylint: disable=g-import-not-at-top
+  durations = [shapes_tfds.rough_duration(shapes_tfds.estimate_seconds(n, size))
+               for n, size in ((52, 16), (22000, 64), (50000, 224))]
+  assert durations == ["a few seconds", "about 98 s", "about 27 min"]
+
+
 @needs_tf
 @pytest.mark.skipif(not _have_shapes_tfds(), reason="shapes_tfds.py not available")
-def test_shapes_tf_backend(tmp_path):
+def test_shapes_tf_backend(tmp_path, capsys):
   from pr_mim_jax.data import shapes  # pylint: disable=g-import-not-at-top
   data = _config("shapes", data_dir=str(tmp_path))
   images, labels = pipeline.labeled_arrays(data, "test", num_examples=12, image_size=16, backend="tf")
+  # Generated on first use: our one line before and after, not tfds's "Downloading ..." banner.
+  printed = capsys.readouterr().out.splitlines()
+  assert len(printed) == 2, printed
+  assert printed == [
+      "shapes: generating the shapes dataset (52 images of 16x16, a few seconds, once; later runs "
+      f"reuse it) in {tmp_path}/shapes/s16_tr40_te12_seed0/1.1.0", printed[1]]
+  assert printed[1].startswith("shapes: generated 52 images in ") and printed[1].endswith(" s")
   raw, want = shapes.generate(12, image_size=16, seed=0, split="test")
   np.testing.assert_array_equal(labels, want)
   np.testing.assert_array_equal(pipeline.denormalize(images), raw)

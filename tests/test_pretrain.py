@@ -65,6 +65,15 @@ def test_short_run_lowers_loss_and_writes_everything(tiny_config, tmp_path):
   assert json.load(open(os.path.join(workdir, "config.json")))["batch_size"] == 16
   assert 0.0 <= summary["knn_top1"] <= 1.0 and 0.0 <= summary["knn_top1_random_init"] <= 1.0
 
+  # Run again on the finished workdir: it reports the recorded results and writes nothing.
+  written = {os.path.join(d, f): os.path.getmtime(os.path.join(d, f))
+             for d, _, files in os.walk(workdir) for f in files}
+  again = pretrain.train(tiny_config, workdir)
+  assert again["finished_before"] and again["step"] == 24
+  assert again["knn_top1"] == summary["knn_top1"] and again["loss"] == summary["loss"]
+  assert {os.path.join(d, f): os.path.getmtime(os.path.join(d, f))
+          for d, _, files in os.walk(workdir) for f in files} == written
+
 
 def _cli(workdir, data_dir, total_steps, extra=()):
   cmd = [sys.executable, "-m", "pr_mim_jax.main", "--config=configs/pretrain.py:dataset=shapes",

@@ -4,6 +4,7 @@ The golden fixtures (tests/fixtures/, written by make_timm_fixtures.py with real
 always checked; the live test reruns the comparison against timm itself where it imports.
 """
 
+import dataclasses
 import functools
 import json
 
@@ -199,6 +200,48 @@ def test_refuses_non_vits_and_odd_grids():
     timm_weights.infer_arch(state, heads=4, decoder_heads=2)
   with pytest.raises(timm_weights.WeightsError, match="pass --heads"):
     timm_weights.infer_arch(random_mae_state(np.random.default_rng(3)))
+
+
+def built_shape(spec):
+  """The shape timm.create_model(name, **kwargs) builds: vit_* entrypoints call
+  VisionTransformer(**dict(their shape, **kwargs)), so the kwargs win."""
+  own = timm_weights.timm_architectures()[spec["name"]]
+  return {k: v for k, v in dict(own, **spec["kwargs"]).items() if k in own}
+
+
+def test_timm_names_are_exact_or_say_what_the_kwargs_override():
+  vit_b16 = timm_weights.Arch(width=768, depth=12, heads=12, patch=16, grid=14, mlp_hidden=3072,
+                              posemb="learned")
+  spec = timm_weights.timm_model(vit_b16)
+  assert spec["name"] == "vit_base_patch16_224" and "note" not in spec
+  assert built_shape(spec) == timm_weights.shape_kwargs(vit_b16)
+  # The demo's encoder (128 wide, 6 blocks, 4 heads, patch 8, 32 px) is no standard ViT.
+  demo = timm_weights.Arch(width=128, depth=6, heads=4, patch=8, grid=4, mlp_hidden=512,
+                           posemb="sincos")
+  spec = timm_weights.timm_model(demo)
+  assert spec["name"] == "vit_base_patch8_224", spec
+  for part in ("not a standard timm model", "override the architecture of vit_base_patch8_224",
+               "embed_dim=128 (not 768)", "depth=6 (not 12)", "num_heads=4 (not 12)",
+               "img_size=32 (not 224)"):
+    assert part in spec["note"], spec["note"]
+  assert "patch_size" not in spec["note"] and "mlp_ratio" not in spec["note"]
+  assert built_shape(spec) == timm_weights.shape_kwargs(demo)
+  # No plain timm ViT has patch 4: the fallback base, with the patch size in the note.
+  odd = dataclasses.replace(demo, patch=4, grid=8)
+  spec = timm_weights.timm_model(odd)
+  assert spec["name"] == timm_weights.TIMM_FALLBACK and "patch_size=4 (not 16)" in spec["note"]
+  assert built_shape(spec) == timm_weights.shape_kwargs(odd)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_timm_kwargs_are_the_ones_real_timm_built_the_fixtures_with(name):
+  state = safetensors.numpy.load_file(str(FIXTURES / f"{name}.safetensors"))
+  spec = timm_weights.timm_model(timm_weights.infer_arch(state, CONFIGS[name]["kwargs"]["num_heads"]))
+  assert spec["kwargs"] == CONFIGS[name]["kwargs"]
+  # Depth 2 at patch 8: a patch-8 base (S/8 for the S width, else B/8), overridden and said so.
+  assert spec["name"] == {"vit_s": "vit_small_patch8_224"}.get(name, "vit_base_patch8_224")
+  assert "kwargs override" in spec["note"] and "depth=2 (not 12)" in spec["note"]
+  assert set(timm_weights.timm_architectures()[spec["name"]]) <= set(spec["kwargs"])  # all set
 
 
 def test_long_lists_are_truncated():

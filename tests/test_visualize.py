@@ -12,6 +12,7 @@ from conftest import ROOT, TINY_OVERRIDES, apply_overrides, load_config
 from pr_mim_jax import visualize
 from pr_mim_jax import visualize_masks
 from pr_mim_jax.data import pipeline
+from pr_mim_jax.models import vit
 
 
 def identity_denorm(x):
@@ -19,11 +20,19 @@ def identity_denorm(x):
   return np.clip(np.round(np.asarray(x, np.float32)), 0, 255).astype(np.uint8)
 
 
-def _hand_case():
-  # 1 image, 4x4 px, 2 px patches -> 4 patches; patch 0 visible, 1 decoded, 2 and 3 thrown.
-  images = np.full((1, 4, 4, 3), 200.0, np.float32)
+def _hand_case(patch=2):
+  # 1 image, 2x2 patches of `patch` px; patch 0 visible, 1 decoded, 2 and 3 (bottom row) thrown.
+  images = np.full((1, 2 * patch, 2 * patch, 3), 200.0, np.float32)
   ids = dict(ids_vis=np.array([[0]]), ids_dec=np.array([[1]]), ids_throw=np.array([[2, 3]]))
   return images, ids
+
+
+def _marks_only(pixels):
+  """True if the pixels are the thrown marking: both mark colours and nothing else."""
+  flat = pixels.reshape(-1, 3)
+  dark = np.all(flat == visualize.MARK_DARK, -1)
+  light = np.all(flat == visualize.MARK_LIGHT, -1)
+  return bool(np.all(dark | light) and dark.any() and light.any())
 
 
 def test_token_map_colours_per_patch_class():
@@ -33,51 +42,128 @@ def test_token_map_colours_per_patch_class():
   assert out.dtype == np.uint8 and out.shape == (1, 4, 4, 3)
   np.testing.assert_array_equal(out[0, :2, :2], 200)  # visible: the image
   np.testing.assert_array_equal(out[0, :2, 2:], 128)  # decoded: grey
-  a = visualize.THROWN_IMAGE_ALPHA
-  thrown = np.round(a * 200 + (1 - a) * np.array(visualize.THROWN_RGB)).astype(np.uint8)
-  np.testing.assert_array_equal(out[0, 2:], np.broadcast_to(thrown, (2, 4, 3)))
+  assert _marks_only(out[0, 2:])  # thrown: opaque stripes of the two mark colours
   # Without ids_throw the complement of visible + decoded is thrown.
   again = visualize.token_map(images, ids['ids_vis'], ids['ids_dec'], None, 2, identity_denorm)
   np.testing.assert_array_equal(again, out)
 
 
 def test_reconstruction_thrown_with_and_without_predictions():
-  images, ids = _hand_case()
-  pred_dec = np.full((1, 1, 12), 50.0, np.float32)
-  pred_throw = np.full((1, 2, 12), 100.0, np.float32)
-  partial = visualize.reconstruction(images, pred_dec, ids['ids_vis'], ids['ids_dec'], 2, 'pixel',
+  images, ids = _hand_case(patch=8)
+  pred_dec = np.full((1, 1, 192), 50.0, np.float32)
+  pred_throw = np.full((1, 2, 192), 100.0, np.float32)
+  partial = visualize.reconstruction(images, pred_dec, ids['ids_vis'], ids['ids_dec'], 8, 'pixel',
                                      identity_denorm, ids['ids_throw'])
-  np.testing.assert_array_equal(partial[0, :2, :2], 200)
-  np.testing.assert_array_equal(partial[0, :2, 2:], 50)
-  np.testing.assert_array_equal(partial[0, 2:], np.broadcast_to(visualize.THROWN_RGB, (2, 4, 3)))
-  full = visualize.reconstruction(images, pred_dec, ids['ids_vis'], ids['ids_dec'], 2, 'pixel',
+  np.testing.assert_array_equal(partial[0, :8, :8], 200)
+  np.testing.assert_array_equal(partial[0, :8, 8:], 50)
+  assert _marks_only(partial[0, 8:])  # not predicted: striped like the token map
+  full = visualize.reconstruction(images, pred_dec, ids['ids_vis'], ids['ids_dec'], 8, 'pixel',
                                   identity_denorm, ids['ids_throw'], pred_throw)
-  t = visualize.PRED_TINT_ALPHA
-  tinted = np.round(t * np.array(visualize.PRED_TINT_RGB) + (1 - t) * 100).astype(np.uint8)
-  np.testing.assert_array_equal(full[0, 2:], np.broadcast_to(tinted, (2, 4, 3)))
-  np.testing.assert_array_equal(full[0, :2], partial[0, :2])
+  np.testing.assert_array_equal(full[0, :8], partial[0, :8])
+  for x in (0, 8):  # each predicted thrown patch: the prediction inside a striped 1-px frame
+    tile = full[0, 8:, x:x + 8]
+    np.testing.assert_array_equal(tile[1:-1, 1:-1], 100)
+    frame = np.concatenate([tile[0], tile[-1], tile[1:-1, 0], tile[1:-1, -1]])
+    assert _marks_only(frame)
 
 
 def test_reconstruction_norm_pixel_uses_each_patch_stats():
   rng = np.random.default_rng(0)
-  images = rng.uniform(20, 230, size=(1, 4, 4, 3)).astype(np.float32)
-  _, ids = _hand_case()
-  patches = images.reshape(1, 2, 2, 2, 2, 3).transpose(0, 1, 3, 2, 4, 5).reshape(1, 4, 12)
+  images = rng.uniform(20, 230, size=(1, 16, 16, 3)).astype(np.float32)
+  _, ids = _hand_case(patch=8)
+  patches = images.reshape(1, 2, 8, 2, 8, 3).transpose(0, 1, 3, 2, 4, 5).reshape(1, 4, 192)
   normed = (patches - patches.mean(-1, keepdims=True)) / np.sqrt(
       patches.var(-1, keepdims=True, ddof=1) + 1e-6)
-  # Perfect predictions of the normalised targets give back the image (before tinting).
-  out = visualize.reconstruction(images, normed[:, [1]], ids['ids_vis'], ids['ids_dec'], 2,
+  # Perfect predictions of the normalised targets give back the image (inside the frames).
+  out = visualize.reconstruction(images, normed[:, [1]], ids['ids_vis'], ids['ids_dec'], 8,
                                  'norm_pixel', identity_denorm, ids['ids_throw'], normed[:, [2, 3]])
-  np.testing.assert_array_equal(out[0, :2], identity_denorm(images[0, :2]))
-  t = visualize.PRED_TINT_ALPHA
-  tinted = np.round(t * np.array(visualize.PRED_TINT_RGB, np.float32) +
-                    (1 - t) * identity_denorm(images[0, 2:]).astype(np.float32))
-  np.testing.assert_allclose(out[0, 2:], tinted, atol=1)
+  expected = identity_denorm(images[0]).astype(np.int16)
+  np.testing.assert_allclose(out[0, :8], expected[:8], atol=1)
+  for x in (0, 8):
+    np.testing.assert_allclose(out[0, 9:15, x + 1:x + 7], expected[9:15, x + 1:x + 7], atol=1)
+
+
+RED = (200, 20, 20)
+
+
+def _luma(pixels):
+  return np.asarray(pixels, np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+
+
+def _red_case(seed=3):
+  """Two all-red 64 px images, 8 px patches: 16 visible, 16 decoded, 32 thrown each."""
+  rng = np.random.default_rng(seed)
+  images = np.broadcast_to(np.array(RED, np.float32), (2, 64, 64, 3)).copy()
+  perm = np.stack([rng.permutation(64) for _ in range(2)])
+  return images, perm[:, :16], perm[:, 16:32], perm[:, 32:]
+
+
+def _patch(picture, k, patch=8, grid=8):
+  r, c = divmod(int(k), grid)
+  return picture[r * patch:(r + 1) * patch, c * patch:(c + 1) * patch]
+
+
+def _stands_out(tile):
+  """Very dark and very light pixels both: no solid red (or any solid colour) looks like it."""
+  luma = _luma(tile)
+  return luma.min() < 40 and luma.max() > 170
+
+
+def test_thrown_patches_stand_out_on_a_red_image():
+  images, ids_vis, ids_dec, ids_throw = _red_case()
+  red_patches = np.asarray(vit.patchify(images, 8))  # [B, L, 192]
+  take = lambda ids: np.take_along_axis(red_patches, ids[..., None], axis=1)  # perfect predictions
+  pictures = {
+      'token map': visualize.token_map(images, ids_vis, ids_dec, ids_throw, 8, identity_denorm),
+      'partial': visualize.reconstruction(images, take(ids_dec), ids_vis, ids_dec, 8, 'pixel',
+                                          identity_denorm, ids_throw),
+      'pr_mim': visualize.reconstruction(images, take(ids_dec), ids_vis, ids_dec, 8, 'pixel',
+                                         identity_denorm, ids_throw, take(ids_throw)),
+  }
+  for name, out in pictures.items():
+    for b in range(2):
+      for k in ids_throw[b]:
+        assert _stands_out(_patch(out[b], k)), (name, b, k)
+      for k in ids_vis[b]:
+        np.testing.assert_array_equal(_patch(out[b], k), np.broadcast_to(RED, (8, 8, 3)))
+  # PR-MIM: the predicted red still shows inside the marking frame; decoded patches unmarked.
+  for k in ids_throw[0]:
+    np.testing.assert_array_equal(_patch(pictures['pr_mim'][0], k)[1:-1, 1:-1],
+                                  np.broadcast_to(RED, (6, 6, 3)))
+  for k in ids_dec[0]:
+    np.testing.assert_array_equal(_patch(pictures['pr_mim'][0], k), np.broadcast_to(RED, (8, 8, 3)))
+
+
+def _find_rows(picture, block):
+  """First row offset where `block` [h, w, 3] sits at the picture's left edge; None if nowhere."""
+  h, w = block.shape[:2]
+  for top in range(picture.shape[0] - h + 1):
+    if np.array_equal(picture[top:top + h, :w], block):
+      return top
+  return None
+
+
+def _has_text(band):
+  return bool((_luma(band) < 100).any())
+
+
+def _check_titles_and_legend(picture, top, grid_h, tile, gap, ncol):
+  """Title band above the tiles with a distinct title per column; legend below the tiles."""
+  assert top > 0
+  titles = [picture[:top, j * (tile + gap):j * (tile + gap) + tile] for j in range(ncol)]
+  assert all(_has_text(t) for t in titles)
+  assert len({t.tobytes() for t in titles}) == ncol  # each column has its own title
+  legend = picture[top + grid_h:]
+  assert legend.shape[0] > 10 and _has_text(legend)
+  flat = legend.reshape(-1, 3)
+  assert np.all(flat == visualize.MARK_LIGHT, -1).any()  # the thrown stripes, as a swatch
+  assert np.all(flat == 128, -1).any()  # the decoded grey, as a swatch
+  return legend
 
 
 @pytest.mark.parametrize('target,with_throw,ncol', [
     ('norm_pixel', False, 3), ('pixel', True, 3), ('hog', False, 2), ('hog', True, 2)])
-def test_reconstruction_grid_shape(target, with_throw, ncol):
+def test_reconstruction_grid_titles_legend_and_tiles(target, with_throw, ncol):
   rng = np.random.default_rng(1)
   b, size, p, gap = 3, 16, 4, 2
   images = rng.normal(size=(b, size, size, 3)).astype(np.float32)
@@ -90,17 +176,41 @@ def test_reconstruction_grid_shape(target, with_throw, ncol):
     kwargs = dict(ids_throw=ids_throw, pred_throw=rng.normal(size=(b, 8, dim)).astype(np.float32))
   out = visualize.reconstruction_grid(images, pred_dec, ids_vis, ids_dec, p, target,
                                       pipeline.denormalize, **kwargs)
+  tile = 128  # 16 px upscaled x8: room for a title over each column
+  grid_h = b * (tile + gap) - gap
   assert out.dtype == np.uint8
-  assert out.shape == (b * (size + gap) - gap, ncol * (size + gap) - gap, 3)
+  assert out.shape[1] == ncol * (tile + gap) - gap and out.shape[0] > grid_h + 20
+  # The original column is the images, upscaled and otherwise unchanged, below the titles.
+  originals = np.repeat(np.repeat(pipeline.denormalize(images), 8, 1), 8, 2)  # [b, 128, 128, 3]
+  top = _find_rows(out, originals[0])
+  assert top is not None
+  for i in range(b):
+    np.testing.assert_array_equal(out[top + i * (tile + gap):top + i * (tile + gap) + tile, :tile],
+                                  originals[i])
+  legend = _check_titles_and_legend(out, top, grid_h, tile, gap, ncol)
+  framed = with_throw and target != 'hog'  # only then is there a predicted-thrown entry
+  plain = visualize.reconstruction_grid(images, pred_dec, ids_vis, ids_dec, p, target,
+                                        pipeline.denormalize)
+  assert (legend.shape[0] > plain.shape[0] - top - grid_h) == framed
 
 
-def test_reconstruction_grid_old_call_still_works():
+def test_reconstruction_grid_scale_and_old_call():
   rng = np.random.default_rng(2)
   images = rng.normal(size=(2, 8, 8, 3)).astype(np.float32)
   ids_vis, ids_dec = np.array([[0], [3]]), np.array([[1, 2], [0, 1]])
   out = visualize.reconstruction_grid(images, rng.normal(size=(2, 2, 48)), ids_vis, ids_dec, 4,
-                                      'pixel', pipeline.denormalize)
-  assert out.shape == (2 * 8 + 2, 3 * 8 + 4, 3)
+                                      'pixel', pipeline.denormalize)  # the pre-training call
+  assert out.shape[1] == 3 * 128 + 4  # 8 px tiles upscaled x16
+  small = visualize.reconstruction_grid(images, rng.normal(size=(2, 2, 48)), ids_vis, ids_dec, 4,
+                                        'pixel', pipeline.denormalize, scale=3)
+  assert small.shape[1] == 3 * 24 + 4
+
+
+def test_grid_without_titles_is_the_bare_tiles():
+  tiles = [[np.zeros((4, 4, 3), np.uint8), np.ones((4, 4, 3), np.uint8)]]
+  out = visualize.grid(tiles)
+  assert out.shape == (4, 10, 3)
+  np.testing.assert_array_equal(out[:, 4:6], 255)  # white gap
 
 
 def _tiny_config(tmp_path, **extra):
@@ -125,21 +235,33 @@ def test_visualize_masks_writes_pngs(tmp_path, capsys):
   assert names == ['masks_compare.png', 'masks_furthest.png', 'masks_random.png',
                    'masks_running_cell.png']
   tile, gap = 16 * 12, 2  # 16 px images upscaled x12 to reach 192 px
-  height = 3 * (tile + gap) - gap
+  grid_h = 3 * (tile + gap) - gap
+  images, _ = pipeline.labeled_arrays(config.data, config.data.eval_split, num_examples=3,
+                                      image_size=16)
+  originals = np.repeat(np.repeat(pipeline.denormalize(images), 12, 1), 12, 2)  # [3, 192, 192, 3]
   for path in paths:
     ncol = 4 if path.endswith('compare.png') else 2
-    assert _png_size(path) == (ncol * (tile + gap) - gap, height)
-  # The same visible patches in every strategy: a patch (48 px after x12) equal to the
-  # original in one column is equal in all of them.
+    width, height = _png_size(path)
+    assert width == ncol * (tile + gap) - gap and height > grid_h + 20
   with open(paths[-1], 'rb') as f:
     compare = np.asarray(Image.open(f).convert('RGB'))
-  cols = [compare[:, j * (tile + gap):j * (tile + gap) + tile] for j in range(4)]
+  top = _find_rows(compare, originals[0])  # the tiles sit below a title band
+  assert top is not None
+  _check_titles_and_legend(compare, top, grid_h, tile, gap, 4)
+  # The same visible patches in every strategy: a patch (48 px after x12) equal to the
+  # original in one column is equal in all of them; the other patches are grey or striped.
+  cols = [compare[top:top + grid_h, j * (tile + gap):j * (tile + gap) + tile] for j in range(4)]
   rows = [np.concatenate([c[i * (tile + gap):i * (tile + gap) + tile] for i in range(3)])
           for c in cols]  # [3 * tile, tile, 3] each
+  np.testing.assert_array_equal(rows[0], np.concatenate(originals))
   visible = [np.all((r == rows[0]).reshape(12, 48, 4, 48, 3), axis=(1, 3, 4)) for r in rows[1:]]
   np.testing.assert_array_equal(visible[0], visible[1])
   np.testing.assert_array_equal(visible[0], visible[2])
   assert visible[0].sum() == 3 * 4  # 4 of 16 patches visible per image (mask 0.75)
+  masked = rows[1].reshape(12, 48, 4, 48, 3).transpose(0, 2, 1, 3, 4)[~visible[0]]
+  grey = [bool(np.all(t == 128)) for t in masked]
+  assert sum(grey) == 3 * 4  # decoded: 4 of 16 (throw 0.5 of 16 = 8 thrown)
+  assert all(_marks_only(t) for t, g in zip(masked, grey) if not g)
 
 
 def test_visualize_masks_bad_out_is_one_error_line(tmp_path):

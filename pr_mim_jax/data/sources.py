@@ -32,6 +32,7 @@ from pr_mim_jax.errors import UserError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 FOLDER_PREFIX = "folder:"
 SHAPES = "shapes"
+OWN_DATASETS = (SHAPES,)  # dataset names of this project (besides folder:PATH and tfds names)
 TF_INSTALL = "pip install tensorflow-cpu tensorflow-datasets array-record"
 
 
@@ -232,6 +233,23 @@ def _not_prepared_message(name: str, builder: Any, data_dir: str | None) -> str:
           "(or set data.data_dir to where it is)")
 
 
+def is_prepared(builder: Any) -> bool:
+  """builder.is_prepared(), without tfds's warning "Variant folder ... has no dataset_info.json"
+  for a folder that does not exist yet (the usual state before a first build)."""
+  return builder.data_path.exists() and builder.is_prepared()
+
+
+def close_dataset_names(name: str, tfds_names) -> list[str]:
+  """Up to 3 dataset names close to `name`: this project's own (`shapes`) first, then tfds's.
+
+  Ours rank first because the built-in dataset is the likelier intent of 'shapez' than
+  tfds's 'shapes3d'."""
+  base = name.split(":")[0]
+  ours = difflib.get_close_matches(base, OWN_DATASETS, n=3)
+  theirs = difflib.get_close_matches(base, [n for n in tfds_names if n not in ours], n=3)
+  return (ours + theirs)[:3]
+
+
 def tfds_builder(name: str, data_dir: str | None, *, require_prepared: bool = True):
   """The tfds builder of `name` ('name' or 'name:version'), with UserErrors for every mistake."""
   tfds = import_tfds(name)
@@ -240,15 +258,14 @@ def tfds_builder(name: str, data_dir: str | None, *, require_prepared: bool = Tr
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
-    base = name.split(":")[0]
-    close = difflib.get_close_matches(base, tfds.list_builders(with_community_datasets=False), n=3)
+    close = close_dataset_names(name, tfds.list_builders(with_community_datasets=False))
     hint = f" did you mean {', '.join(close)}?" if close else ""
     raise UserError(f"unknown dataset {name!r}:{hint} use a tfds name, 'shapes' "
                     "or 'folder:/path/to/images'") from e
   except AssertionError as e:  # tfds's way to say "no such version"
     raise UserError(f"cannot load dataset {name!r}: {str(e).splitlines()[-1]}") from e
   if require_prepared:
-    if not builder.is_prepared():
+    if not is_prepared(builder):
       raise UserError(_not_prepared_message(name, builder, data_dir))
     formats = {f.value for f in builder.info.available_file_formats()}
     if not formats & {"array_record", "parquet"}:
