@@ -76,6 +76,12 @@ def _mismatches(saved, expected) -> list[str]:
   return out
 
 
+def _damaged(path, e: Exception) -> CheckpointError:
+  return CheckpointError(
+      f'Checkpoint {path} is damaged or unreadable ({_short(e)}). It is left untouched: '
+      'move it away to resume from an older checkpoint, or point --workdir elsewhere.')
+
+
 class Checkpointer:
   """Keeps the newest `max_to_keep` train states under `directory`."""
 
@@ -133,14 +139,10 @@ class Checkpointer:
                             f'{self.directory} failed: {_short(e)}') from e
     self._pending = None
 
-  def restore(self, abstract_state, step: int | None = None, relayouts=()):
-    """Restores `step` (default: latest) with `abstract_state`'s tree/shardings.
-
-    `relayouts`: (to_saved, from_saved) pairs of pure functions over state trees (e.g.
-    vit.unscan_params / vit.scan_params). When the checkpoint does not match
-    `abstract_state` but matches `to_saved(abstract_state)`, it is restored in that layout
-    and returned as `from_saved(restored)`, placed on `abstract_state`'s shardings.
-    """
+  def check(self, abstract_state, step: int | None = None, relayouts=()):
+    """What `restore` checks before reading any array: the step exists, its metadata is
+    readable and matches `abstract_state` (directly or through a relayout). Raises a
+    CheckpointError naming the mismatched leaves; returns (step, target, convert)."""
     self.wait()
     step = self.latest_step() if step is None else int(step)
     if step is None:
@@ -149,13 +151,6 @@ class Checkpointer:
       raise CheckpointError(f'No checkpoint for step {step} in {self.directory}; '
                             f'available steps: {self.all_steps()}.')
     path = self.directory / str(step)
-
-    def damaged(e):
-      return CheckpointError(
-          f'Checkpoint {path} is damaged or unreadable ({_short(e)}). It is '
-          'left untouched: move it away to resume from an older checkpoint, '
-          'or point --workdir elsewhere.')
-
     target = jax.tree.map(_to_abstract, abstract_state)
     # Orbax silently casts dtypes and reports shape errors one leaf at a time,
     # so compare with the saved metadata first. Reading it also catches most
@@ -164,7 +159,7 @@ class Checkpointer:
       saved = self._mngr.item_metadata(step)[_ITEM].tree
       problems = _mismatches(saved, target)
     except Exception as e:
-      raise damaged(e) from e
+      raise _damaged(path, e) from e
     convert = None
     for to_saved, from_saved in relayouts if problems else ():
       alt = to_saved(target)
@@ -180,11 +175,23 @@ class Checkpointer:
           f'Checkpoint {path} does not match the current model/optimizer '
           f'({len(problems)} mismatched leaves: {listed}). Use the config it '
           'was trained with, or point --workdir elsewhere to start afresh.')
+    return step, target, convert
+
+  def restore(self, abstract_state, step: int | None = None, relayouts=()):
+    """Restores `step` (default: latest) with `abstract_state`'s tree/shardings.
+
+    `relayouts`: (to_saved, from_saved) pairs of pure functions over state trees (e.g.
+    vit.unscan_params / vit.scan_params). When the checkpoint does not match
+    `abstract_state` but matches `to_saved(abstract_state)`, it is restored in that layout
+    and returned as `from_saved(restored)`, placed on `abstract_state`'s shardings.
+    """
+    step, target, convert = self.check(abstract_state, step, relayouts)
+    path = self.directory / str(step)
     try:
       restored = self._mngr.restore(step, args=ocp.args.Composite(
           **{_ITEM: ocp.args.StandardRestore(target)}))
     except Exception as e:
-      raise damaged(e) from e
+      raise _damaged(path, e) from e
     if convert is None:
       return restored[_ITEM]
     final = jax.tree.map(_to_abstract, abstract_state)

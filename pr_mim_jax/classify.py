@@ -297,7 +297,11 @@ def train(config, workdir: str) -> dict:
   ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir),
                                     max_to_keep=config.train.keep_checkpoints)
   latest = ckpt.latest_step()
+  make_tx = functools.partial(make_optimizer, config, schedule, depth=model.spec.depth)
   if latest is not None and latest >= total_steps:
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      ckpt.check(abstract_state(config, model, make_tx, mesh, rules)[0], latest,
+                 vit.CHECKPOINT_RELAYOUTS)  # a finished run of another model is an error
     ckpt.close()
     return pretrain.finished_summary(workdir, latest, EVAL_KEYS)
   pretrain.log_outputs(workdir, ckpt.directory)
@@ -306,7 +310,6 @@ def train(config, workdir: str) -> dict:
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     resume = latest is not None
     encoder = None if resume else read_pretrained_encoder(config, mesh, model_cfg.scan_layers)
-    make_tx = functools.partial(make_optimizer, config, schedule, depth=model.spec.depth)
     state, state_sharding, tx = create_state(config, model, make_tx, mesh, rules, encoder)
     del encoder
     if resume:

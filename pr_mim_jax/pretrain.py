@@ -135,9 +135,10 @@ class KnnMonitor:
                                   num_examples=self.cfg.test_examples, image_size=size))
     return self._arrays
 
-  def accuracy(self, params) -> float:
+  def accuracy(self, params, encoder: str = "trained") -> float:
     (x_tr, y_tr), (x_te, y_te) = self._load()
-    logging.info("k-NN: embedding %d train and %d test images", len(y_tr), len(y_te))
+    logging.info("k-NN of the %s encoder: embedding %d train and %d test images", encoder,
+                 len(y_tr), len(y_te))
     feats = functools.partial(knn.extract_features, self.model, params,
                               feature=self.cfg.feature, batch_size=self.cfg.batch_size)
     return knn.knn_accuracy(feats(x_tr), y_tr, feats(x_te), y_te, k=self.cfg.k,
@@ -244,6 +245,9 @@ def train(config, workdir: str) -> dict:
                                     max_to_keep=config.train.keep_checkpoints)
   latest = ckpt.latest_step()
   if latest is not None and latest >= total_steps:
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      ckpt.check(abstract_state(model, tx, split, mesh, rules)[0], latest,
+                 vit.CHECKPOINT_RELAYOUTS)  # a finished run of another model is an error
     knn_keys = ("knn_top1", "knn_top1_random_init")
     done = finished_summary(workdir, latest, ("loss",) + knn_keys,
                             needed=knn_keys if config.knn.enabled else ())
@@ -313,7 +317,8 @@ def train(config, workdir: str) -> dict:
         trained = knn_monitor.accuracy(state.params)
         # Jitted: eager sharding constraints reject init's batch of 1 on a multi-device mesh.
         init_fn = jax.jit(functools.partial(init_params, model, split))
-        random_init = knn_monitor.accuracy(init_fn(jax.random.split(jax.random.PRNGKey(config.seed))[0]))
+        random_init = knn_monitor.accuracy(
+            init_fn(jax.random.split(jax.random.PRNGKey(config.seed))[0]), "random-init")
         writer.write_scalars(step, {"knn_top1": trained, "knn_top1_random_init": random_init})
         summary.update(knn_top1=trained, knn_top1_random_init=random_init)
         logging.info("k-NN top-1 (k=%d): trained %.2f%% vs random init %.2f%%", config.knn.k,

@@ -24,8 +24,9 @@ import io
 import math
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
+from pr_mim_jax import picture_text
 from pr_mim_jax.models import vit
 
 GREY = 0.5  # decoded patches in the token map, in [0, 1] display units
@@ -34,11 +35,7 @@ MARK_LIGHT = (255, 221, 0)
 VISIBLE, DECODED, THROWN = 0, 1, 2  # patch classes
 NORM_EPS = 1e-6
 MIN_TILE = 128  # px; reconstruction_grid upscales smaller tiles so titles fit above them
-TITLE_PX = 16  # font size of column titles (shrunk to fit narrow tiles)
-LEGEND_PX = 14  # font size of the legend
-TEXT_RGB = (0, 0, 0)
-BACKGROUND = 255  # white gaps and text bands
-PAD = 4  # px around text
+BACKGROUND = picture_text.BACKGROUND  # white gaps
 
 
 def patch_classes(ids_vis, ids_dec, num_patches: int) -> np.ndarray:
@@ -140,49 +137,8 @@ def reconstruction(images, pred_dec, ids_vis, ids_dec, patch: int, target: str, 
   return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
-def font(px: int):
-  """Pillow's built-in font at `px` px (Pillow >= 10.1); older Pillow has one small size."""
-  try:
-    return ImageFont.load_default(size=px)
-  except TypeError:  # Pillow < 10.1: load_default() takes no size
-    return ImageFont.load_default()
-
-
-def _text_width(text: str, fnt) -> int:
-  left, _, right, _ = fnt.getbbox(text)
-  return right - left
-
-
-def _text_rows(fnt) -> tuple[int, int]:
-  """(top, bottom) of a line's ink below the point it is drawn at."""
-  _, top, _, bottom = fnt.getbbox("Agjy")
-  return top, bottom
-
-
-def _title_font(titles, tile_w: int):
-  """The largest font, up to TITLE_PX, in which every title fits its column."""
-  for px in range(TITLE_PX, 7, -1):
-    fnt = font(px)
-    if max(_text_width(t, fnt) for t in titles) <= tile_w - 2 * PAD:
-      return fnt
-  return fnt
-
-
-def title_band(titles, tile_w: int, gap: int, width: int) -> np.ndarray:
-  """uint8 [h, width, 3]: each title centred over its column of tile_w px (gap px apart)."""
-  fnt = _title_font(titles, tile_w)
-  top, bottom = _text_rows(fnt)
-  band = Image.new("RGB", (width, bottom - top + 2 * PAD), (BACKGROUND,) * 3)
-  draw = ImageDraw.Draw(band)
-  for j, text in enumerate(titles):
-    left = fnt.getbbox(text)[0]
-    x = j * (tile_w + gap) + (tile_w - _text_width(text, fnt)) // 2 - left
-    draw.text((x, PAD - top), text, fill=TEXT_RGB, font=fnt)
-  return np.asarray(band)
-
-
 def legend_items(reconstructed: bool = False, predicted_thrown: bool = False,
-                 swatch: int = LEGEND_PX + 4) -> list:
+                 swatch: int = picture_text.LEGEND_PX + 4) -> list:
   """[(swatch uint8 [s, s, 3] or None, text)]: each marking drawn as in the tiles, and its meaning.
 
   reconstructed: the picture has a reconstruction column (decoded patches are grey only in
@@ -201,36 +157,6 @@ def legend_items(reconstructed: bool = False, predicted_thrown: bool = False,
   return items
 
 
-def _legend_layout(items, width: int, fnt) -> tuple[list, int, int]:
-  """Left-to-right flow of the items, wrapped at `width`: ([(x, y)], line height, height)."""
-  top, bottom = _text_rows(fnt)
-  line = max([bottom - top] + [sw.shape[0] for sw, _ in items if sw is not None])
-  x, y, spots = PAD, PAD, []
-  for sw, text in items:
-    w = (0 if sw is None else sw.shape[1] + PAD) + _text_width(text, fnt)
-    if x > PAD and x + w > width - PAD:
-      x, y = PAD, y + line + PAD
-    spots.append((x, y))
-    x += w + 4 * PAD
-  return spots, line, y + line + PAD
-
-
-def legend_band(items, width: int) -> np.ndarray:
-  """uint8 [h, width, 3]: the legend items (legend_items), wrapped to the picture's width."""
-  fnt = font(LEGEND_PX)
-  spots, line, height = _legend_layout(items, width, fnt)
-  top, bottom = _text_rows(fnt)
-  band = Image.new("RGB", (width, height), (BACKGROUND,) * 3)
-  draw = ImageDraw.Draw(band)
-  for (sw, text), (x, y) in zip(items, spots):
-    if sw is not None:
-      band.paste(Image.fromarray(sw), (x, y + (line - sw.shape[0]) // 2))
-      x += sw.shape[1] + PAD
-    draw.text((x - fnt.getbbox(text)[0], y + (line - bottom - top) // 2), text, fill=TEXT_RGB,
-              font=fnt)
-  return np.asarray(band)
-
-
 def grid(rows: list[list[np.ndarray]], gap: int = 2, titles=None, legend=None) -> np.ndarray:
   """Tiles of equal size -> one uint8 picture with white gaps.
 
@@ -244,9 +170,9 @@ def grid(rows: list[list[np.ndarray]], gap: int = 2, titles=None, legend=None) -
       out[i * (h + gap):i * (h + gap) + h, j * (w + gap):j * (w + gap) + w] = tile
   bands = [out]
   if titles:
-    bands.insert(0, title_band(titles, w, gap, out.shape[1]))
+    bands.insert(0, picture_text.title_band(titles, w, gap, out.shape[1]))
   if legend:
-    bands.append(legend_band(legend, out.shape[1]))
+    bands.append(picture_text.legend_band(legend, out.shape[1]))
   return np.concatenate(bands, axis=0)
 
 
