@@ -32,6 +32,7 @@ from pr_mim_jax import checkpointing
 from pr_mim_jax import classify
 from pr_mim_jax import classify_config
 from pr_mim_jax import cli
+from pr_mim_jax import log_filters
 from pr_mim_jax import losses
 from pr_mim_jax import masking
 from pr_mim_jax import pretrain
@@ -314,8 +315,7 @@ def _run(f: types.SimpleNamespace) -> int:
   workdir = cli.output_dir(f.workdir.value, "workdir")
   absl_logging.use_absl_handler()
   absl_logging.set_verbosity(absl_logging.INFO)
-  absl_logging.get_absl_handler().addFilter(
-      lambda r: r.levelno >= logging.WARNING or "/orbax/" not in r.pathname)
+  absl_logging.get_absl_handler().addFilter(lambda r: not log_filters.is_narration(r))
   try:
     run_all(study, workdir)
   except Stopped:
