@@ -13,7 +13,7 @@ shift
 mode=main
 if [ "${1:-}" = sweep ]; then mode=sweep; shift; fi
 mkdir -p "$out"
-common=(--config=configs/pretrain.py --batch="${BATCH:-256}" --steps="${STEPS:-20}" --warmup=3)
+common=(--config=pr_mim_jax/configs/pretrain.py --batch="${BATCH:-256}" --steps="${STEPS:-20}" --warmup=3)
 
 bench() {  # NAME [extra flags...]: one harness run -> OUT/NAME.json + OUT/NAME.md
   local name=$1

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One node, all of its GPUs, one process (JAX drives every local GPU from it).
 #   launch/gpu_local.sh WORKDIR [--config.FIELD=VALUE ...]
-# Environment: CONFIG (default configs/pretrain.py:variant=B/16), DATA_DIR (tfds data_dir),
+# Environment: CONFIG (default pr_mim_jax/configs/pretrain.py:variant=B/16), DATA_DIR (tfds data_dir),
 # CUDA_VISIBLE_DEVICES to choose GPUs. Install first: pip install -U "jax[cuda12]" -r requirements.txt
 set -euo pipefail
 workdir=${1:?usage: launch/gpu_local.sh WORKDIR [--config.FIELD=VALUE ...]}

@@ -3,7 +3,7 @@
 # workers at once and stream the logs. jax.distributed detects the pod by itself.
 #   launch/tpu_pod.sh WORKDIR [--config.FIELD=VALUE ...]      (WORKDIR: a gs:// path)
 # Environment (required): TPU_NAME, ZONE, PROJECT. Optional: ACCELERATOR (default v4-32),
-# RUNTIME (default tpu-ubuntu2204-base), CONFIG (default configs/pretrain.py:variant=B/16),
+# RUNTIME (default tpu-ubuntu2204-base), CONFIG (default pr_mim_jax/configs/pretrain.py:variant=B/16),
 # DATA_DIR (gs:// tfds data_dir), REPO (git URL to clone; default: copy this checkout).
 set -euo pipefail
 workdir=${1:?usage: launch/tpu_pod.sh gs://BUCKET/WORKDIR [--config.FIELD=VALUE ...]}

@@ -74,7 +74,7 @@ def _pretrain(config, mesh, rules, shards, schedule):
 
 
 def _classify(config, mesh, rules, shards, schedule, num_classes):
-  model_cfg = classify.validate(config, shards)
+  model_cfg = classify.checked_model(config, shards)
   model = classify.build_model(model_cfg, config, num_classes)
   recipe = classify_step.recipe_from_config(config, num_classes)
   make_tx = functools.partial(classify.make_optimizer, config, schedule, depth=model.spec.depth)

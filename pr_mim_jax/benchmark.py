@@ -1,8 +1,8 @@
 r"""Train-step cost and speed on synthetic, device-resident data (no TensorFlow needed).
 
-  python -m pr_mim_jax.benchmark --config=configs/pretrain.py --methods=mae,partial,pr_mim \
+  python -m pr_mim_jax.benchmark --config=pr_mim_jax/configs/pretrain.py --methods=mae,partial,pr_mim \
       --variants=B/16 --batch=256 --steps=20 --json=bench.json --markdown=bench.md
-  python -m pr_mim_jax.benchmark --config=configs/pretrain.py --variants=B/16,L/16 --no-timing
+  python -m pr_mim_jax.benchmark --config=pr_mim_jax/configs/pretrain.py --variants=B/16,L/16 --no-timing
 
 Per (method, variant) setting it prints one JSON line: the analytic fwd+bwd GFLOP per image
 (encoder / decoder / thrown-token reconstruction) and its ratio to MAE; unless --no-timing,
@@ -334,7 +334,7 @@ def _run(f: types.SimpleNamespace, argv) -> None:
 def main(argv=None) -> int:
   f = _define_flags()
   argv = list(argv if argv is not None else sys.argv)
-  return cli.run(lambda: _run(f, argv), {"config": "configs/pretrain.py:variant=B/16"}, argv)
+  return cli.run(lambda: _run(f, argv), {"config": "pr_mim_jax/configs/pretrain.py:variant=B/16"}, argv)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import time
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
+from jax.sharding import Mesh
 
 from pr_mim_jax import checkpointing
 from pr_mim_jax import classify_step
@@ -38,10 +40,6 @@ from pr_mim_jax.models import vit
 from pr_mim_jax.train_state import ClassifierState
 
 ARCH_FIELDS = ("variant", "width", "depth", "heads", "posemb", "image_size")
-POOLS = ("cls", "gap")
-HEADS = ("linear", "batchnorm_linear")
-OPTIMIZERS = ("lars", "adamw")
-AUGMENTS = ("crop_flip", "randaugment")
 EVAL_KEYS = ("eval_top1", "eval_top5", "eval_loss", "eval_ema_top1", "eval_ema_top5")
 
 
@@ -93,80 +91,34 @@ def build_model(model_cfg, config, num_classes: int):
   return classifier_lib.from_config(full, num_classes)
 
 
-def _require(ok, field, problem, fix):
-  if not ok:
-    raise UserError(f"config.{field}: {problem}; {fix}")
+class Checked(NamedTuple):
+  """What check_config found, for the run to use: no second validation, no second mesh."""
+  mesh: Mesh
+  model: ml_collections.ConfigDict  # config.model resolved against the init run
+  num_train: int
+  num_classes: int
 
 
-def _check_init_step(config) -> None:
-  step = config.init.step
-  _require(isinstance(step, int) and step >= -1, "init.step", f"got {step!r}",
-           "use -1 (the latest checkpoint) or the step of a saved checkpoint, e.g. 0")
-
-
-def validate(config, num_batch_shards: int) -> ml_collections.ConfigDict:
-  """Every check that needs no data access; returns the resolved model config."""
+def checked_model(config, num_batch_shards: int) -> ml_collections.ConfigDict:
+  """Every config check that needs no dataset; the resolved model config."""
   config_validation.validate_mesh(config)
-  _check_init_step(config)
+  config_validation.validate_init_step(config)
   model = resolve_model(config)
-  full = ml_collections.ConfigDict(dict(model.to_dict(), decoder_width=4, decoder_depth=1,
-                                        decoder_heads=1, decoder="self_attention"))
-  config_validation.validate_model(full)
-  _require(model.pretrained_image_size % vit.parse_variant(model.variant).patch == 0,
-           "init.workdir", "the pre-trained image size is not a multiple of the patch size",
-           "use a matching pre-training run")
-  _require(0.0 <= model.drop_path < 1.0, "model.drop_path", f"got {model.drop_path}",
-           "use a rate in [0, 1), e.g. 0.1")
-  _require(config.head.pool in POOLS, "head.pool", f"unknown value {config.head.pool!r}",
-           f"use one of {POOLS}")
-  _require(config.head.kind in HEADS, "head.kind", f"unknown value {config.head.kind!r}",
-           f"use one of {HEADS}")
-  o = config.optim
-  _require(o.optimizer in OPTIMIZERS, "optim.optimizer", f"unknown value {o.optimizer!r}",
-           f"use one of {OPTIMIZERS}")
-  _require(config.mode != "linear_probe" or o.optimizer == "lars", "optim.optimizer",
-           "linear probing trains the head with LARS", "use 'lars'")
-  _require(0.0 < o.layer_decay <= 1.0, "optim.layer_decay", f"got {o.layer_decay}",
-           "use a factor in (0, 1], 1 = off")
-  _require(0.0 <= o.momentum < 1.0, "optim.momentum", f"got {o.momentum}", "use e.g. 0.9")
-  config_validation.validate_optim(o)
-  for field in ("mixup_alpha", "cutmix_alpha"):
-    _require(config.mixup[field] >= 0, f"mixup.{field}", f"got {config.mixup[field]}",
-             "use 0 (off) or a Beta parameter > 0")
-  for field in ("prob", "switch_prob"):
-    _require(0.0 <= config.mixup[field] <= 1.0, f"mixup.{field}", f"got {config.mixup[field]}",
-             "use a probability in [0, 1]")
-  _require(0.0 <= config.label_smoothing < 1.0, "label_smoothing",
-           f"got {config.label_smoothing}", "use a value in [0, 1), e.g. 0.1")
-  _require(0.0 <= config.ema.decay < 1.0, "ema.decay", f"got {config.ema.decay}",
-           "use 0 (off) or e.g. 0.9999")
-  _require(config.data.augment in AUGMENTS, "data.augment",
-           f"unknown value {config.data.augment!r}", f"use one of {AUGMENTS}")
-  config_validation.validate_data(config.data)
-  _require(isinstance(config.batch_size, int) and config.batch_size > 0
-           and config.batch_size % num_batch_shards == 0, "batch_size",
-           f"got {config.batch_size!r}", f"use a positive multiple of {num_batch_shards}")
-  _require(isinstance(config.eval.batch_size, int) and config.eval.batch_size > 0
-           and config.eval.batch_size % num_batch_shards == 0, "eval.batch_size",
-           f"got {config.eval.batch_size!r}", f"use a positive multiple of {num_batch_shards}")
-  for field in ("log_every", "checkpoint_every", "keep_checkpoints"):
-    _require(isinstance(config.train[field], int) and config.train[field] > 0, f"train.{field}",
-             f"got {config.train[field]!r}", "use an integer > 0")
-  for field in ("total_steps", "eval_every"):
-    _require(isinstance(config.train[field], int) and config.train[field] >= 0, f"train.{field}",
-             f"got {config.train[field]!r}", "use an integer >= 0")
+  config_validation.validate_classify(config, model, num_batch_shards)
   return model
 
 
-def check_config(config):
-  """Config and dataset checks; returns (resolved model config, train examples, classes)."""
-  mesh = sharding.mesh_from_config(config)  # after validate_mesh inside validate
-  model = validate(config, sharding.num_batch_shards(mesh))
+def check_config(config) -> Checked:
+  """Config and dataset checks, once per run."""
+  config_validation.validate_mesh(config)  # before the device count is used
+  mesh = sharding.mesh_from_config(config)
+  model = checked_model(config, sharding.num_batch_shards(mesh))
   pipeline.check_labeled_dataset(config.data)
   num_train = pipeline.num_examples(config.data, config.data.train_split, labeled=True)
-  _require(config.batch_size <= num_train, "batch_size",
-           f"{config.batch_size} exceeds the {num_train} training examples", "use a smaller batch")
-  return model, num_train, pipeline.num_classes(config.data)
+  if config.batch_size > num_train:
+    raise UserError(f"config.batch_size: {config.batch_size} exceeds the {num_train} training "
+                    "examples; use a smaller batch")
+  return Checked(mesh, model, num_train, pipeline.num_classes(config.data))
 
 
 def make_optimizer(config, schedule, params, depth: int):
@@ -275,14 +227,15 @@ def evaluate(eval_fn, params, batch_stats, config, image_size: int, mesh) -> dic
           "loss": totals["loss_sum"] / count, "count": totals["count"]}
 
 
-def train(config, workdir: str) -> dict:
+def train(config, workdir: str, checked: Checked | None = None) -> dict:
   """Probe or fine-tune per `config` in `workdir`, resuming from its latest checkpoint.
 
-  Returns a summary dict: steps, the final eval top-1 / top-5 (and EMA's, when kept).
+  `checked`: check_config's result when the caller already ran it. Returns a summary dict:
+  steps, the final eval top-1 / top-5 (and EMA's, when kept).
   """
   pretrain.setup_jax(config)
-  model_cfg, num_train, num_classes = check_config(config)
-  mesh, rules = sharding.mesh_from_config(config), sharding.rules_from_config(config)
+  mesh, model_cfg, num_train, num_classes = checked or check_config(config)
+  rules = sharding.rules_from_config(config)
   model = build_model(model_cfg, config, num_classes)
   recipe = classify_step.recipe_from_config(config, num_classes)
   total_steps, warmup_steps = optim.schedule_steps(config.optim, num_train, config.batch_size,
@@ -407,10 +360,12 @@ def _features(encoder, params, data, split, n, config, mesh):
   return np.concatenate(feats), np.concatenate(labels)
 
 
-def knn_eval(config, workdir: str) -> dict:
-  """k-NN top-1 of a pre-training checkpoint's encoder (configs/knn.py)."""
+def knn_eval(config, workdir: str, checked: ml_collections.ConfigDict | None = None) -> dict:
+  """k-NN top-1 of a pre-training checkpoint's encoder (pr_mim_jax/configs/knn.py).
+
+  `checked`: check_knn_config's result (the resolved model) when the caller already ran it."""
   pretrain.setup_jax(config)
-  model_cfg = check_knn_config(config)
+  model_cfg = checked or check_knn_config(config)
   mesh = sharding.make_mesh()
   spec = vit.parse_variant(model_cfg.variant)
   spec = vit.VitSpec(model_cfg.width or spec.width, model_cfg.depth or spec.depth,
@@ -436,16 +391,8 @@ def knn_eval(config, workdir: str) -> dict:
 
 
 def check_knn_config(config) -> ml_collections.ConfigDict:
-  _require(bool(config.init.workdir), "init.workdir", "k-NN needs a pre-training run",
-           "use configs/knn.py:init=WORKDIR")
-  _check_init_step(config)
+  """Config and dataset checks of the k-NN evaluation, once per run; the resolved model."""
+  config_validation.validate_knn_eval(config)
   model = resolve_model(config)
-  for field in ("k", "train_examples", "test_examples", "batch_size"):
-    _require(isinstance(config.knn[field], int) and config.knn[field] > 0, f"knn.{field}",
-             f"got {config.knn[field]!r}", "use an integer > 0")
-  _require(config.knn.feature in config_validation.KNN_FEATURES, "knn.feature",
-           f"unknown value {config.knn.feature!r}", f"use one of {config_validation.KNN_FEATURES}")
-  _require(config.knn.temperature > 0, "knn.temperature", f"got {config.knn.temperature}",
-           "use e.g. 0.07")
   pipeline.check_labeled_dataset(config.data)
   return model

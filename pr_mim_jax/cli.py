@@ -6,6 +6,8 @@ print the command's usage.
 """
 
 import json
+import os
+import pathlib
 import sys
 from typing import Callable
 
@@ -14,6 +16,7 @@ from absl import flags
 from pr_mim_jax import cli_help
 from pr_mim_jax import log_filters
 from pr_mim_jax import override_errors
+from pr_mim_jax.configs import JOBS as PACKAGED_JOBS
 from pr_mim_jax.errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -62,6 +65,47 @@ def _unknown_flag(error: flags.UnrecognizedFlagError, flag_values, required) -> 
   return str(error).splitlines()[0] + " (see --helpfull)"
 
 
+PACKAGED_CONFIGS = pathlib.Path(__file__).resolve().parent / "configs"
+
+
+def packaged_config(value: str) -> str:
+  """`value` (FILE[:args]) with FILE replaced by the packaged config it names, when FILE is
+  not a file here but `NAME`, `NAME.py` or `.../configs/NAME.py` of pr_mim_jax/configs/.
+  So --config=pretrain works from any directory, and so does the source tree's path."""
+  file, sep, args = value.partition(":")
+  if not file or os.path.isfile(file):
+    return value
+  name = pathlib.PurePath(file).name.removesuffix(".py")
+  parent = pathlib.PurePath(file).parent.name
+  packaged = PACKAGED_CONFIGS / f"{name}.py"
+  if parent in ("", "configs") and name in PACKAGED_JOBS:
+    return f"{packaged}{sep}{args}"
+  return value
+
+
+def _with_packaged_configs(argv, flag_values, check: bool = True) -> list[str]:
+  """argv with every config flag's value passed through packaged_config; a UserError for a
+  config file that is neither a file nor a packaged name (ml_collections would only report
+  it later, as a traceback)."""
+  names = {f"--{n}" for n in cli_help.config_flag_names(flag_values)}
+  out = list(argv)
+  for i, arg in enumerate(out):
+    flag, sep, value = arg.partition("=")
+    if flag in names and sep:
+      at = i
+    elif arg in names and i + 1 < len(out):
+      flag, at, value = arg, i + 1, out[i + 1]
+    else:
+      continue
+    value = packaged_config(value)
+    file = value.partition(":")[0]
+    if check and file and not os.path.isfile(file):
+      raise UserError(f"{flag}={file}: no such config file; give a path, or the name of a "
+                      f"packaged config: {', '.join(PACKAGED_JOBS)}")
+    out[at] = f"{flag}={value}" if at == i else value
+  return out
+
+
 def parse_flags(argv, required: dict[str, str], flag_values=None) -> None:
   """Parse absl flags; `required` maps flag name -> an example value for the message.
 
@@ -70,8 +114,13 @@ def parse_flags(argv, required: dict[str, str], flag_values=None) -> None:
   fv = flags.FLAGS if flag_values is None else flag_values
   asked = [a for a in argv[1:] if a in cli_help.HELP_FLAGS]
   if asked:
-    print(cli_help.usage(argv, full="--helpfull" in asked, flag_values=fv), end="")
+    print(cli_help.usage(_with_packaged_configs(argv, fv, check=False),
+                         full="--helpfull" in asked, flag_values=fv), end="")
     sys.exit(0)
+  try:
+    argv = _with_packaged_configs(argv, fv)
+  except UserError as e:
+    fail(str(e))
   try:
     fv(argv)
   except flags.UnrecognizedFlagError as e:

@@ -65,8 +65,10 @@ def usage(argv, full: bool, flag_values=None) -> str:
   """The command's docstring, its config file's help, and its flags; `full` adds absl's own."""
   fv = flags.FLAGS if flag_values is None else flag_values
   by_module = fv.flags_by_module_dict()
-  ours = [m for m in by_module if not m.startswith("absl")]
   main = sys.modules.get("__main__")
+  # Ours: this package's modules and the command itself (libraries such as orbax define flags too).
+  ours = [m for m in by_module
+          if m.startswith("pr_mim_jax") or m == getattr(main, "__file__", None)]
   # absl names a module run with `python -m` by its file path.
   modules_of = {m: sys.modules.get(m) or (main if m == getattr(main, "__file__", None) else None)
                 for m in ours}

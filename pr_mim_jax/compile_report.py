@@ -1,8 +1,8 @@
 r"""Will it fit? Compile the real train step for hardware this host does not have.
 
-  python -m pr_mim_jax.compile_report --config=configs/pretrain.py:method=pr_mim,variant=L/16 \
+  python -m pr_mim_jax.compile_report --config=pr_mim_jax/configs/pretrain.py:method=pr_mim,variant=L/16 \
       --target=tpu:v5p:4x4x8 --config.mesh.data=1 --config.mesh.fsdp=-1
-  python -m pr_mim_jax.compile_report --config=configs/pretrain.py --target=gpu:h100 \
+  python -m pr_mim_jax.compile_report --config=pr_mim_jax/configs/pretrain.py --target=gpu:h100 \
       --num_devices=8 --methods=mae,partial,pr_mim --variants=B/16,L/16 --json=fit.json
 
 It builds the step that training runs (pre-training, linear probing or fine-tuning, from
@@ -381,7 +381,7 @@ def main(argv=None) -> int:
   f = _define_flags()
   argv = list(argv if argv is not None else sys.argv)
   return cli.run(lambda: _run(f, argv),
-                 {"config": "configs/pretrain.py:variant=B/16", "target": "tpu:v5e:16x16"}, argv)
+                 {"config": "pr_mim_jax/configs/pretrain.py:variant=B/16", "target": "tpu:v5e:16x16"}, argv)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Parse the `key=value,...` argument of a config file's `get_config(arg)`.
 
-    --config=configs/pretrain.py:variant=B/16,dataset=shapes
+    --config=pr_mim_jax/configs/pretrain.py:variant=B/16,dataset=shapes
 
 Types follow the defaults; an unknown key fails with the list of known ones.
 """

@@ -1,20 +1,27 @@
-"""Every check on a pre-training config, before anything compiles.
+"""Every config check, before anything compiles: pre-training, the probe and fine-tuning,
+and the k-NN evaluation. The loops call them once per run (their check_config).
 
-Each failure is a UserError whose one-line message names the field and the fix.
+Each failure is a UserError whose one-line message names the field and the fix. The
+allowed values of a field are defined once, beside the code that uses them.
 """
 
+import ml_collections
+
+from pr_mim_jax import knn as knn_lib
 from pr_mim_jax import masking
+from pr_mim_jax import optim
 from pr_mim_jax import sharding
 from pr_mim_jax import targets
+from pr_mim_jax.data import pipeline
 from pr_mim_jax.errors import UserError
 from pr_mim_jax.methods import METHODS
+from pr_mim_jax.models import classifier
 from pr_mim_jax.models import mae
 from pr_mim_jax.models import progressive
 from pr_mim_jax.models import vit
 
 POSEMBS = ("sincos", "learned")
 DTYPES = ("bfloat16", "float32")
-KNN_FEATURES = ("mean", "cls")
 
 
 def _require(ok: bool, field: str, problem: str, fix: str):
@@ -163,15 +170,20 @@ def validate_train(config, num_batch_shards: int):
            f"global batch {config.batch_size} is not divisible by grad_accum_steps={accum} x "
            f"{num_batch_shards} batch shards", f"use a batch_size that is a multiple of "
            f"{accum * num_batch_shards}, or fewer grad_accum_steps")
-  knn = config.knn
+  validate_knn(config.knn)
+  _require(config.knn.every >= 0, "knn.every", f"got {config.knn.every}",
+           "use 0 (only at the end) or a step count")
+
+
+def validate_knn(knn):
+  """config.knn: the pre-training monitor's and the k-NN evaluation's shared fields."""
   for field in ("k", "train_examples", "test_examples", "batch_size"):
     _positive_int(f"knn.{field}", knn[field])
   _require(knn.k <= knn.train_examples, "knn.k", f"k={knn.k} exceeds knn.train_examples",
            "lower knn.k")
-  _require(knn.every >= 0, "knn.every", f"got {knn.every}", "use 0 (only at the end) or a step count")
   _require(knn.temperature > 0, "knn.temperature", f"got {knn.temperature}", "use e.g. 0.07")
-  _require(knn.feature in KNN_FEATURES, "knn.feature", f"unknown value {knn.feature!r}",
-           f"use one of {KNN_FEATURES}")
+  _require(knn.feature in knn_lib.FEATURES, "knn.feature", f"unknown value {knn.feature!r}",
+           f"use one of {knn_lib.FEATURES}")
 
 
 def validate_data(data):
@@ -222,3 +234,66 @@ def validate_pretrain(config, num_batch_shards: int):
   validate_data(config.data)
   validate_mesh(config)
   validate_train(config, num_batch_shards)
+
+
+def validate_init_step(config):
+  step = config.init.step
+  _require(isinstance(step, int) and step >= -1, "init.step", f"got {step!r}",
+           "use -1 (the latest checkpoint) or the step of a saved checkpoint, e.g. 0")
+
+
+def validate_knn_eval(config):
+  """The k-NN evaluation (configs/knn.py), before its init run is read."""
+  _require(bool(config.init.workdir), "init.workdir", "k-NN needs a pre-training run",
+           "use pr_mim_jax/configs/knn.py:init=WORKDIR")
+  validate_init_step(config)
+  validate_knn(config.knn)
+
+
+def validate_classify(config, model, num_batch_shards: int):
+  """A probe or fine-tune config; `model` is config.model resolved against its init run
+  (classify.resolve_model). The mesh and init.step are checked before that (validate_mesh,
+  validate_init_step)."""
+  # validate_model checks an MAE's fields; a classifier has no decoder, so give it a valid one.
+  validate_model(ml_collections.ConfigDict(dict(model.to_dict(), decoder_width=4, decoder_depth=1,
+                                                decoder_heads=1, decoder="self_attention")))
+  _require(model.pretrained_image_size % vit.parse_variant(model.variant).patch == 0,
+           "init.workdir", "the pre-trained image size is not a multiple of the patch size",
+           "use a matching pre-training run")
+  _require(0.0 <= model.drop_path < 1.0, "model.drop_path", f"got {model.drop_path}",
+           "use a rate in [0, 1), e.g. 0.1")
+  _require(config.head.pool in classifier.POOLS, "head.pool", f"unknown value {config.head.pool!r}",
+           f"use one of {classifier.POOLS}")
+  _require(config.head.kind in classifier.HEADS, "head.kind", f"unknown value {config.head.kind!r}",
+           f"use one of {classifier.HEADS}")
+  o = config.optim
+  _require(o.optimizer in optim.CLASSIFY_OPTIMIZERS, "optim.optimizer",
+           f"unknown value {o.optimizer!r}", f"use one of {optim.CLASSIFY_OPTIMIZERS}")
+  _require(config.mode != "linear_probe" or o.optimizer == "lars", "optim.optimizer",
+           "linear probing trains the head with LARS", "use 'lars'")
+  _require(0.0 < o.layer_decay <= 1.0, "optim.layer_decay", f"got {o.layer_decay}",
+           "use a factor in (0, 1], 1 = off")
+  _require(0.0 <= o.momentum < 1.0, "optim.momentum", f"got {o.momentum}", "use e.g. 0.9")
+  validate_optim(o)
+  for field in ("mixup_alpha", "cutmix_alpha"):
+    _require(config.mixup[field] >= 0, f"mixup.{field}", f"got {config.mixup[field]}",
+             "use 0 (off) or a Beta parameter > 0")
+  for field in ("prob", "switch_prob"):
+    _require(0.0 <= config.mixup[field] <= 1.0, f"mixup.{field}", f"got {config.mixup[field]}",
+             "use a probability in [0, 1]")
+  _require(0.0 <= config.label_smoothing < 1.0, "label_smoothing",
+           f"got {config.label_smoothing}", "use a value in [0, 1), e.g. 0.1")
+  _require(0.0 <= config.ema.decay < 1.0, "ema.decay", f"got {config.ema.decay}",
+           "use 0 (off) or e.g. 0.9999")
+  _require(config.data.augment in pipeline.AUGMENTS, "data.augment",
+           f"unknown value {config.data.augment!r}", f"use one of {pipeline.AUGMENTS}")
+  validate_data(config.data)
+  for field in ("batch_size", "eval.batch_size"):
+    value = config.eval.batch_size if field == "eval.batch_size" else config.batch_size
+    _require(isinstance(value, int) and value > 0 and value % num_batch_shards == 0, field,
+             f"got {value!r}", f"use a positive multiple of {num_batch_shards}")
+  for field in ("log_every", "checkpoint_every", "keep_checkpoints"):
+    _positive_int(f"train.{field}", config.train[field])
+  for field in ("total_steps", "eval_every"):
+    _require(isinstance(config.train[field], int) and config.train[field] >= 0, f"train.{field}",
+             f"got {config.train[field]!r}", "use an integer >= 0")

@@ -40,12 +40,13 @@ from ml_collections import config_flags
 from pr_mim_jax import cli
 from pr_mim_jax import pth_reader
 from pr_mim_jax import timm_weights
+from pr_mim_jax.configs import pretrain as pretrain_config
 from pr_mim_jax.errors import UserError
 
 FORMATS = ("workdir", "timm", "mae")
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 METADATA_KEY = "pr_mim_jax"
-DEFAULT_CONFIG = "configs/pretrain.py:method=mae"
+DEFAULT_CONFIG = "pr_mim_jax/configs/pretrain.py:method=mae"
 
 
 
@@ -258,16 +259,8 @@ def write_timm(params, arch, to: pathlib.Path, with_decoder: bool, source: str) 
 
 
 def default_config():
-  """configs/pretrain.py:method=mae of this source tree."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  file, _, arg = DEFAULT_CONFIG.partition(":")
-  path = pathlib.Path(__file__).resolve().parents[1] / file
-  if not path.is_file():
-    raise UserError(f"--config: {path} not found; pass --config=PATH/pretrain.py:method=mae")
-  spec = importlib.util.spec_from_file_location("pretrain_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  """The packaged pretrain config with method=mae (DEFAULT_CONFIG)."""
+  return pretrain_config.get_config(DEFAULT_CONFIG.partition(":")[2])
 
 
 def fit_config(config, arch: timm_weights.Arch) -> None:

@@ -1,6 +1,6 @@
 r"""The paper's Figure 4: how far each method's encoder gradient is from MAE's.
 
-  python -m pr_mim_jax.gradient_study --config=configs/pretrain.py:dataset=shapes \
+  python -m pr_mim_jax.gradient_study --config=pr_mim_jax/configs/pretrain.py:dataset=shapes \
       --out=workdirs/gradients [--settings=mae,partial,pr_mim:local_attention,...] [--steps=N]
 
 Each setting pre-trains on its own from the same seed and data order. Every `--every` steps
@@ -204,7 +204,7 @@ def _run(f: types.SimpleNamespace) -> int:
   absl_logging.use_absl_handler()
   absl_logging.set_verbosity(absl_logging.INFO)
   pretrain.setup_jax(config)
-  num_train = pretrain.check_config(setting_config(config, settings[0]))
+  num_train = pretrain.check_config(setting_config(config, settings[0])).num_train
   total, _ = optim.schedule_steps(config.optim, num_train, config.batch_size, f.steps.value)
   every = f.every.value or max(1, total // 8)
   size = config.model.image_size
@@ -225,7 +225,7 @@ def _run(f: types.SimpleNamespace) -> int:
 
 def main(argv=None) -> int:
   f = _define_flags()
-  return cli.run(lambda: _run(f), {"config": "configs/pretrain.py:dataset=shapes", "out": "workdirs/gradients"},
+  return cli.run(lambda: _run(f), {"config": "pr_mim_jax/configs/pretrain.py:dataset=shapes", "out": "workdirs/gradients"},
                  argv)
 
 

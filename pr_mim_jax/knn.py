@@ -13,6 +13,9 @@ import numpy as np
 from pr_mim_jax import sharding
 
 
+FEATURES = ("mean", "cls")
+
+
 def pool_features(tokens, feature: str):
   """[B, 1+L, D] encoder output -> [B, D]: average of patch tokens, or the cls token."""
   if feature == "mean":

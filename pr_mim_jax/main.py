@@ -1,7 +1,7 @@
-r"""Command line: python -m pr_mim_jax.main --config=configs/FILE.py[:k=v,...] --workdir=DIR [--config.x=y]
+r"""Command line: python -m pr_mim_jax.main --config=pr_mim_jax/configs/FILE.py[:k=v,...] --workdir=DIR [--config.x=y]
 
-config.mode picks the job: pretrain (configs/pretrain.py), linear_probe
-(configs/linear_probe.py), finetune (configs/finetune.py) or knn (configs/knn.py).
+config.mode picks the job: pretrain (pr_mim_jax/configs/pretrain.py), linear_probe
+(pr_mim_jax/configs/linear_probe.py), finetune (pr_mim_jax/configs/finetune.py) or knn (pr_mim_jax/configs/knn.py).
 
 Invalid flags and config values stop before anything compiles, with one line that
 names the field and the fix, and exit code 2.
@@ -29,7 +29,7 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in the job 
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (or JAX_PROCESS_ID).")
 
 MODES = ("pretrain", "linear_probe", "finetune", "knn")
-REQUIRED = {"config": "configs/pretrain.py:dataset=shapes", "workdir": "workdirs/demo"}
+REQUIRED = {"config": "pr_mim_jax/configs/pretrain.py:dataset=shapes", "workdir": "workdirs/demo"}
 
 
 def _run() -> int:
@@ -46,12 +46,12 @@ def _run() -> int:
     from pr_mim_jax import classify  # pylint: disable=g-import-not-at-top
     run, check = ((classify.knn_eval, classify.check_knn_config) if mode == "knn"
                   else (classify.train, classify.check_config))
-  check(config)  # before INFO logging, so a mistake prints one line
+  checked = check(config)  # before INFO logging, so a mistake prints one line
   absl_logging.use_absl_handler()
   absl_logging.set_verbosity(absl_logging.INFO)
   absl_logging.get_absl_handler().addFilter(lambda r: not log_filters.is_narration(r))
   try:
-    summary = run(config, _WORKDIR.value)
+    summary = run(config, _WORKDIR.value, checked)
   except pretrain.NonFiniteLossError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -1,6 +1,6 @@
 """The three pre-training methods and the config fields each one implies (docs/method.md).
 
-`configs/pretrain.py` expands `method=` with this table; the benchmark, the compile report,
+`pr_mim_jax/configs/pretrain.py` expands `method=` with this table; the benchmark, the compile report,
 the gradient tool and the study switch methods on one config with `with_method` / `sweep`.
 """
 

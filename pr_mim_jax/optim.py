@@ -156,6 +156,9 @@ def lars(schedule, weight_decay: float = 0.0, momentum: float = 0.9,
       optax.scale_by_learning_rate(schedule))
 
 
+CLASSIFY_OPTIMIZERS = ("lars", "adamw")  # the probe's and fine-tuning's config.optim.optimizer
+
+
 def make_probe_optimizer(optim_cfg, schedule) -> optax.GradientTransformation:
   """LARS (optim_cfg.momentum, default 0.9; weight_decay, default 0) on params['head'] only; every
   other top-level subtree (the frozen encoder) gets zero updates and keeps no state."""

@@ -3,12 +3,14 @@
 import functools
 import logging
 import time
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
+from jax.sharding import Mesh
 
 from pr_mim_jax import checkpointing
 from pr_mim_jax import config_validation
@@ -161,8 +163,8 @@ def write_reconstructions(workdir, writer, model, params, images, state_rng, ste
   masks it was trained with; thrown tokens are drawn distinctly (visualize.py).
   """
   masks = train_step_lib.step_masks(state_rng, step - 1, images.shape[0], task)
-  ids_throw = masks.ids_throw if task.reconstruct_thrown else None
-  preds = jax.jit(model.apply)({"params": params}, images, masks.ids_vis, masks.ids_dec, ids_throw)
+  _, (preds, _) = jax.jit(lambda p, x, m: train_step_lib.loss_fn(p, model, x, m, task))(
+      params, images, masks)
   images, preds, masks = sharding.to_host((images, preds, masks))
   picture = visualize.reconstruction_grid(images, preds.dec, masks.ids_vis, masks.ids_dec,
                                           task.patch, task.target, pipeline.denormalize,
@@ -176,8 +178,14 @@ def write_reconstructions(workdir, writer, model, params, images, state_rng, ste
     logging.info("wrote %s", path)
 
 
-def check_config(config) -> int:
-  """Every config and dataset check; returns the number of training examples."""
+class Checked(NamedTuple):
+  """What check_config found, for the run to use: no second validation, no second mesh."""
+  mesh: Mesh
+  num_train: int
+
+
+def check_config(config) -> Checked:
+  """Every config and dataset check, once per run."""
   config_validation.validate_mesh(config)  # before the device count is used
   mesh = sharding.mesh_from_config(config)
   config_validation.validate_pretrain(config, sharding.num_batch_shards(mesh))
@@ -189,7 +197,7 @@ def check_config(config) -> int:
   if config.batch_size > num_train:
     raise UserError(f"config.batch_size: {config.batch_size} exceeds the {num_train} training "
                     f"examples of {config.data.dataset!r}; use a smaller batch")
-  return num_train
+  return Checked(mesh, num_train)
 
 
 def finished_summary(workdir: str, step: int, keys, needed=()) -> dict | None:
@@ -218,14 +226,15 @@ def wait_for_first_step(step: int, outputs, started: float) -> None:
                time.monotonic() - started)
 
 
-def train(config, workdir: str) -> dict:
+def train(config, workdir: str, checked: Checked | None = None) -> dict:
   """Pre-train per `config` in `workdir`, resuming from its latest checkpoint.
 
-  Returns a summary dict (final step, last logged loss, k-NN accuracies when computed).
+  `checked`: check_config's result when the caller already ran it. Returns a summary dict
+  (final step, last logged loss, k-NN accuracies when computed).
   """
   setup_jax(config)
-  num_train = check_config(config)
-  mesh, rules = sharding.mesh_from_config(config), sharding.rules_from_config(config)
+  mesh, num_train = checked or check_config(config)
+  rules = sharding.rules_from_config(config)
   logging.info("mesh %s, sharding rules %s", dict(mesh.shape), rules)
 
   model = mae.from_config(config)

@@ -1,6 +1,6 @@
 r"""The paper's comparison at small scale: MAE vs partial reconstruction vs PR-MIM.
 
-  python -m pr_mim_jax.study --config=configs/study.py:setting=cpu --workdir=workdirs/study_cpu
+  python -m pr_mim_jax.study --config=pr_mim_jax/configs/study.py:setting=cpu --workdir=workdirs/study_cpu
 
 For every seed and method: pre-train on the embedded shapes dataset (same epochs, batch,
 model), then score the encoder by k-NN, a linear probe and a short fine-tune, and measure
@@ -11,16 +11,13 @@ is recorded, so a rerun skips it and an interrupted study resumes.
 """
 
 import collections
-import importlib.util
 import json
 import logging
-import pathlib
 import sys
 import time
 import types
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import flags
 from absl import logging as absl_logging
@@ -30,37 +27,27 @@ from ml_collections import config_flags
 from pr_mim_jax import benchmark
 from pr_mim_jax import checkpointing
 from pr_mim_jax import classify
-from pr_mim_jax import classify_config
+from pr_mim_jax.configs import classify as classify_config
+from pr_mim_jax.configs import pretrain as pretrain_defaults
 from pr_mim_jax import cli
 from pr_mim_jax import log_filters
-from pr_mim_jax import losses
 from pr_mim_jax import masking
 from pr_mim_jax import pretrain
 from pr_mim_jax import sharding
-from pr_mim_jax import targets
 from pr_mim_jax import train_step as train_step_lib
 from pr_mim_jax.data import pipeline
 from pr_mim_jax.errors import UserError
 from pr_mim_jax.methods import METHODS
 from pr_mim_jax.models import mae
-from pr_mim_jax.models import vit
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 ACCURACIES = (("knn_top1", "k-NN"), ("probe_top1", "linear probe"), ("finetune_top1", "fine-tune"))
 
 
 def _define_flags() -> types.SimpleNamespace:
   return types.SimpleNamespace(
-      config=config_flags.DEFINE_config_file("config", None, "configs/study.py[:setting=...]",
+      config=config_flags.DEFINE_config_file("config", None, "pr_mim_jax/configs/study.py[:setting=...]",
                                              lock_config=True),
       workdir=flags.DEFINE_string("workdir", None, "Where runs, results and the table go."))
-
-
-def _load_pretrain_config(arg: str):
-  spec = importlib.util.spec_from_file_location("pretrain_config", CONFIGS / "pretrain.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def _ints(text: str, field: str) -> list[int]:
@@ -94,7 +81,7 @@ def _data(config, study):
 
 
 def pretrain_config(study, method: str, throw: float, seed: int):
-  c = _load_pretrain_config(f"method={method},dataset=shapes")
+  c = pretrain_defaults.get_config(f"method={method},dataset=shapes")
   c.masking.throw_ratio = throw
   c.seed = seed
   c.batch_size = study.pretrain.batch_size
@@ -140,15 +127,8 @@ def reconstruction_loss(config, workdir: str, num_examples: int, batch: int = 25
   def batch_loss(params, images, rng):
     m = masking.make_masks(rng, images.shape[0], task.split, task.throw_strategy, task.grid,
                            task.num_stages)
-    if task.reconstruct_thrown:  # PR-MIM: decoded + progressively reconstructed tokens
-      ids_q, ids_t = m.ids_dec, m.ids_throw
-    else:  # MAE; partial reconstruction decodes every masked token here
-      ids_q, ids_t = m.ids_mask, None
-    preds = model.apply({"params": params}, images, m.ids_vis, ids_q, ids_t)
-    pred = preds.dec if preds.throw is None else jnp.concatenate([preds.dec, preds.throw], 1)
-    ids = ids_q if ids_t is None else jnp.concatenate([ids_q, ids_t], 1)  # [B, n_masked]
-    tgt = targets.patch_targets(images, task.patch, task.target)  # [B, L, P]
-    return losses.weighted_patch_mse(pred, vit.gather_tokens(tgt, ids)) * images.shape[0]
+    loss, _ = train_step_lib.loss_fn(params, model, images, m, task, every_masked_token=True)
+    return loss * images.shape[0]
 
   total = 0.0
   for i, start in enumerate(range(0, len(images), batch)):
@@ -327,7 +307,7 @@ def _run(f: types.SimpleNamespace) -> int:
 
 def main(argv=None) -> int:
   f = _define_flags()
-  return cli.run(lambda: _run(f), {"config": "configs/study.py:setting=cpu",
+  return cli.run(lambda: _run(f), {"config": "pr_mim_jax/configs/study.py:setting=cpu",
                                    "workdir": "workdirs/study_cpu"}, argv)
 
 

@@ -48,22 +48,28 @@ def step_masks(rng, step, batch_size: int, task: Task) -> masking.Masks:
                             task.throw_strategy, task.grid, task.num_stages)
 
 
-def loss_fn(params, model, images, masks: masking.Masks, task: Task):
-  """Reconstruction loss, sum(w * l) / sum(w) over scored tokens; returns (loss, (preds, parts)).
+def loss_fn(params, model, images, masks: masking.Masks, task: Task,
+            every_masked_token: bool = False):
+  """The one scoring path: masks -> predictions -> targets -> weighted loss (losses.py).
 
-  Decoded tokens weigh 1. With progressive reconstruction the thrown tokens are scored too,
-  with weight `thrown_loss_weight`; otherwise they are never supervised.
+  Returns (loss, (preds, parts)). Training, the study's reconstruction metric and the
+  reconstruction pictures all use it. In training, decoded tokens weigh 1; with progressive
+  reconstruction the thrown tokens are scored too, with weight `thrown_loss_weight`,
+  otherwise never. `every_masked_token` (the study's metric) scores every masked token
+  with weight 1: PR-MIM's decoded and reconstructed thrown tokens, and for MAE and partial
+  reconstruction the decoder run over all masked tokens.
   """
+  ids_query = masks.ids_dec
+  if every_masked_token and not task.reconstruct_thrown:
+    ids_query = masks.ids_mask
   ids_throw = masks.ids_throw if task.reconstruct_thrown else None
-  preds = model.apply({"params": params}, images, masks.ids_vis, masks.ids_dec, ids_throw)
+  preds = model.apply({"params": params}, images, masks.ids_vis, ids_query, ids_throw)
   tgt = targets.patch_targets(images, task.patch, task.target)  # [B, L, P]
-  loss_dec = losses.weighted_patch_mse(preds.dec, vit.gather_tokens(tgt, masks.ids_dec))
-  if preds.throw is None:
-    return loss_dec, (preds, {"loss_decoded": loss_dec})
-  loss_throw = losses.weighted_patch_mse(preds.throw, vit.gather_tokens(tgt, masks.ids_throw))
-  n_dec, n_throw = task.split.n_dec, task.split.n_throw * task.thrown_loss_weight
-  loss = (n_dec * loss_dec + n_throw * loss_throw) / (n_dec + n_throw)
-  return loss, (preds, {"loss_decoded": loss_dec, "loss_thrown": loss_throw})
+  loss, parts = losses.reconstruction_loss(
+      preds.dec, vit.gather_tokens(tgt, ids_query),
+      preds.throw, None if preds.throw is None else vit.gather_tokens(tgt, ids_throw),
+      thrown_weight=1.0 if every_masked_token else task.thrown_loss_weight)
+  return loss, (preds, parts)
 
 
 def micro_batches(tree, k: int):

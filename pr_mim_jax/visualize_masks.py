@@ -1,6 +1,6 @@
 r"""Pictures of the token split under each throw strategy, on real images of a config's dataset.
 
-  python -m pr_mim_jax.visualize_masks --config=configs/pretrain.py:dataset=shapes --out=DIR \
+  python -m pr_mim_jax.visualize_masks --config=pr_mim_jax/configs/pretrain.py:dataset=shapes --out=DIR \
       [--num_images=8] [--seed=0]
 
 Writes masks_random.png, masks_running_cell.png, masks_furthest.png (one row per image:
@@ -120,7 +120,7 @@ def _run(f: types.SimpleNamespace) -> None:
 
 def main(argv=None) -> int:
   f = _define_flags()
-  return cli.run(lambda: _run(f), {"config": "configs/pretrain.py:dataset=shapes", "out": "/tmp/masks"},
+  return cli.run(lambda: _run(f), {"config": "pr_mim_jax/configs/pretrain.py:dataset=shapes", "out": "/tmp/masks"},
                  argv)
 
 

@@ -1,6 +1,5 @@
 """Shared fixtures: a tiny pre-training config on a tiny embedded dataset."""
 
-import importlib.util
 import os
 import pathlib
 import subprocess
@@ -8,9 +7,11 @@ import sys
 
 import pytest
 
+from pr_mim_jax.configs import pretrain as pretrain_config
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-# Overrides that make configs/pretrain.py:dataset=shapes train in seconds on a CPU.
+# Overrides that make pr_mim_jax/configs/pretrain.py:dataset=shapes train in seconds on a CPU.
 TINY_OVERRIDES = {
     "batch_size": 16,
     "model.image_size": 16,
@@ -50,10 +51,7 @@ def run_with_fake_devices(code: str, devices: int = 8, timeout: int = 600):
 
 
 def load_config(arg: str = "dataset=shapes"):
-  spec = importlib.util.spec_from_file_location("pretrain_config", ROOT / "configs" / "pretrain.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return pretrain_config.get_config(arg)
 
 
 def apply_overrides(config, overrides: dict):

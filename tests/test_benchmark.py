@@ -16,7 +16,7 @@ def _run(*args):
 
 
 def test_no_timing_prints_one_line_per_setting():
-  proc = _run("--config=configs/pretrain.py", "--methods=mae,partial,pr_mim",
+  proc = _run("--config=pr_mim_jax/configs/pretrain.py", "--methods=mae,partial,pr_mim",
               "--variants=B/16,L/16", "--no-timing")
   assert proc.returncode == 0, proc.stderr
   rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -35,10 +35,11 @@ def test_no_timing_prints_one_line_per_setting():
   assert by[("mae", "L/16")]["gflop_per_img"]["encoder"] > 3 * by[("mae", "B/16")]["gflop_per_img"]["encoder"]
 
 
+@pytest.mark.slow
 def test_isolated_timing_writes_json_and_markdown(tmp_path):
   flags = [f for f in override_flags(TINY_OVERRIDES) if not f.startswith("--config.knn")]
   out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
-  proc = _run("--config=configs/pretrain.py:dataset=shapes", *flags, "--methods=mae,pr_mim",
+  proc = _run("--config=pr_mim_jax/configs/pretrain.py:dataset=shapes", *flags, "--methods=mae,pr_mim",
               "--steps=2", "--warmup=1", "--batch=8", "--ceiling_size=64",
               f"--json={out_json}", f"--markdown={out_md}")
   assert proc.returncode == 0, proc.stderr
@@ -62,8 +63,9 @@ def test_isolated_timing_writes_json_and_markdown(tmp_path):
   assert pr_row["throw_strategy"] == "furthest" and pr_row["masks_ms"] > 0
   assert pr_row["furthest_ms"] == pytest.approx(
       max(pr_row["masks_ms"] - pr_row["masks_random_ms"], 0), abs=2e-3)
+  # Both are rounded (ms to 3 decimals, the share to 4), so allow half of each unit.
   assert pr_row["furthest_share"] == pytest.approx(pr_row["furthest_ms"] / pr_row["step_ms"],
-                                                   rel=0.02, abs=1e-4)
+                                                   abs=5e-5 + 5e-4 / pr_row["step_ms"])
   (ratio,) = report["ratios"]
   assert ratio["method"] == "pr_mim" and ratio["vs"] == "mae"
   assert ratio["img_per_s"] == pytest.approx(pr_row["img_per_s"] / mae_row["img_per_s"], rel=0.01)
@@ -115,7 +117,7 @@ def test_child_processes_get_the_parents_flags_minus_outputs():
 
 
 def test_bad_method_is_one_error_line():
-  proc = _run("--config=configs/pretrain.py", "--methods=simmim", "--no-timing")
+  proc = _run("--config=pr_mim_jax/configs/pretrain.py", "--methods=simmim", "--no-timing")
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines() == [
       "error: --methods: unknown ['simmim']; use names from ['mae', 'partial', 'pr_mim']"]

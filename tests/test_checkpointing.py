@@ -80,6 +80,7 @@ def test_checkpoint_dir():
   assert issubclass(checkpointing.CheckpointError, UserError)
 
 
+@pytest.mark.slow
 def test_keeps_newest_and_restores_exactly(tmp_path):
   ckpt = checkpointing.Checkpointer(str(tmp_path), max_to_keep=2)
   states = {s: _make_state(seed=s) for s in (10, 20, 30)}

@@ -67,6 +67,7 @@ def test_encoder_tree_equals_mae_encoder(posemb_kind, scan_layers):
                                        'dense/bias': (CLASSES,)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('pool', ['gap', 'cls'])
 def test_logits_are_head_of_pooled_encoder(pool):
   model = classifier.Classifier(SPEC, IMAGE, CLASSES, pool=pool)
@@ -90,6 +91,7 @@ def test_bf16_compute_gives_float32_logits():
   assert logits.dtype == jnp.float32
 
 
+@pytest.mark.slow
 def test_head_inits():
   images = _images(batch=1)
   for head, std in (('linear', 2e-5), ('batchnorm_linear', 0.01)):
@@ -102,6 +104,7 @@ def test_head_inits():
     np.testing.assert_array_equal(np.asarray(variables['params']['head']['dense']['bias']), 0.0)
 
 
+@pytest.mark.slow
 def test_frozen_encoder_gets_exactly_zero_gradient():
   images = _images(seed=3)
   labels = jnp.arange(4) % CLASSES

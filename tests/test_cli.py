@@ -1,5 +1,6 @@
 """Command line: every entry point answers -h / --help / --helpfull; mistakes are one line."""
 
+import importlib
 import logging
 import subprocess
 import sys
@@ -23,12 +24,16 @@ def _run(module, *args):
                         capture_output=True, text=True, timeout=300, check=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ENTRY_POINTS)
 def test_help_exits_0_with_the_docstring_and_flags(module):
   proc = _run(module, "--help")
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "error" not in proc.stderr.lower(), proc.stderr[-2000:]
   assert "python -m pr_mim_jax." + module in proc.stdout  # the usage line of its docstring
+  own = importlib.import_module(f"pr_mim_jax.{module}").__doc__.strip().splitlines()[0]
+  assert proc.stdout.startswith(own)  # its docstring first, and no library's (orbax has flags)
+  assert "Orbax" not in proc.stdout
   assert "Flags:" in proc.stdout and "--" in proc.stdout.split("Flags:", 1)[1]
   assert "logtostderr" not in proc.stdout  # absl's own flags only with --helpfull
 
@@ -44,7 +49,7 @@ def test_help_variants(flag):
 # ----------------------------------------------------------------------------------------
 # User mistakes in flags and config overrides: one `error:` line naming the field and the fix.
 
-CONFIG = "configs/pretrain.py:dataset=shapes"
+CONFIG = "pr_mim_jax/configs/pretrain.py:dataset=shapes"
 
 
 def _parse_error(monkeypatch, capsys, *args, config=CONFIG):
@@ -100,6 +105,30 @@ def test_override_without_config_file_says_which_flag(monkeypatch, capsys):
       f"--config={CONFIG}"]
 
 
+def test_a_missing_config_file_is_one_line_naming_the_packaged_ones(monkeypatch, capsys):
+  assert _parse_error(monkeypatch, capsys, config="pretrainn:method=mae") == [
+      "error: --config=pretrainn: no such config file; give a path, or the name of a packaged "
+      "config: pretrain, linear_probe, finetune, knn, study"]
+
+
+@pytest.mark.parametrize("given", ["pretrain", "pretrain.py", "configs/pretrain.py",
+                                   "pr_mim_jax/configs/pretrain.py"])
+def test_packaged_config_names_work_from_any_directory(given, monkeypatch, tmp_path):
+  monkeypatch.chdir(tmp_path)  # no configs/ here
+  packaged = ROOT / "pr_mim_jax" / "configs" / "pretrain.py"
+  assert cli.packaged_config(f"{given}:method=mae") == f"{packaged}:method=mae"
+  assert cli.packaged_config(given) == str(packaged)
+
+
+def test_a_file_that_exists_is_never_replaced(monkeypatch, tmp_path):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "pretrain.py").write_text("")  # the user's own copy wins
+  assert cli.packaged_config("configs/pretrain.py:x=1") == "configs/pretrain.py:x=1"
+  for other in ("classify", "mine/pretrain.py", "nope.py"):  # shared defaults, other dirs
+    assert cli.packaged_config(other) == other
+
+
 def test_field_problem_walks_and_fixes_each_step():
   config = ml_collections.ConfigDict({"optim": {"base_lr": 1.0, "b1": 0.9}, "seed": 0})
   assert override_errors.field_problem(config, "optim.base_lr") is None
@@ -135,11 +164,11 @@ def _config_flag_values():
 
 
 @pytest.mark.parametrize("file,arguments", [
-    ("configs/pretrain.py", ("method  (default 'pr_mim')", "variant  (default '')",
+    ("pr_mim_jax/configs/pretrain.py", ("method  (default 'pr_mim')", "variant  (default '')",
                              "dataset  (default 'imagenet2012')")),
-    ("configs/finetune.py", ("init  (default '')", "variant  (default '')")),
-    ("configs/knn.py", ("init  (default '')",)),
-    ("configs/study.py", ("setting  (default 'cpu')",)),
+    ("pr_mim_jax/configs/finetune.py", ("init  (default '')", "variant  (default '')")),
+    ("pr_mim_jax/configs/knn.py", ("init  (default '')",)),
+    ("pr_mim_jax/configs/study.py", ("setting  (default 'cpu')",)),
 ])
 def test_help_with_a_config_file_prints_its_description_and_arguments(file, arguments,
                                                                       monkeypatch):

@@ -182,9 +182,10 @@ def _check_report(report, row, max_batch):
   assert report["target"] and report["versions"].startswith("jax ")
 
 
+@pytest.mark.slow
 def test_cpu_target_reports_the_compiled_step(tmp_path):
   out_json, out_md = tmp_path / "fit.json", tmp_path / "fit.md"
-  proc = _run(["--config=configs/pretrain.py:dataset=shapes", *TINY_FLAGS, "--target=cpu",
+  proc = _run(["--config=pr_mim_jax/configs/pretrain.py:dataset=shapes", *TINY_FLAGS, "--target=cpu",
                "--num_devices=2", "--methods=mae,pr_mim", "--max_per_device_batch=16",
                f"--json={out_json}", f"--markdown={out_md}"])
   assert proc.returncode == 0, proc.stderr
@@ -203,6 +204,7 @@ def test_cpu_target_reports_the_compiled_step(tmp_path):
   assert out_md.read_text().count("| pretrain |") == 2
 
 
+@pytest.mark.slow
 def test_evaluation_configs_compile_their_own_step(tmp_path):
   rows = {}
   for mode in ("finetune", "linear_probe"):
@@ -220,6 +222,7 @@ def test_evaluation_configs_compile_their_own_step(tmp_path):
   assert probe["argument"] < finetune["argument"] and probe["temp"] < finetune["temp"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,message", [
     (["--target=tpu:v9:2x2"], "--target: 'tpu:v9:2x2' is not a TPU slice"),
     (["--target=gpu:h100", "--num_devices=12"], "--num_devices: 12 GPUs"),
@@ -229,7 +232,7 @@ def test_evaluation_configs_compile_their_own_step(tmp_path):
     (["--target=cpu", "--config.mode=knn"], "config.mode: 'knn' has no train step"),
 ])
 def test_mistakes_are_one_line(args, message):
-  proc = _run(["--config=configs/pretrain.py:dataset=shapes", *TINY_FLAGS, "--nofit", *args])
+  proc = _run(["--config=pr_mim_jax/configs/pretrain.py:dataset=shapes", *TINY_FLAGS, "--nofit", *args])
   assert proc.returncode == 2, proc.stderr
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), proc.stderr
@@ -257,13 +260,14 @@ def test_missing_pieces_say_what_to_install():
         continue
     except ModuleNotFoundError:
       pass
-    proc = _run(["--config=configs/pretrain.py:dataset=shapes", *TINY_FLAGS, "--nofit",
+    proc = _run(["--config=pr_mim_jax/configs/pretrain.py:dataset=shapes", *TINY_FLAGS, "--nofit",
                  f"--target={target}"])
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: --target=") and f".[{extra}]" in lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module,env_var,args,device_kind,devices", [
     ("libtpu", "PR_MIM_JAX_TPU_EXTRA", ["--target=tpu:v5e:2x2"], "TPU v5 lite", 4),
     # Two slices over DCN: the hybrid mesh needs the slice_index real TPU devices carry.
@@ -277,7 +281,7 @@ def test_tiny_model_compiles_for_accelerators(tmp_path, module, env_var, args, d
   python, path = _extra(module, env_var)
   out_json = tmp_path / "fit.json"
   gpu = "--target=gpu:h100" in args
-  proc = _run(["--config=configs/pretrain.py:dataset=shapes", *TINY_FLAGS, *args,
+  proc = _run(["--config=pr_mim_jax/configs/pretrain.py:dataset=shapes", *TINY_FLAGS, *args,
                f"--config.batch_size={8 * devices}", "--max_per_device_batch=16",
                f"--json={out_json}"], python=python, extra_path=path)
   assert proc.returncode == 0, proc.stderr

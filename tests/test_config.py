@@ -1,6 +1,5 @@
-"""Tests for configs/pretrain.py, config_args, config_validation and the CLI's user errors."""
+"""Tests for pr_mim_jax/configs/pretrain.py, config_args, config_validation and the CLI's user errors."""
 
-import importlib.util
 import os
 import pathlib
 import subprocess
@@ -11,20 +10,15 @@ import pytest
 
 from pr_mim_jax import config_args
 from pr_mim_jax import config_validation
+from pr_mim_jax.configs import classify as classify_config
+from pr_mim_jax.configs import knn as knn_config
+from pr_mim_jax.configs import pretrain as pretrain_config
 from pr_mim_jax.errors import UserError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIG_PATH = ROOT / 'configs' / 'pretrain.py'
 
 
-def _load_config_module():
-  spec = importlib.util.spec_from_file_location('pretrain_config_under_test', CONFIG_PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-get_config = _load_config_module().get_config
+get_config = pretrain_config.get_config
 
 
 # ----------------------------------------------------------------------------------------
@@ -302,11 +296,87 @@ def test_validate_rejects_with_field_name(overrides, field):
   assert '\n' not in message
 
 
+# The probe / fine-tune and k-NN checks, on a model config as classify.resolve_model returns it.
+INVALID_CLASSIFY = [
+    ({'head.pool': 'max'}, "config.head.pool: unknown value 'max'"),
+    ({'head.kind': 'mlp'}, "config.head.kind: unknown value 'mlp'"),
+    ({'optim.optimizer': 'sgd'}, "config.optim.optimizer: unknown value 'sgd'"),
+    ({'optim.layer_decay': 1.5}, 'config.optim.layer_decay: got 1.5'),
+    ({'optim.momentum': 1.0}, 'config.optim.momentum: got 1.0'),
+    ({'mixup.prob': 2.0}, 'config.mixup.prob: got 2.0'),
+    ({'mixup.cutmix_alpha': -1.0}, 'config.mixup.cutmix_alpha: got -1.0'),
+    ({'label_smoothing': 1.0}, 'config.label_smoothing: got 1.0'),
+    ({'ema.decay': 1.0}, 'config.ema.decay: got 1.0'),
+    ({'data.augment': 'autoaugment'}, "config.data.augment: unknown value 'autoaugment'"),
+    ({'eval.batch_size': 0}, 'config.eval.batch_size: got 0'),
+    ({'batch_size': 12}, 'config.batch_size: got 12; use a positive multiple of 8'),
+    ({'train.eval_every': -1}, 'config.train.eval_every: got -1'),
+    ({'train.keep_checkpoints': 0}, 'config.train.keep_checkpoints: got 0'),
+    ({'model.drop_path': 1.0}, 'config.model.drop_path: got 1.0'),
+    ({'model.pretrained_image_size': 30}, 'config.init.workdir: the pre-trained image size'),
+]
+
+
+def _resolved_finetune_config():
+  config = classify_config.get_config('finetune', 'dataset=shapes')
+  config.batch_size = config.eval.batch_size = 64
+  model = ml_collections.ConfigDict(dict(config.model.to_dict(), variant='Ti/8', width=32, depth=2,
+                                         heads=2, posemb='sincos', image_size=32,
+                                         pretrained_image_size=32))
+  return config, model
+
+
+def test_a_resolved_finetune_config_passes():
+  config_validation.validate_classify(*_resolved_finetune_config(), 8)
+
+
+@pytest.mark.parametrize('overrides,message', INVALID_CLASSIFY,
+                         ids=[m.split(':')[0] for _, m in INVALID_CLASSIFY])
+def test_classify_checks_name_the_field(overrides, message):
+  config, model = _resolved_finetune_config()
+  for key, value in overrides.items():
+    _set(model if key.startswith('model.') else config, key.removeprefix('model.'), value)
+  with pytest.raises(UserError) as e:
+    config_validation.validate_classify(config, model, 8)
+  assert str(e.value).startswith(message), str(e.value)
+  assert '\n' not in str(e.value)
+
+
+def test_linear_probing_must_use_lars():
+  config, model = _resolved_finetune_config()
+  config.mode = 'linear_probe'
+  with pytest.raises(UserError, match='config.optim.optimizer: linear probing trains the head'):
+    config_validation.validate_classify(config, model, 8)
+
+
+INVALID_KNN_EVAL = [
+    ({'init.workdir': ''}, 'config.init.workdir: k-NN needs a pre-training run'),
+    ({'init.step': -2}, 'config.init.step: got -2'),
+    ({'knn.k': 0}, 'config.knn.k: got 0'),
+    ({'knn.k': 30000}, 'config.knn.k: k=30000 exceeds knn.train_examples'),
+    ({'knn.feature': 'max'}, "config.knn.feature: unknown value 'max'"),
+    ({'knn.temperature': 0.0}, 'config.knn.temperature: got 0.0'),
+]
+
+
+@pytest.mark.parametrize('overrides,message', INVALID_KNN_EVAL,
+                         ids=[m.split(':')[0] + str(i) for i, (_, m) in enumerate(INVALID_KNN_EVAL)])
+def test_knn_eval_checks_name_the_field(overrides, message):
+  config = knn_config.get_config('init=workdirs/demo,dataset=shapes')
+  config_validation.validate_knn_eval(config)  # the defaults pass
+  for key, value in overrides.items():
+    _set(config, key, value)
+  with pytest.raises(UserError) as e:
+    config_validation.validate_knn_eval(config)
+  assert str(e.value).startswith(message), str(e.value)
+
+
 def test_every_check_is_covered():
-  """Each `_require` / `_positive_int` call site field appears in INVALID (a guard against
-  new checks being added without a test)."""
+  """Each `_require` / `_positive_int` call site field appears in a list of bad values above
+  (a guard against new checks being added without a test)."""
   source = (ROOT / 'pr_mim_jax' / 'config_validation.py').read_text()
-  covered = {f for _, f in INVALID}
+  covered = ({f for _, f in INVALID} | {m.split(':')[0].removeprefix('config.')
+                                        for _, m in INVALID_CLASSIFY + INVALID_KNN_EVAL})
   literal_fields = set()
   for line in source.splitlines():
     for prefix in ('_require(', '_positive_int('):
@@ -363,14 +433,14 @@ def _check_user_error(proc, *names):
 
 
 def test_cli_unknown_override(tmp_path):
-  proc = _run_main('--config=configs/pretrain.py:dataset=shapes', f'--workdir={tmp_path}/wd',
+  proc = _run_main('--config=pr_mim_jax/configs/pretrain.py:dataset=shapes', f'--workdir={tmp_path}/wd',
                    '--config.model.nope=1')
   _check_user_error(proc, 'model.nope')
   assert not (tmp_path / 'wd').exists()
 
 
 def test_cli_invalid_value_fails_before_compiling(tmp_path):
-  proc = _run_main('--config=configs/pretrain.py:dataset=shapes', f'--workdir={tmp_path}/wd',
+  proc = _run_main('--config=pr_mim_jax/configs/pretrain.py:dataset=shapes', f'--workdir={tmp_path}/wd',
                    '--config.masking.mask_ratio=1.5', extra_env={'JAX_LOG_COMPILES': '1'})
   _check_user_error(proc, 'masking.mask_ratio')
   assert 'Compiling' not in proc.stderr, proc.stderr
@@ -378,11 +448,11 @@ def test_cli_invalid_value_fails_before_compiling(tmp_path):
 
 
 def test_cli_bad_config_arg(tmp_path):
-  proc = _run_main('--config=configs/pretrain.py:bogus=1', f'--workdir={tmp_path}/wd')
+  proc = _run_main('--config=pr_mim_jax/configs/pretrain.py:bogus=1', f'--workdir={tmp_path}/wd')
   _check_user_error(proc, 'bogus')
   assert not (tmp_path / 'wd').exists()
 
 
 def test_cli_missing_workdir():
-  proc = _run_main('--config=configs/pretrain.py:dataset=shapes')
+  proc = _run_main('--config=pr_mim_jax/configs/pretrain.py:dataset=shapes')
   _check_user_error(proc, '--workdir')

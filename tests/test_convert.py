@@ -1,6 +1,5 @@
 """python -m pr_mim_jax.convert: MAE .pth -> workdir (probe, k-NN, resume) -> safetensors."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -15,7 +14,8 @@ import safetensors.numpy
 from conftest import ROOT, apply_overrides, load_config
 from pr_mim_jax import checkpointing
 from pr_mim_jax import classify
-from pr_mim_jax import classify_config
+from pr_mim_jax.configs import classify as classify_config
+from pr_mim_jax.configs import knn as knn_config
 from pr_mim_jax import convert
 from pr_mim_jax import pth_reader
 from pr_mim_jax import sharding
@@ -46,6 +46,7 @@ def mae_state():
   return pth_reader.state_dict(pth_reader.read(str(MAE_PTH)))
 
 
+@pytest.mark.slow
 def test_workdir_exports_back_to_the_same_mae_file(workdir, tmp_path):
   out = tmp_path / "mae.safetensors"
   convert.convert(str(workdir), str(out), "mae")
@@ -73,17 +74,18 @@ def test_export_of_a_non_standard_shape_says_the_kwargs_override_the_name(workdi
     assert json.loads(f.metadata()[convert.METADATA_KEY])["timm"] == spec
 
 
+@pytest.mark.slow
 def test_knn_and_linear_probe_start_from_a_converted_workdir(workdir, tmp_path):
-  spec = importlib.util.spec_from_file_location("knn_config", ROOT / "configs" / "knn.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = apply_overrides(module.get_config(f"init={workdir},dataset=shapes"), {
+  config = apply_overrides(knn_config.get_config(f"init={workdir},dataset=shapes"), {
       **DATA, "knn.train_examples": 64, "knn.test_examples": 32, "knn.batch_size": 32, "knn.k": 5})
-  assert 0.0 <= classify.knn_eval(config, str(tmp_path / "knn"))["knn_top1"] <= 1.0
+  top1 = classify.knn_eval(config, str(tmp_path / "knn"))["knn_top1"]
+  assert top1 * 32 == pytest.approx(round(top1 * 32), abs=1e-6)  # a count of the 32 test images
+  with open(tmp_path / "knn" / "metrics.jsonl") as f:
+    assert json.loads(f.readline())["knn_top1"] == pytest.approx(top1)
 
   probe = apply_overrides(classify_config.get_config("linear_probe", f"init={workdir},dataset=shapes"),
                           {**DATA, "batch_size": 16, "eval.batch_size": 16})
-  model_cfg, _, _ = classify.check_config(probe)
+  model_cfg = classify.check_config(probe).model
   assert (model_cfg.width, model_cfg.depth, model_cfg.heads, model_cfg.image_size) == (32, 1, 2, 16)
   mesh = sharding.make_mesh()
   with jax.set_mesh(mesh):
@@ -92,12 +94,13 @@ def test_knn_and_linear_probe_start_from_a_converted_workdir(workdir, tmp_path):
                                 mae_state()["blocks.0.mlp.fc1.weight"].T)
 
 
+@pytest.mark.slow
 def test_pretraining_resumes_from_a_converted_workdir(workdir, tmp_path):
   run = tmp_path / "continued"
   shutil.copytree(workdir, run)
   config = pretrain_config()
   convert.fit_config(config, convert.read_file_weights(MAE_PTH, 2, 2)[1])
-  args = [sys.executable, "-m", "pr_mim_jax.main", "--config=configs/pretrain.py:method=mae,dataset=shapes",
+  args = [sys.executable, "-m", "pr_mim_jax.main", "--config=pr_mim_jax/configs/pretrain.py:method=mae,dataset=shapes",
           f"--workdir={run}", "--config.batch_size=16", "--config.knn.enabled=False",
           "--config.train.total_steps=2", *[f"--config.{k}={v}" for k, v in DATA.items()],
           *convert.model_overrides(config)]

@@ -108,8 +108,9 @@ def test_ties_broken_by_noise():
   assert len(set(got.tolist())) == 4  # different noise, different picks
 
 
+@pytest.mark.slow
 def test_furthest_masks_cover_every_thrown_patch():
-  # 14x14, mask 0.75, throw 0.5: 49 visible, 49 decoded, 98 thrown (DESIGN / paper Fig. 5).
+  # 14x14, mask 0.75, throw 0.5: 49 visible, 49 decoded, 98 thrown (the paper's Fig. 5).
   grid, batch = 14, 256
   split = masking.token_split(grid * grid, 0.75, 0.5)
   rows, cols = np.divmod(np.arange(grid * grid), grid)
@@ -167,6 +168,7 @@ print('SHARDED_OK')
 """
 
 
+@pytest.mark.slow
 def test_batch_sharded_over_8_devices_matches_single_device():
   proc = run_with_fake_devices(_SHARDED_CHECK, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]

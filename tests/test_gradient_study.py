@@ -17,6 +17,7 @@ from pr_mim_jax import train_step as ts
 from pr_mim_jax.models import mae
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", masking.THROW_STRATEGIES)
 def test_mae_reference_keeps_the_visible_set_and_decodes_every_masked_token(strategy):
   split = masking.token_split(64, 0.75, 0.5)
@@ -45,6 +46,7 @@ def _probe_distance(setting):
   return float(dist), float(mae_norm)
 
 
+@pytest.mark.slow
 def test_distance_is_zero_for_mae_and_positive_otherwise():
   dist, norm = _probe_distance("mae")
   assert dist == 0.0 and norm > 0
@@ -65,7 +67,7 @@ def test_end_to_end_writes_table_csv_and_plot(tmp_path):
   flags = override_flags(TINY_OVERRIDES) + [f"--config.data.data_dir={tmp_path}/tfds",
                                             "--config.data.backend=numpy"]
   proc = subprocess.run(
-      [sys.executable, "-m", "pr_mim_jax.gradient_study", "--config=configs/pretrain.py:dataset=shapes",
+      [sys.executable, "-m", "pr_mim_jax.gradient_study", "--config=pr_mim_jax/configs/pretrain.py:dataset=shapes",
        f"--out={out}", "--settings=mae,partial,pr_mim:local_attention", "--steps=4", "--every=2",
        "--batches=2", "--probe_batch=4", *flags],
       cwd=ROOT, capture_output=True, text=True, timeout=600)

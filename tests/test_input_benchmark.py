@@ -33,6 +33,7 @@ def test_write_jpegs_makes_decodable_photo_sized_files_once(tmp_path):
   assert len(os.listdir(folder)) == 4 and os.path.getmtime(first) == before
 
 
+@pytest.mark.slow
 def test_reports_per_host_and_per_core_rates(tmp_path):
   out = tmp_path / "input.json"
   proc = _run("--sources=jpeg,shapes", "--backends=numpy,auto", "--batch=8", "--batches=2",

@@ -38,6 +38,7 @@ def mae_forward_loss(imgs_nchw, pred, mask, p, norm_pix_loss):
   return (loss * mask).sum() / mask.sum()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('target,norm', [('pixel', False), ('norm_pixel', True)])
 @pytest.mark.parametrize('seed', [0, 1])
 def test_pipeline_loss_matches_mae_forward_loss(target, norm, seed):
@@ -53,7 +54,7 @@ def test_pipeline_loss_matches_mae_forward_loss(target, norm, seed):
   # Our pipeline: targets for all patches, gathered at ids_dec, plain mean over them.
   tgt = targets.patch_targets(jnp.asarray(images), p, target)
   tgt = jnp.take_along_axis(tgt, jnp.asarray(ids_dec)[..., None], axis=1)
-  ours = float(losses.weighted_patch_mse(jnp.asarray(pred_dec), tgt))
+  ours = float(losses.patch_mse(jnp.asarray(pred_dec), tgt))
 
   # Reference: pred scattered back to all L patches (visible ones hold junk that the
   # mask must zero out), mask = 1 at every masked patch.
@@ -126,40 +127,39 @@ def test_patchify_hand_case():
   np.testing.assert_array_equal(patches[0, 2].reshape(2, 2, 3)[..., 0], [[20, 21], [30, 31]])
 
 
-def test_weighted_patch_mse_hand_case():
-  # B=1, K=2 patches, P=2 values; per-patch MSE = [(1+1)/2, (4+0)/2] = [1, 2].
-  pred = jnp.array([[[1.0, 1.0], [2.0, 0.0]]])
-  target = jnp.zeros((1, 2, 2))
-  assert float(losses.weighted_patch_mse(pred, target)) == pytest.approx(1.5)
-  w = jnp.array([[1.0, 3.0]])
-  assert float(losses.weighted_patch_mse(pred, target, w)) == pytest.approx((1 + 6) / 4)
-  w = jnp.array([[0.0, 1.0]])
-  assert float(losses.weighted_patch_mse(pred, target, w)) == pytest.approx(2.0)
+def test_reconstruction_loss_weighs_thrown_tokens_by_hand():
+  # B=1. Decoded: 2 patches, P=2, per-patch MSE [(1+1)/2, (4+0)/2] = [1, 2], mean 1.5.
+  # Thrown: 1 patch, per-patch MSE (9+9)/2 = 9.
+  pred_dec, pred_throw = jnp.array([[[1.0, 1.0], [2.0, 0.0]]]), jnp.array([[[3.0, -3.0]]])
+  zeros = jnp.zeros_like
+  loss, parts = losses.reconstruction_loss(pred_dec, zeros(pred_dec))
+  assert float(loss) == pytest.approx(1.5) and set(parts) == {'loss_decoded'}
+  for weight, want in [(1.0, (1 + 2 + 9) / 3), (0.5, (1 + 2 + 0.5 * 9) / 2.5), (0.0, 1.5)]:
+    loss, parts = losses.reconstruction_loss(pred_dec, zeros(pred_dec), pred_throw,
+                                             zeros(pred_throw), thrown_weight=weight)
+    assert float(loss) == pytest.approx(want), weight
+    assert float(parts['loss_decoded']) == pytest.approx(1.5)
+    assert float(parts['loss_thrown']) == pytest.approx(9.0)
 
 
-def test_weighted_patch_mse_2x2_batch():
-  # B=2, K=2, P=1: squared errors [[1, 4], [9, 16]], weights [[1, 0], [1, 1]] -> 26 / 3.
+def test_patch_mse_2x2_batch():
+  # B=2, K=2, P=1: squared errors [[1, 4], [9, 16]] -> mean 7.5.
   pred = jnp.array([[[1.0], [2.0]], [[3.0], [4.0]]])
-  target = jnp.zeros((2, 2, 1))
-  w = jnp.array([[1.0, 0.0], [1.0, 1.0]])
-  assert float(losses.weighted_patch_mse(pred, target, w)) == pytest.approx(26 / 3)
-  # Uniform weights equal the unweighted mean (7.5).
-  assert float(losses.weighted_patch_mse(pred, target, jnp.ones((2, 2)))) == pytest.approx(7.5)
-  assert float(losses.weighted_patch_mse(pred, target)) == pytest.approx(7.5)
+  assert float(losses.patch_mse(pred, jnp.zeros((2, 2, 1)))) == pytest.approx(7.5)
 
 
-def test_weighted_patch_mse_bf16_pred_is_float32_loss():
+def test_patch_mse_bf16_pred_is_float32_loss():
   pred = jnp.full((1, 2, 3), 1.5, jnp.bfloat16)
-  loss = losses.weighted_patch_mse(pred, jnp.zeros((1, 2, 3), jnp.float32))
+  loss = losses.patch_mse(pred, jnp.zeros((1, 2, 3), jnp.float32))
   assert loss.dtype == jnp.float32
   assert float(loss) == pytest.approx(2.25)
 
 
-def test_weighted_patch_mse_gradient():
+def test_patch_mse_gradient():
   # d/dpred mean((pred - t)^2) = 2 (pred - t) / (B*K*P).
   pred = jnp.array([[[1.0, -2.0], [0.5, 3.0]]])
   target = jnp.array([[[0.0, 0.0], [1.0, 1.0]]])
-  g = jax.grad(losses.weighted_patch_mse)(pred, target)
+  g = jax.grad(losses.patch_mse)(pred, target)
   np.testing.assert_allclose(np.asarray(g), 2 * (np.asarray(pred) - np.asarray(target)) / 4,
                              rtol=1e-6)
 
@@ -195,6 +195,7 @@ def _tiny_setup(lr=1e-3):
   return model, task, state, step_fn, images, train_step_lib
 
 
+@pytest.mark.slow
 def test_loss_fn_matches_mae_reference_and_train_step_learns():
   model, task, state, step_fn, images, ts = _tiny_setup(lr=3e-3)
   masks = ts.step_masks(state.rng, 0, 2, task)
@@ -236,3 +237,27 @@ def test_loss_fn_matches_mae_reference_and_train_step_learns():
   assert int(s.step) == 30
   assert np.all(np.isfinite(losses_seen))
   assert np.mean(losses_seen[-5:]) < np.mean(losses_seen[:5])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('progressive', [False, True])
+def test_every_masked_token_scores_all_masked_patches_equally(progressive):
+  """The study's metric: each masked patch once, weight 1, whatever the training weights."""
+  model = mae.MaskedAutoencoder(vit.VitSpec(16, 1, 2, 4), 16, decoder_width=8, decoder_depth=1,
+                                decoder_heads=2, aggregator_heads=2, key_width=8,
+                                thrown_reconstruction='progressive' if progressive else 'none')
+  split = masking.token_split(16, 0.75, 0.25)  # 4 visible, 8 decoded, 4 thrown
+  task = train_step_lib.Task(split=split, grid=4, patch=4, target='pixel',
+                             reconstruct_thrown=progressive, thrown_loss_weight=0.3)
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 16, 3)), jnp.float32)
+  masks = train_step_lib.step_masks(jax.random.key_data(jax.random.key(1)), 0, 2, task)
+  params = model.init(jax.random.key(0), images, masks.ids_vis, masks.ids_dec,
+                      masks.ids_throw if progressive else None)['params']
+  loss, (preds, _) = train_step_lib.loss_fn(params, model, images, masks, task,
+                                            every_masked_token=True)
+  pred = np.concatenate([preds.dec] + ([preds.throw] if progressive else []), axis=1)
+  ids = np.concatenate([masks.ids_dec, masks.ids_throw], axis=1) if progressive else masks.ids_mask
+  assert pred.shape[1] == 12 and sorted(np.asarray(ids)[0]) == sorted(np.asarray(masks.ids_mask)[0])
+  patches = np.asarray(vit.patchify(images, 4), np.float64)  # the 'pixel' target
+  want = np.mean([(pred[b] - patches[b, np.asarray(ids)[b]]) ** 2 for b in range(2)])
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)

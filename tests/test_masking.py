@@ -144,6 +144,7 @@ def test_binary_mask_hand_case():
   np.testing.assert_array_equal(np.asarray(out), expected)
 
 
+@pytest.mark.slow
 def test_binary_mask_of_masked_sets_complements_visible():
   split = masking.token_split(25, 0.6, 0.2)
   m = masking.random_masks(jax.random.key(7), 5, split)
@@ -171,6 +172,7 @@ def _make(key, batch, grid, mask, throw, strategy, num_stages=1):
   return split, _make_masks_jit(jax.random.key(key), batch, split, strategy, grid, num_stages)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('strategy', masking.THROW_STRATEGIES)
 @pytest.mark.parametrize('grid,mask,throw,num_stages', _STRATEGY_CASES)
 def test_make_masks_partition(strategy, grid, mask, throw, num_stages):
@@ -192,6 +194,7 @@ def test_make_masks_key_determinism(strategy):
                               np.sort(np.asarray(getattr(c, name)), 1)), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('throw', [0.0, 0.25])
 def test_make_masks_random_equals_random_masks(throw):
   split, masks = _make(9, 4, 7, 0.75, throw, 'random', 1)
@@ -200,6 +203,7 @@ def test_make_masks_random_equals_random_masks(throw):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_make_masks_same_visible_set_for_every_strategy():
   # The gradient study compares methods on the same visible set: it may depend on rng only.
   vis = [np.asarray(_make(11, 4, 7, 0.75, 0.25, s)[1].ids_vis) for s in masking.THROW_STRATEGIES]
@@ -208,6 +212,7 @@ def test_make_masks_same_visible_set_for_every_strategy():
     np.testing.assert_array_equal(v, vis[0])
 
 
+@pytest.mark.slow
 def test_make_masks_under_jit_matches_eager():
   split, jitted = _make(2, 4, 4, 0.75, 0.5, 'furthest', 3)
   eager = masking.make_masks(jax.random.key(2), 4, split, 'furthest', 4, 3)
@@ -269,6 +274,7 @@ def test_running_cell_prefers_pattern_then_fills_or_trims():
   assert len({tuple(sorted(d)) for d in np.asarray(masks.ids_dec)}) > 32
 
 
+@pytest.mark.slow
 def test_furthest_stages_continue_furthest_sampling():
   grid = 10
   split, one = _make(6, 8, grid, 0.75, 0.5, 'furthest', 1)

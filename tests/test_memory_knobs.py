@@ -85,6 +85,7 @@ def _assert_params_close(got, want, grads, rtol):
                       jax.tree.map(lambda x, m: np.asarray(x)[m], want, live), rtol, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat,aggregator", [("full", "local_attention"),
                                                ("dots_saveable", "last_block")])
 def test_remat_gives_the_same_update(remat, aggregator):
@@ -100,12 +101,14 @@ def test_remat_gives_the_same_update(remat, aggregator):
   _assert_params_close(states1[-1].params, states0[-1].params, grads0, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_remat_keeps_the_param_tree():
   params = _run(_config(), steps=0)[0][0].params
   remat = _run(_config(**{"model.remat": "full"}), steps=0)[0][0].params
   assert jax.tree.structure(remat) == jax.tree.structure(params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arg", ["dataset=shapes"])
 def test_scan_layers_gives_the_same_update(arg):
   base = _config(arg)
@@ -126,6 +129,7 @@ def test_scan_layers_gives_the_same_update(arg):
           == jax.tree.structure(states0[-1].opt_state))
 
 
+@pytest.mark.slow
 def test_scanned_init_matches_scan_params_layout():
   config = _config(**{"model.scan_layers": True})
   scanned = _run(config, steps=0)[0][0].params
@@ -137,6 +141,7 @@ def test_scanned_init_matches_scan_params_layout():
   assert blocks["attn"]["qkv"]["kernel"].shape[0] == config.model.depth
 
 
+@pytest.mark.slow
 def test_scan_unscan_round_trip_is_exact():
   state = _run(_config(), steps=1)[0][-1]
   scanned = vit.scan_params(state)
@@ -149,6 +154,7 @@ def test_scan_unscan_round_trip_is_exact():
   assert jax.tree.map(jnp.shape, vit.scan_params(abstract)) == jax.tree.map(jnp.shape, scanned)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k,arg", [(2, "method=mae,dataset=shapes"), (4, "dataset=shapes")])
 def test_grad_accumulation_gives_the_same_update(k, arg):
   base = _config(arg)
@@ -164,6 +170,7 @@ def test_grad_accumulation_gives_the_same_update(k, arg):
   _assert_params_close(states1[-1].params, states0[-1].params, grads0, rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("saved_scanned", [False, True])
 def test_checkpoint_restores_across_layouts(tmp_path, saved_scanned):
   state = _run(_config(), steps=1)[0][-1]

@@ -40,6 +40,7 @@ def test_one_hot_smoothed():
   np.testing.assert_array_equal(mixup.one_hot_smoothed(jnp.array([1]), 3, 0.0), [[0, 1, 0]])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("mixup_alpha,cutmix_alpha", [(0.8, 0.0), (0.0, 1.0), (0.8, 1.0)])
 def test_targets_sum_to_one(smoothing, mixup_alpha, cutmix_alpha):
@@ -50,6 +51,7 @@ def test_targets_sum_to_one(smoothing, mixup_alpha, cutmix_alpha):
     np.testing.assert_allclose(t.sum(-1), 1.0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_cutmix_pixel_share_equals_target_lambda():
   own = np.arange(1.0, B + 1)[:, None, None]
   lams = []
@@ -64,6 +66,7 @@ def test_cutmix_pixel_share_equals_target_lambda():
   assert np.ptp(lams) > 0.2  # boxes of various sizes
 
 
+@pytest.mark.slow
 def test_mixup_is_lambda_blend():
   images, _ = _batch()
   for s in range(4):
@@ -74,6 +77,7 @@ def test_mixup_is_lambda_blend():
     np.testing.assert_allclose(x, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_switch_uses_both():
   kinds = set()
   for s in range(16):
@@ -83,6 +87,7 @@ def test_switch_uses_both():
   assert kinds == {True, False}
 
 
+@pytest.mark.slow
 def test_identity():
   images, labels = _batch()
   targets = mixup.one_hot_smoothed(labels, C, 0.1)

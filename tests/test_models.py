@@ -190,6 +190,7 @@ def test_parse_variant():
       vit.parse_variant(bad)
 
 
+@pytest.mark.slow
 def test_output_shapes_and_dtypes():
   params = _init(tiny_mae())
   forward, encode = _fns()
@@ -215,6 +216,7 @@ def test_forward_matches_numpy_mae():
   np.testing.assert_allclose(np.asarray(pred), ref_pred, rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.slow
 def test_learned_posemb_encoder_matches_numpy():
   params = _init(tiny_mae('learned'), seed=4)
   _, encode = _fns('learned')
@@ -353,6 +355,7 @@ def test_block_matches_numpy():
   np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_bf16_compute_fp32_params():
   model = tiny_mae(dtype=jnp.bfloat16)
   images, (ids_vis, ids_dec) = _images(), _masks()
@@ -505,6 +508,7 @@ def test_block_drop_path_drops_whole_branches_per_example():
   assert all(n >= 5 for n in counts.values()), counts  # each ~16 of 64
 
 
+@pytest.mark.slow
 def test_encoder_drop_path_off_in_eval_and_at_rate_zero():
   params = _encoder_params(vit.Encoder(SPEC, IMAGE), seed=20)
   images, key = _images(seed=21), jax.random.key(0)
@@ -518,6 +522,7 @@ def test_encoder_drop_path_off_in_eval_and_at_rate_zero():
   np.testing.assert_array_equal(np.asarray(train1), np.asarray(eval1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('scan_layers', [False, True])
 def test_encoder_drop_path_under_remat_and_scan(scan_layers):
   """Identical examples: block 0 (rate 0) is deterministic, block 1 (rate 0.5) drops each
@@ -547,6 +552,7 @@ def test_encoder_drop_path_under_remat_and_scan(scan_layers):
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
 
 
+@pytest.mark.slow
 def test_encoder_pool_modes_match_numpy():
   params = _encoder_params(vit.Encoder(SPEC, IMAGE), seed=25)
   images, key = _images(seed=26), jax.random.key(0)
@@ -583,6 +589,7 @@ def np_attend(q, k, v):
   return (probs @ v).transpose(0, 2, 1, 3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('n,m', [(5, 5), (3, 7), (50, 50)])
 @pytest.mark.parametrize('impl', ['einsum', 'xla'])
 def test_attend_matches_numpy(impl, n, m):
@@ -591,6 +598,7 @@ def test_attend_matches_numpy(impl, n, m):
                              rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('n,m,multiple', [(5, 5, 8), (3, 7, 4), (50, 50, 64), (16, 16, 8)])
 def test_padded_attention_ignores_the_padding(n, m, multiple):
   # The padding path behind 'cudnn_padded', run through XLA (cuDNN needs a GPU): padded keys
@@ -607,6 +615,7 @@ def test_unknown_attention_is_rejected():
     vit.attend(q, k, v, 'flash')
 
 
+@pytest.mark.slow
 def test_mae_forward_is_the_same_for_every_cpu_attention():
   params = _init(tiny_mae(), seed=5)
   images, (ids_vis, ids_dec) = _images(seed=6), _masks(seed=7)

@@ -29,7 +29,7 @@ def _free_port() -> int:
 
 
 def _cmd(workdir, extra=()):
-  return [sys.executable, "-m", "pr_mim_jax.main", "--config=configs/pretrain.py:dataset=shapes",
+  return [sys.executable, "-m", "pr_mim_jax.main", "--config=pr_mim_jax/configs/pretrain.py:dataset=shapes",
           f"--workdir={workdir}", *override_flags(TINY_OVERRIDES),
           f"--config.train.total_steps={STEPS}", "--config.train.log_every=1",
           "--config.train.checkpoint_every=3", "--config.data.backend=numpy", *extra]

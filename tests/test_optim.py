@@ -305,6 +305,7 @@ def ft_cfg(**overrides):
   return optim_cfg(**dict(dict(b2=0.999, layer_decay=0.75), **overrides))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('scan_layers', [False, True])
 def test_finetune_update_is_layer_scaled_adamw(scan_layers):
   shapes = classifier_shapes(scan_layers)
@@ -340,6 +341,7 @@ def test_finetune_update_is_layer_scaled_adamw(scan_layers):
   np.testing.assert_allclose(ratio_head, 1.0, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_finetune_weight_decay_is_layer_scaled_too():
   shapes = classifier_shapes()
   params = np_params(shapes)

@@ -267,6 +267,7 @@ def tiny_tfds(tmp_path_factory):
   return data_dir
 
 
+@pytest.mark.slow
 def test_tfds_train_and_labeled(tiny_tfds):
   data = _config("pr_mim_tiny_images", data_dir=tiny_tfds)
   pipeline.check_dataset(data)
@@ -308,15 +309,7 @@ def test_shapes_numpy_backend():
   assert batch["image"].shape == (BATCH, SIZE, SIZE, 3)
 
 
-def _have_shapes_tfds():
-  try:
-    from pr_mim_jax.data import shapes_tfds  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
-    return False
-  return True
-
-
-@pytest.mark.skipif(not _have_shapes_tfds(), reason="shapes_tfds.py not available")
+@needs_tf  # shapes_tfds is a tfds builder
 def test_shapes_generation_estimate():
   from pr_mim_jax.data import shapes_tfds  # pylint: disable=g-import-not-at-top
   durations = [shapes_tfds.rough_duration(shapes_tfds.estimate_seconds(n, size))
@@ -325,7 +318,6 @@ def test_shapes_generation_estimate():
 
 
 @needs_tf
-@pytest.mark.skipif(not _have_shapes_tfds(), reason="shapes_tfds.py not available")
 def test_shapes_tf_backend(tmp_path, capsys):
   from pr_mim_jax.data import shapes  # pylint: disable=g-import-not-at-top
   data = _config("shapes", data_dir=str(tmp_path))
@@ -503,6 +495,7 @@ def _eval_cases():
       pytest.param(k, "tf", marks=needs_tf) for k in ("shapes", "folder")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,backend", _eval_cases())
 def test_eval_covers_each_example_once(kind, backend, labeled_folder, shapes_dir):
   if kind == "shapes":
@@ -549,6 +542,7 @@ def test_eval_batches_device(labeled_folder):
 # ---------------------------------------------------------- labeled train batches
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("augment", ["crop_flip", "randaugment"])
 @pytest.mark.parametrize("backend", [pytest.param("tf", marks=needs_tf), "numpy"])
 def test_labeled_train_batches(labeled_folder, backend, augment):

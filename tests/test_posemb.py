@@ -52,6 +52,7 @@ def test_same_grid_is_identity():
   np.testing.assert_array_equal(np.asarray(posemb.resize_learned(table, 4)), table)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('grid,new_grid', [(4, 7), (4, 6), (6, 4), (3, 8), (14, 16)])
 def test_matches_numpy_bicubic(grid, new_grid):
   table = _table(grid, 6, seed=grid + new_grid)

@@ -4,6 +4,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from pr_mim_jax import profiler
 
@@ -26,6 +27,7 @@ def _traces(directory):
   return [f for _, _, files in os.walk(directory) for f in files if f.endswith(".xplane.pb")]
 
 
+@pytest.mark.slow
 def test_traces_exactly_the_window(tmp_path):
   active = _run(tmp_path / "p", start=2, num_steps=3)
   assert active == [False, False, True, True, True, False]  # steps 3, 4 and 5

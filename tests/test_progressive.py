@@ -114,6 +114,7 @@ def np_aggregate(p, canvas, known, glob, queries, ids, grid, window, kind, heads
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,window", [("interpolate", 3), ("local_attention", 3),
                                          ("local_attention", 5)])
 def test_aggregator_matches_numpy(kind, window):
@@ -152,6 +153,7 @@ def test_empty_box_falls_back_to_the_global_feature():
 AGGREGATOR_DECODERS = [(a, d) for a in progressive.AGGREGATORS for d in mae.DECODERS]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("aggregator,decoder", AGGREGATOR_DECODERS)
 def test_decoded_predictions_ignore_thrown_queries(aggregator, decoder):
   model = tiny_model(decoder, aggregator)
@@ -172,6 +174,7 @@ def test_decoded_predictions_ignore_thrown_queries(aggregator, decoder):
   assert used.all() if aggregator != "interpolate" else not used.any()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("aggregator,decoder", AGGREGATOR_DECODERS)
 def test_thrown_tokens_receive_gradient(aggregator, decoder):
   model = tiny_model(decoder, aggregator)
@@ -191,6 +194,7 @@ def test_thrown_tokens_receive_gradient(aggregator, decoder):
     assert norm(grads["thrown"]) > 0
 
 
+@pytest.mark.slow
 def test_later_stages_see_earlier_stages_only():
   model = tiny_model(aggregator="local_attention", num_stages=2)
   images, m = _inputs(seed=2, strategy="furthest")
@@ -217,6 +221,7 @@ def test_later_stages_see_earlier_stages_only():
 # ----------------------------------------------------------------------------------------
 # The loss: sum(w * l) / sum(w) over decoded (w = 1) and thrown (w = thrown_loss_weight).
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weight", [1.0, 2.5, 0.0])
 def test_loss_hand_reference(weight):
   model = tiny_model(aggregator="interpolate")
@@ -243,6 +248,7 @@ def test_loss_hand_reference(weight):
   assert set(parts) == {"loss_decoded", "loss_thrown"}
 
 
+@pytest.mark.slow
 def test_partial_loss_ignores_thrown_tokens():
   model = mae.MaskedAutoencoder(vit.VitSpec(16, 1, 2, PATCH), IMAGE, decoder_width=8,
                                 decoder_depth=1, decoder_heads=2)
@@ -264,6 +270,7 @@ def test_partial_loss_ignores_thrown_tokens():
 # ----------------------------------------------------------------------------------------
 # CrossMAE's decoder: decoded queries attend to encoder features only.
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decoder,independent", [("cross_attention", True),
                                                  ("self_attention", False)])
 def test_cross_attention_queries_do_not_see_each_other(decoder, independent):
@@ -279,6 +286,7 @@ def test_cross_attention_queries_do_not_see_each_other(decoder, independent):
   assert np.allclose(out[:, 1:], base[:, 1:], atol=1e-6) == independent
 
 
+@pytest.mark.slow
 def test_cross_attention_block_matches_numpy():
   block = vit.Block(heads=2)
   rng = np.random.default_rng(6)

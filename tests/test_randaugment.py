@@ -127,6 +127,7 @@ def test_np_train_augment_seeding():
   assert not np.array_equal(a, _np_aug(0, 3, 2))
 
 
+@pytest.mark.slow
 def test_tf_train_augment_seeding(tf_aug):
   outs = [tf_aug(3, p) for p in range(8)]
   for a in outs:

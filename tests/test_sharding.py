@@ -252,6 +252,7 @@ def multi_device():
   return json.loads(line[4:])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["8,1,1", "1,8,1", "2,2,2", "hybrid 4,2,1"])
 def test_layouts_match_one_device(multi_device, layout):
   """3 train steps (batch 16, float32) on each mesh give the 1-device losses and final
@@ -286,6 +287,7 @@ def _find(specs, suffix):
   return hits[0]
 
 
+@pytest.mark.slow
 def test_param_and_adam_shardings_on_2x2x2(multi_device):
   _, _, specs = multi_device["runs"]["2,2,2"]
   params = specs["params"]
@@ -304,6 +306,7 @@ def test_param_and_adam_shardings_on_2x2x2(multi_device):
       assert _strip(moments[k]) == _strip(v), (moment, k)
 
 
+@pytest.mark.slow
 def test_data_parallel_replicates_everything(multi_device):
   """On (8, 1, 1) specs may name fsdp/tensor, but those have size 1: nothing is split."""
   _, _, specs = multi_device["runs"]["8,1,1"]
@@ -313,17 +316,20 @@ def test_data_parallel_replicates_everything(multi_device):
       assert set(named) <= {"fsdp", "tensor"}, (k, v)
 
 
+@pytest.mark.slow
 def test_hybrid_mesh_puts_slices_on_data(multi_device):
   slices = np.asarray(multi_device["hybrid_slices"])[:, :, 0]
   np.testing.assert_array_equal(slices, [[0, 0], [0, 0], [1, 1], [1, 1]])
 
 
+@pytest.mark.slow
 def test_activation_constraints_apply_only_inside_mesh_context(multi_device):
   c = multi_device["constraints"]
   assert c["outside"] == 0, c
   assert c["inside"] > 0 and c["inside_tensor"] > 0 and c["inside_batch"] > 0, c
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["mae", "partial", "pr_mim"])
 def test_fsdp_step_never_gathers_the_global_batch(multi_device, method):
   """Under FSDP every device keeps only its share of the batch: no collective in the

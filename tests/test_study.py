@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import ml_collections
-import numpy as np
 import pytest
 
 from conftest import ROOT
@@ -28,7 +27,7 @@ TINY = {
 def run_study(workdir, **extra):
   flags = [f"--config.{k}={v}" for k, v in dict(TINY, **extra).items()]
   return subprocess.run(
-      [sys.executable, "-m", "pr_mim_jax.study", "--config=configs/study.py:setting=cpu",
+      [sys.executable, "-m", "pr_mim_jax.study", "--config=pr_mim_jax/configs/study.py:setting=cpu",
        f"--workdir={workdir}", *flags], cwd=ROOT, capture_output=True, text=True, timeout=900,
       env=dict(os.environ, JAX_PLATFORMS="cpu"))
 
@@ -45,10 +44,14 @@ def test_study_writes_table_and_plot_then_resumes(tmp_path):
   assert len(records) == 3 * 4  # pretrain, reconstruction, linear_probe, finetune per method
   by = {r["key"]: r for r in records}
   for method in ("mae", "partial", "pr_mim"):
-    for acc in (by[f"{method}/0/linear_probe"]["eval_top1"], by[f"{method}/0/finetune"]["eval_top1"],
-                by[f"{method}/0/pretrain"]["knn_top1"]):
-      assert 0.0 <= acc <= 1.0
-    assert np.isfinite(by[f"{method}/0/reconstruction"]["recon_loss"])
+    accs = [by[f"{method}/0/pretrain"]["knn_top1"], by[f"{method}/0/linear_probe"]["eval_top1"],
+            by[f"{method}/0/finetune"]["eval_top1"]]
+    for acc, n in zip(accs, (32, 48, 48)):  # exact counts over the k-NN and test examples
+      assert acc * n == pytest.approx(round(acc * n), abs=1e-6), (method, acc)
+    loss = by[f"{method}/0/reconstruction"]["recon_loss"]
+    assert 0.0 < loss < 10.0  # norm-pixel targets: about 1 before training
+    row = next(line for line in table.splitlines() if line.startswith(f"| {method} |"))
+    assert row.split(" | ")[1:5] == [f"{100 * a:.1f} ± 0.0" for a in accs] + [f"{loss:.4f} ± 0.0000"]
   second = run_study(tmp_path)  # everything is recorded: nothing runs again
   assert second.returncode == 0, second.stderr[-3000:]
   assert len((tmp_path / "results.jsonl").read_text().splitlines()) == len(records)

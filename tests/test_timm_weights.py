@@ -47,6 +47,7 @@ def assert_close(got, want):
   assert rel < RTOL and np.allclose(got, want, rtol=RTOL, atol=RTOL * np.abs(want).max()), rel
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_timm_weights_give_timms_features(name):
   state = safetensors.numpy.load_file(str(FIXTURES / f"{name}.safetensors"))
@@ -154,6 +155,7 @@ def numpy_mae_loss(s, imgs, ids_keep, ids_restore, mask, heads=4, dec_heads=2, p
   return (loss * mask).sum() / mask.sum()
 
 
+@pytest.mark.slow
 def test_official_mae_state_dict_gives_the_reference_loss():
   rng = np.random.default_rng(0)
   state = random_mae_state(rng)

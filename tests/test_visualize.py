@@ -227,6 +227,7 @@ def _png_size(path):
   return image.size  # (width, height)
 
 
+@pytest.mark.slow
 def test_visualize_masks_writes_pngs(tmp_path, capsys):
   config = _tiny_config(tmp_path, **{'masking.throw_ratio': 0.0})  # MAE: drawn at 0.5
   paths = visualize_masks.write_pictures(config, str(tmp_path / 'out'), num_images=3, seed=0)
@@ -269,7 +270,7 @@ def test_visualize_masks_bad_out_is_one_error_line(tmp_path):
   blocker.write_text('not a directory')
   proc = subprocess.run(
       [sys.executable, '-m', 'pr_mim_jax.visualize_masks',
-       '--config=configs/pretrain.py:dataset=shapes', f'--out={blocker}/sub'],
+       '--config=pr_mim_jax/configs/pretrain.py:dataset=shapes', f'--out={blocker}/sub'],
       cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2, proc.stderr
   lines = proc.stderr.strip().splitlines()

@@ -20,7 +20,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pr_mim_jax import masking
 from pr_mim_jax import targets
 from pr_mim_jax.models import posemb as posemb_lib
 from pr_mim_jax.models import progressive
@@ -141,29 +140,14 @@ class MaskedAutoencoder(nn.Module):
     if thrown_queries is None:
       thrown_queries = self.mask_queries(ids_throw)  # [B, n_throw, Dd]
     if self.aggregator == "last_block":
-      # Thrown queries attend to the kept tokens' block inputs; nothing attends to them.
-      thrown = self.decoder_norm(self.decoder_blocks[-1](thrown_queries, last_input))
+      thrown = progressive.last_block_pass(self.decoder_blocks[-1], self.decoder_norm,
+                                           thrown_queries, last_input)
     else:
-      thrown = self._progressive(kept_feats, glob, jnp.concatenate([ids_vis, ids_dec], axis=1),
-                                 ids_throw, thrown_queries)
+      thrown = progressive.staged(self.thrown, kept_feats, glob,
+                                  jnp.concatenate([ids_vis, ids_dec], axis=1), ids_throw,
+                                  thrown_queries, self.num_patches, self.num_stages)
     pred_throw = self.decoder_pred(thrown)  # [B, n_throw, P]
     return Predictions(pred_dec.astype(jnp.float32), pred_throw.astype(jnp.float32))
-
-  def _progressive(self, kept_feats, glob, ids_kept, ids_throw, queries):
-    """Stages of local aggregation over an [L, Dd] canvas -> thrown features [B, n_throw, Dd]."""
-    canvas = jnp.zeros((kept_feats.shape[0], self.num_patches, self.decoder_width), self.dtype)
-    canvas = masking.scatter_rows(canvas, ids_kept, kept_feats)  # [B, L, Dd]
-    known = masking.scatter_rows(jnp.zeros(canvas.shape[:2], bool), ids_kept,
-                                 jnp.ones(ids_kept.shape, bool))  # [B, L]
-    outs, start = [], 0
-    for size in masking.stage_sizes(ids_throw.shape[1], self.num_stages):
-      ids = ids_throw[:, start:start + size]
-      out = self.thrown(canvas, known, glob, queries[:, start:start + size], ids)  # [B, size, Dd]
-      canvas = masking.scatter_rows(canvas, ids, out)
-      known = masking.scatter_rows(known, ids, jnp.ones(ids.shape, bool))
-      outs.append(out)
-      start += size
-    return jnp.concatenate(outs, axis=1)
 
   def __call__(self, images, ids_vis, ids_dec, ids_throw=None, thrown_queries=None) -> Predictions:
     """images: [B, H, W, 3] -> Predictions (float32) for the decoded and thrown patches."""

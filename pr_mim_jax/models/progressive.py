@@ -6,6 +6,9 @@ around it, plus one global (cls) key so that an empty box still has something to
 Features live on an [L, D] canvas; a static [L, window**2] index table gives every token's
 box, and a validity mask hides positions off the grid or not yet reconstructed. Stages run
 in order and each writes its outputs onto the canvas for the next (docs/method.md).
+
+The `last_block` aggregator instead runs the thrown queries once through the decoder's
+last block, attending to the kept tokens' inputs of that block (last_block_pass).
 """
 
 from typing import Any
@@ -15,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pr_mim_jax import masking
 from pr_mim_jax.models import vit
 
 AGGREGATORS = ("local_attention", "interpolate", "last_block")
@@ -101,3 +105,33 @@ class LocalAggregator(nn.Module):
                            bias_init=vit.partitioned(nn.initializers.zeros, ("embed",)))(
                                nn.gelu(h, approximate=False))
     return vit.constrain(out, ("batch", "tokens", "embed"))
+
+
+def staged(aggregate, kept_feats, glob, ids_kept, ids_throw, queries, num_patches: int,
+           num_stages: int):
+  """Thrown features [B, n_throw, D], rebuilt stage by stage on an [B, L, D] canvas.
+
+  kept_feats [B, n_kept, D] at ids_kept [B, n_kept]; glob [B, D]; queries [B, n_throw, D] in
+  the order of ids_throw [B, n_throw], whose consecutive runs of masking.stage_sizes are the
+  stages. `aggregate` is a LocalAggregator; each stage's outputs join the canvas.
+  """
+  canvas = jnp.zeros((kept_feats.shape[0], num_patches, kept_feats.shape[-1]), kept_feats.dtype)
+  canvas = masking.scatter_rows(canvas, ids_kept, kept_feats)  # [B, L, D]
+  known = masking.scatter_rows(jnp.zeros(canvas.shape[:2], bool), ids_kept,
+                               jnp.ones(ids_kept.shape, bool))  # [B, L]
+  outs, start = [], 0
+  for size in masking.stage_sizes(ids_throw.shape[1], num_stages):
+    ids = ids_throw[:, start:start + size]
+    out = aggregate(canvas, known, glob, queries[:, start:start + size], ids)  # [B, size, D]
+    canvas = masking.scatter_rows(canvas, ids, out)
+    known = masking.scatter_rows(known, ids, jnp.ones(ids.shape, bool))
+    outs.append(out)
+    start += size
+  return jnp.concatenate(outs, axis=1)
+
+
+def last_block_pass(block, norm, queries, kept_inputs):
+  """The `last_block` aggregator: thrown queries [B, n_throw, D] attend to the kept tokens'
+  inputs of the decoder's last block [B, n, D]; nothing attends to them. One stage."""
+  return norm(block(queries, kept_inputs))
+

@@ -7,9 +7,9 @@ anything compiles. ImageNet scale follows MAE (800 epochs, or 1600 via
 0.75, norm_pixel target); partial and PR-MIM throw 0.5 of all patches. `dataset=shapes`
 gives demo-scale settings for the embedded dataset, sized for a CPU laptop.
 
-  python -m pr_mim_jax.main --config=configs/pretrain.py:dataset=shapes --workdir=workdirs/demo
-  python -m pr_mim_jax.main --config=configs/pretrain.py:method=mae,dataset=shapes --workdir=workdirs/mae
-  python -m pr_mim_jax.main --config=configs/pretrain.py:method=pr_mim,variant=L/16 \
+  python -m pr_mim_jax.main --config=pr_mim_jax/configs/pretrain.py:dataset=shapes --workdir=workdirs/demo
+  python -m pr_mim_jax.main --config=pr_mim_jax/configs/pretrain.py:method=mae,dataset=shapes --workdir=workdirs/mae
+  python -m pr_mim_jax.main --config=pr_mim_jax/configs/pretrain.py:method=pr_mim,variant=L/16 \
       --workdir=gs://bucket/prmim_l --config.data.data_dir=gs://bucket/tfds
 """
 

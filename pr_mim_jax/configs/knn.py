@@ -1,6 +1,6 @@
 r"""k-NN accuracy of any pre-training checkpoint's encoder (the DINO-style protocol).
 
-  python -m pr_mim_jax.main --config=configs/knn.py:init=workdirs/demo,dataset=shapes \
+  python -m pr_mim_jax.main --config=pr_mim_jax/configs/knn.py:init=workdirs/demo,dataset=shapes \
       --workdir=workdirs/demo_knn [--config.init.step=500]
 
 Cosine similarity on average-pooled (or cls) features, k = 20 neighbours weighted by

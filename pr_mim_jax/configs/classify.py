@@ -1,6 +1,6 @@
 r"""Defaults of the two supervised evaluations, linear probing and fine-tuning (data only).
 
-configs/linear_probe.py and configs/finetune.py return `get_config(mode, arg)`. ImageNet
+pr_mim_jax/configs/linear_probe.py and pr_mim_jax/configs/finetune.py return `get_config(mode, arg)`. ImageNet
 scale follows MAE: linear probe with LARS (base lr 0.1, batch 16384, 90 epochs, 10 warmup,
 no weight decay, cls token, BatchNorm head without affine); fine-tuning with AdamW (batch
 1024, 5 warmup epochs, weight decay 0.05, b2 0.999, layer decay, drop path, RandAugment

@@ -1,7 +1,7 @@
 r"""The small-scale comparison of MAE, partial reconstruction and PR-MIM (pr_mim_jax.study).
 
-  python -m pr_mim_jax.study --config=configs/study.py:setting=cpu --workdir=workdirs/study_cpu
-  python -m pr_mim_jax.study --config=configs/study.py:setting=gpu --workdir=workdirs/study_gpu
+  python -m pr_mim_jax.study --config=pr_mim_jax/configs/study.py:setting=cpu --workdir=workdirs/study_cpu
+  python -m pr_mim_jax.study --config=pr_mim_jax/configs/study.py:setting=gpu --workdir=workdirs/study_gpu
 
 Every method pre-trains with the same epochs, batch and seeds on the embedded shapes
 dataset, read from memory (no TensorFlow needed); each is then scored by k-NN, a linear
@@ -44,7 +44,7 @@ def get_config(arg=None):
   c.knn = ml_collections.ConfigDict(dict(train_examples=5000 if gpu else 2000, test_examples=1000))
   c.linear_probe = ml_collections.ConfigDict(dict(
       batch_size=256, epochs=4.0 if gpu else 2.0, warmup_epochs=0.5,
-      base_lr=6.4))  # MAE's peak lr (see pr_mim_jax/classify_config.py)
+      base_lr=6.4))  # MAE's peak lr (see pr_mim_jax/configs/classify.py)
   c.finetune = ml_collections.ConfigDict(dict(
       batch_size=128, epochs=2.0 if gpu else 1.0, warmup_epochs=0.2,
       base_lr=1e-3, layer_decay=0.75, drop_path=0.1))

@@ -1,0 +1,81 @@
+"""The package stands alone: every import is declared, and a built wheel runs from anywhere."""
+
+import ast
+import importlib.metadata
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+import zipfile
+
+import pytest
+
+from conftest import ROOT
+
+PACKAGE = ROOT / "pr_mim_jax"
+
+
+def _declared() -> set[str]:
+  project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+  specs = project["dependencies"] + [s for extra in project["optional-dependencies"].values()
+                                     for s in extra]
+  return {re.split(r"[\[<>=~!; ]", s, maxsplit=1)[0].lower().replace("_", "-") for s in specs}
+
+
+def _third_party_imports() -> set[str]:
+  names = set()
+  for path in PACKAGE.rglob("*.py"):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.Import):
+        names.update(a.name.split(".")[0] for a in node.names)
+      elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+        names.add(node.module.split(".")[0])
+  return {n for n in names if n not in sys.stdlib_module_names and n != "pr_mim_jax"}
+
+
+def test_every_imported_distribution_is_declared():
+  by_module = importlib.metadata.packages_distributions()
+  declared = _declared()
+  missing = {}
+  for module in sorted(_third_party_imports()):
+    dists = {d.lower().replace("_", "-") for d in by_module.get(module, [module])}
+    if not dists & declared:
+      missing[module] = sorted(dists)
+  assert not missing, f"imported but not in pyproject.toml: {missing}"
+
+
+@pytest.mark.slow
+def test_a_built_wheel_runs_every_config_from_another_directory(tmp_path):
+  """pip wheel of a copy of the tree, unpacked onto PYTHONPATH, run outside the source tree."""
+  src = tmp_path / "src"
+  shutil.copytree(PACKAGE, src / "pr_mim_jax", ignore=shutil.ignore_patterns("__pycache__"))
+  for name in ("pyproject.toml", "README.md"):
+    shutil.copy(ROOT / name, src / name)
+  subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                  "-w", str(tmp_path / "dist"), str(src)], check=True, capture_output=True,
+                 timeout=300)
+  (wheel,) = (tmp_path / "dist").glob("pr_mim_jax-*.whl")
+  site, elsewhere = tmp_path / "site", tmp_path / "elsewhere"
+  with zipfile.ZipFile(wheel) as z:
+    assert "pr_mim_jax/configs/pretrain.py" in z.namelist()
+    z.extractall(site)
+  elsewhere.mkdir()
+  env = dict(os.environ, PYTHONPATH=str(site), JAX_PLATFORMS="cpu")
+  run = lambda *args: subprocess.run([sys.executable, *args], cwd=elsewhere, env=env,
+                                     capture_output=True, text=True, timeout=300, check=False)
+  code = ("import pr_mim_jax, pr_mim_jax.study as s, pr_mim_jax.convert as c;"
+          "from pr_mim_jax.configs import study;"
+          "print(pr_mim_jax.__file__); print(c.default_config().method);"
+          "print(s.pretrain_config(study.get_config('setting=cpu'), 'pr_mim', 0.5, 0)"
+          ".masking.throw_ratio)")
+  proc = run("-c", code)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  where, method, throw = proc.stdout.split()
+  assert where.startswith(str(site)) and method == "mae" and float(throw) == 0.5
+  for job in ("pretrain", "linear_probe", "finetune", "knn", "study"):
+    module = "study" if job == "study" else "main"
+    proc = run("-m", f"pr_mim_jax.{module}", f"--config={job}", "--help")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"Config file {site / 'pr_mim_jax' / 'configs' / job}.py:" in proc.stdout
