@@ -19,7 +19,7 @@ bench() {  # NAME [extra flags...]: one harness run -> OUT/NAME.json + OUT/NAME.
   local name=$1
   shift
   echo "== $name" >&2
-  python -m pr_mim_jax.benchmark "${common[@]}" --json="$out/$name.json" \
+  python -m pr_mim_jax.tools.benchmark "${common[@]}" --json="$out/$name.json" \
       --markdown="$out/$name.md" "$@" >"$out/$name.log"
   { echo "## $name"; echo; cat "$out/$name.md"; echo; } >>"$out/summary.md"
 }

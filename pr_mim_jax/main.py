@@ -37,13 +37,13 @@ def _run() -> int:
   mode = config.get("mode", "pretrain")
   if mode not in MODES:
     raise UserError(f"config.mode: unknown mode {mode!r}; use one of {MODES}")
-  from pr_mim_jax import distributed  # pylint: disable=g-import-not-at-top
-  from pr_mim_jax import pretrain  # pylint: disable=g-import-not-at-top
+  from pr_mim_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
+  from pr_mim_jax.training import pretrain  # pylint: disable=g-import-not-at-top
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if mode == "pretrain":
     run, check = pretrain.train, pretrain.check_config
   else:
-    from pr_mim_jax import classify  # pylint: disable=g-import-not-at-top
+    from pr_mim_jax.evaluation import classify  # pylint: disable=g-import-not-at-top
     run, check = ((classify.knn_eval, classify.check_knn_config) if mode == "knn"
                   else (classify.train, classify.check_config))
   checked = check(config)  # before INFO logging, so a mistake prints one line

@@ -7,11 +7,11 @@ import sys
 import pytest
 
 from conftest import ROOT, TINY_OVERRIDES, override_flags
-from pr_mim_jax import benchmark
+from pr_mim_jax.tools import benchmark
 
 
 def _run(*args):
-  return subprocess.run([sys.executable, "-m", "pr_mim_jax.benchmark", *args], cwd=ROOT,
+  return subprocess.run([sys.executable, "-m", "pr_mim_jax.tools.benchmark", *args], cwd=ROOT,
                         capture_output=True, text=True, timeout=300)
 
 

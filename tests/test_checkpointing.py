@@ -1,4 +1,4 @@
-"""Tests for pr_mim_jax.checkpointing: retention, exact restore, damage handling."""
+"""Tests for pr_mim_jax.training.checkpointing: retention, exact restore, damage handling."""
 
 import pathlib
 import threading
@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from pr_mim_jax import checkpointing
+from pr_mim_jax.training import checkpointing
 from pr_mim_jax.errors import UserError
 
 

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, TINY_OVERRIDES, apply_overrides, load_config, run_with_fake_devices
-from pr_mim_jax import checkpointing
-from pr_mim_jax import classify
+from pr_mim_jax.training import checkpointing
+from pr_mim_jax.evaluation import classify
 from pr_mim_jax.configs import classify as classify_config
 from pr_mim_jax.configs import knn as knn_config
-from pr_mim_jax import classify_step
-from pr_mim_jax import pretrain
-from pr_mim_jax import sharding
+from pr_mim_jax.evaluation import classify_step
+from pr_mim_jax.training import pretrain
+from pr_mim_jax.parallel import sharding
 from pr_mim_jax.errors import UserError
-from pr_mim_jax.models import mae
+from pr_mim_jax.training import train_step as train_step_lib
 from pr_mim_jax.models import vit
 
 # The embedded dataset's 'easy' variant at 32 px: a tiny encoder trains in seconds, and its
@@ -66,7 +66,7 @@ def encoder_checkpoint(workdir):
 
 def fresh_state(config, pretrained_encoder: bool):
   """(model, state) as classify.train builds them, with or without the init run's encoder."""
-  _, _, model_cfg, _, num_classes = classify.check_config(config)
+  _, model_cfg, _, num_classes = classify.check_config(config)
   model = classify.build_model(model_cfg, config, num_classes)
   mesh = sharding.make_mesh()
   with jax.set_mesh(mesh):
@@ -182,7 +182,7 @@ def test_knn_mode_matches_the_pretraining_monitor(pretrained, tmp_path):
     params, _ = ckpt.restore_subtree(("params",), sharding.replicated(sharding.make_mesh()))
   finally:
     ckpt.close()
-  want = pretrain.KnnMonitor(pre, mae.from_config(pre)).accuracy(params)
+  want = pretrain.KnnMonitor(pre, train_step_lib.model_from_config(pre)).accuracy(params)
   assert got == pytest.approx(want, abs=1 / 50 + 1e-9)  # at most one float-tie flip
   with open(tmp_path / "knn" / "metrics.jsonl") as f:
     assert json.loads(f.readline())["knn_top1"] == pytest.approx(got)
@@ -195,10 +195,11 @@ def test_evaluation_is_exact_on_a_multi_device_mesh():
 import sys, jax
 sys.path.insert(0, "tests")
 from test_classify import eval_config, SIZE
-from pr_mim_jax import classify, classify_step, sharding
+from pr_mim_jax.evaluation import classify, classify_step
+from pr_mim_jax.parallel import sharding
 config = eval_config("linear_probe", "", **{"model.variant": "Ti/8", "model.image_size": SIZE,
                                             "model.width": 32, "model.depth": 1, "model.heads": 2})
-model_cfg, _, num_classes = classify.check_config(config)
+_, model_cfg, _, num_classes = classify.check_config(config)
 model = classify.build_model(model_cfg, config, num_classes)
 results = []
 for devices in (jax.devices()[:1], jax.devices()):

@@ -15,8 +15,8 @@ from pr_mim_jax import cli
 from pr_mim_jax import log_filters
 from pr_mim_jax import override_errors
 
-ENTRY_POINTS = ("main", "convert", "benchmark", "study", "visualize_masks", "gradient_study",
-                "input_benchmark", "compile_report")
+ENTRY_POINTS = ("main", "interop.convert", "tools.benchmark", "tools.study", "tools.visualize_masks",
+                "tools.gradient_study", "tools.input_benchmark", "tools.compile_report")
 
 
 def _run(module, *args):

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, TINY_OVERRIDES, override_flags
-from pr_mim_jax import compile_report
-from pr_mim_jax.compile_report import Memory, Probe
+from pr_mim_jax.tools import compile_report
+from pr_mim_jax.tools.compile_report import Memory, Probe
 
 GIB = 2 ** 30
 
@@ -157,7 +157,7 @@ def _run(args, python=sys.executable, extra_path="", timeout=900):
   env = dict(os.environ)
   if extra_path:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (extra_path, env.get("PYTHONPATH", "")) if p)
-  return subprocess.run([python, "-m", "pr_mim_jax.compile_report", *args], cwd=ROOT, env=env,
+  return subprocess.run([python, "-m", "pr_mim_jax.tools.compile_report", *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout, check=False)
 
 

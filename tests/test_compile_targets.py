@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from pr_mim_jax import compile_targets as ct
+from pr_mim_jax.tools import compile_targets as ct
 from pr_mim_jax.errors import UserError
 
 

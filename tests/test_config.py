@@ -8,8 +8,8 @@ import sys
 import ml_collections
 import pytest
 
-from pr_mim_jax import config_args
-from pr_mim_jax import config_validation
+from pr_mim_jax.configs import args as config_args
+from pr_mim_jax.training import config_validation
 from pr_mim_jax.configs import classify as classify_config
 from pr_mim_jax.configs import knn as knn_config
 from pr_mim_jax.configs import pretrain as pretrain_config
@@ -374,7 +374,7 @@ def test_knn_eval_checks_name_the_field(overrides, message):
 def test_every_check_is_covered():
   """Each `_require` / `_positive_int` call site field appears in a list of bad values above
   (a guard against new checks being added without a test)."""
-  source = (ROOT / 'pr_mim_jax' / 'config_validation.py').read_text()
+  source = (ROOT / 'pr_mim_jax' / 'training' / 'config_validation.py').read_text()
   covered = ({f for _, f in INVALID} | {m.split(':')[0].removeprefix('config.')
                                         for _, m in INVALID_CLASSIFY + INVALID_KNN_EVAL})
   literal_fields = set()

@@ -1,4 +1,4 @@
-"""python -m pr_mim_jax.convert: MAE .pth -> workdir (probe, k-NN, resume) -> safetensors."""
+"""python -m pr_mim_jax.interop.convert: MAE .pth -> workdir (probe, k-NN, resume) -> safetensors."""
 
 import json
 import os
@@ -12,13 +12,13 @@ import pytest
 import safetensors.numpy
 
 from conftest import ROOT, apply_overrides, load_config
-from pr_mim_jax import checkpointing
-from pr_mim_jax import classify
+from pr_mim_jax.training import checkpointing
+from pr_mim_jax.evaluation import classify
 from pr_mim_jax.configs import classify as classify_config
 from pr_mim_jax.configs import knn as knn_config
-from pr_mim_jax import convert
-from pr_mim_jax import pth_reader
-from pr_mim_jax import sharding
+from pr_mim_jax.interop import convert
+from pr_mim_jax.interop import pth_reader
+from pr_mim_jax.parallel import sharding
 from pr_mim_jax.errors import UserError
 
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -130,7 +130,7 @@ def test_cli_lists_every_problem_and_writes_nothing(tmp_path):
   safetensors.numpy.save_file(state, str(bad))
   target = tmp_path / "out"
   result = subprocess.run(
-      [sys.executable, "-m", "pr_mim_jax.convert", f"--from={bad}", f"--to={target}",
+      [sys.executable, "-m", "pr_mim_jax.interop.convert", f"--from={bad}", f"--to={target}",
        "--heads=2", "--decoder_heads=2"], cwd=ROOT, env=ENV, capture_output=True, text=True,
       timeout=300)
   assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
@@ -215,7 +215,7 @@ def test_bfloat16_safetensors_are_read(tmp_path):
 def test_importing_defines_no_flags_so_it_coexists_with_main():
   # A library user (or a test) imports convert beside pr_mim_jax.main: no DuplicateFlagError,
   # and no TensorFlow pulled in.
-  code = ("import sys, pr_mim_jax.main, pr_mim_jax.convert, pr_mim_jax.benchmark; "
+  code = ("import sys, pr_mim_jax.main, pr_mim_jax.interop.convert, pr_mim_jax.tools.benchmark; "
           "assert 'tensorflow' not in sys.modules, 'tensorflow imported'")
   result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True,
                           text=True, timeout=300)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pr_mim_jax import distributed
+from pr_mim_jax.parallel import distributed
 from pr_mim_jax.errors import UserError
 
 

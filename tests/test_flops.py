@@ -7,11 +7,10 @@ import jax.numpy as jnp
 import pytest
 
 from conftest import ROOT, load_config
-from pr_mim_jax import flops
-from pr_mim_jax import methods
-from pr_mim_jax import pretrain
-from pr_mim_jax import train_step as ts
-from pr_mim_jax.models import mae
+from pr_mim_jax.method import flops
+from pr_mim_jax.method import methods
+from pr_mim_jax.training import pretrain
+from pr_mim_jax.training import train_step as ts
 
 # GFLOP/img (fwd+bwd) that torch.utils.flop_counter counted for the official MAE on an H200
 # (the reference measurement in ../shared/anchors/torch_mae.json, read below when present;
@@ -30,7 +29,7 @@ def _config(method, variant="B/16", **fields):
 
 
 def _cost(config):
-  model, task = mae.from_config(config), ts.task_from_config(config)
+  model, task = ts.model_from_config(config), ts.task_from_config(config)
   return flops.step_flops(model, task.split, task.reconstruct_thrown)
 
 
@@ -81,7 +80,7 @@ def test_split_is_consistent():
 def _xla_gflop_per_image(config, batch=2):
   """XLA's count of the gradient computation, lowered for CPU (no compile)."""
   config.model.compute_dtype = "float32"
-  model, task = mae.from_config(config), ts.task_from_config(config)
+  model, task = ts.model_from_config(config), ts.task_from_config(config)
   params = jax.eval_shape(lambda r: pretrain.init_params(model, task.split, r), jax.random.key(0))
   size = config.model.image_size
 

@@ -1,4 +1,4 @@
-"""Tests for pr_mim_jax.furthest_sampling and the coverage it gives make_masks('furthest')."""
+"""Tests for pr_mim_jax.method.furthest_sampling and the coverage it gives make_masks('furthest')."""
 
 import functools
 
@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pr_mim_jax import furthest_sampling
-from pr_mim_jax import masking
+from pr_mim_jax.method import furthest_sampling
+from pr_mim_jax.method import masking
 from conftest import run_with_fake_devices
 
 
@@ -140,7 +140,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 jax.config.update('jax_threefry_partitionable', True)
-from pr_mim_jax import furthest_sampling, masking
+from pr_mim_jax.method import furthest_sampling, masking
 
 devices = jax.devices()
 assert len(devices) == 8, devices

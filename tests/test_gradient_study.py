@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, TINY_OVERRIDES, apply_overrides, load_config, override_flags
-from pr_mim_jax import gradient_study
-from pr_mim_jax import masking
-from pr_mim_jax import methods
-from pr_mim_jax import pretrain
-from pr_mim_jax import train_step as ts
-from pr_mim_jax.models import mae
+from pr_mim_jax.tools import gradient_study
+from pr_mim_jax.method import masking
+from pr_mim_jax.method import methods
+from pr_mim_jax.training import pretrain
+from pr_mim_jax.training import train_step as ts
 
 
 @pytest.mark.slow
@@ -37,9 +36,9 @@ def test_mae_reference_keeps_the_visible_set_and_decodes_every_masked_token(stra
 def _probe_distance(setting):
   config = apply_overrides(load_config("dataset=shapes"), TINY_OVERRIDES)
   c = gradient_study.setting_config(config, setting)
-  model, task = mae.from_config(c), ts.task_from_config(c)
+  model, task = ts.model_from_config(c), ts.task_from_config(c)
   mae_c = methods.with_method(c, "mae")
-  probe = gradient_study.make_probe(model, task, mae.from_config(mae_c), ts.task_from_config(mae_c))
+  probe = gradient_study.make_probe(model, task, ts.model_from_config(mae_c), ts.task_from_config(mae_c))
   params = pretrain.init_params(model, task.split, jax.random.key(0))
   images = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
   dist, mae_norm, _ = probe(params, images, jax.random.key(2))
@@ -67,7 +66,7 @@ def test_end_to_end_writes_table_csv_and_plot(tmp_path):
   flags = override_flags(TINY_OVERRIDES) + [f"--config.data.data_dir={tmp_path}/tfds",
                                             "--config.data.backend=numpy"]
   proc = subprocess.run(
-      [sys.executable, "-m", "pr_mim_jax.gradient_study", "--config=pr_mim_jax/configs/pretrain.py:dataset=shapes",
+      [sys.executable, "-m", "pr_mim_jax.tools.gradient_study", "--config=pr_mim_jax/configs/pretrain.py:dataset=shapes",
        f"--out={out}", "--settings=mae,partial,pr_mim:local_attention", "--steps=4", "--every=2",
        "--batches=2", "--probe_batch=4", *flags],
       cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -11,11 +11,11 @@ from absl import flags
 from PIL import Image
 
 from conftest import ROOT
-from pr_mim_jax import input_benchmark
+from pr_mim_jax.tools import input_benchmark
 
 
 def _run(*args):
-  return subprocess.run([sys.executable, "-m", "pr_mim_jax.input_benchmark", *args], cwd=ROOT,
+  return subprocess.run([sys.executable, "-m", "pr_mim_jax.tools.input_benchmark", *args], cwd=ROOT,
                         capture_output=True, text=True, timeout=300)
 
 
@@ -86,4 +86,4 @@ def test_bad_arguments_are_one_error_line_and_write_nothing(args, message, monke
 def test_help_needs_no_sources(monkeypatch, tmp_path, capsys):
   assert _main(["--help"], monkeypatch, tmp_path) == 0
   out = capsys.readouterr().out
-  assert "python -m pr_mim_jax.input_benchmark --sources=shapes,jpeg" in out and "--sources" in out
+  assert "python -m pr_mim_jax.tools.input_benchmark --sources=shapes,jpeg" in out and "--sources" in out

@@ -60,7 +60,7 @@ def _at(pathname, message, level=logging.INFO):
     (_at("/site-packages/tensorflow_datasets/core/dataset_builder.py",
          "Generating dataset shapes (/root/tensorflow_datasets/shapes/1.1.0)"), True),
     (_at("/site-packages/tensorflow_datasets/core/dataset_info.py", "Load dataset info"), False),
-    (_at("/work/pr_mim_jax/pretrain.py", "saving checkpoint 3 in /w/checkpoints"), False),
+    (_at("/work/pr_mim_jax/training/pretrain.py", "saving checkpoint 3 in /w/checkpoints"), False),
 ])
 def test_narration_is_orbax_info_and_tfds_generating_only(record, dropped):
   assert log_filters.is_narration(record) == dropped

@@ -8,14 +8,15 @@ import numpy as np
 import optax
 import pytest
 
-from pr_mim_jax import losses
-from pr_mim_jax import masking
-from pr_mim_jax import optim
-from pr_mim_jax import targets
-from pr_mim_jax import train_step as train_step_lib
+from pr_mim_jax.method import losses
+from pr_mim_jax.method import masking
+from pr_mim_jax.training import optim
+from pr_mim_jax.method import targets
+from pr_mim_jax.training import train_step as train_step_lib
 from pr_mim_jax.models import mae
 from pr_mim_jax.models import vit
-from pr_mim_jax.train_state import TrainState
+from pr_mim_jax.training.train_state import TrainState
+from pr_mim_jax import patch_tokens
 
 
 def mae_patchify_nchw(imgs, p):
@@ -108,21 +109,21 @@ def test_unknown_target_raises():
 def test_patchify_matches_mae_nchw_and_roundtrips(size, p):
   rng = np.random.default_rng(size + p)
   images = rng.normal(size=(2, size, size, 3)).astype(np.float32)
-  patches = np.asarray(vit.patchify(jnp.asarray(images), p))
+  patches = np.asarray(patch_tokens.patchify(jnp.asarray(images), p))
   np.testing.assert_array_equal(patches, mae_patchify_nchw(images.transpose(0, 3, 1, 2), p))
-  back = np.asarray(vit.unpatchify(jnp.asarray(patches), p))
+  back = np.asarray(patch_tokens.unpatchify(jnp.asarray(patches), p))
   np.testing.assert_array_equal(back, images)
 
 
 def test_patchify_hand_case():
   # 1 image, 2x2 pixels, 1 px patches: patch l is pixel (l // 2, l % 2), channels last.
   images = np.arange(12, dtype=np.float32).reshape(1, 2, 2, 3)
-  patches = np.asarray(vit.patchify(jnp.asarray(images), 1))
+  patches = np.asarray(patch_tokens.patchify(jnp.asarray(images), 1))
   np.testing.assert_array_equal(patches[0], [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]])
   # 4x4 image, 2 px patches, one channel value = 10*row + col: check patch 1 (top right).
   img = (10 * np.arange(4)[:, None] + np.arange(4)[None]).astype(np.float32)
   images = np.repeat(img[None, :, :, None], 3, axis=-1)
-  patches = np.asarray(vit.patchify(jnp.asarray(images), 2))
+  patches = np.asarray(patch_tokens.patchify(jnp.asarray(images), 2))
   np.testing.assert_array_equal(patches[0, 1].reshape(2, 2, 3)[..., 0], [[2, 3], [12, 13]])
   np.testing.assert_array_equal(patches[0, 2].reshape(2, 2, 3)[..., 0], [[20, 21], [30, 31]])
 
@@ -258,6 +259,6 @@ def test_every_masked_token_scores_all_masked_patches_equally(progressive):
   pred = np.concatenate([preds.dec] + ([preds.throw] if progressive else []), axis=1)
   ids = np.concatenate([masks.ids_dec, masks.ids_throw], axis=1) if progressive else masks.ids_mask
   assert pred.shape[1] == 12 and sorted(np.asarray(ids)[0]) == sorted(np.asarray(masks.ids_mask)[0])
-  patches = np.asarray(vit.patchify(images, 4), np.float64)  # the 'pixel' target
+  patches = np.asarray(patch_tokens.patchify(images, 4), np.float64)  # the 'pixel' target
   want = np.mean([(pred[b] - patches[b, np.asarray(ids)[b]]) ** 2 for b in range(2)])
   np.testing.assert_allclose(float(loss), want, rtol=1e-5)

@@ -1,4 +1,4 @@
-"""Tests for pr_mim_jax.masking: static token counts, random masks and throw strategies."""
+"""Tests for pr_mim_jax.method.masking: static token counts, random masks and throw strategies."""
 
 import functools
 
@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pr_mim_jax import masking
+from pr_mim_jax.method import masking
+from pr_mim_jax.models import progressive
 
 
 @pytest.mark.parametrize('length,mask,throw,expected', [
@@ -280,7 +281,7 @@ def test_furthest_stages_continue_furthest_sampling():
   split, one = _make(6, 8, grid, 0.75, 0.5, 'furthest', 1)
   _, three = _make(6, 8, grid, 0.75, 0.5, 'furthest', 3)
   np.testing.assert_array_equal(np.asarray(one.ids_dec), np.asarray(three.ids_dec))
-  sizes = masking.stage_sizes(split.n_throw, 3)
+  sizes = progressive.stage_sizes(split.n_throw, 3)
   rows, cols = np.divmod(np.arange(grid * grid), grid)
   for vis, dec, throw in zip(np.asarray(three.ids_vis), np.asarray(three.ids_dec),
                              np.asarray(three.ids_throw)):
@@ -306,10 +307,10 @@ def test_furthest_stages_continue_furthest_sampling():
     (0, 3, ()),
 ])
 def test_stage_sizes(n_throw, num_stages, expected):
-  assert masking.stage_sizes(n_throw, num_stages) == expected
+  assert progressive.stage_sizes(n_throw, num_stages) == expected
 
 
 @pytest.mark.parametrize('n_throw,num_stages', [(5, 0), (5, -1), (5, 6), (0, 0)])
 def test_stage_sizes_raises(n_throw, num_stages):
   with pytest.raises(ValueError):
-    masking.stage_sizes(n_throw, num_stages)
+    progressive.stage_sizes(n_throw, num_stages)

@@ -16,15 +16,14 @@ import numpy as np
 import pytest
 
 from conftest import TINY_OVERRIDES, apply_overrides, load_config
-from pr_mim_jax import checkpointing
-from pr_mim_jax import config_validation
-from pr_mim_jax import optim
-from pr_mim_jax import pretrain
-from pr_mim_jax import train_step as train_step_lib
+from pr_mim_jax.training import checkpointing
+from pr_mim_jax.training import config_validation
+from pr_mim_jax.training import optim
+from pr_mim_jax.training import pretrain
+from pr_mim_jax.training import train_step as train_step_lib
 from pr_mim_jax.errors import UserError
-from pr_mim_jax.models import mae
 from pr_mim_jax.models import vit
-from pr_mim_jax.train_state import TrainState
+from pr_mim_jax.training.train_state import TrainState
 
 NUM_TRAIN = 256
 
@@ -43,7 +42,7 @@ def _images(config, seed=0):
 
 def _run(config, params=None, steps=2):
   """Runs `steps` train steps from `params` (default: a fresh init); returns (states, losses)."""
-  model = mae.from_config(config)
+  model = train_step_lib.model_from_config(config)
   task = train_step_lib.task_from_config(config)
   total, warmup = optim.schedule_steps(config.optim, NUM_TRAIN, config.batch_size)
   schedule = optim.lr_schedule(optim.peak_lr(config.optim, config.batch_size), total, warmup)
@@ -63,7 +62,7 @@ def _run(config, params=None, steps=2):
 
 
 def _grads(config, params):
-  model = mae.from_config(config)
+  model = train_step_lib.model_from_config(config)
   task = train_step_lib.task_from_config(config)
   images = _images(config)
   masks = train_step_lib.step_masks(jax.random.key_data(jax.random.key(1)), 0, images.shape[0], task)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pr_mim_jax import mixup
+from pr_mim_jax.evaluation import mixup
 
 B, H, W, C = 8, 12, 16, 10
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import special
 
-from pr_mim_jax import masking
+from pr_mim_jax.method import masking
 from pr_mim_jax.models import mae
 from pr_mim_jax.models import posemb
 from pr_mim_jax.models import vit

@@ -1,4 +1,4 @@
-"""Tests for pr_mim_jax.optim: decay mask, lr scaling and schedule, AdamW, clipping, layer-wise
+"""Tests for pr_mim_jax.training.optim: decay mask, lr scaling and schedule, AdamW, clipping, layer-wise
 lr decay, the linear-probe LARS and the EMA."""
 
 import functools
@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from pr_mim_jax import optim
+from pr_mim_jax.training import optim
 from pr_mim_jax.models import classifier
 from pr_mim_jax.models import mae
 from pr_mim_jax.models import vit

@@ -65,7 +65,7 @@ def test_a_built_wheel_runs_every_config_from_another_directory(tmp_path):
   env = dict(os.environ, PYTHONPATH=str(site), JAX_PLATFORMS="cpu")
   run = lambda *args: subprocess.run([sys.executable, *args], cwd=elsewhere, env=env,
                                      capture_output=True, text=True, timeout=300, check=False)
-  code = ("import pr_mim_jax, pr_mim_jax.study as s, pr_mim_jax.convert as c;"
+  code = ("import pr_mim_jax, pr_mim_jax.tools.study as s, pr_mim_jax.interop.convert as c;"
           "from pr_mim_jax.configs import study;"
           "print(pr_mim_jax.__file__); print(c.default_config().method);"
           "print(s.pretrain_config(study.get_config('setting=cpu'), 'pr_mim', 0.5, 0)"
@@ -75,7 +75,7 @@ def test_a_built_wheel_runs_every_config_from_another_directory(tmp_path):
   where, method, throw = proc.stdout.split()
   assert where.startswith(str(site)) and method == "mae" and float(throw) == 0.5
   for job in ("pretrain", "linear_probe", "finetune", "knn", "study"):
-    module = "study" if job == "study" else "main"
+    module = "tools.study" if job == "study" else "main"
     proc = run("-m", f"pr_mim_jax.{module}", f"--config={job}", "--help")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"Config file {site / 'pr_mim_jax' / 'configs' / job}.py:" in proc.stdout

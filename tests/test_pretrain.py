@@ -12,13 +12,12 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, TINY_OVERRIDES, override_flags
-from pr_mim_jax import checkpointing
-from pr_mim_jax import optim
-from pr_mim_jax import pretrain
-from pr_mim_jax import sharding
-from pr_mim_jax import train_step as train_step_lib
+from pr_mim_jax.training import checkpointing
+from pr_mim_jax.training import optim
+from pr_mim_jax.training import pretrain
+from pr_mim_jax.parallel import sharding
+from pr_mim_jax.training import train_step as train_step_lib
 from pr_mim_jax.errors import UserError
-from pr_mim_jax.models import mae
 
 
 def read_metrics(workdir):
@@ -31,7 +30,7 @@ def read_metrics(workdir):
 
 def final_params(config, workdir, step=None):
   """(step, params as numpy) of a checkpoint in workdir (default: the newest)."""
-  model = mae.from_config(config)
+  model = train_step_lib.model_from_config(config)
   split = train_step_lib.task_from_config(config).split
   tx = optim.make_optimizer(config.optim, optim.lr_schedule(1e-3, 10, 1))
   mesh = sharding.make_mesh()
@@ -165,7 +164,7 @@ sys.modules['tensorflow'] = None
 sys.modules['tensorflow_datasets'] = None
 sys.path.insert(0, {str(ROOT / 'tests')!r})
 from conftest import TINY_OVERRIDES, apply_overrides, load_config
-from pr_mim_jax import pretrain
+from pr_mim_jax.training import pretrain
 config = apply_overrides(load_config(), TINY_OVERRIDES)
 config.train.total_steps = 8
 summary = pretrain.train(config, {str(workdir)!r})

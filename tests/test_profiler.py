@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from pr_mim_jax import profiler
+from pr_mim_jax.training import profiler
 
 
 def _run(directory, start, num_steps, total=6):

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 from scipy import special
 
-from pr_mim_jax import masking
-from pr_mim_jax import targets
-from pr_mim_jax import train_step as ts
+from pr_mim_jax.method import masking
+from pr_mim_jax.method import targets
+from pr_mim_jax.training import train_step as ts
 from pr_mim_jax.models import mae
 from pr_mim_jax.models import progressive
 from pr_mim_jax.models import vit
+from pr_mim_jax import patch_tokens
 
 IMAGE, PATCH, GRID = 16, 4, 4  # 16 patches
 SPLIT = masking.token_split(16, 0.75, 0.5)  # 4 visible, 4 decoded, 8 thrown
@@ -199,7 +200,7 @@ def test_later_stages_see_earlier_stages_only():
   model = tiny_model(aggregator="local_attention", num_stages=2)
   images, m = _inputs(seed=2, strategy="furthest")
   params = _np_params(model, images, m.ids_vis, m.ids_dec, m.ids_throw)
-  first, _ = masking.stage_sizes(SPLIT.n_throw, 2)
+  first, _ = progressive.stage_sizes(SPLIT.n_throw, 2)
   queries = jax.random.normal(jax.random.key(5), (2, SPLIT.n_throw, 8))
 
   def throw_preds(q):
@@ -260,9 +261,9 @@ def test_partial_loss_ignores_thrown_tokens():
   assert preds.throw is None and set(parts) == {"loss_decoded"}
   # The encoder never sees thrown patches and the loss never scores them, so changing
   # their pixels leaves the loss exactly unchanged.
-  patches = vit.patchify(images, PATCH)
+  patches = patch_tokens.patchify(images, PATCH)
   rows = jnp.arange(2)[:, None]
-  noisy = vit.unpatchify(patches.at[rows, m.ids_throw].add(5.0), PATCH)
+  noisy = patch_tokens.unpatchify(patches.at[rows, m.ids_throw].add(5.0), PATCH)
   loss2, _ = loss_fn(noisy)
   np.testing.assert_allclose(float(loss), float(loss2), rtol=1e-6)
 
@@ -323,13 +324,13 @@ def test_cross_attention_block_matches_numpy():
 @functools.lru_cache(maxsize=None)
 def _trained_losses(method, target, decoder):
   from conftest import TINY_OVERRIDES, apply_overrides, load_config  # pylint: disable=g-import-not-at-top
-  from pr_mim_jax import optim, pretrain  # pylint: disable=g-import-not-at-top
-  from pr_mim_jax.train_state import TrainState  # pylint: disable=g-import-not-at-top
+  from pr_mim_jax.training import optim, pretrain  # pylint: disable=g-import-not-at-top
+  from pr_mim_jax.training.train_state import TrainState  # pylint: disable=g-import-not-at-top
   c = apply_overrides(load_config(f"method={method},dataset=shapes"), TINY_OVERRIDES)
   c.model.decoder_depth = 1
   c.model.decoder = decoder
   c.loss.target = target
-  model, task = mae.from_config(c), ts.task_from_config(c)
+  model, task = ts.model_from_config(c), ts.task_from_config(c)
   params = pretrain.init_params(model, task.split, jax.random.key(0))
   tx = optim.make_optimizer(c.optim, lambda s: 3e-3)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from pr_mim_jax import pth_reader
+from pr_mim_jax.interop import pth_reader
 
 FIXTURES = ROOT / "tests" / "fixtures"
 

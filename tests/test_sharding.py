@@ -1,4 +1,4 @@
-"""Tests for pr_mim_jax.sharding: meshes and rules from the config, on 8 fake CPU devices."""
+"""Tests for pr_mim_jax.parallel.sharding: meshes and rules from the config, on 8 fake CPU devices."""
 
 import json
 import types
@@ -6,8 +6,8 @@ import types
 import numpy as np
 import pytest
 
-from pr_mim_jax import config_validation
-from pr_mim_jax import sharding
+from pr_mim_jax.training import config_validation
+from pr_mim_jax.parallel import sharding
 from pr_mim_jax.errors import UserError
 from conftest import TINY_OVERRIDES, apply_overrides, load_config, run_with_fake_devices
 
@@ -137,8 +137,10 @@ import numpy as np
 jax.config.update("jax_threefry_partitionable", True)
 sys.path.insert(0, "tests")
 from conftest import TINY_OVERRIDES, apply_overrides, load_config
-from pr_mim_jax import methods, optim, pretrain, sharding
-from pr_mim_jax import train_step as train_step_lib
+from pr_mim_jax.method import methods
+from pr_mim_jax.training import optim, pretrain
+from pr_mim_jax.parallel import sharding
+from pr_mim_jax.training import train_step as train_step_lib
 from pr_mim_jax.models import mae
 
 assert len(jax.devices()) == 8, jax.devices()
@@ -154,7 +156,7 @@ def config_for(mesh, dcn=None):
 
 def setup(config, mesh):
   rules = sharding.rules_from_config(config)
-  model = mae.from_config(config)
+  model = train_step_lib.model_from_config(config)
   task = train_step_lib.task_from_config(config)
   schedule = optim.lr_schedule(optim.peak_lr(config.optim, config.batch_size), 10, 1)
   tx = optim.make_optimizer(config.optim, schedule)

@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import pytest
 
-from pr_mim_jax import step_queue
+from pr_mim_jax.training import step_queue
 
 
 def test_waits_for_the_oldest_steps_beyond_the_depth(monkeypatch):

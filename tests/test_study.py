@@ -9,7 +9,7 @@ import ml_collections
 import pytest
 
 from conftest import ROOT
-from pr_mim_jax import study
+from pr_mim_jax.tools import study
 
 TINY = {
     "methods": "mae,partial,pr_mim", "seeds": "0",
@@ -27,7 +27,7 @@ TINY = {
 def run_study(workdir, **extra):
   flags = [f"--config.{k}={v}" for k, v in dict(TINY, **extra).items()]
   return subprocess.run(
-      [sys.executable, "-m", "pr_mim_jax.study", "--config=pr_mim_jax/configs/study.py:setting=cpu",
+      [sys.executable, "-m", "pr_mim_jax.tools.study", "--config=pr_mim_jax/configs/study.py:setting=cpu",
        f"--workdir={workdir}", *flags], cwd=ROOT, capture_output=True, text=True, timeout=900,
       env=dict(os.environ, JAX_PLATFORMS="cpu"))
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pr_mim_jax import targets
+from pr_mim_jax.method import targets
 
 
 def hog_reference(images, patch, bins=9, eps=1e-6):

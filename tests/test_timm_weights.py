@@ -15,10 +15,10 @@ import safetensors.numpy
 from scipy import special
 
 from conftest import ROOT
-from pr_mim_jax import masking
-from pr_mim_jax import pretrain
-from pr_mim_jax import timm_weights
-from pr_mim_jax import train_step
+from pr_mim_jax.method import masking
+from pr_mim_jax.training import pretrain
+from pr_mim_jax.interop import timm_weights
+from pr_mim_jax.training import train_step
 from pr_mim_jax.models import mae
 from pr_mim_jax.models import posemb
 from pr_mim_jax.models import vit

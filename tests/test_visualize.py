@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, TINY_OVERRIDES, apply_overrides, load_config
-from pr_mim_jax import visualize
-from pr_mim_jax import visualize_masks
+from pr_mim_jax.training import visualize
+from pr_mim_jax.tools import visualize_masks
 from pr_mim_jax.data import pipeline
-from pr_mim_jax.models import vit
+from pr_mim_jax import patch_tokens
 
 
 def identity_denorm(x):
@@ -111,7 +111,7 @@ def _stands_out(tile):
 
 def test_thrown_patches_stand_out_on_a_red_image():
   images, ids_vis, ids_dec, ids_throw = _red_case()
-  red_patches = np.asarray(vit.patchify(images, 8))  # [B, L, 192]
+  red_patches = np.asarray(patch_tokens.patchify(images, 8))  # [B, L, 192]
   take = lambda ids: np.take_along_axis(red_patches, ids[..., None], axis=1)  # perfect predictions
   pictures = {
       'token map': visualize.token_map(images, ids_vis, ids_dec, ids_throw, 8, identity_denorm),
@@ -269,7 +269,7 @@ def test_visualize_masks_bad_out_is_one_error_line(tmp_path):
   blocker = tmp_path / 'file'
   blocker.write_text('not a directory')
   proc = subprocess.run(
-      [sys.executable, '-m', 'pr_mim_jax.visualize_masks',
+      [sys.executable, '-m', 'pr_mim_jax.tools.visualize_masks',
        '--config=pr_mim_jax/configs/pretrain.py:dataset=shapes', f'--out={blocker}/sub'],
       cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2, proc.stderr

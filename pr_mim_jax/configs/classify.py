@@ -15,7 +15,7 @@ dataset=.
 
 import ml_collections
 
-from pr_mim_jax import config_args
+from pr_mim_jax.configs import args as config_args
 from pr_mim_jax import errors
 
 MODES = ("linear_probe", "finetune")

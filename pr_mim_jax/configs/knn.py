@@ -9,7 +9,7 @@ exp(sim / 0.07). The architecture comes from the pre-training run's config.json.
 
 import ml_collections
 
-from pr_mim_jax import config_args
+from pr_mim_jax.configs import args as config_args
 
 
 ARGUMENTS = dict(init="", dataset="imagenet2012")  # FILE:key=value,...

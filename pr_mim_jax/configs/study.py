@@ -1,7 +1,7 @@
-r"""The small-scale comparison of MAE, partial reconstruction and PR-MIM (pr_mim_jax.study).
+r"""The small-scale comparison of MAE, partial reconstruction and PR-MIM (pr_mim_jax.tools.study).
 
-  python -m pr_mim_jax.study --config=pr_mim_jax/configs/study.py:setting=cpu --workdir=workdirs/study_cpu
-  python -m pr_mim_jax.study --config=pr_mim_jax/configs/study.py:setting=gpu --workdir=workdirs/study_gpu
+  python -m pr_mim_jax.tools.study --config=pr_mim_jax/configs/study.py:setting=cpu --workdir=workdirs/study_cpu
+  python -m pr_mim_jax.tools.study --config=pr_mim_jax/configs/study.py:setting=gpu --workdir=workdirs/study_gpu
 
 Every method pre-trains with the same epochs, batch and seeds on the embedded shapes
 dataset, read from memory (no TensorFlow needed); each is then scored by k-NN, a linear
@@ -13,7 +13,7 @@ the NumPy input pipeline).
 
 import ml_collections
 
-from pr_mim_jax import config_args
+from pr_mim_jax.configs import args as config_args
 from pr_mim_jax import errors
 
 SETTINGS = ("cpu", "gpu")

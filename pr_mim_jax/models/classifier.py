@@ -18,6 +18,7 @@ import numpy as np
 
 from pr_mim_jax.models import posemb as posemb_lib
 from pr_mim_jax.models import vit
+from pr_mim_jax.parallel import logical_axes
 
 HEADS = ("linear", "batchnorm_linear")
 POOLS = ("gap", "cls")
@@ -52,8 +53,8 @@ class Head(nn.Module):
     else:
       raise ValueError(f"unknown head {self.kind!r}; use one of {HEADS}")
     return nn.Dense(self.num_classes, dtype=jnp.float32, name="dense",
-                    kernel_init=vit.partitioned(trunc_normal(std), ("embed", None)),
-                    bias_init=vit.partitioned(nn.initializers.zeros, (None,)))(feats)
+                    kernel_init=logical_axes.partitioned(trunc_normal(std), ("embed", None)),
+                    bias_init=logical_axes.partitioned(nn.initializers.zeros, (None,)))(feats)
 
 
 class Classifier(nn.Module):

@@ -20,10 +20,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pr_mim_jax import targets
 from pr_mim_jax.models import posemb as posemb_lib
 from pr_mim_jax.models import progressive
 from pr_mim_jax.models import vit
+from pr_mim_jax import patch_tokens
+from pr_mim_jax.parallel import logical_axes
 
 DECODERS = ("self_attention", "cross_attention")
 THROWN_RECONSTRUCTIONS = ("none", "progressive")
@@ -61,10 +62,10 @@ class MaskedAutoencoder(nn.Module):
                                attention=self.attention, name="encoder")
     self.decoder_embed = nn.Dense(
         self.decoder_width, dtype=self.dtype,
-        kernel_init=vit.partitioned(nn.initializers.xavier_uniform(), ("embed", None)),
-        bias_init=vit.partitioned(nn.initializers.zeros, ("embed",)))
+        kernel_init=logical_axes.partitioned(nn.initializers.xavier_uniform(), ("embed", None)),
+        bias_init=logical_axes.partitioned(nn.initializers.zeros, ("embed",)))
     self.mask_token = self.param(
-        "mask_token", vit.partitioned(nn.initializers.normal(0.02), (None, None, "embed")),
+        "mask_token", logical_axes.partitioned(nn.initializers.normal(0.02), (None, None, "embed")),
         (1, 1, self.decoder_width))
     block = vit.block_class(self.remat)
     self.decoder_blocks = [block(self.decoder_heads, self.mlp_ratio, self.dtype,
@@ -76,8 +77,8 @@ class MaskedAutoencoder(nn.Module):
           self.dtype, name="thrown")
     self.decoder_pred = nn.Dense(
         self.pred_dim or self.spec.patch ** 2 * 3, dtype=self.dtype,
-        kernel_init=vit.partitioned(nn.initializers.xavier_uniform(), ("embed", None)),
-        bias_init=vit.partitioned(nn.initializers.zeros, (None,)))
+        kernel_init=logical_axes.partitioned(nn.initializers.xavier_uniform(), ("embed", None)),
+        bias_init=logical_axes.partitioned(nn.initializers.zeros, (None,)))
 
   @property
   def grid(self) -> int:
@@ -99,7 +100,7 @@ class MaskedAutoencoder(nn.Module):
   def mask_queries(self, ids):
     """[B, n] patch ids -> [B, n, Dd] decoder queries: mask token + position."""
     _, pos = self._positions(ids.shape[0])
-    return (self.mask_token + vit.gather_tokens(pos, ids)).astype(self.dtype)
+    return (self.mask_token + patch_tokens.gather_tokens(pos, ids)).astype(self.dtype)
 
   def decode(self, latent, ids_vis, ids_dec, ids_throw=None, thrown_queries=None) -> Predictions:
     """latent: [B, 1+n_vis, D] -> predictions for patches ids_dec (and ids_throw if progressive).
@@ -110,13 +111,13 @@ class MaskedAutoencoder(nn.Module):
     cls_pos, pos = self._positions(latent.shape[0])
     x = self.decoder_embed(latent)  # [B, 1+n_vis, Dd]
     context = jnp.concatenate([x[:, :1] + cls_pos.astype(self.dtype),
-                               x[:, 1:] + vit.gather_tokens(pos, ids_vis).astype(self.dtype)], 1)
-    context = vit.constrain(context, ("batch", "tokens", "embed"))  # [B, 1+n_vis, Dd]
+                               x[:, 1:] + patch_tokens.gather_tokens(pos, ids_vis).astype(self.dtype)], 1)
+    context = logical_axes.constrain(context, ("batch", "tokens", "embed"))  # [B, 1+n_vis, Dd]
     queries = self.mask_queries(ids_dec)  # [B, n_dec, Dd]
     n_dec = ids_dec.shape[1]
     if self.decoder == "self_attention":
       x = jnp.concatenate([context, queries], axis=1)  # [B, 1+n_vis+n_dec, Dd]
-      x = vit.constrain(x, ("batch", "tokens", "embed"))
+      x = logical_axes.constrain(x, ("batch", "tokens", "embed"))
       for block in self.decoder_blocks[:-1]:
         x = block(x)
       last_input = x  # the kept tokens' inputs of the last block
@@ -182,7 +183,3 @@ def build(model_cfg, reconstruction_cfg=None, pred_dim: int = 0) -> MaskedAutoen
       **extra)
 
 
-def from_config(config) -> MaskedAutoencoder:
-  """The pre-training model of a full config: head sized for the target, PR-MIM stages."""
-  patch = vit.parse_variant(config.model.variant).patch
-  return build(config.model, config.reconstruction, targets.target_dim(config.loss.target, patch))

@@ -18,11 +18,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pr_mim_jax import masking
-from pr_mim_jax.models import vit
+from pr_mim_jax import patch_tokens
+from pr_mim_jax.parallel import logical_axes
 
 AGGREGATORS = ("local_attention", "interpolate", "last_block")
 NEG_INF = -1e9
+
+
+def stage_sizes(n_throw: int, num_stages: int) -> tuple[int, ...]:
+  """Near-equal static sizes of the progressive stages; earlier stages take the extra one."""
+  if num_stages < 1:
+    raise ValueError(f"num_stages={num_stages}; need >= 1")
+  if n_throw == 0:
+    return ()
+  if num_stages > n_throw:
+    raise ValueError(f"num_stages={num_stages} exceeds the {n_throw} thrown tokens")
+  base, extra = divmod(n_throw, num_stages)
+  return tuple(base + (i < extra) for i in range(num_stages))
 
 
 def neighbourhood(grid: int, window: int) -> tuple[np.ndarray, np.ndarray]:
@@ -63,29 +75,29 @@ class LocalAggregator(nn.Module):
     d = canvas.shape[-1]
     index, on_grid = neighbourhood(self.grid, self.window)
     nb = jnp.asarray(index)[ids]  # [B, n, w*w]
-    valid = jnp.asarray(on_grid)[ids] & vit.gather_tokens(known, nb.reshape(b, -1)).reshape(nb.shape)
+    valid = jnp.asarray(on_grid)[ids] & patch_tokens.gather_tokens(known, nb.reshape(b, -1)).reshape(nb.shape)
     valid = jnp.concatenate([valid, jnp.ones((b, n, 1), bool)], axis=-1)  # [B, n, K]; K = w*w+1
-    feats = vit.gather_tokens(canvas, nb.reshape(b, -1)).reshape(b, n, -1, d)
+    feats = patch_tokens.gather_tokens(canvas, nb.reshape(b, -1)).reshape(b, n, -1, d)
     feats = jnp.concatenate([feats, jnp.broadcast_to(glob[:, None, None], (b, n, 1, d))], axis=2)
     num_keys = self.window ** 2 + 1
     heads = 1 if self.kind == "interpolate" else self.heads
 
     if self.kind == "interpolate":
-      logits = self.param("offset_logit", vit.partitioned(nn.initializers.zeros, (None,)),
+      logits = self.param("offset_logit", logical_axes.partitioned(nn.initializers.zeros, (None,)),
                           (num_keys,))
       logits = jnp.broadcast_to(logits, (b, n, 1, num_keys))  # [B, n, 1, K]
     elif self.kind == "local_attention":
       hd = self.key_width // heads
       dense = lambda name: nn.Dense(  # noqa: E731
           self.key_width, dtype=self.dtype, name=name,
-          kernel_init=vit.partitioned(nn.initializers.xavier_uniform(), ("embed", None)),
-          bias_init=vit.partitioned(nn.initializers.zeros, (None,)))
+          kernel_init=logical_axes.partitioned(nn.initializers.xavier_uniform(), ("embed", None)),
+          bias_init=logical_axes.partitioned(nn.initializers.zeros, (None,)))
       q = dense("query")(queries).reshape(b, n, heads, hd)
       key_dense = dense("key")
-      k = vit.gather_tokens(key_dense(canvas), nb.reshape(b, -1)).reshape(b, n, -1, self.key_width)
+      k = patch_tokens.gather_tokens(key_dense(canvas), nb.reshape(b, -1)).reshape(b, n, -1, self.key_width)
       k = jnp.concatenate([k, jnp.broadcast_to(key_dense(glob)[:, None, None],
                                                (b, n, 1, self.key_width))], axis=2)  # [B, n, K, kw]
-      offset = self.param("offset_key", vit.partitioned(nn.initializers.normal(0.02), (None, None)),
+      offset = self.param("offset_key", logical_axes.partitioned(nn.initializers.normal(0.02), (None, None)),
                           (num_keys, self.key_width))
       k = (k + offset.astype(self.dtype)).reshape(b, n, num_keys, heads, hd)
       logits = jnp.einsum("bnhd,bnkhd->bnhk", q, k) / np.sqrt(hd).astype(self.dtype)
@@ -98,13 +110,13 @@ class LocalAggregator(nn.Module):
     out = jnp.einsum("bnhk,bnkhc->bnhc", weights, values).reshape(b, n, d)  # [B, n, D]
     if self.kind == "local_attention":
       h = nn.Dense(self.key_width, dtype=self.dtype, name="mlp_in",
-                   kernel_init=vit.partitioned(nn.initializers.xavier_uniform(), ("embed", None)),
-                   bias_init=vit.partitioned(nn.initializers.zeros, (None,)))(out + queries)
+                   kernel_init=logical_axes.partitioned(nn.initializers.xavier_uniform(), ("embed", None)),
+                   bias_init=logical_axes.partitioned(nn.initializers.zeros, (None,)))(out + queries)
       out = out + nn.Dense(d, dtype=self.dtype, name="mlp_out",
-                           kernel_init=vit.partitioned(nn.initializers.zeros, (None, "embed")),
-                           bias_init=vit.partitioned(nn.initializers.zeros, ("embed",)))(
+                           kernel_init=logical_axes.partitioned(nn.initializers.zeros, (None, "embed")),
+                           bias_init=logical_axes.partitioned(nn.initializers.zeros, ("embed",)))(
                                nn.gelu(h, approximate=False))
-    return vit.constrain(out, ("batch", "tokens", "embed"))
+    return logical_axes.constrain(out, ("batch", "tokens", "embed"))
 
 
 def staged(aggregate, kept_feats, glob, ids_kept, ids_throw, queries, num_patches: int,
@@ -112,19 +124,19 @@ def staged(aggregate, kept_feats, glob, ids_kept, ids_throw, queries, num_patche
   """Thrown features [B, n_throw, D], rebuilt stage by stage on an [B, L, D] canvas.
 
   kept_feats [B, n_kept, D] at ids_kept [B, n_kept]; glob [B, D]; queries [B, n_throw, D] in
-  the order of ids_throw [B, n_throw], whose consecutive runs of masking.stage_sizes are the
+  the order of ids_throw [B, n_throw], whose consecutive runs of progressive.stage_sizes are the
   stages. `aggregate` is a LocalAggregator; each stage's outputs join the canvas.
   """
   canvas = jnp.zeros((kept_feats.shape[0], num_patches, kept_feats.shape[-1]), kept_feats.dtype)
-  canvas = masking.scatter_rows(canvas, ids_kept, kept_feats)  # [B, L, D]
-  known = masking.scatter_rows(jnp.zeros(canvas.shape[:2], bool), ids_kept,
+  canvas = patch_tokens.scatter_rows(canvas, ids_kept, kept_feats)  # [B, L, D]
+  known = patch_tokens.scatter_rows(jnp.zeros(canvas.shape[:2], bool), ids_kept,
                                jnp.ones(ids_kept.shape, bool))  # [B, L]
   outs, start = [], 0
-  for size in masking.stage_sizes(ids_throw.shape[1], num_stages):
+  for size in stage_sizes(ids_throw.shape[1], num_stages):
     ids = ids_throw[:, start:start + size]
     out = aggregate(canvas, known, glob, queries[:, start:start + size], ids)  # [B, size, D]
-    canvas = masking.scatter_rows(canvas, ids, out)
-    known = masking.scatter_rows(known, ids, jnp.ones(ids.shape, bool))
+    canvas = patch_tokens.scatter_rows(canvas, ids, out)
+    known = patch_tokens.scatter_rows(known, ids, jnp.ones(ids.shape, bool))
     outs.append(out)
     start += size
   return jnp.concatenate(outs, axis=1)

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pr_mim_jax.models import posemb as posemb_lib
+from pr_mim_jax import patch_tokens
+from pr_mim_jax.parallel import logical_axes
 
 # name -> (width, depth, heads); mlp is 4x width for all of them.
 VARIANTS = {
@@ -67,16 +69,6 @@ def parse_variant(variant: str) -> VitSpec:
   return VitSpec(width, depth, heads, int(patch))
 
 
-def partitioned(init, names):
-  """An initializer whose params carry logical axis names (for the sharding rules)."""
-  return nn.with_logical_partitioning(init, names)
-
-
-def constrain(x, names):
-  """Activation sharding by logical names (a no-op outside a mesh + rules context)."""
-  return nn.with_logical_constraint(x, names)
-
-
 class HeadsDense(nn.Module):
   """Dense layer over head-structured axes with logical names on its kernel.
 
@@ -96,8 +88,8 @@ class HeadsDense(nn.Module):
     n_in = len(in_shape)
     init = nn.initializers.xavier_uniform(
         in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + len(self.features))))
-    kernel = self.param("kernel", partitioned(init, self.names), in_shape + tuple(self.features))
-    bias = self.param("bias", partitioned(nn.initializers.zeros, self.names[n_in:]), tuple(self.features))
+    kernel = self.param("kernel", logical_axes.partitioned(init, self.names), in_shape + tuple(self.features))
+    bias = self.param("bias", logical_axes.partitioned(nn.initializers.zeros, self.names[n_in:]), tuple(self.features))
     if part is not None:
       kernel, bias = kernel[(slice(None),) * n_in + (part,)], bias[part]
     x_axes = tuple(range(x.ndim - n_in, x.ndim))
@@ -158,10 +150,10 @@ class Attention(nn.Module):
       q = qkv_dense(x, part=slice(0, 1))[:, :, 0]  # [B, N, H, hd]
       kv = qkv_dense(context, part=slice(1, 3))  # [B, M, 2, H, hd]
       k, v = kv[:, :, 0], kv[:, :, 1]
-    q = constrain(q, ("batch", "tokens", "heads", "kv"))
+    q = logical_axes.constrain(q, ("batch", "tokens", "heads", "kv"))
     out = attend(q, k, v, self.implementation)  # [B, N, H, hd]
     out = HeadsDense((width,), 2, ("heads", "kv", "embed"), self.dtype, name="proj")(out)
-    return constrain(out, ("batch", "tokens", "embed"))
+    return logical_axes.constrain(out, ("batch", "tokens", "embed"))
 
 
 class Mlp(nn.Module):
@@ -173,18 +165,18 @@ class Mlp(nn.Module):
     width = x.shape[-1]
     kinit = nn.initializers.xavier_uniform()
     h = nn.Dense(self.hidden, dtype=self.dtype, name="fc1",
-                 kernel_init=partitioned(kinit, ("embed", "mlp")),
-                 bias_init=partitioned(nn.initializers.zeros, ("mlp",)))(x)
-    h = constrain(nn.gelu(h, approximate=False), ("batch", "tokens", "mlp"))
+                 kernel_init=logical_axes.partitioned(kinit, ("embed", "mlp")),
+                 bias_init=logical_axes.partitioned(nn.initializers.zeros, ("mlp",)))(x)
+    h = logical_axes.constrain(nn.gelu(h, approximate=False), ("batch", "tokens", "mlp"))
     return nn.Dense(width, dtype=self.dtype, name="fc2",
-                    kernel_init=partitioned(kinit, ("mlp", "embed")),
-                    bias_init=partitioned(nn.initializers.zeros, ("embed",)))(h)
+                    kernel_init=logical_axes.partitioned(kinit, ("mlp", "embed")),
+                    bias_init=logical_axes.partitioned(nn.initializers.zeros, ("embed",)))(h)
 
 
 def layer_norm(dtype, name):
   return nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, name=name,
-                      scale_init=partitioned(nn.initializers.ones, ("embed",)),
-                      bias_init=partitioned(nn.initializers.zeros, ("embed",)))
+                      scale_init=logical_axes.partitioned(nn.initializers.ones, ("embed",)),
+                      bias_init=logical_axes.partitioned(nn.initializers.zeros, ("embed",)))
 
 
 def stochastic_depth(branch, rate, rng):
@@ -234,7 +226,7 @@ class Block(nn.Module):
     x = x + residual(Attention(self.heads, self.dtype, self.attention, name="attn")(norm1(x), kv))
     hidden = int(x.shape[-1] * self.mlp_ratio)
     x = x + residual(Mlp(hidden, self.dtype, name="mlp")(layer_norm(self.dtype, "norm2")(x)))
-    return constrain(x, ("batch", "tokens", "embed"))
+    return logical_axes.constrain(x, ("batch", "tokens", "embed"))
 
 
 def block_class(remat: str = "none", prevent_cse: bool = True):
@@ -253,28 +245,6 @@ def block_class(remat: str = "none", prevent_cse: bool = True):
 def drop_path_rates(drop_path: float, depth: int) -> np.ndarray:
   """Per-block stochastic-depth rates rising linearly from 0 to `drop_path` (timm)."""
   return np.linspace(0.0, drop_path, depth)
-
-
-def patchify(images, patch: int):
-  """[B, H, W, C] -> [B, L, patch*patch*C], patches row-major, pixels in (p, q, c) order."""
-  b, h, w, c = images.shape
-  gh, gw = h // patch, w // patch
-  x = images.reshape(b, gh, patch, gw, patch, c)
-  x = x.transpose(0, 1, 3, 2, 4, 5)  # [B, gh, gw, p, p, C]
-  return x.reshape(b, gh * gw, patch * patch * c)
-
-
-def unpatchify(patches, patch: int, channels: int = 3):
-  """Inverse of `patchify` for square images: [B, L, p*p*C] -> [B, H, W, C]."""
-  b, length, _ = patches.shape
-  g = int(round(np.sqrt(length)))
-  x = patches.reshape(b, g, g, patch, patch, channels).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, g * patch, g * patch, channels)
-
-
-def gather_tokens(x, ids):
-  """x: [B, L, ...], ids: [B, K] -> [B, K, ...]."""
-  return jnp.take_along_axis(x, ids.reshape(ids.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
 POOLS = ("none", "cls", "gap")
@@ -315,13 +285,13 @@ class Encoder(nn.Module):
     if pool not in POOLS:
       raise ValueError(f"unknown pool {pool!r}; use one of {POOLS}")
     d, p = self.spec.width, self.spec.patch
-    patches = patchify(images, p)  # [B, L, p*p*3]
+    patches = patch_tokens.patchify(images, p)  # [B, L, p*p*3]
     if ids_keep is not None:
-      patches = gather_tokens(patches, ids_keep)  # [B, K, p*p*3]
-    kernel = self.param("patch_embed_kernel", partitioned(
+      patches = patch_tokens.gather_tokens(patches, ids_keep)  # [B, K, p*p*3]
+    kernel = self.param("patch_embed_kernel", logical_axes.partitioned(
         nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=3),
         (None, None, None, "embed")), (p, p, 3, d))
-    bias = self.param("patch_embed_bias", partitioned(nn.initializers.zeros, ("embed",)), (d,))
+    bias = self.param("patch_embed_bias", logical_axes.partitioned(nn.initializers.zeros, ("embed",)), (d,))
     x = patches.astype(self.dtype) @ kernel.reshape(p * p * 3, d).astype(self.dtype)
     x = x + bias.astype(self.dtype)  # [B, K, D]
 
@@ -329,20 +299,20 @@ class Encoder(nn.Module):
     if self.posemb == "sincos":
       table = jnp.asarray(posemb_lib.sincos_2d(d, self.grid, cls_token=True))  # [1+L, D]
     elif self.posemb == "learned":
-      table = self.param("pos_embedding", partitioned(nn.initializers.normal(0.02), (None, "embed")),
+      table = self.param("pos_embedding", logical_axes.partitioned(nn.initializers.normal(0.02), (None, "embed")),
                          (1 + length, d))
     else:
       raise ValueError(f"unknown posemb {self.posemb!r}")
     patch_pos = table[1:][None]  # [1, L, D]
     if ids_keep is not None:
-      patch_pos = gather_tokens(jnp.broadcast_to(patch_pos, (x.shape[0], length, d)), ids_keep)
+      patch_pos = patch_tokens.gather_tokens(jnp.broadcast_to(patch_pos, (x.shape[0], length, d)), ids_keep)
     x = x + patch_pos.astype(self.dtype)
 
-    cls = self.param("cls_token", partitioned(nn.initializers.normal(0.02), (None, None, "embed")),
+    cls = self.param("cls_token", logical_axes.partitioned(nn.initializers.normal(0.02), (None, None, "embed")),
                      (1, 1, d))
     cls = (cls + table[:1][None]).astype(self.dtype)
     x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, d)), x], axis=1)  # [B, 1+K, D]
-    x = constrain(x, ("batch", "tokens", "embed"))
+    x = logical_axes.constrain(x, ("batch", "tokens", "embed"))
     deterministic = not train or self.drop_path == 0
     rates = drop_path_rates(self.drop_path, self.spec.depth)
     if self.scan_layers:

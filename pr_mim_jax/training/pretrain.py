@@ -12,24 +12,23 @@ import numpy as np
 from etils import epath
 from jax.sharding import Mesh
 
-from pr_mim_jax import checkpointing
-from pr_mim_jax import config_validation
-from pr_mim_jax import knn
-from pr_mim_jax import masking
-from pr_mim_jax import metrics as metrics_lib
-from pr_mim_jax import optim
-from pr_mim_jax import preemption
-from pr_mim_jax import profiler
-from pr_mim_jax import sharding
-from pr_mim_jax import step_queue
-from pr_mim_jax import train_step as train_step_lib
-from pr_mim_jax import visualize
-from pr_mim_jax import workdir_records
+from pr_mim_jax.training import checkpointing
+from pr_mim_jax.training import config_validation
+from pr_mim_jax.training import knn
+from pr_mim_jax.method import masking
+from pr_mim_jax.training import metrics as metrics_lib
+from pr_mim_jax.training import optim
+from pr_mim_jax.training import preemption
+from pr_mim_jax.training import profiler
+from pr_mim_jax.parallel import sharding
+from pr_mim_jax.training import step_queue
+from pr_mim_jax.training import train_step as train_step_lib
+from pr_mim_jax.training import visualize
+from pr_mim_jax.training import workdir_records
 from pr_mim_jax.data import pipeline
 from pr_mim_jax.errors import UserError
-from pr_mim_jax.models import mae
 from pr_mim_jax.models import vit
-from pr_mim_jax.train_state import TrainState
+from pr_mim_jax.training.train_state import TrainState
 
 
 class NonFiniteLossError(RuntimeError):
@@ -237,7 +236,7 @@ def train(config, workdir: str, checked: Checked | None = None) -> dict:
   rules = sharding.rules_from_config(config)
   logging.info("mesh %s, sharding rules %s", dict(mesh.shape), rules)
 
-  model = mae.from_config(config)
+  model = train_step_lib.model_from_config(config)
   task = train_step_lib.task_from_config(config)
   split = task.split
   total_steps, warmup_steps = optim.schedule_steps(config.optim, num_train, config.batch_size,

@@ -1,8 +1,8 @@
 r"""Train-step cost and speed on synthetic, device-resident data (no TensorFlow needed).
 
-  python -m pr_mim_jax.benchmark --config=pr_mim_jax/configs/pretrain.py --methods=mae,partial,pr_mim \
+  python -m pr_mim_jax.tools.benchmark --config=pr_mim_jax/configs/pretrain.py --methods=mae,partial,pr_mim \
       --variants=B/16 --batch=256 --steps=20 --json=bench.json --markdown=bench.md
-  python -m pr_mim_jax.benchmark --config=pr_mim_jax/configs/pretrain.py --variants=B/16,L/16 --no-timing
+  python -m pr_mim_jax.tools.benchmark --config=pr_mim_jax/configs/pretrain.py --variants=B/16,L/16 --no-timing
 
 Per (method, variant) setting it prints one JSON line: the analytic fwd+bwd GFLOP per image
 (encoder / decoder / thrown-token reconstruction) and its ratio to MAE; unless --no-timing,
@@ -32,17 +32,16 @@ from absl import flags
 from ml_collections import config_flags
 
 from pr_mim_jax import cli
-from pr_mim_jax import compile_report
-from pr_mim_jax import config_validation
-from pr_mim_jax import flops
-from pr_mim_jax import methods
-from pr_mim_jax import optim
-from pr_mim_jax import pretrain
-from pr_mim_jax import profiler
-from pr_mim_jax import sharding
-from pr_mim_jax import train_step as train_step_lib
+from pr_mim_jax.tools import compile_report
+from pr_mim_jax.training import config_validation
+from pr_mim_jax.method import flops
+from pr_mim_jax.method import methods
+from pr_mim_jax.training import optim
+from pr_mim_jax.training import pretrain
+from pr_mim_jax.training import profiler
+from pr_mim_jax.parallel import sharding
+from pr_mim_jax.training import train_step as train_step_lib
 from pr_mim_jax.errors import UserError
-from pr_mim_jax.models import mae
 
 RESULT_PREFIX = "RESULT "  # a child process's result line on stdout
 CEILING = "ceiling"  # --child value of the matmul-ceiling process
@@ -76,7 +75,7 @@ def _define_flags() -> types.SimpleNamespace:
 
 def cost(config) -> dict:
   """The analytic cost of one setting, with its ratio to MAE on the same model."""
-  model = mae.from_config(config)
+  model = train_step_lib.model_from_config(config)
   task = train_step_lib.task_from_config(config)
   f = flops.step_flops(model, task.split, task.reconstruct_thrown)
   mae_task = train_step_lib.task_from_config(methods.with_method(config, "mae"))
@@ -139,7 +138,7 @@ def time_train_step(config, batch_size: int, steps: int, warmup: int, profile_di
   """Compile, warm up and time the train step `pretrain` runs, on synthetic on-device images."""
   pretrain.setup_jax(config)
   mesh, rules = sharding.mesh_from_config(config), sharding.rules_from_config(config)
-  model = mae.from_config(config)
+  model = train_step_lib.model_from_config(config)
   task = train_step_lib.task_from_config(config)
   schedule = optim.lr_schedule(optim.peak_lr(config.optim, batch_size), 10_000, 100)
   tx = optim.make_optimizer(config.optim, schedule)
@@ -266,7 +265,7 @@ def _child_argv(argv) -> list[str]:
 
 def _in_child(argv, child: str) -> dict:
   """Run `--child=child` in a fresh Python process; its result row, or {'error': ...}."""
-  cmd = [sys.executable, "-m", "pr_mim_jax.benchmark", *_child_argv(argv), f"--child={child}"]
+  cmd = [sys.executable, "-m", "pr_mim_jax.tools.benchmark", *_child_argv(argv), f"--child={child}"]
   proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   for line in proc.stdout.splitlines():
     if line.startswith(RESULT_PREFIX):

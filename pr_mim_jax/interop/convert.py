@@ -1,7 +1,7 @@
 r"""Command line: weights in and out, between our workdirs and timm / official MAE files.
 
-  python -m pr_mim_jax.convert --from=mae_pretrain_vit_base.pth --to=workdirs/mae_b16
-  python -m pr_mim_jax.convert --from=workdirs/demo --to=vit.safetensors [--with_decoder]
+  python -m pr_mim_jax.interop.convert --from=mae_pretrain_vit_base.pth --to=workdirs/mae_b16
+  python -m pr_mim_jax.interop.convert --from=workdirs/demo --to=vit.safetensors [--with_decoder]
 
 Sources (told apart by content): a `torch.save` file (.pth / .pt / .bin, read without
 torch by pth_reader), a .safetensors file, or a pre-training workdir (`--step=N`, default -1:
@@ -38,8 +38,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from pr_mim_jax import cli
-from pr_mim_jax import pth_reader
-from pr_mim_jax import timm_weights
+from pr_mim_jax.interop import pth_reader
+from pr_mim_jax.interop import timm_weights
 from pr_mim_jax.configs import pretrain as pretrain_config
 from pr_mim_jax.errors import UserError
 
@@ -159,7 +159,7 @@ def arch_from_config(model, params) -> timm_weights.Arch:
 def read_workdir_weights(path, step: int = -1):
   """(params as NumPy, arch, description, config) of a pre-training workdir's checkpoint."""
   import jax  # pylint: disable=g-import-not-at-top
-  from pr_mim_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from pr_mim_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
   from pr_mim_jax.models import vit  # pylint: disable=g-import-not-at-top
   path = pathlib.Path(path)
   config = _workdir_config(path)
@@ -230,7 +230,7 @@ def timm_metadata(arch: timm_weights.Arch, with_decoder: bool, source: str) -> d
                   mlp_hidden=arch.decoder_hidden, pred_dim=arch.pred_dim)
              if with_decoder else None)
   return {"timm": timm_weights.timm_model(arch), "posemb": arch.posemb, "decoder": decoder,
-          "source": source, "written_by": "python -m pr_mim_jax.convert"}
+          "source": source, "written_by": "python -m pr_mim_jax.interop.convert"}
 
 
 def write_timm(params, arch, to: pathlib.Path, with_decoder: bool, source: str) -> str:
@@ -310,15 +310,16 @@ def write_workdir(params, arch, to: pathlib.Path, config, source: str) -> str:
   """config.json + a step-0 pre-training checkpoint of the loaded weights (see module doc)."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from pr_mim_jax import checkpointing, config_validation, optim, pretrain, sharding  # pylint: disable=g-import-not-at-top,g-multiple-import
-  from pr_mim_jax import train_step, workdir_records  # pylint: disable=g-import-not-at-top,g-multiple-import
-  from pr_mim_jax.models import mae, vit  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from pr_mim_jax.models import vit  # pylint: disable=g-import-not-at-top
+  from pr_mim_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
+  from pr_mim_jax.training import checkpointing, config_validation, optim, pretrain  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from pr_mim_jax.training import train_step, workdir_records  # pylint: disable=g-import-not-at-top,g-multiple-import
   fit_config(config, arch)
   pretrain.setup_jax(config)
   config_validation.validate_mesh(config)
   mesh, rules = sharding.mesh_from_config(config), sharding.rules_from_config(config)
   config_validation.validate_pretrain(config, sharding.num_batch_shards(mesh))
-  model = mae.from_config(config)
+  model = train_step.model_from_config(config)
   task = train_step.task_from_config(config)
   tx = optim.make_optimizer(config.optim, lambda step: 0.0)  # the state's shape only
   if config.model.scan_layers:

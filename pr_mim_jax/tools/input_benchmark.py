@@ -1,6 +1,6 @@
 r"""Input-pipeline throughput per host and per CPU core: can this host feed the accelerator?
 
-  python -m pr_mim_jax.input_benchmark --sources=shapes,jpeg --image_size=224 --batch=256 \
+  python -m pr_mim_jax.tools.input_benchmark --sources=shapes,jpeg --image_size=224 --batch=256 \
       --batches=20 --step_img_per_s=3523 --json=input.json
 
 It times the pre-training pipeline (`pipeline.host_batches`: read, decode, random resized

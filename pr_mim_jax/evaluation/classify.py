@@ -21,23 +21,23 @@ import numpy as np
 from etils import epath
 from jax.sharding import Mesh
 
-from pr_mim_jax import checkpointing
-from pr_mim_jax import classify_step
-from pr_mim_jax import config_validation
-from pr_mim_jax import knn
-from pr_mim_jax import metrics as metrics_lib
-from pr_mim_jax import optim
-from pr_mim_jax import preemption
-from pr_mim_jax import pretrain
-from pr_mim_jax import sharding
-from pr_mim_jax import step_queue
-from pr_mim_jax import workdir_records
+from pr_mim_jax.training import checkpointing
+from pr_mim_jax.evaluation import classify_step
+from pr_mim_jax.training import config_validation
+from pr_mim_jax.training import knn
+from pr_mim_jax.training import metrics as metrics_lib
+from pr_mim_jax.training import optim
+from pr_mim_jax.training import preemption
+from pr_mim_jax.training import pretrain
+from pr_mim_jax.parallel import sharding
+from pr_mim_jax.training import step_queue
+from pr_mim_jax.training import workdir_records
 from pr_mim_jax.data import pipeline
 from pr_mim_jax.errors import UserError
 from pr_mim_jax.models import classifier as classifier_lib
 from pr_mim_jax.models import posemb as posemb_lib
 from pr_mim_jax.models import vit
-from pr_mim_jax.train_state import ClassifierState
+from pr_mim_jax.training.train_state import ClassifierState
 
 ARCH_FIELDS = ("variant", "width", "depth", "heads", "posemb", "image_size")
 EVAL_KEYS = ("eval_top1", "eval_top5", "eval_loss", "eval_ema_top1", "eval_ema_top5")

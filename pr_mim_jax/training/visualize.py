@@ -26,8 +26,8 @@ import math
 import numpy as np
 from PIL import Image
 
-from pr_mim_jax import picture_text
-from pr_mim_jax.models import vit
+from pr_mim_jax.training import picture_text
+from pr_mim_jax import patch_tokens
 
 GREY = 0.5  # decoded patches in the token map, in [0, 1] display units
 MARK_DARK = (0, 0, 0)  # thrown-patch stripes and frames: two far-apart colours
@@ -118,13 +118,13 @@ def reconstruction(images, pred_dec, ids_vis, ids_dec, patch: int, target: str, 
   if pred_throw is not None and ids_throw is None:
     raise ValueError("pred_throw needs ids_throw")
   images = np.asarray(images, np.float32)
-  patches = np.asarray(vit.patchify(images, patch))  # [B, L, P]
+  patches = np.asarray(patch_tokens.patchify(images, patch))  # [B, L, P]
   rows = np.arange(patches.shape[0])[:, None]
   recon = patches.copy()
   recon[rows, np.asarray(ids_dec)] = _pred_to_patches(pred_dec, patches, ids_dec, target)
   if pred_throw is not None:
     recon[rows, np.asarray(ids_throw)] = _pred_to_patches(pred_throw, patches, ids_throw, target)
-  pixels = np.asarray(denormalize(vit.unpatchify(recon, patch)), np.float32)  # [B, H, W, 3]
+  pixels = np.asarray(denormalize(patch_tokens.unpatchify(recon, patch)), np.float32)  # [B, H, W, 3]
   where = _pixel_classes(patch_classes(ids_vis, ids_dec, patches.shape[1]), patch)[..., None]
   h, w = pixels.shape[1:3]
   marks = stripes(h, w, _stripe_px(patch))  # [H, W, 3]

@@ -19,7 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pr_mim_jax import furthest_sampling
+from pr_mim_jax.method import furthest_sampling
+from pr_mim_jax import patch_tokens
+from pr_mim_jax.models import progressive
 
 THROW_STRATEGIES = ("random", "running_cell", "furthest")
 
@@ -74,39 +76,17 @@ def random_masks(rng: jax.Array, batch: int, split: TokenSplit) -> Masks:
                _inverse_permutation(ids_shuffle))
 
 
-def scatter_rows(x: jax.Array, ids: jax.Array, values: jax.Array, mode=None) -> jax.Array:
-  """x [B, L, ...] with x[b, ids[b, k]] = values[b, k] for ids [B, K], values [B, K, ...].
-
-  Written per example under vmap, so the scatter carries the batch as a batching dimension
-  and XLA keeps it sharded over the batch axes; indexing with an explicit row iota instead
-  let XLA gather the whole global batch onto every device under FSDP.
-  """
-  return jax.vmap(lambda xb, ib, vb: xb.at[ib].set(vb.astype(xb.dtype), mode=mode))(x, ids, values)
-
-
 def _inverse_permutation(ids_shuffle: jax.Array) -> jax.Array:
   """[B, L] permutations -> [B, L] int32 inverses, by a scatter (O(L)) rather than a sort."""
   batch, length = ids_shuffle.shape
-  return scatter_rows(jnp.zeros((batch, length), jnp.int32), ids_shuffle,
+  return patch_tokens.scatter_rows(jnp.zeros((batch, length), jnp.int32), ids_shuffle,
                       jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length)))
 
 
 def binary_mask(ids: jax.Array, num_patches: int) -> jax.Array:
   """[B, K] indices -> [B, L] float mask with 1 at those patches."""
-  return scatter_rows(jnp.zeros((ids.shape[0], num_patches), jnp.float32), ids,
+  return patch_tokens.scatter_rows(jnp.zeros((ids.shape[0], num_patches), jnp.float32), ids,
                       jnp.ones(ids.shape, jnp.float32))
-
-
-def stage_sizes(n_throw: int, num_stages: int) -> tuple[int, ...]:
-  """Near-equal static sizes of the progressive stages; earlier stages take the extra one."""
-  if num_stages < 1:
-    raise ValueError(f"num_stages={num_stages}; need >= 1")
-  if n_throw == 0:
-    return ()
-  if num_stages > n_throw:
-    raise ValueError(f"num_stages={num_stages} exceeds the {n_throw} thrown tokens")
-  base, extra = divmod(n_throw, num_stages)
-  return tuple(base + (i < extra) for i in range(num_stages))
 
 
 def _assemble(ids_vis, ids_dec, ids_throw) -> Masks:
@@ -124,7 +104,7 @@ def _untaken_in_order(ids_order: jax.Array, taken: jax.Array, n: int) -> jax.Arr
   batch = ids_order.shape[0]
   free = ~jnp.take_along_axis(taken, ids_order, axis=1)  # [B, K]
   slot = jnp.where(free, jnp.cumsum(free, axis=1) - 1, n)  # [B, K], n = dropped
-  return scatter_rows(jnp.zeros((batch, n), jnp.int32), slot, ids_order, mode="drop")
+  return patch_tokens.scatter_rows(jnp.zeros((batch, n), jnp.int32), slot, ids_order, mode="drop")
 
 
 def running_cell_pattern(grid: int, split: TokenSplit) -> np.ndarray:
@@ -144,14 +124,14 @@ def make_masks(rng: jax.Array, batch: int, split: TokenSplit, strategy: str, gri
 
   The visible set depends on rng alone, so it is the same for every strategy, and
   "random" equals random_masks. ids_throw is in noise order except for "furthest" with
-  num_stages > 1, where consecutive chunks of stage_sizes(n_throw, num_stages) are the
+  num_stages > 1, where consecutive chunks of progressive.stage_sizes(n_throw, num_stages) are the
   stages, formed by continuing furthest sampling over the thrown patches.
   """
   if strategy not in THROW_STRATEGIES:
     raise ValueError(f"unknown throw strategy {strategy!r}; choose one of {THROW_STRATEGIES}")
   if grid * grid != split.num_patches:
     raise ValueError(f"grid {grid} gives {grid * grid} patches, split has {split.num_patches}")
-  sizes = stage_sizes(split.n_throw, num_stages)
+  sizes = progressive.stage_sizes(split.n_throw, num_stages)
   if strategy == "random":
     return random_masks(rng, batch, split)
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pr_mim_jax import sharding
+from pr_mim_jax.parallel import sharding
 
 
 FEATURES = ("mean", "cls")

@@ -1,8 +1,8 @@
 r"""Will it fit? Compile the real train step for hardware this host does not have.
 
-  python -m pr_mim_jax.compile_report --config=pr_mim_jax/configs/pretrain.py:method=pr_mim,variant=L/16 \
+  python -m pr_mim_jax.tools.compile_report --config=pr_mim_jax/configs/pretrain.py:method=pr_mim,variant=L/16 \
       --target=tpu:v5p:4x4x8 --config.mesh.data=1 --config.mesh.fsdp=-1
-  python -m pr_mim_jax.compile_report --config=pr_mim_jax/configs/pretrain.py --target=gpu:h100 \
+  python -m pr_mim_jax.tools.compile_report --config=pr_mim_jax/configs/pretrain.py --target=gpu:h100 \
       --num_devices=8 --methods=mae,partial,pr_mim --variants=B/16,L/16 --json=fit.json
 
 It builds the step that training runs (pre-training, linear probing or fine-tuning, from
@@ -29,8 +29,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from pr_mim_jax import cli
-from pr_mim_jax import compile_targets
-from pr_mim_jax import methods
+from pr_mim_jax.tools import compile_targets
+from pr_mim_jax.method import methods
 from pr_mim_jax.errors import UserError
 
 GIB = 2 ** 30
@@ -224,7 +224,7 @@ class Compiler:
 def report_setting(config, target: compile_targets.Target, *, fit: bool, max_per_device_batch: int,
                    num_classes: int, fit_step: int = 8, fit_tolerance: float = 0.0) -> dict:
   """Compile one config on `target` (and search the largest batch if `fit`); one row."""
-  from pr_mim_jax import abstract_step  # pylint: disable=g-import-not-at-top  # after JAX's set-up
+  from pr_mim_jax.tools import abstract_step  # pylint: disable=g-import-not-at-top  # after JAX's set-up
   step = abstract_step.build(config, target.devices, num_classes)
   per_device = config.batch_size // step.num_batch_shards
   compiler = Compiler(step, target)

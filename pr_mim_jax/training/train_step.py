@@ -7,11 +7,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from pr_mim_jax import losses
-from pr_mim_jax import masking
-from pr_mim_jax import targets
+from pr_mim_jax import patch_tokens
+from pr_mim_jax.method import losses
+from pr_mim_jax.method import masking
+from pr_mim_jax.method import targets
+from pr_mim_jax.models import mae
 from pr_mim_jax.models import vit
-from pr_mim_jax.train_state import TrainState
+from pr_mim_jax.training.train_state import TrainState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +44,12 @@ def task_from_config(config) -> Task:
       grad_accum_steps=config.train.get("grad_accum_steps", 1))
 
 
+def model_from_config(config) -> mae.MaskedAutoencoder:
+  """The pre-training model of a full config: head sized for the target, PR-MIM stages."""
+  patch = vit.parse_variant(config.model.variant).patch
+  return mae.build(config.model, config.reconstruction, targets.target_dim(config.loss.target, patch))
+
+
 def step_masks(rng, step, batch_size: int, task: Task) -> masking.Masks:
   """The masks of one step: a pure function of (rng, step)."""
   return masking.make_masks(jax.random.fold_in(rng, step), batch_size, task.split,
@@ -66,8 +74,8 @@ def loss_fn(params, model, images, masks: masking.Masks, task: Task,
   preds = model.apply({"params": params}, images, masks.ids_vis, ids_query, ids_throw)
   tgt = targets.patch_targets(images, task.patch, task.target)  # [B, L, P]
   loss, parts = losses.reconstruction_loss(
-      preds.dec, vit.gather_tokens(tgt, ids_query),
-      preds.throw, None if preds.throw is None else vit.gather_tokens(tgt, ids_throw),
+      preds.dec, patch_tokens.gather_tokens(tgt, ids_query),
+      preds.throw, None if preds.throw is None else patch_tokens.gather_tokens(tgt, ids_throw),
       thrown_weight=1.0 if every_masked_token else task.thrown_loss_weight)
   return loss, (preds, parts)
 

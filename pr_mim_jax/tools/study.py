@@ -1,6 +1,6 @@
 r"""The paper's comparison at small scale: MAE vs partial reconstruction vs PR-MIM.
 
-  python -m pr_mim_jax.study --config=pr_mim_jax/configs/study.py:setting=cpu --workdir=workdirs/study_cpu
+  python -m pr_mim_jax.tools.study --config=pr_mim_jax/configs/study.py:setting=cpu --workdir=workdirs/study_cpu
 
 For every seed and method: pre-train on the embedded shapes dataset (same epochs, batch,
 model), then score the encoder by k-NN, a linear probe and a short fine-tune, and measure
@@ -24,21 +24,20 @@ from absl import logging as absl_logging
 from etils import epath
 from ml_collections import config_flags
 
-from pr_mim_jax import benchmark
-from pr_mim_jax import checkpointing
-from pr_mim_jax import classify
+from pr_mim_jax.tools import benchmark
+from pr_mim_jax.training import checkpointing
+from pr_mim_jax.evaluation import classify
 from pr_mim_jax.configs import classify as classify_config
 from pr_mim_jax.configs import pretrain as pretrain_defaults
 from pr_mim_jax import cli
 from pr_mim_jax import log_filters
-from pr_mim_jax import masking
-from pr_mim_jax import pretrain
-from pr_mim_jax import sharding
-from pr_mim_jax import train_step as train_step_lib
+from pr_mim_jax.method import masking
+from pr_mim_jax.training import pretrain
+from pr_mim_jax.parallel import sharding
+from pr_mim_jax.training import train_step as train_step_lib
 from pr_mim_jax.data import pipeline
 from pr_mim_jax.errors import UserError
-from pr_mim_jax.methods import METHODS
-from pr_mim_jax.models import mae
+from pr_mim_jax.method.methods import METHODS
 
 ACCURACIES = (("knn_top1", "k-NN"), ("probe_top1", "linear probe"), ("finetune_top1", "fine-tune"))
 
@@ -112,7 +111,7 @@ def eval_config(study, mode: str, init: str, seed: int):
 
 def reconstruction_loss(config, workdir: str, num_examples: int, batch: int = 250) -> float:
   """Mean loss over every masked token of fixed test masks (same visible set for all methods)."""
-  model = mae.from_config(config)
+  model = train_step_lib.model_from_config(config)
   task = train_step_lib.task_from_config(config)
   mesh = sharding.mesh_from_config(config)
   ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir), max_to_keep=1 << 30)

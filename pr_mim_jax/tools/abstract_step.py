@@ -13,17 +13,16 @@ from typing import Callable
 import flax.linen as nn
 import jax
 
-from pr_mim_jax import classify
-from pr_mim_jax import classify_step
-from pr_mim_jax import config_validation
-from pr_mim_jax import flops
-from pr_mim_jax import optim
-from pr_mim_jax import pretrain
-from pr_mim_jax import sharding
-from pr_mim_jax import train_step as train_step_lib
+from pr_mim_jax.evaluation import classify
+from pr_mim_jax.evaluation import classify_step
+from pr_mim_jax.training import config_validation
+from pr_mim_jax.method import flops
+from pr_mim_jax.training import optim
+from pr_mim_jax.training import pretrain
+from pr_mim_jax.parallel import sharding
+from pr_mim_jax.training import train_step as train_step_lib
 from pr_mim_jax.data import pipeline
 from pr_mim_jax.errors import UserError
-from pr_mim_jax.models import mae
 
 MODES = ("pretrain", "linear_probe", "finetune")
 
@@ -64,7 +63,7 @@ def build(config, devices, num_classes: int) -> Step:
 
 def _pretrain(config, mesh, rules, shards, schedule):
   config_validation.validate_pretrain(config, shards)
-  model = mae.from_config(config)
+  model = train_step_lib.model_from_config(config)
   task = train_step_lib.task_from_config(config)
   tx = optim.make_optimizer(config.optim, schedule)
   state, state_sharding = pretrain.abstract_state(model, tx, task.split, mesh, rules)

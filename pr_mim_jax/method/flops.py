@@ -10,7 +10,7 @@ tests cross-check it against XLA's CPU count.
 
 import dataclasses
 
-from pr_mim_jax.masking import TokenSplit
+from pr_mim_jax.method.masking import TokenSplit
 from pr_mim_jax.models.mae import MaskedAutoencoder
 
 GIGA = 1e9

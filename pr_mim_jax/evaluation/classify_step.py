@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from pr_mim_jax import mixup
-from pr_mim_jax import optim
-from pr_mim_jax.train_state import ClassifierState
+from pr_mim_jax.evaluation import mixup
+from pr_mim_jax.training import optim
+from pr_mim_jax.training.train_state import ClassifierState
 
 
 @dataclasses.dataclass(frozen=True)

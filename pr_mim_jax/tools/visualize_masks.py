@@ -1,6 +1,6 @@
 r"""Pictures of the token split under each throw strategy, on real images of a config's dataset.
 
-  python -m pr_mim_jax.visualize_masks --config=pr_mim_jax/configs/pretrain.py:dataset=shapes --out=DIR \
+  python -m pr_mim_jax.tools.visualize_masks --config=pr_mim_jax/configs/pretrain.py:dataset=shapes --out=DIR \
       [--num_images=8] [--seed=0]
 
 Writes masks_random.png, masks_running_cell.png, masks_furthest.png (one row per image:
@@ -22,8 +22,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from pr_mim_jax import cli
-from pr_mim_jax import masking
-from pr_mim_jax import visualize
+from pr_mim_jax.method import masking
+from pr_mim_jax.training import visualize
 from pr_mim_jax.data import pipeline
 from pr_mim_jax.errors import UserError
 from pr_mim_jax.models import vit

@@ -18,7 +18,7 @@ vector per token:
 
 import jax.numpy as jnp
 
-from pr_mim_jax.models import vit
+from pr_mim_jax import patch_tokens
 
 TARGETS = ("pixel", "norm_pixel", "hog")
 NORM_EPS = 1e-6
@@ -69,7 +69,7 @@ def patch_targets(images, patch: int, target: str):
   """images: [B, H, W, 3] -> [B, L, target_dim(target, patch)] float32 targets."""
   if target == "hog":
     return hog_patches(images, patch)
-  patches = vit.patchify(images.astype(jnp.float32), patch)
+  patches = patch_tokens.patchify(images.astype(jnp.float32), patch)
   if target == "pixel":
     return patches
   if target == "norm_pixel":

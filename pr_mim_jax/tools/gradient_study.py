@@ -1,6 +1,6 @@
 r"""The paper's Figure 4: how far each method's encoder gradient is from MAE's.
 
-  python -m pr_mim_jax.gradient_study --config=pr_mim_jax/configs/pretrain.py:dataset=shapes \
+  python -m pr_mim_jax.tools.gradient_study --config=pr_mim_jax/configs/pretrain.py:dataset=shapes \
       --out=workdirs/gradients [--settings=mae,partial,pr_mim:local_attention,...] [--steps=N]
 
 Each setting pre-trains on its own from the same seed and data order. Every `--every` steps
@@ -34,15 +34,14 @@ from etils import epath
 from ml_collections import config_flags
 
 from pr_mim_jax import cli
-from pr_mim_jax import masking
-from pr_mim_jax import methods
-from pr_mim_jax import optim
-from pr_mim_jax import pretrain
-from pr_mim_jax import sharding
-from pr_mim_jax import train_step as train_step_lib
+from pr_mim_jax.method import masking
+from pr_mim_jax.method import methods
+from pr_mim_jax.training import optim
+from pr_mim_jax.training import pretrain
+from pr_mim_jax.parallel import sharding
+from pr_mim_jax.training import train_step as train_step_lib
 from pr_mim_jax.data import pipeline
 from pr_mim_jax.errors import UserError
-from pr_mim_jax.models import mae
 from pr_mim_jax.models import progressive
 
 DEFAULT_SETTINGS = ("mae", "partial") + tuple(f"pr_mim:{a}" for a in progressive.AGGREGATORS)
@@ -123,10 +122,10 @@ def run_setting(config, setting: str, steps: int, every: int, probe_images, prob
   config = setting_config(config, setting)
   pretrain.check_config(config)
   mesh, rules = sharding.mesh_from_config(config), sharding.rules_from_config(config)
-  model = mae.from_config(config)
+  model = train_step_lib.model_from_config(config)
   task = train_step_lib.task_from_config(config)
   mae_config = methods.with_method(config, "mae")
-  mae_model = mae.from_config(mae_config)
+  mae_model = train_step_lib.model_from_config(mae_config)
   mae_task = train_step_lib.task_from_config(mae_config)
   total, warmup = optim.schedule_steps(config.optim, num_train, config.batch_size, steps)
   schedule = optim.lr_schedule(optim.peak_lr(config.optim, config.batch_size), total, warmup)

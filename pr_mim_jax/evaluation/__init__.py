@@ -1,0 +1,1 @@
+"""Evaluation: linear probing, fine-tuning and k-NN from a pre-training workdir."""

@@ -1,0 +1,1 @@
+"""The method: token split and masks, furthest sampling, targets, losses, the three methods, the FLOP model."""

@@ -1,0 +1,1 @@
+"""Parallelism: the device mesh, logical-axis sharding rules, multi-host start-up."""
