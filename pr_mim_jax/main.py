@@ -38,7 +38,7 @@ def _run() -> int:
   if mode not in MODES:
     raise UserError(f"config.mode: unknown mode {mode!r}; use one of {MODES}")
   from pr_mim_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
-  from pr_mim_jax.training import pretrain  # pylint: disable=g-import-not-at-top
+  from pr_mim_jax.training import pretrain, trainer  # pylint: disable=g-import-not-at-top,g-multiple-import
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if mode == "pretrain":
     run, check = pretrain.train, pretrain.check_config
@@ -52,7 +52,7 @@ def _run() -> int:
   absl_logging.get_absl_handler().addFilter(lambda r: not log_filters.is_narration(r))
   try:
     summary = run(config, _WORKDIR.value, checked)
-  except pretrain.NonFiniteLossError as e:
+  except trainer.NonFiniteLossError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   logging.info("done: %s", summary)

@@ -11,8 +11,8 @@ import numpy as np
 import optax
 import pytest
 
-from pr_mim_jax.training import checkpointing
 from pr_mim_jax.errors import UserError
+from pr_mim_jax.training import checkpointing
 
 
 @flax.struct.dataclass

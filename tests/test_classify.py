@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, TINY_OVERRIDES, apply_overrides, load_config, run_with_fake_devices
-from pr_mim_jax.training import checkpointing
-from pr_mim_jax.evaluation import classify
 from pr_mim_jax.configs import classify as classify_config
 from pr_mim_jax.configs import knn as knn_config
-from pr_mim_jax.evaluation import classify_step
-from pr_mim_jax.training import pretrain
-from pr_mim_jax.parallel import sharding
 from pr_mim_jax.errors import UserError
-from pr_mim_jax.training import train_step as train_step_lib
+from pr_mim_jax.evaluation import classify
+from pr_mim_jax.evaluation import classify_step
 from pr_mim_jax.models import vit
+from pr_mim_jax.parallel import sharding
+from pr_mim_jax.training import checkpointing
+from pr_mim_jax.training import pretrain
+from pr_mim_jax.training import train_step as train_step_lib
 
 # The embedded dataset's 'easy' variant at 32 px: a tiny encoder trains in seconds, and its
 # classes are linearly separable. (On the default 'hard' variant a briefly pre-trained encoder

@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-from pr_mim_jax.tools import compile_targets as ct
 from pr_mim_jax.errors import UserError
+from pr_mim_jax.tools import compile_targets as ct
 
 
 @pytest.mark.parametrize("text,devices,slices,expected", [

@@ -9,11 +9,11 @@ import ml_collections
 import pytest
 
 from pr_mim_jax.configs import args as config_args
-from pr_mim_jax.training import config_validation
 from pr_mim_jax.configs import classify as classify_config
 from pr_mim_jax.configs import knn as knn_config
 from pr_mim_jax.configs import pretrain as pretrain_config
 from pr_mim_jax.errors import UserError
+from pr_mim_jax.training import config_validation
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

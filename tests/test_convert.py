@@ -12,14 +12,14 @@ import pytest
 import safetensors.numpy
 
 from conftest import ROOT, apply_overrides, load_config
-from pr_mim_jax.training import checkpointing
-from pr_mim_jax.evaluation import classify
 from pr_mim_jax.configs import classify as classify_config
 from pr_mim_jax.configs import knn as knn_config
+from pr_mim_jax.errors import UserError
+from pr_mim_jax.evaluation import classify
 from pr_mim_jax.interop import convert
 from pr_mim_jax.interop import pth_reader
 from pr_mim_jax.parallel import sharding
-from pr_mim_jax.errors import UserError
+from pr_mim_jax.training import checkpointing
 
 FIXTURES = ROOT / "tests" / "fixtures"
 MAE_PTH = FIXTURES / "mae_tiny.pth"  # width 32, depth 1, 2 heads, patch 4, 16 px; decoder 16 x 1, 2 heads

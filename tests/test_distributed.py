@@ -2,8 +2,8 @@
 
 import pytest
 
-from pr_mim_jax.parallel import distributed
 from pr_mim_jax.errors import UserError
+from pr_mim_jax.parallel import distributed
 
 
 def test_single_process_by_default():

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, TINY_OVERRIDES, apply_overrides, load_config, override_flags
-from pr_mim_jax.tools import gradient_study
 from pr_mim_jax.method import masking
 from pr_mim_jax.method import methods
+from pr_mim_jax.tools import gradient_study
 from pr_mim_jax.training import pretrain
 from pr_mim_jax.training import train_step as ts
 

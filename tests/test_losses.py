@@ -8,15 +8,15 @@ import numpy as np
 import optax
 import pytest
 
+from pr_mim_jax import patch_tokens
 from pr_mim_jax.method import losses
 from pr_mim_jax.method import masking
-from pr_mim_jax.training import optim
 from pr_mim_jax.method import targets
-from pr_mim_jax.training import train_step as train_step_lib
 from pr_mim_jax.models import mae
 from pr_mim_jax.models import vit
+from pr_mim_jax.training import optim
+from pr_mim_jax.training import train_step as train_step_lib
 from pr_mim_jax.training.train_state import TrainState
-from pr_mim_jax import patch_tokens
 
 
 def mae_patchify_nchw(imgs, p):

@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 
 from conftest import TINY_OVERRIDES, apply_overrides, load_config
+from pr_mim_jax.errors import UserError
+from pr_mim_jax.models import vit
 from pr_mim_jax.training import checkpointing
 from pr_mim_jax.training import config_validation
 from pr_mim_jax.training import optim
 from pr_mim_jax.training import pretrain
 from pr_mim_jax.training import train_step as train_step_lib
-from pr_mim_jax.errors import UserError
-from pr_mim_jax.models import vit
 from pr_mim_jax.training.train_state import TrainState
 
 NUM_TRAIN = 256

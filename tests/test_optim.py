@@ -13,10 +13,10 @@ import numpy as np
 import optax
 import pytest
 
-from pr_mim_jax.training import optim
 from pr_mim_jax.models import classifier
 from pr_mim_jax.models import mae
 from pr_mim_jax.models import vit
+from pr_mim_jax.training import optim
 
 IMAGE, PATCH = 16, 4
 L = (IMAGE // PATCH) ** 2

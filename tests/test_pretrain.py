@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, TINY_OVERRIDES, override_flags
+from pr_mim_jax.errors import UserError
+from pr_mim_jax.parallel import sharding
 from pr_mim_jax.training import checkpointing
 from pr_mim_jax.training import optim
 from pr_mim_jax.training import pretrain
-from pr_mim_jax.parallel import sharding
 from pr_mim_jax.training import train_step as train_step_lib
-from pr_mim_jax.errors import UserError
+from pr_mim_jax.training import trainer
 
 
 def read_metrics(workdir):
@@ -38,7 +39,7 @@ def final_params(config, workdir, step=None):
                                                 sharding.DATA_PARALLEL_RULES)
   ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir))
   try:
-    restored = ckpt.restore(pretrain.abstract_with_shardings(state, state_sharding), step)
+    restored = ckpt.restore(trainer.abstract_with_shardings(state, state_sharding), step)
   finally:
     ckpt.close()
   return int(restored.step), jax.tree.map(np.asarray, restored.params)
@@ -131,7 +132,7 @@ def test_non_finite_loss_stops_without_saving(tiny_config, tmp_path):
   tiny_config.optim.warmup_epochs = 0.0
   tiny_config.train.checkpoint_every = 1
   tiny_config.train.log_every = 1
-  with pytest.raises(pretrain.NonFiniteLossError, match="NOT saved"):
+  with pytest.raises(trainer.NonFiniteLossError, match="NOT saved"):
     pretrain.train(tiny_config, workdir)
   ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir))
   for step in ckpt.all_steps():  # every saved state is finite

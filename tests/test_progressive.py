@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from scipy import special
 
+from pr_mim_jax import patch_tokens
 from pr_mim_jax.method import masking
 from pr_mim_jax.method import targets
-from pr_mim_jax.training import train_step as ts
 from pr_mim_jax.models import mae
 from pr_mim_jax.models import progressive
 from pr_mim_jax.models import vit
-from pr_mim_jax import patch_tokens
+from pr_mim_jax.training import train_step as ts
 
 IMAGE, PATCH, GRID = 16, 4, 4  # 16 patches
 SPLIT = masking.token_split(16, 0.75, 0.5)  # 4 visible, 4 decoded, 8 thrown

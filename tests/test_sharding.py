@@ -6,9 +6,9 @@ import types
 import numpy as np
 import pytest
 
-from pr_mim_jax.training import config_validation
-from pr_mim_jax.parallel import sharding
 from pr_mim_jax.errors import UserError
+from pr_mim_jax.parallel import sharding
+from pr_mim_jax.training import config_validation
 from conftest import TINY_OVERRIDES, apply_overrides, load_config, run_with_fake_devices
 
 
@@ -138,10 +138,10 @@ jax.config.update("jax_threefry_partitionable", True)
 sys.path.insert(0, "tests")
 from conftest import TINY_OVERRIDES, apply_overrides, load_config
 from pr_mim_jax.method import methods
-from pr_mim_jax.training import optim, pretrain
-from pr_mim_jax.parallel import sharding
-from pr_mim_jax.training import train_step as train_step_lib
 from pr_mim_jax.models import mae
+from pr_mim_jax.parallel import sharding
+from pr_mim_jax.training import optim, pretrain
+from pr_mim_jax.training import train_step as train_step_lib
 
 assert len(jax.devices()) == 8, jax.devices()
 IMAGES = np.random.default_rng(0).standard_normal((3, 16, 16, 16, 3)).astype(np.float32)

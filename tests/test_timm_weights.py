@@ -15,13 +15,13 @@ import safetensors.numpy
 from scipy import special
 
 from conftest import ROOT
-from pr_mim_jax.method import masking
-from pr_mim_jax.training import pretrain
 from pr_mim_jax.interop import timm_weights
-from pr_mim_jax.training import train_step
+from pr_mim_jax.method import masking
 from pr_mim_jax.models import mae
 from pr_mim_jax.models import posemb
 from pr_mim_jax.models import vit
+from pr_mim_jax.training import pretrain
+from pr_mim_jax.training import train_step
 
 FIXTURES = ROOT / "tests" / "fixtures"
 CONFIGS = json.loads((FIXTURES / "timm_fixtures.json").read_text())

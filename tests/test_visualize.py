@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, TINY_OVERRIDES, apply_overrides, load_config
-from pr_mim_jax.training import visualize
-from pr_mim_jax.tools import visualize_masks
-from pr_mim_jax.data import pipeline
 from pr_mim_jax import patch_tokens
+from pr_mim_jax.data import pipeline
+from pr_mim_jax.tools import visualize_masks
+from pr_mim_jax.training import visualize
 
 
 def identity_denorm(x):

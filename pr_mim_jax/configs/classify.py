@@ -15,8 +15,8 @@ dataset=.
 
 import ml_collections
 
-from pr_mim_jax.configs import args as config_args
 from pr_mim_jax import errors
+from pr_mim_jax.configs import args as config_args
 
 MODES = ("linear_probe", "finetune")
 

@@ -15,8 +15,8 @@ gives demo-scale settings for the embedded dataset, sized for a CPU laptop.
 
 import ml_collections
 
-from pr_mim_jax.configs import args as config_args
 from pr_mim_jax import errors
+from pr_mim_jax.configs import args as config_args
 from pr_mim_jax.method.methods import METHODS
 
 

@@ -13,8 +13,8 @@ the NumPy input pipeline).
 
 import ml_collections
 
-from pr_mim_jax.configs import args as config_args
 from pr_mim_jax import errors
+from pr_mim_jax.configs import args as config_args
 
 SETTINGS = ("cpu", "gpu")
 

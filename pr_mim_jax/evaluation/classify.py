@@ -10,7 +10,6 @@ a rerun with the same workdir resumes from its own latest checkpoint.
 import functools
 import json
 import logging
-import time
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -21,22 +20,20 @@ import numpy as np
 from etils import epath
 from jax.sharding import Mesh
 
-from pr_mim_jax.training import checkpointing
+from pr_mim_jax.data import pipeline
+from pr_mim_jax.errors import UserError
 from pr_mim_jax.evaluation import classify_step
+from pr_mim_jax.models import classifier as classifier_lib
+from pr_mim_jax.models import posemb as posemb_lib
+from pr_mim_jax.models import vit
+from pr_mim_jax.parallel import sharding
+from pr_mim_jax.training import checkpointing
 from pr_mim_jax.training import config_validation
 from pr_mim_jax.training import knn
 from pr_mim_jax.training import metrics as metrics_lib
 from pr_mim_jax.training import optim
-from pr_mim_jax.training import preemption
-from pr_mim_jax.training import pretrain
-from pr_mim_jax.parallel import sharding
-from pr_mim_jax.training import step_queue
+from pr_mim_jax.training import trainer
 from pr_mim_jax.training import workdir_records
-from pr_mim_jax.data import pipeline
-from pr_mim_jax.errors import UserError
-from pr_mim_jax.models import classifier as classifier_lib
-from pr_mim_jax.models import posemb as posemb_lib
-from pr_mim_jax.models import vit
 from pr_mim_jax.training.train_state import ClassifierState
 
 ARCH_FIELDS = ("variant", "width", "depth", "heads", "posemb", "image_size")
@@ -150,28 +147,20 @@ def _state_init(config, model, make_tx, mesh, rules, encoder):
                            opt_state=tx.init(params), rng=state_rng,
                            ema_params=params if config.ema.decay else None)
 
-  params_sharding = sharding.param_shardings(boxed["params"], mesh, rules)
   try:
     abstract = jax.eval_shape(lambda: init_fn(jax.random.PRNGKey(0), encoder))
   except ValueError as e:  # load_encoder: missing / unexpected keys, shape mismatches
     raise UserError(f"config.init.workdir: the pre-trained encoder does not fit this model: "
                     f"{' '.join(str(e).split())}") from None
-  sharding.check_divisible(abstract.params, params_sharding)
-  replicated = sharding.replicated(mesh)
-  state_sharding = ClassifierState(
-      step=replicated, params=params_sharding,
-      batch_stats=jax.tree.map(lambda _: replicated, abstract.batch_stats),
-      opt_state=sharding.opt_state_shardings(abstract.opt_state, abstract.params,
-                                             params_sharding, mesh),
-      rng=replicated, ema_params=params_sharding if config.ema.decay else None)
-  return init_fn, state_sharding, tx
+  params_sharding = sharding.param_shardings(boxed["params"], mesh, rules)
+  return init_fn, trainer.state_shardings(abstract, params_sharding, mesh), tx
 
 
 def create_state(config, model, make_tx, mesh, rules, encoder):
   """(state, state shardings, tx): a ClassifierState born sharded, with `encoder` (pre-trained
   params, or None for random init) loaded in. make_tx(abstract params) -> optax transform."""
   init_fn, state_sharding, tx = _state_init(config, model, make_tx, mesh, rules, encoder)
-  state = jax.jit(init_fn, out_shardings=state_sharding)(jax.random.PRNGKey(config.seed), encoder)
+  state = trainer.born_sharded(init_fn, state_sharding, jax.random.PRNGKey(config.seed), encoder)
   return state, state_sharding, tx
 
 
@@ -180,17 +169,16 @@ def abstract_state(config, model, make_tx, mesh, rules):
   shardings (the pre-trained encoder, when there is one, has the same shapes)."""
   init_fn, state_sharding, tx = _state_init(config, model, make_tx, mesh, rules, None)
   abstract = jax.eval_shape(lambda: init_fn(jax.random.PRNGKey(0), None))
-  return pretrain.abstract_with_shardings(abstract, state_sharding), state_sharding, tx
+  return trainer.abstract_with_shardings(abstract, state_sharding), state_sharding, tx
 
 
 def jit_train_step(model, tx, recipe, schedule, mesh, state_sharding):
   """The donated, sharded, jitted probing / fine-tuning step that `train` runs."""
   batch_sharding = sharding.batch_sharding(mesh)
-  return jax.jit(
+  return trainer.jit_step(
       functools.partial(classify_step.train_step, model=model, tx=tx, recipe=recipe,
                         schedule=schedule),
-      in_shardings=(state_sharding, {"image": batch_sharding, "label": batch_sharding}),
-      out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+      state_sharding, {"image": batch_sharding, "label": batch_sharding}, mesh)
 
 
 def read_pretrained_encoder(config, mesh, scan_layers: bool):
@@ -233,7 +221,7 @@ def train(config, workdir: str, checked: Checked | None = None) -> dict:
   `checked`: check_config's result when the caller already ran it. Returns a summary dict:
   steps, the final eval top-1 / top-5 (and EMA's, when kept).
   """
-  pretrain.setup_jax(config)
+  trainer.setup_jax(config)
   mesh, model_cfg, num_train, num_classes = checked or check_config(config)
   rules = sharding.rules_from_config(config)
   model = build_model(model_cfg, config, num_classes)
@@ -256,8 +244,8 @@ def train(config, workdir: str, checked: Checked | None = None) -> dict:
       ckpt.check(abstract_state(config, model, make_tx, mesh, rules)[0], latest,
                  vit.CHECKPOINT_RELAYOUTS)  # a finished run of another model is an error
     ckpt.close()
-    return pretrain.finished_summary(workdir, latest, EVAL_KEYS)
-  pretrain.log_outputs(workdir, ckpt.directory)
+    return trainer.finished_summary(workdir, latest, EVAL_KEYS)
+  trainer.log_outputs(workdir, ckpt.directory)
   workdir_records.write_records(workdir, config)
   writer = metrics_lib.MetricWriter(workdir)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -266,7 +254,7 @@ def train(config, workdir: str, checked: Checked | None = None) -> dict:
     state, state_sharding, tx = create_state(config, model, make_tx, mesh, rules, encoder)
     del encoder
     if resume:
-      state = ckpt.restore(pretrain.abstract_with_shardings(state, state_sharding),
+      state = ckpt.restore(trainer.abstract_with_shardings(state, state_sharding),
                            relayouts=vit.CHECKPOINT_RELAYOUTS)
       logging.info("resumed from %s at step %d", ckpt.directory, int(state.step))
     start_step = int(state.step)
@@ -277,7 +265,7 @@ def train(config, workdir: str, checked: Checked | None = None) -> dict:
     run_eval = functools.partial(evaluate, eval_fn, config=config,
                                  image_size=model_cfg.image_size, mesh=mesh)
 
-    def eval_all(step):
+    def eval_all(state, step):
       results = {f"eval_{k}": v for k, v in run_eval(state.params, state.batch_stats).items()
                  if k != "count"}
       if state.ema_params is not None:
@@ -290,39 +278,19 @@ def train(config, workdir: str, checked: Checked | None = None) -> dict:
         config.data, seed=config.seed, global_batch=config.batch_size,
         image_size=model_cfg.image_size, start_step=start_step, sharding=batch_sharding,
         augment=config.data.augment)
-    summary = {"start_step": start_step, "total_steps": total_steps}
-    stop = preemption.StopRequest()
-    progress = metrics_lib.Progress(start_step, total_steps)
-    pending, queue = [], step_queue.StepQueue()
-    logging.info("compiling the train step; the first step waits for it")
-    started = time.monotonic()
+
+    def after_step(step, state, batch, metrics, last):
+      if step % eval_every == 0 or last:
+        return dict(eval_all(state, step), eval_step=step)
+      return None
+
     try:
-      step = start_step
-      while step < total_steps and not stop.requested:
-        state, step_metrics = step_fn(state, next(batches))
-        step += 1
-        if step == start_step + 1:
-          pretrain.wait_for_first_step(step, step_metrics, started)
-        queue.push(step_metrics)
-        pending.append((step, step_metrics))
-        last = step == total_steps
-        if step % config.train.log_every == 0 or last:
-          summary["loss"] = pretrain.log_metrics(step, pending, peak, progress, writer)["loss"]
-          pending = []
-        if step % eval_every == 0 or last:
-          summary.update(eval_all(step), eval_step=step)
-        if step % config.train.checkpoint_every == 0 or last or stop.should_stop(step):
-          pretrain.check_finite(step, pending, peak)
-          pending = []
-          logging.info("saving checkpoint %d in %s", step, ckpt.directory)
-          ckpt.save(step, state)
-      if stop.requested:
-        logging.warning("stopped by %s at step %d; checkpoint saved in %s; rerun the same "
-                        "command to resume", stop.signal_name, step, ckpt.directory)
-      summary["step"] = step
-      summary["stopped"] = stop.requested
+      state, summary = trainer.run(
+          state, step_fn, batches, start_step=start_step, total_steps=total_steps,
+          log_every=config.train.log_every, peak_lr=peak, ckpt=ckpt,
+          checkpoint_every=config.train.checkpoint_every, writer=writer, after_step=after_step)
+      summary.update(start_step=start_step, total_steps=total_steps)
     finally:
-      stop.restore()
       ckpt.close()
       writer.close()
   logging.info("%s", result_line(config, summary))
@@ -364,7 +332,7 @@ def knn_eval(config, workdir: str, checked: ml_collections.ConfigDict | None = N
   """k-NN top-1 of a pre-training checkpoint's encoder (pr_mim_jax/configs/knn.py).
 
   `checked`: check_knn_config's result (the resolved model) when the caller already ran it."""
-  pretrain.setup_jax(config)
+  trainer.setup_jax(config)
   model_cfg = checked or check_knn_config(config)
   mesh = sharding.make_mesh()
   spec = vit.parse_variant(model_cfg.variant)

@@ -38,10 +38,10 @@ from absl import flags
 from ml_collections import config_flags
 
 from pr_mim_jax import cli
-from pr_mim_jax.interop import pth_reader
-from pr_mim_jax.interop import timm_weights
 from pr_mim_jax.configs import pretrain as pretrain_config
 from pr_mim_jax.errors import UserError
+from pr_mim_jax.interop import pth_reader
+from pr_mim_jax.interop import timm_weights
 
 FORMATS = ("workdir", "timm", "mae")
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
@@ -312,10 +312,10 @@ def write_workdir(params, arch, to: pathlib.Path, config, source: str) -> str:
   import jax  # pylint: disable=g-import-not-at-top
   from pr_mim_jax.models import vit  # pylint: disable=g-import-not-at-top
   from pr_mim_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
-  from pr_mim_jax.training import checkpointing, config_validation, optim, pretrain  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from pr_mim_jax.training import checkpointing, config_validation, optim, pretrain, trainer  # pylint: disable=g-import-not-at-top,g-multiple-import
   from pr_mim_jax.training import train_step, workdir_records  # pylint: disable=g-import-not-at-top,g-multiple-import
   fit_config(config, arch)
-  pretrain.setup_jax(config)
+  trainer.setup_jax(config)
   config_validation.validate_mesh(config)
   mesh, rules = sharding.mesh_from_config(config), sharding.rules_from_config(config)
   config_validation.validate_pretrain(config, sharding.num_batch_shards(mesh))

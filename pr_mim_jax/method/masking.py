@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pr_mim_jax.method import furthest_sampling
 from pr_mim_jax import patch_tokens
+from pr_mim_jax.method import furthest_sampling
 from pr_mim_jax.models import progressive
 
 THROW_STRATEGIES = ("random", "running_cell", "furthest")

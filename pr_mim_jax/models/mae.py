@@ -20,10 +20,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pr_mim_jax import patch_tokens
 from pr_mim_jax.models import posemb as posemb_lib
 from pr_mim_jax.models import progressive
 from pr_mim_jax.models import vit
-from pr_mim_jax import patch_tokens
 from pr_mim_jax.parallel import logical_axes
 
 DECODERS = ("self_attention", "cross_attention")

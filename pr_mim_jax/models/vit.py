@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pr_mim_jax.models import posemb as posemb_lib
 from pr_mim_jax import patch_tokens
+from pr_mim_jax.models import posemb as posemb_lib
 from pr_mim_jax.parallel import logical_axes
 
 # name -> (width, depth, heads); mlp is 4x width for all of them.

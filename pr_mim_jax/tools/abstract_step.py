@@ -13,16 +13,16 @@ from typing import Callable
 import flax.linen as nn
 import jax
 
-from pr_mim_jax.evaluation import classify
-from pr_mim_jax.evaluation import classify_step
-from pr_mim_jax.training import config_validation
-from pr_mim_jax.method import flops
-from pr_mim_jax.training import optim
-from pr_mim_jax.training import pretrain
-from pr_mim_jax.parallel import sharding
-from pr_mim_jax.training import train_step as train_step_lib
 from pr_mim_jax.data import pipeline
 from pr_mim_jax.errors import UserError
+from pr_mim_jax.evaluation import classify
+from pr_mim_jax.evaluation import classify_step
+from pr_mim_jax.method import flops
+from pr_mim_jax.parallel import sharding
+from pr_mim_jax.training import config_validation
+from pr_mim_jax.training import optim
+from pr_mim_jax.training import pretrain
+from pr_mim_jax.training import train_step as train_step_lib
 
 MODES = ("pretrain", "linear_probe", "finetune")
 

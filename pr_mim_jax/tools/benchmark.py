@@ -32,16 +32,17 @@ from absl import flags
 from ml_collections import config_flags
 
 from pr_mim_jax import cli
-from pr_mim_jax.tools import compile_report
-from pr_mim_jax.training import config_validation
+from pr_mim_jax.errors import UserError
 from pr_mim_jax.method import flops
 from pr_mim_jax.method import methods
+from pr_mim_jax.parallel import sharding
+from pr_mim_jax.tools import compile_report
+from pr_mim_jax.training import config_validation
 from pr_mim_jax.training import optim
 from pr_mim_jax.training import pretrain
 from pr_mim_jax.training import profiler
-from pr_mim_jax.parallel import sharding
 from pr_mim_jax.training import train_step as train_step_lib
-from pr_mim_jax.errors import UserError
+from pr_mim_jax.training import trainer
 
 RESULT_PREFIX = "RESULT "  # a child process's result line on stdout
 CEILING = "ceiling"  # --child value of the matmul-ceiling process
@@ -136,7 +137,7 @@ def time_masks(task, batch_size: int, repeats: int = 5) -> float:
 
 def time_train_step(config, batch_size: int, steps: int, warmup: int, profile_dir: str = "") -> dict:
   """Compile, warm up and time the train step `pretrain` runs, on synthetic on-device images."""
-  pretrain.setup_jax(config)
+  trainer.setup_jax(config)
   mesh, rules = sharding.mesh_from_config(config), sharding.rules_from_config(config)
   model = train_step_lib.model_from_config(config)
   task = train_step_lib.task_from_config(config)

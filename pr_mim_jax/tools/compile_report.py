@@ -29,9 +29,9 @@ from absl import flags
 from ml_collections import config_flags
 
 from pr_mim_jax import cli
-from pr_mim_jax.tools import compile_targets
-from pr_mim_jax.method import methods
 from pr_mim_jax.errors import UserError
+from pr_mim_jax.method import methods
+from pr_mim_jax.tools import compile_targets
 
 GIB = 2 ** 30
 IMAGENET_CLASSES = 1000

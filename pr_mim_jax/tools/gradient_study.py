@@ -34,15 +34,16 @@ from etils import epath
 from ml_collections import config_flags
 
 from pr_mim_jax import cli
-from pr_mim_jax.method import masking
-from pr_mim_jax.method import methods
-from pr_mim_jax.training import optim
-from pr_mim_jax.training import pretrain
-from pr_mim_jax.parallel import sharding
-from pr_mim_jax.training import train_step as train_step_lib
 from pr_mim_jax.data import pipeline
 from pr_mim_jax.errors import UserError
+from pr_mim_jax.method import masking
+from pr_mim_jax.method import methods
 from pr_mim_jax.models import progressive
+from pr_mim_jax.parallel import sharding
+from pr_mim_jax.training import optim
+from pr_mim_jax.training import pretrain
+from pr_mim_jax.training import train_step as train_step_lib
+from pr_mim_jax.training import trainer
 
 DEFAULT_SETTINGS = ("mae", "partial") + tuple(f"pr_mim:{a}" for a in progressive.AGGREGATORS)
 
@@ -128,29 +129,33 @@ def run_setting(config, setting: str, steps: int, every: int, probe_images, prob
   mae_model = train_step_lib.model_from_config(mae_config)
   mae_task = train_step_lib.task_from_config(mae_config)
   total, warmup = optim.schedule_steps(config.optim, num_train, config.batch_size, steps)
-  schedule = optim.lr_schedule(optim.peak_lr(config.optim, config.batch_size), total, warmup)
+  peak = optim.peak_lr(config.optim, config.batch_size)
+  schedule = optim.lr_schedule(peak, total, warmup)
   tx = optim.make_optimizer(config.optim, schedule)
   rows = []
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state, state_sharding = pretrain.create_state(model, tx, task.split, config.seed, mesh, rules)
-    step_fn = pretrain.jit_train_step(model, tx, task, schedule, mesh, state_sharding)
     probe = make_probe(model, task, mae_model, mae_task)
     batches = pipeline.train_batches(config.data, seed=config.seed, global_batch=config.batch_size,
                                      image_size=config.model.image_size, start_step=0,
                                      sharding=sharding.batch_sharding(mesh))
     t0 = time.perf_counter()
-    for step in range(total + 1):
-      if step % every == 0 or step == total:
+
+    def record(step, state, batch=None, metrics=None, last=False):
+      if step % every == 0 or last:
         m = measure(probe, state.params, probe_images, probe_rngs)
         rows.append({"setting": setting, "step": step, **m})
         logging.info("%s step %d: relative distance %.3f +- %.3f (MAE batch noise %.3f), %.0f s",
                      setting, step, m["rel_mean"], m["rel_std"], m["noise_mean"],
                      time.perf_counter() - t0)
-      if step < total:
-        state, step_metrics = step_fn(state, next(batches))
-    loss = float(step_metrics["loss"])
+      return {"final_loss": float(metrics["loss"])} if last else None
+
+    record(0, state)
+    state, summary = trainer.run(
+        state, pretrain.jit_train_step(model, tx, task, schedule, mesh, state_sharding), batches,
+        start_step=0, total_steps=total, log_every=every, peak_lr=peak, after_step=record)
     knn_top1 = pretrain.KnnMonitor(config, model).accuracy(state.params) if config.knn.enabled else None
-  return rows, {"setting": setting, "final_loss": loss, "knn_top1": knn_top1,
+  return rows, {"setting": setting, "final_loss": summary["final_loss"], "knn_top1": knn_top1,
                 "seconds": time.perf_counter() - t0}
 
 
@@ -202,7 +207,7 @@ def _run(f: types.SimpleNamespace) -> int:
   out = cli.output_dir(f.out.value, "out")
   absl_logging.use_absl_handler()
   absl_logging.set_verbosity(absl_logging.INFO)
-  pretrain.setup_jax(config)
+  trainer.setup_jax(config)
   num_train = pretrain.check_config(setting_config(config, settings[0])).num_train
   total, _ = optim.schedule_steps(config.optim, num_train, config.batch_size, f.steps.value)
   every = f.every.value or max(1, total // 8)

@@ -24,20 +24,20 @@ from absl import logging as absl_logging
 from etils import epath
 from ml_collections import config_flags
 
-from pr_mim_jax.tools import benchmark
-from pr_mim_jax.training import checkpointing
-from pr_mim_jax.evaluation import classify
-from pr_mim_jax.configs import classify as classify_config
-from pr_mim_jax.configs import pretrain as pretrain_defaults
 from pr_mim_jax import cli
 from pr_mim_jax import log_filters
-from pr_mim_jax.method import masking
-from pr_mim_jax.training import pretrain
-from pr_mim_jax.parallel import sharding
-from pr_mim_jax.training import train_step as train_step_lib
+from pr_mim_jax.configs import classify as classify_config
+from pr_mim_jax.configs import pretrain as pretrain_defaults
 from pr_mim_jax.data import pipeline
 from pr_mim_jax.errors import UserError
+from pr_mim_jax.evaluation import classify
+from pr_mim_jax.method import masking
 from pr_mim_jax.method.methods import METHODS
+from pr_mim_jax.parallel import sharding
+from pr_mim_jax.tools import benchmark
+from pr_mim_jax.training import checkpointing
+from pr_mim_jax.training import pretrain
+from pr_mim_jax.training import train_step as train_step_lib
 
 ACCURACIES = (("knn_top1", "k-NN"), ("probe_top1", "linear probe"), ("finetune_top1", "fine-tune"))
 

@@ -22,11 +22,11 @@ from absl import flags
 from ml_collections import config_flags
 
 from pr_mim_jax import cli
-from pr_mim_jax.method import masking
-from pr_mim_jax.training import visualize
 from pr_mim_jax.data import pipeline
 from pr_mim_jax.errors import UserError
+from pr_mim_jax.method import masking
 from pr_mim_jax.models import vit
+from pr_mim_jax.training import visualize
 
 
 

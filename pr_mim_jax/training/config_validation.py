@@ -7,18 +7,18 @@ allowed values of a field are defined once, beside the code that uses them.
 
 import ml_collections
 
-from pr_mim_jax.training import knn as knn_lib
-from pr_mim_jax.method import masking
-from pr_mim_jax.training import optim
-from pr_mim_jax.parallel import sharding
-from pr_mim_jax.method import targets
 from pr_mim_jax.data import pipeline
 from pr_mim_jax.errors import UserError
+from pr_mim_jax.method import masking
+from pr_mim_jax.method import targets
 from pr_mim_jax.method.methods import METHODS
 from pr_mim_jax.models import classifier
 from pr_mim_jax.models import mae
 from pr_mim_jax.models import progressive
 from pr_mim_jax.models import vit
+from pr_mim_jax.parallel import sharding
+from pr_mim_jax.training import knn as knn_lib
+from pr_mim_jax.training import optim
 
 POSEMBS = ("sincos", "learned")
 DTYPES = ("bfloat16", "float32")

@@ -2,45 +2,30 @@
 
 import functools
 import logging
-import time
 from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from etils import epath
 from jax.sharding import Mesh
 
+from pr_mim_jax.data import pipeline
+from pr_mim_jax.errors import UserError
+from pr_mim_jax.method import masking
+from pr_mim_jax.models import vit
+from pr_mim_jax.parallel import sharding
 from pr_mim_jax.training import checkpointing
 from pr_mim_jax.training import config_validation
 from pr_mim_jax.training import knn
-from pr_mim_jax.method import masking
 from pr_mim_jax.training import metrics as metrics_lib
 from pr_mim_jax.training import optim
-from pr_mim_jax.training import preemption
 from pr_mim_jax.training import profiler
-from pr_mim_jax.parallel import sharding
-from pr_mim_jax.training import step_queue
 from pr_mim_jax.training import train_step as train_step_lib
+from pr_mim_jax.training import trainer
 from pr_mim_jax.training import visualize
 from pr_mim_jax.training import workdir_records
-from pr_mim_jax.data import pipeline
-from pr_mim_jax.errors import UserError
-from pr_mim_jax.models import vit
 from pr_mim_jax.training.train_state import TrainState
-
-
-class NonFiniteLossError(RuntimeError):
-  """The loss became NaN or inf; the state is not saved."""
-
-
-def setup_jax(config) -> None:
-  """Process-wide JAX settings: device-count-independent RNG, optional compile cache."""
-  jax.config.update("jax_threefry_partitionable", True)
-  if config.compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", str(epath.Path(config.compilation_cache_dir).expanduser()))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def _dummy_inputs(model, split: masking.TokenSplit):
@@ -67,56 +52,30 @@ def _state_init(model, tx, split, mesh, rules):
 
   boxed = jax.eval_shape(
       lambda: model.init(jax.random.PRNGKey(0), *_dummy_inputs(model, split))["params"])
-  params_sharding = sharding.param_shardings(boxed, mesh, rules)
   abstract = jax.eval_shape(lambda: init_fn(jax.random.PRNGKey(0)))
-  sharding.check_divisible(abstract.params, params_sharding)
-  state_sharding = TrainState(
-      step=sharding.replicated(mesh),
-      params=params_sharding,
-      opt_state=sharding.opt_state_shardings(abstract.opt_state, abstract.params,
-                                             params_sharding, mesh),
-      rng=sharding.replicated(mesh))
-  return init_fn, state_sharding
+  return init_fn, trainer.state_shardings(
+      abstract, sharding.param_shardings(boxed, mesh, rules), mesh)
 
 
 def create_state(model, tx, split, seed: int, mesh, rules):
-  """A TrainState born sharded: eval_shape -> sharding tree -> jitted init with out_shardings."""
+  """(TrainState born sharded, its shardings)."""
   init_fn, state_sharding = _state_init(model, tx, split, mesh, rules)
-  return jax.jit(init_fn, out_shardings=state_sharding)(jax.random.PRNGKey(seed)), state_sharding
+  return trainer.born_sharded(init_fn, state_sharding, jax.random.PRNGKey(seed)), state_sharding
 
 
 def abstract_state(model, tx, split, mesh, rules):
   """create_state without running init: ShapeDtypeStructs carrying the same shardings."""
   init_fn, state_sharding = _state_init(model, tx, split, mesh, rules)
   abstract = jax.eval_shape(lambda: init_fn(jax.random.PRNGKey(0)))
-  return abstract_with_shardings(abstract, state_sharding), state_sharding
+  return trainer.abstract_with_shardings(abstract, state_sharding), state_sharding
 
 
 def jit_train_step(model, tx, task, schedule, mesh, state_sharding):
   """The donated, sharded, jitted train step that every loop (and the benchmark) runs."""
-  return jax.jit(
+  return trainer.jit_step(
       functools.partial(train_step_lib.train_step, model=model, tx=tx, task=task,
                         schedule=schedule),
-      in_shardings=(state_sharding, {"image": sharding.batch_sharding(mesh)}),
-      out_shardings=(state_sharding, sharding.replicated(mesh)),
-      donate_argnums=0)
-
-
-def abstract_with_shardings(state, state_sharding):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      state, state_sharding)
-
-
-def check_finite(step: int, pending: list, lr_hint: float) -> list:
-  """Raise if any pending loss is not finite; returns the fetched metrics."""
-  fetched = jax.device_get(pending)
-  for s, m in fetched:
-    if not np.isfinite(m["loss"]):
-      raise NonFiniteLossError(
-          f"loss is {m['loss']} at step {s}: training stopped and this state was NOT saved "
-          f"(peak lr {lr_hint:.3g}); lower config.optim.base_lr, set config.optim.clip_grad_norm, "
-          "or use model.compute_dtype=float32, then rerun to resume from the last checkpoint")
-  return fetched
+      state_sharding, {"image": sharding.batch_sharding(mesh)}, mesh)
 
 
 class KnnMonitor:
@@ -144,15 +103,6 @@ class KnnMonitor:
                               feature=self.cfg.feature, batch_size=self.cfg.batch_size)
     return knn.knn_accuracy(feats(x_tr), y_tr, feats(x_te), y_te, k=self.cfg.k,
                             temperature=self.cfg.temperature)
-
-
-def log_metrics(step: int, pending: list, peak_lr: float, progress, writer) -> dict:
-  """Means of the pending steps' metrics (after the finite check) plus steps/s, written."""
-  fetched = check_finite(step, pending, peak_lr)
-  means = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1]}
-  means.update(progress.report(step))
-  writer.write_scalars(step, means)
-  return means
 
 
 def write_reconstructions(workdir, writer, model, params, images, state_rng, step, task):
@@ -199,39 +149,13 @@ def check_config(config) -> Checked:
   return Checked(mesh, num_train)
 
 
-def finished_summary(workdir: str, step: int, keys, needed=()) -> dict | None:
-  """The summary of a run whose checkpoint is already at its last step, read from its
-  metrics.jsonl: nothing is recomputed and nothing is appended. None when one of the
-  `needed` keys was never recorded (a run killed during its final k-NN): compute it then."""
-  recorded = metrics_lib.last_recorded(workdir, keys)
-  if any(k not in recorded for k in needed):
-    return None
-  logging.info("%s is already finished (step %d); nothing to do. Recorded results: %s. To "
-               "train longer, raise config.train.total_steps (or optim.epochs).", workdir, step,
-               ", ".join(f"{k}={v:.4g} (step {s})" for k, (s, v) in recorded.items()) or "none")
-  return {"step": step, "finished_before": True, **{k: v for k, (_, v) in recorded.items()}}
-
-
-def log_outputs(workdir: str, ckpt_dir) -> None:
-  logging.info("writing to %s: checkpoints in %s, metrics in metrics.jsonl and tensorboard/, "
-               "reconstruction pictures in images/. Setting up the model state, the input "
-               "pipeline and the metric writers", workdir, ckpt_dir)
-
-
-def wait_for_first_step(step: int, outputs, started: float) -> None:
-  """Block on the run's first step once, so the log says what the silent wait was."""
-  jax.block_until_ready(outputs)
-  logging.info("step %d done %.0f s after start (compiling the step takes most of it)", step,
-               time.monotonic() - started)
-
-
 def train(config, workdir: str, checked: Checked | None = None) -> dict:
   """Pre-train per `config` in `workdir`, resuming from its latest checkpoint.
 
   `checked`: check_config's result when the caller already ran it. Returns a summary dict
   (final step, last logged loss, k-NN accuracies when computed).
   """
-  setup_jax(config)
+  trainer.setup_jax(config)
   mesh, num_train = checked or check_config(config)
   rules = sharding.rules_from_config(config)
   logging.info("mesh %s, sharding rules %s", dict(mesh.shape), rules)
@@ -257,83 +181,64 @@ def train(config, workdir: str, checked: Checked | None = None) -> dict:
       ckpt.check(abstract_state(model, tx, split, mesh, rules)[0], latest,
                  vit.CHECKPOINT_RELAYOUTS)  # a finished run of another model is an error
     knn_keys = ("knn_top1", "knn_top1_random_init")
-    done = finished_summary(workdir, latest, ("loss",) + knn_keys,
-                            needed=knn_keys if config.knn.enabled else ())
+    done = trainer.finished_summary(workdir, latest, ("loss",) + knn_keys,
+                                    needed=knn_keys if config.knn.enabled else ())
     if done is not None:
       ckpt.close()
       return done
-  log_outputs(workdir, ckpt.directory)
+  trainer.log_outputs(workdir, ckpt.directory)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state, state_sharding = create_state(model, tx, split, config.seed, mesh, rules)
-    start_step = ckpt.latest_step()
-    if start_step is not None:
-      state = ckpt.restore(abstract_with_shardings(state, state_sharding), start_step,
+    if latest is not None:
+      state = ckpt.restore(trainer.abstract_with_shardings(state, state_sharding), latest,
                            relayouts=vit.CHECKPOINT_RELAYOUTS)
-      logging.info("resumed from %s at step %d", ckpt.directory, start_step)
+      logging.info("resumed from %s at step %d", ckpt.directory, latest)
     start_step = int(state.step)
     # After the restore: a config that does not fit the checkpoint leaves config.json as it was.
     workdir_records.write_records(workdir, config)
     writer = metrics_lib.MetricWriter(workdir)
-
-    step_fn = jit_train_step(model, tx, task, schedule, mesh, state_sharding)
     batches = pipeline.train_batches(config.data, seed=config.seed, global_batch=config.batch_size,
                                      image_size=config.model.image_size, start_step=start_step,
                                      sharding=sharding.batch_sharding(mesh))
     knn_monitor = KnnMonitor(config, model) if config.knn.enabled else None
-    summary = {"start_step": start_step, "total_steps": total_steps}
-    stop = preemption.StopRequest()
-    progress = metrics_lib.Progress(start_step, total_steps)
     trace = profiler.StepWindow(str(epath.Path(workdir) / "profile"),
                                 config.train.get("profile_start_step", 0),
                                 config.train.get("profile_steps", 0))
     trace.after_step(start_step)  # a window that starts here (step 0, or a resume)
-    pending, queue = [], step_queue.StepQueue()
-    logging.info("compiling the train step; the first step waits for it")
-    started = time.monotonic()
+
+    def after_step(step, state, batch, metrics, last):
+      trace.after_step(step, metrics)
+      if step % config.train.image_every == 0 or last:
+        write_reconstructions(workdir, writer, model, state.params,
+                              batch["image"][:config.train.num_images], state.rng, step, task)
+      if knn_monitor and config.knn.every and step % config.knn.every == 0 and not last:
+        writer.write_scalars(step, {"knn_top1": knn_monitor.accuracy(state.params)})
+
     try:
-      step = start_step
-      while step < total_steps and not stop.requested:
-        batch = next(batches)
-        state, step_metrics = step_fn(state, batch)
-        step += 1
-        if step == start_step + 1:
-          wait_for_first_step(step, step_metrics, started)
-        queue.push(step_metrics)
-        trace.after_step(step, step_metrics)
-        pending.append((step, step_metrics))
-        last = step == total_steps
-        if step % config.train.log_every == 0 or last:
-          summary["loss"] = log_metrics(step, pending, peak, progress, writer)["loss"]
-          summary["loss_step"] = step
-          pending = []
-        if step % config.train.image_every == 0 or last:
-          write_reconstructions(workdir, writer, model, state.params,
-                                batch["image"][:config.train.num_images], state.rng, step, task)
-        if knn_monitor and config.knn.every and step % config.knn.every == 0 and not last:
-          writer.write_scalars(step, {"knn_top1": knn_monitor.accuracy(state.params)})
-        if step % config.train.checkpoint_every == 0 or last or stop.should_stop(step):
-          check_finite(step, pending, peak)  # a non-finite state is never saved
-          pending = []
-          logging.info("saving checkpoint %d in %s", step, ckpt.directory)
-          ckpt.save(step, state)
-      if stop.requested:
-        logging.warning("stopped by %s at step %d; checkpoint saved in %s; rerun the same "
-                        "command to resume", stop.signal_name, step, ckpt.directory)
-      summary["step"] = step
-      summary["stopped"] = stop.requested
-      if knn_monitor and step == total_steps and not stop.requested:
-        trained = knn_monitor.accuracy(state.params)
-        # Jitted: eager sharding constraints reject init's batch of 1 on a multi-device mesh.
-        init_fn = jax.jit(functools.partial(init_params, model, split))
-        random_init = knn_monitor.accuracy(
-            init_fn(jax.random.split(jax.random.PRNGKey(config.seed))[0]), "random-init")
-        writer.write_scalars(step, {"knn_top1": trained, "knn_top1_random_init": random_init})
-        summary.update(knn_top1=trained, knn_top1_random_init=random_init)
-        logging.info("k-NN top-1 (k=%d): trained %.2f%% vs random init %.2f%%", config.knn.k,
-                     100 * trained, 100 * random_init)
+      state, summary = trainer.run(
+          state, jit_train_step(model, tx, task, schedule, mesh, state_sharding), batches,
+          start_step=start_step, total_steps=total_steps, log_every=config.train.log_every,
+          peak_lr=peak, ckpt=ckpt, checkpoint_every=config.train.checkpoint_every,
+          writer=writer, after_step=after_step)
+      summary.update(start_step=start_step, total_steps=total_steps)
+      if knn_monitor and summary["step"] == total_steps and not summary["stopped"]:
+        summary.update(final_knn(config, model, split, knn_monitor, state.params, writer,
+                                 total_steps))
     finally:
       trace.close()
-      stop.restore()
       ckpt.close()
       writer.close()
   return summary
+
+
+def final_knn(config, model, split, monitor, params, writer, step: int) -> dict:
+  """k-NN of the trained encoder next to the same architecture at random init, written."""
+  trained = monitor.accuracy(params)
+  # Jitted: eager sharding constraints reject init's batch of 1 on a multi-device mesh.
+  init_fn = jax.jit(functools.partial(init_params, model, split))
+  random_init = monitor.accuracy(
+      init_fn(jax.random.split(jax.random.PRNGKey(config.seed))[0]), "random-init")
+  writer.write_scalars(step, {"knn_top1": trained, "knn_top1_random_init": random_init})
+  logging.info("k-NN top-1 (k=%d): trained %.2f%% vs random init %.2f%%", config.knn.k,
+               100 * trained, 100 * random_init)
+  return {"knn_top1": trained, "knn_top1_random_init": random_init}

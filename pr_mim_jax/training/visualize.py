@@ -26,8 +26,8 @@ import math
 import numpy as np
 from PIL import Image
 
-from pr_mim_jax.training import picture_text
 from pr_mim_jax import patch_tokens
+from pr_mim_jax.training import picture_text
 
 GREY = 0.5  # decoded patches in the token map, in [0, 1] display units
 MARK_DARK = (0, 0, 0)  # thrown-patch stripes and frames: two far-apart colours

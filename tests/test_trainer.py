@@ -1,0 +1,121 @@
+"""The shared loop and state helpers (training/trainer.py), on toy steps: what is logged,
+saved and stopped, and how a state is laid out."""
+
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from pr_mim_jax.parallel import sharding
+from pr_mim_jax.training import trainer
+from pr_mim_jax.training.train_state import ClassifierState
+
+
+class FakeCheckpointer:
+  directory = "fake"
+
+  def __init__(self):
+    self.saved = []
+
+  def save(self, step, state):
+    self.saved.append((step, int(state)))
+
+
+class FakeWriter:
+  def __init__(self):
+    self.rows = []
+
+  def write_scalars(self, step, values):
+    self.rows.append((step, dict(values)))
+
+
+def _step(state, batch):
+  """Counts steps; the 'loss' is the batch's value."""
+  return state + 1, {"loss": jnp.float32(batch["x"])}
+
+
+def _batches(values):
+  return iter([{"x": v} for v in values])
+
+
+def test_run_logs_window_means_calls_after_step_and_saves_on_schedule():
+  ckpt, writer, seen = FakeCheckpointer(), FakeWriter(), []
+
+  def after_step(step, state, batch, metrics, last):
+    seen.append((step, int(state), batch["x"], float(metrics["loss"]), last))
+    return {"seen": step}
+
+  state, summary = trainer.run(
+      jnp.int32(3), _step, _batches([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]), start_step=3,
+      total_steps=10, log_every=3, peak_lr=0.1, ckpt=ckpt, checkpoint_every=4, writer=writer,
+      after_step=after_step)
+  assert int(state) == 10
+  # Steps 4..10; after_step sees each step's state and batch, `last` only at step 10.
+  assert seen == [(s, s, float(s - 3), float(s - 3), s == 10) for s in range(4, 11)]
+  assert ckpt.saved == [(4, 4), (8, 8), (10, 10)]  # multiples of 4, and the last step
+  # Logged at multiples of 3 and at the last step: the mean loss of the steps since the last
+  # log or save (a save checks the pending losses first): steps 5-6, 9, 10.
+  assert [(s, r["loss"]) for s, r in writer.rows] == [(6, 2.5), (9, 6.0), (10, 7.0)]
+  assert all(r["steps_per_sec"] > 0 for _, r in writer.rows)
+  assert summary == {"loss": 7.0, "loss_step": 10, "seen": 10, "step": 10, "stopped": False}
+
+
+def test_a_non_finite_loss_is_never_saved():
+  ckpt = FakeCheckpointer()
+  with pytest.raises(trainer.NonFiniteLossError, match="loss is nan at step 2.*NOT saved"):
+    trainer.run(jnp.int32(0), _step, _batches([1.0, float("nan"), 3.0, 4.0]), start_step=0,
+                total_steps=4, log_every=100, peak_lr=0.1, ckpt=ckpt, checkpoint_every=2)
+  assert ckpt.saved == []
+
+
+def test_a_stop_signal_saves_at_the_next_step_and_ends_the_run():
+  ckpt = FakeCheckpointer()
+  previous = signal.getsignal(signal.SIGTERM)
+
+  def after_step(step, state, batch, metrics, last):
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)  # the handler only records the request
+
+  state, summary = trainer.run(jnp.int32(0), _step, _batches(np.arange(1.0, 11.0)), start_step=0,
+                               total_steps=10, log_every=100, peak_lr=0.1, ckpt=ckpt,
+                               checkpoint_every=100, after_step=after_step)
+  assert ckpt.saved == [(2, 2)] and int(state) == 2
+  assert summary["stopped"] and summary["step"] == 2
+  assert signal.getsignal(signal.SIGTERM) == previous  # handlers restored
+
+
+def test_without_a_checkpointer_signals_are_left_alone():
+  seen = []
+
+  def after_step(step, state, batch, metrics, last):
+    seen.append(signal.getsignal(signal.SIGTERM))
+
+  before = signal.getsignal(signal.SIGTERM)
+  _, summary = trainer.run(jnp.int32(0), _step, _batches([1.0, 2.0]), start_step=0, total_steps=2,
+                           log_every=1, peak_lr=0.1, after_step=after_step)
+  assert seen == [before, before] and summary["step"] == 2 and not summary["stopped"]
+
+
+def test_state_shardings_follow_the_fields():
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  params = {"w": jnp.zeros((4, 2)), "b": jnp.zeros((2,))}
+  tx = optax.adamw(1e-3)
+  abstract = jax.eval_shape(lambda: ClassifierState(
+      step=jnp.zeros((), jnp.int32), params=params, batch_stats={"mean": jnp.zeros((2,))},
+      opt_state=tx.init(params), rng=jnp.zeros((2,), jnp.uint32), ema_params=None))
+  params_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), params)
+  got = trainer.state_shardings(abstract, params_sharding, mesh)
+  assert got.params is params_sharding and got.ema_params is None
+  assert got.step == got.rng == sharding.replicated(mesh)
+  assert got.batch_stats == {"mean": sharding.replicated(mesh)}
+  assert jax.tree.structure(got.opt_state) == jax.tree.structure(abstract.opt_state)
+  state = trainer.born_sharded(
+      lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract), got)
+  assert all(x.sharding == sharding.replicated(mesh) for x in jax.tree.leaves(state))
+  restored = trainer.abstract_with_shardings(state, got)
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), restored) == jax.tree.map(
+      lambda x: (x.shape, x.dtype), abstract)
