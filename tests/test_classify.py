@@ -20,6 +20,7 @@ from pr_mim_jax.parallel import sharding
 from pr_mim_jax.training import checkpointing
 from pr_mim_jax.training import pretrain
 from pr_mim_jax.training import train_step as train_step_lib
+from pr_mim_jax.training import trainer
 
 # The embedded dataset's 'easy' variant at 32 px: a tiny encoder trains in seconds, and its
 # classes are linearly separable. (On the default 'hard' variant a briefly pre-trained encoder
@@ -272,7 +273,7 @@ def test_stopped_run_reports_its_last_evaluation_step_and_resumes_scanned(pretra
   runs with scan_layers=True, so the unscanned checkpoint is relaid on restore."""
   workdir = str(tmp_path / "ft")
   overrides = {"train.total_steps": 4, "train.eval_every": 2, "eval.num_examples": 24}
-  monkeypatch.setattr(classify.preemption, "StopRequest", lambda: _StopAt(3))
+  monkeypatch.setattr(trainer.preemption, "StopRequest", lambda: _StopAt(3))
   summary = classify.train(eval_config("finetune", pretrained, **overrides), workdir)
   assert (summary["step"], summary["eval_step"], summary["stopped"]) == (3, 2, True)
   monkeypatch.undo()
