@@ -1,1 +1,2 @@
-"""The input pipeline: the embedded shapes dataset, sources (arrays, image folders, tfds), augmentation (TF or NumPy), and deterministic, resumable batches."""
+"""The input pipeline: the embedded shapes dataset, sources (arrays, image folders, tfds),
+augmentation (TF or NumPy), and deterministic, resumable batches."""

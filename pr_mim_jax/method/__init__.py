@@ -1,1 +1,2 @@
-"""The method: token split and masks, furthest sampling, targets, losses, the three methods, the FLOP model."""
+"""The method: token split and masks, furthest sampling, targets, losses, the three methods,
+the FLOP model."""

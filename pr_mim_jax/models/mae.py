@@ -111,7 +111,8 @@ class MaskedAutoencoder(nn.Module):
     cls_pos, pos = self._positions(latent.shape[0])
     x = self.decoder_embed(latent)  # [B, 1+n_vis, Dd]
     context = jnp.concatenate([x[:, :1] + cls_pos.astype(self.dtype),
-                               x[:, 1:] + patch_tokens.gather_tokens(pos, ids_vis).astype(self.dtype)], 1)
+                               x[:, 1:] + patch_tokens.gather_tokens(pos, ids_vis).astype(
+                                   self.dtype)], 1)
     context = logical_axes.constrain(context, ("batch", "tokens", "embed"))  # [B, 1+n_vis, Dd]
     queries = self.mask_queries(ids_dec)  # [B, n_dec, Dd]
     n_dec = ids_dec.shape[1]

@@ -75,7 +75,8 @@ class LocalAggregator(nn.Module):
     d = canvas.shape[-1]
     index, on_grid = neighbourhood(self.grid, self.window)
     nb = jnp.asarray(index)[ids]  # [B, n, w*w]
-    valid = jnp.asarray(on_grid)[ids] & patch_tokens.gather_tokens(known, nb.reshape(b, -1)).reshape(nb.shape)
+    known_nb = patch_tokens.gather_tokens(known, nb.reshape(b, -1)).reshape(nb.shape)
+    valid = jnp.asarray(on_grid)[ids] & known_nb
     valid = jnp.concatenate([valid, jnp.ones((b, n, 1), bool)], axis=-1)  # [B, n, K]; K = w*w+1
     feats = patch_tokens.gather_tokens(canvas, nb.reshape(b, -1)).reshape(b, n, -1, d)
     feats = jnp.concatenate([feats, jnp.broadcast_to(glob[:, None, None], (b, n, 1, d))], axis=2)
@@ -94,10 +95,12 @@ class LocalAggregator(nn.Module):
           bias_init=logical_axes.partitioned(nn.initializers.zeros, (None,)))
       q = dense("query")(queries).reshape(b, n, heads, hd)
       key_dense = dense("key")
-      k = patch_tokens.gather_tokens(key_dense(canvas), nb.reshape(b, -1)).reshape(b, n, -1, self.key_width)
+      k = patch_tokens.gather_tokens(key_dense(canvas), nb.reshape(b, -1))
+      k = k.reshape(b, n, -1, self.key_width)
       k = jnp.concatenate([k, jnp.broadcast_to(key_dense(glob)[:, None, None],
                                                (b, n, 1, self.key_width))], axis=2)  # [B, n, K, kw]
-      offset = self.param("offset_key", logical_axes.partitioned(nn.initializers.normal(0.02), (None, None)),
+      offset = self.param("offset_key",
+                          logical_axes.partitioned(nn.initializers.normal(0.02), (None, None)),
                           (num_keys, self.key_width))
       k = (k + offset.astype(self.dtype)).reshape(b, n, num_keys, heads, hd)
       logits = jnp.einsum("bnhd,bnkhd->bnhk", q, k) / np.sqrt(hd).astype(self.dtype)

@@ -1,1 +1,2 @@
-"""Tools: benchmarks, the compile report, the gradient study, mask pictures and the small-scale study."""
+"""Tools: benchmarks, the compile report, the gradient study, mask pictures and the
+small-scale study."""

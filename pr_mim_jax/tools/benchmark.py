@@ -334,7 +334,8 @@ def _run(f: types.SimpleNamespace, argv) -> None:
 def main(argv=None) -> int:
   f = _define_flags()
   argv = list(argv if argv is not None else sys.argv)
-  return cli.run(lambda: _run(f, argv), {"config": "pr_mim_jax/configs/pretrain.py:variant=B/16"}, argv)
+  return cli.run(lambda: _run(f, argv), {"config": "pr_mim_jax/configs/pretrain.py:variant=B/16"},
+                 argv)
 
 
 if __name__ == "__main__":

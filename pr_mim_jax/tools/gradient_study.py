@@ -229,8 +229,8 @@ def _run(f: types.SimpleNamespace) -> int:
 
 def main(argv=None) -> int:
   f = _define_flags()
-  return cli.run(lambda: _run(f), {"config": "pr_mim_jax/configs/pretrain.py:dataset=shapes", "out": "workdirs/gradients"},
-                 argv)
+  return cli.run(lambda: _run(f), {"config": "pr_mim_jax/configs/pretrain.py:dataset=shapes",
+                                   "out": "workdirs/gradients"}, argv)
 
 
 if __name__ == "__main__":

@@ -120,8 +120,8 @@ def _run(f: types.SimpleNamespace) -> None:
 
 def main(argv=None) -> int:
   f = _define_flags()
-  return cli.run(lambda: _run(f), {"config": "pr_mim_jax/configs/pretrain.py:dataset=shapes", "out": "/tmp/masks"},
-                 argv)
+  return cli.run(lambda: _run(f), {"config": "pr_mim_jax/configs/pretrain.py:dataset=shapes",
+                                   "out": "/tmp/masks"}, argv)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,8 @@ def task_from_config(config) -> Task:
 def model_from_config(config) -> mae.MaskedAutoencoder:
   """The pre-training model of a full config: head sized for the target, PR-MIM stages."""
   patch = vit.parse_variant(config.model.variant).patch
-  return mae.build(config.model, config.reconstruction, targets.target_dim(config.loss.target, patch))
+  return mae.build(config.model, config.reconstruction,
+                   targets.target_dim(config.loss.target, patch))
 
 
 def step_masks(rng, step, batch_size: int, task: Task) -> masking.Masks:

@@ -144,8 +144,8 @@ def run(state, step_fn, batches: Iterator[dict], *, start_step: int, total_steps
   after each step after_step(step, state, batch, metrics, last) may return entries for the
   summary (evaluations, pictures, k-NN). With `ckpt`, the state is saved every
   `checkpoint_every` steps, at the last one and when a preemption signal asks to stop, and a
-  non-finite loss is never saved; without it, signals are left alone. The summary holds the last logged loss (and its step),
-  the final step, and whether the run stopped early.
+  non-finite loss is never saved; without it, signals are left alone. The summary holds the
+  last logged loss (and its step), the final step, and whether the run stopped early.
   """
   summary = {}
   # Without checkpoints there is nothing to save at a stop: signals keep their default effect.

@@ -124,7 +124,8 @@ def reconstruction(images, pred_dec, ids_vis, ids_dec, patch: int, target: str, 
   recon[rows, np.asarray(ids_dec)] = _pred_to_patches(pred_dec, patches, ids_dec, target)
   if pred_throw is not None:
     recon[rows, np.asarray(ids_throw)] = _pred_to_patches(pred_throw, patches, ids_throw, target)
-  pixels = np.asarray(denormalize(patch_tokens.unpatchify(recon, patch)), np.float32)  # [B, H, W, 3]
+  pixels = np.asarray(denormalize(patch_tokens.unpatchify(recon, patch)),
+                      np.float32)  # [B, H, W, 3]
   where = _pixel_classes(patch_classes(ids_vis, ids_dec, patches.shape[1]), patch)[..., None]
   h, w = pixels.shape[1:3]
   marks = stripes(h, w, _stripe_px(patch))  # [H, W, 3]
