@@ -111,10 +111,10 @@ def test_evaluation_counts_every_example_once(pretrained):
     result = classify.evaluate(eval_fn, state.params, state.batch_stats, config, SIZE, mesh)
   assert result["count"] == 100
   # Reference: plain NumPy accuracy of the same model on all 100 test images at once.
-  from pr_mim_jax.data import pipeline
+  from pr_mim_jax.data import pipeline, pixels
   images, labels = pipeline.labeled_arrays(config.data, "test", num_examples=100, image_size=SIZE)
   logits = np.asarray(model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                                  images, train=False))
+                                  pixels.normalize(images), train=False))  # uint8 -> the model's input
   assert result["top1"] == pytest.approx(np.mean(logits.argmax(-1) == labels))
   top5 = np.argsort(-logits, axis=-1)[:, :5]
   assert result["top5"] == pytest.approx(np.mean((top5 == labels[:, None]).any(-1)))

@@ -31,6 +31,9 @@ def test_write_jpegs_makes_decodable_photo_sized_files_once(tmp_path):
   before = os.path.getmtime(first)
   input_benchmark.write_jpegs(folder, 4)  # a rerun adds the missing file only
   assert len(os.listdir(folder)) == 4 and os.path.getmtime(first) == before
+  input_benchmark.write_jpegs(folder, 1, size=(64, 48))  # another size replaces the file
+  with Image.open(first) as img:
+    assert img.size == (64, 48)
 
 
 @pytest.mark.slow
@@ -39,7 +42,7 @@ def test_reports_per_host_and_per_core_rates(tmp_path):
   proc = _run("--sources=jpeg,shapes", "--backends=numpy,auto", "--batch=8", "--batches=2",
               "--jpeg_count=12", f"--jpeg_dir={tmp_path / 'jpegs'}", "--shapes_size=64",
               f"--data_dir={tmp_path / 'tfds'}", "--image_size=32", "--step_img_per_s=1000",
-              f"--json={out}")
+              "--accelerators=1,8", f"--json={out}")
   assert proc.returncode == 0, proc.stderr
   rows = json.loads(out.read_text())
   printed = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
@@ -51,7 +54,13 @@ def test_reports_per_host_and_per_core_rates(tmp_path):
     assert r["batch"] == 8 and r["image_size"] == 32 and r["host_cores"] == os.cpu_count()
     assert r["img_per_s"] > 0 and r["cpu_cores_busy"] > 0
     assert r["img_per_s_per_core"] == pytest.approx(r["img_per_s"] / r["cpu_cores_busy"], rel=0.02)
-    assert r["cores_to_feed"] == pytest.approx(1000 / r["img_per_s_per_core"], rel=0.02, abs=0.06)
+    assert r["image_dtype"] == "uint8" and r["bytes_per_img"] == 32 * 32 * 3
+    assert r["h2d_mb_per_s"] == pytest.approx(r["img_per_s"] * 32 * 32 * 3 / 1e6, rel=0.02,
+                                              abs=0.06)
+    one = 1000 / r["img_per_s_per_core"]
+    assert r["cores_to_feed"]["1"] == pytest.approx(one, rel=0.02, abs=0.06)
+    assert r["cores_to_feed"]["8"] == pytest.approx(8 * one, rel=0.02, abs=0.06)
+    assert r["h2d_mb_per_s_per_accelerator"] == pytest.approx(1000 * 32 * 32 * 3 / 1e6, abs=0.06)
   assert len(os.listdir(tmp_path / "jpegs")) == 12
 
 
@@ -74,6 +83,10 @@ def _must_not_run(*args, **kwargs):
     ([], "--sources is required, e.g. --sources=shapes,jpeg"),
     (["--sources=imagenet"], "--sources: unknown ['imagenet']; use names from ['shapes', 'jpeg']"),
     (["--sources=shapes", "--batch=0"], "--batch: got 0; use an integer > 0"),
+    (["--sources=jpeg", "--jpeg_size=500"],
+     "--jpeg_size: got '500'; use WIDTHxHEIGHT of at least 32x32, e.g. 500x375"),
+    (["--sources=shapes", "--accelerators=8,x"],
+     "--accelerators: got 8,x; use counts > 0, e.g. --accelerators=1,8"),
 ])
 def test_bad_arguments_are_one_error_line_and_write_nothing(args, message, monkeypatch, tmp_path,
                                                             capsys):

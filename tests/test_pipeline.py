@@ -101,13 +101,9 @@ def test_train_batches_folder(folder, backend):
   for b in batches:
     assert set(b) == {"image"}
     x = b["image"]
-    assert isinstance(x, jax.Array) and x.shape == (BATCH, SIZE, SIZE, 3) and x.dtype == np.float32
-    x = np.asarray(x)
-    lo = (0 - np.array(pipeline.MEAN)) / np.array(pipeline.STD)
-    hi = (1 - np.array(pipeline.MEAN)) / np.array(pipeline.STD)
-    assert (x >= lo - 1e-4).all() and (x <= hi + 1e-4).all()
-    pix = pipeline.denormalize(x)
-    assert pix.dtype == np.uint8 and pix.shape == x.shape and pix.max() > 100
+    # uint8 pixels travel to the device; the step normalises them.
+    assert isinstance(x, jax.Array) and x.shape == (BATCH, SIZE, SIZE, 3) and x.dtype == np.uint8
+    assert np.asarray(x).max() > 100
 
 
 @pytest.mark.parametrize("backend", [pytest.param("tf", marks=needs_tf), "numpy"])
@@ -146,7 +142,7 @@ def test_numpy_backend_matches_tf_indices(folder):
     np.testing.assert_array_equal(a["index"], b["index"])
     assert a["image"].shape == b["image"].shape and a["image"].dtype == b["image"].dtype
     # Same crops are not promised, but the same images: similar statistics.
-    assert abs(a["image"].mean() - b["image"].mean()) < 0.5
+    assert abs(a["image"].mean() - b["image"].mean()) < 28  # pixel levels: 1/2 std of ImageNet
 
 
 def test_unlabeled_folder_has_no_labeled_split(folder):
@@ -280,14 +276,14 @@ def test_tfds_train_and_labeled(tiny_tfds):
     np.testing.assert_array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
   # Constant-colour images stay constant through crop/resize/flip.
   host = _take(pipeline.host_batches(data, seed=SEED, global_batch=BATCH, image_size=SIZE), 1)[0]
-  pix = pipeline.denormalize(host["image"])
+  pix = np.asarray(host["image"])
   expect = 40 + 80 * (host["index"] % 3)
   assert np.abs(pix.astype(int) - expect[:, None, None, None]).max() <= 3  # JPEG
 
   images, labels = pipeline.labeled_arrays(data, "test", num_examples=100, image_size=SIZE)
-  assert images.shape == (6, SIZE, SIZE, 3) and images.dtype == np.float32
+  assert images.shape == (6, SIZE, SIZE, 3) and images.dtype == np.uint8
   assert labels.dtype == np.int32 and labels.tolist() == [i % 3 for i in range(6)]
-  pix = pipeline.denormalize(images)
+  pix = np.asarray(images)
   assert np.abs(pix.astype(int) - (40 + 80 * labels)[:, None, None, None]).max() <= 3
   with pytest.raises(UserError, match="no split 'validation'"):
     pipeline.labeled_arrays(data, "validation", num_examples=4, image_size=SIZE)
@@ -303,7 +299,7 @@ def test_shapes_numpy_backend():
   images, labels = pipeline.labeled_arrays(data, "test", num_examples=10, image_size=16, backend="numpy")
   raw, want = shapes.generate(10, image_size=16, seed=0, split="test")
   np.testing.assert_array_equal(labels, want)
-  np.testing.assert_array_equal(pipeline.denormalize(images), raw)  # native size: only normalised
+  np.testing.assert_array_equal(np.asarray(images), raw)  # native size: unchanged
   it = pipeline.host_batches(data, seed=0, global_batch=BATCH, image_size=SIZE, backend="numpy")
   batch = _take(it, 1)[0]
   assert batch["image"].shape == (BATCH, SIZE, SIZE, 3)
@@ -331,7 +327,7 @@ def test_shapes_tf_backend(tmp_path, capsys):
   assert printed[1].startswith("shapes: generated 52 images in ") and printed[1].endswith(" s")
   raw, want = shapes.generate(12, image_size=16, seed=0, split="test")
   np.testing.assert_array_equal(labels, want)
-  np.testing.assert_array_equal(pipeline.denormalize(images), raw)
+  np.testing.assert_array_equal(np.asarray(images), raw)
   kw = dict(seed=0, global_batch=BATCH, image_size=SIZE, start_step=4)
   tf_b = _take(pipeline.host_batches(data, backend="tf", **kw), 2)
   np_b = _take(pipeline.host_batches(data, backend="numpy", **kw), 2)
@@ -445,7 +441,7 @@ def labeled_folder(tmp_path_factory):
 
 def _colour_labels(images):
   """Class of constant-colour images from their mean pixel (colour 30 + 90 c)."""
-  return np.round((pipeline.denormalize(images).mean((1, 2, 3)) - 30) / 90).astype(int)
+  return np.round((np.asarray(images).mean((1, 2, 3)) - 30) / 90).astype(int)
 
 
 def test_labeled_folder_classes_and_counts(labeled_folder):

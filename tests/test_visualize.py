@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import ROOT, TINY_OVERRIDES, apply_overrides, load_config
 from pr_mim_jax import patch_tokens
-from pr_mim_jax.data import pipeline
+from pr_mim_jax.data import pipeline, pixels
 from pr_mim_jax.tools import visualize_masks
 from pr_mim_jax.training import visualize
 
@@ -175,13 +175,13 @@ def test_reconstruction_grid_titles_legend_and_tiles(target, with_throw, ncol):
   if with_throw:
     kwargs = dict(ids_throw=ids_throw, pred_throw=rng.normal(size=(b, 8, dim)).astype(np.float32))
   out = visualize.reconstruction_grid(images, pred_dec, ids_vis, ids_dec, p, target,
-                                      pipeline.denormalize, **kwargs)
+                                      pixels.denormalize, **kwargs)
   tile = 128  # 16 px upscaled x8: room for a title over each column
   grid_h = b * (tile + gap) - gap
   assert out.dtype == np.uint8
   assert out.shape[1] == ncol * (tile + gap) - gap and out.shape[0] > grid_h + 20
   # The original column is the images, upscaled and otherwise unchanged, below the titles.
-  originals = np.repeat(np.repeat(pipeline.denormalize(images), 8, 1), 8, 2)  # [b, 128, 128, 3]
+  originals = np.repeat(np.repeat(pixels.denormalize(images), 8, 1), 8, 2)  # [b, 128, 128, 3]
   top = _find_rows(out, originals[0])
   assert top is not None
   for i in range(b):
@@ -190,7 +190,7 @@ def test_reconstruction_grid_titles_legend_and_tiles(target, with_throw, ncol):
   legend = _check_titles_and_legend(out, top, grid_h, tile, gap, ncol)
   framed = with_throw and target != 'hog'  # only then is there a predicted-thrown entry
   plain = visualize.reconstruction_grid(images, pred_dec, ids_vis, ids_dec, p, target,
-                                        pipeline.denormalize)
+                                        pixels.denormalize)
   assert (legend.shape[0] > plain.shape[0] - top - grid_h) == framed
 
 
@@ -199,10 +199,10 @@ def test_reconstruction_grid_scale_and_old_call():
   images = rng.normal(size=(2, 8, 8, 3)).astype(np.float32)
   ids_vis, ids_dec = np.array([[0], [3]]), np.array([[1, 2], [0, 1]])
   out = visualize.reconstruction_grid(images, rng.normal(size=(2, 2, 48)), ids_vis, ids_dec, 4,
-                                      'pixel', pipeline.denormalize)  # the pre-training call
+                                      'pixel', pixels.denormalize)  # the pre-training call
   assert out.shape[1] == 3 * 128 + 4  # 8 px tiles upscaled x16
   small = visualize.reconstruction_grid(images, rng.normal(size=(2, 2, 48)), ids_vis, ids_dec, 4,
-                                        'pixel', pipeline.denormalize, scale=3)
+                                        'pixel', pixels.denormalize, scale=3)
   assert small.shape[1] == 3 * 24 + 4
 
 
@@ -239,7 +239,7 @@ def test_visualize_masks_writes_pngs(tmp_path, capsys):
   grid_h = 3 * (tile + gap) - gap
   images, _ = pipeline.labeled_arrays(config.data, config.data.eval_split, num_examples=3,
                                       image_size=16)
-  originals = np.repeat(np.repeat(pipeline.denormalize(images), 12, 1), 12, 2)  # [3, 192, 192, 3]
+  originals = np.repeat(np.repeat(pixels.denormalize(images), 12, 1), 12, 2)  # [3, 192, 192, 3]
   for path in paths:
     ncol = 4 if path.endswith('compare.png') else 2
     width, height = _png_size(path)

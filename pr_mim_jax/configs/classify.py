@@ -98,6 +98,7 @@ def get_config(mode: str, arg=None):
       crop_min_scale=0.5 if demo else 0.08,
       randaugment=dict(num_ops=2, magnitude=9, magnitude_std=0.5),
       random_erase=0.0 if probe else 0.25,
+      tune_malloc=True,  # keep freed host buffers mapped (data/host_memory.py)
       prefetch=2,
       num_parallel_calls=-1,
       backend="auto",

@@ -91,6 +91,7 @@ def get_config(arg=None):
       prefetch=2,  # device batches prefetched
       num_parallel_calls=-1,  # -1 = AUTOTUNE
       backend="auto",  # 'tf' (tf.data) | 'numpy' (no TensorFlow) | 'auto' = tf if installed
+      tune_malloc=True,  # keep freed host buffers mapped: ~1.8x images per core (host_memory.py)
   ))
 
   c.train = ml_collections.ConfigDict(dict(

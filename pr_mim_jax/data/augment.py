@@ -1,7 +1,8 @@
 """MAE's training augmentation in TensorFlow ops, stateless-seeded.
 
-RandomResizedCrop(scale=(0.2, 1.0), ratio=(3/4, 4/3), bicubic) + RandomHorizontalFlip
-+ ImageNet normalisation, as MAE's pre-training. The box comes from
+RandomResizedCrop(scale=(0.2, 1.0), ratio=(3/4, 4/3), bicubic) + RandomHorizontalFlip,
+as MAE's pre-training, to uint8 pixels: the ImageNet normalisation runs on the device
+(pixels.model_input). The box comes from
 `tf.image.stateless_sample_distorted_bounding_box` (uniform aspect ratio, not
 torchvision's log-uniform; the whole image after 10 failed attempts, not a centre
 crop), the resize is bicubic with antialiasing (as Pillow's, which MAE uses; this
@@ -16,17 +17,16 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from pr_mim_jax.data.augment_np import (MIN_SCALE, ASPECT_RANGE, EVAL_CROP_FRACTION,
-                                        MAX_ATTEMPTS, MEAN, STD)
+from pr_mim_jax.data.augment_np import MIN_SCALE, ASPECT_RANGE, EVAL_CROP_FRACTION, MAX_ATTEMPTS
+from pr_mim_jax.data.pixels import MEAN255, STD255
+
+DCT_RATIOS = (1, 2, 4, 8)  # the scales libjpeg decodes to without a full-size pass
 
 # TensorFlow must never take GPU memory from JAX.
 try:
   tf.config.set_visible_devices([], "GPU")
 except RuntimeError:  # TF already initialised by someone else; nothing we can change now
   pass
-
-_MEAN255 = tf.constant(MEAN, tf.float32) * 255.0
-_STD255 = tf.constant(STD, tf.float32) * 255.0
 
 
 def example_key(seed, step, position):
@@ -72,25 +72,54 @@ def random_resized_crop(image, seed, size: int, min_scale: float = MIN_SCALE):
   return _resize(tf.slice(image, begin, box), size)
 
 
+def dct_ratio(crop_height, crop_width, size: int):
+  """The JPEG decoder's downscale (1, 2, 4 or 8) for a crop resized to `size`: the largest
+  that still leaves at least `size` pixels on the crop's shorter side."""
+  short = tf.minimum(crop_height, crop_width)
+  return tf.reduce_max(tf.where(short >= tf.constant(DCT_RATIOS) * size, DCT_RATIOS, 1))
+
+
 def decode_random_resized_crop(encoded, seed, size: int, min_scale: float = MIN_SCALE):
   """Encoded JPEG/PNG/... bytes -> float32 [size, size, 3] in [0, 255].
 
   JPEGs decode only the crop window (`decode_and_crop_jpeg`: much faster on large
   photos; pixels near the window edge may differ from decode-then-crop by a few
-  levels through chroma upsampling, deterministically); other formats decode fully.
+  levels through chroma upsampling, deterministically), and in the DCT domain at 1/r
+  scale when the crop keeps r * size pixels on its shorter side (`dct_ratio`). The 1/r
+  window covers the box, and the resize samples the box's exact fractional edges, so the
+  crop is the same box; only the decoder's downscale differs. Other formats decode fully.
   """
   def jpeg():
-    begin, box = sample_crop_box(tf.image.extract_jpeg_shape(encoded), seed, min_scale)
-    window = tf.stack([begin[0], begin[1], box[0], box[1]])
-    return tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
+    shape = tf.image.extract_jpeg_shape(encoded)
+    begin, box = sample_crop_box(shape, seed, min_scale)
+
+    def full_scale():
+      window = tf.stack([begin[0], begin[1], box[0], box[1]])
+      return _resize(tf.image.decode_and_crop_jpeg(encoded, window, channels=3), size)
+
+    def scaled(r):
+      def run():
+        start = begin[:2] // r  # [2] the 1/r window, in the 1/r image's pixels
+        stop = tf.minimum(-(-(begin[:2] + box[:2]) // r), -(-shape[:2] // r))
+        window = tf.concat([start, stop - start], 0)
+        crop = tf.image.decode_and_crop_jpeg(encoded, window, channels=3, ratio=r)  # uint8
+        scale = size / (tf.cast(box[:2], tf.float32) / r)  # [2] output px per 1/r px
+        offset = tf.cast(begin[:2], tf.float32) / r - tf.cast(start, tf.float32)  # [2]
+        out = tf.raw_ops.ScaleAndTranslate(
+            images=tf.cast(crop, tf.float32)[None], size=[size, size], scale=scale,
+            translation=-offset * scale, kernel_type="keyscubic", antialias=True)[0]
+        return tf.clip_by_value(out, 0.0, 255.0)
+      return run
+
+    index = tf.argmax(tf.equal(DCT_RATIOS, dct_ratio(box[0], box[1], size)), output_type=tf.int32)
+    return tf.switch_case(index, [full_scale] + [scaled(r) for r in DCT_RATIOS[1:]])
 
   def other():
     image = decode(encoded)
     begin, box = sample_crop_box(tf.shape(image), seed, min_scale)
-    return tf.slice(image, begin, box)
+    return _resize(tf.slice(image, begin, box), size)
 
-  crop = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)  # uint8 [h, w, 3]
-  return _resize(crop, size)
+  return tf.cond(tf.io.is_jpeg(encoded), jpeg, other)  # [size, size, 3]
 
 
 def decode(encoded):
@@ -102,7 +131,12 @@ def decode(encoded):
 
 def normalize(image):
   """[..., 3] pixels in [0, 255] -> float32 normalised with MEAN / STD."""
-  return (tf.cast(image, tf.float32) - _MEAN255) / _STD255
+  return (tf.cast(image, tf.float32) - MEAN255) / STD255
+
+
+def to_pixels(image):
+  """Float [..., 3] in [0, 255] -> uint8, rounded to nearest."""
+  return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
 
 
 def random_flip(image, seed):
@@ -112,30 +146,24 @@ def random_flip(image, seed):
 
 def train_augment(image, seed, step, position, size: int, encoded: bool = True,
                   min_scale: float = MIN_SCALE):
-  """One training example -> float32 normalised [size, size, 3].
+  """One training example -> uint8 [size, size, 3] pixels: random resized crop, then flip.
 
   `image` is encoded bytes (encoded=True) or uint8 [H, W, 3]; (seed, step, position)
-  key all randomness.
+  key all randomness. The resize rounds to uint8 before the flip, which then moves bytes.
   """
-  return normalize(crop_flip(image, seed, step, position, size, encoded, min_scale))
-
-
-def crop_flip(image, seed, step, position, size: int, encoded: bool = True,
-              min_scale: float = MIN_SCALE):
-  """train_augment before normalisation: float32 [size, size, 3] in [0, 255]."""
   crop_seed, flip_seed = example_seeds(seed, step, position)
   if encoded:
     out = decode_random_resized_crop(image, crop_seed, size, min_scale)
   else:
     out = random_resized_crop(image, crop_seed, size, min_scale)
-  return random_flip(out, flip_seed)
+  return random_flip(to_pixels(out), flip_seed)
 
 
 def eval_transform(image, size: int):
-  """uint8 [H, W, 3] -> float32 normalised [size, size, 3], as MAE's eval.
+  """uint8 [H, W, 3] -> uint8 [size, size, 3] pixels, as MAE's eval.
 
   Resize the shorter side to size / 0.875 (bicubic) and centre-crop; images already
-  size x size are only normalised.
+  size x size pass unchanged.
   """
   shape = tf.shape(image)
   height, width = shape[0], shape[1]
@@ -148,9 +176,8 @@ def eval_transform(image, size: int):
     new_w = tf.where(height <= width, tf.maximum(short, tf.cast(short * w / h, tf.int32)), short)
     out = tf.image.resize(image, tf.stack([new_h, new_w]), method="bicubic", antialias=True)
     top, left = (new_h - size) // 2, (new_w - size) // 2
-    return tf.clip_by_value(out[top:top + size, left:left + size], 0.0, 255.0)
+    return to_pixels(out[top:top + size, left:left + size])
 
   native = tf.logical_and(tf.equal(height, size), tf.equal(width, size))
-  out = tf.cond(native, lambda: tf.cast(image, tf.float32), resize_and_crop)
-  out = tf.ensure_shape(out, [size, size, 3])
-  return normalize(out)
+  out = tf.cond(native, lambda: tf.cast(image, tf.uint8), resize_and_crop)
+  return tf.ensure_shape(out, [size, size, 3])

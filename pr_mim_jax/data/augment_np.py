@@ -1,12 +1,11 @@
 """MAE's training augmentation in NumPy + Pillow, for machines without TensorFlow.
 
 The same recipe as `augment.py` (random resized crop with area in [0.2, 1] and aspect
-ratio in [3/4, 4/3], bicubic resize, horizontal flip with p=0.5, ImageNet
-normalisation) and the same box-sampling algorithm as TF's
-`sample_distorted_bounding_box`, but a *distribution* match only: the random
-numbers come from NumPy, Pillow's bicubic resize differs in detail from TF's, and
-resized pixels are rounded to uint8. Never bit-identical to the TF path; it is
-deterministic on its own, keyed by (seed, step, position in the global batch).
+ratio in [3/4, 4/3], bicubic resize, horizontal flip with p=0.5, uint8 pixels out) and
+the same box-sampling algorithm as TF's `sample_distorted_bounding_box`, but a
+*distribution* match only: the random numbers come from NumPy and Pillow's bicubic resize
+differs in detail from TF's. Never bit-identical to the TF path; it is deterministic on its
+own, keyed by (seed, step, position in the global batch).
 """
 
 from __future__ import annotations
@@ -14,27 +13,15 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-# ImageNet normalisation, as MAE.
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
-
 MIN_SCALE = 0.2  # MAE: RandomResizedCrop(scale=(0.2, 1.0)); data.crop_min_scale overrides
 ASPECT_RANGE = (3 / 4, 4 / 3)
 MAX_ATTEMPTS = 10
 EVAL_CROP_FRACTION = 0.875  # resize the shorter side to size / 0.875, centre crop size
 
-_MEAN255 = np.asarray(MEAN, np.float32) * 255
-_STD255 = np.asarray(STD, np.float32) * 255
-
 
 def example_rng(seed: int, step: int, position: int) -> np.random.Generator:
   """The random stream of one example: a pure function of (seed, step, position)."""
   return np.random.default_rng([seed, step, position])
-
-
-def normalize(image: np.ndarray) -> np.ndarray:
-  """[..., 3] pixels in [0, 255] -> float32 normalised with MEAN / STD."""
-  return (np.asarray(image, np.float32) - _MEAN255) / _STD255
 
 
 def to_rgb_array(img: Image.Image) -> np.ndarray:
@@ -73,31 +60,54 @@ def sample_crop_box(height: int, width: int, rng: np.random.Generator,
   return 0, 0, height, width
 
 
-def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
+def dct_ratio(crop_height: int, crop_width: int, size: int) -> int:
+  """The JPEG decoder's downscale (1, 2, 4 or 8) for a crop resized to `size`: the largest
+  that still leaves at least `size` pixels on the crop's shorter side (as augment.py)."""
+  short = min(crop_height, crop_width)
+  return max(r for r in (1, 2, 4, 8) if short >= r * size or r == 1)
+
+
+def random_resized_crop(image, rng: np.random.Generator, size: int,
                         min_scale: float = MIN_SCALE) -> np.ndarray:
-  """uint8 [H, W, 3] -> uint8 [size, size, 3]: random box, bicubic resize."""
-  height, width = image.shape[:2]
+  """uint8 [H, W, 3] or a Pillow image -> uint8 [size, size, 3]: random box, bicubic resize.
+
+  A JPEG opened but not yet decoded (`Image.open`) decodes in the DCT domain at 1/r scale
+  when the box keeps r * size pixels (`dct_ratio`); the box is then scaled exactly
+  (Pillow's resize takes fractional boxes), so only the decoder's downscale differs.
+  """
+  return np.asarray(_resized_crop(image, rng, size, min_scale), np.uint8)
+
+
+def _resized_crop(image, rng, size, min_scale) -> Image.Image:
+  img = image if isinstance(image, Image.Image) else Image.fromarray(image)
+  width, height = img.size
   top, left, h, w = sample_crop_box(height, width, rng, min_scale)
-  img = Image.fromarray(image)
-  out = img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
+  box = (left, top, left + w, top + h)
+  r = dct_ratio(h, w, size)
+  if r > 1 and img.format == "JPEG":
+    img.draft("RGB", (-(-width // r), -(-height // r)))  # the decoder's 1/r scale
+    sx, sy = img.size[0] / width, img.size[1] / height
+    box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+  if img.mode != "RGB":
+    img = img.convert("RGB")
+  return img.resize((size, size), Image.Resampling.BICUBIC, box=box)
+
+
+def train_augment(image, rng: np.random.Generator, size: int,
+                  min_scale: float = MIN_SCALE) -> np.ndarray:
+  """uint8 [H, W, 3] or a Pillow image -> uint8 [size, size, 3] pixels: random resized crop,
+  then flip (in Pillow, so the array comes out contiguous and batches copy fast)."""
+  out = _resized_crop(image, rng, size, min_scale)
+  if rng.uniform() < 0.5:
+    out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
   return np.asarray(out, np.uint8)
 
 
-def train_augment(image: np.ndarray, rng: np.random.Generator, size: int,
-                  min_scale: float = MIN_SCALE) -> np.ndarray:
-  """uint8 [H, W, 3] -> float32 [size, size, 3]: crop, resize, flip, normalise."""
-  return normalize(crop_flip(image, rng, size, min_scale))
-
-
-def crop_flip(image: np.ndarray, rng: np.random.Generator, size: int,
-              min_scale: float = MIN_SCALE) -> np.ndarray:
-  """train_augment before normalisation: uint8 [size, size, 3]."""
-  out = random_resized_crop(image, rng, size, min_scale)
-  return out[:, ::-1] if rng.uniform() < 0.5 else out
-
-
-def eval_transform(image: np.ndarray, size: int) -> np.ndarray:
-  """uint8 [H, W, 3] -> float32 [size, size, 3] as MAE eval (identity resize at native size)."""
+def eval_transform(image, size: int) -> np.ndarray:
+  """uint8 [H, W, 3] or a Pillow image -> uint8 [size, size, 3] pixels as MAE eval (native
+  size passes)."""
+  if isinstance(image, Image.Image):
+    image = to_rgb_array(image)
   height, width = image.shape[:2]
   if (height, width) != (size, size):
     short = int(size / EVAL_CROP_FRACTION)
@@ -108,4 +118,4 @@ def eval_transform(image: np.ndarray, size: int) -> np.ndarray:
     img = Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BICUBIC)
     top, left = (new_h - size) // 2, (new_w - size) // 2
     image = np.asarray(img.crop((left, top, left + size, top + size)), np.uint8)
-  return normalize(image)
+  return image

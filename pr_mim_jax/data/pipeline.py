@@ -44,21 +44,13 @@ from typing import Iterator, Sequence
 import jax
 import numpy as np
 
-from pr_mim_jax.data import augment_np, datasets, prefetch, sampler
+from pr_mim_jax.data import augment_np, datasets, host_memory, prefetch, sampler
 # Dataset checks and counts, re-exported: callers need only this module.
 from pr_mim_jax.data.datasets import (  # noqa: F401  # pylint: disable=unused-import
     check_dataset, check_labeled_dataset, num_classes, num_eval_batches, num_examples)
 from pr_mim_jax.errors import UserError
 
-MEAN = augment_np.MEAN  # ImageNet normalisation, as MAE
-STD = augment_np.STD
 _LABELED_CHUNK = 256
-
-
-def denormalize(images: np.ndarray) -> np.ndarray:
-  """Float normalised [..., 3] -> uint8 [..., 3] pixels (for PNGs)."""
-  x = np.asarray(images, np.float32) * np.asarray(STD, np.float32) + np.asarray(MEAN, np.float32)
-  return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
 
 
 # -------------------------------------------------------------------- transforms
@@ -75,7 +67,8 @@ def _randaugment_cfg(data) -> dict:
 
 
 def _train_transform(data, backend: str, augment: str, seed: int, image_size: int):
-  """fn(image, step, position) -> float32 normalised [S, S, 3]; image: TF encoded bytes or NumPy
+  """fn(image, step, position) -> [S, S, 3]: uint8 pixels ('crop_flip'), float32 normalised
+  ('randaugment', whose erasing writes noise no pixel has); image: TF encoded bytes or NumPy
   uint8 [H, W, 3] per backend."""
   if augment not in AUGMENTS:
     raise UserError(f"unknown augmentation {augment!r}; use one of {', '.join(AUGMENTS)}")
@@ -159,7 +152,7 @@ def _np_batches(source, steps, *, local, transform, labeled, threads):
     try:
       for s in steps:
         def one(k, s=s):
-          return transform(source.image(int(s.indices[k])), s.step, int(s.positions[k]))
+          return transform(source.pil(int(s.indices[k])), s.step, int(s.positions[k]))
         b = {"image": np.stack(list(pool.map(one, range(len(s.indices))))),  # [local, S, S, 3]
              "index": s.indices}
         if labeled:
@@ -172,6 +165,8 @@ def _np_batches(source, steps, *, local, transform, labeled, threads):
 
 
 def _load(data, source, backend, steps, *, local, transform, labeled):
+  if datasets.get(data, "tune_malloc", True):
+    host_memory.tune_malloc()
   make = _tf_batches if backend == "tf" else _np_batches
   return make(source, steps, local=local, transform=transform, labeled=labeled,
               threads=datasets.threads(data))
@@ -195,7 +190,7 @@ def host_batches(data, *, seed: int, global_batch: int, image_size: int, start_s
                  backend: str | None = None) -> Iterator[dict[str, np.ndarray]]:
   """Process-local batches from start_step on, forever, as NumPy.
 
-  Yields {'image': float32 [B/P, S, S, 3], 'index': int64 [B/P]}: the part of
+  Yields {'image': uint8 [B/P, S, S, 3] pixels, 'index': int64 [B/P]}: the part of
   each global batch that process `process_index` of `process_count` owns;
   concatenating all processes' parts gives the global batch. Testable without
   multi-process JAX. Opens the dataset now (so mistakes raise here), yields lazily.
@@ -229,7 +224,7 @@ def _eval_source(data, split: str, backend: str | None, limit: int | None):
 
 def _eval_host(data, source, backend, n, *, global_batch, image_size, positions):
   """num_eval_batches(n, B) batches of the rows at `positions`, in order; rows >= n are
-  padding: image 0, label 0, mask 0."""
+  padding: image 0 (black pixels), label 0, mask 0."""
   positions = np.asarray(positions, np.int64)
 
   def steps():
@@ -243,7 +238,8 @@ def _eval_host(data, source, backend, n, *, global_batch, image_size, positions)
     try:
       for b, batch in enumerate(host):
         mask = b * global_batch + positions < n  # [local]
-        yield {"image": np.where(mask[:, None, None, None], batch["image"], 0).astype(np.float32),
+        image = batch["image"]  # uint8 pixels
+        yield {"image": np.where(mask[:, None, None, None], image, np.zeros_like(image)),
                "label": np.where(mask, batch["label"], 0).astype(np.int32),
                "mask": mask.astype(np.float32), "index": batch["index"]}
     finally:
@@ -311,7 +307,9 @@ def _device_batches(data, host, sharding, global_batch: int) -> Iterator[dict]:
 def train_batches(data, *, seed: int, global_batch: int, image_size: int, start_step: int,
                   sharding: jax.sharding.NamedSharding,
                   backend: str | None = None) -> Iterator[dict]:
-  """Global training batches from start_step on, forever: {'image': float32 [B, S, S, 3]}.
+  """Global training batches from start_step on, forever: {'image': uint8 [B, S, S, 3]}.
+
+  Pixels travel as uint8; the step normalises them on the device (pixels.model_input).
 
   Each process loads only the rows its devices hold and the global array is built
   with jax.make_array_from_process_local_data; `data.prefetch` device batches are
@@ -324,11 +322,17 @@ def train_batches(data, *, seed: int, global_batch: int, image_size: int, start_
   return _device_batches(data, host, sharding, global_batch)
 
 
-def abstract_batch(global_batch: int, image_size: int, sharding, labeled: bool = False) -> dict:
-  """ShapeDtypeStructs of one global batch as train_batches (labeled: labeled_train_batches)
-  yields it, for compiling a step without data."""
-  batch = {"image": jax.ShapeDtypeStruct((global_batch, image_size, image_size, 3), np.float32,
-                                         sharding=sharding)}
+def image_dtype(augment: str = "crop_flip") -> np.dtype:
+  """The dtype of batch['image'] that an augmentation yields (pixels.py says why)."""
+  return np.dtype(np.float32 if augment == "randaugment" else np.uint8)
+
+
+def abstract_batch(global_batch: int, image_size: int, sharding, labeled: bool = False,
+                   augment: str = "crop_flip") -> dict:
+  """ShapeDtypeStructs of one global batch as train_batches (labeled: labeled_train_batches
+  with `augment`) yields it, for compiling a step without data."""
+  batch = {"image": jax.ShapeDtypeStruct((global_batch, image_size, image_size, 3),
+                                         image_dtype(augment), sharding=sharding)}
   if labeled:
     batch["label"] = jax.ShapeDtypeStruct((global_batch,), np.int32, sharding=sharding)
   return batch
@@ -337,7 +341,8 @@ def abstract_batch(global_batch: int, image_size: int, sharding, labeled: bool =
 def labeled_train_batches(data, *, seed: int, global_batch: int, image_size: int, start_step: int,
                           sharding: jax.sharding.NamedSharding, augment: str,
                           backend: str | None = None) -> Iterator[dict]:
-  """train_batches of a labeled split: {'image': float32 [B, S, S, 3], 'label': int32 [B]}.
+  """train_batches of a labeled split: {'image': [B, S, S, 3], 'label': int32 [B]}: uint8
+  pixels for 'crop_flip', float32 normalised for 'randaugment' (pixels.py says why).
 
   augment: 'crop_flip' (random resized crop, scale [data.crop_min_scale, 1], + flip: the
   linear-probe recipe) or 'randaugment' (crop + flip + RandAugment data.randaugment.{num_ops=2,
@@ -355,7 +360,7 @@ def eval_batches(data, split: str, *, global_batch: int, image_size: int, shardi
                  backend: str | None = None, num_examples: int | None = None) -> Iterator[dict]:
   """One in-order, un-augmented pass over the first num_examples (None: all) of `split`.
 
-  Yields num_eval_batches(N, global_batch) batches {'image': float32 [B, S, S, 3], 'label':
+  Yields num_eval_batches(N, global_batch) batches {'image': uint8 [B, S, S, 3], 'label':
   int32 [B], 'mask': float32 [B]} on every process; the last batch is padded with rows of
   mask 0 (image 0, label 0), so mask-weighted sums over all batches count each example once.
   """
@@ -373,7 +378,7 @@ def labeled_arrays(data, split: str, *, num_examples: int, image_size: int,
                    backend: str | None = None) -> tuple[np.ndarray, np.ndarray]:
   """The first num_examples of a labeled split, un-augmented (for k-NN).
 
-  Returns float32 normalised [N, S, S, 3] and int32 [N] with N = min(num_examples,
+  Returns uint8 pixels [N, S, S, 3] and int32 [N] with N = min(num_examples,
   split size). Images: shorter side resized to S / 0.875 (bicubic), centre crop S
   (images already S x S are only normalised). UserError for unlabeled datasets.
   """

@@ -169,8 +169,8 @@ def train_augment(image, seed, step, position, size: int, *, encoded: bool = Tru
                   magnitude_std: float = 0.5, erase_prob: float = 0.25):
   """One fine-tuning example -> float32 normalised [size, size, 3]; (seed, step, position)
   key all randomness (the crop and flip are augment.train_augment's)."""
-  x = tf.ensure_shape(augment.crop_flip(image, seed, step, position, size, encoded, min_scale),
-                      [size, size, 3])
+  pixels = augment.train_augment(image, seed, step, position, size, encoded, min_scale)
+  x = tf.cast(tf.ensure_shape(pixels, [size, size, 3]), tf.float32)  # uint8 values, as timm's PIL
   key = tf.random.experimental.stateless_fold_in(augment.example_key(seed, step, position), 7)
   s_ra, s_erase = tf.unstack(tf.random.experimental.stateless_split(key, 2))
   x = rand_augment(x, s_ra, num_ops, magnitude, magnitude_std)

@@ -11,14 +11,14 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from pr_mim_jax.data import augment_np
+from pr_mim_jax.data import augment_np, pixels
 
 # timm's _RAND_INCREASING_TRANSFORMS, in this order (the op index of randaugment.py).
 OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd",
        "Color", "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX",
        "TranslateY")
 MAX_MAGNITUDE = 10.0
-FILL = tuple(round(255 * m) for m in augment_np.MEAN)  # geometric ops' fill colour, as timm
+FILL = tuple(round(255 * m) for m in pixels.MEAN)  # geometric ops' fill colour, as timm
 ERASE_AREA = (0.02, 1 / 3)
 ERASE_RATIO = (0.3, 1 / 0.3)
 ERASE_ATTEMPTS = 10
@@ -95,6 +95,6 @@ def train_augment(image: np.ndarray, rng: np.random.Generator, size: int, *,
                   magnitude: float = 9.0, magnitude_std: float = 0.5,
                   erase_prob: float = 0.25) -> np.ndarray:
   """uint8 [H, W, 3] -> float32 normalised [size, size, 3]: crop, flip, RandAugment, erasing."""
-  x = augment_np.crop_flip(image, rng, size, min_scale)
+  x = augment_np.train_augment(image, rng, size, min_scale)
   x = rand_augment(x, rng, num_ops, magnitude, magnitude_std)
-  return random_erase(augment_np.normalize(x), rng, erase_prob)
+  return random_erase(pixels.normalize(x), rng, erase_prob)

@@ -66,6 +66,9 @@ class ArraySource:
   def image(self, i: int) -> np.ndarray:
     return self.images[i]
 
+  def pil(self, i: int) -> Image.Image:
+    return Image.fromarray(self.images[i])
+
   def label(self, i: int) -> int:
     return int(self.labels[i])
 
@@ -116,9 +119,11 @@ class FolderSource:
 
   def image(self, i: int) -> np.ndarray:
     """Decoded uint8 [H, W, 3] (grayscale, palette and RGBA become RGB)."""
-    data = epath.Path(self.paths[i]).read_bytes()
-    with Image.open(io.BytesIO(data)) as img:
-      return augment_np.to_rgb_array(img)
+    return augment_np.to_rgb_array(self.pil(i))
+
+  def pil(self, i: int) -> Image.Image:
+    """The file opened, not yet decoded (a JPEG may still decode at a smaller scale)."""
+    return Image.open(io.BytesIO(epath.Path(self.paths[i]).read_bytes()))
 
   def label(self, i: int) -> int:
     raise UserError(f"image folder {self.root} has no labels; "
@@ -330,9 +335,11 @@ class TfdsSource:
 
   def image(self, i: int) -> np.ndarray:
     """Decoded uint8 [H, W, 3] through Pillow (for tools; training uses tf_parse)."""
-    data = self._numpy_source()[int(i)]["image"]
-    with Image.open(io.BytesIO(data)) as img:
-      return augment_np.to_rgb_array(img)
+    return augment_np.to_rgb_array(self.pil(i))
+
+  def pil(self, i: int) -> Image.Image:
+    """The encoded image opened in Pillow, not yet decoded."""
+    return Image.open(io.BytesIO(self._numpy_source()[int(i)]["image"]))
 
   def label(self, i: int) -> int:
     return int(self._numpy_source()[int(i)]["label"])

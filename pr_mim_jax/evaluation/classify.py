@@ -20,7 +20,7 @@ import numpy as np
 from etils import epath
 from jax.sharding import Mesh
 
-from pr_mim_jax.data import pipeline
+from pr_mim_jax.data import pipeline, pixels
 from pr_mim_jax.errors import UserError
 from pr_mim_jax.evaluation import classify_step
 from pr_mim_jax.models import classifier as classifier_lib
@@ -314,9 +314,11 @@ def result_line(config, summary) -> str:
 
 def _features(encoder, params, data, split, n, config, mesh):
   """Pooled features [N, D] and labels [N] of the first n examples of a split, streamed."""
-  embed = jax.jit(lambda p, x: knn.pool_features(encoder.apply({"params": p}, x),
-                                                 config.knn.feature).astype(jnp.float32),
-                  out_shardings=sharding.replicated(mesh))
+  def embed(p, x):
+    tokens = encoder.apply({"params": p}, pixels.model_input(x))  # [B, 1+L, D]
+    return knn.pool_features(tokens, config.knn.feature).astype(jnp.float32)
+
+  embed = jax.jit(embed, out_shardings=sharding.replicated(mesh))
   logging.info("k-NN: embedding %s images of %s", n or "all", split)
   feats, labels = [], []
   for batch in pipeline.eval_batches(data, split, global_batch=config.knn.batch_size,

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from pr_mim_jax.data import pixels
 from pr_mim_jax.evaluation import mixup
 from pr_mim_jax.training import optim
 from pr_mim_jax.training.train_state import ClassifierState
@@ -34,7 +35,8 @@ def train_step(state: ClassifierState, batch, *, model, tx, recipe: Recipe, sche
   """(state, {'image': [B, H, W, 3], 'label': [B]}) -> (new state, scalar metrics)."""
   mix_rng, drop_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
   targets = mixup.one_hot_smoothed(batch["label"], recipe.num_classes, recipe.label_smoothing)
-  images, targets = mixup.mix(mix_rng, batch["image"], targets, mixup_alpha=recipe.mixup_alpha,
+  images = pixels.model_input(batch["image"])  # [B, H, W, 3] float32
+  images, targets = mixup.mix(mix_rng, images, targets, mixup_alpha=recipe.mixup_alpha,
                               cutmix_alpha=recipe.cutmix_alpha, switch_prob=recipe.switch_prob,
                               prob=recipe.mix_prob)  # [B, H, W, 3], [B, C]
 
@@ -65,7 +67,8 @@ def train_step(state: ClassifierState, batch, *, model, tx, recipe: Recipe, sche
 
 def eval_step(params, batch_stats, batch, *, model):
   """Sums over the real (mask 1) examples of one padded batch: correct top-1 / top-5, loss."""
-  logits = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"],
+  logits = model.apply({"params": params, "batch_stats": batch_stats},
+                       pixels.model_input(batch["image"]),
                        train=False).astype(jnp.float32)  # [B, C]
   labels, mask = batch["label"], batch["mask"]  # [B], [B] (0 = padding)
   k = min(5, logits.shape[-1])

@@ -56,8 +56,9 @@ def build(config, devices, num_classes: int) -> Step:
     jitted, state, image_size, gflop, granularity = make(config, mesh, rules, shards, schedule)
   batch_sharding = sharding.batch_sharding(mesh)
   labeled = mode != "pretrain"
+  augment = config.data.get("augment", "crop_flip") if labeled else "crop_flip"
   return Step(jitted, state,
-              lambda b: pipeline.abstract_batch(b, image_size, batch_sharding, labeled),
+              lambda b: pipeline.abstract_batch(b, image_size, batch_sharding, labeled, augment),
               gflop, shards, dict(mesh.shape), granularity)
 
 

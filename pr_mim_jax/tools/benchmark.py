@@ -146,8 +146,8 @@ def time_train_step(config, batch_size: int, steps: int, warmup: int, profile_di
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state, state_sharding = pretrain.create_state(model, tx, task.split, config.seed, mesh, rules)
     size = config.model.image_size
-    images = jax.device_put(
-        np.random.default_rng(0).standard_normal((batch_size, size, size, 3), np.float32),
+    images = jax.device_put(  # uint8 pixels, as the pipeline delivers them
+        np.random.default_rng(0).integers(0, 256, (batch_size, size, size, 3), np.uint8),
         sharding.batch_sharding(mesh))  # [B, H, W, 3], on device
     batch = {"image": images}
     step_fn = pretrain.jit_train_step(model, tx, task, schedule, mesh, state_sharding)

@@ -4,11 +4,12 @@ r"""Input-pipeline throughput per host and per CPU core: can this host feed the 
       --batches=20 --step_img_per_s=3523 --json=input.json
 
 It times the pre-training pipeline (`pipeline.host_batches`: read, decode, random resized
-crop, flip, normalize, batch) on two sources: the embedded `shapes` dataset through tfds,
-and a folder of JPEGs it writes first (ImageNet-like 500x375 photos-to-be: smooth colour
-fields plus noise, quality 90). Per setting it reports images/s on this host, the CPU cores
-the process kept busy (CPU time / wall time), images/s per busy core, and, given the
-accelerator's measured step rate (--step_img_per_s), the cores needed to keep it fed.
+crop, flip, batch as uint8 pixels) on two sources: the embedded `shapes` dataset through
+tfds, and a folder of JPEGs it writes first (ImageNet-like 500x375 photos-to-be: smooth
+colour fields plus noise, quality 90). Per setting it reports images/s on this host, the CPU
+cores the process kept busy (CPU time / wall time), images/s per busy core, the bytes per
+image and the host-to-device MB/s they make, and, given the accelerator's measured step
+rate (--step_img_per_s), the cores and MB/s needed to keep 1, 4, 8 (--accelerators) fed.
 """
 
 import json
@@ -50,16 +51,22 @@ def _define_flags(flag_values=flags.FLAGS) -> types.SimpleNamespace:
       jpeg_dir=flags.DEFINE_string("jpeg_dir", "", "Folder for the generated JPEGs (reused if "
                                    "it holds them); '' = a temporary folder.", **fv),
       jpeg_count=flags.DEFINE_integer("jpeg_count", 1024, "JPEGs to generate.", **fv),
+      jpeg_size=flags.DEFINE_string("jpeg_size", "500x375", "WIDTHxHEIGHT of the generated "
+                                    "JPEGs (ImageNet's typical photo; larger ones show the "
+                                    "DCT-domain downscale).", **fv),
       shapes_size=flags.DEFINE_integer("shapes_size", 4096, "Train images of the shapes "
                                        "dataset.", **fv),
       data_dir=flags.DEFINE_string("data_dir", "", "tfds data_dir for shapes; '' = default.", **fv),
       step_img_per_s=flags.DEFINE_float("step_img_per_s", 0.0, "The accelerator's measured "
                                         "train-step rate, to size the host (0 = skip).", **fv),
+      accelerators=flags.DEFINE_list("accelerators", ["1", "4", "8"], "Accelerator counts per "
+                                     "host to size for, with --step_img_per_s.", **fv),
       json=flags.DEFINE_string("json", "", "Also write the results to this JSON file.", **fv))
 
 
 def write_jpegs(directory: str, count: int, size=(500, 375), seed: int = 0) -> str:
-  """`count` JPEGs of `size` (w, h) in `directory`; existing ones are kept (reruns are cheap)."""
+  """`count` JPEGs of `size` (w, h) in `directory`; existing ones of that size are kept
+  (reruns are cheap), others are rewritten."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   os.makedirs(directory, exist_ok=True)
   rng = np.random.default_rng(seed)
@@ -67,7 +74,9 @@ def write_jpegs(directory: str, count: int, size=(500, 375), seed: int = 0) -> s
   for i in range(count):
     path = os.path.join(directory, f"img_{i:06d}.jpg")
     if os.path.exists(path):
-      continue
+      with Image.open(path) as old:
+        if old.size == tuple(size):
+          continue
     coarse = rng.uniform(0, 255, (h // 25 + 1, w // 25 + 1, 3)).astype(np.uint8)
     smooth = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), np.float32)
     pixels = np.clip(smooth + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)  # [h, w, 3]
@@ -87,19 +96,46 @@ def data_config(dataset: str, backend: str, threads: int, shapes_size: int,
 def measure(data, *, batch: int, image_size: int, batches: int) -> dict:
   """Images/s of host_batches, and the CPU cores this process kept busy meanwhile."""
   it = pipeline.host_batches(data, seed=0, global_batch=batch, image_size=image_size)
-  for _ in range(WARMUP_BATCHES):
-    next(it)
-  usage0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-  for _ in range(batches):
-    b = next(it)
-  wall = time.perf_counter() - t0
-  usage1 = resource.getrusage(resource.RUSAGE_SELF)
+  try:
+    for _ in range(WARMUP_BATCHES):
+      next(it)
+    usage0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    for _ in range(batches):
+      b = next(it)
+    wall = time.perf_counter() - t0
+    usage1 = resource.getrusage(resource.RUSAGE_SELF)
+  finally:
+    it.close()  # stop the pipeline's threads before the next setting starts
   cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
   assert b["image"].shape == (batch, image_size, image_size, 3)
   img_per_s = batch * batches / wall
   cores = cpu / wall
+  bytes_per_img = b["image"].nbytes // batch  # what crosses to the device
   return {"img_per_s": round(img_per_s, 1), "cpu_cores_busy": round(cores, 2),
-          "img_per_s_per_core": round(img_per_s / max(cores, 1e-9), 1)}
+          "img_per_s_per_core": round(img_per_s / max(cores, 1e-9), 1),
+          "bytes_per_img": bytes_per_img, "image_dtype": str(b["image"].dtype),
+          "h2d_mb_per_s": round(img_per_s * bytes_per_img / 1e6, 1)}
+
+
+def sizing(row: dict, step_img_per_s: float, accelerators) -> dict:
+  """Host cores and host-to-device MB/s that keep `n` accelerators stepping at
+  `step_img_per_s` each, for each n in `accelerators`, at this row's per-core rate."""
+  per_accelerator = step_img_per_s / row["img_per_s_per_core"]
+  return {"step_img_per_s": step_img_per_s,
+          "cores_per_accelerator": round(per_accelerator, 2),
+          "cores_to_feed": {str(n): round(n * per_accelerator, 1) for n in accelerators},
+          "h2d_mb_per_s_per_accelerator": round(step_img_per_s * row["bytes_per_img"] / 1e6, 1)}
+
+
+def _size(text: str) -> tuple[int, int]:
+  """'500x375' -> (500, 375); UserError otherwise."""
+  try:
+    w, h = (int(v) for v in text.lower().split("x"))
+  except ValueError:
+    w = h = 0
+  if w < 32 or h < 32:
+    raise UserError(f"--jpeg_size: got {text!r}; use WIDTHxHEIGHT of at least 32x32, e.g. 500x375")
+  return w, h
 
 
 def _run(f: types.SimpleNamespace) -> None:
@@ -112,13 +148,21 @@ def _run(f: types.SimpleNamespace) -> None:
   for name in ("batch", "batches", "image_size", "jpeg_count", "shapes_size"):
     if getattr(f, name).value <= 0:
       raise UserError(f"--{name}: got {getattr(f, name).value}; use an integer > 0")
+  jpeg_size = _size(f.jpeg_size.value)
+  try:
+    accelerators = [int(n) for n in f.accelerators.value]
+  except ValueError:
+    accelerators = [0]
+  if not accelerators or min(accelerators) <= 0:
+    raise UserError(f"--accelerators: got {','.join(f.accelerators.value)}; use counts > 0, "
+                    "e.g. --accelerators=1,8")
   tmp = None
   rows = []
   for source in f.sources.value:
     if source == "jpeg":
       if not f.jpeg_dir.value:
         tmp = tmp or tempfile.TemporaryDirectory(prefix="pr_mim_jpegs_")
-      folder = write_jpegs(f.jpeg_dir.value or tmp.name, f.jpeg_count.value)
+      folder = write_jpegs(f.jpeg_dir.value or tmp.name, f.jpeg_count.value, jpeg_size)
       dataset = f"folder:{folder}"
     else:
       dataset = "shapes"
@@ -130,8 +174,7 @@ def _run(f: types.SimpleNamespace) -> None:
       row.update(measure(data, batch=f.batch.value, image_size=f.image_size.value,
                          batches=f.batches.value))
       if f.step_img_per_s.value > 0:
-        row["step_img_per_s"] = f.step_img_per_s.value
-        row["cores_to_feed"] = round(f.step_img_per_s.value / row["img_per_s_per_core"], 1)
+        row.update(sizing(row, f.step_img_per_s.value, accelerators))
       rows.append(row)
       print(json.dumps(row), flush=True)
   if tmp:

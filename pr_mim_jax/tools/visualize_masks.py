@@ -22,7 +22,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from pr_mim_jax import cli
-from pr_mim_jax.data import pipeline
+from pr_mim_jax.data import pipeline, pixels
 from pr_mim_jax.errors import UserError
 from pr_mim_jax.method import masking
 from pr_mim_jax.models import vit
@@ -88,9 +88,9 @@ def write_pictures(config, out: str, num_images: int = 8, seed: int = 0) -> list
   for strategy in masking.THROW_STRATEGIES:
     masks = jax.device_get(masking.make_masks(rng, images.shape[0], split, strategy, grid))
     maps[strategy] = visualize.token_map(images, masks.ids_vis, masks.ids_dec, masks.ids_throw,
-                                         patch, pipeline.denormalize)  # [N, S, S, 3]
+                                         patch, pixels.denormalize)  # [N, S, S, 3]
   factor = visualize.fit_factor(size, MIN_WIDTH)
-  originals = visualize.upscale(pipeline.denormalize(images), factor)
+  originals = visualize.upscale(pixels.denormalize(images), factor)
   maps = {k: visualize.upscale(v, factor) for k, v in maps.items()}
 
   legend = visualize.legend_items()

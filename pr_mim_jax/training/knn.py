@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pr_mim_jax.data import pixels
 from pr_mim_jax.parallel import sharding
 
 
@@ -28,12 +29,14 @@ def pool_features(tokens, feature: str):
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _embed(model, feature, params, images):
   # MaskedAutoencoder.encode, or a bare vit.Encoder's __call__.
-  tokens = model.apply({"params": params}, images, method=getattr(type(model), "encode", None))  # [B, 1+L, D]
+  tokens = model.apply({"params": params}, pixels.model_input(images),
+                       method=getattr(type(model), "encode", None))  # [B, 1+L, D]
   return pool_features(tokens, feature).astype(jnp.float32)
 
 
 def extract_features(model, params, images: np.ndarray, *, feature: str, batch_size: int):
-  """[N, H, W, 3] float images -> [N, D] float32 features, in batches (last one padded)."""
+  """[N, H, W, 3] images (uint8 pixels or normalised) -> [N, D] float32 features, in
+  batches (last one padded)."""
   out = []
   for start in range(0, len(images), batch_size):
     chunk = images[start:start + batch_size]

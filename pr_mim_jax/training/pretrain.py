@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from etils import epath
 from jax.sharding import Mesh
 
-from pr_mim_jax.data import pipeline
+from pr_mim_jax.data import pipeline, pixels
 from pr_mim_jax.errors import UserError
 from pr_mim_jax.method import masking
 from pr_mim_jax.models import vit
@@ -116,7 +116,7 @@ def write_reconstructions(workdir, writer, model, params, images, state_rng, ste
       params, images, masks)
   images, preds, masks = sharding.to_host((images, preds, masks))
   picture = visualize.reconstruction_grid(images, preds.dec, masks.ids_vis, masks.ids_dec,
-                                          task.patch, task.target, pipeline.denormalize,
+                                          task.patch, task.target, pixels.denormalize,
                                           ids_throw=masks.ids_throw, pred_throw=preds.throw)
   if jax.process_index() == 0:
     out = epath.Path(workdir) / "images"

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import optax
 
 from pr_mim_jax import patch_tokens
+from pr_mim_jax.data import pixels
 from pr_mim_jax.method import losses
 from pr_mim_jax.method import masking
 from pr_mim_jax.method import targets
@@ -66,8 +67,10 @@ def loss_fn(params, model, images, masks: masking.Masks, task: Task,
   reconstruction the thrown tokens are scored too, with weight `thrown_loss_weight`,
   otherwise never. `every_masked_token` (the study's metric) scores every masked token
   with weight 1: PR-MIM's decoded and reconstructed thrown tokens, and for MAE and partial
-  reconstruction the decoder run over all masked tokens.
+  reconstruction the decoder run over all masked tokens. `images` may be uint8 pixels
+  (normalised here, on the device) or already normalised floats.
   """
+  images = pixels.model_input(images)  # [B, H, W, 3] float32
   ids_query = masks.ids_dec
   if every_masked_token and not task.reconstruct_thrown:
     ids_query = masks.ids_mask

@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from pr_mim_jax import patch_tokens
+from pr_mim_jax.data.pixels import normalized
 from pr_mim_jax.training import picture_text
 
 GREY = 0.5  # decoded patches in the token map, in [0, 1] display units
@@ -83,12 +84,13 @@ def _frame_px(patch: int) -> int:
 
 
 def token_map(images, ids_vis, ids_dec, ids_throw, patch: int, denormalize) -> np.ndarray:
-  """Normalised images [B, H, W, 3] -> uint8 [B, H, W, 3] map of the token split.
+  """Images [B, H, W, 3] (uint8 pixels or normalised) -> uint8 [B, H, W, 3] map of the token
+  split.
 
   ids_throw may be None: every patch that is neither visible nor decoded is thrown.
   """
   del ids_throw  # the complement of visible and decoded patches
-  images = np.asarray(images, np.float32)
+  images = normalized(images)  # [B, H, W, 3] as the model saw them
   num_patches = (images.shape[1] // patch) * (images.shape[2] // patch)
   classes = patch_classes(ids_vis, ids_dec, num_patches)
   where = _pixel_classes(classes, patch)[..., None]  # [B, H, W, 1]
@@ -117,7 +119,7 @@ def reconstruction(images, pred_dec, ids_vis, ids_dec, patch: int, target: str, 
   """
   if pred_throw is not None and ids_throw is None:
     raise ValueError("pred_throw needs ids_throw")
-  images = np.asarray(images, np.float32)
+  images = normalized(images)  # [B, H, W, 3] as the model saw them
   patches = np.asarray(patch_tokens.patchify(images, patch))  # [B, L, P]
   rows = np.arange(patches.shape[0])[:, None]
   recon = patches.copy()
@@ -202,7 +204,7 @@ def reconstruction_grid(images, pred_dec, ids_vis, ids_dec, patch, target, denor
   Columns are titled and a legend explains the markings; tiles are upscaled by `scale`
   (None: the smallest factor that makes them >= MIN_TILE px, room for the titles).
   """
-  originals = np.asarray(denormalize(np.asarray(images, np.float32)), np.uint8)  # [B, H, W, 3]
+  originals = np.asarray(denormalize(normalized(images)), np.uint8)  # [B, H, W, 3]
   columns = [originals, token_map(images, ids_vis, ids_dec, ids_throw, patch, denormalize)]
   titles = ["original", "token map"]
   if target != "hog":
