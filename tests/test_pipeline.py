@@ -78,15 +78,15 @@ def test_folder_listing(folder):
 
 
 @needs_tf
-def test_folder_decoding_tf_matches_pillow(folder):
-  """Grayscale, RGBA and palette PNGs become the same RGB pixels in TF and Pillow."""
+def test_folder_decoding_tf_matches_numpy_backend(folder):
+  """Grayscale, RGBA and palette PNGs become the same RGB pixels in TF and OpenCV."""
   from pr_mim_jax.data import augment  # pylint: disable=g-import-not-at-top
   src = sources.FolderSource(folder)
   for i, path in enumerate(src.paths):
     tf_img = augment.decode(src.tf_parse(src.keys([i])[0])["image"]).numpy()
-    pil_img = src.image(i)
-    assert tf_img.shape == pil_img.shape and tf_img.shape[-1] == 3
-    diff = np.abs(tf_img.astype(int) - pil_img.astype(int))
+    np_img = src.image(i)
+    assert tf_img.shape == np_img.shape and tf_img.shape[-1] == 3
+    diff = np.abs(tf_img.astype(int) - np_img.astype(int))
     is_jpeg = path.lower().endswith((".jpg", ".jpeg"))
     assert diff.max() <= (8 if is_jpeg else 0), path  # libjpeg IDCT variants
     if is_jpeg:

@@ -101,7 +101,8 @@ def get_config(mode: str, arg=None):
       tune_malloc=True,  # keep freed host buffers mapped (data/host_memory.py)
       prefetch=2,
       num_parallel_calls=-1,
-      backend="auto",
+      backend="auto",  # 'tf' | 'numpy' | 'dali' (crop_flip only) | 'auto'
+      dali_device="gpu",  # backend='dali': 'gpu' | 'cpu'
   ))
   c.train = ml_collections.ConfigDict(dict(
       total_steps=0,  # 0: from optim.epochs and the dataset size

@@ -35,6 +35,6 @@ def get_config(arg=None):
       data_dir=ml_collections.FieldReference(None, field_type=str),
       shapes=dict(image_size=64, train_size=20000, test_size=2000, seed=0,
                   difficulty="hard"),  # 'hard' | 'easy' (sanity check; shapes.py)
-      num_parallel_calls=-1, backend="auto",
+      num_parallel_calls=-1, backend="auto", dali_device="gpu",
       tune_malloc=True))  # keep freed host buffers mapped (data/host_memory.py)
   return c

@@ -90,7 +90,8 @@ def get_config(arg=None):
       crop_min_scale=0.5 if demo else 0.2,  # random resized crop area share in [this, 1] (MAE: 0.2)
       prefetch=2,  # device batches prefetched
       num_parallel_calls=-1,  # -1 = AUTOTUNE
-      backend="auto",  # 'tf' (tf.data) | 'numpy' (no TensorFlow) | 'auto' = tf if installed
+      backend="auto",  # 'tf' (tf.data) | 'numpy' (no TensorFlow) | 'dali' | 'auto' = tf if installed
+      dali_device="gpu",  # backend='dali': 'gpu' (nvJPEG on the first local GPU) | 'cpu'
       tune_malloc=True,  # keep freed host buffers mapped: ~1.8x images per core (host_memory.py)
   ))
 

@@ -1,7 +1,7 @@
 """Which dataset, read how: config access, backends, opening sources, dataset facts.
 
 Everything the batch builders in pipeline.py need to know about a dataset before the
-first batch: the resolved backend ('tf' or 'numpy'), the random-access source of a split
+first batch: the resolved backend ('tf', 'numpy' or 'dali'), the random-access source of a split
 (sources.py), and cheap checks and counts (check_dataset, num_examples, num_classes)
 that raise UserErrors naming what is wrong. TensorFlow is imported only when the 'tf'
 backend is used.
@@ -18,7 +18,7 @@ import numpy as np
 from pr_mim_jax.data import sources
 from pr_mim_jax.errors import UserError
 
-BACKENDS = ("auto", "tf", "numpy")
+BACKENDS = ("auto", "tf", "numpy", "dali")
 SHAPES_SPLITS = ("train", "test")
 
 
@@ -84,7 +84,8 @@ def tf_modules():
 
 
 def resolve_backend(data, backend: str | None) -> str:
-  """Resolves 'auto' | 'tf' | 'numpy' to 'tf' or 'numpy'."""
+  """Resolves 'auto' | 'tf' | 'numpy' | 'dali' to 'tf', 'numpy' or 'dali' ('auto' never picks
+  'dali')."""
   b = backend if backend is not None else (get(data, "backend", None) or "auto")
   if b not in BACKENDS:
     raise UserError(f"unknown data backend {b!r}; use one of {', '.join(BACKENDS)}")
@@ -93,12 +94,16 @@ def resolve_backend(data, backend: str | None) -> str:
   if b == "tf" and not tf_importable():
     raise UserError("data backend 'tf' needs tensorflow and tensorflow-datasets: "
                     f"{sources.TF_INSTALL}")
+  if b == "dali":
+    from pr_mim_jax.data import dali_batches  # pylint: disable=g-import-not-at-top
+    if not dali_batches.importable():
+      raise UserError(f"data backend 'dali' needs NVIDIA DALI: {dali_batches.INSTALL}")
   return b
 
 
 def _require_tf(data, name: str) -> None:
-  """UserError unless the TF backend is usable (TF importable, not data.backend='numpy')."""
-  if resolve_backend(data, None) == "numpy":
+  """UserError unless tfds datasets are readable (TF importable, not data.backend='numpy')."""
+  if resolve_backend(data, None) == "numpy" or not tf_importable():
     raise sources.needs_tf_error(name)
   tf_modules()
 
@@ -148,6 +153,9 @@ def open_source(data, split: str, backend: str, labeled: bool = False):
     return sources.LabeledFolderSource(arg, split, _folder_classes(data))
   if kind == "shapes":
     _check_shapes_split(split)
+    if backend == "dali":
+      raise UserError("data.backend='dali' decodes image files; the in-memory 'shapes' dataset "
+                      "has none: use data.backend=numpy or tf for it")
     size, n_train, n_test, shapes_seed = _shapes_cfg(data)
     difficulty = _shapes_difficulty(data)
     if backend == "numpy":
@@ -156,7 +164,7 @@ def open_source(data, split: str, backend: str, labeled: bool = False):
     tf_modules()  # hide GPUs before tfds touches TF
     builder = _shapes_builder(data_dir, size, n_train, n_test, shapes_seed, difficulty)
     return sources.TfdsSource(builder, split, "shapes")
-  if backend == "numpy":
+  if backend == "numpy" or not tf_importable():
     raise sources.needs_tf_error(arg)
   tf_modules()
   source = sources.TfdsSource(_tfds_builder(arg, data_dir), split, arg)

@@ -27,7 +27,7 @@ one permutation, about 14 ms (13-50 ms) for N = 1,281,167 (ImageNet-1k train) in
 NumPy on the 2-core Intel Xeon dev machine, plus one more per epoch boundary.
 
 Backends. 'tf' (tf.data, parallel decode in TF ops, never on a GPU) or 'numpy'
-(NumPy + Pillow in a thread pool, for machines without TensorFlow; 'shapes' and
+(NumPy + OpenCV in a thread pool, for machines without TensorFlow; 'shapes' and
 'folder:' only). Choose with the `backend` argument, else `data.backend` if the
 config has it, else 'auto' = 'tf' if tensorflow and tensorflow_datasets import.
 The numpy backend reads the same examples per batch as 'tf', but its augmentation
@@ -39,12 +39,13 @@ into memory once per process.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 from typing import Iterator, Sequence
 
 import jax
 import numpy as np
 
-from pr_mim_jax.data import augment_np, datasets, host_memory, prefetch, sampler
+from pr_mim_jax.data import augment_np, dali_batches, datasets, host_memory, prefetch, sampler
 # Dataset checks and counts, re-exported: callers need only this module.
 from pr_mim_jax.data.datasets import (  # noqa: F401  # pylint: disable=unused-import
     check_dataset, check_labeled_dataset, num_classes, num_eval_batches, num_examples)
@@ -68,8 +69,9 @@ def _randaugment_cfg(data) -> dict:
 
 def _train_transform(data, backend: str, augment: str, seed: int, image_size: int):
   """fn(image, step, position) -> [S, S, 3]: uint8 pixels ('crop_flip'), float32 normalised
-  ('randaugment', whose erasing writes noise no pixel has); image: TF encoded bytes or NumPy
-  uint8 [H, W, 3] per backend."""
+  ('randaugment', whose erasing writes noise no pixel has); image: TF encoded bytes ('tf') or
+  a source's raw image ('numpy'). For 'dali', the whole batch builder instead:
+  fn(source, steps, local=, labeled=, threads=) (dali_batches.batches)."""
   if augment not in AUGMENTS:
     raise UserError(f"unknown augmentation {augment!r}; use one of {', '.join(AUGMENTS)}")
   min_scale = float(datasets.get(data, "crop_min_scale", augment_np.MIN_SCALE))
@@ -82,6 +84,12 @@ def _train_transform(data, backend: str, augment: str, seed: int, image_size: in
     from pr_mim_jax.data import randaugment  # pylint: disable=g-import-not-at-top
     return lambda x, step, pos: randaugment.train_augment(x, seed, step, pos, image_size,
                                                           min_scale=min_scale, **ra)
+  if backend == "dali":
+    if ra is not None:
+      raise UserError("data.backend='dali' has no RandAugment; use data.backend=tf or numpy "
+                      "for fine-tuning's recipe")
+    return functools.partial(dali_batches.batches, kind="train", seed=seed, size=image_size,
+                             min_scale=min_scale, device=datasets.get(data, "dali_device", "gpu"))
   if ra is None:
     return lambda x, step, pos: augment_np.train_augment(
         x, augment_np.example_rng(seed, step, pos), image_size, min_scale)
@@ -90,7 +98,10 @@ def _train_transform(data, backend: str, augment: str, seed: int, image_size: in
       x, augment_np.example_rng(seed, step, pos), image_size, min_scale=min_scale, **ra)
 
 
-def _eval_transform(backend: str, image_size: int):
+def _eval_transform(data, backend: str, image_size: int):
+  if backend == "dali":
+    return functools.partial(dali_batches.batches, kind="eval", seed=0, size=image_size,
+                             min_scale=1.0, device=datasets.get(data, "dali_device", "gpu"))
   if backend == "tf":
     _, aug = datasets.tf_modules()
     return lambda x, step, pos: aug.eval_transform(aug.decode(x), image_size)
@@ -144,15 +155,16 @@ def _tf_batches(source, steps, *, local, transform, labeled, threads):
 
 
 def _np_batches(source, steps, *, local, transform, labeled, threads):
-  """NumPy + Pillow in a thread pool (Pillow releases the GIL while decoding/resizing)."""
+  """NumPy + OpenCV in a thread pool (OpenCV releases the GIL while decoding/resizing)."""
   del local
 
   def batches():
+    augment_np.no_opencv_threads()  # the pool parallelises over images instead
     pool = concurrent.futures.ThreadPoolExecutor(datasets.pool_size(threads), "augment_np")
     try:
       for s in steps:
         def one(k, s=s):
-          return transform(source.pil(int(s.indices[k])), s.step, int(s.positions[k]))
+          return transform(source.raw(int(s.indices[k])), s.step, int(s.positions[k]))
         b = {"image": np.stack(list(pool.map(one, range(len(s.indices))))),  # [local, S, S, 3]
              "index": s.indices}
         if labeled:
@@ -167,6 +179,9 @@ def _np_batches(source, steps, *, local, transform, labeled, threads):
 def _load(data, source, backend, steps, *, local, transform, labeled):
   if datasets.get(data, "tune_malloc", True):
     host_memory.tune_malloc()
+  if backend == "dali":  # the transform is the whole batch builder
+    return transform(source, steps, local=local, labeled=labeled,
+                     threads=datasets.pool_size(datasets.threads(data)))
   make = _tf_batches if backend == "tf" else _np_batches
   return make(source, steps, local=local, transform=transform, labeled=labeled,
               threads=datasets.threads(data))
@@ -232,7 +247,7 @@ def _eval_host(data, source, backend, n, *, global_batch, image_size, positions)
       yield sampler.StepIndices(b, np.minimum(b * global_batch + positions, n - 1), positions)
 
   host = _load(data, source, backend, steps(), local=len(positions),
-               transform=_eval_transform(backend, image_size), labeled=True)
+               transform=_eval_transform(data, backend, image_size), labeled=True)
 
   def batches():
     try:

@@ -3,7 +3,8 @@
 A source has a length and gives example `i` on demand, so each process reads only
 the examples its part of the batch needs. Two access styles, one per backend:
 
-* NumPy (`image(i)`, `label(i)`): decoded uint8 [H, W, 3], for the TF-free path.
+* NumPy (`raw(i)`, `image(i)`, `label(i)`): the image as stored (encoded bytes, or
+  uint8 [H, W, 3] for arrays) and decoded, for the TF-free path.
 * TF (`keys(indices)` then `tf_parse(key)`): `keys` runs in Python (inside a
   `tf.numpy_function`) and returns cheap per-example keys (a file path, a raw
   serialized record); `tf_parse` runs in TF ops and turns one key into
@@ -18,13 +19,11 @@ from __future__ import annotations
 
 import difflib
 import functools
-import io
 import os
 from typing import Any
 
 import numpy as np
 from etils import epath
-from PIL import Image
 
 from pr_mim_jax.data import augment_np
 from pr_mim_jax.errors import UserError
@@ -66,8 +65,8 @@ class ArraySource:
   def image(self, i: int) -> np.ndarray:
     return self.images[i]
 
-  def pil(self, i: int) -> Image.Image:
-    return Image.fromarray(self.images[i])
+  def raw(self, i: int) -> np.ndarray:
+    return self.images[i]  # [H, W, 3] uint8
 
   def label(self, i: int) -> int:
     return int(self.labels[i])
@@ -119,11 +118,11 @@ class FolderSource:
 
   def image(self, i: int) -> np.ndarray:
     """Decoded uint8 [H, W, 3] (grayscale, palette and RGBA become RGB)."""
-    return augment_np.to_rgb_array(self.pil(i))
+    return augment_np.decode(self.raw(i))
 
-  def pil(self, i: int) -> Image.Image:
-    """The file opened, not yet decoded (a JPEG may still decode at a smaller scale)."""
-    return Image.open(io.BytesIO(epath.Path(self.paths[i]).read_bytes()))
+  def raw(self, i: int) -> bytes:
+    """The file's bytes, not yet decoded (a JPEG may still decode at a smaller scale)."""
+    return epath.Path(self.paths[i]).read_bytes()
 
   def label(self, i: int) -> int:
     raise UserError(f"image folder {self.root} has no labels; "
@@ -334,12 +333,12 @@ class TfdsSource:
     return self._decoded
 
   def image(self, i: int) -> np.ndarray:
-    """Decoded uint8 [H, W, 3] through Pillow (for tools; training uses tf_parse)."""
-    return augment_np.to_rgb_array(self.pil(i))
+    """Decoded uint8 [H, W, 3] (for tools and the numpy backend; the tf backend uses tf_parse)."""
+    return augment_np.decode(self.raw(i))
 
-  def pil(self, i: int) -> Image.Image:
-    """The encoded image opened in Pillow, not yet decoded."""
-    return Image.open(io.BytesIO(self._numpy_source()[int(i)]["image"]))
+  def raw(self, i: int) -> bytes:
+    """The encoded image, not yet decoded."""
+    return self._numpy_source()[int(i)]["image"]
 
   def label(self, i: int) -> int:
     return int(self._numpy_source()[int(i)]["label"])

@@ -41,8 +41,10 @@ def _define_flags(flag_values=flags.FLAGS) -> types.SimpleNamespace:
   return types.SimpleNamespace(
       sources=flags.DEFINE_list("sources", None, f"Required: sources to time, from "
                                 f"{list(SOURCES)}.", **fv),
-      backends=flags.DEFINE_list("backends", ["auto"], "From ['auto', 'tf', 'numpy']; auto = tf "
-                                 "if installed.", **fv),
+      backends=flags.DEFINE_list("backends", ["auto"], "From ['auto', 'tf', 'numpy', 'dali']; "
+                                 "auto = tf if installed.", **fv),
+      dali_device=flags.DEFINE_enum("dali_device", "gpu", ["gpu", "cpu"], "Where the 'dali' "
+                                    "backend decodes (data.dali_device).", **fv),
       image_size=flags.DEFINE_integer("image_size", 224, "Output crop side.", **fv),
       batch=flags.DEFINE_integer("batch", 256, "Images per batch.", **fv),
       batches=flags.DEFINE_integer("batches", 20, "Timed batches per setting.", **fv),
@@ -85,12 +87,12 @@ def write_jpegs(directory: str, count: int, size=(500, 375), seed: int = 0) -> s
 
 
 def data_config(dataset: str, backend: str, threads: int, shapes_size: int,
-                data_dir: str) -> ml_collections.ConfigDict:
+                data_dir: str, dali_device: str = "gpu") -> ml_collections.ConfigDict:
   """The `config.data` fields the pre-training pipeline reads (MAE's crop scale 0.2)."""
   return ml_collections.ConfigDict(dict(
       dataset=dataset, train_split="train", data_dir=data_dir or None,
       shapes=dict(image_size=64, train_size=shapes_size, test_size=64, seed=0, difficulty="hard"),
-      crop_min_scale=0.2, num_parallel_calls=threads, backend=backend))
+      crop_min_scale=0.2, num_parallel_calls=threads, backend=backend, dali_device=dali_device))
 
 
 def measure(data, *, batch: int, image_size: int, batches: int) -> dict:
@@ -167,7 +169,8 @@ def _run(f: types.SimpleNamespace) -> None:
     else:
       dataset = "shapes"
     for backend in f.backends.value:
-      data = data_config(dataset, backend, f.threads.value, f.shapes_size.value, f.data_dir.value)
+      data = data_config(dataset, backend, f.threads.value, f.shapes_size.value, f.data_dir.value,
+                         f.dali_device.value)
       resolved = datasets.resolve_backend(data, None)
       row = {"source": source, "backend": resolved, "image_size": f.image_size.value,
              "batch": f.batch.value, "threads": f.threads.value, "host_cores": os.cpu_count()}
