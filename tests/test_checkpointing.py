@@ -1,5 +1,6 @@
 """Tests for pr_mim_jax.training.checkpointing: retention, exact restore, damage handling."""
 
+import json
 import pathlib
 import threading
 import time
@@ -13,6 +14,7 @@ import pytest
 
 from pr_mim_jax.errors import UserError
 from pr_mim_jax.training import checkpointing
+from pr_mim_jax.training import checksums
 
 
 @flax.struct.dataclass
@@ -263,3 +265,108 @@ def test_relative_directory_async_save_and_restore(tmp_path, monkeypatch):
   _assert_identical(ckpt.restore(_abstract(state)), state)
   ckpt.close()
   assert (tmp_path / "workdirs" / "run" / "checkpoints" / "2").is_dir()
+
+
+# ------------------------------------------------------------------ checksums
+
+
+def _zero_64_bytes(step_dir: pathlib.Path):
+  """The bit-rot fault: 64 bytes zeroed in the middle of the largest data file."""
+  biggest = max((f for f in step_dir.rglob('d/*') if f.is_file()), key=lambda f: f.stat().st_size)
+  data = bytearray(biggest.read_bytes())
+  mid = len(data) // 2
+  data[mid:mid + 64] = bytes(64)
+  biggest.write_bytes(bytes(data))
+
+
+def _leaf_names(state) -> set[str]:
+  return {jax.tree_util.keystr(p, simple=True, separator='/')
+          for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]}
+
+
+@pytest.mark.parametrize('async_save', [True, False])
+def test_every_save_records_its_arrays_checksums(tmp_path, async_save):
+  ckpt = checkpointing.Checkpointer(str(tmp_path), async_save=async_save)
+  states = {s: _make_state(seed=s) for s in (1, 2)}
+  for s, state in states.items():
+    ckpt.save(s, state)
+  ckpt.close()
+  for s, state in states.items():
+    record = json.loads((tmp_path / str(s) / checkpointing.CHECKSUMS_FILE).read_text())
+    assert record['algorithm'] == checksums.ALGORITHM
+    assert set(record['arrays']) == _leaf_names(state)
+    assert record['arrays']['params/dense/kernel'] == checksums.of_numpy(
+        np.asarray(state.params['dense']['kernel']))  # the NumPy reference, independently
+  reopened = checkpointing.Checkpointer(str(tmp_path))
+  _assert_identical(reopened.restore(_abstract(states[2])), states[2])
+  assert reopened.restored == (2, True)
+  reopened.close()
+
+
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+def test_silent_corruption_is_caught_named_and_left_in_place(tmp_path, caplog):
+  states = _saved(tmp_path, [1, 2])
+  _zero_64_bytes(tmp_path / '2')
+  before = _snapshot(tmp_path)
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  with pytest.raises(checkpointing.DamagedCheckpoint) as err:
+    ckpt.restore(_abstract(states[2]))  # no fallback asked for
+  assert str(tmp_path / '2') in str(err.value) and '\n' not in str(err.value)
+  # Resuming falls back to the newest checkpoint that verifies, loudly.
+  restored = ckpt.restore(_abstract(states[2]), fallback=True)
+  _assert_identical(restored, states[1])
+  assert ckpt.restored == (1, True)
+  assert 'RESUMING FROM AN OLDER CHECKPOINT, step 1' in caplog.text
+  ckpt.close()
+  assert _snapshot(tmp_path) == before  # nothing moved, deleted or rewritten
+
+
+def test_a_changed_array_is_named(tmp_path):
+  """Arrays that read back fine but differ from what was saved (the checksums file edited
+  to stand for a silent change) are named in the error."""
+  states = _saved(tmp_path, [1])
+  path = tmp_path / '1' / checkpointing.CHECKSUMS_FILE
+  record = json.loads(path.read_text())
+  record['arrays']['params/dense/bias'] ^= 1
+  path.write_text(json.dumps(record))
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  with pytest.raises(checkpointing.DamagedCheckpoint, match=r'1 of \d+ arrays .*params/dense/bias'):
+    ckpt.restore(_abstract(states[1]))
+  with pytest.raises(checkpointing.DamagedCheckpoint, match='params/dense/bias'):
+    ckpt.restore_subtree(('params', 'dense'), _sharding())
+  _, step = ckpt.restore_subtree(('params', 'scale'), _sharding())  # an intact part reads
+  assert step == 1
+  with pytest.raises(checkpointing.DamagedCheckpoint, match='Every checkpoint'):
+    ckpt.restore(_abstract(states[1]), fallback=True)
+  ckpt.close()
+
+
+def test_checkpoints_without_checksums_restore_with_a_note(tmp_path, caplog):
+  states = _saved(tmp_path, [1])
+  (tmp_path / '1' / checkpointing.CHECKSUMS_FILE).unlink()  # as written before this change
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  _assert_identical(ckpt.restore(_abstract(states[1])), states[1])
+  assert ckpt.restored == (1, False)
+  assert 'has no checksums' in caplog.text and 'restored unverified' in caplog.text
+  ckpt.close()
+
+
+@pytest.mark.parametrize('error,says', [
+    (OSError(28, 'No space left on device'), 'the disk is full'),
+    (OSError(13, 'Permission denied'), 'the directory is not writable'),
+    (ValueError('something else'), 'ValueError, details in the log above')])
+def test_a_failed_save_is_one_line_with_the_cause_and_the_fix(tmp_path, monkeypatch, error, says):
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  ckpt.save(1, _make_state(1))
+  ckpt.wait()
+  def fail(*args, **kwargs):
+    raise error
+  monkeypatch.setattr(ckpt._mngr, 'save', fail)  # pylint: disable=protected-access
+  with pytest.raises(checkpointing.CheckpointError) as err:
+    ckpt.save(2, _make_state(2))
+  msg = str(err.value)
+  assert msg.startswith(f'Writing checkpoint step 2 to {tmp_path} failed: {says}')
+  assert 'rerun the same command' in msg and '\n' not in msg
+  monkeypatch.undo()
+  ckpt.close()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['1']  # the good one stays

@@ -18,11 +18,16 @@ from pr_mim_jax.training.train_state import ClassifierState
 class FakeCheckpointer:
   directory = "fake"
 
-  def __init__(self):
+  def __init__(self, restored=None):
     self.saved = []
+    self.restored = restored  # (step, verified) of the checkpoint a resume read
+    self.polls = 0
 
   def save(self, step, state):
     self.saved.append((step, int(state)))
+
+  def poll(self):
+    self.polls += 1
 
 
 class FakeWriter:
@@ -70,6 +75,26 @@ def test_a_non_finite_loss_is_never_saved():
     trainer.run(jnp.int32(0), _step, _batches([1.0, float("nan"), 3.0, 4.0]), start_step=0,
                 total_steps=4, log_every=100, peak_lr=0.1, ckpt=ckpt, checkpoint_every=2)
   assert ckpt.saved == []
+
+
+@pytest.mark.parametrize("verified,says", [(True, "passed its checksums"),
+                                            (False, "had no checksums to verify")])
+def test_a_non_finite_loss_soon_after_a_resume_names_the_checkpoint(verified, says):
+  ckpt = FakeCheckpointer(restored=(936, verified))
+  with pytest.raises(trainer.NonFiniteLossError) as err:
+    trainer.run(jnp.int32(936), _step, _batches([1.0, float("nan")]), start_step=936,
+                total_steps=940, log_every=100, peak_lr=0.1, ckpt=ckpt, checkpoint_every=2)
+  msg = str(err.value)
+  assert "loss is nan at step 938: training stopped and this state was NOT saved" in msg
+  assert f"2 steps after resuming from checkpoint 936, which {says}" in msg
+  assert "may be damaged" in msg and "otherwise lower config.optim.base_lr" in msg
+  assert ckpt.saved == [] and ckpt.polls == 2  # checksums polled every step
+  # Long after the resume, only the usual advice.
+  far = trainer.check_finite(5000, [(4000, {"loss": 1.0})], 0.1, restored=(936, True))
+  assert far == [(4000, {"loss": 1.0})]
+  with pytest.raises(trainer.NonFiniteLossError) as err:
+    trainer.check_finite(5000, [(5000, {"loss": float("inf")})], 0.1, restored=(936, True))
+  assert "resuming" not in str(err.value) and "; lower config.optim.base_lr" in str(err.value)
 
 
 def test_a_stop_signal_saves_at_the_next_step_and_ends_the_run():

@@ -255,7 +255,7 @@ def train(config, workdir: str, checked: Checked | None = None) -> dict:
     del encoder
     if resume:
       state = ckpt.restore(trainer.abstract_with_shardings(state, state_sharding),
-                           relayouts=vit.CHECKPOINT_RELAYOUTS)
+                           relayouts=vit.CHECKPOINT_RELAYOUTS, fallback=True)
       logging.info("resumed from %s at step %d", ckpt.directory, int(state.step))
     start_step = int(state.step)
     batch_sharding = sharding.batch_sharding(mesh)

@@ -9,23 +9,39 @@ renames it to `<step>` once every file is written (on GCS, where renames are
 not atomic, it writes a final `commit_success.txt` instead). The manager lists
 only finalized steps, so a process killed mid-save never leaves a step that
 `latest_step` reports; `cleanup_tmp_directories` removes such leftovers.
+
+Verification: each save dispatches its arrays' checksums (checksums.py) and writes them to
+`<step>/checksums.json` once the step is final (`poll`, every training step). Every
+restore recomputes them and raises DamagedCheckpoint on a mismatch; resuming
+(`fallback=True`) then takes the newest checkpoint that verifies and leaves the bad one in
+place. A step killed after orbax's rename but before its checksums lacks the file and
+restores unverified, with a note, as do checkpoints from before checksums existed.
 """
 
 from absl import logging
+import json
 import os
+import sys
+import traceback
 from etils import epath
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from pr_mim_jax.errors import UserError
+from pr_mim_jax.training import checksums
 
 _ITEM = 'state'  # Name of the single item inside each step directory.
 _MAX_LISTED = 5  # Mismatched leaves listed in an incompatibility error.
+CHECKSUMS_FILE = 'checksums.json'  # In each step directory, written once the save is final.
 
 
 class CheckpointError(UserError):
   """A checkpoint that cannot be used; the message says which and why."""
+
+
+class DamagedCheckpoint(CheckpointError):
+  """A checkpoint whose files cannot be read or whose arrays fail their checksums."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -76,10 +92,66 @@ def _mismatches(saved, expected) -> list[str]:
   return out
 
 
-def _damaged(path, e: Exception) -> CheckpointError:
+def _late_read(exc, tb) -> bool:
+  """Whether an exception nobody catches comes from a checkpoint read or write that outlived
+  a failed one: when one array fails, orbax stops waiting and closes its event loop while
+  TensorStore still completes (or fails) the other arrays' operations, whose coroutines and
+  callbacks then raise with no one to catch them."""
+  if isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed':
+    return True
+  return any('/orbax/checkpoint/' in f.filename for f in traceback.extract_tb(tb))
+
+
+def _quiet_late_reads() -> None:
+  """Those exceptions go to the log as one line each instead of to the console as tracebacks
+  around the error line. They arrive as unraisable exceptions (coroutines destroyed while
+  pending, TensorStore's threads) or uncaught ones, possibly before the failure itself
+  reaches us, hence installed with the first Checkpointer; every other exception reaches the
+  previous hooks unchanged."""
+  if getattr(sys.unraisablehook, 'quiets_late_reads', False):
+    return
+  previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
+
+  def unraisable(args):
+    if _late_read(args.exc_value, args.exc_traceback):
+      logging.info('A checkpoint operation ended after its read or write failed: %s',
+                   _short(args.exc_value, 120))
+    else:
+      previous_unraisable(args)
+
+  def uncaught(exc_type, exc, tb):
+    if _late_read(exc, tb):
+      logging.info('A checkpoint operation ended after its read or write failed: %s',
+                   _short(exc, 120))
+    else:
+      previous_except(exc_type, exc, tb)
+
+  unraisable.quiets_late_reads = True
+  sys.unraisablehook, sys.excepthook = unraisable, uncaught
+
+
+def _write_failed(step, directory, e: Exception) -> CheckpointError:
+  """The one-line error for a save that failed; the library's own words go to the log."""
+  logging.warning('Writing checkpoint step %s to %s failed: %s', step, directory, e)
+  text = str(e)
+  if 'No space left' in text or 'File too large' in text or 'Disk quota' in text:
+    cause = 'the disk is full (or a file size or quota limit was hit): free space'
+  elif 'Permission denied' in text or 'Read-only file system' in text:
+    cause = 'the directory is not writable: fix its permissions'
+  else:
+    cause = f'{type(e).__name__}, details in the log above: fix the cause'
   return CheckpointError(
-      f'Checkpoint {path} is damaged or unreadable ({_short(e)}). It is left untouched: '
-      'move it away to resume from an older checkpoint, or point --workdir elsewhere.')
+      f'Writing checkpoint step {step} to {directory} failed: {cause}, then rerun the same '
+      'command to resume from the last complete checkpoint, which is untouched.')
+
+
+def _damaged(path, e: Exception) -> DamagedCheckpoint:
+  """The one-line error for unreadable files; the library's own words go to the log."""
+  logging.warning('Reading checkpoint %s failed: %s', path, e)
+  return DamagedCheckpoint(
+      f'Checkpoint {path} is damaged or unreadable ({type(e).__name__} while reading it; '
+      'details in the log above). It is left untouched: move it away to resume from an '
+      'older checkpoint, or point --workdir elsewhere.')
 
 
 class Checkpointer:
@@ -89,7 +161,10 @@ class Checkpointer:
                async_save: bool = True):
     # orbax needs absolute paths; a relative local workdir is resolved against the cwd.
     self.directory = epath.Path(directory if "://" in directory else os.path.abspath(directory))
+    _quiet_late_reads()
     self._pending = None  # Step of the last async save, maybe still writing.
+    self._sums = {}  # step -> its arrays' checksums, dispatched, to write once the save is final
+    self.restored = None  # (step, verified) of the last restore
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     registry.add(_ITEM, ocp.args.StandardSave)
     registry.add(_ITEM, ocp.args.StandardRestore)
@@ -121,23 +196,75 @@ class Checkpointer:
       logging.info('Checkpoint for step %d already exists in %s; not saving.',
                    step, self.directory)
       return
+    self.wait()  # orbax would wait for the previous save too; a failure of it is named here
+    self._sums[step] = checksums.start(state)  # dispatched before the next step donates it
     try:
       # force: save whenever asked; the training loop decides the cadence.
       self._mngr.save(step, force=True, args=ocp.args.Composite(
           **{_ITEM: ocp.args.StandardSave(state)}))
     except Exception as e:
-      raise CheckpointError(f'Could not save checkpoint step {step} to '
-                            f'{self.directory}: {_short(e)}') from e
+      self._sums.pop(step, None)
+      raise _write_failed(step, self.directory, e) from e
     self._pending = step
+    self.poll()  # a synchronous save is final already
+
+  def poll(self) -> None:
+    """Writes `<step>/checksums.json` for each save that has become final since the last
+    call: cheap, so the training loop calls it every step. Process 0 writes; a failure only
+    loses the checksums (the checkpoint then restores unverified, with a note)."""
+    saving = self._mngr.is_saving_in_progress()
+    done = {s: v for s, v in self._sums.items() if not (saving and s == self._pending)}
+    for s in done:
+      del self._sums[s]
+    for step, pending in done.items():
+      record = {'algorithm': checksums.ALGORITHM, 'arrays': checksums.values(pending)}
+      path = self.directory / str(step)
+      if jax.process_index() != 0 or not path.exists():  # a failed save left no step
+        continue
+      try:
+        tmp = path / f'{CHECKSUMS_FILE}.tmp'
+        tmp.write_text(json.dumps(record))
+        tmp.rename(path / CHECKSUMS_FILE)  # whole or absent
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning('Could not write the checksums of checkpoint %s (%s); it will '
+                        'restore unverified.', path, _short(e))
 
   def wait(self) -> None:
-    """Blocks until pending async saves are complete on disk."""
+    """Blocks until pending async saves are complete on disk, checksums included."""
     try:
       self._mngr.wait_until_finished()
     except Exception as e:
-      raise CheckpointError(f'Writing checkpoint step {self._pending} to '
-                            f'{self.directory} failed: {_short(e)}') from e
+      self._sums.pop(self._pending, None)
+      raise _write_failed(self._pending, self.directory, e) from e
+    self.poll()
     self._pending = None
+
+  def _verify(self, step: int, tree, prefix: tuple[str, ...] = ()) -> bool:
+    """Checks restored arrays against the checksums saved with `step`, on every process (the
+    sums are global, so every process reaches the same verdict). True when verified, False
+    when the checkpoint has no checksums; DamagedCheckpoint on a mismatch."""
+    path = self.directory / str(step)
+    try:
+      record = json.loads((path / CHECKSUMS_FILE).read_text())
+      saved = record['arrays'] if record.get('algorithm') == checksums.ALGORITHM else None
+    except FileNotFoundError:
+      saved = None
+    except Exception as e:  # pylint: disable=broad-except
+      raise _damaged(path, e) from e
+    if saved is None:
+      logging.warning('Checkpoint %s has no checksums (written before they existed, or the '
+                      'run stopped before they were written): restored unverified.', path)
+      return False
+    got = checksums.values(checksums.start(tree))
+    names = {k: '/'.join(prefix + (k,)) if k else '/'.join(prefix) for k in got}
+    bad = [names[k] for k in got if names[k] in saved and saved[names[k]] != got[k]]
+    if bad:
+      listed = ', '.join(bad[:3]) + (f' and {len(bad) - 3} more' if len(bad) > 3 else '')
+      raise DamagedCheckpoint(
+          f'Checkpoint {path} fails its checksums: {len(bad)} of {len(got)} arrays changed '
+          f'since they were saved ({listed}). It is left untouched: move it away to resume '
+          'from an older checkpoint, or point --workdir elsewhere.')
+    return True
 
   def check(self, abstract_state, step: int | None = None, relayouts=()):
     """What `restore` checks before reading any array: the step exists, its metadata is
@@ -177,14 +304,40 @@ class Checkpointer:
           'was trained with, or point --workdir elsewhere to start afresh.')
     return step, target, convert
 
-  def restore(self, abstract_state, step: int | None = None, relayouts=()):
-    """Restores `step` (default: latest) with `abstract_state`'s tree/shardings.
+  def restore(self, abstract_state, step: int | None = None, relayouts=(), fallback=False):
+    """Restores `step` (default: latest) with `abstract_state`'s tree/shardings, verified
+    against its checksums.
 
     `relayouts`: (to_saved, from_saved) pairs of pure functions over state trees (e.g.
     vit.unscan_params / vit.scan_params). When the checkpoint does not match
     `abstract_state` but matches `to_saved(abstract_state)`, it is restored in that layout
     and returned as `from_saved(restored)`, placed on `abstract_state`'s shardings.
+    `fallback` (with step=None, for resuming): a damaged newest checkpoint is named in a
+    warning and left in place, and the newest one that verifies is restored instead.
     """
+    if step is not None or not fallback:
+      return self._restore(abstract_state, step, relayouts)
+    self.wait()
+    damaged = []
+    for candidate in reversed(self.all_steps()):
+      try:
+        state = self._restore(abstract_state, candidate, relayouts)
+      except DamagedCheckpoint as e:
+        logging.warning('%s', e)
+        damaged.append(candidate)
+        continue
+      if damaged:
+        logging.warning('RESUMING FROM AN OLDER CHECKPOINT, step %d: the newer %s in %s '
+                        'failed verification and are left in place, untouched.', candidate,
+                        ', '.join(map(str, damaged)), self.directory)
+      return state
+    if damaged:
+      raise DamagedCheckpoint(f'Every checkpoint in {self.directory} is damaged (steps '
+                              f'{", ".join(map(str, damaged))}); they are left untouched. '
+                              'Point --workdir elsewhere to start afresh.')
+    raise CheckpointError(f'No complete checkpoint found in {self.directory}.')
+
+  def _restore(self, abstract_state, step, relayouts):
     step, target, convert = self.check(abstract_state, step, relayouts)
     path = self.directory / str(step)
     try:
@@ -192,6 +345,7 @@ class Checkpointer:
           **{_ITEM: ocp.args.StandardRestore(target)}))
     except Exception as e:
       raise _damaged(path, e) from e
+    self.restored = (step, self._verify(step, restored[_ITEM]))  # in the saved layout
     if convert is None:
       return restored[_ITEM]
     final = jax.tree.map(_to_abstract, abstract_state)
@@ -212,8 +366,7 @@ class Checkpointer:
     try:
       node = self._mngr.item_metadata(step)[_ITEM].tree
     except Exception as e:
-      raise CheckpointError(f'Checkpoint {self.directory / str(step)} is damaged or '
-                            f'unreadable ({_short(e)}).') from e
+      raise _damaged(self.directory / str(step), e) from e
     for i, key in enumerate(keys):
       if not isinstance(node, dict) or key not in node:
         have = sorted(node) if isinstance(node, dict) else type(node).__name__
@@ -230,10 +383,10 @@ class Checkpointer:
           self.directory / str(step) / _ITEM, args=ocp.args.PyTreeRestore(
               item=target, restore_args=restore_args, partial_restore=True))
     except Exception as e:
-      raise CheckpointError(f'Checkpoint {self.directory / str(step)} is damaged or '
-                            f'unreadable ({_short(e)}).') from e
+      raise _damaged(self.directory / str(step), e) from e
     for key in keys:
       restored = restored[key]
+    self.restored = (step, self._verify(step, restored, keys))
     return restored, step
 
   def close(self) -> None:

@@ -190,9 +190,9 @@ def train(config, workdir: str, checked: Checked | None = None) -> dict:
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state, state_sharding = create_state(model, tx, split, config.seed, mesh, rules)
     if latest is not None:
-      state = ckpt.restore(trainer.abstract_with_shardings(state, state_sharding), latest,
-                           relayouts=vit.CHECKPOINT_RELAYOUTS)
-      logging.info("resumed from %s at step %d", ckpt.directory, latest)
+      state = ckpt.restore(trainer.abstract_with_shardings(state, state_sharding),
+                           relayouts=vit.CHECKPOINT_RELAYOUTS, fallback=True)
+      logging.info("resumed from %s at step %d", ckpt.directory, int(state.step))
     start_step = int(state.step)
     # After the restore: a config that does not fit the checkpoint leaves config.json as it was.
     workdir_records.write_records(workdir, config)

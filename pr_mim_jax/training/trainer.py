@@ -84,21 +84,33 @@ def jit_step(step: Callable, state_sharding, batch_sharding, mesh):
                  out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
 
 
-def check_finite(step: int, pending: list, lr_hint: float) -> list:
-  """Raise if any pending loss is not finite; returns the fetched metrics."""
+SOON_AFTER_RESTORE = 1000  # steps: a non-finite loss this soon may come from the checkpoint
+
+
+def check_finite(step: int, pending: list, lr_hint: float, restored=None) -> list:
+  """Raise if any pending loss is not finite; returns the fetched metrics. `restored`:
+  (step, verified) of the checkpoint this run resumed from, if it did."""
   fetched = jax.device_get(pending)
   for s, m in fetched:
     if not np.isfinite(m["loss"]):
+      cause = ""
+      if restored is not None and s - restored[0] <= SOON_AFTER_RESTORE:
+        cause = (f"; it came {s - restored[0]} steps after resuming from checkpoint "
+                 f"{restored[0]}, which " + ("passed its checksums" if restored[1] else
+                 "had no checksums to verify") + ": the checkpoint may be damaged or hold a "
+                 "state about to diverge; move it away to resume from an older one")
       raise NonFiniteLossError(
           f"loss is {m['loss']} at step {s}: training stopped and this state was NOT saved "
-          f"(peak lr {lr_hint:.3g}); lower config.optim.base_lr, set config.optim.clip_grad_norm, "
-          "or use model.compute_dtype=float32, then rerun to resume from the last checkpoint")
+          f"(peak lr {lr_hint:.3g}){cause}; {'otherwise ' if cause else ''}lower "
+          "config.optim.base_lr, set config.optim.clip_grad_norm, or use "
+          "model.compute_dtype=float32, then rerun to resume from the last checkpoint")
   return fetched
 
 
-def log_metrics(step: int, pending: list, peak_lr: float, progress, writer) -> dict:
+def log_metrics(step: int, pending: list, peak_lr: float, progress, writer,
+                restored=None) -> dict:
   """Means of the pending steps' metrics (after the finite check) plus steps/s, written."""
-  fetched = check_finite(step, pending, peak_lr)
+  fetched = check_finite(step, pending, peak_lr, restored)
   means = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1]}
   means.update(progress.report(step))
   if writer is not None:
@@ -152,6 +164,7 @@ def run(state, step_fn, batches: Iterator[dict], *, start_step: int, total_steps
   stop = preemption.StopRequest() if ckpt is not None else None
   progress = metrics_lib.Progress(start_step, total_steps)
   pending, queue = [], step_queue.StepQueue()
+  restored = ckpt.restored if ckpt is not None and start_step > 0 else None  # (step, verified)
   logging.info("compiling the train step; the first step waits for it")
   started = time.monotonic()
   step = start_step
@@ -164,15 +177,17 @@ def run(state, step_fn, batches: Iterator[dict], *, start_step: int, total_steps
         wait_for_first_step(step, metrics, started)
       queue.push(metrics)
       pending.append((step, metrics))
+      if ckpt is not None:
+        ckpt.poll()  # checksums of a save that has become final
       last = step == total_steps
       if step % log_every == 0 or last:
-        summary.update(loss=log_metrics(step, pending, peak_lr, progress, writer)["loss"],
-                       loss_step=step)
+        summary.update(loss=log_metrics(step, pending, peak_lr, progress, writer,
+                                        restored)["loss"], loss_step=step)
         pending = []
       if after_step is not None:
         summary.update(after_step(step, state, batch, metrics, last) or {})
       if stop and (step % checkpoint_every == 0 or last or stop.should_stop(step)):
-        check_finite(step, pending, peak_lr)  # a non-finite state is never saved
+        check_finite(step, pending, peak_lr, restored)  # a non-finite state is never saved
         pending = []
         logging.info("saving checkpoint %d in %s", step, ckpt.directory)
         ckpt.save(step, state)

@@ -1,0 +1,69 @@
+"""Array checksums: an independent NumPy reference, any sharding gives the same value, and
+single damaged bytes are caught."""
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from conftest import run_with_fake_devices
+from pr_mim_jax.training import checksums
+
+
+def _reference(x: np.ndarray) -> int:
+  """Written out element by element in plain Python integers."""
+  words = []
+  for v in np.asarray(x).reshape(-1):
+    raw = np.asarray(v).tobytes()  # little-endian element bytes
+    if len(raw) <= 4:
+      words.append(int.from_bytes(raw, "little"))
+    else:
+      words += [int.from_bytes(raw[i:i + 4], "little") for i in range(0, len(raw), 4)]
+  total, m = 0, 0xFFFFFFFF
+  for i, w in enumerate(words):
+    h = w ^ ((i * 0x9E3779B1) & m)
+    h = ((h ^ (h >> 16)) * 0x85EBCA6B) & m
+    h = ((h ^ (h >> 13)) * 0xC2B2AE35) & m
+    total = (total + (h ^ (h >> 16))) & m
+  return total
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int32, np.uint8, ml_dtypes.bfloat16, np.bool_])
+def test_device_numpy_and_python_agree(dtype):
+  rng = np.random.default_rng(0)
+  x = (rng.normal(size=(5, 7, 3)) * 50).astype(dtype)
+  want = _reference(x)
+  assert checksums.of_numpy(x) == want
+  assert checksums.values(checksums.start({"a": {"b": jnp.asarray(x)}})) == {"a/b": want}
+
+
+def test_same_value_under_any_sharding():
+  """4 fake CPU devices: replicated, split by rows, by columns, over two axes."""
+  proc = run_with_fake_devices("""
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from pr_mim_jax.training import checksums
+x = np.random.default_rng(1).normal(size=(8, 6)).astype(np.float32)
+mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("a", "b"))
+got = {checksums.values(checksums.start([jax.device_put(x, NamedSharding(mesh, s))]))["0"]
+       for s in (P(), P("a"), P(None, "b"), P("a", "b"), P(("a", "b")))}
+print("SUMS", sorted(got), checksums.of_numpy(x))
+""", devices=4, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  line = [l for l in proc.stdout.splitlines() if l.startswith("SUMS")][-1]
+  want = _reference(np.random.default_rng(1).normal(size=(8, 6)).astype(np.float32))
+  assert line.split(" ", 1)[1] == f"[{want}] {want}"  # one value, NumPy's too
+
+
+def test_one_changed_byte_or_a_swap_changes_the_sum():
+  x = np.random.default_rng(2).normal(size=(64, 64)).astype(np.float32)
+  base = checksums.of_numpy(x)
+  for flat_byte in (0, 1000, x.nbytes - 1):
+    damaged = x.copy().view(np.uint8).reshape(-1)
+    damaged[flat_byte] ^= 0x10
+    assert checksums.of_numpy(damaged.view(np.float32)) != base
+  zeroed = x.copy()
+  zeroed.reshape(-1)[100:116] = 0  # 64 bytes, as the torn-write test
+  assert checksums.of_numpy(zeroed) != base
+  swapped = x.copy()
+  swapped[[0, 1]] = swapped[[1, 0]]  # the same values, moved
+  assert checksums.of_numpy(swapped) != base
