@@ -95,12 +95,16 @@ def test_sigterm_then_resume_matches_uninterrupted_run(tiny_config, tmp_path):
   # Uninterrupted reference, in process.
   ref_dir = str(tmp_path / "reference")
   tiny_config.train.total_steps = total
+  tiny_config.train.image_every = 1000  # pictures and saves only at the end (and at the stop):
+  tiny_config.train.checkpoint_every = 1000  # they cost time and do not change the state
   tiny_config.knn.enabled = False
   pretrain.train(tiny_config, ref_dir)
 
   # Interrupted run: SIGTERM once a few steps are logged, then resume to the end.
   run_dir = str(tmp_path / "interrupted")
-  cmd, env = _cli(run_dir, data_dir, total, ["--config.train.log_every=1"])
+  cmd, env = _cli(run_dir, data_dir, total, ["--config.train.log_every=1",
+                                             "--config.train.image_every=1000",
+                                             "--config.train.checkpoint_every=1000"])
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
   deadline = time.monotonic() + 120
   while not any(m.get("step", 0) >= 5 for m in read_metrics(run_dir)):
