@@ -37,8 +37,10 @@ def _run() -> int:
   mode = config.get("mode", "pretrain")
   if mode not in MODES:
     raise UserError(f"config.mode: unknown mode {mode!r}; use one of {MODES}")
-  from pr_mim_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
-  from pr_mim_jax.training import pretrain, trainer  # pylint: disable=g-import-not-at-top,g-multiple-import
+  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from pr_mim_jax import run_log
+  from pr_mim_jax.parallel import distributed
+  from pr_mim_jax.training import pretrain, trainer, workdir_records
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if mode == "pretrain":
     run, check = pretrain.train, pretrain.check_config
@@ -47,9 +49,11 @@ def _run() -> int:
     run, check = ((classify.knn_eval, classify.check_knn_config) if mode == "knn"
                   else (classify.train, classify.check_config))
   checked = check(config)  # before INFO logging, so a mistake prints one line
+  workdir_records.check_writable(_WORKDIR.value)
   absl_logging.use_absl_handler()
   absl_logging.set_verbosity(absl_logging.INFO)
   absl_logging.get_absl_handler().addFilter(lambda r: not log_filters.is_narration(r))
+  run_log.attach(_WORKDIR.value)
   try:
     summary = run(config, _WORKDIR.value, checked)
   except trainer.NonFiniteLossError as e:

@@ -33,8 +33,20 @@ def gather_tokens(x, ids):
 def scatter_rows(x: jax.Array, ids: jax.Array, values: jax.Array, mode=None) -> jax.Array:
   """x [B, L, ...] with x[b, ids[b, k]] = values[b, k] for ids [B, K], values [B, K, ...].
 
-  Written per example under vmap, so the scatter carries the batch as a batching dimension
-  and XLA keeps it sharded over the batch axes; indexing with an explicit row iota instead
-  let XLA gather the whole global batch onto every device under FSDP.
+  Under a mesh of several devices the scatter is written per example under vmap, so it
+  carries the batch as a batching dimension and XLA keeps it sharded over the batch axes;
+  indexing with an explicit row iota let XLA gather the whole global batch onto every
+  device under FSDP. On one device the row-iota form is used, which XLA's CPU backend runs
+  faster (3% on the demo's PR-MIM step). Both compute the same array.
   """
-  return jax.vmap(lambda xb, ib, vb: xb.at[ib].set(vb.astype(xb.dtype), mode=mode))(x, ids, values)
+  values = values.astype(x.dtype)
+  if _on_several_devices():
+    return jax.vmap(lambda xb, ib, vb: xb.at[ib].set(vb, mode=mode))(x, ids, values)
+  rows = jnp.arange(x.shape[0])[:, None]  # [B, 1]
+  return x.at[rows, ids].set(values, mode=mode)
+
+
+def _on_several_devices() -> bool:
+  """Whether the computation being traced runs under a mesh of more than one device."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return not mesh.empty and mesh.size > 1

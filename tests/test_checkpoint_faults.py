@@ -2,6 +2,7 @@
 nothing good is lost."""
 
 import os
+import shlex
 import shutil
 import subprocess
 
@@ -54,3 +55,85 @@ def test_damaged_checkpoint_falls_back_and_only_total_damage_stops(tmp_path):
                     "left untouched. Point --workdir elsewhere to start afresh."]
   assert "TensorStore" not in errors[0] and "checkpoints/16" in stopped.stderr
 
+
+
+def _mount_namespace() -> list[str] | None:
+  """A command prefix that runs in a private mount namespace where tmpfs mounts work: as
+  root, or through an unprivileged user namespace; None when neither is allowed here."""
+  probe = ('d=$(mktemp -d) && mount -t tmpfs -o size=1m tmpfs "$d" && '
+           'mount -o remount,bind,ro "$d" && umount "$d" && rmdir "$d"')
+  for prefix in (["unshare", "--mount", "--propagation", "private"],
+                 ["unshare", "--user", "--map-root-user", "--mount", "--propagation", "private"]):
+    try:
+      if subprocess.run(prefix + ["sh", "-c", probe], capture_output=True,
+                        timeout=60).returncode == 0:
+        return prefix
+    except (OSError, subprocess.TimeoutExpired):
+      return None
+  return None
+
+
+def _errors(text: str) -> list[str]:
+  return [l for l in text.splitlines() if l.startswith("error:")]
+
+
+@pytest.mark.slow
+def test_read_only_workdir_and_full_disk_stop_in_one_line_and_lose_nothing(tmp_path):
+  """On small tmpfs mounts: the workdir made read-only, then its checkpoint disk filled up
+  during a save. Each run stops with one error line and no traceback, checkpoint 8 stays
+  byte-identical, and once there is room the same command resumes from it and finishes."""
+  prefix = _mount_namespace()
+  if prefix is None:
+    pytest.skip("needs a private mount namespace for small tmpfs mounts (root, or "
+                "unprivileged user namespaces via `unshare`), which this machine refuses")
+  ws, disk, out = tmp_path / "ws", tmp_path / "disk", tmp_path / "out"
+  for d in (ws, disk, out):
+    d.mkdir()
+  run_dir, ckpt_dir = ws / "run", ws / "run" / "checkpoints"
+  data_dir = str(tmp_path / "tfds")
+  first, env = _cli(str(run_dir), data_dir, 8, ["--config.data.backend=numpy"])
+  full, _ = _cli(str(run_dir), data_dir, 24, ["--config.data.backend=numpy"])
+  first, full = shlex.join(first), shlex.join(full)
+  # The checkpoints live on their own tmpfs (`disk`, bound onto the workdir's checkpoints/),
+  # so a filler file there fills only their disk. Only bind remounts: a user namespace may
+  # not remount a tmpfs's own options.
+  script = f"""
+    ws={ws}; disk={disk}; ck={ckpt_dir}; out={out}
+    sums() {{ (cd $ck/8 && find . -type f | sort | xargs sha256sum) | sha256sum | cut -c1-64; }}
+    mount -t tmpfs -o size=32m tmpfs $ws && mount -t tmpfs -o size=32m tmpfs $disk
+    mkdir -p $ck $disk/checkpoints && mount --bind $disk/checkpoints $ck
+    {first} > $out/first.txt 2>&1; echo "first rc=$? $(sums)"
+    mount -o remount,bind,ro $ws
+    {full} > $out/readonly.txt 2>&1; echo "readonly rc=$? $(sums)"
+    mount -o remount,bind,rw $ws
+    room=$(( $(df -k --output=avail $disk | tail -1) - $(du -sk $ck/8 | cut -f1) / 2 ))
+    fallocate -l ${{room}}k $disk/filler
+    {full} > $out/full.txt 2>&1; echo "full rc=$? $(sums)"
+    rm $disk/filler
+    {full} > $out/resumed.txt 2>&1; echo "resumed rc=$? $(sums)"
+    echo "steps $(ls $ck | sort -n | tr '\\n' ' ')"
+    echo "tracebacks in log.txt $(grep -c Traceback $ws/run/log.txt)"
+  """
+  done = subprocess.run(prefix + ["bash", "-c", script], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=900)
+  report = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+  read = lambda name: (out / f"{name}.txt").read_text()
+  assert report["first"].startswith("rc=0"), read("first")[-3000:]
+  good = report["first"].split()[1]
+  assert report["readonly"] == f"rc=2 {good}", read("readonly")[-3000:]
+  assert _errors(read("readonly")) == [
+      f"error: --workdir {run_dir} is not writable (Read-only file system). Nothing in it was "
+      "changed: make it writable, or point --workdir elsewhere; rerunning then resumes from "
+      "its newest checkpoint, if it has one."]
+  assert report["full"] == f"rc=2 {good}", read("full")[-3000:]
+  text = read("full")
+  assert _errors(text) == [
+      f"error: Writing checkpoint step 16 to {ckpt_dir} failed: the disk is full (or a file "
+      "size or quota limit was hit): free space, then rerun the same command to resume from "
+      "the last complete checkpoint, which is untouched."]
+  assert "Traceback" not in text and text.rstrip().splitlines()[-1].startswith("error:")
+  assert f"traceback in {run_dir}/log.txt" in text  # the detail went to the run's log
+  assert int(report["tracebacks"].split()[-1]) > 0, report
+  assert report["resumed"] == f"rc=0 {good}", read("resumed")[-3000:]
+  assert f"resumed from {ckpt_dir} at step 8" in read("resumed")
+  assert report["steps"].split() == ["8", "16", "24"]

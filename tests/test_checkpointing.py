@@ -1,8 +1,12 @@
 """Tests for pr_mim_jax.training.checkpointing: retention, exact restore, damage handling."""
 
 import json
+import logging
 import pathlib
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -372,3 +376,92 @@ def test_a_failed_save_is_one_line_with_the_cause_and_the_fix(tmp_path, monkeypa
   monkeypatch.undo()
   ckpt.close()
   assert sorted(p.name for p in tmp_path.iterdir()) == ['1']  # the good one stays
+
+
+def test_a_directory_deleted_during_the_run_is_named_and_saving_goes_on(tmp_path, caplog):
+  """Someone deletes the checkpoint directory mid-run: the next save warns loudly, names the
+  steps that went with it, and saves into a new directory; orbax forgets the deleted steps
+  (no retention error about them, and they are not listed or restored)."""
+  directory = tmp_path / 'checkpoints'
+  ckpt = checkpointing.Checkpointer(str(directory), max_to_keep=2)
+  ckpt.save(8, _make_state(8))
+  ckpt.wait()
+  shutil.rmtree(directory)
+  ckpt.save(16, _make_state(16))
+  ckpt.wait()
+  assert 'THE CHECKPOINT DIRECTORY' in caplog.text and 'checkpoints 8 went with it' in caplog.text
+  assert ckpt.all_steps() == [16]
+  caplog.clear()
+  ckpt.save(24, _make_state(24))
+  ckpt.save(32, _make_state(32))
+  ckpt.close()
+  assert 'Unable to find the step' not in caplog.text
+  assert sorted(int(p.name) for p in directory.iterdir()) == [24, 32]
+  ckpt = checkpointing.Checkpointer(str(directory))
+  _assert_identical(ckpt.restore(_abstract(_make_state(32))), _make_state(32))
+  assert ckpt.restored == (32, True)
+  ckpt.close()
+
+
+def test_a_directory_that_cannot_be_created_is_one_line(tmp_path):
+  (tmp_path / 'file').write_text('')  # a file where a parent directory should be
+  with pytest.raises(checkpointing.CheckpointError) as err:
+    checkpointing.Checkpointer(str(tmp_path / 'file' / 'checkpoints'))
+  assert str(err.value).startswith(
+      f'Creating the checkpoint directory {tmp_path}/file/checkpoints failed: ')
+  assert '\n' not in str(err.value)
+
+
+def test_only_late_checkpoint_failures_are_quieted(monkeypatch, caplog):
+  """The hooks route an "Event loop is closed" error to one log line; any other uncaught
+  exception, even one raised through orbax's code, reaches the previous hook."""
+  seen = []
+  monkeypatch.setattr('sys.excepthook', lambda *a: seen.append(a[1]))
+  monkeypatch.setattr('sys.unraisablehook', lambda a: seen.append(a.exc_value))
+  checkpointing._quiet_late_reads()  # pylint: disable=protected-access
+  caplog.set_level(logging.INFO, logger='absl')
+  late = RuntimeError('Event loop is closed')
+  sys.excepthook(RuntimeError, late, None)
+  assert seen == [] and 'ended after its read or write failed' in caplog.text
+  try:
+    checkpointing.ocp.CheckpointManager('/proc/version/not-a-directory')
+  except OSError as e:
+    real = e
+  sys.excepthook(type(real), real, real.__traceback__)
+  assert seen == [real]
+
+
+_KILLED_MID_SAVE = '''
+import sys, numpy as np, jax.numpy as jnp
+from pr_mim_jax.training import checkpointing
+ckpt = checkpointing.Checkpointer(sys.argv[1])
+ckpt.save(1, {"w": jnp.arange(1000.0)})
+ckpt.wait()
+noise = np.random.default_rng(0).normal(size=(64, 1 << 20)).astype(np.float32)  # 256 MiB
+ckpt.save(2, {"w": jnp.asarray(noise[0, :1000]), "big": jnp.asarray(noise)})
+print("saving", flush=True)
+sys.stdin.read()  # the parent kills us long before this returns
+'''
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint_good(tmp_path):
+  """SIGKILL while step 2's 256 MiB are being written: step 1 stays the newest complete
+  checkpoint and restores verified; the unfinished step is ignored and can be saved again."""
+  proc = subprocess.Popen([sys.executable, '-c', _KILLED_MID_SAVE, str(tmp_path)],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  try:
+    assert proc.stdout.readline() == 'saving\n'
+    proc.send_signal(signal.SIGKILL)
+  finally:
+    proc.kill()
+    proc.wait()
+  assert not (tmp_path / '2').exists()  # killed before orbax's final rename,
+  assert list(tmp_path.glob('2.orbax-checkpoint-tmp*'))  # while writing
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  assert ckpt.all_steps() == [1]
+  restored = ckpt.restore({'w': jax.ShapeDtypeStruct((1000,), jnp.float32, sharding=_sharding())})
+  np.testing.assert_array_equal(np.asarray(restored['w']), np.arange(1000.0))
+  assert ckpt.restored == (1, True)
+  ckpt.save(2, {'w': jnp.zeros(1000)})
+  ckpt.close()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['1', '2']

@@ -11,7 +11,7 @@ LAYERS = (
     ("data", "models"),
     ("method",),
     ("configs",),
-    ("cli", "cli_help", "override_errors", "log_filters"),
+    ("cli", "cli_help", "override_errors", "log_filters", "run_log"),
     ("training",),
     ("evaluation",),
     ("interop",),

@@ -20,9 +20,11 @@ restores unverified, with a note, as do checkpoints from before checksums existe
 
 from absl import logging
 import json
+import logging as logging_std
 import os
 import sys
 import traceback
+import warnings
 from etils import epath
 import jax
 import numpy as np
@@ -102,14 +104,30 @@ def _late_read(exc, tb) -> bool:
   return any('/orbax/checkpoint/' in f.filename for f in traceback.extract_tb(tb))
 
 
+class _LateTaskFilter(logging_std.Filter):
+  """asyncio's "Task exception was never retrieved" for an orbax task becomes one INFO line."""
+
+  def filter(self, record):
+    exc = record.exc_info[1] if record.exc_info else None
+    if exc is not None and _late_read(exc, exc.__traceback__):
+      record.levelno, record.levelname = logging_std.INFO, 'INFO'
+      record.msg, record.args, record.exc_info, record.exc_text = (
+          'A checkpoint operation ended after its read or write failed: %s',
+          (_short(exc, 120),), None, None)
+    return True
+
+
 def _quiet_late_reads() -> None:
   """Those exceptions go to the log as one line each instead of to the console as tracebacks
   around the error line. They arrive as unraisable exceptions (coroutines destroyed while
-  pending, TensorStore's threads) or uncaught ones, possibly before the failure itself
-  reaches us, hence installed with the first Checkpointer; every other exception reaches the
-  previous hooks unchanged."""
+  pending, TensorStore's threads), uncaught ones, asyncio's "never retrieved" log records,
+  or "never awaited" warnings at exit, possibly before the failure itself reaches us, hence
+  installed with the first Checkpointer; every other exception reaches the previous hooks
+  unchanged."""
   if getattr(sys.unraisablehook, 'quiets_late_reads', False):
     return
+  logging_std.getLogger('asyncio').addFilter(_LateTaskFilter())
+  warnings.filterwarnings('ignore', r"coroutine '.*serializ", RuntimeWarning)  # orbax's I/O
   previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
 
   def unraisable(args):
@@ -120,7 +138,9 @@ def _quiet_late_reads() -> None:
       previous_unraisable(args)
 
   def uncaught(exc_type, exc, tb):
-    if _late_read(exc, tb):
+    # Only the closed loop: any other exception reaching the main thread is a real failure
+    # (a directory orbax cannot create, say), whatever orbax frames it passed through.
+    if isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed':
       logging.info('A checkpoint operation ended after its read or write failed: %s',
                    _short(exc, 120))
     else:
@@ -132,17 +152,20 @@ def _quiet_late_reads() -> None:
 
 def _write_failed(step, directory, e: Exception) -> CheckpointError:
   """The one-line error for a save that failed; the library's own words go to the log."""
-  logging.warning('Writing checkpoint step %s to %s failed: %s', step, directory, e)
+  what = ('Creating the checkpoint directory' if step is None
+          else f'Writing checkpoint step {step} to')
+  logging.warning('%s %s failed: %s', what, directory, e)
   text = str(e)
   if 'No space left' in text or 'File too large' in text or 'Disk quota' in text:
     cause = 'the disk is full (or a file size or quota limit was hit): free space'
   elif 'Permission denied' in text or 'Read-only file system' in text:
-    cause = 'the directory is not writable: fix its permissions'
+    cause = ('the directory is not writable (permissions, or a read-only file system): make '
+             'it writable')
   else:
     cause = f'{type(e).__name__}, details in the log above: fix the cause'
   return CheckpointError(
-      f'Writing checkpoint step {step} to {directory} failed: {cause}, then rerun the same '
-      'command to resume from the last complete checkpoint, which is untouched.')
+      f'{what} {directory} failed: {cause}, then rerun the same command to resume from the '
+      'last complete checkpoint, which is untouched.')
 
 
 def _damaged(path, e: Exception) -> DamagedCheckpoint:
@@ -173,8 +196,11 @@ class Checkpointer:
         cleanup_tmp_directories=True,
         enable_async_checkpointing=async_save,
         preservation_policy=ocp.checkpoint_managers.LatestN(n=max_to_keep))
-    self._mngr = ocp.CheckpointManager(
-        self.directory, options=options, handler_registry=registry)
+    try:
+      self._mngr = ocp.CheckpointManager(
+          self.directory, options=options, handler_registry=registry)
+    except OSError as e:
+      raise _write_failed(None, self.directory, e) from e
 
   def all_steps(self) -> list[int]:
     """Steps of complete checkpoints, ascending."""
@@ -197,6 +223,13 @@ class Checkpointer:
                    step, self.directory)
       return
     self.wait()  # orbax would wait for the previous save too; a failure of it is named here
+    if not self.directory.exists():
+      gone = self._mngr.all_steps()
+      logging.warning('THE CHECKPOINT DIRECTORY %s WAS DELETED while this run was going%s. '
+                      'Saving step %d into a new one.', self.directory,
+                      f' (checkpoints {", ".join(map(str, gone))} went with it)' if gone else '',
+                      step)
+      self._mngr.reload()  # forget the deleted steps
     self._sums[step] = checksums.start(state)  # dispatched before the next step donates it
     try:
       # force: save whenever asked; the training loop decides the cadence.

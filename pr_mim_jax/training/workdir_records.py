@@ -9,6 +9,8 @@ import sys
 import jax
 from etils import epath
 
+from pr_mim_jax.errors import UserError
+
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml-collections", "numpy",
             "tensorflow", "tensorflow-cpu", "tensorflow-datasets", "clu")
 
@@ -34,6 +36,22 @@ def package_versions() -> dict:
     except importlib.metadata.PackageNotFoundError:
       pass
   return versions
+
+
+def check_writable(workdir: str) -> None:
+  """Creates the workdir and writes, then removes, a probe file in it (every process: each
+  writes its own checkpoint shards), so that a workdir that cannot take checkpoints fails
+  at once, in one line, before anything compiles or changes."""
+  path = epath.Path(workdir)
+  probe = path / f".write_probe.{jax.process_index()}"
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe.write_text("")
+    probe.unlink()
+  except OSError as e:
+    raise UserError(f"--workdir {workdir} is not writable ({e.strerror or e}). Nothing in it "
+                    "was changed: make it writable, or point --workdir elsewhere; rerunning "
+                    "then resumes from its newest checkpoint, if it has one.") from e
 
 
 def write_records(workdir: str, config) -> None:

@@ -1,0 +1,50 @@
+"""The run's log file in its workdir, and a console that keeps library tracebacks out.
+
+Every log record goes in full to `<workdir>/log.txt` (`log.<process>.txt` on processes
+other than 0), appended across resumes. On the console, a record that carries a traceback
+(orbax logs one per failed background thread when a save fails) keeps its message line
+and points at the file instead, so that what fills the screen is the one `error:` line.
+Remote workdirs (gs://...) get no file, and their console keeps the tracebacks.
+"""
+
+import logging
+import os
+
+from absl import logging as absl_logging
+import jax
+
+
+def log_path(workdir: str) -> str | None:
+  """Where this process's log goes, or None for a remote workdir."""
+  if "://" in workdir:
+    return None
+  name = "log.txt" if jax.process_index() == 0 else f"log.{jax.process_index()}.txt"
+  return os.path.join(workdir, name)
+
+
+class _TracebackToFile(logging.Filter):
+  """Console side: drops a record's traceback and names the file that has it. The file's
+  handler runs first (it sits first in the root logger's list), so it saw the traceback."""
+
+  def __init__(self, path: str):
+    super().__init__()
+    self.note = f" (traceback in {path})".replace("%", "%%")
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.exc_info or record.exc_text:
+      record.exc_info, record.exc_text = None, None
+      record.msg = f"{record.msg}{self.note}"
+    return True
+
+
+def attach(workdir: str) -> str | None:
+  """Starts the log file (after the workdir is known writable); returns its path."""
+  path = log_path(workdir)
+  if path is None:
+    return None
+  handler = logging.FileHandler(path, encoding="utf-8")
+  handler.setFormatter(absl_logging.PythonFormatter())
+  root = logging.getLogger()
+  root.handlers.insert(0, handler)
+  absl_logging.get_absl_handler().addFilter(_TracebackToFile(path))
+  return path

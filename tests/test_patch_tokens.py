@@ -1,0 +1,59 @@
+"""Tests for pr_mim_jax.patch_tokens.scatter_rows: both of its forms against a NumPy loop.
+
+The per-example vmap form runs under meshes of several devices and the row-iota form on
+one device; tests/test_sharding.py checks that the FSDP step keeps the batch sharded.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from pr_mim_jax import patch_tokens
+from pr_mim_jax.parallel import sharding
+
+
+def numpy_scatter(x, ids, values, drop=False):
+  out = np.array(x)
+  for b in range(ids.shape[0]):
+    for k in range(ids.shape[1]):
+      if drop and not 0 <= ids[b, k] < x.shape[1]:
+        continue
+      out[b, ids[b, k]] = values[b, k]
+  return out
+
+
+@pytest.fixture(params=["iota", "vmap"])
+def form(request, monkeypatch):
+  monkeypatch.setattr(patch_tokens, "_on_several_devices", lambda: request.param == "vmap")
+  return request.param
+
+
+def test_scatter_rows_matches_numpy_with_feature_dims(form):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(3, 10, 2, 4)).astype(np.float32)  # [B, L, ...]
+  ids = np.stack([rng.permutation(10)[:6] for _ in range(3)]).astype(np.int32)  # [B, K]
+  values = rng.normal(size=(3, 6, 2, 4))  # float64 values are cast to x's dtype
+  got = jax.jit(patch_tokens.scatter_rows)(x, ids, values)
+  assert got.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(got), numpy_scatter(x, ids, values.astype(np.float32)))
+
+
+def test_scatter_rows_drop_skips_out_of_range_ids(form):
+  x = np.zeros((2, 4), np.int32)
+  ids = np.array([[0, 4, 2], [9, 3, 1]], np.int32)  # 4 and 9 are past L = 4
+  values = np.array([[1, 2, 3], [4, 5, 6]], np.int32)
+  got = patch_tokens.scatter_rows(jnp.asarray(x), ids, values, mode="drop")
+  np.testing.assert_array_equal(np.asarray(got), [[1, 0, 3, 0], [0, 6, 0, 5]])
+  np.testing.assert_array_equal(np.asarray(got), numpy_scatter(x, ids, values, drop=True))
+
+
+def test_one_device_takes_the_row_iota_form():
+  assert not patch_tokens._on_several_devices()  # outside any mesh
+  mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), sharding.MESH_AXES)
+  with jax.set_mesh(mesh):
+    assert not patch_tokens._on_several_devices()
+    jaxpr = str(jax.make_jaxpr(patch_tokens.scatter_rows)(
+        jnp.zeros((2, 5)), jnp.zeros((2, 3), jnp.int32), jnp.ones((2, 3))))
+  assert "iota" in jaxpr  # the explicit row index

@@ -1,0 +1,39 @@
+"""Tests for pr_mim_jax.run_log: the full log in the workdir, tracebacks kept off the console."""
+
+import io
+import logging
+
+from absl import logging as absl_logging
+
+from pr_mim_jax import run_log
+
+
+def test_remote_workdirs_get_no_file_and_process_0_gets_log_txt(tmp_path):
+  assert run_log.log_path("gs://bucket/run") is None
+  assert run_log.log_path(str(tmp_path)) == str(tmp_path / "log.txt")
+
+
+def test_the_file_keeps_the_traceback_and_the_console_names_the_file(tmp_path):
+  """The same arrangement attach() makes on the root logger, on a private logger: the file's
+  handler first, then a console handler carrying the filter."""
+  logger = logging.getLogger("test_run_log")
+  logger.propagate = False
+  logger.setLevel(logging.INFO)
+  path = str(tmp_path / "log.txt")
+  to_file = logging.FileHandler(path)
+  to_file.setFormatter(absl_logging.PythonFormatter())
+  console = io.StringIO()
+  to_console = logging.StreamHandler(console)
+  to_console.addFilter(run_log._TracebackToFile(path))  # pylint: disable=protected-access
+  logger.handlers = [to_file, to_console]
+  try:
+    raise ValueError("disk 100% full")
+  except ValueError:
+    logger.exception("Save thread failed at %s", "step 16")
+  logger.info("a plain line")
+  to_file.close()
+  text = open(path).read()
+  assert "Save thread failed at step 16" in text and "Traceback" in text
+  assert "ValueError: disk 100% full" in text
+  assert console.getvalue().splitlines() == [
+      f"Save thread failed at step 16 (traceback in {path})", "a plain line"]
