@@ -37,14 +37,24 @@ class _TracebackToFile(logging.Filter):
     return True
 
 
+class _RunLogHandler(logging.FileHandler):
+  """The log file's handler, a class of its own so that a second attach() replaces it."""
+
+
 def attach(workdir: str) -> str | None:
-  """Starts the log file (after the workdir is known writable); returns its path."""
+  """Starts the log file (after the workdir is known writable), replacing the one an
+  earlier call in this process started; returns its path."""
+  root, console = logging.getLogger(), absl_logging.get_absl_handler()
+  for handler in [h for h in root.handlers if isinstance(h, _RunLogHandler)]:
+    root.removeHandler(handler)
+    handler.close()
+  for f in [f for f in console.filters if isinstance(f, _TracebackToFile)]:
+    console.removeFilter(f)
   path = log_path(workdir)
   if path is None:
     return None
-  handler = logging.FileHandler(path, encoding="utf-8")
+  handler = _RunLogHandler(path, encoding="utf-8")
   handler.setFormatter(absl_logging.PythonFormatter())
-  root = logging.getLogger()
   root.handlers.insert(0, handler)
-  absl_logging.get_absl_handler().addFilter(_TracebackToFile(path))
+  console.addFilter(_TracebackToFile(path))
   return path

@@ -37,3 +37,21 @@ def test_the_file_keeps_the_traceback_and_the_console_names_the_file(tmp_path):
   assert "ValueError: disk 100% full" in text
   assert console.getvalue().splitlines() == [
       f"Save thread failed at step 16 (traceback in {path})", "a plain line"]
+
+
+def test_attach_writes_every_line_and_a_second_call_replaces_the_first(tmp_path):
+  first, second = tmp_path / "a", tmp_path / "b"
+  first.mkdir()
+  second.mkdir()
+  try:
+    assert run_log.attach(str(first)) == str(first / "log.txt")
+    absl_logging.warning("one")
+    assert run_log.attach(str(second)) == str(second / "log.txt")
+    absl_logging.warning("two")
+  finally:
+    run_log.attach("gs://detach")  # a remote workdir: no file, and nothing left attached
+  assert sum(isinstance(h, run_log._RunLogHandler)  # pylint: disable=protected-access
+             for h in logging.getLogger().handlers) == 0
+  one, two = (first / "log.txt").read_text(), (second / "log.txt").read_text()
+  assert "one" in one and "two" not in one
+  assert "two" in two and "one" not in two
