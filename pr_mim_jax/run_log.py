@@ -9,6 +9,7 @@ Remote workdirs (gs://...) get no file, and their console keeps the tracebacks.
 
 import logging
 import os
+import sys
 
 from absl import logging as absl_logging
 import jax
@@ -28,33 +29,53 @@ class _TracebackToFile(logging.Filter):
 
   def __init__(self, path: str):
     super().__init__()
-    self.note = f" (traceback in {path})".replace("%", "%%")
+    self.note = f" (traceback in {path})"
 
   def filter(self, record: logging.LogRecord) -> bool:
     if record.exc_info or record.exc_text:
+      record.msg, record.args = record.getMessage() + self.note, None
       record.exc_info, record.exc_text = None, None
-      record.msg = f"{record.msg}{self.note}"
     return True
 
 
 class _RunLogHandler(logging.FileHandler):
-  """The log file's handler, a class of its own so that a second attach() replaces it."""
+  """The log file's handler, a class of its own so that a second attach() replaces it. When
+  the file cannot be written (its disk is full, say), it says so once on the console and
+  detaches, instead of printing a traceback for every line; the console then keeps the
+  tracebacks, which have nowhere else to go."""
+
+  def handleError(self, record: logging.LogRecord) -> None:
+    if self in logging.getLogger().handlers:
+      print(f"warning: the run's log file {self.baseFilename} cannot be written "
+            f"({sys.exc_info()[1]}); the log goes on on the console only.", file=sys.stderr)
+      _detach()
+
+
+def _detach() -> None:
+  """Removes what attach() added. The root logger gets a new list rather than an edit of
+  the one it may be iterating (a handler that fails detaches while the record is being
+  handled, and the console's handler must still see that record)."""
+  root, console = logging.getLogger(), absl_logging.get_absl_handler()
+  ours = [h for h in root.handlers if isinstance(h, _RunLogHandler)]
+  root.handlers = [h for h in root.handlers if h not in ours]
+  for handler in ours:
+    try:
+      handler.close()
+    except OSError:  # flushing to a full disk
+      pass
+  for f in [f for f in console.filters if isinstance(f, _TracebackToFile)]:
+    console.removeFilter(f)
 
 
 def attach(workdir: str) -> str | None:
   """Starts the log file (after the workdir is known writable), replacing the one an
   earlier call in this process started; returns its path."""
-  root, console = logging.getLogger(), absl_logging.get_absl_handler()
-  for handler in [h for h in root.handlers if isinstance(h, _RunLogHandler)]:
-    root.removeHandler(handler)
-    handler.close()
-  for f in [f for f in console.filters if isinstance(f, _TracebackToFile)]:
-    console.removeFilter(f)
+  _detach()
   path = log_path(workdir)
   if path is None:
     return None
   handler = _RunLogHandler(path, encoding="utf-8")
   handler.setFormatter(absl_logging.PythonFormatter())
-  root.handlers.insert(0, handler)
-  console.addFilter(_TracebackToFile(path))
+  logging.getLogger().handlers.insert(0, handler)
+  absl_logging.get_absl_handler().addFilter(_TracebackToFile(path))
   return path

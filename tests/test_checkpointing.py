@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 
 import flax
 import jax
@@ -423,10 +424,10 @@ def test_only_late_checkpoint_failures_are_quieted(monkeypatch, caplog):
   late = RuntimeError('Event loop is closed')
   sys.excepthook(RuntimeError, late, None)
   assert seen == [] and 'ended after its read or write failed' in caplog.text
-  try:
+  with pytest.raises(OSError) as raised:
     checkpointing.ocp.CheckpointManager('/proc/version/not-a-directory')
-  except OSError as e:
-    real = e
+  real = raised.value
+  assert any('/orbax/' in f.filename for f in traceback.extract_tb(real.__traceback__))
   sys.excepthook(type(real), real, real.__traceback__)
   assert seen == [real]
 
@@ -465,3 +466,26 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_good(tmp_path):
   ckpt.save(2, {'w': jnp.zeros(1000)})
   ckpt.close()
   assert sorted(p.name for p in tmp_path.iterdir()) == ['1', '2']
+
+
+def test_a_directory_deleted_during_a_save_says_so(tmp_path):
+  """Deleted while an asynchronous save is writing: that save fails, and the error says the
+  checkpoints are gone instead of promising an untouched one."""
+  directory = tmp_path / 'checkpoints'
+  ckpt = checkpointing.Checkpointer(str(directory))
+  ckpt.save(8, _make_state(8))
+  ckpt.wait()
+  def deleted_midway(*args, **kwargs):
+    shutil.rmtree(directory)
+    raise ValueError('NOT_FOUND: Error writing local file')  # what TensorStore then raises
+  finish = ckpt._mngr.wait_until_finished  # pylint: disable=protected-access
+  ckpt._mngr.wait_until_finished = deleted_midway  # pylint: disable=protected-access
+  ckpt._pending = 16  # as save(16) leaves it  # pylint: disable=protected-access
+  with pytest.raises(checkpointing.CheckpointError) as err:
+    ckpt.wait()
+  ckpt._mngr.wait_until_finished = finish  # pylint: disable=protected-access
+  ckpt.close()
+  assert str(err.value) == (
+      f'Writing checkpoint step 16 to {directory} failed: the directory was deleted while '
+      'the step was being written, and every checkpoint in it went with it. Rerun the same '
+      'command to start afresh.')

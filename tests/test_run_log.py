@@ -55,3 +55,40 @@ def test_attach_writes_every_line_and_a_second_call_replaces_the_first(tmp_path)
   one, two = (first / "log.txt").read_text(), (second / "log.txt").read_text()
   assert "one" in one and "two" not in one
   assert "two" in two and "one" not in two
+
+
+def test_attach_puts_the_file_first_and_keeps_tracebacks_off_the_console(tmp_path, capsys):
+  """attach() itself, on the root logger and absl's console handler, as the command uses
+  them (before flags are parsed, absl's handler writes to sys.stderr)."""
+  logging.getLogger().addHandler(absl_logging.get_absl_handler())
+  try:
+    path = run_log.attach(str(tmp_path))
+    try:
+      raise OSError(28, "No space left on device")
+    except OSError:
+      absl_logging.exception("save thread failed")
+  finally:
+    run_log.attach("gs://detach")
+    logging.getLogger().removeHandler(absl_logging.get_absl_handler())
+  text = open(path).read()
+  assert "save thread failed" in text and "Traceback" in text and "No space left" in text
+  shown = capsys.readouterr().err
+  assert f"save thread failed (traceback in {path})" in shown and "Traceback" not in shown
+
+
+def test_a_log_file_that_cannot_be_written_says_so_once_and_detaches(tmp_path, capsys):
+  logging.getLogger().handlers.insert(0, absl_logging.get_absl_handler())  # right after ours
+  try:
+    run_log.attach(str(tmp_path))
+    ours = logging.getLogger().handlers[0]
+    ours.stream.close()
+    ours.stream = open("/dev/full", "w")  # every write fails with ENOSPC
+    for i in range(3):
+      absl_logging.warning("line %d", i)
+  finally:
+    run_log.attach("gs://detach")
+    logging.getLogger().removeHandler(absl_logging.get_absl_handler())
+  err = capsys.readouterr().err
+  assert err.count("warning: the run's log file") == 1 and "Traceback" not in err
+  assert [l.split("] ")[-1] for l in err.splitlines() if "test_run_log.py" in l] == [
+      "line 0", "line 1", "line 2"]  # the line that failed still reaches the console

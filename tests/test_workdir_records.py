@@ -1,5 +1,6 @@
 """Tests for pr_mim_jax.training.workdir_records.check_writable."""
 
+import numpy as np
 import pytest
 
 from pr_mim_jax.errors import UserError
@@ -21,5 +22,36 @@ def test_an_unwritable_workdir_is_one_line_that_names_it(tmp_path):
   with pytest.raises(UserError) as err:
     workdir_records.check_writable(str(workdir))
   msg = str(err.value)
-  assert msg.startswith(f"--workdir {workdir} is not writable (Not a directory).")
+  assert msg.startswith(f"--workdir {workdir} is not writable (Not a directory). No checkpoint")
   assert "point --workdir elsewhere" in msg and "\n" not in msg
+
+
+def test_a_remote_store_error_is_named_by_its_type(tmp_path, monkeypatch):
+  class PermissionDeniedError(Exception):  # what a remote filesystem layer might raise
+    pass
+
+  def deny(self, *args, **kwargs):
+    raise PermissionDeniedError("403 on gs://bucket/run/.write_probe.0\nmore detail")
+
+  monkeypatch.setattr(workdir_records.epath.Path, "write_text", deny)
+  with pytest.raises(UserError) as err:
+    workdir_records.check_writable(str(tmp_path))
+  assert str(err.value).startswith(f"--workdir {tmp_path} is not writable (PermissionDeniedError: "
+                                   "403 on gs://bucket/run/.write_probe.0). No checkpoint")
+
+
+def test_every_process_stops_when_one_cannot_write(tmp_path, monkeypatch):
+  """This process can write, process 1 cannot: this one stops too, naming process 1, rather
+  than wait for it at the first collective."""
+  monkeypatch.setattr(workdir_records.jax, "process_count", lambda: 2)
+  gathered = []
+
+  def allgather(x):
+    gathered.append(x.tolist())
+    return np.asarray([[False], [True]])
+
+  monkeypatch.setattr(workdir_records.multihost_utils, "process_allgather", allgather)
+  with pytest.raises(UserError) as err:
+    workdir_records.check_writable(str(tmp_path))
+  assert gathered == [[False]]  # this process's own verdict went in
+  assert str(err.value).startswith(f"--workdir {tmp_path} is not writable from process(es) 1. ")

@@ -156,6 +156,11 @@ def _write_failed(step, directory, e: Exception) -> CheckpointError:
           else f'Writing checkpoint step {step} to')
   logging.warning('%s %s failed: %s', what, directory, e)
   text = str(e)
+  if step is not None and not epath.Path(directory).exists():
+    return CheckpointError(
+        f'{what} {directory} failed: the directory was deleted while the step was being '
+        'written, and every checkpoint in it went with it. Rerun the same command to start '
+        'afresh.')
   if 'No space left' in text or 'File too large' in text or 'Disk quota' in text:
     cause = 'the disk is full (or a file size or quota limit was hit): free space'
   elif 'Permission denied' in text or 'Read-only file system' in text:
@@ -223,6 +228,9 @@ class Checkpointer:
                    step, self.directory)
       return
     self.wait()  # orbax would wait for the previous save too; a failure of it is named here
+    # Each process decides alone: one that looks after process 0 has begun this save finds
+    # the directory again and keeps the deleted steps in its cached list. That only makes
+    # its all_steps() list them; saving never skips a new step because of it.
     if not self.directory.exists():
       gone = self._mngr.all_steps()
       logging.warning('THE CHECKPOINT DIRECTORY %s WAS DELETED while this run was going%s. '

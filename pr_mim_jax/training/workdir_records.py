@@ -8,6 +8,8 @@ import sys
 
 import jax
 from etils import epath
+from jax.experimental import multihost_utils
+import numpy as np
 
 from pr_mim_jax.errors import UserError
 
@@ -39,19 +41,29 @@ def package_versions() -> dict:
 
 
 def check_writable(workdir: str) -> None:
-  """Creates the workdir and writes, then removes, a probe file in it (every process: each
+  """Creates the workdir and writes, then removes, a probe file in it on every process (each
   writes its own checkpoint shards), so that a workdir that cannot take checkpoints fails
-  at once, in one line, before anything compiles or changes."""
+  at once, in one line, before anything compiles. The processes agree on the verdict, so
+  that none waits at a collective for one that stopped here."""
   path = epath.Path(workdir)
   probe = path / f".write_probe.{jax.process_index()}"
+  cause = None
   try:
     path.mkdir(parents=True, exist_ok=True)
     probe.write_text("")
     probe.unlink()
-  except OSError as e:
-    raise UserError(f"--workdir {workdir} is not writable ({e.strerror or e}). Nothing in it "
-                    "was changed: make it writable, or point --workdir elsewhere; rerunning "
-                    "then resumes from its newest checkpoint, if it has one.") from e
+  except Exception as e:  # pylint: disable=broad-except  # OSError, or a remote store's own
+    text = (str(e).strip().splitlines() or [""])[0][:200]
+    cause = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {text}"
+  failed = [cause is not None]
+  if jax.process_count() > 1:
+    failed = multihost_utils.process_allgather(np.asarray(failed)).ravel().tolist()
+  if any(failed):
+    where = (f"({cause})" if cause is not None else "from process(es) "
+             f"{', '.join(str(i) for i, f in enumerate(failed) if f)}")
+    raise UserError(f"--workdir {workdir} is not writable {where}. No checkpoint was touched: "
+                    "make it writable, or point --workdir elsewhere; rerunning then resumes "
+                    "from its newest checkpoint, if it has one.")
 
 
 def write_records(workdir: str, config) -> None:
