@@ -92,7 +92,7 @@ def get_config(arg=None):
       num_parallel_calls=-1,  # -1 = AUTOTUNE
       backend="auto",  # 'tf' (tf.data) | 'numpy' (no TensorFlow) | 'dali' | 'auto' = tf if installed
       dali_device="gpu",  # backend='dali': 'gpu' (nvJPEG on the first local GPU) | 'cpu'
-      tune_malloc=True,  # keep freed host buffers mapped: ~1.8x images per core (host_memory.py)
+      tune_malloc=True,  # keep freed host buffers mapped (data/host_memory.py)
   ))
 
   c.train = ml_collections.ConfigDict(dict(

@@ -2,12 +2,12 @@
 
 Every example allocates buffers of hundreds of KB (the decoded photo, the crop, the resize's
 float planes). glibc's malloc serves them with fresh mmaps or trims the heap after each
-free, so each example page-faults about 1.8 MB of memory back in. Measured on this
-project's 2-core dev machine (JPEG benchmark, tf backend), that was a third of the
-pipeline's CPU time, nearly all of it system time. Raising three malloc thresholds keeps
-the memory mapped and reused: the process holds a few hundred MB more, and each core
-decodes about 1.8x the images. `data.tune_malloc=False` turns it off; it does nothing where
-the C library is not glibc.
+free, so each example page-faults its memory back in. Raising three malloc thresholds
+keeps the memory mapped and reused, for a few hundred MB more held by the process. What
+that buys depends on what a page fault costs on the machine (JPEG benchmark, tf backend,
+2-core dev machines): on 2026-11-28 the faults were a third of the pipeline's CPU time and
+tuning gave each core about 1.8x the images; on 2026-12-06 it gave 7%.
+`data.tune_malloc=False` turns it off; it does nothing where the C library is not glibc.
 """
 
 from __future__ import annotations
