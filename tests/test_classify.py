@@ -221,7 +221,8 @@ print("OK")
 
 
 @pytest.mark.parametrize("variant,epochs,lr,decay,drop", [
-    ("B/16", 100.0, 5e-4, 0.65, 0.1), ("L/16", 50.0, 1e-3, 0.75, 0.2)])
+    ("B/16", 100.0, 5e-4, 0.65, 0.1), ("L/16", 50.0, 1e-3, 0.75, 0.2),
+    ("H/14", 50.0, 1e-3, 0.75, 0.3)])
 def test_finetune_defaults_are_maes(variant, epochs, lr, decay, drop):
   c = classify_config.get_config("finetune", f"variant={variant}")
   assert (c.optim.epochs, c.optim.base_lr, c.optim.layer_decay, c.model.drop_path) == (
@@ -230,6 +231,14 @@ def test_finetune_defaults_are_maes(variant, epochs, lr, decay, drop):
   assert (c.mixup.mixup_alpha, c.mixup.cutmix_alpha, c.label_smoothing) == (0.8, 1.0, 0.1)
   assert (c.data.augment, c.data.random_erase, c.head.pool, c.head.kind) == (
       "randaugment", 0.25, "gap", "linear")
+
+
+def test_finetune_without_a_recipe_asks_for_the_optim_fields():
+  """MAE published no fine-tuning recipe for ViT-S: ImageNet scale stops; the demo scale,
+  whose settings are its own, does not."""
+  with pytest.raises(UserError, match=r"variant='S/16'.*set the optim fields"):
+    classify_config.get_config("finetune", "variant=S/16")
+  assert classify_config.get_config("finetune", "variant=S/16,dataset=shapes").optim.epochs == 5.0
 
 
 def test_linear_probe_defaults_are_maes():

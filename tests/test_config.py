@@ -456,3 +456,70 @@ def test_cli_bad_config_arg(tmp_path):
 def test_cli_missing_workdir():
   proc = _run_main('--config=pr_mim_jax/configs/pretrain.py:dataset=shapes')
   _check_user_error(proc, '--workdir')
+
+
+# ----------------------------------------------------------------------------------------
+# The README's config table.
+
+def _readme_config_rows():
+  """(field names, default cell) per row of README.md's pre-training config table.
+
+  A name cell lists backticked names; `.x` is a sibling of the name before it, `_x` swaps
+  the last `_part` of it (`decoder_width`, `_depth`), and `a.*` covers every field of `a`."""
+  text = (ROOT / 'README.md').read_text()
+  table = text.split('| field | default (ImageNet / shapes) | meaning |')[1].split('\n\n')[0]
+  rows = []
+  for line in table.strip().splitlines()[1:]:
+    name_cell, default_cell = [cell.strip() for cell in line.strip('|').split(' | ')[:2]]
+    names = []
+    for token in name_cell.replace('`', ' ').replace(',', ' ').split():
+      if token.startswith('.'):
+        token = names[-1].rsplit('.', 1)[0] + token
+      elif token.startswith('_'):
+        token = names[-1].rsplit('_', 1)[0] + token
+      names.append(token)
+    rows.append((names, default_cell))
+  return rows
+
+
+def _leaf_fields(config, prefix=''):
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _leaf_fields(value, f'{prefix}{key}.')
+    else:
+      yield prefix + key
+
+
+def test_readme_config_table_names_every_field_and_only_real_ones():
+  documented = [name for names, _ in _readme_config_rows() for name in names]
+  fields = set(_leaf_fields(get_config())) - {'mode'}  # mode: set by the config file
+  covered = lambda field: any(field == d or (d.endswith('.*') and field.startswith(d[:-1]))
+                              for d in documented)
+  assert not [f for f in sorted(fields) if not covered(f)], 'README config table lacks these'
+  assert not [d for d in documented if not d.endswith('.*') and d not in fields], (
+      'README config table names fields that do not exist')
+
+
+def _readme_value(text):
+  text = text.split(' (')[0].strip().strip('`')  # drop "(mae: 0)"-style notes
+  return {'True': True, 'False': False, 'None': None, "''": ''}.get(text, text)
+
+
+def test_readme_config_table_defaults_match_the_configs():
+  """Single-field rows whose default is one plain value (or ImageNet / shapes) match."""
+  imagenet, shapes = get_config(), get_config('dataset=shapes')
+  checked = 0
+  for names, cell in _readme_config_rows():
+    parts = cell.split(' / ')
+    if len(names) != 1 or len(parts) > 2 or ', ' in cell or names[0].endswith('.*'):
+      continue
+    for config, text in zip((imagenet, shapes), parts if len(parts) == 2 else parts * 2):
+      actual = config
+      for key in names[0].split('.'):
+        actual = actual[key]
+      expected = _readme_value(text)
+      if isinstance(actual, (int, float)) and not isinstance(actual, bool):
+        expected = float(expected)
+      assert actual == expected, (names[0], cell, actual)
+    checked += 1
+  assert checked >= 25, checked  # most rows are plain; a parser gone blind fails here

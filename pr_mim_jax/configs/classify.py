@@ -5,8 +5,8 @@ scale follows MAE: linear probe with LARS (base lr 0.1, batch 16384, 90 epochs, 
 no weight decay, cls token, BatchNorm head without affine); fine-tuning with AdamW (batch
 1024, 5 warmup epochs, weight decay 0.05, b2 0.999, layer decay, drop path, RandAugment
 m9-mstd0.5, random erasing 0.25, mixup 0.8 / cutmix 1.0, label smoothing 0.1, global
-average pooling). `variant=B/16` (default) and `variant=L/16` pick MAE's per-model
-fine-tuning settings. `dataset=shapes` gives settings sized for the embedded dataset.
+average pooling). `variant=B/16` (default), `variant=L/16` and `variant=H/14` pick
+MAE's per-model fine-tuning settings. `dataset=shapes` gives settings sized for the embedded dataset.
 
 Arguments: init=WORKDIR (a pre-training workdir; its latest checkpoint unless
 --config.init.step=N is set; -1 = latest; '' = random init, a baseline), variant=,
@@ -37,7 +37,7 @@ def get_config(mode: str, arg=None):
   if not probe and not demo and size_name not in FINETUNE_RECIPES:
     raise errors.UserError(f"config argument variant={arg.variant!r}: MAE's fine-tuning "
                            f"recipes cover {sorted(FINETUNE_RECIPES)}; set the optim fields "
-                           "yourself from the B or L recipe")
+                           "yourself from the B, L or H recipe")
   ft_epochs, ft_lr, ft_decay, ft_drop = FINETUNE_RECIPES.get(size_name, FINETUNE_RECIPES["B"])
 
   c = ml_collections.ConfigDict()
