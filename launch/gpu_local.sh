@@ -6,7 +6,7 @@
 set -euo pipefail
 workdir=${1:?usage: launch/gpu_local.sh WORKDIR [--config.FIELD=VALUE ...]}
 shift
-args=(--config="${CONFIG:-configs/pretrain.py:variant=B/16}" --workdir="$workdir")
+args=(--config="${CONFIG:-pr_mim_jax/configs/pretrain.py:variant=B/16}" --workdir="$workdir")
 [ -n "${DATA_DIR:-}" ] && args+=(--config.data.data_dir="$DATA_DIR")
 # Let XLA take most of the GPU memory up front; TF never touches the GPU.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}

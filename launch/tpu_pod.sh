@@ -11,7 +11,7 @@ shift
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}" "${PROJECT:?set PROJECT}"
 accelerator=${ACCELERATOR:-v4-32}
 runtime=${RUNTIME:-tpu-ubuntu2204-base}
-config=${CONFIG:-configs/pretrain.py:variant=B/16}
+config=${CONFIG:-pr_mim_jax/configs/pretrain.py:variant=B/16}
 tpu=(gcloud compute tpus tpu-vm --project="$PROJECT" --zone="$ZONE")
 
 if ! "${tpu[@]}" describe "$TPU_NAME" >/dev/null 2>&1; then

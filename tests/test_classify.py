@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, TINY_OVERRIDES, apply_overrides, load_config, run_with_fake_devices
+from pr_mim_jax import cli
 from pr_mim_jax.configs import classify as classify_config
 from pr_mim_jax.configs import knn as knn_config
 from pr_mim_jax.errors import UserError
@@ -239,6 +240,14 @@ def test_finetune_without_a_recipe_asks_for_the_optim_fields():
   with pytest.raises(UserError, match=r"variant='S/16'.*set the optim fields"):
     classify_config.get_config("finetune", "variant=S/16")
   assert classify_config.get_config("finetune", "variant=S/16,dataset=shapes").optim.epochs == 5.0
+
+
+def test_init_without_config_json_names_a_command_that_resolves(tmp_path):
+  """The error's suggested `--config=pretrain` must name a real config from any directory."""
+  with pytest.raises(UserError, match="has no config.json") as error:
+    classify.pretrained_config(str(tmp_path))
+  suggested = str(error.value).split("--config=")[1].split()[0]
+  assert os.path.isfile(cli.packaged_config(suggested)), suggested
 
 
 def test_linear_probe_defaults_are_maes():

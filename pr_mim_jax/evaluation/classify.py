@@ -45,8 +45,8 @@ def pretrained_config(init_workdir: str):
   path = epath.Path(init_workdir) / "config.json"
   if not path.exists():
     raise UserError(f"config.init.workdir: {init_workdir} has no config.json; point it at a "
-                    "pre-training workdir (python -m pr_mim_jax.main --config=configs/"
-                    "pretrain.py ... --workdir=DIR), or use init= (empty) for random init")
+                    "pre-training workdir (python -m pr_mim_jax.main --config=pretrain ... "
+                    "--workdir=DIR), or use init= (empty) for random init")
   try:
     return ml_collections.ConfigDict(json.loads(path.read_text()))
   except (ValueError, TypeError) as e:
