@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from pr_mim_jax.data import tensorflow_devices
 from pr_mim_jax.data.augment_np import MIN_SCALE, ASPECT_RANGE, EVAL_CROP_FRACTION, MAX_ATTEMPTS
 from pr_mim_jax.data.pixels import MEAN255, STD255
 
 DCT_RATIOS = (1, 2, 4, 8)  # the scales libjpeg decodes to without a full-size pass
 
-# TensorFlow must never take GPU memory from JAX.
-try:
-  tf.config.set_visible_devices([], "GPU")
-except RuntimeError:  # TF already initialised by someone else; nothing we can change now
-  pass
+tensorflow_devices.hide_gpus()  # TensorFlow must never take GPU memory from JAX
 
 
 def example_key(seed, step, position):

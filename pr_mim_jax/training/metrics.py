@@ -1,7 +1,8 @@
 """Metric output: log lines and a JSONL file always, TensorBoard through clu when present.
 
-`clu.metric_writers` imports TensorFlow when loaded, so it is imported lazily; where
-TensorFlow is absent (typical GPU machines) training still logs. Only process 0 writes.
+`clu.metric_writers` imports TensorFlow when loaded, so it is imported lazily, after
+data/tensorflow_devices.py has hidden the GPUs from TF; where TensorFlow is absent (typical
+GPU machines) training still logs. Only process 0 writes.
 """
 
 import json
@@ -23,8 +24,8 @@ class MetricWriter:
     self._clu = None
     if self.active and tensorboard:
       try:
-        import tensorflow as tf  # pylint: disable=g-import-not-at-top
-        tf.config.set_visible_devices([], "GPU")  # TF must never take GPU memory
+        from pr_mim_jax.data import tensorflow_devices  # pylint: disable=g-import-not-at-top
+        tensorflow_devices.hide_gpus()  # before clu loads TF: TF must never take GPU memory
         from clu import metric_writers  # pylint: disable=g-import-not-at-top
         self._clu = metric_writers.SummaryWriter(os.fspath(epath.Path(workdir) / "tensorboard"))
       except ImportError:
