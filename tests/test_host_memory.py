@@ -43,6 +43,10 @@ def test_tuned_malloc_keeps_freed_buffers_mapped(tmp_path):
   # Pages of 4 KiB faulted per image, untuned against tuned, on 2-core dev machines: 450-490
   # against 21-24 (2026-11-28); 67-69 against 7-8 (2026-12-06, this probe). The count moves
   # with the machine and with glibc's dynamic thresholds, so the bounds leave room: untuned
-  # must still hand pages back, and tuning must cut that by well over half.
-  assert untuned > 30, untuned
+  # must still hand pages back, and tuning must cut that by well over half. With the oldest
+  # tested versions (tensorflow-cpu 2.20, numpy 1.26) the untuned pipeline faults only about
+  # 8 pages per image (2026-12-06), which leaves the tuning nothing to show.
+  if untuned <= 30:
+    pytest.skip(f"the untuned pipeline faults only {untuned:.0f} pages per image with these "
+                "versions: nothing for the tuning to cut")
   assert tuned < untuned / 3, (tuned, untuned)

@@ -49,6 +49,39 @@ def test_every_imported_distribution_is_declared():
   assert not missing, f"imported but not in pyproject.toml: {missing}"
 
 
+def _requirement(line: str) -> tuple[str, str]:
+  """'etils[epath]>=1.9.1  # why' -> ('etils', '[epath]>=1.9.1')."""
+  spec = line.split("#")[0].replace(" ", "")
+  name = re.split(r"[\[<>=~!;]", spec, maxsplit=1)[0]
+  return name.lower().replace("_", "-"), spec[len(name):]
+
+
+def _lines(path) -> list[str]:
+  return [l for l in path.read_text().splitlines() if l.split("#")[0].strip()]
+
+
+def test_requirements_txt_matches_pyproject():
+  """The README installs requirements.txt, pip installs pyproject: same packages, same bounds."""
+  project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+  specs = project["dependencies"] + project["optional-dependencies"]["data"] + \
+      project["optional-dependencies"]["test"]
+  assert dict(map(_requirement, specs)) == \
+      dict(map(_requirement, _lines(ROOT / "requirements.txt")))
+
+
+def test_lowest_versions_pin_every_floor():
+  """.ci/lowest-versions.txt (which CI tests) pins each requirement at its floor's release."""
+  pins = dict(_requirement(l) for l in _lines(ROOT / ".ci" / "lowest-versions.txt"))
+  for name, spec in map(_requirement, _lines(ROOT / "requirements.txt")):
+    floor = re.search(r">=([\d.]+)", spec)
+    assert floor and "<" not in spec, f"{name}{spec}: give a floor and no ceiling"
+    pinned = pins.get(name, "").removeprefix("==")
+    assert re.fullmatch(r"[\d.]+", pinned), f"{name}: pin it in .ci/lowest-versions.txt"
+    release = floor.group(1).split(".")
+    assert pinned.split(".")[:len(release)] == release, f"{name}: floor {floor.group(1)}, " \
+        f"lowest tested {pinned}: move one to the other"
+
+
 @pytest.mark.slow
 def test_a_built_wheel_runs_every_config_from_another_directory(tmp_path):
   """pip wheel of a copy of the tree, unpacked onto PYTHONPATH, run outside the source tree."""
