@@ -131,7 +131,7 @@ def test_async_save_close_and_reopen(tmp_path):
   ckpt.wait()
   assert ckpt.latest_step() == 2
   # Finalized: renamed into place. (orbax 0.12.8 also writes commit_success.txt on local
-  # disks, 0.11.17 does not; the rename is what both do.)
+  # disks, 0.11.30 does not; the rename is what both do.)
   assert (tmp_path / '2' / 'state').is_dir()
   assert not list(tmp_path.glob('*.orbax-checkpoint-tmp*'))
   ckpt.close()
