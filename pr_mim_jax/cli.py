@@ -27,15 +27,31 @@ def fail(message: str) -> None:
   sys.exit(EXIT_USER_ERROR)
 
 
+def check_not_a_file(path, flag: str) -> None:
+  """A UserError naming --flag when `path` (local or gs://), meant as a directory, is a file."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  if epath.Path(path).is_file():
+    raise UserError(f"--{flag}={path} is a file, not a directory: choose a directory (a new "
+                    "path, or an existing directory)")
+
+
 def output_dir(path: str, flag: str):
   """The directory `path` (local or gs://), created; a UserError naming --flag otherwise."""
   from etils import epath  # pylint: disable=g-import-not-at-top
   out = epath.Path(path)
+  check_not_a_file(out, flag)
   try:
     out.mkdir(parents=True, exist_ok=True)
   except OSError as e:
     raise UserError(f"--{flag}: cannot create {out}: {e.strerror}") from None
   return out
+
+
+def at_least(flag, minimum: int, meaning: str) -> int:
+  """The value of absl `flag` (a FlagHolder); a UserError naming it when below `minimum`."""
+  if flag.value < minimum:
+    raise UserError(f"--{flag.name}={flag.value}: must be >= {minimum} ({meaning})")
+  return flag.value
 
 
 def write_text(path: str, text: str, flag: str) -> None:
@@ -141,14 +157,46 @@ def parse_flags(argv, required: dict[str, str], flag_values=None) -> None:
       fail(f"--{name} is required, e.g. --{name}={example}")
 
 
+# The command that runs each kind of config (config_kind).
+KIND_COMMANDS = {"pretrain": "pr_mim_jax.main", "linear_probe": "pr_mim_jax.main",
+                 "finetune": "pr_mim_jax.main", "knn": "pr_mim_jax.main",
+                 "study": "pr_mim_jax.tools.study"}
+
+
+def config_kind(config) -> str:
+  """config.mode ('pretrain' when unset), or 'study' for pr_mim_jax/configs/study.py, the one
+  config without a mode and with the study's `methods` and `setting`."""
+  if "mode" not in config and "methods" in config and "setting" in config:
+    return "study"
+  return config.get("mode", "pretrain")
+
+
+def check_config_kind(config_flag, kinds: tuple[str, ...], example: str) -> None:
+  """A UserError naming --config's file and the kinds of config this command takes, unless
+  the parsed config (`config_flag`, the absl flag) is one of `kinds`."""
+  kind = config_kind(config_flag.value)
+  if kind in kinds:
+    return
+  why = [] if kind == "study" else [f"config.mode={kind!r}"]
+  why += [f"run by python -m {KIND_COMMANDS[kind]}"] if kind in KIND_COMMANDS else []
+  takes = " or ".join(filter(None, (", ".join(kinds[:-1]), kinds[-1])))
+  raise UserError(f"--{config_flag.name}={config_flag.config_filename} is a {kind} config "
+                  f"({', '.join(why)}); this command takes a {takes} config, "
+                  f"e.g. --{config_flag.name}={example}")
+
+
 def run(main: Callable[[], int | None], required: dict[str, str], argv=None,
-        flag_values=None) -> int:
+        flag_values=None, config_kinds: tuple[str, ...] = ()) -> int:
   """Parse flags, then run `main()`; a UserError it raises is printed as one line.
 
+  `config_kinds`: the kinds of --config the command takes (config_kind), checked first.
   Known harmless start-up log lines are dropped first (log_filters)."""
   log_filters.install()
   parse_flags(argv if argv is not None else sys.argv, required, flag_values)
+  fv = flags.FLAGS if flag_values is None else flag_values
   try:
+    if config_kinds:
+      check_config_kind(fv["config"], config_kinds, required["config"])
     return main() or 0
   except UserError as e:
     fail(str(e))

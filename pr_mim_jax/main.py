@@ -16,7 +16,6 @@ from ml_collections import config_flags
 
 from pr_mim_jax import cli
 from pr_mim_jax import log_filters
-from pr_mim_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, big_vision style.",
                                           lock_config=True)
@@ -34,13 +33,12 @@ REQUIRED = {"config": "pr_mim_jax/configs/pretrain.py:dataset=shapes", "workdir"
 
 def _run() -> int:
   config = _CONFIG.value
-  mode = config.get("mode", "pretrain")
-  if mode not in MODES:
-    raise UserError(f"config.mode: unknown mode {mode!r}; use one of {MODES}")
+  mode = cli.config_kind(config)  # one of MODES: cli.run checked it
   # pylint: disable=g-import-not-at-top,g-multiple-import
   from pr_mim_jax import run_log
   from pr_mim_jax.parallel import distributed
-  from pr_mim_jax.training import pretrain, trainer, workdir_records
+  import jax
+  from pr_mim_jax.training import config_validation, pretrain, trainer, workdir_records
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if mode == "pretrain":
     run, check = pretrain.train, pretrain.check_config
@@ -49,6 +47,7 @@ def _run() -> int:
     run, check = ((classify.knn_eval, classify.check_knn_config) if mode == "knn"
                   else (classify.train, classify.check_config))
   checked = check(config)  # before INFO logging, so a mistake prints one line
+  config_validation.validate_attention_backend(config.model, jax.default_backend())
   workdir_records.check_writable(_WORKDIR.value)
   absl_logging.use_absl_handler()
   absl_logging.set_verbosity(absl_logging.INFO)
@@ -64,7 +63,7 @@ def _run() -> int:
 
 
 def main(argv=None) -> int:
-  return cli.run(_run, REQUIRED, argv)
+  return cli.run(_run, REQUIRED, argv, config_kinds=MODES)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,10 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from conftest import ROOT, TINY_OVERRIDES, override_flags
+from conftest import ROOT, TINY_OVERRIDES, apply_overrides, load_config, override_flags
 from pr_mim_jax.tools import benchmark
 
 
@@ -132,3 +133,21 @@ def test_a_failed_child_reports_its_exception_line():
       "jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory allocating 9 GiB")
   assert benchmark._error_line("warning\nkilled\n", -9) == "killed"
   assert benchmark._error_line("", -9) == "exit code -9"
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--steps=0", "error: --steps=0: must be >= 1 (the timed steps)"),
+    ("--warmup=-1", "error: --warmup=-1: must be >= 0 (untimed steps before them; 0 = none)"),
+])
+def test_step_counts_below_their_minimum_are_one_error_line(flag, message):
+  proc = _run("--config=pr_mim_jax/configs/pretrain.py", flag)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines() == [message]
+
+
+@pytest.mark.slow
+def test_no_warmup_still_times_the_step():
+  config = apply_overrides(load_config("method=mae,dataset=shapes"),
+                           dict(TINY_OVERRIDES, **{"model.depth": 1}))
+  row = benchmark.time_train_step(config, 8, steps=1, warmup=0)
+  assert row["step_ms"] > 0 and np.isfinite(row["loss"])

@@ -252,14 +252,16 @@ def test_existing_step_is_not_overwritten(tmp_path):
 def test_missing_directory_and_empty(tmp_path):
   directory = tmp_path / 'does' / 'not' / 'exist'
   ckpt = checkpointing.Checkpointer(str(directory))
-  assert directory.is_dir()
+  assert not (tmp_path / 'does').exists()  # created by the first save, not by reading
   assert ckpt.latest_step() is None
   assert ckpt.all_steps() == []
-  with pytest.raises(checkpointing.CheckpointError, match='No complete'):
+  with pytest.raises(checkpointing.CheckpointError, match='holds no complete checkpoint'):
     ckpt.restore(_abstract(_make_state()))
-  with pytest.raises(checkpointing.CheckpointError, match='step 4'):
+  with pytest.raises(checkpointing.CheckpointError, match='holds no complete checkpoint'):
     ckpt.restore(_abstract(_make_state()), step=4)
+  ckpt.save(1, _make_state())
   ckpt.close()
+  assert checkpointing.Checkpointer(str(directory)).all_steps() == [1]
 
 
 def test_relative_directory_async_save_and_restore(tmp_path, monkeypatch):
@@ -409,11 +411,58 @@ def test_a_directory_deleted_during_the_run_is_named_and_saving_goes_on(tmp_path
 
 def test_a_directory_that_cannot_be_created_is_one_line(tmp_path):
   (tmp_path / 'file').write_text('')  # a file where a parent directory should be
+  ckpt = checkpointing.Checkpointer(str(tmp_path / 'file' / 'checkpoints'))  # reads nothing
   with pytest.raises(checkpointing.CheckpointError) as err:
-    checkpointing.Checkpointer(str(tmp_path / 'file' / 'checkpoints'))
+    ckpt.save(1, _make_state())  # the first save creates the directory
   assert str(err.value).startswith(
       f'Creating the checkpoint directory {tmp_path}/file/checkpoints failed: ')
   assert '\n' not in str(err.value)
+
+
+@pytest.mark.parametrize('read', ['restore', 'restore_subtree'])
+def test_reading_a_run_without_checkpoints_names_it_and_creates_nothing(tmp_path, read):
+  (tmp_path / 'config.json').write_text('{}')  # another run's workdir, checkpoints never saved
+  directory = checkpointing.checkpoint_dir(str(tmp_path))
+  ckpt = checkpointing.Checkpointer(directory, max_to_keep=1 << 30)
+  with pytest.raises(checkpointing.CheckpointError) as err:
+    if read == 'restore':
+      ckpt.restore(_abstract(_make_state()), fallback=True)
+    else:
+      ckpt.restore_subtree(('params',), _sharding())
+  ckpt.close()
+  assert str(err.value) == (
+      f'{directory} holds no complete checkpoint: point config.init.workdir (or convert\'s '
+      '--from) at the workdir of a run that saved one, or run pre-training first (python -m '
+      'pr_mim_jax.main --config=pr_mim_jax/configs/pretrain.py ...).')
+  assert [p.name for p in tmp_path.iterdir()] == ['config.json']  # no checkpoints/ made
+
+
+def test_a_missing_step_names_the_steps_there(tmp_path):
+  _saved(tmp_path, [4])
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  with pytest.raises(checkpointing.CheckpointError, match=(
+      rf'^{tmp_path} has no complete checkpoint of step 5; it holds steps \[4\]: pick one')):
+    ckpt.restore_subtree(('params',), _sharding(), step=5)
+  ckpt.close()
+
+
+_READ_EMPTY = """
+import sys
+from pr_mim_jax.training import checkpointing
+ckpt = checkpointing.Checkpointer(sys.argv[1])
+try:
+  ckpt.latest_step()
+finally:
+  ckpt.close()
+"""
+
+
+def test_opening_to_read_leaves_nothing_running_at_exit(tmp_path):
+  """No background clean-up outlives a read: it printed an orbax traceback after the error."""
+  proc = subprocess.run([sys.executable, '-c', _READ_EMPTY, str(tmp_path / 'checkpoints')],
+                        capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 0 and proc.stderr == '', proc.stderr
+  assert not (tmp_path / 'checkpoints').exists()
 
 
 def test_only_late_checkpoint_failures_are_quieted(monkeypatch, caplog):

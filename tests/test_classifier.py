@@ -144,7 +144,8 @@ def test_batchnorm_head_running_stats():
   # Training normalizes by the batch's statistics ...
   ref = (feats - mean) / np.sqrt(var + 1e-6) @ dense['kernel'] + dense['bias']
   np.testing.assert_allclose(np.asarray(logits), ref, rtol=1e-4, atol=1e-4)
-  # ... and moves the running ones by 0.1 towards them (torch momentum 0.1).
+  # ... and moves the running ones by 0.1 towards them (torch momentum 0.1; the variance is
+  # the biased one, where torch would track var * B / (B - 1)).
   stats = updates['batch_stats']['head']['bn']
   np.testing.assert_allclose(np.asarray(stats['mean']), 0.1 * mean, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(np.asarray(stats['var']), 0.9 + 0.1 * var, rtol=1e-4, atol=1e-6)

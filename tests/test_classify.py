@@ -16,6 +16,7 @@ from pr_mim_jax.configs import knn as knn_config
 from pr_mim_jax.errors import UserError
 from pr_mim_jax.evaluation import classify
 from pr_mim_jax.evaluation import classify_step
+from pr_mim_jax.models import classifier
 from pr_mim_jax.models import vit
 from pr_mim_jax.parallel import sharding
 from pr_mim_jax.training import checkpointing
@@ -68,8 +69,8 @@ def encoder_checkpoint(workdir):
 
 def fresh_state(config, pretrained_encoder: bool):
   """(model, state) as classify.train builds them, with or without the init run's encoder."""
-  _, model_cfg, _, num_classes = classify.check_config(config)
-  model = classify.build_model(model_cfg, config, num_classes)
+  _, config, _, num_classes = classify.check_config(config)
+  model = classifier.from_config(config, num_classes)
   mesh = sharding.make_mesh()
   with jax.set_mesh(mesh):
     encoder = classify.read_pretrained_encoder(config, mesh, False) if pretrained_encoder else None
@@ -198,11 +199,12 @@ import sys, jax
 sys.path.insert(0, "tests")
 from test_classify import eval_config, SIZE
 from pr_mim_jax.evaluation import classify, classify_step
+from pr_mim_jax.models import classifier
 from pr_mim_jax.parallel import sharding
 config = eval_config("linear_probe", "", **{"model.variant": "Ti/8", "model.image_size": SIZE,
                                             "model.width": 32, "model.depth": 1, "model.heads": 2})
-_, model_cfg, _, num_classes = classify.check_config(config)
-model = classify.build_model(model_cfg, config, num_classes)
+_, config, _, num_classes = classify.check_config(config)
+model = classifier.from_config(config, num_classes)
 results = []
 for devices in (jax.devices()[:1], jax.devices()):
   mesh = sharding.make_mesh(devices)
@@ -221,25 +223,71 @@ print("OK")
   assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
 
 
-@pytest.mark.parametrize("variant,epochs,lr,decay,drop", [
-    ("B/16", 100.0, 5e-4, 0.65, 0.1), ("L/16", 50.0, 1e-3, 0.75, 0.2),
-    ("H/14", 50.0, 1e-3, 0.75, 0.3)])
-def test_finetune_defaults_are_maes(variant, epochs, lr, decay, drop):
+def pretrain_config_json(tmp_path, variant):
+  """A workdir holding only the config.json of an ImageNet pre-training run of `variant`."""
+  (tmp_path / "config.json").write_text(load_config(f"variant={variant}").to_json())
+  return str(tmp_path)
+
+
+def recipe(config):
+  return (config.optim.epochs, config.optim.base_lr, config.optim.layer_decay,
+          config.model.drop_path)
+
+
+# MAE's FINETUNE.md: ViT-B 100 epochs, blr 5e-4, layer decay 0.65, drop path 0.1; ViT-L and
+# ViT-H 50 epochs, blr 1e-3, layer decay 0.75, drop path 0.2 / 0.3.
+MAE_RECIPES = [("B/16", (100.0, 5e-4, 0.65, 0.1)), ("L/16", (50.0, 1e-3, 0.75, 0.2)),
+               ("H/14", (50.0, 1e-3, 0.75, 0.3))]
+
+
+@pytest.mark.parametrize("variant,expected", MAE_RECIPES)
+def test_finetune_defaults_are_maes(variant, expected):
+  """Random init with variant= (the baseline) gets that size's recipe."""
   c = classify_config.get_config("finetune", f"variant={variant}")
-  assert (c.optim.epochs, c.optim.base_lr, c.optim.layer_decay, c.model.drop_path) == (
-      epochs, lr, decay, drop)
+  assert recipe(c) == (None,) * 4  # left to the model's size
+  assert recipe(classify.resolve_config(c)) == expected
   assert (c.batch_size, c.optim.warmup_epochs, c.optim.weight_decay, c.optim.b2) == (1024, 5.0, 0.05, 0.999)
   assert (c.mixup.mixup_alpha, c.mixup.cutmix_alpha, c.label_smoothing) == (0.8, 1.0, 0.1)
   assert (c.data.augment, c.data.random_erase, c.head.pool, c.head.kind) == (
       "randaugment", 0.25, "gap", "linear")
 
 
-def test_finetune_without_a_recipe_asks_for_the_optim_fields():
-  """MAE published no fine-tuning recipe for ViT-S: ImageNet scale stops; the demo scale,
-  whose settings are its own, does not."""
-  with pytest.raises(UserError, match=r"variant='S/16'.*set the optim fields"):
-    classify_config.get_config("finetune", "variant=S/16")
-  assert classify_config.get_config("finetune", "variant=S/16,dataset=shapes").optim.epochs == 5.0
+@pytest.mark.parametrize("variant,expected", MAE_RECIPES)
+def test_finetune_recipe_follows_the_pretrained_model(tmp_path, variant, expected):
+  """Without variant=, the recipe is the init run's size's, not ViT-B's; a field set on the
+  command line stays as set."""
+  c = classify_config.get_config("finetune", f"init={pretrain_config_json(tmp_path, variant)}")
+  resolved = classify.resolve_config(c)
+  assert (resolved.model.variant, recipe(resolved)) == (variant, expected)
+  c.optim.base_lr = 2e-3
+  assert recipe(classify.resolve_config(c)) == (expected[0], 2e-3, *expected[2:])
+
+
+def test_finetune_without_a_recipe_asks_for_the_fields(tmp_path):
+  """MAE published no fine-tuning recipe for ViT-S: ImageNet scale stops and names the fields
+  still empty; set, they pass. The demo scale, whose settings are its own, does not stop."""
+  c = classify_config.get_config("finetune", f"init={pretrain_config_json(tmp_path, 'S/16')}")
+  c.optim.base_lr = 1e-3
+  with pytest.raises(UserError, match=r"^config.optim.epochs, config.optim.layer_decay, "
+                     r"config.model.drop_path: .* this model is S/16; set them"):
+    classify.resolve_config(c)
+  c.optim.epochs, c.optim.layer_decay, c.model.drop_path = 100.0, 0.75, 0.1
+  assert recipe(classify.resolve_config(c)) == (100.0, 1e-3, 0.75, 0.1)
+  demo = classify_config.get_config("finetune", "variant=S/16,dataset=shapes")
+  demo.model.image_size = 64
+  assert recipe(classify.resolve_config(demo)) == (5.0, 1e-3, 0.75, 0.1)
+
+
+def test_architecture_set_to_the_pretrained_value_passes(tmp_path):
+  """The ImageNet pre-training config stores width/depth/heads as 0 (from the variant): the
+  value they stand for is the pre-trained one, and another value names it."""
+  c = classify_config.get_config("linear_probe", f"init={pretrain_config_json(tmp_path, 'B/16')}")
+  c.model.depth, c.model.width = 12, 768
+  assert (classify.resolve_model(c).depth, classify.resolve_model(c).width) == (12, 768)
+  c.model.depth = 6
+  with pytest.raises(UserError, match=r"config.model.depth: 6 differs from the pre-trained "
+                     r"model's 12 "):
+    classify.resolve_model(c)
 
 
 def test_init_without_config_json_names_a_command_that_resolves(tmp_path):

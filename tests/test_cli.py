@@ -188,3 +188,60 @@ def test_help_without_a_config_file_says_how_to_see_one():
   missing = cli.cli_help.usage(["prog", "--config=nope.py", "-h"], full=False,
                                flag_values=_config_flag_values())
   assert "--config=nope.py: no such config file." in missing
+
+
+# ----------------------------------------------------------------------------------------
+# A config of the wrong kind: one line naming it and the kind of config the command takes.
+
+@pytest.mark.parametrize("config,kind", [
+    ("pr_mim_jax/configs/pretrain.py:dataset=shapes", "pretrain"),
+    ("pr_mim_jax/configs/finetune.py", "finetune"), ("pr_mim_jax/configs/linear_probe.py", "linear_probe"),
+    ("pr_mim_jax/configs/knn.py", "knn"), ("pr_mim_jax/configs/study.py", "study")])
+def test_config_kind_is_the_mode_or_study(monkeypatch, config, kind):
+  monkeypatch.chdir(ROOT)
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "Config file.", flag_values=fv)
+  fv(["prog", f"--config={config}"])
+  assert cli.config_kind(fv["config"].value) == kind
+
+
+def test_run_rejects_a_config_of_another_kind_before_main(monkeypatch, capsys):
+  monkeypatch.chdir(ROOT)
+  argv = ["prog", "--config=pr_mim_jax/configs/study.py"]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "Config file.", flag_values=fv, sys_argv=argv)
+  with pytest.raises(SystemExit) as e:
+    cli.run(lambda: pytest.fail("main ran"), {"config": CONFIG}, argv, fv,
+            config_kinds=("pretrain", "finetune", "knn"))
+  assert e.value.code == 2
+  assert capsys.readouterr().err.splitlines() == [
+      "error: --config=pr_mim_jax/configs/study.py is a study config (run by python -m "
+      "pr_mim_jax.tools.study); this command takes a pretrain, finetune or knn config, "
+      f"e.g. --config={CONFIG}"]
+
+
+@pytest.mark.parametrize("module,args,config,takes", [
+    ("main", ["--workdir={tmp}/w"], "study", "pretrain, linear_probe, finetune or knn"),
+    ("tools.study", ["--workdir={tmp}/w"], "pretrain:dataset=shapes", "study"),
+    ("tools.visualize_masks", ["--out={tmp}/w"], "finetune:dataset=shapes", "pretrain"),
+    ("tools.benchmark", [], "study", "pretrain"),
+    ("tools.gradient_study", ["--out={tmp}/w"], "knn", "pretrain"),
+    ("tools.compile_report", ["--target=cpu"], "study", "pretrain, linear_probe or finetune"),
+])
+def test_each_command_takes_its_own_kind_of_config(tmp_path, module, args, config, takes):
+  proc = _run(module, f"--config={config}", *(a.format(tmp=tmp_path) for a in args))
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: --config="), proc.stderr[-2000:]
+  assert f"; this command takes a {takes} config, e.g. --config=" in lines[0]
+  assert list(tmp_path.iterdir()) == []  # nothing created
+
+
+def test_main_rejects_cudnn_attention_without_a_gpu(tmp_path):
+  proc = _run("main", f"--config={CONFIG}", "--config.model.attention=cudnn",
+              f"--workdir={tmp_path}/w")
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines() == [
+      "error: config.model.attention: 'cudnn' needs an NVIDIA GPU, and JAX runs on 'cpu' here; "
+      "use 'xla' or 'einsum'"]
+  assert list(tmp_path.iterdir()) == []

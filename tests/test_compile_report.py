@@ -229,7 +229,8 @@ def test_evaluation_configs_compile_their_own_step(tmp_path):
     (["--target=cpu", "--methods=mea"], "--methods: unknown ['mea']"),
     (["--target=cpu", "--num_devices=2", "--config.batch_size=15"],
      "config.batch_size: global batch 15 is not divisible by the 2 devices"),
-    (["--target=cpu", "--config.mode=knn"], "config.mode: 'knn' has no train step"),
+    (["--target=cpu", "--config.mode=knn"],
+     "--config=pr_mim_jax/configs/pretrain.py:dataset=shapes is a knn config (config.mode='knn'"),
 ])
 def test_mistakes_are_one_line(args, message):
   proc = _run(["--config=pr_mim_jax/configs/pretrain.py:dataset=shapes", *TINY_FLAGS, "--nofit", *args])

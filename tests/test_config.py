@@ -296,11 +296,12 @@ def test_validate_rejects_with_field_name(overrides, field):
   assert '\n' not in message
 
 
-# The probe / fine-tune and k-NN checks, on a model config as classify.resolve_model returns it.
+# The probe / fine-tune and k-NN checks, on a config as classify.resolve_config returns it.
 INVALID_CLASSIFY = [
     ({'head.pool': 'max'}, "config.head.pool: unknown value 'max'"),
     ({'head.kind': 'mlp'}, "config.head.kind: unknown value 'mlp'"),
     ({'optim.optimizer': 'sgd'}, "config.optim.optimizer: unknown value 'sgd'"),
+    ({'optim.optimizer': 'lars'}, 'config.optim.optimizer: fine-tuning trains the whole model'),
     ({'optim.layer_decay': 1.5}, 'config.optim.layer_decay: got 1.5'),
     ({'optim.momentum': 1.0}, 'config.optim.momentum: got 1.0'),
     ({'mixup.prob': 2.0}, 'config.mixup.prob: got 2.0'),
@@ -320,33 +321,33 @@ INVALID_CLASSIFY = [
 def _resolved_finetune_config():
   config = classify_config.get_config('finetune', 'dataset=shapes')
   config.batch_size = config.eval.batch_size = 64
-  model = ml_collections.ConfigDict(dict(config.model.to_dict(), variant='Ti/8', width=32, depth=2,
-                                         heads=2, posemb='sincos', image_size=32,
-                                         pretrained_image_size=32))
-  return config, model
+  config.model = ml_collections.ConfigDict(dict(
+      config.model.to_dict(), variant='Ti/8', width=32, depth=2, heads=2, posemb='sincos',
+      image_size=32, pretrained_image_size=32))
+  return config
 
 
 def test_a_resolved_finetune_config_passes():
-  config_validation.validate_classify(*_resolved_finetune_config(), 8)
+  config_validation.validate_classify(_resolved_finetune_config(), 8)
 
 
 @pytest.mark.parametrize('overrides,message', INVALID_CLASSIFY,
                          ids=[m.split(':')[0] for _, m in INVALID_CLASSIFY])
 def test_classify_checks_name_the_field(overrides, message):
-  config, model = _resolved_finetune_config()
+  config = _resolved_finetune_config()
   for key, value in overrides.items():
-    _set(model if key.startswith('model.') else config, key.removeprefix('model.'), value)
+    _set(config, key, value)
   with pytest.raises(UserError) as e:
-    config_validation.validate_classify(config, model, 8)
+    config_validation.validate_classify(config, 8)
   assert str(e.value).startswith(message), str(e.value)
   assert '\n' not in str(e.value)
 
 
 def test_linear_probing_must_use_lars():
-  config, model = _resolved_finetune_config()
+  config = _resolved_finetune_config()
   config.mode = 'linear_probe'
   with pytest.raises(UserError, match='config.optim.optimizer: linear probing trains the head'):
-    config_validation.validate_classify(config, model, 8)
+    config_validation.validate_classify(config, 8)
 
 
 INVALID_KNN_EVAL = [
@@ -523,3 +524,15 @@ def test_readme_config_table_defaults_match_the_configs():
       assert actual == expected, (names[0], cell, actual)
     checked += 1
   assert checked >= 25, checked  # most rows are plain; a parser gone blind fails here
+
+
+@pytest.mark.parametrize('attention', ['cudnn', 'cudnn_padded'])
+def test_cudnn_attention_needs_a_gpu_backend(attention):
+  model = ml_collections.ConfigDict(dict(attention=attention))
+  config_validation.validate_attention_backend(model, 'gpu')
+  with pytest.raises(UserError) as e:
+    config_validation.validate_attention_backend(model, 'cpu')
+  assert str(e.value) == (f"config.model.attention: {attention!r} needs an NVIDIA GPU, and JAX "
+                          "runs on 'cpu' here; use 'xla' or 'einsum'")
+  config_validation.validate_attention_backend(ml_collections.ConfigDict(dict(attention='xla')),
+                                               'cpu')

@@ -85,7 +85,7 @@ def test_knn_and_linear_probe_start_from_a_converted_workdir(workdir, tmp_path):
 
   probe = apply_overrides(classify_config.get_config("linear_probe", f"init={workdir},dataset=shapes"),
                           {**DATA, "batch_size": 16, "eval.batch_size": 16})
-  model_cfg = classify.check_config(probe).model
+  model_cfg = classify.check_config(probe).config.model
   assert (model_cfg.width, model_cfg.depth, model_cfg.heads, model_cfg.image_size) == (32, 1, 2, 16)
   mesh = sharding.make_mesh()
   with jax.set_mesh(mesh):
@@ -181,12 +181,12 @@ def test_exported_files_get_the_mode_the_umask_gives_new_files(tmp_path, umask, 
   assert modes == replaced == (want, want), [oct(m) for m in modes + replaced]
 
 
-def _write_safetensors_by_hand(path, state):
+def _write_safetensors_by_hand(path, state, dtype="BF16"):
   """The safetensors layout written independently: u64 header length, JSON header, bytes."""
   header, chunks, offset = {}, [], 0
   for name, array in state.items():
     raw = np.ascontiguousarray(array).tobytes()
-    header[name] = {"dtype": "BF16", "shape": list(array.shape),
+    header[name] = {"dtype": dtype, "shape": list(array.shape),
                     "data_offsets": [offset, offset + len(raw)]}
     chunks.append(raw)
     offset += len(raw)
@@ -220,3 +220,139 @@ def test_importing_defines_no_flags_so_it_coexists_with_main():
   result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True,
                           text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
+
+
+# --- refusals: a clear UserError, and nothing of the user's replaced ------------------------
+
+VIT_TI = FIXTURES / "vit_ti.safetensors"
+
+
+def _fake_workdir(path, config):
+  """A directory with only a config.json: enough for every check made before the restore."""
+  path.mkdir()
+  (path / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+  return path
+
+
+def test_the_json_beside_a_safetensors_target_is_kept_without_overwrite(tmp_path):
+  (tmp_path / "config.json").write_text("mine")
+  with pytest.raises(UserError, match=r"config.json \(written next to config.safetensors\) "
+                     "exists; pass --overwrite"):
+    convert.convert(str(VIT_TI), str(tmp_path / "config.safetensors"))
+  assert (tmp_path / "config.json").read_text() == "mine"
+  (tmp_path / "model.json").mkdir()
+  (tmp_path / "model.json" / "keep.txt").write_text("mine")
+  with pytest.raises(UserError, match="model.json .* is a directory, which --overwrite does not"):
+    convert.convert(str(VIT_TI), str(tmp_path / "model.safetensors"), overwrite=True)
+  assert (tmp_path / "model.json" / "keep.txt").read_text() == "mine"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.json"]
+
+
+def test_overwrite_replaces_a_workdir_but_no_other_directory_or_file(tmp_path):
+  notes = tmp_path / "notes"
+  notes.mkdir()
+  (notes / "notes.txt").write_text("mine")
+  with pytest.raises(UserError, match="notes is a directory but not a pr_mim_jax workdir"):
+    convert.convert(str(MAE_PTH), str(notes), heads=2, decoder_heads=2, overwrite=True)
+  with pytest.raises(UserError, match="notes is a directory, which --overwrite does not"):
+    convert.convert(str(VIT_TI), str(notes), "timm", overwrite=True)
+  assert (notes / "notes.txt").read_text() == "mine"
+  (tmp_path / "wd").write_text("a file")
+  with pytest.raises(UserError, match="wd is a file, which --overwrite does not replace with a "
+                     "workdir"):
+    convert.convert(str(MAE_PTH), str(tmp_path / "wd"), "workdir", heads=2, decoder_heads=2,
+                    overwrite=True)
+  assert (tmp_path / "wd").read_text() == "a file"
+  (tmp_path / "link").symlink_to(_fake_workdir(tmp_path / "real", {"model": {}}))
+  with pytest.raises(UserError, match="link is a symbolic link; give the path it points to"):
+    convert.convert(str(MAE_PTH), str(tmp_path / "link"), heads=2, decoder_heads=2,
+                    overwrite=True)
+  assert (tmp_path / "link" / "config.json").is_file()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "notes", "real", "wd"]
+
+
+def test_crossmae_workdir_is_not_exported_as_an_mae_decoder(tmp_path):
+  src = _fake_workdir(tmp_path / "cross", {"mode": "pretrain",
+                                           "model": {"decoder": "cross_attention"}})
+  for kwargs in (dict(fmt="mae"), dict(with_decoder=True)):
+    with pytest.raises(UserError, match="'cross_attention'.*Use --format=timm"):
+      convert.convert(str(src), str(tmp_path / "x.safetensors"), **kwargs)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["cross"]
+
+
+@pytest.mark.parametrize("dtype", ["F16", "BF16"])
+def test_half_precision_mae_files_keep_their_sincos_tables(tmp_path, dtype):
+  import ml_dtypes  # pylint: disable=g-import-not-at-top
+  np_dtype = {"F16": np.float16, "BF16": ml_dtypes.bfloat16}[dtype]
+  state = mae_state()
+  src = tmp_path / "half.safetensors"
+  _write_safetensors_by_hand(src, {k: v.astype(np_dtype) for k, v in state.items()}, dtype)
+  _, arch, _ = convert.read_file_weights(src, 2, 2)
+  assert arch.posemb == "sincos" and arch.has_decoder
+  convert.convert(str(src), str(tmp_path / "mae.safetensors"), "mae", heads=2, decoder_heads=2)
+  back = safetensors.numpy.load_file(str(tmp_path / "mae.safetensors"))
+  assert np.array_equal(back["decoder_pos_embed"], state["decoder_pos_embed"])
+  # A decoder that cannot be ours does not stop a timm (encoder only) export.
+  state["decoder_pos_embed"] = state["decoder_pos_embed"] + 0.5
+  _write_safetensors_by_hand(src, {k: v.astype(np_dtype) for k, v in state.items()}, dtype)
+  convert.convert(str(src), str(tmp_path / "vit.safetensors"), heads=2)
+  assert "ignored: the MAE decoder" in json.loads((tmp_path / "vit.json").read_text())["source"]
+  assert not any(k.startswith("decoder") for k in safetensors.numpy.load_file(
+      str(tmp_path / "vit.safetensors")))
+
+
+def _metadata_file(value):
+  safetensors.numpy.save_file(safetensors.numpy.load_file(str(VIT_TI)), "src.safetensors",
+                              metadata={convert.METADATA_KEY: value})
+  return "src.safetensors"
+
+
+@pytest.mark.parametrize("case", ["proc_file", "proc_workdir", "dot", "bad_json", "no_model",
+                                  "meta_not_json", "meta_list", "knn_config"])
+def test_bad_paths_and_inputs_are_one_line_errors(tmp_path, monkeypatch, case):
+  monkeypatch.chdir(tmp_path)
+  wd = lambda config: str(_fake_workdir(tmp_path / "src", config))  # pylint: disable=unnecessary-lambda-assignment
+  src, to, kwargs, match = {
+      "proc_file": (lambda: str(VIT_TI), "/proc/x.safetensors", {}, "cannot write in /proc"),
+      "proc_workdir": (lambda: str(MAE_PTH), "/proc/xwd", dict(heads=2, decoder_heads=2),
+                       "cannot write in /proc"),
+      "dot": (lambda: str(VIT_TI), ".", dict(fmt="timm", overwrite=True),
+              "names no file or directory"),
+      "bad_json": (lambda: wd("{"), "x.safetensors", {}, "config.json is not readable JSON"),
+      "no_model": (lambda: wd({"mode": "pretrain"}), "x.safetensors", {}, "has no `model`"),
+      "meta_not_json": (lambda: _metadata_file("{"), "x.safetensors", {},
+                        "'pr_mim_jax' is not a JSON object"),
+      "meta_list": (lambda: _metadata_file("[1]"), "x.safetensors", {},
+                    "'pr_mim_jax' is not a JSON object"),
+      "knn_config": (lambda: str(MAE_PTH), "wd", dict(config=knn_config.get_config("init=x")),
+                     "--config: a knn config; a workdir target needs a pre-training config"),
+  }[case]
+  src = src()
+  before = sorted(p.name for p in tmp_path.iterdir())
+  with pytest.raises(UserError, match=match):
+    convert.convert(src, to, **kwargs)
+  assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".bin"])
+def test_sources_are_told_apart_by_content_not_suffix(tmp_path, suffix):
+  src = tmp_path / f"vit_ti{suffix}"
+  shutil.copy(VIT_TI, src)
+  assert convert.read_file_weights(src)[1].width == 192
+  src.write_bytes(MAE_PTH.read_bytes()[:40000])
+  with pytest.raises(UserError, match="looks truncated or corrupt"):
+    convert.read_file_weights(src)
+
+
+@pytest.mark.parametrize("case", ["step", "heads", "with_decoder", "config"])
+def test_flags_that_do_not_apply_are_errors(tmp_path, case):
+  src = _fake_workdir(tmp_path / "src", {"model": {}})
+  args, match = {
+      "step": ((str(VIT_TI), str(tmp_path / "x.safetensors")), dict(step=3)),
+      "heads": ((str(src), str(tmp_path / "x.safetensors")), dict(heads=3)),
+      "with_decoder": ((str(MAE_PTH), str(tmp_path / "wd")), dict(with_decoder=True)),
+      "config": ((str(VIT_TI), str(tmp_path / "x.safetensors")), dict(config=pretrain_config())),
+  }[case], f"--{case}"
+  with pytest.raises(UserError, match=match):
+    convert.convert(*args[0], **args[1])
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

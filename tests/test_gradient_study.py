@@ -82,3 +82,19 @@ def test_end_to_end_writes_table_csv_and_plot(tmp_path):
   table = (out / "gradient_distance.md").read_text()
   assert "pr_mim:local_attention" in table and "k-NN top-1" in table
   assert (out / "gradient_distance.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--steps=-1", "--steps=-1: must be >= 0 (training steps per setting; 0 = from the config's "
+     "epochs)"),
+    ("--every=-2", "--every=-2: must be >= 0 (steps between measurements; 0 = steps / 8)"),
+    ("--probe_batch=0", "--probe_batch=0: must be >= 1 (images per probe batch)"),
+])
+def test_bad_counts_are_one_error_line_before_training(tmp_path, flag, message):
+  proc = subprocess.run([sys.executable, "-m", "pr_mim_jax.tools.gradient_study",
+                         "--config=pr_mim_jax/configs/pretrain.py:dataset=shapes",
+                         f"--out={tmp_path}/out", flag], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300, check=False)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines() == [f"error: {message}"]
+  assert list(tmp_path.iterdir()) == []

@@ -100,3 +100,13 @@ def test_help_needs_no_sources(monkeypatch, tmp_path, capsys):
   assert _main(["--help"], monkeypatch, tmp_path) == 0
   out = capsys.readouterr().out
   assert "python -m pr_mim_jax.tools.input_benchmark --sources=shapes,jpeg" in out and "--sources" in out
+
+
+def test_a_jpeg_dir_that_is_a_file_is_one_error_line(monkeypatch, tmp_path, capsys):
+  blocker = tmp_path / "file"
+  blocker.write_text("mine")
+  assert _main(["--sources=jpeg", f"--jpeg_dir={blocker}"], monkeypatch, tmp_path) == 2
+  assert capsys.readouterr().err.splitlines() == [
+      f"error: --jpeg_dir={blocker} is a file, not a directory: choose a directory (a new path, "
+      "or an existing directory)"]
+  assert blocker.read_text() == "mine"

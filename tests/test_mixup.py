@@ -96,3 +96,38 @@ def test_identity():
     x, t = mixup.mix(jax.random.key(0), images, targets, **kw)
     np.testing.assert_array_equal(x, images)
     np.testing.assert_array_equal(t, targets)
+
+
+@pytest.mark.parametrize("lam,sides", [(0.64, (6, 8)), (0.19, (10, 14))])
+def test_cutmix_box_sides_follow_timm(lam, sides):
+  """timm's rand_bbox: cut = sqrt(1 - lam); a box of 2 * (int(side * cut) // 2) pixels per
+  axis around a uniform centre, clipped at the borders. H=12, W=16: lam 0.64 gives cut 0.6,
+  int(7.2) = 7 and int(9.6) = 9, so 6 x 8; lam 0.19 gives cut 0.9, so 10 x 14. Clipped boxes
+  are smaller; the returned lam is 1 - the box's pixel share."""
+  boxes, lams = jax.vmap(lambda k: mixup._cutmix_box(k, jnp.float32(lam), H, W))(
+      jax.random.split(jax.random.key(0), 200))
+  boxes, lams = np.asarray(boxes), np.asarray(lams)
+  heights, widths = boxes.any(2).sum(1), boxes.any(1).sum(1)  # [200]
+  np.testing.assert_array_equal(boxes.sum((1, 2)), heights * widths)  # rectangles
+  assert (heights.max(), widths.max()) == sides  # whole boxes: centres away from the borders
+  np.testing.assert_allclose(lams, 1 - boxes.mean((1, 2)), atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("switch_prob,prob", [(0.5, 1.0), (0.2, 0.6)])
+def test_switch_and_apply_probabilities(switch_prob, prob):
+  """Over 800 batches: unmixed with probability 1 - prob, then CutMix (pixels pasted from the
+  partner) with probability switch_prob, else Mixup (pixels blended). Bounds: 5 binomial
+  standard deviations."""
+  images, labels = _batch()
+  targets = mixup.one_hot_smoothed(labels, C)
+  mix = lambda k: mixup.mix(k, images, targets, mixup_alpha=0.8, cutmix_alpha=1.0,
+                            switch_prob=switch_prob, prob=prob)[0][..., 0]  # [B, H, W]
+  x = np.asarray(jax.vmap(mix)(jax.random.split(jax.random.key(1), 800)))  # [800, B, H, W]
+  own = np.asarray(images)[None, ..., 0]
+  unchanged = (x == own).all((1, 2, 3))
+  pasted = ((x == own) | (x == own[:, ::-1])).all((1, 2, 3)) & ~unchanged
+  # An empty CutMix box also leaves a batch unchanged: count those with the unmixed ones.
+  bound = lambda p: 5 * np.sqrt(p * (1 - p) / 800)
+  assert abs(unchanged.mean() - (1 - prob)) < bound(1 - prob) + 0.02
+  assert abs(pasted.mean() - prob * switch_prob) < bound(prob * switch_prob) + 0.02

@@ -145,6 +145,32 @@ def test_numpy_backend_matches_tf_indices(folder):
     assert abs(a["image"].mean() - b["image"].mean()) < 28  # pixel levels: 1/2 std of ImageNet
 
 
+@pytest.fixture(scope="module")
+def broken_folder(tmp_path_factory):
+  """3 good PNGs and 3 unreadable images: empty, a truncated JPEG, text named .png."""
+  root = tmp_path_factory.mktemp("broken")
+  for i in range(3):
+    Image.new("RGB", (20, 24), (60 * i, 0, 0)).save(root / f"good{i}.png")
+  (root / "empty.jpg").write_bytes(b"")
+  Image.new("RGB", (20, 24)).save(root / "full.jpg")
+  (root / "cut.jpg").write_bytes((root / "full.jpg").read_bytes()[:300])
+  (root / "full.jpg").unlink()
+  (root / "notes.png").write_text("not an image")
+  return str(root)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("tf", marks=needs_tf), "numpy"])
+def test_unreadable_image_names_its_file(broken_folder, backend):
+  data = _config(f"folder:{broken_folder}")
+  with pytest.raises(UserError, match="remove or replace") as e:
+    _take(pipeline.host_batches(data, seed=0, global_batch=6, image_size=SIZE, backend=backend), 1)
+  bad = ("empty.jpg", "cut.jpg", "notes.png")
+  named = {n for n in bad if f"{broken_folder}/{n}" in str(e.value)}
+  # numpy stops at the first bad file; tf re-decodes the failed batch and names them all.
+  assert named == set(bad) if backend == "tf" else len(named) == 1
+  assert "good" not in str(e.value)
+
+
 def test_unlabeled_folder_has_no_labeled_split(folder):
   with pytest.raises(UserError, match="no labeled split 'train'"):
     pipeline.labeled_arrays(_config(f"folder:{folder}"), "test", num_examples=4, image_size=SIZE)
@@ -221,7 +247,7 @@ def test_unprepared_tfds_dataset_is_one_error_without_tfds_warning(tmp_path, cap
 
 
 def test_tfds_name_on_numpy_backend_fails():
-  with pytest.raises(UserError, match="needs tensorflow"):
+  with pytest.raises(UserError, match="data.backend=tf or auto" if HAVE_TF else "needs tensorflow"):
     pipeline.host_batches(_config("cifar10", backend="numpy"), seed=0, global_batch=8, image_size=SIZE)
   with pytest.raises(UserError, match="unknown data backend"):
     pipeline.host_batches(_config("shapes"), seed=0, global_batch=8, image_size=SIZE, backend="torch")
@@ -450,7 +476,7 @@ def test_labeled_folder_classes_and_counts(labeled_folder):
   assert pipeline.num_classes(data) == 3
   assert pipeline.num_examples(data, "train", labeled=True) == 12
   assert pipeline.num_examples(data, "val", labeled=True) == 5
-  assert pipeline.num_examples(data, "train") == 17  # unlabeled: the whole tree, as before
+  assert pipeline.num_examples(data, "train") == 12  # unlabeled: root/train, not val's images
   src = sources.LabeledFolderSource(labeled_folder, "val", CLASSES)
   assert src.labels.tolist() == [0, 0, 2, 2, 2]
   for backend in ["numpy"] + (["tf"] if HAVE_TF else []):

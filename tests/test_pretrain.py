@@ -196,3 +196,30 @@ def test_unlabeled_folder_needs_knn_off(tiny_config, tmp_path):
     pretrain.check_config(tiny_config)
   tiny_config.knn.enabled = False
   assert pretrain.check_config(tiny_config).num_train == 20
+
+
+def test_unlabeled_tfds_needs_knn_off_before_training(tiny_config, tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.core.registered.skip_registration():
+    class PrMimNoLabels(tfds.core.GeneratorBasedBuilder):
+      """16 train + 4 test images, no 'label' feature."""
+      VERSION = tfds.core.Version("1.0.0")
+
+      def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+            {"image": tfds.features.Image(shape=(None, None, 3))}))
+
+      def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(16), "test": self._generate_examples(4)}
+
+      def _generate_examples(self, n):
+        for i in range(n):
+          yield i, {"image": np.full((20, 20, 3), i * 10, np.uint8)}
+  data_dir = str(tmp_path / "tfds")
+  PrMimNoLabels(data_dir=data_dir, file_format="array_record").download_and_prepare()
+  tiny_config.data.dataset = "pr_mim_no_labels"
+  with pytest.raises(UserError, match="no 'label'.*turn the k-NN monitor off with "
+                                      "--config.knn.enabled=False"):
+    pretrain.check_config(tiny_config)
+  tiny_config.knn.enabled = False
+  assert pretrain.check_config(tiny_config).num_train == 16

@@ -75,6 +75,10 @@ def test_refuses_legacy_and_foreign_files(tmp_path):
   text.write_text("hello")
   with pytest.raises(pth_reader.PthError, match="neither"):
     pth_reader.read(str(text))
+  truncated = tmp_path / "truncated.pth"
+  truncated.write_bytes((FIXTURES / "mae_tiny.pth").read_bytes()[:40000])
+  with pytest.raises(pth_reader.PthError, match="looks truncated or corrupt"):
+    pth_reader.read(str(truncated))
   with pytest.raises(pth_reader.PthError, match="no state dict"):
     pth_reader.state_dict({"epoch": 3})
 

@@ -9,6 +9,7 @@ import functools
 import json
 
 import jax
+import ml_dtypes
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -177,6 +178,15 @@ def test_official_mae_state_dict_gives_the_reference_loss():
   want = numpy_mae_loss(state, images.transpose(0, 3, 1, 2).astype(np.float64), order[:, :4],
                         np.argsort(order, 1), mask)
   assert float(ours) == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16], ids=["f16", "bf16"])
+def test_sincos_tables_rounded_to_half_precision_still_count(dtype):
+  table = posemb.sincos_2d(32, 4)
+  assert timm_weights.is_sincos(table.astype(dtype), 4)
+  learned = table + 0.02 * np.random.default_rng(0).standard_normal(table.shape)
+  assert not timm_weights.is_sincos(learned.astype(dtype), 4)
+  assert not timm_weights.is_sincos((table + 2e-4).astype(np.float32), 4)  # float32: 1e-5
 
 
 def test_problems_are_listed_together():

@@ -26,6 +26,16 @@ def test_an_unwritable_workdir_is_one_line_that_names_it(tmp_path):
   assert "point --workdir elsewhere" in msg and "\n" not in msg
 
 
+def test_a_workdir_that_is_a_file_says_so_and_keeps_it(tmp_path):
+  workdir = tmp_path / "file"
+  workdir.write_text("mine")
+  with pytest.raises(UserError) as err:
+    workdir_records.check_writable(str(workdir))
+  assert str(err.value) == (f"--workdir={workdir} is a file, not a directory: choose a directory "
+                            "(a new path, or an existing directory)")
+  assert workdir.read_text() == "mine"
+
+
 def test_a_remote_store_error_is_named_by_its_type(tmp_path, monkeypatch):
   class PermissionDeniedError(Exception):  # what a remote filesystem layer might raise
     pass

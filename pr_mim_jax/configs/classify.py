@@ -5,12 +5,14 @@ scale follows MAE: linear probe with LARS (base lr 0.1, batch 16384, 90 epochs, 
 no weight decay, cls token, BatchNorm head without affine); fine-tuning with AdamW (batch
 1024, 5 warmup epochs, weight decay 0.05, b2 0.999, layer decay, drop path, RandAugment
 m9-mstd0.5, random erasing 0.25, mixup 0.8 / cutmix 1.0, label smoothing 0.1, global
-average pooling). `variant=B/16` (default), `variant=L/16` and `variant=H/14` pick
-MAE's per-model fine-tuning settings. `dataset=shapes` gives settings sized for the embedded dataset.
+average pooling). Fine-tuning's epochs, base lr, layer decay and drop path are left None:
+the run fills them from MAE's recipe for the model's size (B, L or H), the model being the
+pre-trained one unless `variant=` names it (evaluation/classify.py, MAE_FINETUNE_RECIPES).
+`dataset=shapes` gives settings sized for the embedded dataset.
 
 Arguments: init=WORKDIR (a pre-training workdir; its latest checkpoint unless
---config.init.step=N is set; -1 = latest; '' = random init, a baseline), variant=,
-dataset=.
+--config.init.step=N is set; -1 = latest; '' = random init, a baseline), variant= (the
+init run's by default; needed for random init), dataset=.
 """
 
 import ml_collections
@@ -19,10 +21,6 @@ from pr_mim_jax import errors
 from pr_mim_jax.configs import args as config_args
 
 MODES = ("linear_probe", "finetune")
-
-# MAE's fine-tuning recipe per model size: (epochs, base_lr, layer_decay, drop_path).
-FINETUNE_RECIPES = {"B": (100.0, 5e-4, 0.65, 0.1), "L": (50.0, 1e-3, 0.75, 0.2),
-                    "H": (50.0, 1e-3, 0.75, 0.3)}
 
 
 ARGUMENTS = dict(init="", variant="", dataset="imagenet2012")  # FILE:key=value,...
@@ -33,12 +31,9 @@ def get_config(mode: str, arg=None):
     raise errors.UserError(f"unknown evaluation mode {mode!r}; use one of {MODES}")
   probe = mode == "linear_probe"
   demo = arg.dataset == "shapes"
-  size_name = (arg.variant or "B/16").split("/")[0]
-  if not probe and not demo and size_name not in FINETUNE_RECIPES:
-    raise errors.UserError(f"config argument variant={arg.variant!r}: MAE's fine-tuning "
-                           f"recipes cover {sorted(FINETUNE_RECIPES)}; set the optim fields "
-                           "yourself from the B, L or H recipe")
-  ft_epochs, ft_lr, ft_decay, ft_drop = FINETUNE_RECIPES.get(size_name, FINETUNE_RECIPES["B"])
+
+  def from_recipe():  # None: MAE's fine-tuning recipe for the resolved model's size
+    return ml_collections.FieldReference(None, field_type=float)
 
   c = ml_collections.ConfigDict()
   c.mode = mode
@@ -56,8 +51,8 @@ def get_config(mode: str, arg=None):
       variant=arg.variant, width=0, depth=0, heads=0, posemb="",
       image_size=0 if demo else 224,  # differs from pre-training: posembs are interpolated
       compute_dtype="float32" if demo else "bfloat16",
-      remat="none", scan_layers=False, attention="einsum",  # as in pre-training
-      drop_path=0.0 if probe else (0.1 if demo else ft_drop),
+      remat="none", scan_layers=False, attention="einsum",  # options as in pre-training
+      drop_path=0.0 if probe else (0.1 if demo else from_recipe()),
   ))
   c.head = ml_collections.ConfigDict(dict(
       pool="cls" if probe else "gap",  # 'cls' token | 'gap' (mean of patch tokens + norm)
@@ -69,12 +64,12 @@ def get_config(mode: str, arg=None):
       # lr = base_lr * batch_size / 256. The demo probe keeps MAE's peak lr (0.1 x 16384 / 256
       # = 6.4) at batch 256: LARS's trust ratio sets each step's size relative to the weights,
       # so the linear-scaling rule would only shrink it 64-fold on a small dataset.
-      base_lr=(6.4 if demo else 0.1) if probe else (1e-3 if demo else ft_lr),
+      base_lr=(6.4 if demo else 0.1) if probe else (1e-3 if demo else from_recipe()),
       weight_decay=0.0 if probe else 0.05,
       momentum=0.9,  # lars
       b1=0.9, b2=0.999,  # adamw
-      layer_decay=1.0 if probe else (0.75 if demo else ft_decay),
-      epochs=(10.0 if probe else 5.0) if demo else (90.0 if probe else ft_epochs),
+      layer_decay=1.0 if probe else (0.75 if demo else from_recipe()),
+      epochs=(10.0 if probe else 5.0) if demo else (90.0 if probe else from_recipe()),
       warmup_epochs=1.0 if demo else (10.0 if probe else 5.0),
       clip_grad_norm=0.0,
   ))

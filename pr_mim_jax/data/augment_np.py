@@ -26,11 +26,23 @@ MIN_SCALE = 0.2  # MAE: RandomResizedCrop(scale=(0.2, 1.0)); data.crop_min_scale
 ASPECT_RANGE = (3 / 4, 4 / 3)
 MAX_ATTEMPTS = 10
 EVAL_CROP_FRACTION = 0.875  # resize the shorter side to size / 0.875, centre crop size
+# PIL only reads headers here (OpenCV decodes, up to 2^30 pixels); its decompression-bomb limit
+# (an error above 179 M pixels) would reject images that OpenCV and the tf backend read.
+Image.MAX_IMAGE_PIXELS = None
 
 # cv2.imdecode flags per JPEG DCT-domain downscale; EXIF orientation is ignored, as TF does.
 _DECODE_FLAGS = {r: flag | cv2.IMREAD_IGNORE_ORIENTATION for r, flag in (
     (1, cv2.IMREAD_COLOR), (2, cv2.IMREAD_REDUCED_COLOR_2), (4, cv2.IMREAD_REDUCED_COLOR_4),
     (8, cv2.IMREAD_REDUCED_COLOR_8))}
+
+
+class DecodeError(ValueError):
+  """Bytes that are not a readable image (empty, truncated, not JPEG/PNG)."""
+
+
+def _decode_error(raw) -> DecodeError:
+  return DecodeError(f"could not decode an image from {len(raw)} bytes "
+                     f"(starting {bytes(raw[:8])!r}): empty, truncated, or not a JPEG or PNG")
 
 
 def example_rng(seed: int, step: int, position: int) -> np.random.Generator:
@@ -48,9 +60,12 @@ def header(raw) -> tuple[int, int, bool]:
   """(height, width, is_jpeg) of a raw image without decoding its pixels."""
   if isinstance(raw, np.ndarray):
     return raw.shape[0], raw.shape[1], False
-  with Image.open(io.BytesIO(raw)) as img:  # reads the header only
-    width, height = img.size
-    return height, width, img.format == "JPEG"
+  try:
+    with Image.open(io.BytesIO(raw)) as img:  # reads the header only
+      width, height = img.size
+      return height, width, img.format == "JPEG"
+  except OSError as e:  # PIL.UnidentifiedImageError, a truncated header
+    raise _decode_error(raw) from e
 
 
 def _pixels(raw, reduce: int = 1) -> tuple[np.ndarray, bool]:
@@ -60,10 +75,9 @@ def _pixels(raw, reduce: int = 1) -> tuple[np.ndarray, bool]:
     if raw.ndim != 3 or raw.shape[2] != 3:
       raise ValueError(f"expected uint8 [H, W, 3] pixels, got shape {raw.shape}")
     return raw, False
-  img = cv2.imdecode(np.frombuffer(raw, np.uint8), _DECODE_FLAGS[reduce])
+  img = cv2.imdecode(np.frombuffer(raw, np.uint8), _DECODE_FLAGS[reduce]) if len(raw) else None
   if img is None:
-    raise ValueError(f"could not decode an image from {len(raw)} bytes "
-                     f"(starting {bytes(raw[:8])!r}); is the file a JPEG or PNG?")
+    raise _decode_error(raw)
   return img, True  # OpenCV decodes to BGR; the channels swap on the small output instead
 
 

@@ -101,11 +101,25 @@ def resolve_backend(data, backend: str | None) -> str:
   return b
 
 
+def _tfds_backend_error(name: str) -> UserError:
+  """The error for a tfds dataset on the numpy backend: install TF, or (TF there) switch backend."""
+  if not tf_importable():
+    return sources.needs_tf_error(name)
+  return UserError(f"dataset {name!r} is a tfds dataset, but data.backend=numpy reads only "
+                   "'shapes' and 'folder:' datasets; use data.backend=tf or auto")
+
+
 def _require_tf(data, name: str) -> None:
   """UserError unless tfds datasets are readable (TF importable, not data.backend='numpy')."""
   if resolve_backend(data, None) == "numpy" or not tf_importable():
-    raise sources.needs_tf_error(name)
+    raise _tfds_backend_error(name)
   tf_modules()
+
+
+def _data_dir(data) -> str | None:
+  """data.data_dir with '~' expanded (None: tfds's default)."""
+  data_dir = get(data, "data_dir", None)
+  return None if data_dir is None else os.path.expanduser(data_dir)
 
 
 # ------------------------------------------------------------------------ sources
@@ -146,10 +160,10 @@ def open_source(data, split: str, backend: str, labeled: bool = False):
   whole tree, and sources without labels raise a UserError.
   """
   kind, arg = sources.parse_dataset(data.dataset)
-  data_dir = get(data, "data_dir", None)
+  data_dir = _data_dir(data)
   if kind == "folder":
     if not labeled:
-      return sources.FolderSource(arg)
+      return sources.FolderSource(sources.pretrain_folder(arg, split))
     return sources.LabeledFolderSource(arg, split, _folder_classes(data))
   if kind == "shapes":
     _check_shapes_split(split)
@@ -165,7 +179,7 @@ def open_source(data, split: str, backend: str, labeled: bool = False):
     builder = _shapes_builder(data_dir, size, n_train, n_test, shapes_seed, difficulty)
     return sources.TfdsSource(builder, split, "shapes")
   if backend == "numpy" or not tf_importable():
-    raise sources.needs_tf_error(arg)
+    raise _tfds_backend_error(arg)
   tf_modules()
   source = sources.TfdsSource(_tfds_builder(arg, data_dir), split, arg)
   if labeled and not source.labeled:
@@ -191,10 +205,10 @@ def check_dataset(data) -> None:
     for field in ("train_split", "eval_split"):
       _check_shapes_split(get(data, field, "train"))
   elif kind == "folder":
-    sources.list_image_files(arg)
+    sources.list_image_files(sources.pretrain_folder(arg, get(data, "train_split", "train")))
   else:
     _require_tf(data, arg)
-    builder = _tfds_builder(arg, get(data, "data_dir", None))
+    builder = _tfds_builder(arg, _data_dir(data))
     for field in ("train_split", "eval_split"):
       split = get(data, field, None)
       if split is not None:
@@ -216,7 +230,8 @@ def check_labeled_dataset(data) -> None:
 
 
 def num_examples(data, split: str, labeled: bool = False) -> int:
-  """Examples in a split; 'folder:' unlabeled: the whole tree, labeled: root/split."""
+  """Examples in a split; 'folder:' unlabeled: root/split if a folder, else the whole tree
+  (sources.pretrain_folder), labeled: root/split."""
   kind, arg = sources.parse_dataset(data.dataset)
   if kind == "shapes":
     _check_shapes_split(split)
@@ -225,9 +240,9 @@ def num_examples(data, split: str, labeled: bool = False) -> int:
   if kind == "folder":
     if labeled:
       return len(sources.LabeledFolderSource(arg, split, _folder_classes(data)))
-    return len(sources.list_image_files(arg))
+    return len(sources.list_image_files(sources.pretrain_folder(arg, split)))
   _require_tf(data, arg)
-  return sources.check_split(arg, _tfds_builder(arg, get(data, "data_dir", None)), split)
+  return sources.check_split(arg, _tfds_builder(arg, _data_dir(data)), split)
 
 
 def num_classes(data) -> int:
@@ -239,7 +254,7 @@ def num_classes(data) -> int:
   if kind == "folder":
     return len(_folder_classes(data))
   _require_tf(data, arg)
-  features = _tfds_builder(arg, get(data, "data_dir", None)).info.features
+  features = _tfds_builder(arg, _data_dir(data)).info.features
   if "label" not in features or not hasattr(features["label"], "num_classes"):
     raise UserError(f"dataset {arg} has no 'label' class feature; use a labeled dataset")
   return int(features["label"].num_classes)

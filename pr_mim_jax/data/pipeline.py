@@ -7,7 +7,7 @@ which are re-exported here.
 Datasets (`data.dataset`): 'shapes' (embedded, generated locally), any tfds name
 ('imagenet2012', 'cifar10:3.0.2') prepared as array_record in `data.data_dir`, or
 'folder:/path' (recursive jpg/jpeg/png, local or gs://). For pre-training a folder is
-unlabeled with one unnamed split (split names are ignored); for labeled use
+unlabeled: /path/<data.train_split> if that is a folder, else the whole tree; for labeled use
 (labeled_train_batches, eval_batches, labeled_arrays) a split is the sub-folder
 /path/<split>/<class>/..., classes being the sorted class folders of data.train_split.
 
@@ -38,6 +38,7 @@ into memory once per process.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import functools
 from typing import Iterator, Sequence
@@ -111,6 +112,26 @@ def _eval_transform(data, backend: str, image_size: int):
 # ------------------------------------------------------------ host-local batches
 
 
+def _undecodable(where: list[str], why: str) -> UserError:
+  """The error for images that do not decode: a rerun would resume into the same batch."""
+  many = len(where) > 1
+  return UserError(f"image{'s' * many} {', '.join(where)} {'do' if many else 'does'} not decode "
+                   f"({why}); remove or replace {'them' if many else 'it'}, then rerun")
+
+
+def _tf_culprits(source, s, load) -> list[str]:
+  """The examples of step `s` whose `load` fails, run eagerly one by one (tf.data's decode
+  error names no file)."""
+  tf, _ = datasets.tf_modules()
+  bad = []
+  for i, pos, key in zip(s.indices, s.positions, source.keys(s.indices)):
+    try:
+      load(*(tf.constant(v, tf.int64) for v in (s.step, i, pos)), tf.constant(key))
+    except tf.errors.InvalidArgumentError:
+      bad.append(source.where(i))
+  return bad
+
+
 def _tf_batches(source, steps, *, local, transform, labeled, threads):
   """tf.data: steps (Python) -> keys (Python) -> parse/decode/transform (parallel TF) -> batches.
 
@@ -121,8 +142,14 @@ def _tf_batches(source, steps, *, local, transform, labeled, threads):
   spec = (tf.TensorSpec([], tf.int64),  # step
           tf.TensorSpec([local], tf.int64),  # example indices
           tf.TensorSpec([local], tf.int64))  # positions in the global batch
-  ds = tf.data.Dataset.from_generator(lambda: ((s.step, s.indices, s.positions) for s in steps),
-                                      output_signature=spec)
+  pending = collections.deque()  # StepIndices that tf.data took and has not delivered, in order
+
+  def generate():
+    for s in steps:
+      pending.append(s)
+      yield s.step, s.indices, s.positions
+
+  ds = tf.data.Dataset.from_generator(generate, output_signature=spec)
 
   def read(step, idx, pos):  # one step: [local] keys read in Python
     keys = tf.numpy_function(source.keys, [idx], tf.string)
@@ -144,9 +171,20 @@ def _tf_batches(source, steps, *, local, transform, labeled, threads):
   ds = ds.with_options(options)
 
   def batches():
-    step = None
-    for b in ds.as_numpy_iterator():
-      step = b["step"][0] if step is None else step + 1
+    it = ds.as_numpy_iterator()
+    while True:
+      try:
+        b = next(it)
+      except StopIteration:
+        return
+      except tf.errors.InvalidArgumentError as e:  # an image that does not decode
+        why = e.message.splitlines()[0].split("}}")[-1].strip()  # tf's message, no op names
+        bad = _tf_culprits(source, pending[0], load)
+        if bad:
+          raise _undecodable(bad, why) from e
+        raise UserError(f"an image of dataset {source.name} failed to decode ({why}) in the batch "
+                        f"of step {pending[0].step}; find and remove or replace it") from e
+      step = pending.popleft().step
       if not (b.pop("step") == step).all():
         raise RuntimeError(f"tf.data batch mixes steps (expected {step})")
       yield b
@@ -164,7 +202,11 @@ def _np_batches(source, steps, *, local, transform, labeled, threads):
     try:
       for s in steps:
         def one(k, s=s):
-          return transform(source.raw(int(s.indices[k])), s.step, int(s.positions[k]))
+          i = int(s.indices[k])
+          try:
+            return transform(source.raw(i), s.step, int(s.positions[k]))
+          except augment_np.DecodeError as e:
+            raise _undecodable([source.where(i)], str(e)) from e
         b = {"image": np.stack(list(pool.map(one, range(len(s.indices))))),  # [local, S, S, 3]
              "index": s.indices}
         if labeled:

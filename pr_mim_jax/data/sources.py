@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import logging
 import os
 from typing import Any
 
@@ -47,7 +48,7 @@ def parse_dataset(name: str) -> tuple[str, str]:
     path = name[len(FOLDER_PREFIX):]
     if not path:
       raise UserError("data.dataset='folder:' has no path; write folder:/path/to/images")
-    return "folder", path
+    return "folder", os.path.expanduser(path)
   return "tfds", name
 
 
@@ -75,11 +76,30 @@ class ArraySource:
 # ----------------------------------------------------------------- image folders
 
 
+def _walk(path: epath.Path):
+  """(dirpath, filenames) of every folder under `path`, top-down. Symlinked folders are followed,
+  each real folder once (no loops, same order on every machine); hidden folders (.git,
+  .ipynb_checkpoints) are skipped, so they never become classes or add images."""
+  local = "://" not in os.fspath(path)  # gs:// has no symlinks
+  real = os.path.realpath if local else str
+  seen = {real(os.fspath(path))}
+  for dirpath, dirnames, filenames in (os.walk(path, followlinks=True) if local else path.walk()):
+    keep = []
+    for d in sorted(dirnames):
+      target = real(os.path.join(os.fspath(dirpath), d))
+      if not d.startswith(".") and target not in seen:
+        seen.add(target)
+        keep.append(d)
+    dirnames[:] = keep  # prunes the walk
+    yield dirpath, filenames
+
+
 @functools.lru_cache(maxsize=8)
 def list_image_files(root: str) -> tuple[str, ...]:
   """Image files under `root`, sorted by relative path.
 
-  Recursive; .jpg/.jpeg/.png in any case; hidden files (like macOS ._x.jpg) skipped.
+  Recursive, following symlinked folders; .jpg/.jpeg/.png in any case; hidden files and
+  folders (like macOS ._x.jpg, .ipynb_checkpoints/) skipped.
 
   Cached per process: listing a large folder (or a gs:// bucket) is slow.
   """
@@ -91,7 +111,7 @@ def list_image_files(root: str) -> tuple[str, ...]:
     raise UserError(f"image folder {root} is not a directory; "
                     "point data.dataset='folder:...' at a directory")
   rel = []
-  for dirpath, _, filenames in path.walk():
+  for dirpath, filenames in _walk(path):
     prefix = os.path.relpath(os.fspath(dirpath), os.fspath(path))
     for f in filenames:
       if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):
@@ -103,6 +123,16 @@ def list_image_files(root: str) -> tuple[str, ...]:
   return tuple(f"{base}/{r}" for r in rel)
 
 
+def pretrain_folder(root: str, train_split: str) -> str:
+  """The folder pre-training reads: root/<train_split> when it is a directory (so an
+  ImageNet-style root/train, root/validation never trains on validation images), else root."""
+  split = epath.Path(root) / train_split
+  folder = os.fspath(split) if train_split and split.is_dir() else root
+  logging.info("pre-training reads the images under %s%s", folder,
+               "" if folder == root else f" (the train split data.train_split={train_split!r})")
+  return folder
+
+
 class FolderSource:
   """Unlabeled images in a folder tree (local or gs://), in sorted relative-path order."""
 
@@ -110,6 +140,7 @@ class FolderSource:
 
   def __init__(self, root: str, paths: tuple[str, ...] | None = None):
     self.root = root
+    self.name = f"folder:{root}"
     self.paths = list_image_files(root) if paths is None else paths
     self._paths_np = np.array([p.encode() for p in self.paths], dtype=object)
 
@@ -127,6 +158,10 @@ class FolderSource:
   def label(self, i: int) -> int:
     raise UserError(f"image folder {self.root} has no labels; "
                     "use a labeled dataset for k-NN evaluation")
+
+  def where(self, i: int) -> str:
+    """Where example i is, for error messages: its file."""
+    return self.paths[int(i)]
 
   def keys(self, indices: np.ndarray) -> np.ndarray:
     """File paths (object array of bytes) of the examples."""
@@ -254,6 +289,19 @@ def close_dataset_names(name: str, tfds_names) -> list[str]:
   return (ours + theirs)[:3]
 
 
+def _prepared_versions(tfds, name: str, data_dir: str | None) -> list[str]:
+  """The versions prepared in data_dir of a 'name:version' that tfds did not find (a dataset
+  of the user's own that exists only in data_dir); [] if its name is unknown too."""
+  if ":" not in name:
+    return []
+  try:
+    builder = tfds.builder(name.split(":")[0], data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    return []
+  folders = epath.Path(builder.data_dir).parent.iterdir()
+  return sorted(p.name for p in folders if (p / "dataset_info.json").exists())
+
+
 def tfds_builder(name: str, data_dir: str | None, *, require_prepared: bool = True):
   """The tfds builder of `name` ('name' or 'name:version'), with UserErrors for every mistake."""
   tfds = import_tfds(name)
@@ -262,6 +310,10 @@ def tfds_builder(name: str, data_dir: str | None, *, require_prepared: bool = Tr
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
+    versions = _prepared_versions(tfds, name, data_dir)
+    if versions:
+      raise UserError(f"cannot load dataset {name!r}: it is prepared only at versions "
+                      f"{', '.join(versions)}; ask for one of those (or none: the newest)") from e
     close = close_dataset_names(name, tfds.list_builders(with_community_datasets=False))
     hint = f" did you mean {', '.join(close)}?" if close else ""
     raise UserError(f"unknown dataset {name!r}:{hint} use a tfds name, 'shapes' "
@@ -286,6 +338,10 @@ def check_split(name: str, builder: Any, split: str) -> int:
     return int(builder.info.splits[split].num_examples)
   except (KeyError, ValueError) as e:
     splits = ", ".join(sorted(builder.info.splits))
+    if {part.split("[")[0].strip() for part in split.split("+")} <= set(builder.info.splits):
+      raise UserError(f"dataset {name}: split {split!r} has a malformed or out-of-range slice "
+                      f"({str(e).splitlines()[-1]}); fix it, e.g. train[:10%] or train[100:200]"
+                      ) from e
     raise UserError(f"dataset {name} has no split {split!r}; its splits are {splits}") from e
 
 
@@ -300,6 +356,11 @@ class TfdsSource:
     if "image" not in features:
       raise UserError(f"dataset {self.name} has no 'image' feature (it has {', '.join(features)}); "
                       "use an image dataset")
+    if not isinstance(features["image"], tfds.features.Image):
+      raise UserError(f"dataset {self.name}'s 'image' feature is a "
+                      f"{type(features['image']).__name__}, not the tfds.features.Image (encoded "
+                      "JPEG/PNG) this pipeline reads; prepare the dataset with "
+                      "'image': tfds.features.Image()")
     self.builder, self.split, self.features = builder, split, features
     self.labeled = "label" in features
     self._raw = builder.as_data_source(
@@ -342,3 +403,7 @@ class TfdsSource:
 
   def label(self, i: int) -> int:
     return int(self._numpy_source()[int(i)]["label"])
+
+  def where(self, i: int) -> str:
+    """Where example i is, for error messages."""
+    return f"example {int(i)} of split {self.split!r} of dataset {self.name}"

@@ -57,17 +57,20 @@ def resolve_model(config) -> ml_collections.ConfigDict:
   """config.model with the architecture fields left empty ('' / 0) taken from the init run.
 
   A field set in both with different values is an error, except image_size: a different
-  resolution is allowed and the position embeddings are interpolated.
+  resolution is allowed and the position embeddings are interpolated. width, depth and heads
+  compare as built: the init run's 0 means its variant's value.
   """
   model = ml_collections.ConfigDict(config.model.to_dict())
   if config.init.workdir:
     pre = pretrained_config(config.init.workdir).model
+    spec = vit.parse_variant(pre.variant)
     for field in ARCH_FIELDS:
+      built = pre[field] or getattr(spec, field, pre[field])
       if not model[field]:
         model[field] = pre[field]
-      elif field != "image_size" and model[field] != pre[field]:
+      elif field != "image_size" and model[field] != built:
         raise UserError(f"config.model.{field}: {model[field]!r} differs from the pre-trained "
-                        f"model's {pre[field]!r} ({config.init.workdir}/config.json); leave it "
+                        f"model's {built!r} ({config.init.workdir}/config.json); leave it "
                         "empty to use the pre-trained value")
     model.pretrained_image_size = pre.image_size
   else:
@@ -80,42 +83,64 @@ def resolve_model(config) -> ml_collections.ConfigDict:
   return model
 
 
-def build_model(model_cfg, config, num_classes: int):
-  """The Classifier of `config` with the resolved architecture `model_cfg`."""
-  full = config.copy_and_resolve_references()
-  with full.unlocked():
-    full.model = model_cfg
-  return classifier_lib.from_config(full, num_classes)
+# MAE's fine-tuning recipe per model size (its FINETUNE.md), for the RECIPE_FIELDS in order.
+MAE_FINETUNE_RECIPES = {"B": (100.0, 5e-4, 0.65, 0.1), "L": (50.0, 1e-3, 0.75, 0.2),
+                        "H": (50.0, 1e-3, 0.75, 0.3)}
+RECIPE_FIELDS = (("optim", "epochs"), ("optim", "base_lr"), ("optim", "layer_decay"),
+                 ("model", "drop_path"))
+
+
+def resolve_config(config) -> ml_collections.ConfigDict:
+  """A copy of `config` with what it leaves empty filled in: config.model from the init run
+  (resolve_model) and the RECIPE_FIELDS left None from MAE's recipe for that model's size.
+  The recipe follows the model actually loaded, so a pre-trained ViT-L gets L's recipe."""
+  resolved = config.copy_and_resolve_references()
+  with resolved.unlocked():
+    resolved.model = resolve_model(config)
+  empty = [(group, field) for group, field in RECIPE_FIELDS if resolved[group][field] is None]
+  if not empty:
+    return resolved
+  size = resolved.model.variant.split("/")[0]
+  if size not in MAE_FINETUNE_RECIPES:
+    names = ", ".join(f"config.{group}.{field}" for group, field in empty)
+    raise UserError(f"{names}: MAE's fine-tuning recipes cover ViT-B, L and H, and this model "
+                    f"is {resolved.model.variant}; set them, e.g. from the ViT-B recipe: "
+                    "--config.optim.epochs=100 --config.optim.base_lr=5e-4 "
+                    "--config.optim.layer_decay=0.65 --config.model.drop_path=0.1")
+  for (group, field), value in zip(RECIPE_FIELDS, MAE_FINETUNE_RECIPES[size]):
+    if resolved[group][field] is None:
+      resolved[group][field] = value
+  return resolved
 
 
 class Checked(NamedTuple):
   """What check_config found, for the run to use: no second validation, no second mesh."""
   mesh: Mesh
-  model: ml_collections.ConfigDict  # config.model resolved against the init run
+  config: ml_collections.ConfigDict  # the config resolved against its init run
   num_train: int
   num_classes: int
 
 
-def checked_model(config, num_batch_shards: int) -> ml_collections.ConfigDict:
-  """Every config check that needs no dataset; the resolved model config."""
+def checked_config(config, num_batch_shards: int) -> ml_collections.ConfigDict:
+  """Every config check that needs no dataset; the resolved config (resolve_config)."""
   config_validation.validate_mesh(config)
   config_validation.validate_init_step(config)
-  model = resolve_model(config)
-  config_validation.validate_classify(config, model, num_batch_shards)
-  return model
+  resolved = resolve_config(config)
+  config_validation.validate_classify(resolved, num_batch_shards)
+  return resolved
 
 
 def check_config(config) -> Checked:
   """Config and dataset checks, once per run."""
   config_validation.validate_mesh(config)  # before the device count is used
   mesh = sharding.mesh_from_config(config)
-  model = checked_model(config, sharding.num_batch_shards(mesh))
+  resolved = checked_config(config, sharding.num_batch_shards(mesh))
   pipeline.check_labeled_dataset(config.data)
   num_train = pipeline.num_examples(config.data, config.data.train_split, labeled=True)
   if config.batch_size > num_train:
     raise UserError(f"config.batch_size: {config.batch_size} exceeds the {num_train} training "
                     "examples; use a smaller batch")
-  return Checked(mesh, model, num_train, pipeline.num_classes(config.data))
+  return Checked(mesh, resolved, num_train, pipeline.num_classes(config.data))
 
 
 def make_optimizer(config, schedule, params, depth: int):
@@ -222,9 +247,10 @@ def train(config, workdir: str, checked: Checked | None = None) -> dict:
   steps, the final eval top-1 / top-5 (and EMA's, when kept).
   """
   trainer.setup_jax(config)
-  mesh, model_cfg, num_train, num_classes = checked or check_config(config)
+  mesh, config, num_train, num_classes = checked or check_config(config)
+  model_cfg = config.model
   rules = sharding.rules_from_config(config)
-  model = build_model(model_cfg, config, num_classes)
+  model = classifier_lib.from_config(config, num_classes)
   recipe = classify_step.recipe_from_config(config, num_classes)
   total_steps, warmup_steps = optim.schedule_steps(config.optim, num_train, config.batch_size,
                                                    config.train.total_steps)
@@ -232,8 +258,9 @@ def train(config, workdir: str, checked: Checked | None = None) -> dict:
   schedule = optim.lr_schedule(peak, total_steps, warmup_steps)
   eval_every = config.train.eval_every or optim.steps_per_epoch(num_train, config.batch_size)
   logging.info("%s: %s (%s) at %d px, %d classes, %d train examples, %d steps (%d warmup), "
-               "peak lr %.3g", config.mode, model_cfg.variant, config.head.pool,
-               model_cfg.image_size, num_classes, num_train, total_steps, warmup_steps, peak)
+               "peak lr %.3g, layer decay %g, drop path %g", config.mode, model_cfg.variant,
+               config.head.pool, model_cfg.image_size, num_classes, num_train, total_steps,
+               warmup_steps, peak, config.optim.layer_decay, model_cfg.drop_path)
 
   ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir),
                                     max_to_keep=config.train.keep_checkpoints)
@@ -319,7 +346,7 @@ def _features(encoder, params, data, split, n, config, mesh):
     return knn.pool_features(tokens, config.knn.feature).astype(jnp.float32)
 
   embed = jax.jit(embed, out_shardings=sharding.replicated(mesh))
-  logging.info("k-NN: embedding %s images of %s", n or "all", split)
+  logging.info("k-NN: embedding %s images of %s", f"up to {n}" if n else "all", split)
   feats, labels = [], []
   for batch in pipeline.eval_batches(data, split, global_batch=config.knn.batch_size,
                                      image_size=encoder.image_size,
@@ -327,7 +354,9 @@ def _features(encoder, params, data, split, n, config, mesh):
     keep = np.asarray(sharding.to_host(batch["mask"])) > 0
     feats.append(np.asarray(embed(params, batch["image"]))[keep])
     labels.append(np.asarray(sharding.to_host(batch["label"]))[keep])
-  return np.concatenate(feats), np.concatenate(labels)
+  labels = np.concatenate(labels)
+  logging.info("k-NN: embedded %d images of %s", len(labels), split)
+  return np.concatenate(feats), labels
 
 
 def knn_eval(config, workdir: str, checked: ml_collections.ConfigDict | None = None) -> dict:

@@ -18,11 +18,15 @@ the latest checkpoint). Targets, from --to unless --format names one:
   has one, as the entrypoint the kwargs override, and a "note" naming every overridden
   value, also printed: timm.create_model(name, pretrained=False, **kwargs) builds the
   right model either way, since timm's vit_* entrypoints let kwargs override their shape.
-- `mae`: timm plus the official MAE decoder keys (or `--with_decoder`).
+  A source file's MAE decoder is not read for it.
+- `mae`: timm plus the official MAE decoder keys (or `--with_decoder`); refused for a
+  workdir whose decoder is not self-attention (CrossMAE's), which MAE's code would misrun.
 Every problem (missing / unknown keys, shapes) is reported at once and nothing is written;
-outputs are built next to the target and renamed into place, with the permissions any
-new file gets (0666 less the umask; safetensors itself would leave 0600). An existing
-target is kept unless --overwrite.
+a flag that does not apply to the source / target is an error. Outputs are built next to
+the target and renamed into place, with the permissions any new file gets (0666 less the
+umask; safetensors itself would leave 0600). An existing target, or the JSON beside a
+.safetensors one, is kept unless --overwrite, and even then only files and pr_mim_jax
+workdirs (with config.json) are replaced: never another directory, nor a symbolic link.
 """
 
 import json
@@ -30,6 +34,7 @@ import os
 import pathlib
 import shutil
 import sys
+import tempfile
 import types
 
 import ml_dtypes
@@ -44,7 +49,6 @@ from pr_mim_jax.interop import pth_reader
 from pr_mim_jax.interop import timm_weights
 
 FORMATS = ("workdir", "timm", "mae")
-TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 METADATA_KEY = "pr_mim_jax"
 DEFAULT_CONFIG = "pr_mim_jax/configs/pretrain.py:method=mae"
 
@@ -74,20 +78,37 @@ def _is_workdir(path: pathlib.Path) -> bool:
 
 
 def _read_file(path: pathlib.Path) -> tuple[dict, dict]:
-  """(state dict of NumPy arrays, our metadata from a safetensors header or {})."""
+  """(state dict of NumPy arrays, our metadata from a safetensors header or {}). The kind
+  is told by content, not suffix: JSON after 8 bytes is safetensors (a zip has its
+  compression method there), a zip or a pickle is torch.save."""
   if not path.is_file():
     raise UserError(f"--from: {path} does not exist")
   with open(path, "rb") as f:
     head = f.read(9)
-  if head[:2] == b"PK" or path.suffix in TORCH_SUFFIXES:
-    return pth_reader.state_dict(pth_reader.read(str(path)), str(path)), {}
+  if head[8:9] != b"{":
+    if head[:2] == b"PK" or head[:1] == b"\x80":  # torch.save's zip, or a legacy pickle
+      return pth_reader.state_dict(pth_reader.read(str(path)), str(path)), {}
+    raise UserError(f"--from: {path} is neither a torch.save file nor safetensors")
   try:
     state, metadata = _read_safetensors(path)
-  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # not safetensors
-    raise UserError(f"--from: {path} is neither a torch.save file nor safetensors "
-                    f"({type(e).__name__}: {str(e)[:200]})") from None
-  ours = json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else {}
-  return state, ours
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    raise UserError(f"--from: {path} starts like safetensors but cannot be read; it looks "
+                    f"truncated or corrupt ({type(e).__name__}: {str(e)[:200]})") from None
+  return state, _our_metadata(metadata, path)
+
+
+def _our_metadata(metadata: dict, path: pathlib.Path) -> dict:
+  """The dict our exports keep under METADATA_KEY in a safetensors header; {} if absent."""
+  if METADATA_KEY not in metadata:
+    return {}
+  try:
+    ours = json.loads(metadata[METADATA_KEY])
+  except (TypeError, ValueError):
+    ours = None
+  if not isinstance(ours, dict):
+    raise UserError(f"--from: {path}: the header metadata {METADATA_KEY!r} is not a JSON object; "
+                    "it is only our export record, so re-export the file or save it without it")
+  return ours
 
 
 def _read_safetensors(path: pathlib.Path) -> tuple[dict, dict]:
@@ -115,14 +136,18 @@ def _read_safetensors(path: pathlib.Path) -> tuple[dict, dict]:
   return state, metadata
 
 
-def read_file_weights(path, heads: int = 0, decoder_heads: int = 0):
+def read_file_weights(path, heads: int = 0, decoder_heads: int = 0, decoder: bool = True):
   """(params, arch, description) of a timm / MAE file. Heads: the flags, else our export
-  metadata, else the standard widths."""
+  metadata, else the standard widths. decoder=False drops MAE's decoder keys unread (a
+  timm target holds the encoder alone)."""
   path = pathlib.Path(path)
   state, meta = _read_file(path)
   heads = heads or meta.get("timm", {}).get("kwargs", {}).get("num_heads", 0)
   decoder_heads = decoder_heads or (meta.get("decoder") or {}).get("heads", 0)
   ignored = [k for k in timm_weights.IGNORED if k in state]
+  if not decoder and timm_weights.has_decoder_keys(state):
+    state = {k: v for k, v in state.items() if not timm_weights.is_decoder_key(k)}
+    ignored.append("the MAE decoder")
   arch = timm_weights.infer_arch(state, heads, decoder_heads)
   params = timm_weights.from_state_dict(state, arch)
   note = f" (ignored: {', '.join(ignored)})" if ignored else ""
@@ -130,15 +155,35 @@ def read_file_weights(path, heads: int = 0, decoder_heads: int = 0):
 
 
 def _workdir_config(path: pathlib.Path):
+  """The pre-training config of a source workdir, from its config.json."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   cfg = path / "config.json"
   if not cfg.is_file():
     raise UserError(f"--from: {path} is a directory without config.json; point it at a "
                     "pre-training workdir")
-  config = ml_collections.ConfigDict(json.loads(cfg.read_text()))
+  try:
+    raw = json.loads(cfg.read_text())
+  except (OSError, UnicodeDecodeError, ValueError) as e:
+    raise UserError(f"--from: {cfg} is not readable JSON ({e}); restore the workdir's "
+                    "config.json (it is written when the run starts)") from None
+  if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
+    raise UserError(f"--from: {cfg} has no `model` field; it is not a pre-training workdir's "
+                    "config. Restore it, or point --from at a pre-training workdir")
+  config = ml_collections.ConfigDict(raw)
   if config.get("mode", "pretrain") != "pretrain":
     raise UserError(f"--from: {path} is a {config.mode} workdir; export a pre-training workdir")
   return config
+
+
+def check_mae_export(config, fmt: str) -> None:
+  """Official MAE's decoder is self-attention: a workdir with another decoder (CrossMAE's
+  cross-attention) would load into its code as a different model, so it is refused."""
+  decoder = config.model.get("decoder", "self_attention")
+  if fmt == "mae" and decoder != "self_attention":
+    raise UserError(f"--format=mae / --with_decoder: the workdir's decoder is {decoder!r} "
+                    "(config.model.decoder), but official MAE's decoder is self-attention and "
+                    "would run these weights as another model. Use --format=timm to export "
+                    "the encoder alone")
 
 
 def arch_from_config(model, params) -> timm_weights.Arch:
@@ -187,17 +232,59 @@ def target_format(to: str, fmt: str, with_decoder: bool) -> str:
     else:
       raise UserError(f"--to: cannot tell the format of {to}; write a .safetensors file (timm) "
                       "or a workdir (a directory), or pass --format")
+  if fmt == "workdir" and with_decoder:
+    raise UserError("--with_decoder: applies to .safetensors targets (it means --format=mae); "
+                    "a workdir target takes the decoder from the file when it has one")
   if fmt == "timm" and with_decoder:
     fmt = "mae"
   return fmt
 
 
-def _check_target(path: pathlib.Path, overwrite: bool) -> None:
-  busy = path.is_file() or (path.is_dir() and any(path.iterdir()))
-  if busy and not overwrite:
-    raise UserError(f"--to: {path} exists; pass --overwrite to replace it, or choose another path")
+def sidecar(path: pathlib.Path) -> pathlib.Path:
+  """The JSON written next to a .safetensors target."""
+  return path.with_suffix(".json")
+
+
+def _check_replaceable(path: pathlib.Path, workdir: bool, overwrite: bool, what: str) -> None:
+  """Refuses to write `path` over anything but (with --overwrite) a file of ours or, for a
+  workdir, a pr_mim_jax workdir: a command never removes data it did not write."""
+  if path.is_symlink():
+    raise UserError(f"--to: {path}{what} is a symbolic link; give the path it points to "
+                    f"({os.readlink(path)}) or remove the link")
+  if not path.exists() or (workdir and path.is_dir() and not any(path.iterdir())):
+    return
+  if not overwrite:
+    raise UserError(f"--to: {path}{what} exists; pass --overwrite to replace it, or choose "
+                    "another path")
+  if path.is_dir() != workdir:
+    raise UserError(f"--to: {path}{what} is {'a directory' if path.is_dir() else 'a file'}, "
+                    f"which --overwrite does not replace with a {'workdir' if workdir else 'file'}; "
+                    "choose another path, or remove it yourself")
+  if workdir and not (path / "config.json").is_file():
+    raise UserError(f"--to: {path} is a directory but not a pr_mim_jax workdir (no config.json), "
+                    "so --overwrite does not replace it; choose another path, or remove it yourself")
+
+
+def _check_writable(directory: pathlib.Path) -> None:
+  """A UserError now, not a traceback after reading the weights, if `directory` takes no files."""
+  try:
+    tempfile.TemporaryFile(dir=directory).close()
+  except OSError as e:
+    raise UserError(f"--to: cannot write in {directory} ({e.strerror}); choose a directory "
+                    "you can write to") from None
+
+
+def _check_target(path: pathlib.Path, fmt: str, overwrite: bool) -> None:
+  """Everything the write will replace (a .safetensors target's JSON too) may be replaced."""
+  if path.name in ("", ".", ".."):
+    raise UserError(f"--to: {path} names no file or directory of its own; give a new path, "
+                    "e.g. out/vit.safetensors or workdirs/converted")
   if not path.parent.is_dir():
     raise UserError(f"--to: the directory {path.parent} does not exist")
+  _check_replaceable(path, fmt == "workdir", overwrite, "")
+  if fmt != "workdir":
+    _check_replaceable(sidecar(path), False, overwrite, f" (written next to {path.name})")
+  _check_writable(path.parent)
 
 
 def _replace(tmp: pathlib.Path, path: pathlib.Path) -> None:
@@ -240,21 +327,21 @@ def write_timm(params, arch, to: pathlib.Path, with_decoder: bool, source: str) 
     raise UserError(f"--with_decoder: {source} has no decoder")
   state = timm_weights.to_state_dict(params, arch, with_decoder)
   meta = timm_metadata(arch, with_decoder, source)
-  sidecar = to.with_suffix(".json")
-  tmp, tmp_json = (p.with_name(f".{p.name}.tmp-{os.getpid()}") for p in (to, sidecar))
+  json_path = sidecar(to)
+  tmp, tmp_json = (p.with_name(f".{p.name}.tmp-{os.getpid()}") for p in (to, json_path))
   try:
     safetensors.numpy.save_file(state, str(tmp), metadata={
         "format": "pt", METADATA_KEY: json.dumps(meta, sort_keys=True)})
     _as_new_file(tmp)
     tmp_json.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    _replace(tmp_json, sidecar)
+    _replace(tmp_json, json_path)
     _replace(tmp, to)
   finally:
     for p in (tmp, tmp_json):
       p.unlink(missing_ok=True)
   note = meta["timm"].get("note")
   return (f"wrote {to} ({len(state)} arrays{', with the MAE decoder' if with_decoder else ''}) "
-          f"and {sidecar}: timm.create_model({meta['timm']['name']!r}, **kwargs)"
+          f"and {json_path}: timm.create_model({meta['timm']['name']!r}, **kwargs)"
           + (f"; {note}" if note else ""))
 
 
@@ -354,18 +441,37 @@ def model_overrides(config) -> list[str]:
   return [f"--config.model.{f}={config.model[f]}" for f in fields]
 
 
+def check_flags(src_is_workdir: bool, fmt: str, step: int, heads: int, decoder_heads: int,
+                config) -> None:
+  """A UserError for a flag that does not apply to this source / target (never ignored)."""
+  if step != -1 and not src_is_workdir:
+    raise UserError("--step: picks a checkpoint of a workdir source; --from is a file, which "
+                    "has one set of weights. Drop --step")
+  if (heads or decoder_heads) and src_is_workdir:
+    raise UserError("--heads / --decoder_heads: a workdir source's config has its heads; "
+                    "drop the flags")
+  if config is not None and fmt != "workdir":
+    raise UserError(f"--config: sets up a workdir target; a {fmt} file holds no config. Drop "
+                    "--config, or write a workdir")
+  if config is not None and cli.config_kind(config) != "pretrain":
+    raise UserError(f"--config: a {cli.config_kind(config)} config; a workdir target needs a "
+                    f"pre-training config, e.g. --config={DEFAULT_CONFIG}")
+
+
 def convert(src: str, to: str, fmt: str = "", *, with_decoder: bool = False, step: int = -1,
             heads: int = 0, decoder_heads: int = 0, overwrite: bool = False, config=None) -> str:
   """Reads `src`, writes `to`; returns a one-line summary. Raises UserError, writing nothing."""
   src_path, to_path = pathlib.Path(src), pathlib.Path(to)
   fmt = target_format(to, fmt, with_decoder)
-  _check_target(to_path, overwrite)
+  check_flags(_is_workdir(src_path), fmt, step, heads, decoder_heads, config)
+  _check_target(to_path, fmt, overwrite)
   if _is_workdir(src_path):
     if fmt == "workdir":
       raise UserError("--from and --to are both workdirs; nothing to convert")
+    check_mae_export(_workdir_config(src_path), fmt)
     params, arch, source, _ = read_workdir_weights(src_path, step)
   else:
-    params, arch, source = read_file_weights(src_path, heads, decoder_heads)
+    params, arch, source = read_file_weights(src_path, heads, decoder_heads, fmt != "timm")
   if fmt == "workdir":
     return write_workdir(params, arch, to_path, config if config is not None else default_config(),
                          source)

@@ -139,6 +139,9 @@ def read(path: str):
     if head[:1] == b"\x80":
       raise PthError(f"{path}: a legacy (pre-1.6) torch.save file; re-save it with a recent "
                      "torch (torch.save(torch.load(PATH), NEW_PATH)) or as .safetensors") from None
+    if head == b"PK":
+      raise PthError(f"{path}: a zip file whose index cannot be read; it looks truncated or "
+                     "corrupt (an interrupted download or copy?). Fetch it again") from None
     raise PthError(f"{path}: neither a torch.save zip file nor safetensors") from None
   except OSError as e:
     raise PthError(f"{path}: cannot read ({e.strerror})") from None

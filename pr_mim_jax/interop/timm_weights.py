@@ -10,20 +10,22 @@ Layouts: torch Linear weights are [out, in], ours [in, out]; the fused qkv outpu
 proj's input axis is (heads, head_dim). The patch-embedding conv weight [D, 3, p, p]
 becomes our [p, p, 3, D] kernel (patchify's (row, col, channel) order). Our sin-cos tables
 are constants, not params: they are written out as pos_embed / decoder_pos_embed and, on
-the way in, recognised by value (`posemb='sincos'`); any other table is a learned one.
+the way in, recognised by value to the stored dtype's rounding (`posemb='sincos'`; a
+float16 / bfloat16 table too); any other table is a learned one.
 
 Everything here is a pure function of NumPy dicts; errors list every problem at once.
 """
 
 import dataclasses
 
+import ml_dtypes
 import numpy as np
 
 from pr_mim_jax.errors import UserError
 from pr_mim_jax.models import posemb as posemb_lib
 from pr_mim_jax.models import vit
 
-SINCOS_ATOL = 1e-5  # a stored sin-cos table matches ours to float32 rounding
+SINCOS_ATOL = 1e-5  # a stored float32 sin-cos table matches ours to its rounding
 MAE_DECODER_HEADS = {512: 16}  # official MAE decoder width -> heads
 IGNORED = ("head.weight", "head.bias")  # a classifier head: our encoder has none
 _MAX_LISTED = 10
@@ -151,11 +153,21 @@ def default_heads(width: int) -> int:
   return {w: h for w, _, h in vit.VARIANTS.values()}.get(width, 0)
 
 
+def sincos_atol(dtype) -> float:
+  """How far a stored sin-cos table may be from ours: SINCOS_ATOL, or the resolution (eps)
+  of a coarser float dtype, since rounding |x| <= 1 to fp16 / bf16 moves it up to eps / 2."""
+  dtype = np.dtype(dtype)
+  coarse = dtype.kind == "f" or dtype == ml_dtypes.bfloat16
+  return max(SINCOS_ATOL, float(ml_dtypes.finfo(dtype).eps)) if coarse else SINCOS_ATOL
+
+
 def is_sincos(table: np.ndarray, grid: int) -> bool:
-  """Whether a [1+L, D] table is our fixed 2-D sin-cos table (cls row zero)."""
+  """Whether a [1+L, D] table is our fixed 2-D sin-cos table (cls row zero), to the
+  rounding of the table's dtype."""
   width = table.shape[-1]
-  return width % 4 == 0 and np.allclose(table, posemb_lib.sincos_2d(width, grid), rtol=0,
-                                        atol=SINCOS_ATOL)
+  return width % 4 == 0 and np.allclose(np.asarray(table, np.float32),
+                                        posemb_lib.sincos_2d(width, grid), rtol=0,
+                                        atol=sincos_atol(table.dtype))
 
 
 def infer_arch(state: dict, heads: int = 0, decoder_heads: int = 0) -> Arch:
@@ -204,8 +216,12 @@ def infer_arch(state: dict, heads: int = 0, decoder_heads: int = 0) -> Arch:
   return Arch(**arch)
 
 
+def is_decoder_key(name: str) -> bool:
+  return name.startswith("decoder_") or name == "mask_token"
+
+
 def has_decoder_keys(state: dict) -> bool:
-  return any(k.startswith("decoder_") or k == "mask_token" for k in state)
+  return any(map(is_decoder_key, state))
 
 
 # --- torch -> ours -------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from pr_mim_jax.errors import UserError
 from pr_mim_jax.evaluation import classify
 from pr_mim_jax.evaluation import classify_step
 from pr_mim_jax.method import flops
+from pr_mim_jax.models import classifier
 from pr_mim_jax.parallel import sharding
 from pr_mim_jax.training import config_validation
 from pr_mim_jax.training import optim
@@ -49,8 +50,9 @@ def build(config, devices, num_classes: int) -> Step:
   mesh = sharding.mesh_from_config(config, devices)
   rules = sharding.rules_from_config(config)
   shards = sharding.num_batch_shards(mesh)
-  # The schedule's constants do not change the program's size; a nominal length will do.
-  schedule = optim.lr_schedule(optim.peak_lr(config.optim, config.batch_size), 1000, 100)
+  # The schedule's constants do not change the program's size; a nominal one will do (a
+  # fine-tuning config's base_lr may still be None, left to its recipe).
+  schedule = optim.lr_schedule(1e-3, 1000, 100)
   make = _pretrain if mode == "pretrain" else functools.partial(_classify, num_classes=num_classes)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     jitted, state, image_size, gflop, granularity = make(config, mesh, rules, shards, schedule)
@@ -74,10 +76,10 @@ def _pretrain(config, mesh, rules, shards, schedule):
 
 
 def _classify(config, mesh, rules, shards, schedule, num_classes):
-  model_cfg = classify.checked_model(config, shards)
-  model = classify.build_model(model_cfg, config, num_classes)
+  config = classify.checked_config(config, shards)
+  model = classifier.from_config(config, num_classes)
   recipe = classify_step.recipe_from_config(config, num_classes)
   make_tx = functools.partial(classify.make_optimizer, config, schedule, depth=model.spec.depth)
   state, state_sharding, tx = classify.abstract_state(config, model, make_tx, mesh, rules)
   jitted = classify.jit_train_step(model, tx, recipe, schedule, mesh, state_sharding)
-  return jitted, state, model_cfg.image_size, None, 1
+  return jitted, state, config.model.image_size, None, 1

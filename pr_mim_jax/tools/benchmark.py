@@ -156,8 +156,8 @@ def time_train_step(config, batch_size: int, steps: int, warmup: int, profile_di
     compile_s = time.perf_counter() - t0
     memory = compile_report.Memory.of(compiled)  # XLA's compile-time buffer sizes (any backend)
     for _ in range(warmup):
-      state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
+      state, _ = compiled(state, batch)
+    jax.block_until_ready(state)
     times = []
     for _ in range(steps):
       t0 = time.perf_counter()
@@ -288,11 +288,15 @@ def _run(f: types.SimpleNamespace, argv) -> None:
   unknown = set(f.methods.value) - set(methods.METHODS)
   if unknown:
     raise UserError(f"--methods: unknown {sorted(unknown)}; use names from {list(methods.METHODS)}")
+  cli.at_least(f.steps, 1, "the timed steps")
+  cli.at_least(f.warmup, 0, "untimed steps before them; 0 = none")
   configs = methods.sweep(f.config.value, f.methods.value, f.variants.value)
   batch_of = lambda c: f.batch.value or c.batch_size
+  timing = not f.no_timing.value
   for c in configs:
     config_validation.validate_pretrain(c, 1)
-  timing = not f.no_timing.value
+    if timing:
+      config_validation.validate_attention_backend(c.model, jax.default_backend())
   if f.child.value:  # one setting (or the ceiling) in this fresh process
     if f.child.value == CEILING:
       row = matmul_ceiling(f.ceiling_size.value)
@@ -335,7 +339,7 @@ def main(argv=None) -> int:
   f = _define_flags()
   argv = list(argv if argv is not None else sys.argv)
   return cli.run(lambda: _run(f, argv), {"config": "pr_mim_jax/configs/pretrain.py:variant=B/16"},
-                 argv)
+                 argv, config_kinds=("pretrain",))
 
 
 if __name__ == "__main__":

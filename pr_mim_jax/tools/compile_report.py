@@ -381,7 +381,8 @@ def main(argv=None) -> int:
   f = _define_flags()
   argv = list(argv if argv is not None else sys.argv)
   return cli.run(lambda: _run(f, argv),
-                 {"config": "pr_mim_jax/configs/pretrain.py:variant=B/16", "target": "tpu:v5e:16x16"}, argv)
+                 {"config": "pr_mim_jax/configs/pretrain.py:variant=B/16", "target": "tpu:v5e:16x16"}, argv,
+                 config_kinds=("pretrain", "linear_probe", "finetune"))
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from pr_mim_jax.method import masking
 from pr_mim_jax.method import methods
 from pr_mim_jax.models import progressive
 from pr_mim_jax.parallel import sharding
+from pr_mim_jax.training import config_validation
 from pr_mim_jax.training import optim
 from pr_mim_jax.training import pretrain
 from pr_mim_jax.training import train_step as train_step_lib
@@ -199,11 +200,14 @@ def write_outputs(out: epath.Path, rows: list, finals: list) -> None:
 
 def _run(f: types.SimpleNamespace) -> int:
   config = f.config.value
-  if f.batches.value < 2:
-    raise UserError(f"--batches: got {f.batches.value}; use >= 2 (the spread needs several batches)")
+  cli.at_least(f.steps, 0, "training steps per setting; 0 = from the config's epochs")
+  cli.at_least(f.every, 0, "steps between measurements; 0 = steps / 8")
+  cli.at_least(f.batches, 2, "probe batches per measurement; the spread needs several")
+  cli.at_least(f.probe_batch, 1, "images per probe batch")
   settings = f.settings.value
   for s in settings:  # every entry checked before anything trains
     setting_config(config, s)
+  config_validation.validate_attention_backend(config.model, jax.default_backend())
   out = cli.output_dir(f.out.value, "out")
   absl_logging.use_absl_handler()
   absl_logging.set_verbosity(absl_logging.INFO)
@@ -230,7 +234,8 @@ def _run(f: types.SimpleNamespace) -> int:
 def main(argv=None) -> int:
   f = _define_flags()
   return cli.run(lambda: _run(f), {"config": "pr_mim_jax/configs/pretrain.py:dataset=shapes",
-                                   "out": "workdirs/gradients"}, argv)
+                                   "out": "workdirs/gradients"}, argv,
+                 config_kinds=("pretrain",))
 
 
 if __name__ == "__main__":

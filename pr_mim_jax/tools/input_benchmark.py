@@ -158,6 +158,8 @@ def _run(f: types.SimpleNamespace) -> None:
   if not accelerators or min(accelerators) <= 0:
     raise UserError(f"--accelerators: got {','.join(f.accelerators.value)}; use counts > 0, "
                     "e.g. --accelerators=1,8")
+  if "jpeg" in f.sources.value and f.jpeg_dir.value:
+    cli.output_dir(f.jpeg_dir.value, "jpeg_dir")
   tmp = None
   rows = []
   for source in f.sources.value:

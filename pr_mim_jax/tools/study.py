@@ -314,7 +314,8 @@ def _run(f: types.SimpleNamespace) -> int:
 def main(argv=None) -> int:
   f = _define_flags()
   return cli.run(lambda: _run(f), {"config": "pr_mim_jax/configs/study.py:setting=cpu",
-                                   "workdir": "workdirs/study_cpu"}, argv)
+                                   "workdir": "workdirs/study_cpu"}, argv,
+                 config_kinds=("study",))
 
 
 if __name__ == "__main__":

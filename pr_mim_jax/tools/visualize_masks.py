@@ -121,7 +121,8 @@ def _run(f: types.SimpleNamespace) -> None:
 def main(argv=None) -> int:
   f = _define_flags()
   return cli.run(lambda: _run(f), {"config": "pr_mim_jax/configs/pretrain.py:dataset=shapes",
-                                   "out": "/tmp/masks"}, argv)
+                                   "out": "/tmp/masks"}, argv,
+                 config_kinds=("pretrain",))
 
 
 if __name__ == "__main__":

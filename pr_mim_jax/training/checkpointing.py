@@ -183,7 +183,11 @@ def _damaged(path, e: Exception) -> DamagedCheckpoint:
 
 
 class Checkpointer:
-  """Keeps the newest `max_to_keep` train states under `directory`."""
+  """Keeps the newest `max_to_keep` train states under `directory`.
+
+  Opened for reading: nothing under `directory` is created or cleaned up (and no background
+  thread starts) until the first `save`, so reading another run's checkpoints never changes
+  that run's workdir."""
 
   def __init__(self, directory: str, *, max_to_keep: int = 3,
                async_save: bool = True):
@@ -193,19 +197,31 @@ class Checkpointer:
     self._pending = None  # Step of the last async save, maybe still writing.
     self._sums = {}  # step -> its arrays' checksums, dispatched, to write once the save is final
     self.restored = None  # (step, verified) of the last restore
+    self._max_to_keep, self._async_save = max_to_keep, async_save
+    self._writable = False
+    self._mngr = self._manager(write=False)
+
+  def _manager(self, write: bool) -> ocp.CheckpointManager:
+    """An orbax manager of `directory`; `write` creates it and removes unfinished saves."""
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     registry.add(_ITEM, ocp.args.StandardSave)
     registry.add(_ITEM, ocp.args.StandardRestore)
     options = ocp.CheckpointManagerOptions(
-        create=True,
-        cleanup_tmp_directories=True,
-        enable_async_checkpointing=async_save,
-        preservation_policy=ocp.checkpoint_managers.LatestN(n=max_to_keep))
+        create=write,
+        cleanup_tmp_directories=write,
+        enable_async_checkpointing=self._async_save,
+        preservation_policy=ocp.checkpoint_managers.LatestN(n=self._max_to_keep))
     try:
-      self._mngr = ocp.CheckpointManager(
-          self.directory, options=options, handler_registry=registry)
+      return ocp.CheckpointManager(self.directory, options=options, handler_registry=registry)
     except OSError as e:
       raise _write_failed(None, self.directory, e) from e
+
+  def _open_for_writing(self) -> None:
+    """Replaces the reading manager by one that writes (the first save does this)."""
+    if not self._writable:
+      writer = self._manager(write=True)
+      self._mngr.close()
+      self._mngr, self._writable = writer, True
 
   def all_steps(self) -> list[int]:
     """Steps of complete checkpoints, ascending."""
@@ -223,6 +239,7 @@ class Checkpointer:
   def save(self, step: int, state) -> None:
     """Starts saving `state` as `step`; never overwrites an existing step."""
     step = int(step)
+    self._open_for_writing()
     if step in self._mngr.all_steps():
       logging.info('Checkpoint for step %d already exists in %s; not saving.',
                    step, self.directory)
@@ -280,6 +297,21 @@ class Checkpointer:
     self.poll()
     self._pending = None
 
+  def _step_to_read(self, step: int | None) -> int:
+    """`step`, or the newest complete one for None; a CheckpointError naming the directory
+    and what it holds when that checkpoint is not there."""
+    steps = self.all_steps()
+    if not steps:
+      raise CheckpointError(
+          f'{self.directory} holds no complete checkpoint: point config.init.workdir (or '
+          "convert's --from) at the workdir of a run that saved one, or run pre-training "
+          'first (python -m pr_mim_jax.main --config=pr_mim_jax/configs/pretrain.py ...).')
+    step = steps[-1] if step is None else int(step)
+    if step not in steps:
+      raise CheckpointError(f'{self.directory} has no complete checkpoint of step {step}; it '
+                            f'holds steps {steps}: pick one of those, or the newest.')
+    return step
+
   def _verify(self, step: int, tree, prefix: tuple[str, ...] = ()) -> bool:
     """Checks restored arrays against the checksums saved with `step`, on every process (the
     sums are global, so every process reaches the same verdict). True when verified, False
@@ -312,12 +344,7 @@ class Checkpointer:
     readable and matches `abstract_state` (directly or through a relayout). Raises a
     CheckpointError naming the mismatched leaves; returns (step, target, convert)."""
     self.wait()
-    step = self.latest_step() if step is None else int(step)
-    if step is None:
-      raise CheckpointError(f'No complete checkpoint found in {self.directory}.')
-    if step not in self.all_steps():
-      raise CheckpointError(f'No checkpoint for step {step} in {self.directory}; '
-                            f'available steps: {self.all_steps()}.')
+    step = self._step_to_read(step)
     path = self.directory / str(step)
     target = jax.tree.map(_to_abstract, abstract_state)
     # Orbax silently casts dtypes and reports shape errors one leaf at a time,
@@ -376,7 +403,7 @@ class Checkpointer:
       raise DamagedCheckpoint(f'Every checkpoint in {self.directory} is damaged (steps '
                               f'{", ".join(map(str, damaged))}); they are left untouched. '
                               'Point --workdir elsewhere to start afresh.')
-    raise CheckpointError(f'No complete checkpoint found in {self.directory}.')
+    return self._restore(abstract_state, None, relayouts)  # none saved: its error says so
 
   def _restore(self, abstract_state, step, relayouts):
     step, target, convert = self.check(abstract_state, step, relayouts)
@@ -400,10 +427,7 @@ class Checkpointer:
     pre-training checkpoint's optimizer state costs no memory.
     """
     self.wait()
-    step = self.latest_step() if step is None else int(step)
-    if step is None or step not in self.all_steps():
-      raise CheckpointError(f'No complete checkpoint {"" if step is None else step} in '
-                            f'{self.directory}; available steps: {self.all_steps()}.')
+    step = self._step_to_read(step)
     try:
       node = self._mngr.item_metadata(step)[_ITEM].tree
     except Exception as e:

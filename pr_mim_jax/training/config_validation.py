@@ -78,6 +78,15 @@ def validate_model(model):
   return spec
 
 
+def validate_attention_backend(model, backend: str):
+  """cuDNN attention runs only on a GPU: `backend` is jax.default_backend() where the run
+  executes (not checked by the deviceless compiles for a GPU target, which allow it)."""
+  attention = model.get("attention", "einsum")
+  _require(not attention.startswith("cudnn") or backend == "gpu", "model.attention",
+           f"{attention!r} needs an NVIDIA GPU, and JAX runs on {backend!r} here",
+           "use 'xla' or 'einsum'")
+
+
 def validate_masking(masking_cfg, num_patches: int) -> masking.TokenSplit:
   mask, throw = masking_cfg.mask_ratio, masking_cfg.throw_ratio
   _require(0.0 < mask < 1.0, "masking.mask_ratio", f"{mask} is outside (0, 1)", "use e.g. 0.75")
@@ -250,10 +259,10 @@ def validate_knn_eval(config):
   validate_knn(config.knn)
 
 
-def validate_classify(config, model, num_batch_shards: int):
-  """A probe or fine-tune config; `model` is config.model resolved against its init run
-  (classify.resolve_model). The mesh and init.step are checked before that (validate_mesh,
-  validate_init_step)."""
+def validate_classify(config, num_batch_shards: int):
+  """A probe or fine-tune config resolved against its init run (classify.resolve_config).
+  The mesh and init.step are checked before that (validate_mesh, validate_init_step)."""
+  model = config.model
   # validate_model checks an MAE's fields; a classifier has no decoder, so give it a valid one.
   validate_model(ml_collections.ConfigDict(dict(model.to_dict(), decoder_width=4, decoder_depth=1,
                                                 decoder_heads=1, decoder="self_attention")))
@@ -271,6 +280,9 @@ def validate_classify(config, model, num_batch_shards: int):
            f"unknown value {o.optimizer!r}", f"use one of {optim.CLASSIFY_OPTIMIZERS}")
   _require(config.mode != "linear_probe" or o.optimizer == "lars", "optim.optimizer",
            "linear probing trains the head with LARS", "use 'lars'")
+  _require(config.mode != "finetune" or o.optimizer == "adamw", "optim.optimizer",
+           "fine-tuning trains the whole model, and 'lars' here updates only the head",
+           "use 'adamw' (or pr_mim_jax/configs/linear_probe.py for a probe)")
   _require(0.0 < o.layer_decay <= 1.0, "optim.layer_decay", f"got {o.layer_decay}",
            "use a factor in (0, 1], 1 = off")
   _require(0.0 <= o.momentum < 1.0, "optim.momentum", f"got {o.momentum}", "use e.g. 0.9")

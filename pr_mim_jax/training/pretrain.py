@@ -142,6 +142,12 @@ def check_config(config) -> Checked:
   if config.knn.enabled and config.data.dataset.startswith("folder:"):
     raise UserError(f"config.knn.enabled: {config.data.dataset} has no labels for the k-NN "
                     "monitor; add --config.knn.enabled=False")
+  if config.knn.enabled:
+    try:
+      pipeline.num_classes(config.data)  # the monitor needs labels: fail now, not after training
+    except UserError as e:
+      raise UserError(f"config.knn.enabled: {e}, or turn the k-NN monitor off with "
+                      "--config.knn.enabled=False") from e
   num_train = pipeline.num_examples(config.data, config.data.train_split)
   if config.batch_size > num_train:
     raise UserError(f"config.batch_size: {config.batch_size} exceeds the {num_train} training "

@@ -11,6 +11,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 import numpy as np
 
+from pr_mim_jax import cli
 from pr_mim_jax.errors import UserError
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml-collections", "numpy",
@@ -59,6 +60,7 @@ def check_writable(workdir: str) -> None:
   if jax.process_count() > 1:
     failed = multihost_utils.process_allgather(np.asarray(failed)).ravel().tolist()
   if any(failed):
+    cli.check_not_a_file(path, "workdir")
     where = (f"({cause})" if cause is not None else "from process(es) "
              f"{', '.join(str(i) for i, f in enumerate(failed) if f)}")
     raise UserError(f"--workdir {workdir} is not writable {where}. No checkpoint was touched: "

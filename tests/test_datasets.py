@@ -1,0 +1,66 @@
+"""Resolving datasets: which folder pre-training reads, '~' in data_dir, backend errors."""
+
+import logging
+
+import ml_collections
+import pytest
+from PIL import Image
+
+from pr_mim_jax.data import datasets, sources
+from pr_mim_jax.errors import UserError
+
+needs_tf = pytest.mark.skipif(not datasets.tf_importable(),
+                              reason="tensorflow / tensorflow_datasets not installed")
+
+
+def _data(dataset, **kw):
+  return ml_collections.ConfigDict(
+      {"dataset": dataset, "train_split": "train", "eval_split": "validation", "data_dir": None,
+       **kw})
+
+
+def _pngs(folder, n):
+  folder.mkdir(parents=True, exist_ok=True)
+  for i in range(n):
+    Image.new("RGB", (8, 8)).save(folder / f"{i}.png")
+
+
+def test_pretraining_reads_only_the_train_split_folder_when_there_is_one(tmp_path, caplog):
+  _pngs(tmp_path / "split" / "train" / "cat", 3)
+  _pngs(tmp_path / "split" / "validation" / "cat", 2)
+  _pngs(tmp_path / "flat" / "a", 4)
+  _pngs(tmp_path / "flat" / "b", 1)
+  with caplog.at_level(logging.INFO):
+    data = _data(f"folder:{tmp_path}/split")
+    datasets.check_dataset(data)
+    assert datasets.num_examples(data, "train") == 3
+    source = datasets.open_source(data, "train", "numpy")
+    assert all("/split/train/" in p for p in source.paths) and len(source) == 3
+    assert f"images under {tmp_path}/split/train" in caplog.text
+    assert datasets.num_examples(_data(f"folder:{tmp_path}/flat"), "train") == 5  # whole tree
+  assert f"images under {tmp_path}/flat" in caplog.text
+
+
+@needs_tf
+def test_data_dir_expands_home(tmp_path, monkeypatch):
+  monkeypatch.setenv("HOME", str(tmp_path))
+  (tmp_path / "tfds").mkdir()
+  with pytest.raises(UserError, match=f"cifar10 is not prepared in {tmp_path}/tfds"):
+    datasets.check_dataset(_data("cifar10", data_dir="~/tfds"))
+
+
+@needs_tf
+def test_tfds_name_on_numpy_backend_says_to_switch_backend_when_tf_is_there():
+  with pytest.raises(UserError) as e:
+    datasets.check_dataset(_data("cifar10", backend="numpy"))
+  msg = str(e.value)
+  assert "data.backend=numpy reads only 'shapes' and 'folder:'" in msg
+  assert "data.backend=tf or auto" in msg and "pip install" not in msg
+  with pytest.raises(UserError, match="data.backend=tf or auto"):
+    datasets.open_source(_data("cifar10"), "train", "numpy")
+
+
+def test_tfds_name_without_tf_says_to_install_it(monkeypatch):
+  monkeypatch.setattr(datasets, "tf_importable", lambda: False)
+  with pytest.raises(UserError, match=f"needs tensorflow.*{sources.TF_INSTALL}"):
+    datasets.check_dataset(_data("cifar10", backend="numpy"))

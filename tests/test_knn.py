@@ -1,0 +1,66 @@
+"""The weighted cosine k-NN classifier against a hand-computed case and a NumPy loop."""
+
+import numpy as np
+import pytest
+
+from pr_mim_jax.training import knn
+
+
+def numpy_knn_scores(train, train_labels, test, k, temperature, num_classes):
+  """DINO's vote, one test image at a time: the k most cosine-similar train images each add
+  exp(sim / T) to their class."""
+  scores = np.zeros((len(test), num_classes))
+  unit = lambda x: x / np.linalg.norm(x)
+  for m, query in enumerate(test):
+    sims = np.array([unit(query) @ unit(t) for t in train])
+    for n in sorted(range(len(train)), key=lambda n: -sims[n])[:k]:
+      scores[m, train_labels[n]] += np.exp(sims[n] / temperature)
+  return scores
+
+
+def test_scores_by_hand():
+  """Train points at 0, 60 and 180 degrees (classes 0, 1, 1); the query at 0 degrees.
+  k = 2 keeps cos 1 (class 0) and cos 0.5 (class 1): scores e^(1/T) and e^(0.5/T). The
+  lengths differ on purpose: the similarity is cosine, so they must not matter."""
+  train = np.array([[3.0, 0.0], [0.5, 0.5 * np.sqrt(3.0)], [-1.0, 0.0]], np.float32)
+  test = np.array([[0.2, 0.0]], np.float32)
+  scores = knn.knn_predict(train, np.array([0, 1, 1]), test, k=2, num_classes=3,
+                           temperature=0.5)
+  np.testing.assert_allclose(np.asarray(scores), [[np.e ** 2, np.e, 0.0]], rtol=1e-5)
+
+
+def test_the_far_majority_does_not_outvote_the_near_neighbour():
+  """With k = 3 the two far class-1 votes (cos 0) weigh e^0 each, the near class-0 vote
+  e^(1/0.07): the weighting, not the count, decides."""
+  train = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, -1.0]], np.float32)
+  accuracy = knn.knn_accuracy(train, np.array([0, 1, 1]), np.array([[1.0, 0.01]], np.float32),
+                              np.array([0]), k=3)
+  assert accuracy == 1.0
+
+
+@pytest.mark.parametrize("k,temperature", [(1, 0.07), (5, 0.07), (7, 0.5)])
+def test_matches_a_numpy_loop(k, temperature):
+  rng = np.random.default_rng(k)
+  train = rng.normal(size=(40, 6)).astype(np.float32)
+  test = rng.normal(size=(13, 6)).astype(np.float32)
+  train_labels, test_labels = rng.integers(0, 4, 40), rng.integers(0, 4, 13)
+  expected = numpy_knn_scores(train, train_labels, test, k, temperature, 4)
+  scores = np.asarray(knn.knn_predict(train, train_labels, test, k=k, num_classes=4,
+                                      temperature=temperature))
+  np.testing.assert_allclose(scores, expected, rtol=1e-4)
+  # Accuracy over test chunks of 5 (13 = 5 + 5 + 3) counts the same images as one chunk.
+  accuracy = knn.knn_accuracy(train, train_labels, test, test_labels, k=k,
+                              temperature=temperature, chunk=5)
+  assert accuracy == np.mean(expected.argmax(-1) == test_labels)
+
+
+def test_k_above_the_train_set_uses_all_of_it():
+  train = np.eye(3, dtype=np.float32)
+  accuracy = knn.knn_accuracy(train, np.array([0, 1, 2]), train, np.array([0, 1, 2]), k=20)
+  assert accuracy == 1.0
+
+
+def test_pool_features():
+  tokens = np.arange(2 * 3 * 2, dtype=np.float32).reshape(2, 3, 2)  # [B, 1+L, D]
+  np.testing.assert_array_equal(knn.pool_features(tokens, "cls"), tokens[:, 0])
+  np.testing.assert_array_equal(knn.pool_features(tokens, "mean"), [[3.0, 4.0], [9.0, 10.0]])
