@@ -30,7 +30,8 @@ def fail(message: str) -> None:
 def check_not_a_file(path, flag: str) -> None:
   """A UserError naming --flag when `path` (local or gs://), meant as a directory, is a file."""
   from etils import epath  # pylint: disable=g-import-not-at-top
-  if epath.Path(path).is_file():
+  path = epath.Path(path)
+  if path.exists() and not path.is_dir():  # (etils 1.9's is_file() is True below a file)
     raise UserError(f"--{flag}={path} is a file, not a directory: choose a directory (a new "
                     "path, or an existing directory)")
 
