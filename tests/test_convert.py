@@ -18,6 +18,7 @@ from pr_mim_jax.errors import UserError
 from pr_mim_jax.evaluation import classify
 from pr_mim_jax.interop import convert
 from pr_mim_jax.interop import pth_reader
+from pr_mim_jax.interop import weight_files
 from pr_mim_jax.parallel import sharding
 from pr_mim_jax.training import checkpointing
 
@@ -71,7 +72,7 @@ def test_export_of_a_non_standard_shape_says_the_kwargs_override_the_name(workdi
     assert part in spec["note"]
   assert spec["note"] in message
   with safetensors.safe_open(str(out), "np") as f:
-    assert json.loads(f.metadata()[convert.METADATA_KEY])["timm"] == spec
+    assert json.loads(f.metadata()[weight_files.METADATA_KEY])["timm"] == spec
 
 
 @pytest.mark.slow
@@ -99,7 +100,7 @@ def test_pretraining_resumes_from_a_converted_workdir(workdir, tmp_path):
   run = tmp_path / "continued"
   shutil.copytree(workdir, run)
   config = pretrain_config()
-  convert.fit_config(config, convert.read_file_weights(MAE_PTH, 2, 2)[1])
+  convert.fit_config(config, weight_files.read_file_weights(MAE_PTH, 2, 2)[1])
   args = [sys.executable, "-m", "pr_mim_jax.main", "--config=pr_mim_jax/configs/pretrain.py:method=mae,dataset=shapes",
           f"--workdir={run}", "--config.batch_size=16", "--config.knn.enabled=False",
           "--config.train.total_steps=2", *[f"--config.{k}={v}" for k, v in DATA.items()],
@@ -146,7 +147,7 @@ def test_timm_file_round_trips_with_its_heads_in_the_metadata(tmp_path):
   out = tmp_path / "vit_s.safetensors"
   convert.convert(str(FIXTURES / "vit_s.safetensors"), str(out), heads=12)
   # 12 heads at width 384 is not standard: re-reading needs no --heads, the metadata has it.
-  params, arch, _ = convert.read_file_weights(out)
+  params, arch, _ = weight_files.read_file_weights(out)
   assert (arch.heads, arch.posemb, arch.mlp_ratio) == (12, "learned", 0.5)
   want = safetensors.numpy.load_file(str(FIXTURES / "vit_s.safetensors"))
   back = safetensors.numpy.load_file(str(out))
@@ -154,7 +155,7 @@ def test_timm_file_round_trips_with_its_heads_in_the_metadata(tmp_path):
   with pytest.raises(UserError, match="exists; pass --overwrite"):
     convert.convert(str(FIXTURES / "vit_s.safetensors"), str(out), heads=12)
   convert.convert(str(FIXTURES / "vit_ti.safetensors"), str(out), overwrite=True)
-  assert convert.read_file_weights(out)[1].width == 192
+  assert weight_files.read_file_weights(out)[1].width == 192
   # Pre-training configs use MLP ratio 4: a workdir target says so, and nothing is written.
   with pytest.raises(UserError, match="MLP ratio 0.5"):
     convert.convert(str(FIXTURES / "vit_s.safetensors"), str(tmp_path / "wd"), heads=12,
@@ -287,7 +288,7 @@ def test_half_precision_mae_files_keep_their_sincos_tables(tmp_path, dtype):
   state = mae_state()
   src = tmp_path / "half.safetensors"
   _write_safetensors_by_hand(src, {k: v.astype(np_dtype) for k, v in state.items()}, dtype)
-  _, arch, _ = convert.read_file_weights(src, 2, 2)
+  _, arch, _ = weight_files.read_file_weights(src, 2, 2)
   assert arch.posemb == "sincos" and arch.has_decoder
   convert.convert(str(src), str(tmp_path / "mae.safetensors"), "mae", heads=2, decoder_heads=2)
   back = safetensors.numpy.load_file(str(tmp_path / "mae.safetensors"))
@@ -303,7 +304,7 @@ def test_half_precision_mae_files_keep_their_sincos_tables(tmp_path, dtype):
 
 def _metadata_file(value):
   safetensors.numpy.save_file(safetensors.numpy.load_file(str(VIT_TI)), "src.safetensors",
-                              metadata={convert.METADATA_KEY: value})
+                              metadata={weight_files.METADATA_KEY: value})
   return "src.safetensors"
 
 
@@ -338,10 +339,10 @@ def test_bad_paths_and_inputs_are_one_line_errors(tmp_path, monkeypatch, case):
 def test_sources_are_told_apart_by_content_not_suffix(tmp_path, suffix):
   src = tmp_path / f"vit_ti{suffix}"
   shutil.copy(VIT_TI, src)
-  assert convert.read_file_weights(src)[1].width == 192
+  assert weight_files.read_file_weights(src)[1].width == 192
   src.write_bytes(MAE_PTH.read_bytes()[:40000])
   with pytest.raises(UserError, match="looks truncated or corrupt"):
-    convert.read_file_weights(src)
+    weight_files.read_file_weights(src)
 
 
 @pytest.mark.parametrize("case", ["step", "heads", "with_decoder", "config"])

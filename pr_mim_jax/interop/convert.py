@@ -22,11 +22,8 @@ the latest checkpoint). Targets, from --to unless --format names one:
 - `mae`: timm plus the official MAE decoder keys (or `--with_decoder`); refused for a
   workdir whose decoder is not self-attention (CrossMAE's), which MAE's code would misrun.
 Every problem (missing / unknown keys, shapes) is reported at once and nothing is written;
-a flag that does not apply to the source / target is an error. Outputs are built next to
-the target and renamed into place, with the permissions any new file gets (0666 less the
-umask; safetensors itself would leave 0600). An existing target, or the JSON beside a
-.safetensors one, is kept unless --overwrite, and even then only files and pr_mim_jax
-workdirs (with config.json) are replaced: never another directory, nor a symbolic link.
+a flag that does not apply to the source / target is an error. Files are read by
+weight_files; what --to may replace, and how outputs move into place, is safe_replace's.
 """
 
 import json
@@ -34,10 +31,8 @@ import os
 import pathlib
 import shutil
 import sys
-import tempfile
 import types
 
-import ml_dtypes
 import numpy as np
 from absl import flags
 from ml_collections import config_flags
@@ -45,11 +40,11 @@ from ml_collections import config_flags
 from pr_mim_jax import cli
 from pr_mim_jax.configs import pretrain as pretrain_config
 from pr_mim_jax.errors import UserError
-from pr_mim_jax.interop import pth_reader
+from pr_mim_jax.interop import safe_replace
 from pr_mim_jax.interop import timm_weights
+from pr_mim_jax.interop import weight_files
 
 FORMATS = ("workdir", "timm", "mae")
-METADATA_KEY = "pr_mim_jax"
 DEFAULT_CONFIG = "pr_mim_jax/configs/pretrain.py:method=mae"
 
 
@@ -75,83 +70,6 @@ def _define_flags() -> types.SimpleNamespace:
 
 def _is_workdir(path: pathlib.Path) -> bool:
   return path.is_dir()
-
-
-def _read_file(path: pathlib.Path) -> tuple[dict, dict]:
-  """(state dict of NumPy arrays, our metadata from a safetensors header or {}). The kind
-  is told by content, not suffix: JSON after 8 bytes is safetensors (a zip has its
-  compression method there), a zip or a pickle is torch.save."""
-  if not path.is_file():
-    raise UserError(f"--from: {path} does not exist")
-  with open(path, "rb") as f:
-    head = f.read(9)
-  if head[8:9] != b"{":
-    if head[:2] == b"PK" or head[:1] == b"\x80":  # torch.save's zip, or a legacy pickle
-      return pth_reader.state_dict(pth_reader.read(str(path)), str(path)), {}
-    raise UserError(f"--from: {path} is neither a torch.save file nor safetensors")
-  try:
-    state, metadata = _read_safetensors(path)
-  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-    raise UserError(f"--from: {path} starts like safetensors but cannot be read; it looks "
-                    f"truncated or corrupt ({type(e).__name__}: {str(e)[:200]})") from None
-  return state, _our_metadata(metadata, path)
-
-
-def _our_metadata(metadata: dict, path: pathlib.Path) -> dict:
-  """The dict our exports keep under METADATA_KEY in a safetensors header; {} if absent."""
-  if METADATA_KEY not in metadata:
-    return {}
-  try:
-    ours = json.loads(metadata[METADATA_KEY])
-  except (TypeError, ValueError):
-    ours = None
-  if not isinstance(ours, dict):
-    raise UserError(f"--from: {path}: the header metadata {METADATA_KEY!r} is not a JSON object; "
-                    "it is only our export record, so re-export the file or save it without it")
-  return ours
-
-
-def _read_safetensors(path: pathlib.Path) -> tuple[dict, dict]:
-  """(name -> array, header metadata) of a .safetensors file, read from its own layout: an
-  8-byte little-endian header length, a JSON header of {name: {dtype, shape, data_offsets}},
-  then the bytes. Read by hand because safetensors' NumPy API rejects bfloat16 tensors,
-  which timm's hub files may hold."""
-  dtypes = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-            "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-            "BOOL": np.bool_}
-  with open(path, "rb") as f:
-    size = int.from_bytes(f.read(8), "little")
-    if not 2 <= size <= 100 << 20:
-      raise ValueError(f"header length {size} is not plausible")
-    header = json.loads(f.read(size))
-    data = f.read()
-  metadata = header.pop("__metadata__", None) or {}
-  state = {}
-  for name, info in header.items():
-    begin, end = info["data_offsets"]
-    if info["dtype"] not in dtypes or not 0 <= begin <= end <= len(data):
-      raise ValueError(f"tensor {name}: dtype {info['dtype']} or offsets {begin}..{end} unusable")
-    state[name] = np.frombuffer(data[begin:end], np.dtype(dtypes[info["dtype"]]).newbyteorder(
-        "<")).reshape(info["shape"])
-  return state, metadata
-
-
-def read_file_weights(path, heads: int = 0, decoder_heads: int = 0, decoder: bool = True):
-  """(params, arch, description) of a timm / MAE file. Heads: the flags, else our export
-  metadata, else the standard widths. decoder=False drops MAE's decoder keys unread (a
-  timm target holds the encoder alone)."""
-  path = pathlib.Path(path)
-  state, meta = _read_file(path)
-  heads = heads or meta.get("timm", {}).get("kwargs", {}).get("num_heads", 0)
-  decoder_heads = decoder_heads or (meta.get("decoder") or {}).get("heads", 0)
-  ignored = [k for k in timm_weights.IGNORED if k in state]
-  if not decoder and timm_weights.has_decoder_keys(state):
-    state = {k: v for k, v in state.items() if not timm_weights.is_decoder_key(k)}
-    ignored.append("the MAE decoder")
-  arch = timm_weights.infer_arch(state, heads, decoder_heads)
-  params = timm_weights.from_state_dict(state, arch)
-  note = f" (ignored: {', '.join(ignored)})" if ignored else ""
-  return params, arch, f"{path}{note}"
 
 
 def _workdir_config(path: pathlib.Path):
@@ -240,78 +158,6 @@ def target_format(to: str, fmt: str, with_decoder: bool) -> str:
   return fmt
 
 
-def sidecar(path: pathlib.Path) -> pathlib.Path:
-  """The JSON written next to a .safetensors target."""
-  return path.with_suffix(".json")
-
-
-def _check_replaceable(path: pathlib.Path, workdir: bool, overwrite: bool, what: str) -> None:
-  """Refuses to write `path` over anything but (with --overwrite) a file of ours or, for a
-  workdir, a pr_mim_jax workdir: a command never removes data it did not write."""
-  if path.is_symlink():
-    raise UserError(f"--to: {path}{what} is a symbolic link; give the path it points to "
-                    f"({os.readlink(path)}) or remove the link")
-  if not path.exists() or (workdir and path.is_dir() and not any(path.iterdir())):
-    return
-  if not overwrite:
-    raise UserError(f"--to: {path}{what} exists; pass --overwrite to replace it, or choose "
-                    "another path")
-  if path.is_dir() != workdir:
-    raise UserError(f"--to: {path}{what} is {'a directory' if path.is_dir() else 'a file'}, "
-                    f"which --overwrite does not replace with a {'workdir' if workdir else 'file'}; "
-                    "choose another path, or remove it yourself")
-  if workdir and not (path / "config.json").is_file():
-    raise UserError(f"--to: {path} is a directory but not a pr_mim_jax workdir (no config.json), "
-                    "so --overwrite does not replace it; choose another path, or remove it yourself")
-
-
-def _check_writable(directory: pathlib.Path) -> None:
-  """A UserError now, not a traceback after reading the weights, if `directory` takes no files."""
-  try:
-    tempfile.TemporaryFile(dir=directory).close()
-  except OSError as e:
-    raise UserError(f"--to: cannot write in {directory} ({e.strerror}); choose a directory "
-                    "you can write to") from None
-
-
-def _check_target(path: pathlib.Path, fmt: str, overwrite: bool) -> None:
-  """Everything the write will replace (a .safetensors target's JSON too) may be replaced."""
-  if path.name in ("", ".", ".."):
-    raise UserError(f"--to: {path} names no file or directory of its own; give a new path, "
-                    "e.g. out/vit.safetensors or workdirs/converted")
-  if not path.parent.is_dir():
-    raise UserError(f"--to: the directory {path.parent} does not exist")
-  _check_replaceable(path, fmt == "workdir", overwrite, "")
-  if fmt != "workdir":
-    _check_replaceable(sidecar(path), False, overwrite, f" (written next to {path.name})")
-  _check_writable(path.parent)
-
-
-def _replace(tmp: pathlib.Path, path: pathlib.Path) -> None:
-  """Moves tmp onto path (a file or a directory), removing what was there."""
-  if path.is_dir():
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old)
-  else:
-    os.replace(tmp, path)
-
-
-def _umask() -> int:
-  """The process umask, read by setting it and putting it back (there is no getter); it is
-  077 for that instant, so nothing another thread creates meanwhile is exposed."""
-  mask = os.umask(0o077)
-  os.umask(mask)
-  return mask
-
-
-def _as_new_file(path: pathlib.Path) -> None:
-  """Gives `path` the mode open() gives a new file (0666 less the umask): safetensors writes
-  0600, which would keep a file meant for sharing from others the umask lets read it."""
-  os.chmod(path, 0o666 & ~_umask())
-
-
 def timm_metadata(arch: timm_weights.Arch, with_decoder: bool, source: str) -> dict:
   decoder = (dict(width=arch.decoder_width, depth=arch.decoder_depth, heads=arch.decoder_heads,
                   mlp_hidden=arch.decoder_hidden, pred_dim=arch.pred_dim)
@@ -327,15 +173,15 @@ def write_timm(params, arch, to: pathlib.Path, with_decoder: bool, source: str) 
     raise UserError(f"--with_decoder: {source} has no decoder")
   state = timm_weights.to_state_dict(params, arch, with_decoder)
   meta = timm_metadata(arch, with_decoder, source)
-  json_path = sidecar(to)
+  json_path = safe_replace.sidecar(to)
   tmp, tmp_json = (p.with_name(f".{p.name}.tmp-{os.getpid()}") for p in (to, json_path))
   try:
     safetensors.numpy.save_file(state, str(tmp), metadata={
-        "format": "pt", METADATA_KEY: json.dumps(meta, sort_keys=True)})
-    _as_new_file(tmp)
+        "format": "pt", weight_files.METADATA_KEY: json.dumps(meta, sort_keys=True)})
+    safe_replace.as_new_file(tmp)
     tmp_json.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    _replace(tmp_json, json_path)
-    _replace(tmp, to)
+    safe_replace.replace(tmp_json, json_path)
+    safe_replace.replace(tmp, to)
   finally:
     for p in (tmp, tmp_json):
       p.unlink(missing_ok=True)
@@ -423,7 +269,7 @@ def write_workdir(params, arch, to: pathlib.Path, config, source: str) -> str:
       ckpt.save(0, state)
     finally:
       ckpt.close()
-    _replace(tmp, to)
+    safe_replace.replace(tmp, to)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   what = (f"{config.method}, {config.model.variant} width {arch.width} depth {arch.depth} "
@@ -464,14 +310,15 @@ def convert(src: str, to: str, fmt: str = "", *, with_decoder: bool = False, ste
   src_path, to_path = pathlib.Path(src), pathlib.Path(to)
   fmt = target_format(to, fmt, with_decoder)
   check_flags(_is_workdir(src_path), fmt, step, heads, decoder_heads, config)
-  _check_target(to_path, fmt, overwrite)
+  safe_replace.check_target(to_path, fmt, overwrite)
   if _is_workdir(src_path):
     if fmt == "workdir":
       raise UserError("--from and --to are both workdirs; nothing to convert")
     check_mae_export(_workdir_config(src_path), fmt)
     params, arch, source, _ = read_workdir_weights(src_path, step)
   else:
-    params, arch, source = read_file_weights(src_path, heads, decoder_heads, fmt != "timm")
+    params, arch, source = weight_files.read_file_weights(src_path, heads, decoder_heads,
+                                                          decoder=fmt != "timm")
   if fmt == "workdir":
     return write_workdir(params, arch, to_path, config if config is not None else default_config(),
                          source)
