@@ -9,5 +9,7 @@ shift
 args=(--config="${CONFIG:-pr_mim_jax/configs/pretrain.py:variant=B/16}" --workdir="$workdir")
 [ -n "${DATA_DIR:-}" ] && args+=(--config.data.data_dir="$DATA_DIR")
 # Let XLA take most of the GPU memory up front; TF never touches the GPU.
-export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
+# (Not when the newer XLA_CLIENT_MEM_FRACTION is set: jax refuses the two together.)
+[ -n "${XLA_CLIENT_MEM_FRACTION:-}" ] ||
+  export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 exec python -m pr_mim_jax.main "${args[@]}" "$@"

@@ -30,5 +30,6 @@ fi
 
 args=(--config="$config" --workdir="$workdir")
 [ -n "${DATA_DIR:-}" ] && args+=(--config.data.data_dir="$DATA_DIR")
-# Every worker runs the same command; ssh streams all workers' output here.
-"${tpu[@]}" ssh "$TPU_NAME" --worker=all --command="cd pr_mim_jax && . .venv/bin/activate && python -m pr_mim_jax.main ${args[*]} $*"
+# Every worker runs the same command; ssh streams all workers' output here. Each argument is
+# quoted for the workers' shell, so values with spaces or shell characters arrive whole.
+"${tpu[@]}" ssh "$TPU_NAME" --worker=all --command="cd pr_mim_jax && . .venv/bin/activate && python -m pr_mim_jax.main $(printf '%q ' "${args[@]}" "$@")"

@@ -1,6 +1,7 @@
 """Tests for the benchmark CLI's output (never its timings)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -96,6 +97,12 @@ def test_ratios_and_throughput_hand_case():
   assert benchmark.add_throughput(_row("mae", 4000.0, 10.0, 1.0), None)["mfu"] is None
 
 
+def test_mfu_holds_a_multi_device_step_to_every_devices_ceiling():
+  # 8 devices step 4000 images/s of 58 GFLOP: 232 TFLOP/s in all, against 8 x 800 TFLOP/s.
+  row = benchmark.add_throughput({**_row("mae", 4000.0, 10.0, 1.0), "num_devices": 8}, 800.0)
+  assert row["tflop_per_s"] == 232.0 and row["mfu"] == 0.03625
+
+
 def test_markdown_lists_settings_failures_and_ratios():
   rows = [_row("mae", 4000.0, 10.0, 1.0), _row("pr_mim", 6000.0, 6.5, 0.7),
           {**_row("partial", None, None, 0.72), "error": "RESOURCE_EXHAUSTED | oom"}]
@@ -103,7 +110,8 @@ def test_markdown_lists_settings_failures_and_ratios():
             "matmul_ceiling_tflop_per_s": 790.0, "settings": rows,
             "ratios": benchmark.ratios(rows)}
   md = benchmark.markdown(report).splitlines()
-  assert md[0] == "Device: NVIDIA H200 x1, jax 0.11.2; bf16 matmul ceiling 790 TFLOP/s."
+  assert md[0] == ("Device: NVIDIA H200 x1, jax 0.11.2; bf16 matmul ceiling 790 TFLOP/s per "
+                   "device (MFU: TFLOP/s over it times the devices).")
   assert any(l.startswith("| pr_mim | B/16 | einsum | – | 6000 |") for l in md)
   failed = [l for l in md if "failed" in l]
   assert failed and "RESOURCE_EXHAUSTED / oom" in failed[0]  # '|' would break the table
@@ -142,6 +150,24 @@ def test_a_failed_child_reports_its_exception_line():
 def test_step_counts_below_their_minimum_are_one_error_line(flag, message):
   proc = _run("--config=pr_mim_jax/configs/pretrain.py", flag)
   assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines() == [message]
+
+
+@pytest.mark.parametrize("args,devices,message", [
+    (("--batch=-4",), 1, "error: --batch=-4: must be >= 0 (the global batch; 0 = the config's)"),
+    (("--batch=6", "--config.train.grad_accum_steps=4"), 1,
+     "error: config.train.grad_accum_steps: global batch 6 is not divisible by "
+     "grad_accum_steps=4 x 1 batch shards; use a batch_size that is a multiple of 4, or fewer "
+     "grad_accum_steps"),
+    (("--batch=15",), 2, "error: config.batch_size: global batch 15 is not divisible by the 2 "
+     "devices on the batch axes; use a multiple of 2"),
+])
+def test_batch_flag_is_checked_like_the_configs_batch(args, devices, message):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  proc = subprocess.run([sys.executable, "-m", "pr_mim_jax.tools.benchmark",
+                         "--config=pr_mim_jax/configs/pretrain.py:dataset=shapes", "--methods=mae",
+                         *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+  assert proc.returncode == 2, proc.stdout + proc.stderr
   assert proc.stderr.strip().splitlines() == [message]
 
 

@@ -74,10 +74,22 @@ def test_tpu_oom_limit(message, expected):
 
 
 def test_gpu_memory_is_jax_preallocation(monkeypatch):
+  monkeypatch.delenv("XLA_CLIENT_MEM_FRACTION", raising=False)
   monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
   assert ct.gpu_memory_fraction() == 0.75
   monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", ".9")
   assert ct.gpu_memory_fraction() == 0.9
   monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "lots")
   with pytest.raises(UserError, match="XLA_PYTHON_CLIENT_MEM_FRACTION"):
+    ct.gpu_memory_fraction()
+
+
+def test_gpu_memory_follows_jaxs_current_variable_name(monkeypatch):
+  # jaxlib reads XLA_CLIENT_MEM_FRACTION, and the older XLA_PYTHON_CLIENT_MEM_FRACTION only
+  # without it; with both set it refuses to start.
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+  monkeypatch.setenv("XLA_CLIENT_MEM_FRACTION", ".5")
+  assert ct.gpu_memory_fraction() == 0.5
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", ".9")
+  with pytest.raises(UserError, match="are both set"):
     ct.gpu_memory_fraction()

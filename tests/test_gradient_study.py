@@ -98,3 +98,18 @@ def test_bad_counts_are_one_error_line_before_training(tmp_path, flag, message):
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines() == [f"error: {message}"]
   assert list(tmp_path.iterdir()) == []
+
+
+def test_more_probe_images_than_the_eval_split_is_one_error_line(tmp_path):
+  # The tiny shapes test split has 64 images; 3 x 30 = 90 probe images cannot come from it.
+  flags = override_flags(TINY_OVERRIDES) + [f"--config.data.data_dir={tmp_path}/tfds",
+                                            "--config.data.backend=numpy"]
+  proc = subprocess.run([sys.executable, "-m", "pr_mim_jax.tools.gradient_study",
+                         "--config=pr_mim_jax/configs/pretrain.py:dataset=shapes",
+                         f"--out={tmp_path}/out", "--settings=mae", "--steps=1", "--batches=3",
+                         "--probe_batch=30", *flags], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300, check=False)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "error: --batches x --probe_batch: 3 x 30 = 90 probe images, but the 'test' split of "
+      "'shapes' has 64; lower --batches or --probe_batch")

@@ -237,6 +237,16 @@ def test_make_masks_bad_stages_or_grid_raise():
     masking.make_masks(jax.random.key(0), 2, split, 'furthest', 5)
 
 
+@pytest.mark.parametrize('strategy', ['random', 'running_cell'])
+def test_noise_order_strategies_ignore_num_stages(strategy):
+  # Partial reconstruction leaves reconstruction.num_stages unused: more stages than thrown
+  # tokens used to raise at the first step; the thrown tokens stay in noise order.
+  _, one = _make(12, 4, 4, 0.75, 0.25, strategy, 1)  # 4 thrown
+  _, many = _make(12, 4, 4, 0.75, 0.25, strategy, 7)
+  for x, y in zip(jax.tree.leaves(one), jax.tree.leaves(many)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def test_running_cell_pattern_hand_cases():
   diag = np.array([[1, 0, 1, 0], [0, 1, 0, 1], [1, 0, 1, 0], [0, 1, 0, 1]], bool)
   # mask 0.75, throw 0.5: 8 of 16 patches in the decoder -> k = 2, the diagonal of each cell.

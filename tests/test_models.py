@@ -429,6 +429,20 @@ def test_predictions_depend_only_on_visible_pixels():
   assert np.abs(out - base).max() > 1e-4
 
 
+@pytest.mark.parametrize('shape', [(2, 2 * IMAGE, 2 * IMAGE, 3), (2, IMAGE, IMAGE + PATCH, 3),
+                                   (2, IMAGE - 2, IMAGE - 2, 3)])
+def test_images_of_another_size_are_rejected(shape):
+  # A 32 px image has 64 patches: with ids_keep < 16 the encoder used to take its top rows
+  # with the 16-patch grid's positions, and the loss's targets came from the 64-patch grid.
+  model = tiny_mae()
+  ids_vis, ids_dec = _masks()
+  images = jnp.zeros(shape, jnp.float32)
+  with pytest.raises(ValueError, match=f'{IMAGE}, {IMAGE}'):
+    jax.eval_shape(lambda x: model.init(jax.random.key(0), x, ids_vis, ids_dec), images)
+  with pytest.raises(ValueError, match='image_size'):
+    jax.eval_shape(lambda x: vit.Encoder(SPEC, IMAGE).init(jax.random.key(0), x), images)
+
+
 # ----------------------------------------------------------------------------------------
 # Drop path (stochastic depth) and pooled encoder outputs.
 

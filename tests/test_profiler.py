@@ -43,3 +43,31 @@ def test_window_from_step_zero_and_off(tmp_path):
 def test_a_window_past_the_run_is_closed_by_close(tmp_path):
   assert _run(tmp_path / "c", start=5, num_steps=10) == [False] * 5 + [True]
   assert len(_traces(tmp_path / "c")) == 1
+
+
+def _resumed(directory, start, num_steps, resume, total):
+  """(tracing flags of steps resume+1..total, the window) for a run resumed at `resume`."""
+  window = profiler.StepWindow(str(directory), start, num_steps)
+  x = jnp.ones((8, 8))
+  window.after_step(resume)  # the loop's call before its first step
+  active = []
+  for step in range(resume + 1, total + 1):
+    x = x @ x / 8
+    active.append(window.active)
+    window.after_step(step, x)
+  window.close()
+  return active, window
+
+
+def test_a_run_resumed_inside_the_window_traces_the_rest(tmp_path):
+  active, _ = _resumed(tmp_path / "r", start=2, num_steps=4, resume=4, total=8)
+  assert active == [True, True, False, False]  # steps 5 and 6 of the window 3..6
+  assert len(_traces(tmp_path / "r")) == 1
+
+
+def test_a_run_resumed_past_the_window_says_there_is_no_trace(tmp_path, caplog):
+  with caplog.at_level("WARNING"):
+    active, _ = _resumed(tmp_path / "late", start=2, num_steps=3, resume=50, total=52)
+  assert active == [False, False] and not (tmp_path / "late").exists()
+  assert "no profiler trace: the run starts at step 50, past the window of steps 3..5" in caplog.text
+  assert "config.train.profile_start_step" in caplog.text

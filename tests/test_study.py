@@ -75,3 +75,25 @@ def test_spread_verdicts():
   assert "gap 10.0 points exceeds" in lines[0]  # 10 points vs 2 x 1 point
   assert "gap 5.0 points does not exceed" in lines[1]  # 5 points vs 2 x 5 points
   assert "best a, gap 0.0500 exceeds twice the mean seed std (0.0030)" in lines[3]  # lower wins
+
+
+def test_a_rerun_with_other_settings_is_refused_but_more_seeds_and_methods_are_not(tmp_path):
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from pr_mim_jax.configs import study as study_config  # pylint: disable=g-import-not-at-top
+  workdir = epath.Path(tmp_path)
+  first = study_config.get_config("setting=cpu")
+  study.check_same_study(first, workdir)  # a new workdir: the settings are recorded
+  assert json.loads((tmp_path / study.STUDY_RECORD).read_text())["pretrain.epochs"] == 2.0
+  more = study_config.get_config("setting=cpu")
+  more.seeds, more.methods, more.pr_mim_throw_ratios = "0,1,2", "mae,pr_mim", "0.25"
+  study.check_same_study(more, workdir)  # only adds runs
+  longer = study_config.get_config("setting=cpu")
+  longer.pretrain.epochs = 4.0
+  longer.finetune.drop_path = 0.2
+  with pytest.raises(study.UserError) as e:
+    study.check_same_study(longer, workdir)
+  assert ("(finetune.drop_path: 0.1 there, 0.2 now; pretrain.epochs: 2.0 there, 4.0 now)"
+          in str(e.value))
+  gpu = study_config.get_config("setting=gpu")
+  with pytest.raises(study.UserError, match="setting: 'cpu' there, 'gpu' now"):
+    study.check_same_study(gpu, workdir)

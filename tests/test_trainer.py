@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from pr_mim_jax.parallel import sharding
+from pr_mim_jax.training import preemption
 from pr_mim_jax.training import trainer
 from pr_mim_jax.training.train_state import ClassifierState
 
@@ -111,6 +112,42 @@ def test_a_stop_signal_saves_at_the_next_step_and_ends_the_run():
   assert ckpt.saved == [(2, 2)] and int(state) == 2
   assert summary["stopped"] and summary["step"] == 2
   assert signal.getsignal(signal.SIGTERM) == previous  # handlers restored
+
+
+class FakePreemptionSync:
+  """JAX's PreemptionSyncManager (xla/tsl preemption_sync_manager.cc): a notice sets the sync
+  point to the last step any host reported + 1, and reached(step) is True only on equality."""
+
+  def __init__(self):
+    self.last, self.sync_point, self.calls = -1, None, []
+
+  def notice(self):
+    self.sync_point = self.last + 1
+
+  def __call__(self, step):
+    self.calls.append(step)
+    self.last = step
+    return self.sync_point == step
+
+
+@pytest.mark.parametrize("notice_at", [3, 4])  # 4: a checkpoint step
+def test_multi_host_preemption_is_polled_every_step_and_stops_at_the_sync_point(
+    monkeypatch, notice_at):
+  sync = FakePreemptionSync()
+  monkeypatch.setattr(preemption.multihost_utils, "reached_preemption_sync_point", sync)
+  monkeypatch.setattr(preemption.jax, "process_count", lambda: 2)  # no signal handlers
+  ckpt = FakeCheckpointer()
+
+  def after_step(step, state, batch, metrics, last):
+    if step == notice_at:
+      sync.notice()  # arrives while step `notice_at` runs, before the loop polls it
+
+  state, summary = trainer.run(jnp.int32(0), _step, _batches([1.0] * 10), start_step=0,
+                               total_steps=10, log_every=100, peak_lr=0.1, ckpt=ckpt,
+                               checkpoint_every=4, after_step=after_step)
+  assert sync.calls == list(range(1, notice_at + 1))  # every step, checkpoint steps included
+  assert summary["stopped"] and summary["step"] == notice_at == int(state)
+  assert ckpt.saved[-1] == (notice_at, notice_at)
 
 
 def test_without_a_checkpointer_signals_are_left_alone():

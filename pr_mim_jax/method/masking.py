@@ -125,13 +125,16 @@ def make_masks(rng: jax.Array, batch: int, split: TokenSplit, strategy: str, gri
   The visible set depends on rng alone, so it is the same for every strategy, and
   "random" equals random_masks. ids_throw is in noise order except for "furthest" with
   num_stages > 1, where consecutive chunks of progressive.stage_sizes(n_throw, num_stages) are the
-  stages, formed by continuing furthest sampling over the thrown patches.
+  stages, formed by continuing furthest sampling over the thrown patches. Noise order needs
+  no stage sizes, so "random" and "running_cell" accept any num_stages >= 1 (a method that
+  does not reconstruct thrown tokens leaves num_stages unused).
   """
   if strategy not in THROW_STRATEGIES:
     raise ValueError(f"unknown throw strategy {strategy!r}; choose one of {THROW_STRATEGIES}")
   if grid * grid != split.num_patches:
     raise ValueError(f"grid {grid} gives {grid * grid} patches, split has {split.num_patches}")
-  sizes = progressive.stage_sizes(split.n_throw, num_stages)
+  if num_stages < 1:
+    raise ValueError(f"num_stages={num_stages}; need >= 1")
   if strategy == "random":
     return random_masks(rng, batch, split)
 
@@ -151,6 +154,7 @@ def make_masks(rng: jax.Array, batch: int, split: TokenSplit, strategy: str, gri
     return _assemble(ids_vis, ids_dec, ids_throw)
 
   # furthest: the last stage is whatever is left, so it needs no picks.
+  sizes = progressive.stage_sizes(split.n_throw, num_stages)
   n_picks = split.n_dec + split.n_throw - (sizes[-1] if sizes else 0)
   picks = furthest_sampling.furthest_point_sample(noise2, kept, grid, n_picks)  # [B, n_picks]
   taken = kept | (binary_mask(picks, split.num_patches) > 0)

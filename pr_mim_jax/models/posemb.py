@@ -39,9 +39,10 @@ def resize_learned(table, new_grid: int):
   """[1+L, D] learned table -> [1+new_grid**2, D] float32: cls row kept, grid bicubic-resized.
 
   jax.image.resize 'bicubic' is Keys' cubic (a = -0.5) on half-pixel centres, with the
-  weights of out-of-image taps renormalized away (as PIL; torch's bicubic instead repeats
-  edge pixels, so MAE's interpolate_pos_embed differs slightly at the border). No
-  antialiasing, so shrinking samples the grid as MAE does.
+  weights of out-of-image taps renormalized away, as PIL. MAE's interpolate_pos_embed
+  (torch's non-antialiased bicubic) uses a = -0.75 and repeats edge pixels instead, so its
+  resized table differs everywhere, not just at the border. No antialiasing, so shrinking
+  samples the grid as MAE does.
   """
   table = jnp.asarray(table, jnp.float32)
   length, dim = table.shape[0] - 1, table.shape[1]

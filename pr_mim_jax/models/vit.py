@@ -250,6 +250,19 @@ def drop_path_rates(drop_path: float, depth: int) -> np.ndarray:
 POOLS = ("none", "cls", "gap")
 
 
+def check_image_shape(shape, image_size: int, patch: int):
+  """Raises ValueError unless images [B, H, W, 3] are image_size square, in whole patches.
+
+  The position table and the patch ids are built for an image_size grid; other images
+  would be patchified on another grid and, with ids_keep, silently take wrong positions.
+  """
+  if image_size % patch:
+    raise ValueError(f"image_size {image_size} is not a multiple of the patch size {patch}")
+  if len(shape) != 4 or tuple(shape[1:3]) != (image_size, image_size):
+    raise ValueError(f"images have shape {tuple(shape)}; the model expects "
+                     f"[batch, {image_size}, {image_size}, 3] (its image_size)")
+
+
 class Encoder(nn.Module):
   """ViT encoder over a subset of patches: patch embed, posemb, cls, blocks, final norm.
 
@@ -284,6 +297,7 @@ class Encoder(nn.Module):
     """
     if pool not in POOLS:
       raise ValueError(f"unknown pool {pool!r}; use one of {POOLS}")
+    check_image_shape(images.shape, self.image_size, self.spec.patch)
     d, p = self.spec.width, self.spec.patch
     patches = patch_tokens.patchify(images, p)  # [B, L, p*p*3]
     if ids_keep is not None:

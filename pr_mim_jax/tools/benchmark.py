@@ -194,10 +194,13 @@ def time_train_step(config, batch_size: int, steps: int, warmup: int, profile_di
 
 
 def add_throughput(row: dict, ceiling: float | None) -> dict:
-  """Achieved TFLOP/s from the analytic count, and MFU against the measured ceiling."""
+  """Achieved TFLOP/s (all devices together) from the analytic count, and MFU against the
+  measured ceiling, which is one device's: the step's images are global, so the peak it is
+  held to is the ceiling times the devices that ran it."""
   if "img_per_s" in row:
     row["tflop_per_s"] = round(row["gflop_per_img"]["total"] * row["img_per_s"] / 1e3, 6)
-    row["mfu"] = round(row["tflop_per_s"] / ceiling, 6) if ceiling else None
+    peak = ceiling * row.get("num_devices", 1) if ceiling else None
+    row["mfu"] = round(row["tflop_per_s"] / peak, 6) if peak else None
   return row
 
 
@@ -226,7 +229,8 @@ def markdown(report: dict) -> str:
   """The summary tables of a report (settings, then ratios to MAE)."""
   lines = [f"Device: {report.get('device') or '?'} x{report.get('num_devices') or '?'}, "
            f"jax {report['jax']}; bf16 matmul ceiling "
-           f"{_cell(report.get('matmul_ceiling_tflop_per_s'), '{:.3g}')} TFLOP/s.", "",
+           f"{_cell(report.get('matmul_ceiling_tflop_per_s'), '{:.3g}')} TFLOP/s per device "
+           "(MFU: TFLOP/s over it times the devices).", "",
            "| method | variant | attention | batch | img/s | step ms | peak GiB | XLA total GiB | "
            "GFLOP/img | TFLOP/s | MFU | furthest ms (share of step) |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -290,13 +294,20 @@ def _run(f: types.SimpleNamespace, argv) -> None:
     raise UserError(f"--methods: unknown {sorted(unknown)}; use names from {list(methods.METHODS)}")
   cli.at_least(f.steps, 1, "the timed steps")
   cli.at_least(f.warmup, 0, "untimed steps before them; 0 = none")
+  cli.at_least(f.batch, 0, "the global batch; 0 = the config's")
   configs = methods.sweep(f.config.value, f.methods.value, f.variants.value)
-  batch_of = lambda c: f.batch.value or c.batch_size
   timing = not f.no_timing.value
   for c in configs:
-    config_validation.validate_pretrain(c, 1)
+    if f.batch.value:  # --batch is the config's batch_size, checked like it
+      c.batch_size = f.batch.value
+    shards = 1
+    if timing:  # the batch must split over the devices that will run the step
+      config_validation.validate_mesh(c)
+      shards = sharding.num_batch_shards(sharding.mesh_from_config(c))
+    config_validation.validate_pretrain(c, shards)
     if timing:
       config_validation.validate_attention_backend(c.model, jax.default_backend())
+  batch_of = lambda c: c.batch_size
   if f.child.value:  # one setting (or the ceiling) in this fresh process
     if f.child.value == CEILING:
       row = matmul_ceiling(f.ceiling_size.value)

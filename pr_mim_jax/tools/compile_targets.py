@@ -273,15 +273,23 @@ def _host_memory() -> int:
   return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+# JAX's preallocation share, read as jaxlib reads it: the current name, else the older one.
+FRACTION_VARS = ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION")
+
+
 def gpu_memory_fraction() -> float:
   """The share of a GPU's memory JAX will hand out (its preallocation)."""
-  text = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", str(JAX_GPU_MEM_FRACTION))
+  given = {name: os.environ[name] for name in FRACTION_VARS if os.environ.get(name)}
+  if len(given) > 1:
+    raise UserError(f"{' and '.join(FRACTION_VARS)} are both set, which JAX refuses; unset "
+                    f"{FRACTION_VARS[1]}, the older name")
+  name, text = next(iter(given.items()), (FRACTION_VARS[1], str(JAX_GPU_MEM_FRACTION)))
   try:
     fraction = float(text)
   except ValueError:
     fraction = -1.0
   if not 0 < fraction <= 1:
-    raise UserError(f"XLA_PYTHON_CLIENT_MEM_FRACTION={text!r}: use a number in (0, 1], e.g. .75")
+    raise UserError(f"{name}={text!r}: use a number in (0, 1], e.g. .75")
   return fraction
 
 
@@ -300,7 +308,7 @@ def make_target(spec: TargetSpec) -> Target:
     # No device means no autotuning; the Triton GEMM emitter then fails on some ViT shapes
     # ("Couldn't find output tile sizes"), so GEMMs go to cuBLAS.
     return Target(spec, _gpu_devices(spec, memory), memory,
-                  f"JAX's preallocation, {fraction:g} of the card (XLA_PYTHON_CLIENT_MEM_FRACTION)",
+                  f"JAX's preallocation, {fraction:g} of the card ({' / '.join(FRACTION_VARS)})",
                   {"xla_gpu_enable_triton_gemm": False})
   devices = jax.devices("cpu")
   if len(devices) < spec.num_devices:

@@ -216,9 +216,13 @@ def _run(f: types.SimpleNamespace) -> int:
   total, _ = optim.schedule_steps(config.optim, num_train, config.batch_size, f.steps.value)
   every = f.every.value or max(1, total // 8)
   size = config.model.image_size
+  wanted = f.batches.value * f.probe_batch.value
   images, _ = pipeline.labeled_arrays(config.data, config.data.eval_split,
-                                      num_examples=f.batches.value * f.probe_batch.value,
-                                      image_size=size)
+                                      num_examples=wanted, image_size=size)  # [N, S, S, 3]
+  if len(images) < wanted:  # labeled_arrays stops at the split's end
+    raise UserError(f"--batches x --probe_batch: {f.batches.value} x {f.probe_batch.value} = "
+                    f"{wanted} probe images, but the {config.data.eval_split!r} split of "
+                    f"{config.data.dataset!r} has {len(images)}; lower --batches or --probe_batch")
   probe_images = [jnp.asarray(b) for b in np.split(images, f.batches.value)]
   probe_rngs = list(jax.random.split(jax.random.PRNGKey(config.seed + 1), f.batches.value))
   rows, finals = [], []

@@ -4,8 +4,8 @@ r"""Input-pipeline throughput per host and per CPU core: can this host feed the 
       --batches=20 --step_img_per_s=3523 --json=input.json
 
 It times the pre-training pipeline (`pipeline.host_batches`: read, decode, random resized
-crop, flip, batch as uint8 pixels) on two sources: the embedded `shapes` dataset through
-tfds, and a folder of JPEGs it writes first (ImageNet-like 500x375 photos-to-be: smooth
+crop, flip, batch as uint8 pixels) on two sources: the embedded `shapes` dataset (through
+tfds on the tf backend, generated in memory on the numpy one), and a folder of JPEGs it writes first (ImageNet-like 500x375 photos-to-be: smooth
 colour fields plus noise, quality 90). Per setting it reports images/s on this host, the CPU
 cores the process kept busy (CPU time / wall time), images/s per busy core, the bytes per
 image and the host-to-device MB/s they make, and, given the accelerator's measured step
@@ -48,8 +48,8 @@ def _define_flags(flag_values=flags.FLAGS) -> types.SimpleNamespace:
       image_size=flags.DEFINE_integer("image_size", 224, "Output crop side.", **fv),
       batch=flags.DEFINE_integer("batch", 256, "Images per batch.", **fv),
       batches=flags.DEFINE_integer("batches", 20, "Timed batches per setting.", **fv),
-      threads=flags.DEFINE_integer("threads", -1, "data.num_parallel_calls; -1 = AUTOTUNE / "
-                                   "one per core.", **fv),
+      threads=flags.DEFINE_integer("threads", -1, "data.num_parallel_calls; <= 0 = AUTOTUNE "
+                                   "(tf) / one per core (numpy).", **fv),
       jpeg_dir=flags.DEFINE_string("jpeg_dir", "", "Folder for the generated JPEGs (reused if "
                                    "it holds them); '' = a temporary folder.", **fv),
       jpeg_count=flags.DEFINE_integer("jpeg_count", 1024, "JPEGs to generate.", **fv),

@@ -7,7 +7,9 @@ model), then score the encoder by k-NN, a linear probe and a short fine-tune, an
 the reconstruction loss on ALL masked tokens of fixed test masks (partial reconstruction:
 its decoder with every masked token as a query; MAE and PR-MIM: their own paths). Writes
 study.md (table), study.png (plot) and results.jsonl to the workdir. Each finished stage
-is recorded, so a rerun skips it and an interrupted study resumes.
+is recorded, so a rerun skips it and an interrupted study resumes. The workdir keeps the
+settings it ran with (study_config.json): a rerun may add seeds or methods, and any other
+changed setting is refused, since the recorded stages would be reported under it.
 """
 
 import collections
@@ -22,6 +24,7 @@ import numpy as np
 from absl import flags
 from absl import logging as absl_logging
 from etils import epath
+from flax import traverse_util
 from ml_collections import config_flags
 
 from pr_mim_jax import cli
@@ -40,6 +43,8 @@ from pr_mim_jax.training import pretrain
 from pr_mim_jax.training import train_step as train_step_lib
 
 ACCURACIES = (("knn_top1", "k-NN"), ("probe_top1", "linear probe"), ("finetune_top1", "fine-tune"))
+STUDY_RECORD = "study_config.json"  # the settings a workdir's recorded stages were run with
+ADDS_RUNS = ("seeds", "methods", "pr_mim_throw_ratios")  # a rerun may change these: new runs only
 
 
 def _define_flags() -> types.SimpleNamespace:
@@ -134,6 +139,30 @@ def reconstruction_loss(config, workdir: str, num_examples: int, batch: int = 25
     chunk = images[start:start + batch]
     total += float(batch_loss(params, chunk, jax.random.PRNGKey(1000 + i)))
   return total / len(images)
+
+
+def check_same_study(study, workdir: epath.Path) -> None:
+  """Record the study's settings in a new workdir; refuse a rerun with other settings.
+
+  Finished stages are keyed by method and seed only, so a rerun with, say, more epochs
+  would report the old stages' numbers as the new settings'. Seeds and methods may change:
+  they only add runs.
+  """
+  flat = traverse_util.flatten_dict(study.to_dict(), sep=".")  # {'pretrain.epochs': 8, ...}
+  current = json.loads(json.dumps({k: v for k, v in flat.items()  # tuples as JSON reads them
+                                   if k.split(".")[0] not in ADDS_RUNS}))
+  path = workdir / STUDY_RECORD
+  if not path.exists():
+    path.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")
+    return
+  recorded = json.loads(path.read_text())
+  changed = [f"{k}: {recorded.get(k)!r} there, {current.get(k)!r} now"
+             for k in sorted(set(recorded) | set(current)) if recorded.get(k) != current.get(k)]
+  if changed:
+    raise UserError(f"--workdir: {workdir} holds a study run with other settings "
+                    f"({'; '.join(changed)}); its finished stages would be reported as this "
+                    "one's. Use another --workdir, or the settings recorded in "
+                    f"{path}")
 
 
 def _record(path: epath.Path, key: str, values: dict) -> None:
@@ -299,6 +328,7 @@ def _run(f: types.SimpleNamespace) -> int:
     pretrain.check_config(cfg)
   _ints(study.seeds, "seeds")
   workdir = cli.output_dir(f.workdir.value, "workdir")
+  check_same_study(study, workdir)
   absl_logging.use_absl_handler()
   absl_logging.set_verbosity(absl_logging.INFO)
   absl_logging.get_absl_handler().addFilter(lambda r: not log_filters.is_narration(r))

@@ -34,13 +34,15 @@ class Task:
 def task_from_config(config) -> Task:
   patch = vit.parse_variant(config.model.variant).patch
   grid = config.model.image_size // patch
+  reconstruct_thrown = config.reconstruction.thrown_reconstruction == "progressive"
   return Task(
       split=masking.token_split(grid * grid, config.masking.mask_ratio, config.masking.throw_ratio),
       grid=grid, patch=patch,
       throw_strategy=config.masking.throw_strategy,
-      num_stages=config.reconstruction.num_stages,
+      # stages order the thrown tokens only for a method that reconstructs them
+      num_stages=config.reconstruction.num_stages if reconstruct_thrown else 1,
       target=config.loss.target,
-      reconstruct_thrown=config.reconstruction.thrown_reconstruction == "progressive",
+      reconstruct_thrown=reconstruct_thrown,
       thrown_loss_weight=config.loss.thrown_loss_weight,
       grad_accum_steps=config.train.get("grad_accum_steps", 1))
 

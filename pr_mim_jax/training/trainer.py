@@ -186,7 +186,10 @@ def run(state, step_fn, batches: Iterator[dict], *, start_step: int, total_steps
         pending = []
       if after_step is not None:
         summary.update(after_step(step, state, batch, metrics, last) or {})
-      if stop and (step % checkpoint_every == 0 or last or stop.should_stop(step)):
+      # should_stop runs every step, before the schedule is consulted: JAX's preemption sync
+      # point is the step after the fastest host's last call and matches only that exact step.
+      stopping = stop is not None and stop.should_stop(step)
+      if stop and (stopping or step % checkpoint_every == 0 or last):
         check_finite(step, pending, peak_lr, restored)  # a non-finite state is never saved
         pending = []
         logging.info("saving checkpoint %d in %s", step, ckpt.directory)
