@@ -58,10 +58,68 @@ def test_np_crop_boxes():
   for s in range(500):
     top, left, ch, cw = augment_np.sample_crop_box(h, w, np.random.default_rng(s))
     assert 0 <= top and top + ch <= h and 0 <= left and left + cw <= w
+    assert (ch + 0.5) * (cw + 0.5) >= 0.2 * h * w  # sides rounded to whole pixels
     areas.append(ch * cw / (h * w))
   areas = np.array(areas)
-  assert areas.min() >= 0.2 and areas.max() <= 1.0
+  assert areas.max() <= 1.0
   assert areas.max() - areas.min() > 0.5  # actually spread over the range
+
+
+def _crop_reference_cdfs(height, width, min_scale, n=4001):
+  """torchvision's RandomResizedCrop box law, from its definition by numerical integration
+  (an independent reference, whole-pixel rounding ignored): area share a ~ U[min_scale, 1],
+  t = log(w / h) ~ U[log 3/4, log 4/3], kept when the box fits, i.e. a <= a_max(t).
+  Returns (cdf of a, cdf of t) as functions of arrays."""
+  t = np.linspace(np.log(3 / 4), np.log(4 / 3), n)  # [n]
+  a_max = np.minimum(1.0, np.minimum(width / height * np.exp(-t), height / width * np.exp(t)))
+  mass = np.clip(a_max - min_scale, 0, None)  # [n] accepted density along t
+  def cdf_area(x):
+    x = np.asarray(x, float)[:, None]
+    return np.clip(np.minimum(x, a_max) - min_scale, 0, None).mean(1) / mass.mean()
+  def cdf_log_ratio(x):
+    return np.interp(x, t, np.cumsum(mass) / mass.sum())
+  return cdf_area, cdf_log_ratio
+
+
+def _ks(samples, cdf):
+  """Kolmogorov-Smirnov distance between samples and a reference cdf."""
+  x = np.sort(samples)
+  f = cdf(x)
+  n = len(x)
+  return max(np.max(np.arange(1, n + 1) / n - f), np.max(f - np.arange(n) / n))
+
+
+def _assert_torchvision_boxes(boxes, height, width, min_scale):
+  """boxes [N, 4] (top, left, h, w) follow torchvision's law: in the image, area and
+  log-aspect within a KS distance of 0.04 of the reference (p < 1e-3 for N = 2000), and
+  offsets uniform (mean centre at the image centre)."""
+  top, left, h, w = boxes.T.astype(float)
+  assert (top >= 0).all() and (left >= 0).all() and (top + h <= height).all()
+  assert (left + w <= width).all()
+  cdf_area, cdf_log_ratio = _crop_reference_cdfs(height, width, min_scale)
+  assert _ks(h * w / (height * width), cdf_area) < 0.04
+  assert _ks(np.log(w / h), cdf_log_ratio) < 0.04
+  assert abs(np.mean(top + h / 2) / height - 0.5) < 0.02
+  assert abs(np.mean(left + w / 2) / width - 0.5) < 0.02
+
+
+@pytest.mark.parametrize("height,width,min_scale", [(1000, 1000, 0.08), (600, 1000, 0.2)])
+def test_np_crop_boxes_follow_torchvision(height, width, min_scale):
+  rng = np.random.default_rng(0)
+  boxes = np.array([augment_np.sample_crop_box(height, width, rng, min_scale)
+                    for _ in range(2000)])
+  _assert_torchvision_boxes(boxes, height, width, min_scale)
+
+
+# (height, width) -> torchvision's fallback box after 10 misses (no box of area share >= 0.9
+# fits): the centred crop with the ratio clamped to [3/4, 4/3], by hand.
+FALLBACKS = {(100, 1000): (0, 433, 100, 133), (1000, 100): (433, 0, 133, 100),
+             (100, 700): (0, 283, 100, 133)}
+
+
+def test_np_crop_fallback_is_the_clamped_centre():
+  for (h, w), box in FALLBACKS.items():
+    assert augment_np.sample_crop_box(h, w, np.random.default_rng(1), 0.9) == box
 
 
 def test_np_eval_transform():
@@ -108,18 +166,38 @@ def test_tf_flip_rate_and_seeding(tfa):
 @pytest.mark.parametrize("min_scale", [0.2, 0.7])
 def test_tf_crop_boxes_match_np_distribution(tfa, min_scale):
   h, w = 60, 80
-  fn = tfa.tf.function(lambda s: tfa.sample_crop_box([h, w, 3], tfa.tf.stack([s, 0]), min_scale))
-  tf_areas = []
-  for s in range(300):
-    begin, size = (t.numpy() for t in fn(tfa.tf.constant(s, tfa.tf.int64)))
-    assert begin[0] + size[0] <= h and begin[1] + size[1] <= w
-    tf_areas.append(size[0] * size[1] / (h * w))
-  np_areas = [np.prod(augment_np.sample_crop_box(h, w, np.random.default_rng(s), min_scale)[2:])
-              / (h * w) for s in range(300)]
-  tf_areas = np.array(tf_areas)
-  assert tf_areas.min() >= min_scale and tf_areas.max() <= 1.0
-  assert min(np_areas) >= min_scale
-  assert abs(tf_areas.mean() - np.mean(np_areas)) < 0.05
+  tf_boxes = _tf_boxes(tfa, h, w, min_scale, 300)
+  np_boxes = np.array([augment_np.sample_crop_box(h, w, np.random.default_rng(s), min_scale)
+                       for s in range(300)])
+  for top, left, ch, cw in np.concatenate([tf_boxes, np_boxes]):
+    assert 0 <= top and top + ch <= h and 0 <= left and left + cw <= w
+    assert (ch + 0.5) * (cw + 0.5) >= min_scale * h * w  # sides rounded to whole pixels
+  tf_areas, np_areas = (b[:, 2] * b[:, 3] / (h * w) for b in (tf_boxes, np_boxes))
+  assert abs(tf_areas.mean() - np_areas.mean()) < 0.05
+
+
+def _tf_boxes(tfa, height, width, min_scale, n):
+  """[n, 4] (top, left, h, w) boxes of tfa.sample_crop_box over n seeds."""
+  tf = tfa.tf
+  def one(s):
+    begin, size = tfa.sample_crop_box([height, width, 3], tf.stack([s, 5]), min_scale)
+    return tf.concat([begin[:2], size[:2]], 0)
+  boxes = tf.function(lambda: tf.map_fn(one, tf.range(n, dtype=tf.int64),
+                                        fn_output_signature=tf.int32, parallel_iterations=64))
+  return boxes().numpy()
+
+
+@pytest.mark.parametrize("height,width,min_scale", [(1000, 1000, 0.08), (600, 1000, 0.2)])
+def test_tf_crop_boxes_follow_torchvision(tfa, height, width, min_scale):
+  _assert_torchvision_boxes(_tf_boxes(tfa, height, width, min_scale, 2000), height, width,
+                            min_scale)
+
+
+def test_tf_crop_fallback_is_the_clamped_centre(tfa):
+  for (h, w), box in FALLBACKS.items():
+    np.testing.assert_array_equal(_tf_boxes(tfa, h, w, 0.9, 3), [box] * 3)
+  begin, size = tfa.sample_crop_box([30, 40, 3], tfa.tf.constant([0, 0], tfa.tf.int64))
+  assert begin.numpy()[2] == 0 and size.numpy()[2] == -1  # for tf.slice
 
 
 def test_tf_eval_transform(tfa):

@@ -25,7 +25,8 @@ def _truncate_biggest_data_file(step_dir):
 @pytest.mark.slow
 def test_damaged_checkpoint_falls_back_and_only_total_damage_stops(tmp_path):
   """The newest checkpoint truncated: the resume warns, leaves it in place and continues from
-  the older one. With every checkpoint damaged: one error line, no traceback around it."""
+  the older one; back at that step it moves it aside and saves the step anew. With every
+  checkpoint damaged: one error line, no traceback around it."""
   data_dir, run_dir = str(tmp_path / "tfds"), str(tmp_path / "run")
   cmd, env = _cli(run_dir, data_dir, 16, ["--config.data.backend=numpy"])
   first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -41,12 +42,19 @@ def test_damaged_checkpoint_falls_back_and_only_total_damage_stops(tmp_path):
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "RESUMING FROM AN OLDER CHECKPOINT, step 8" in resumed.stderr
   assert "Traceback" not in resumed.stderr
-  assert sorted(os.listdir(ckpt_dir)) == ["16", "20", "8"]
-  assert {p: open(p, "rb").read() for p in damaged} == damaged  # left untouched
-  assert final_params(apply_overrides(load_config(), TINY_OVERRIDES), run_dir)[0] == 20
+  # Back at step 16, the run saved it anew; the damaged one is kept aside, byte for byte.
+  assert sorted(os.listdir(ckpt_dir)) == ["16", "16.damaged", "20", "8"]
+  assert "16.damaged" in resumed.stderr
+  aside = os.path.join(ckpt_dir, "16.damaged")
+  assert {p: open(p.replace(os.path.join(ckpt_dir, "16"), aside), "rb").read()
+          for p in damaged} == damaged
+  config = apply_overrides(load_config(), TINY_OVERRIDES)
+  assert final_params(config, run_dir)[0] == 20
+  assert final_params(config, run_dir, 16)[0] == 16  # the new step 16 verifies and reads
 
   shutil.rmtree(os.path.join(ckpt_dir, "8"))
   shutil.rmtree(os.path.join(ckpt_dir, "20"))
+  _truncate_biggest_data_file(os.path.join(ckpt_dir, "16"))
   stopped = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert stopped.returncode == 2, stopped.stderr[-3000:]
   assert "Traceback" not in stopped.stderr

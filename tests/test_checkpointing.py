@@ -541,3 +541,25 @@ def test_a_directory_deleted_during_a_save_says_so(tmp_path):
       f'Writing checkpoint step 16 to {directory} failed: the directory was deleted while '
       'the step was being written, and every checkpoint in it went with it. Rerun the same '
       'command to start afresh.')
+
+
+def test_a_run_resumed_past_a_damaged_step_saves_that_step_anew(tmp_path, caplog):
+  """Resuming falls back from a damaged step 2 to step 1; when the run reaches step 2 again,
+  its new state must be saved (the damaged one kept aside), not skipped as 'already there'."""
+  states = _saved(tmp_path, [1, 2])
+  _swap_in_other_arrays(tmp_path / '2', tmp_path / '1')  # step 2 fails its checksums
+  damaged_files = _snapshot(tmp_path / '2')
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  _assert_identical(ckpt.restore(_abstract(states[2]), fallback=True), states[1])
+  retrained = _make_state(seed=5)  # what the resumed run holds at step 2
+  ckpt.save(2, retrained)
+  ckpt.close()
+  reopened = checkpointing.Checkpointer(str(tmp_path))
+  assert reopened.all_steps() == [1, 2]
+  _assert_identical(reopened.restore(_abstract(retrained), fallback=True), retrained)
+  assert reopened.restored == (2, True)
+  reopened.close()
+  kept = tmp_path / '2.damaged'  # the damaged checkpoint, byte for byte, out of orbax's way
+  assert {k.replace(str(kept), str(tmp_path / '2')): v
+          for k, v in _snapshot(kept).items()} == damaged_files
+  assert '2.damaged' in caplog.text

@@ -191,6 +191,15 @@ def test_knn_mode_matches_the_pretraining_monitor(pretrained, tmp_path):
     assert json.loads(f.readline())["knn_top1"] == pytest.approx(got)
 
 
+def test_knn_image_size_off_the_patch_grid_is_one_line(pretrained):
+  # Checked once the model is resolved against the init run (Ti/4 here): was a traceback
+  # after the data was read.
+  config = apply_overrides(load_knn_config(f"init={pretrained},dataset=shapes"),
+                           {**DATA, "model.image_size": 34})
+  with pytest.raises(UserError, match="^config.model.image_size: 34 is not divisible"):
+    classify.check_knn_config(config)
+
+
 @pytest.mark.slow
 def test_evaluation_is_exact_on_a_multi_device_mesh():
   """On 4 fake devices (the last batch padded to the device grid) the counts equal 1 device's."""
@@ -343,13 +352,22 @@ def test_stopped_run_reports_its_last_evaluation_step_and_resumes_scanned(pretra
   summary = classify.train(eval_config("finetune", pretrained, **overrides), workdir)
   assert (summary["step"], summary["eval_step"], summary["stopped"]) == (3, 2, True)
   monkeypatch.undo()
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  with open(metrics, "a") as f:  # logged by a run killed after step 3's save
+    f.write(json.dumps({"step": 4, "loss": 99.0}) + "\n")
+  recorded = open(os.path.join(workdir, "config.json")).read()
+  with pytest.raises(UserError, match=r"^config.batch_size: 32 in .*, 16 now"):
+    classify.train(eval_config("finetune", pretrained, **overrides, batch_size=16), workdir)
+  assert open(os.path.join(workdir, "config.json")).read() == recorded
   config = eval_config("finetune", pretrained, **overrides, **{"model.scan_layers": True})
   resumed = classify.train(config, workdir)
   assert (resumed["start_step"], resumed["step"], resumed["eval_step"]) == (3, 4, 4)
-  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  rows = [json.loads(line) for line in open(metrics)]
+  assert 99.0 not in [r.get("loss") for r in rows]  # the lost step's row went, step 4's is new
+  assert [r["step"] for r in rows] == sorted(r["step"] for r in rows)
   again = classify.train(config, workdir)  # finished: nothing recomputed or appended
   assert again["finished_before"] and again["eval_top1"] == resumed["eval_top1"]
-  assert [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))] == rows
+  assert [json.loads(line) for line in open(metrics)] == rows
 
 
 @pytest.mark.slow

@@ -247,6 +247,11 @@ INVALID = [
     ({'optim.warmup_epochs': 900.0}, 'optim.warmup_epochs'),
     ({'optim.warmup_epochs': -1.0}, 'optim.warmup_epochs'),
     ({'optim.clip_grad_norm': -1.0}, 'optim.clip_grad_norm'),
+    ({'optim.base_lr': float('inf')}, 'optim.base_lr'),  # passes > 0, then trains to NaN
+    ({'optim.epochs': float('inf')}, 'optim.epochs'),  # int(inf) steps: OverflowError
+    ({'optim.warmup_epochs': float('nan')}, 'optim.warmup_epochs'),
+    ({'data.backend': 'torch'}, 'data.backend'),
+    ({'data.dali_device': 'tpu'}, 'data.dali_device'),
     ({'batch_size': 0}, 'batch_size'),
     ({'batch_size': -8}, 'batch_size'),
     ({'batch_size': 4095}, 'batch_size'),  # not divisible by 8 shards
@@ -315,11 +320,26 @@ INVALID_CLASSIFY = [
     ({'train.keep_checkpoints': 0}, 'config.train.keep_checkpoints: got 0'),
     ({'model.drop_path': 1.0}, 'config.model.drop_path: got 1.0'),
     ({'model.pretrained_image_size': 30}, 'config.init.workdir: the pre-trained image size'),
+    # AdamW would weight-decay a frozen encoder that it never trains.
+    ({'head.freeze_encoder': True}, 'config.head.freeze_encoder: fine-tuning'),
+    ({'data.random_erase': 1.5}, 'config.data.random_erase: got 1.5'),
+    ({'data.augment': 'crop_flip'}, 'config.data.random_erase: 0.25 has no effect'),
+    ({'data.backend': 'torch'}, "config.data.backend: unknown value 'torch'"),
+]
+
+# A probe config (LARS on the head of a frozen encoder) with a field it would ignore.
+INVALID_PROBE = [
+    ({'head.freeze_encoder': False}, 'config.head.freeze_encoder: linear probing'),
+    ({'model.drop_path': 0.1}, 'config.model.drop_path: 0.1 has no effect'),
+    ({'optim.layer_decay': 0.75}, 'config.optim.layer_decay: 0.75 has no effect'),
+    ({'optim.clip_grad_norm': 1.0}, 'config.optim.clip_grad_norm: 1.0 has no effect'),
+    ({'data.random_erase': 0.25}, 'config.data.random_erase: 0.25 has no effect'),
 ]
 
 
-def _resolved_finetune_config():
-  config = classify_config.get_config('finetune', 'dataset=shapes')
+def _resolved_config(mode: str):
+  """A probe or fine-tune config as classify.resolve_config leaves it, for a tiny Ti/8."""
+  config = classify_config.get_config(mode, 'dataset=shapes')
   config.batch_size = config.eval.batch_size = 64
   config.model = ml_collections.ConfigDict(dict(
       config.model.to_dict(), variant='Ti/8', width=32, depth=2, heads=2, posemb='sincos',
@@ -327,14 +347,28 @@ def _resolved_finetune_config():
   return config
 
 
+def _resolved_finetune_config():
+  return _resolved_config('finetune')
+
+
+def _resolved_probe_config():
+  return _resolved_config('linear_probe')
+
+
 def test_a_resolved_finetune_config_passes():
   config_validation.validate_classify(_resolved_finetune_config(), 8)
+  config_validation.validate_classify(_resolved_probe_config(), 8)
 
 
-@pytest.mark.parametrize('overrides,message', INVALID_CLASSIFY,
-                         ids=[m.split(':')[0] for _, m in INVALID_CLASSIFY])
-def test_classify_checks_name_the_field(overrides, message):
-  config = _resolved_finetune_config()
+CLASSIFY_CASES = ([('probe', o, m) for o, m in INVALID_PROBE] +
+                  [('finetune', o, m) for o, m in INVALID_CLASSIFY])
+
+
+@pytest.mark.parametrize('mode,overrides,message', CLASSIFY_CASES,
+                         ids=[f"{mode}-{m.split(':')[0]}" for mode, _, m in CLASSIFY_CASES])
+def test_classify_checks_name_the_field(mode, overrides, message):
+  """Probe cases include fields the probe would silently ignore."""
+  config = _resolved_probe_config() if mode == 'probe' else _resolved_finetune_config()
   for key, value in overrides.items():
     _set(config, key, value)
   with pytest.raises(UserError) as e:
@@ -357,6 +391,8 @@ INVALID_KNN_EVAL = [
     ({'knn.k': 30000}, 'config.knn.k: k=30000 exceeds knn.train_examples'),
     ({'knn.feature': 'max'}, "config.knn.feature: unknown value 'max'"),
     ({'knn.temperature': 0.0}, 'config.knn.temperature: got 0.0'),
+    ({'model.compute_dtype': 'half'}, "config.model.compute_dtype: unknown value 'half'"),
+    ({'data.backend': 'torch'}, "config.data.backend: unknown value 'torch'"),
 ]
 
 
@@ -372,12 +408,28 @@ def test_knn_eval_checks_name_the_field(overrides, message):
   assert str(e.value).startswith(message), str(e.value)
 
 
+def test_encoder_check_of_a_resolved_knn_model():
+  """The k-NN model once resolved against its init run: 70 px is not a multiple of 8."""
+  model = knn_config.get_config('init=workdirs/demo,dataset=shapes').model
+  model.update(variant='Ti/8', width=128, depth=6, heads=4, posemb='sincos', image_size=64)
+  config_validation.validate_encoder(model)
+  model.image_size = 70
+  with pytest.raises(UserError, match='^config.model.image_size: 70 is not divisible by the patch'):
+    config_validation.validate_encoder(model)
+
+
+def test_knn_config_has_only_fields_the_run_reads():
+  """k-NN embeds the first N examples of each split in inference: no seed, no drop path."""
+  config = knn_config.get_config('init=workdirs/demo,dataset=shapes')
+  assert 'seed' not in config and 'drop_path' not in config.model
+
+
 def test_every_check_is_covered():
   """Each `_require` / `_positive_int` call site field appears in a list of bad values above
   (a guard against new checks being added without a test)."""
   source = (ROOT / 'pr_mim_jax' / 'training' / 'config_validation.py').read_text()
   covered = ({f for _, f in INVALID} | {m.split(':')[0].removeprefix('config.')
-                                        for _, m in INVALID_CLASSIFY + INVALID_KNN_EVAL})
+                                        for _, m in INVALID_CLASSIFY + INVALID_PROBE + INVALID_KNN_EVAL})
   literal_fields = set()
   for line in source.splitlines():
     for prefix in ('_require(', '_positive_int('):
@@ -445,6 +497,17 @@ def test_cli_invalid_value_fails_before_compiling(tmp_path):
                    '--config.masking.mask_ratio=1.5', extra_env={'JAX_LOG_COMPILES': '1'})
   _check_user_error(proc, 'masking.mask_ratio')
   assert 'Compiling' not in proc.stderr, proc.stderr
+  assert not (tmp_path / 'wd').exists()
+
+
+@pytest.mark.parametrize('override,field', [
+    ('--config.data.backend=torch', 'config.data.backend'),  # was found after the model state
+    ('--config.optim.epochs=inf', 'config.optim.epochs'),  # was an OverflowError traceback
+])
+def test_cli_value_checked_before_the_run_starts(tmp_path, override, field):
+  proc = _run_main('--config=pr_mim_jax/configs/pretrain.py:dataset=shapes',
+                   f'--workdir={tmp_path}/wd', override)
+  _check_user_error(proc, field)
   assert not (tmp_path / 'wd').exists()
 
 
@@ -524,6 +587,31 @@ def test_readme_config_table_defaults_match_the_configs():
       assert actual == expected, (names[0], cell, actual)
     checked += 1
   assert checked >= 25, checked  # most rows are plain; a parser gone blind fails here
+
+
+def test_readme_config_table_multi_field_defaults_match_the_configs():
+  """Rows naming several fields: 'a, b / c, d' lists each field's value in order (one value
+  stands for all of them, as `0 / 128, 6, 4` for width, depth and heads)."""
+  imagenet, shapes = get_config(), get_config('dataset=shapes')
+  checked = 0
+  for names, cell in _readme_config_rows():
+    if len(names) == 1 or any(n.endswith('.*') for n in names):
+      continue
+    parts = cell.split(' / ')
+    for config, text in zip((imagenet, shapes), parts if len(parts) == 2 else parts * 2):
+      values = [v.strip() for v in text.split(', ')]
+      values = values * len(names) if len(values) == 1 else values
+      assert len(values) == len(names), (names, cell)
+      for name, value in zip(names, values):
+        actual = config
+        for key in name.split('.'):
+          actual = actual[key]
+        expected = _readme_value(value)
+        if isinstance(actual, (int, float)) and not isinstance(actual, bool):
+          expected = float(expected)
+        assert actual == expected, (name, cell, actual)
+    checked += 1
+  assert checked >= 12, checked
 
 
 @pytest.mark.parametrize('attention', ['cudnn', 'cudnn_padded'])

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -126,6 +127,42 @@ def test_sigterm_then_resume_matches_uninterrupted_run(tiny_config, tmp_path):
   step_b, params_b = final_params(tiny_config, run_dir)
   assert step_a == step_b == total
   jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+
+
+@pytest.mark.slow
+def test_resume_with_grad_accum_across_an_epoch_keeps_the_run_and_its_metrics(tiny_config,
+                                                                               tmp_path):
+  """A run that lost its last two checkpoints (killed after logging, before saving) resumes
+  from step 8 with 2 micro-batches per step, across the epoch boundary at step 16 (256
+  examples, batch 16): the same final state as the uninterrupted run, each step logged
+  once, and a changed batch size refused before anything is touched."""
+  tiny_config.train.total_steps = 24
+  tiny_config.train.grad_accum_steps = 2
+  tiny_config.train.log_every = 8
+  tiny_config.train.image_every = 1000
+  tiny_config.knn.enabled = False
+  reference = str(tmp_path / "reference")
+  pretrain.train(tiny_config, reference)
+  workdir = str(tmp_path / "killed")
+  shutil.copytree(reference, workdir)
+  for step in ("16", "24"):  # saved after the rows of steps 16 and 24 were logged
+    shutil.rmtree(os.path.join(checkpointing.checkpoint_dir(workdir), step))
+  summary = pretrain.train(tiny_config, workdir)
+  assert summary["start_step"] == 8 and summary["step"] == 24
+  step_a, params_a = final_params(tiny_config, reference)
+  step_b, params_b = final_params(tiny_config, workdir)
+  assert step_a == step_b == 24
+  jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+  assert [m["step"] for m in read_metrics(workdir)] == [8, 16, 24]
+
+  files = {os.path.join(d, f): open(os.path.join(d, f), "rb").read()
+           for d, _, names in os.walk(workdir) for f in names}
+  tiny_config.train.total_steps = 32  # extend, but with another batch size
+  tiny_config.batch_size = 32
+  with pytest.raises(UserError, match=r"^config\.batch_size: 16 in .*--config\.batch_size=16"):
+    pretrain.train(tiny_config, workdir)
+  assert {os.path.join(d, f): open(os.path.join(d, f), "rb").read()
+          for d, _, names in os.walk(workdir) for f in names} == files
 
 
 @pytest.mark.slow

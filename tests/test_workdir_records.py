@@ -1,9 +1,16 @@
-"""Tests for pr_mim_jax.training.workdir_records.check_writable."""
+"""Tests for pr_mim_jax.training.workdir_records: the writable check, what a resume may change,
+metrics rows past the resumed step."""
+
+import json
+import logging
 
 import numpy as np
 import pytest
 
+from conftest import TINY_OVERRIDES, apply_overrides, load_config
+
 from pr_mim_jax.errors import UserError
+from pr_mim_jax.training import pretrain
 from pr_mim_jax.training import workdir_records
 
 
@@ -65,3 +72,61 @@ def test_every_process_stops_when_one_cannot_write(tmp_path, monkeypatch):
     workdir_records.check_writable(str(tmp_path))
   assert gathered == [[False]]  # this process's own verdict went in
   assert str(err.value).startswith(f"--workdir {tmp_path} is not writable from process(es) 1. ")
+
+
+def _recorded(workdir, **overrides):
+  """A workdir whose config.json holds the tiny config with `overrides`."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  config = apply_overrides(apply_overrides(load_config(), TINY_OVERRIDES), overrides)
+  (workdir / "config.json").write_text(config.to_json(indent=2, sort_keys=True))
+  return str(workdir)
+
+
+def _tiny(**overrides):
+  return apply_overrides(apply_overrides(load_config(), TINY_OVERRIDES), overrides)
+
+
+@pytest.mark.parametrize("field,value", [("batch_size", 32), ("seed", 3),
+                                         ("masking.mask_ratio", 0.8),
+                                         ("data.dataset", "cifar10"), ("model.image_size", 32)])
+def test_resuming_with_a_changed_training_field_names_it(tmp_path, field, value):
+  workdir = _recorded(tmp_path / "run")
+  before = (tmp_path / "run" / "config.json").read_text()
+  old = str(_tiny()[field.split(".")[0]] if "." not in field else
+            _tiny()[field.split(".")[0]][field.split(".")[1]])
+  with pytest.raises(UserError) as err:
+    workdir_records.check_resume_config(workdir, _tiny(**{field: value}), 8,
+                                        pretrain.FIXED_ON_RESUME)
+  msg = str(err.value)
+  assert msg.startswith(f"config.{field}: ") and f"--config.{field}={old}" in msg
+  assert "\n" not in msg and "step 8" in msg
+  assert (tmp_path / "run" / "config.json").read_text() == before
+
+
+def test_allowed_changes_are_named_and_step_0_or_no_record_takes_any_config(tmp_path, caplog):
+  workdir = _recorded(tmp_path / "run")
+  with caplog.at_level(logging.WARNING):
+    workdir_records.check_resume_config(
+        workdir, _tiny(**{"optim.base_lr": 5e-3, "train.total_steps": 40}), 8,
+        pretrain.FIXED_ON_RESUME)
+  assert "optim.base_lr 0.01 -> 0.005" in caplog.text
+  assert "train.total_steps 0 -> 40" in caplog.text
+  # A converted workdir (step 0) has trained nothing; an old workdir may lack config.json.
+  workdir_records.check_resume_config(workdir, _tiny(batch_size=32), 0, pretrain.FIXED_ON_RESUME)
+  workdir_records.check_resume_config(str(tmp_path / "none"), _tiny(batch_size=32), 8,
+                                      pretrain.FIXED_ON_RESUME)
+  # The same images read from a new path.
+  moved = _recorded(tmp_path / "folder", **{"data.dataset": "folder:/old/images"})
+  workdir_records.check_resume_config(moved, _tiny(**{"data.dataset": "folder:/new/images"}), 8,
+                                      pretrain.FIXED_ON_RESUME)
+
+
+def test_metrics_rows_past_the_resumed_step_are_dropped(tmp_path):
+  rows = [{"step": s, "loss": 1.0 / s} for s in (4, 8, 12, 16)]
+  text = "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 20, "lo'  # torn by a kill
+  (tmp_path / "metrics.jsonl").write_text(text)
+  workdir_records.drop_metrics_after(str(tmp_path), 8)
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(line) for line in lines] == rows[:2]
+  workdir_records.drop_metrics_after(str(tmp_path), 0)  # a fresh start keeps none
+  assert (tmp_path / "metrics.jsonl").read_text() == ""

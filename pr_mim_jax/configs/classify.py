@@ -57,7 +57,9 @@ def get_config(mode: str, arg=None):
   c.head = ml_collections.ConfigDict(dict(
       pool="cls" if probe else "gap",  # 'cls' token | 'gap' (mean of patch tokens + norm)
       kind="batchnorm_linear" if probe else "linear",  # MAE: BN without affine for probing
-      freeze_encoder=probe,  # stop_gradient on the features: the encoder is not trained
+      # stop_gradient on the features; the encoder runs deterministically (no drop path).
+      # Fixed by the mode: True to probe, False to fine-tune (config_validation checks it).
+      freeze_encoder=probe,
   ))
   c.optim = ml_collections.ConfigDict(dict(
       optimizer="lars" if probe else "adamw",
@@ -68,10 +70,10 @@ def get_config(mode: str, arg=None):
       weight_decay=0.0 if probe else 0.05,
       momentum=0.9,  # lars
       b1=0.9, b2=0.999,  # adamw
-      layer_decay=1.0 if probe else (0.75 if demo else from_recipe()),
+      layer_decay=1.0 if probe else (0.75 if demo else from_recipe()),  # adamw; lars: 1
       epochs=(10.0 if probe else 5.0) if demo else (90.0 if probe else from_recipe()),
       warmup_epochs=1.0 if demo else (10.0 if probe else 5.0),
-      clip_grad_norm=0.0,
+      clip_grad_norm=0.0,  # adamw, 0 = off; lars does not clip (0)
   ))
   c.mixup = ml_collections.ConfigDict(dict(
       mixup_alpha=0.0 if probe else 0.8, cutmix_alpha=0.0 if probe else 1.0,
@@ -91,8 +93,8 @@ def get_config(mode: str, arg=None):
       # Random resized crop area share in [this, 1]: torchvision's 0.08 as MAE; 0.5 for the
       # 64 px shapes, where a small crop often cuts the one shape that defines the class.
       crop_min_scale=0.5 if demo else 0.08,
-      randaugment=dict(num_ops=2, magnitude=9, magnitude_std=0.5),
-      random_erase=0.0 if probe else 0.25,
+      randaugment=dict(num_ops=2, magnitude=9, magnitude_std=0.5),  # augment='randaugment' only
+      random_erase=0.0 if probe else 0.25,  # probability; augment='randaugment' only
       tune_malloc=True,  # keep freed host buffers mapped (data/host_memory.py)
       prefetch=2,
       num_parallel_calls=-1,

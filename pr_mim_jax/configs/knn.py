@@ -18,14 +18,13 @@ def get_config(arg=None):
   arg = config_args.parse_arg(arg, **ARGUMENTS)
   demo = arg.dataset == "shapes"
   c = ml_collections.ConfigDict()
-  c.mode = "knn"
-  c.seed = 0
+  c.mode = "knn"  # no seed: the first N examples of each split, no randomness
   c.compilation_cache_dir = ""
   c.init = ml_collections.ConfigDict(dict(workdir=arg.init, step=-1))  # -1 = latest
   # '' / 0: from the pre-training run's config.json.
   c.model = ml_collections.ConfigDict(dict(
       variant="", width=0, depth=0, heads=0, posemb="", image_size=0,
-      compute_dtype="float32" if demo else "bfloat16", drop_path=0.0))
+      compute_dtype="float32" if demo else "bfloat16"))  # inference: no drop path
   c.knn = ml_collections.ConfigDict(dict(
       k=20, temperature=0.07, feature="mean",  # 'mean' | 'cls'
       train_examples=20000 if demo else 100000, test_examples=2000 if demo else 50000,

@@ -56,7 +56,7 @@ def get_config(arg=None):
   c.masking = ml_collections.ConfigDict(dict(
       mask_ratio=0.75,  # visible tokens: int(L (1 - mask_ratio)), truncated as in MAE
       throw_ratio=throw_ratio,  # a share of ALL patches; 0 <= throw_ratio < mask_ratio
-      throw_strategy=throw_strategy,  # 'random' | 'running_cell' | 'furthest'
+      throw_strategy=throw_strategy,  # 'random' | 'running_cell' | 'furthest'; mae throws none
   ))
   # How thrown tokens are reconstructed (PR-MIM); unused when thrown_reconstruction='none'.
   c.reconstruction = ml_collections.ConfigDict(dict(
@@ -69,7 +69,9 @@ def get_config(arg=None):
   ))
   c.loss = ml_collections.ConfigDict(dict(
       target="norm_pixel",  # 'norm_pixel' | 'pixel' | 'hog'
-      thrown_loss_weight=1.0,  # loss weight of thrown tokens vs 1 for decoded ones (PR-MIM)
+      # Loss weight of thrown tokens vs 1 for decoded ones: PR-MIM only (mae has no thrown
+      # tokens, partial never scores them).
+      thrown_loss_weight=1.0,
   ))
   c.optim = ml_collections.ConfigDict(dict(
       base_lr=1e-3 if demo else 1.5e-4,  # lr = base_lr * batch_size / 256

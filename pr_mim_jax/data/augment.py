@@ -2,11 +2,10 @@
 
 RandomResizedCrop(scale=(0.2, 1.0), ratio=(3/4, 4/3), bicubic) + RandomHorizontalFlip,
 as MAE's pre-training, to uint8 pixels: the ImageNet normalisation runs on the device
-(pixels.model_input). The box comes from
-`tf.image.stateless_sample_distorted_bounding_box` (uniform aspect ratio, not
-torchvision's log-uniform; the whole image after 10 failed attempts, not a centre
-crop), the resize is bicubic with antialiasing (as Pillow's, which MAE uses; this
-matters when shrinking large crops). All randomness of one example comes from a
+(pixels.model_input). The box is drawn as torchvision's (`sample_crop_box`: area
+uniform, aspect ratio log-uniform, a clamped centre crop after 10 misses), the resize
+is bicubic with antialiasing (as Pillow's, which MAE uses; this matters when
+shrinking large crops). All randomness of one example comes from a
 seed derived from (seed, step, position in the global batch), so it does not
 depend on the process or on tf.data's scheduling.
 
@@ -15,6 +14,7 @@ Importing this module imports TensorFlow and hides every GPU from it.
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
 from pr_mim_jax.data import tensorflow_devices
@@ -41,11 +41,39 @@ def example_seeds(seed, step, position):
 
 
 def sample_crop_box(image_shape, seed, min_scale: float = MIN_SCALE):
-  """(begin [3], size [3]) of a random crop box of an image with shape [H, W, C]."""
-  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      image_shape, bounding_boxes=tf.zeros([1, 0, 4], tf.float32), seed=seed,
-      min_object_covered=0.0, aspect_ratio_range=ASPECT_RANGE, area_range=(min_scale, 1.0),
-      max_attempts=MAX_ATTEMPTS, use_image_if_no_bounding_boxes=True)
+  """(begin [3], size [3]) int32 of a random crop box of an image with shape [H, W, C],
+  for tf.slice (size[2] = -1).
+
+  torchvision's RandomResizedCrop, as augment_np.sample_crop_box: MAX_ATTEMPTS draws of
+  (area share uniform in [min_scale, 1], aspect ratio log-uniform in ASPECT_RANGE), sides
+  rounded half to even (as Python's round); the first box that fits wins, at uniform
+  offsets; if none fits, the centred whole image with its ratio clamped to ASPECT_RANGE.
+  """
+  shape = tf.cast(image_shape, tf.int32)
+  height, width = shape[0], shape[1]
+  h_f, w_f = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
+  u = tf.random.stateless_uniform([MAX_ATTEMPTS + 1, 2], seed, dtype=tf.float64)
+  log_lo, log_hi = np.log(ASPECT_RANGE)
+  area = h_f * w_f * (min_scale + u[:-1, 0] * (1.0 - min_scale))  # [attempts]
+  ratio = tf.exp(log_lo + u[:-1, 1] * (log_hi - log_lo))  # [attempts] w / h
+  w = tf.cast(tf.round(tf.sqrt(area * ratio)), tf.int32)
+  h = tf.cast(tf.round(tf.sqrt(area / ratio)), tf.int32)
+  fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)  # [attempts]
+  k = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)  # the first that fits
+
+  in_ratio = w_f / h_f  # the fallback: centred, ratio clamped
+  fall_h = tf.where(in_ratio < ASPECT_RANGE[0],
+                    tf.cast(tf.round(w_f / ASPECT_RANGE[0]), tf.int32), height)
+  fall_w = tf.where(in_ratio > ASPECT_RANGE[1],
+                    tf.cast(tf.round(h_f * ASPECT_RANGE[1]), tf.int32), width)
+  found = tf.reduce_any(fits)
+  box_h = tf.where(found, h[k], fall_h)
+  box_w = tf.where(found, w[k], fall_w)
+  spare = tf.stack([height - box_h, width - box_w])  # [2]
+  offset = tf.cast(tf.floor(u[-1] * tf.cast(spare + 1, tf.float64)), tf.int32)  # uniform
+  offset = tf.where(found, tf.minimum(offset, spare), spare // 2)
+  begin = tf.concat([offset, [0]], 0)
+  size = tf.stack([box_h, box_w, -1])
   return begin, size
 
 

@@ -2,9 +2,10 @@
 
 The same recipe as `augment.py` (random resized crop with area in [0.2, 1] and aspect
 ratio in [3/4, 4/3], resize, horizontal flip with p=0.5, uint8 pixels out) and the same
-box-sampling algorithm as TF's `sample_distorted_bounding_box`, but a *distribution* match
-only: the random numbers come from NumPy, and the resize filter differs in detail (pixel-area
-averaging where the crop shrinks, bicubic where it grows, against TF's antialiased bicubic).
+box-sampling algorithm (torchvision's RandomResizedCrop, `sample_crop_box`), but a
+*distribution* match only: the random numbers come from NumPy, and the resize filter differs
+in detail (pixel-area averaging where the crop shrinks, bicubic where it grows, against TF's
+antialiased bicubic).
 Never bit-identical to the TF path; it is deterministic on its own, keyed by
 (seed, step, position in the global batch).
 
@@ -108,31 +109,35 @@ def resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def sample_crop_box(height: int, width: int, rng: np.random.Generator,
                     min_scale: float = MIN_SCALE) -> tuple[int, int, int, int]:
-  """(top, left, crop_h, crop_w) as TF's sample_distorted_bounding_box draws it.
+  """(top, left, crop_h, crop_w) as torchvision's RandomResizedCrop draws it (MAE's recipe).
 
-  Per attempt: aspect ratio w/h uniform in ASPECT_RANGE, crop height uniform among
-  the integers whose area share fits [min_scale, 1], offsets uniform. After MAX_ATTEMPTS
-  failures, the whole image (as TF).
+  Per attempt: area share uniform in [min_scale, 1], aspect ratio w/h log-uniform in
+  ASPECT_RANGE, sides rounded to whole pixels; the first box that fits the image wins, at
+  uniform offsets. After MAX_ATTEMPTS misses, the centre crop of the whole image with its
+  aspect ratio clamped to ASPECT_RANGE (`fallback_box`).
   """
-  lo, hi = min_scale * height * width, height * width
+  log_lo, log_hi = np.log(ASPECT_RANGE)
   for _ in range(MAX_ATTEMPTS):
-    ratio = rng.uniform(*ASPECT_RANGE)
-    h_min = int(round(np.sqrt(lo / ratio)))
-    h_max = int(round(np.sqrt(hi / ratio)))
-    h_max = min(h_max, height, int((width + 0.5) / ratio))
-    h = h_max if h_min >= h_max else int(rng.integers(h_min, h_max + 1))
-    w = int(round(h * ratio))
-    if w * h < lo:
-      h += 1
-      w = int(round(h * ratio))
-    if w * h > hi:
-      h -= 1
-      w = int(round(h * ratio))
-    if lo <= w * h <= hi and 0 < w <= width and 0 < h <= height:
+    area = height * width * rng.uniform(min_scale, 1.0)
+    ratio = np.exp(rng.uniform(log_lo, log_hi))
+    w, h = int(round(np.sqrt(area * ratio))), int(round(np.sqrt(area / ratio)))
+    if 0 < w <= width and 0 < h <= height:
       top = int(rng.integers(0, height - h + 1))
       left = int(rng.integers(0, width - w + 1))
       return top, left, h, w
-  return 0, 0, height, width
+  return fallback_box(height, width)
+
+
+def fallback_box(height: int, width: int) -> tuple[int, int, int, int]:
+  """(top, left, crop_h, crop_w): the centred box of the whole image, narrowed along its
+  long side where the image's aspect ratio is outside ASPECT_RANGE."""
+  lo, hi = ASPECT_RANGE
+  h, w = height, width
+  if width / height < lo:  # too tall
+    h = int(round(width / lo))
+  elif width / height > hi:  # too wide
+    w = int(round(height * hi))
+  return (height - h) // 2, (width - w) // 2, h, w
 
 
 def dct_ratio(crop_height: int, crop_width: int, size: int) -> int:

@@ -4,10 +4,12 @@ RandAugment as timm's 'rand-m9-mstd0.5-inc1' (the MAE fine-tuning recipe): `num_
 ops drawn uniformly with replacement from OPS, each applied with probability 1/2 at
 magnitude m ~ N(magnitude, magnitude_std) clipped to [0, 10], 'increasing' levels
 (a larger m is always a stronger change), signed ops negated with probability 1/2,
-geometric ops filled with the mean colour. Ops act on [0, 255] pixels rounded to
-integers, as Pillow's uint8. Random erasing (timm 'pixel' mode, one box of area share
-[0.02, 1/3] and aspect ratio [0.3, 1/0.3]) replaces a box of the normalised image by
-N(0, 1) noise. All randomness is stateless, keyed by (seed, step, position).
+geometric ops filled with the mean colour and resampled bilinearly (a deviation: MAE's
+create_transform(interpolation='bicubic') makes timm resample them bicubically, which
+TF's transform op lacks; randaugment_np keeps bilinear to match). Ops act on [0, 255]
+pixels rounded to integers, as Pillow's uint8. Random erasing (timm 'pixel' mode, one
+box of area share [0.02, 1/3] and aspect ratio [0.3, 1/0.3]) replaces a box of the
+normalised image by N(0, 1) noise. All randomness is stateless, keyed by (seed, step, position).
 """
 
 from __future__ import annotations

@@ -38,6 +38,12 @@ from pr_mim_jax.training.train_state import ClassifierState
 
 ARCH_FIELDS = ("variant", "width", "depth", "heads", "posemb", "image_size")
 EVAL_KEYS = ("eval_top1", "eval_top5", "eval_loss", "eval_ema_top1", "eval_ema_top5")
+# What the finished steps trained on (their examples, augmentation, targets and head): a
+# resume may not change these (workdir_records.check_resume_config).
+FIXED_ON_RESUME = ("mode", "seed", "batch_size", "head", "mixup", "label_smoothing",
+                   "data.dataset", "data.train_split", "data.shapes", "data.augment",
+                   "data.crop_min_scale", "data.randaugment", "data.random_erase",
+                   "model.image_size")
 
 
 def pretrained_config(init_workdir: str):
@@ -272,6 +278,8 @@ def train(config, workdir: str, checked: Checked | None = None) -> dict:
                  vit.CHECKPOINT_RELAYOUTS)  # a finished run of another model is an error
     ckpt.close()
     return trainer.finished_summary(workdir, latest, EVAL_KEYS)
+  if latest is not None:  # before anything compiles: a run must not change what it trained on
+    workdir_records.check_resume_config(workdir, config, latest, FIXED_ON_RESUME)
   trainer.log_outputs(workdir, ckpt.directory)
   workdir_records.write_records(workdir, config)
   writer = metrics_lib.MetricWriter(workdir)
@@ -285,6 +293,7 @@ def train(config, workdir: str, checked: Checked | None = None) -> dict:
                            relayouts=vit.CHECKPOINT_RELAYOUTS, fallback=True)
       logging.info("resumed from %s at step %d", ckpt.directory, int(state.step))
     start_step = int(state.step)
+    workdir_records.drop_metrics_after(workdir, start_step)  # rows of steps never saved
     batch_sharding = sharding.batch_sharding(mesh)
     step_fn = jit_train_step(model, tx, recipe, schedule, mesh, state_sharding)
     eval_fn = jax.jit(functools.partial(classify_step.eval_step, model=model),
@@ -393,5 +402,6 @@ def check_knn_config(config) -> ml_collections.ConfigDict:
   """Config and dataset checks of the k-NN evaluation, once per run; the resolved model."""
   config_validation.validate_knn_eval(config)
   model = resolve_model(config)
+  config_validation.validate_encoder(model)
   pipeline.check_labeled_dataset(config.data)
   return model

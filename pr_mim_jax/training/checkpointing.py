@@ -15,7 +15,9 @@ Verification: each save dispatches its arrays' checksums (checksums.py) and writ
 restore recomputes them and raises DamagedCheckpoint on a mismatch; resuming
 (`fallback=True`) then takes the newest checkpoint that verifies and leaves the bad one in
 place. A step killed after orbax's rename but before its checksums lacks the file and
-restores unverified, with a note, as do checkpoints from before checksums existed.
+restores unverified, with a note, as do checkpoints from before checksums existed. A run
+resumed past a damaged step that reaches that step again moves it aside to `<step>.damaged`
+and saves the step anew (otherwise the damaged one would block every save of that step).
 """
 
 from absl import logging
@@ -27,6 +29,7 @@ import traceback
 import warnings
 from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -197,6 +200,7 @@ class Checkpointer:
     self._pending = None  # Step of the last async save, maybe still writing.
     self._sums = {}  # step -> its arrays' checksums, dispatched, to write once the save is final
     self.restored = None  # (step, verified) of the last restore
+    self._damaged = set()  # steps a fallback restore found damaged and passed over
     self._max_to_keep, self._async_save = max_to_keep, async_save
     self._writable = False
     self._mngr = self._manager(write=False)
@@ -240,6 +244,8 @@ class Checkpointer:
     """Starts saving `state` as `step`; never overwrites an existing step."""
     step = int(step)
     self._open_for_writing()
+    if step in self._damaged and step in self._mngr.all_steps():
+      self._move_aside(step)  # else the run, resumed from an older step, could never save it
     if step in self._mngr.all_steps():
       logging.info('Checkpoint for step %d already exists in %s; not saving.',
                    step, self.directory)
@@ -265,6 +271,27 @@ class Checkpointer:
       raise _write_failed(step, self.directory, e) from e
     self._pending = step
     self.poll()  # a synchronous save is final already
+
+  def _move_aside(self, step: int) -> None:
+    """Renames the damaged `<step>` to `<step>.damaged` (orbax lists only plain step names,
+    and never removes this one), kept for inspection, so that the run can save `step` anew."""
+    self.wait()
+    if jax.process_index() == 0:
+      aside, n = self.directory / f'{step}.damaged', 1
+      while aside.exists():
+        n += 1
+        aside = self.directory / f'{step}.damaged-{n}'
+      try:
+        (self.directory / str(step)).rename(aside)
+      except Exception as e:  # pylint: disable=broad-except  # OSError, or a remote store's own
+        raise _write_failed(step, self.directory, e) from e
+      logging.warning('Saving step %d again: the damaged checkpoint of that step, passed over '
+                      'when resuming, is now %s (delete it once you have looked at it).',
+                      step, aside)
+    if jax.process_count() > 1:  # no process saves before the damaged step is out of the way
+      multihost_utils.sync_global_devices(f'checkpoint_move_aside_{step}')
+    self._mngr.reload()
+    self._damaged.discard(step)
 
   def poll(self) -> None:
     """Writes `<step>/checksums.json` for each save that has become final since the last
@@ -394,6 +421,7 @@ class Checkpointer:
         logging.warning('%s', e)
         damaged.append(candidate)
         continue
+      self._damaged.update(damaged)
       if damaged:
         logging.warning('RESUMING FROM AN OLDER CHECKPOINT, step %d: the newer %s in %s '
                         'failed verification and are left in place, untouched.', candidate,

@@ -5,8 +5,12 @@ Each failure is a UserError whose one-line message names the field and the fix. 
 allowed values of a field are defined once, beside the code that uses them.
 """
 
+import math
+
 import ml_collections
 
+from pr_mim_jax.data import dali_batches
+from pr_mim_jax.data import datasets
 from pr_mim_jax.data import pipeline
 from pr_mim_jax.errors import UserError
 from pr_mim_jax.method import masking
@@ -144,6 +148,11 @@ def validate_method(config, split: masking.TokenSplit):
 
 
 def validate_optim(optim):
+  # inf passes the range checks below, then trains to NaN (base_lr) or fails converting the
+  # step count (epochs): reject it here with the field named.
+  for field in ("base_lr", "weight_decay", "epochs", "warmup_epochs", "clip_grad_norm"):
+    _require(math.isfinite(optim[field]), f"optim.{field}", f"got {optim[field]}",
+             "use a finite number")
   _require(optim.base_lr > 0, "optim.base_lr", f"got {optim.base_lr}", "use a value > 0, e.g. 1.5e-4")
   _require(optim.weight_decay >= 0, "optim.weight_decay", f"got {optim.weight_decay}", "use >= 0")
   for field in ("b1", "b2"):
@@ -195,9 +204,21 @@ def validate_knn(knn):
            f"use one of {knn_lib.FEATURES}")
 
 
+def validate_data_source(data):
+  """data.backend / data.dali_device names: a bad one would otherwise surface only when the
+  input pipeline starts, after the model state is built (the 'shapes' source is lazy)."""
+  backend = data.get("backend", "auto")
+  _require(backend in datasets.BACKENDS, "data.backend", f"unknown value {backend!r}",
+           f"use one of {datasets.BACKENDS}")
+  device = data.get("dali_device", "gpu")
+  _require(device in dali_batches.DEVICES, "data.dali_device", f"unknown value {device!r}",
+           f"use one of {dali_batches.DEVICES} (read only with data.backend='dali')")
+
+
 def validate_data(data):
   _require(0.0 < data.crop_min_scale <= 1.0, "data.crop_min_scale",
            f"{data.crop_min_scale} is outside (0, 1]", "use e.g. 0.2 (MAE)")
+  validate_data_source(data)
 
 
 def validate_mesh(config):
@@ -251,21 +272,53 @@ def validate_init_step(config):
            "use -1 (the latest checkpoint) or the step of a saved checkpoint, e.g. 0")
 
 
+def validate_encoder(model):
+  """An encoder's fields as a probe, fine-tune or k-NN run resolves them against its init run:
+  validate_model's checks, less the decoder's (these runs have none)."""
+  validate_model(ml_collections.ConfigDict(dict(model.to_dict(), decoder_width=4, decoder_depth=1,
+                                                decoder_heads=1, decoder="self_attention")))
+
+
 def validate_knn_eval(config):
-  """The k-NN evaluation (configs/knn.py), before its init run is read."""
+  """The k-NN evaluation (configs/knn.py), before its init run is read. Its model, once
+  resolved against that run, is validate_encoder's (classify.check_knn_config)."""
   _require(bool(config.init.workdir), "init.workdir", "k-NN needs a pre-training run",
            "use pr_mim_jax/configs/knn.py:init=WORKDIR")
   validate_init_step(config)
   validate_knn(config.knn)
+  dtype = config.model.compute_dtype
+  _require(dtype in DTYPES, "model.compute_dtype", f"unknown value {dtype!r}", f"use one of {DTYPES}")
+  validate_data_source(config.data)
+
+
+def validate_effective_classify(config):
+  """Probe / fine-tune fields that the run's mode would silently ignore (or misapply): each
+  is an error, so an override never looks as if it changed a run that it did not."""
+  probe = config.mode == "linear_probe"
+  freeze = config.head.freeze_encoder
+  _require(freeze == probe, "head.freeze_encoder",
+           "linear probing trains only the head (LARS updates no encoder weight): an unfrozen "
+           "encoder changes nothing but its cost" if probe else
+           "fine-tuning's AdamW would still weight-decay the frozen encoder it never trains",
+           "use True" if probe else "use False, or pr_mim_jax/configs/linear_probe.py to train "
+           "only a head")
+  _require(not freeze or config.model.drop_path == 0.0, "model.drop_path",
+           f"{config.model.drop_path} has no effect: a frozen encoder runs deterministically",
+           "use 0")
+  if config.optim.optimizer == "lars":  # make_probe_optimizer: LARS on the head, nothing else
+    _require(config.optim.layer_decay == 1.0, "optim.layer_decay",
+             f"{config.optim.layer_decay} has no effect: layer decay scales fine-tuning's AdamW, "
+             "and LARS trains only the head", "use 1.0")
+    _require(config.optim.clip_grad_norm == 0.0, "optim.clip_grad_norm",
+             f"{config.optim.clip_grad_norm} has no effect: LARS does not clip gradients (its "
+             "trust ratio bounds each update)", "use 0")
 
 
 def validate_classify(config, num_batch_shards: int):
   """A probe or fine-tune config resolved against its init run (classify.resolve_config).
   The mesh and init.step are checked before that (validate_mesh, validate_init_step)."""
   model = config.model
-  # validate_model checks an MAE's fields; a classifier has no decoder, so give it a valid one.
-  validate_model(ml_collections.ConfigDict(dict(model.to_dict(), decoder_width=4, decoder_depth=1,
-                                                decoder_heads=1, decoder="self_attention")))
+  validate_encoder(model)
   _require(model.pretrained_image_size % vit.parse_variant(model.variant).patch == 0,
            "init.workdir", "the pre-trained image size is not a multiple of the patch size",
            "use a matching pre-training run")
@@ -283,6 +336,7 @@ def validate_classify(config, num_batch_shards: int):
   _require(config.mode != "finetune" or o.optimizer == "adamw", "optim.optimizer",
            "fine-tuning trains the whole model, and 'lars' here updates only the head",
            "use 'adamw' (or pr_mim_jax/configs/linear_probe.py for a probe)")
+  validate_effective_classify(config)
   _require(0.0 < o.layer_decay <= 1.0, "optim.layer_decay", f"got {o.layer_decay}",
            "use a factor in (0, 1], 1 = off")
   _require(0.0 <= o.momentum < 1.0, "optim.momentum", f"got {o.momentum}", "use e.g. 0.9")
@@ -299,6 +353,12 @@ def validate_classify(config, num_batch_shards: int):
            "use 0 (off) or e.g. 0.9999")
   _require(config.data.augment in pipeline.AUGMENTS, "data.augment",
            f"unknown value {config.data.augment!r}", f"use one of {pipeline.AUGMENTS}")
+  erase = config.data.random_erase
+  _require(0.0 <= erase <= 1.0, "data.random_erase", f"got {erase}",
+           "use a probability in [0, 1], 0 = off")
+  _require(erase == 0.0 or config.data.augment == "randaugment", "data.random_erase",
+           f"{erase} has no effect with data.augment={config.data.augment!r} (erasing is part "
+           "of the 'randaugment' recipe)", "use 0, or data.augment='randaugment'")
   validate_data(config.data)
   for field in ("batch_size", "eval.batch_size"):
     value = config.eval.batch_size if field == "eval.batch_size" else config.batch_size

@@ -28,6 +28,13 @@ from pr_mim_jax.training import workdir_records
 from pr_mim_jax.training.train_state import TrainState
 
 
+# What the finished steps trained on (their examples, masks and loss): a resume may not
+# change these (workdir_records.check_resume_config).
+FIXED_ON_RESUME = ("seed", "batch_size", "method", "masking", "reconstruction", "loss",
+                   "data.dataset", "data.train_split", "data.shapes", "data.crop_min_scale",
+                   "model.image_size")
+
+
 def _dummy_inputs(model, split: masking.TokenSplit):
   images = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
   ids = jnp.arange(split.num_patches, dtype=jnp.int32)[None]
@@ -192,6 +199,8 @@ def train(config, workdir: str, checked: Checked | None = None) -> dict:
     if done is not None:
       ckpt.close()
       return done
+  if latest is not None:  # before anything compiles: a run must not change what it trained on
+    workdir_records.check_resume_config(workdir, config, latest, FIXED_ON_RESUME)
   trainer.log_outputs(workdir, ckpt.directory)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state, state_sharding = create_state(model, tx, split, config.seed, mesh, rules)
@@ -202,6 +211,7 @@ def train(config, workdir: str, checked: Checked | None = None) -> dict:
     start_step = int(state.step)
     # After the restore: a config that does not fit the checkpoint leaves config.json as it was.
     workdir_records.write_records(workdir, config)
+    workdir_records.drop_metrics_after(workdir, start_step)  # rows of steps never saved
     writer = metrics_lib.MetricWriter(workdir)
     batches = pipeline.train_batches(config.data, seed=config.seed, global_batch=config.batch_size,
                                      image_size=config.model.image_size, start_step=start_step,

@@ -126,7 +126,9 @@ def finished_summary(workdir: str, step: int, keys, needed=()) -> dict | None:
   if any(k not in recorded for k in needed):
     return None
   logging.info("%s is already finished (step %d); nothing to do. Recorded results: %s. To "
-               "train longer, raise config.train.total_steps (or optim.epochs).", workdir, step,
+               "train longer, raise config.train.total_steps (or optim.epochs): the learning-rate "
+               "schedule is then recomputed for the new length, so the lr rises again at the "
+               "step it resumes from.", workdir, step,
                ", ".join(f"{k}={v:.4g} (step {s})" for k, (s, v) in recorded.items()) or "none")
   return {"step": step, "finished_before": True, **{k: v for k, (_, v) in recorded.items()}}
 

@@ -2,12 +2,14 @@
 
 import importlib.metadata
 import json
+import logging
 import os
 import subprocess
 import sys
 
 import jax
 from etils import epath
+from flax import traverse_util
 from jax.experimental import multihost_utils
 import numpy as np
 
@@ -84,3 +86,86 @@ def write_records(workdir: str, config) -> None:
       "process_count": jax.process_count(),
   }
   (path / "provenance.json").write_text(json.dumps(provenance, indent=2))
+
+
+def _fixed(key: str, fixed) -> bool:
+  return any(key == f or key.startswith(f + ".") for f in fixed)
+
+
+def config_changes(recorded: dict, config: dict) -> list[tuple[str, object, object]]:
+  """(field, recorded value, new value) of every field both configs have and differ in."""
+  old = traverse_util.flatten_dict(recorded, sep=".")  # {'optim.base_lr': ..., ...}
+  new = traverse_util.flatten_dict(config, sep=".")
+  return [(k, old[k], new[k]) for k in sorted(old.keys() & new.keys()) if old[k] != new[k]]
+
+
+def _moved_folder(key: str, old, new) -> bool:
+  """A folder dataset read from another path: the same images, moved (allowed)."""
+  return (key == "data.dataset" and isinstance(old, str) and isinstance(new, str)
+          and old.startswith("folder:") and new.startswith("folder:"))
+
+
+def check_resume_config(workdir: str, config, step: int, fixed: tuple[str, ...]) -> None:
+  """Compares `config` with the config.json of the run about to resume from `step`.
+
+  `fixed`: the fields (or groups, e.g. 'masking') that shaped what the finished steps
+  trained on. A resumed run that changed one would silently stop continuing the steps in
+  its checkpoints, and config.json would misdescribe them: a UserError naming the field
+  and both values. Any other change (learning rate, epochs, logging, memory knobs, mesh)
+  is allowed and named in one warning, since config.json will then hold the new values.
+  Step 0 (a converted workdir) has trained nothing, so any config may start from it.
+  """
+  path = epath.Path(workdir) / "config.json"
+  if step <= 0 or not path.exists():
+    return
+  try:
+    recorded = json.loads(path.read_text())
+  except ValueError:
+    logging.warning("%s is not valid JSON; resuming without comparing the config", path)
+    return
+  changes = config_changes(recorded, json.loads(config.to_json()))
+  refused = [c for c in changes if _fixed(c[0], fixed) and not _moved_folder(*c)]
+  if refused:
+    key, old, new = refused[0]
+    also = ", ".join(f"config.{k} {o!r} -> {n!r}" for k, o, n in refused[1:])
+    hint = (" (to fit fewer devices, keep it and raise train.grad_accum_steps)"
+            if key == "batch_size" and "grad_accum_steps" in recorded.get("train", {})
+            else "")
+    raise UserError(
+        f"config.{key}: {old!r} in {path}, {new!r} now{f' (also {also})' if also else ''}; "
+        f"the checkpoints (step {step}) were trained with the recorded value, and a resumed "
+        f"run keeps what shaped its steps ({', '.join(fixed)}). Pass --config.{key}={old}"
+        f"{hint}, or point --workdir elsewhere for a new run")
+  if changes:
+    logging.warning("Resuming from step %d with a changed config (steps 1-%d used the old "
+                    "values; config.json will hold the new ones): %s", step, step,
+                    ", ".join(f"{k} {o!r} -> {n!r}" for k, o, n in changes))
+
+
+def drop_metrics_after(workdir: str, step: int) -> None:
+  """Removes the rows of metrics.jsonl past `step`, the step this run resumes from (process 0).
+
+  They were logged by an earlier run after its last checkpoint, for states that were lost
+  (a kill or crash before the next save, or a fallback past a damaged checkpoint); the
+  resumed run logs those steps again, and both copies would read as one zig-zag curve.
+  A torn last line goes too, or the next row would be appended onto it."""
+  path = epath.Path(workdir) / "metrics.jsonl"
+  if jax.process_index() != 0 or not path.exists():
+    return
+  lines = path.read_text().splitlines()
+  kept = []
+  for line in lines:
+    try:
+      row = json.loads(line)
+    except ValueError:
+      continue
+    if isinstance(row, dict) and row.get("step", 0) <= step:
+      kept.append(line)
+  if len(kept) == len(lines):
+    return
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_text("".join(line + "\n" for line in kept))
+  tmp.replace(path)  # whole or not at all
+  logging.warning("metrics.jsonl: dropped %d rows logged past step %d, the step this run "
+                  "resumes from (their states were never saved); those steps are logged "
+                  "again", len(lines) - len(kept), step)
