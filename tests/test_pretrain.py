@@ -194,6 +194,10 @@ def test_incompatible_checkpoint_is_named_and_left_alone(tiny_config, tmp_path):
     pretrain.train(tiny_config, workdir)
   after = {p: os.path.getmtime(os.path.join(r, p)) for r, _, fs in os.walk(ckpt_dir) for p in fs}
   assert before == after
+  tiny_config.model.width = TINY_OVERRIDES["model.width"]
+  tiny_config.seed = 1  # a finished run is compared too, not summarised as if it had this seed
+  with pytest.raises(UserError, match=r"^config\.seed: 0 in .*, 1 now"):
+    pretrain.train(tiny_config, workdir)
 
 
 @pytest.mark.slow

@@ -253,3 +253,31 @@ def test_easy_variant_has_its_own_builder_config(prepared):
   assert (config.difficulty, config.image_size, config.seed) == ('easy', 16, 5)
   assert shapes_tfds.Shapes.get_builder_config('s16_tr40_te10_seed5').difficulty == 'hard'
   assert shapes_tfds.config_name(16, 40, 10, 5, 'easy') == 's16_tr40_te10_seed5_easy'
+
+
+def test_prepare_survives_a_concurrent_writer(tmp_path, monkeypatch):
+  """Two runs sharing a data_dir generate the same config at once: the one renaming its
+  folder second used to die with FileExistsError. Here a second builder finishes the
+  config while the first is still generating; the first must then read that copy."""
+  pytest.importorskip('tensorflow_datasets')
+  from pr_mim_jax.data import shapes_tfds
+  data_dir = str(tmp_path)
+  settings = dict(image_size=16, train_size=6, test_size=3, seed=2)
+  real_generate = shapes.generate
+  other_done = []
+
+  def generate_racing(*args, **kwargs):
+    if not other_done:  # first call, inside the first run's generation
+      other_done.append(True)
+      shapes_tfds.builder(data_dir, **settings).download_and_prepare()
+    return real_generate(*args, **kwargs)
+
+  monkeypatch.setattr(shapes_tfds.shapes, 'generate', generate_racing)
+  b = shapes_tfds.prepare(data_dir, **settings)
+  assert other_done and b.is_prepared()
+  images, labels = real_generate(6, image_size=16, seed=2, split='train')
+  source = b.as_data_source()['train']
+  np.testing.assert_array_equal(np.stack([source[i]['image'] for i in range(6)]), images)
+  np.testing.assert_array_equal([source[i]['label'] for i in range(6)], labels)
+  leftovers = [p.name for p in (tmp_path / 'shapes' / 's16_tr6_te3_seed2').iterdir()]
+  assert leftovers == ['1.1.0'], leftovers

@@ -194,6 +194,25 @@ def test_reconstruction_grid_titles_legend_and_tiles(target, with_throw, ncol):
   assert (legend.shape[0] > plain.shape[0] - top - grid_h) == framed
 
 
+def test_mae_picture_has_no_thrown_legend_entry():
+  """MAE throws nothing (visible + decoded = every patch): no patch is striped, so the legend
+  must not list the thrown stripes either; with a thrown patch it does."""
+  rng = np.random.default_rng(3)
+  images = rng.integers(0, 256, size=(2, 16, 16, 3), dtype=np.uint8)
+  perm = np.stack([rng.permutation(16) for _ in range(2)])
+  pred = rng.normal(size=(2, 12, 48)).astype(np.float32)
+  mae = visualize.reconstruction_grid(images, pred, perm[:, :4], perm[:, 4:], 4, 'norm_pixel',
+                                      pixels.denormalize, ids_throw=perm[:, 16:])
+  stripes = lambda picture: np.all(picture == visualize.MARK_LIGHT, -1).sum()
+  assert stripes(mae) == 0  # neither tiles nor legend carry the thrown marking
+  partial = visualize.reconstruction_grid(images, pred[:, :11], perm[:, :4], perm[:, 4:15], 4,
+                                          'norm_pixel', pixels.denormalize, ids_throw=perm[:, 15:])
+  assert stripes(partial) > 2 * stripes(visualize.token_map(
+      images, perm[:, :4], perm[:, 4:15], None, 4, pixels.denormalize).repeat(8, 1).repeat(8, 2))
+  assert [text for _, text in visualize.legend_items(thrown=False)] == [
+      'visible: the image', 'decoded: masked, reconstructed']
+
+
 def test_reconstruction_grid_scale_and_old_call():
   rng = np.random.default_rng(2)
   images = rng.normal(size=(2, 8, 8, 3)).astype(np.float32)

@@ -2,6 +2,7 @@
 metrics rows past the resumed step."""
 
 import json
+import os
 import logging
 
 import numpy as np
@@ -130,3 +131,26 @@ def test_metrics_rows_past_the_resumed_step_are_dropped(tmp_path):
   assert [json.loads(line) for line in lines] == rows[:2]
   workdir_records.drop_metrics_after(str(tmp_path), 0)  # a fresh start keeps none
   assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+def test_git_commit_is_this_checkouts_and_never_an_enclosing_projects(tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from conftest import ROOT  # pylint: disable=g-import-not-at-top
+  head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
+                        text=True, check=True).stdout.strip()
+  assert workdir_records.git_commit().removesuffix("-dirty") == head
+  # The package installed inside another project's repository (its ignored site folder).
+  project = tmp_path / "project"
+  shutil.copytree(ROOT / "pr_mim_jax", project / "site" / "pr_mim_jax",
+                  ignore=shutil.ignore_patterns("__pycache__"))
+  (project / ".gitignore").write_text("site/\n")
+  git = ["git", "-C", str(project), "-c", "user.name=t", "-c", "user.email=t@t"]
+  for args in (["init", "-q"], ["add", ".gitignore"], ["commit", "-qm", "x"]):
+    subprocess.run(git + args, check=True, capture_output=True)
+  code = "from pr_mim_jax.training import workdir_records as w; print(w.git_commit())"
+  out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                       text=True, check=True, env={**os.environ,
+                                                   "PYTHONPATH": str(project / "site")})
+  assert out.stdout.strip() == "None"

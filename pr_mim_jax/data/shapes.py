@@ -8,7 +8,7 @@ class cannot be read off colour, position or local texture statistics:
   slight anisotropic stretch, fill style (solid, two-tone stripes or outline);
 * background: mixtures of colour gradients, sinusoidal stripes / plaid,
   blotchy low-frequency colour noise and per-pixel Gaussian noise;
-* clutter: 1-4 small dots, line segments and polygon fragments drawn under or
+* clutter: 0-2 small dots, line segments and polygon fragments drawn under or
   over the shape;
 * finish: optional slight blur and pixel noise.
 

@@ -182,6 +182,17 @@ def prepare(data_dir: str | None, image_size: int = 64,
               test_size=test_size, seed=seed, file_format=file_format,
               difficulty=difficulty)
   if not sources.is_prepared(b):  # the builder prints one line before and one after
-    b.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    try:
+      b.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    except FileExistsError:
+      # Another process sharing data_dir (a second run, another host) generated the same
+      # config meanwhile and renamed its folder into place first. Generation is
+      # deterministic, so its copy is the one this run would have written: read that.
+      b = builder(data_dir, image_size=image_size, train_size=train_size,
+                  test_size=test_size, seed=seed, file_format=file_format,
+                  difficulty=difficulty)
+      if not sources.is_prepared(b):
+        raise
+      print(f'shapes: another process prepared {b.data_dir} first; using it', flush=True)
   return b

@@ -52,7 +52,8 @@ def pretrained_config(init_workdir: str):
   if not path.exists():
     raise UserError(f"config.init.workdir: {init_workdir} has no config.json; point it at a "
                     "pre-training workdir (python -m pr_mim_jax.main --config=pretrain ... "
-                    "--workdir=DIR), or use init= (empty) for random init")
+                    "--workdir=DIR); probing and fine-tuning also take init= (empty) with "
+                    "--config.model.variant=... for random init")
   try:
     return ml_collections.ConfigDict(json.loads(path.read_text()))
   except (ValueError, TypeError) as e:
@@ -271,6 +272,8 @@ def train(config, workdir: str, checked: Checked | None = None) -> dict:
   ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir),
                                     max_to_keep=config.train.keep_checkpoints)
   latest = ckpt.latest_step()
+  if latest is not None:  # before anything compiles, and before a finished run's summary
+    workdir_records.check_resume_config(workdir, config, latest, FIXED_ON_RESUME)
   make_tx = functools.partial(make_optimizer, config, schedule, depth=model.spec.depth)
   if latest is not None and latest >= total_steps:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -278,8 +281,6 @@ def train(config, workdir: str, checked: Checked | None = None) -> dict:
                  vit.CHECKPOINT_RELAYOUTS)  # a finished run of another model is an error
     ckpt.close()
     return trainer.finished_summary(workdir, latest, EVAL_KEYS)
-  if latest is not None:  # before anything compiles: a run must not change what it trained on
-    workdir_records.check_resume_config(workdir, config, latest, FIXED_ON_RESUME)
   trainer.log_outputs(workdir, ckpt.directory)
   workdir_records.write_records(workdir, config)
   writer = metrics_lib.MetricWriter(workdir)

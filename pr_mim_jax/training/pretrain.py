@@ -189,6 +189,8 @@ def train(config, workdir: str, checked: Checked | None = None) -> dict:
   ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir),
                                     max_to_keep=config.train.keep_checkpoints)
   latest = ckpt.latest_step()
+  if latest is not None:  # before anything compiles, and before a finished run's summary
+    workdir_records.check_resume_config(workdir, config, latest, FIXED_ON_RESUME)
   if latest is not None and latest >= total_steps:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       ckpt.check(abstract_state(model, tx, split, mesh, rules)[0], latest,
@@ -199,8 +201,6 @@ def train(config, workdir: str, checked: Checked | None = None) -> dict:
     if done is not None:
       ckpt.close()
       return done
-  if latest is not None:  # before anything compiles: a run must not change what it trained on
-    workdir_records.check_resume_config(workdir, config, latest, FIXED_ON_RESUME)
   trainer.log_outputs(workdir, ckpt.directory)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state, state_sharding = create_state(model, tx, split, config.seed, mesh, rules)

@@ -141,19 +141,21 @@ def reconstruction(images, pred_dec, ids_vis, ids_dec, patch: int, target: str, 
 
 
 def legend_items(reconstructed: bool = False, predicted_thrown: bool = False,
-                 swatch: int = picture_text.LEGEND_PX + 4) -> list:
+                 swatch: int = picture_text.LEGEND_PX + 4, thrown: bool = True) -> list:
   """[(swatch uint8 [s, s, 3] or None, text)]: each marking drawn as in the tiles, and its meaning.
 
   reconstructed: the picture has a reconstruction column (decoded patches are grey only in
-  the token map); predicted_thrown: it frames predicted thrown patches (PR-MIM).
+  the token map); predicted_thrown: it frames predicted thrown patches (PR-MIM); thrown:
+  some patch is thrown (False for MAE, whose legend then has no stripes entry).
   """
   s = swatch
   marks = stripes(s, s, s // 4)  # [s, s, 3]
   decoded = "decoded: masked, reconstructed" + (" (grey in token map)" if reconstructed else "")
   items = [(None, "visible: the image"),
-           (np.full((s, s, 3), round(GREY * 255), np.uint8), decoded),
-           (marks, "thrown: masked, never decoded")]
-  if predicted_thrown:
+           (np.full((s, s, 3), round(GREY * 255), np.uint8), decoded)]
+  if thrown:
+    items.append((marks, "thrown: masked, never decoded"))
+  if thrown and predicted_thrown:
     frame = patch_frame(s, s, s, max(2, s // 8))[..., None]  # [s, s, 1]
     framed = np.where(frame, marks, np.uint8(BACKGROUND)).astype(np.uint8)
     items.append((framed, "thrown, predicted (PR-MIM)"))
@@ -213,6 +215,9 @@ def reconstruction_grid(images, pred_dec, ids_vis, ids_dec, patch, target, denor
     titles.append("reconstruction")
   factor = scale or fit_factor(originals.shape[2])
   columns = [upscale(c, factor) for c in columns]
+  num_patches = (originals.shape[1] // patch) * (originals.shape[2] // patch)
+  thrown = np.shape(ids_vis)[1] + np.shape(ids_dec)[1] < num_patches  # MAE: none thrown
   legend = legend_items(reconstructed=target != "hog",
-                        predicted_thrown=target != "hog" and pred_throw is not None)
+                        predicted_thrown=target != "hog" and pred_throw is not None,
+                        thrown=thrown)
   return grid([list(row) for row in zip(*columns)], titles=titles, legend=legend)

@@ -21,11 +21,18 @@ PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml-collection
 
 
 def git_commit() -> str | None:
-  """The commit of the source tree this package runs from (with '-dirty' if modified)."""
-  src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  """The commit of the source tree this package runs from (with '-dirty' if modified).
+
+  None unless the package sits at the top of its own checkout: an installed copy inside
+  another project's repository (say its .venv) must not record that project's commit.
+  """
+  src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the package folder
   try:
-    commit = subprocess.run(["git", "-C", src, "rev-parse", "HEAD"], capture_output=True,
-                            text=True, check=True, timeout=10).stdout.strip()
+    top, commit = subprocess.run(["git", "-C", src, "rev-parse", "--show-toplevel", "HEAD"],
+                                 capture_output=True, text=True, check=True,
+                                 timeout=10).stdout.split()
+    if os.path.realpath(top) != os.path.realpath(os.path.dirname(src)):
+      return None
     dirty = subprocess.run(["git", "-C", src, "status", "--porcelain", "--untracked-files=no"],
                            capture_output=True, text=True, timeout=10).stdout.strip()
     return commit + ("-dirty" if dirty else "")
