@@ -22,8 +22,15 @@ from pr_mim_jax.errors import UserError
 EXIT_USER_ERROR = 2
 
 
+def print_error(message: str) -> None:
+  """`error: message` on stderr as one write: print() writes the newline separately, so a
+  log line from a background thread (orbax, TensorStore) could land inside the error line."""
+  sys.stderr.write(f"error: {message}\n")
+  sys.stderr.flush()
+
+
 def fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
+  print_error(message)
   sys.exit(EXIT_USER_ERROR)
 
 

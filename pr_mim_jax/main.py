@@ -56,7 +56,7 @@ def _run() -> int:
   try:
     summary = run(config, _WORKDIR.value, checked)
   except trainer.NonFiniteLossError as e:
-    print(f"error: {e}", file=sys.stderr)
+    cli.print_error(str(e))
     return 1
   logging.info("done: %s", summary)
   return 0

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -23,6 +24,7 @@ from pr_mim_jax.training import checkpointing
 from pr_mim_jax.training import pretrain
 from pr_mim_jax.training import train_step as train_step_lib
 from pr_mim_jax.training import trainer
+from pr_mim_jax.training import workdir_records
 
 # The embedded dataset's 'easy' variant at 32 px: a tiny encoder trains in seconds, and its
 # classes are linearly separable. (On the default 'hard' variant a briefly pre-trained encoder
@@ -189,6 +191,10 @@ def test_knn_mode_matches_the_pretraining_monitor(pretrained, tmp_path):
   assert got == pytest.approx(want, abs=1 / 50 + 1e-9)  # at most one float-tie flip
   with open(tmp_path / "knn" / "metrics.jsonl") as f:
     assert json.loads(f.readline())["knn_top1"] == pytest.approx(got)
+  # config.json records the architecture evaluated (PRETRAIN's), not the '' / 0 left empty.
+  recorded = json.loads((tmp_path / "knn" / "config.json").read_text())["model"]
+  assert (recorded["variant"], recorded["width"], recorded["depth"], recorded["image_size"]) == (
+      "Ti/4", 32, 2, SIZE)
 
 
 def test_knn_image_size_off_the_patch_grid_is_one_line(pretrained):
@@ -305,6 +311,50 @@ def test_init_without_config_json_names_a_command_that_resolves(tmp_path):
     classify.pretrained_config(str(tmp_path))
   suggested = str(error.value).split("--config=")[1].split()[0]
   assert os.path.isfile(cli.packaged_config(suggested)), suggested
+
+
+@pytest.mark.parametrize("mode", ["finetune", "knn"])
+def test_init_at_a_knn_workdir_is_one_line(tmp_path, mode):
+  """A k-NN workdir has a config.json (with the model left empty) but no checkpoint: was a
+  raw ValueError from parse_variant('')."""
+  knn_dir = tmp_path / "knn"
+  knn_dir.mkdir()
+  (knn_dir / "config.json").write_text(load_knn_config("init=/runs/pre,dataset=shapes").to_json())
+  config = (classify_config.get_config(mode, f"init={knn_dir},dataset=shapes")
+            if mode == "finetune" else load_knn_config(f"init={knn_dir},dataset=shapes"))
+  with pytest.raises(UserError, match=r"^config.init.workdir: .* k-NN evaluation's workdir, "
+                     r"which holds no checkpoint; .*'/runs/pre'"):
+    classify.resolve_model(config)
+
+
+def test_init_config_json_without_a_model_is_one_line(tmp_path):
+  (tmp_path / "config.json").write_text(json.dumps({"model": {"variant": ""}}))
+  config = classify_config.get_config("linear_probe", f"init={tmp_path},dataset=shapes")
+  with pytest.raises(UserError, match=r"^config.init.workdir: .* names no model"):
+    classify.resolve_model(config)
+
+
+def test_resume_refuses_another_init_unless_the_recorded_one_moved(tmp_path):
+  """A resume reads no encoder: a changed init.workdir / init.step was only a warning, and a
+  finished workdir returned the old encoder's numbers for the new one. A recorded init run
+  that is gone (moved) may be named by its new path."""
+  old, new = tmp_path / "old", tmp_path / "new"
+  old.mkdir(), new.mkdir()
+  pretrain_config_json(old, "Ti/16"), pretrain_config_json(new, "Ti/16")
+  workdir = str(tmp_path / "probe")
+  data = {"data.data_dir": str(tmp_path / "tfds"), "train.total_steps": 6}  # 6: finished
+  workdir_records.write_records(
+      workdir, classify.check_config(eval_config("linear_probe", str(old), **data)).config)
+  ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir))
+  ckpt.save(6, {"params": np.zeros(1)})  # a stand-in: the config check comes first
+  ckpt.close()
+  for init, overrides in ((new, {}), (old, {"init.step": 3})):
+    with pytest.raises(UserError, match=r"^config.init.(workdir|step): "):
+      classify.train(eval_config("linear_probe", str(init), **data, **overrides), workdir)
+  shutil.rmtree(old)  # moved: only its new path names it now
+  with pytest.raises(UserError) as error:  # past the config check, to the stand-in checkpoint
+    classify.train(eval_config("linear_probe", str(new), **data), workdir)
+  assert not str(error.value).startswith("config.init"), error.value
 
 
 def test_linear_probe_defaults_are_maes():

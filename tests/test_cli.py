@@ -245,3 +245,22 @@ def test_main_rejects_cudnn_attention_without_a_gpu(tmp_path):
       "error: config.model.attention: 'cudnn' needs an NVIDIA GPU, and JAX runs on 'cpu' here; "
       "use 'xla' or 'einsum'"]
   assert list(tmp_path.iterdir()) == []
+
+
+def test_the_error_line_is_one_write_so_background_logs_cannot_split_it(monkeypatch):
+  """print() writes the text and the newline separately; a log line from orbax's threads
+  landed between them in CI. The error must reach stderr as one complete line."""
+  writes = []
+
+  class Recorder:
+    def write(self, text):
+      writes.append(text)
+
+    def flush(self):
+      pass
+
+  monkeypatch.setattr(sys, "stderr", Recorder())
+  with pytest.raises(SystemExit) as exit_info:
+    cli.fail("bad input")
+  assert exit_info.value.code == cli.EXIT_USER_ERROR
+  assert writes == ["error: bad input\n"]

@@ -357,3 +357,11 @@ def test_flags_that_do_not_apply_are_errors(tmp_path, case):
   with pytest.raises(UserError, match=match):
     convert.convert(*args[0], **args[1])
   assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+@pytest.mark.parametrize("flag", ["heads", "decoder_heads"])
+def test_negative_heads_are_a_one_line_error(tmp_path, flag):
+  with pytest.raises(UserError, match=f"--{flag}=-2: a number of heads must be positive"):
+    convert.convert(str(MAE_PTH), str(tmp_path / "x.safetensors"), "mae",
+                    **dict(dict(heads=2, decoder_heads=2), **{flag: -2}))
+  assert not list(tmp_path.iterdir())

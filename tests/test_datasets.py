@@ -64,3 +64,23 @@ def test_tfds_name_without_tf_says_to_install_it(monkeypatch):
   monkeypatch.setattr(datasets, "tf_importable", lambda: False)
   with pytest.raises(UserError, match=f"needs tensorflow.*{sources.TF_INSTALL}"):
     datasets.check_dataset(_data("cifar10", backend="numpy"))
+
+
+def test_missing_split_error_names_the_config_field():
+  """eval_split's default ('validation') is a split the user never typed: say which field."""
+  with pytest.raises(UserError, match=r"^data.eval_split: dataset shapes has no split 'valid"):
+    datasets.check_dataset(_data("shapes"))
+  with pytest.raises(UserError, match=r"^data.train_split: dataset shapes has no split 'tra"):
+    datasets.check_dataset(_data("shapes", train_split="training", eval_split="test"))
+
+
+def test_tfds_slice_as_folder_train_split_is_an_error_not_the_whole_tree(tmp_path):
+  """root/train[:90%] is no folder: reading the whole tree would pre-train on validation too."""
+  _pngs(tmp_path / "train" / "cat", 3)
+  _pngs(tmp_path / "validation" / "cat", 2)
+  for split in ("train[:90%]", "train+validation"):
+    data = _data(f"folder:{tmp_path}", train_split=split)
+    with pytest.raises(UserError, match=r"is a tfds slice, but a folder dataset's splits are"):
+      datasets.check_dataset(data)
+    with pytest.raises(UserError, match=r"is a tfds slice"):
+      datasets.num_examples(data, split)

@@ -87,3 +87,39 @@ def test_state_dict_finds_the_weights():
   w = np.ones(2, np.float32)
   assert set(pth_reader.state_dict({"state_dict": {"module.a": w}, "epoch": 1})) == {"a"}
   assert set(pth_reader.state_dict({"a": w, "b": w})) == {"a", "b"}
+
+
+def _zip_with_name_bytes(path, old: bytes, new: bytes, count: int):
+  """A small torch-like zip whose stored name bytes `old` are replaced `count` times
+  (-1: everywhere), as a flipped byte in a download would."""
+  buf = io.BytesIO()
+  pickle.Pickler(buf, protocol=2).dump({"a": 1})
+  with zipfile.ZipFile(path, "w") as z:
+    z.writestr("archive/data.pkl", buf.getvalue())
+    z.writestr("archive/\u00e9.txt", b"x")  # a non-ASCII name: stored with the UTF-8 flag
+  path.write_bytes(path.read_bytes().replace(old, new, count))
+
+
+def test_corrupt_zip_records_are_one_clear_error(tmp_path):
+  # A name in the zip index that is not UTF-8: zipfile raises UnicodeDecodeError.
+  bad_index = tmp_path / "bad_index.pth"
+  _zip_with_name_bytes(bad_index, "\u00e9".encode(), b"\xff\xfe", -1)
+  with pytest.raises(pth_reader.PthError, match="index cannot be read.*truncated or corrupt"):
+    pth_reader.read(str(bad_index))
+  # data.pkl's local header disagrees with the index (only the first copy of the name changed).
+  bad_header = tmp_path / "bad_header.pth"
+  _zip_with_name_bytes(bad_header, b"archive/data.pkl", b"archivX/data.pkl", 1)
+  with pytest.raises(pth_reader.PthError, match="damaged checkpoint.*BadZipFile"):
+    pth_reader.read(str(bad_header))
+
+
+def test_torchscript_archives_are_named_as_such(tmp_path):
+  """torch.jit.save's zip has <prefix>/data.pkl (pickling __torch__.* module classes) next
+  to constants.pkl and code/; the error says TorchScript, not just the refused global."""
+  path = tmp_path / "scripted.pt"
+  with zipfile.ZipFile(path, "w") as z:
+    z.writestr("scripted/data.pkl", b"\x80\x02c__torch__\nLinear\nq\x00)\x81q\x01.")
+    z.writestr("scripted/constants.pkl", pickle.dumps((), protocol=2))
+    z.writestr("scripted/code/__torch__/linear.py", b"class Linear(Module): ...")
+  with pytest.raises(pth_reader.PthError, match=r"a TorchScript archive \(torch.jit.save\)"):
+    pth_reader.read(str(path))

@@ -214,6 +214,20 @@ def test_refuses_non_vits_and_odd_grids():
     timm_weights.infer_arch(random_mae_state(np.random.default_rng(3)))
 
 
+def test_register_tokens_and_no_embed_class_are_named_not_called_odd_grids():
+  """timm's DeiT III / ViT-reg layouts: pos_embed [1, L, D] without a class row (16 rows
+  for a 4x4 grid), or a reg_token; each refusal says which, not 'not a square grid'."""
+  state = random_mae_state(np.random.default_rng(4))
+  state["pos_embed"] = state["pos_embed"][:, 1:]  # [1, 16, 32]: no class-token row
+  with pytest.raises(timm_weights.WeightsError, match="16 rows.*4x4 grid.*no_embed_class"):
+    timm_weights.infer_arch(state, heads=4, decoder_heads=2)
+  state = random_mae_state(np.random.default_rng(5))
+  state["reg_token"] = np.zeros((1, 4, 32), np.float32)
+  state["pos_embed"] = np.zeros((1, 1 + 4 + 16, 32), np.float32)  # class + 4 registers + 4x4
+  with pytest.raises(timm_weights.WeightsError, match=r"register tokens \(reg_token \(1, 4, 32\)\)"):
+    timm_weights.infer_arch(state, heads=4, decoder_heads=2)
+
+
 def built_shape(spec):
   """The shape timm.create_model(name, **kwargs) builds: vit_* entrypoints call
   VisionTransformer(**dict(their shape, **kwargs)), so the kwargs win."""

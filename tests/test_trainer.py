@@ -137,17 +137,53 @@ def test_multi_host_preemption_is_polled_every_step_and_stops_at_the_sync_point(
   monkeypatch.setattr(preemption.multihost_utils, "reached_preemption_sync_point", sync)
   monkeypatch.setattr(preemption.jax, "process_count", lambda: 2)  # no signal handlers
   ckpt = FakeCheckpointer()
+  monitored = []
 
-  def after_step(step, state, batch, metrics, last):
-    if step == notice_at:
+  def step_fn(state, batch):
+    if int(state) + 1 == notice_at:
       sync.notice()  # arrives while step `notice_at` runs, before the loop polls it
+    return _step(state, batch)
 
-  state, summary = trainer.run(jnp.int32(0), _step, _batches([1.0] * 10), start_step=0,
+  state, summary = trainer.run(jnp.int32(0), step_fn, _batches([1.0] * 10), start_step=0,
                                total_steps=10, log_every=100, peak_lr=0.1, ckpt=ckpt,
-                               checkpoint_every=4, after_step=after_step)
+                               checkpoint_every=4,
+                               after_step=lambda step, *_: monitored.append(step))
   assert sync.calls == list(range(1, notice_at + 1))  # every step, checkpoint steps included
+  assert monitored == list(range(1, notice_at))  # the stopping step saves without evaluating
   assert summary["stopped"] and summary["step"] == notice_at == int(state)
   assert ckpt.saved[-1] == (notice_at, notice_at)
+
+
+def test_a_stop_before_the_evaluations_skips_them_and_saves_at_once():
+  """SIGTERM while step 3 runs: its k-NN / pictures (after_step) could outlast the grace
+  period, so the loop saves step 3 without them."""
+  ckpt, monitored = FakeCheckpointer(), []
+
+  def step_fn(state, batch):
+    if int(state) + 1 == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return _step(state, batch)
+
+  state, summary = trainer.run(jnp.int32(0), step_fn, _batches(np.arange(1.0, 11.0)),
+                               start_step=0, total_steps=10, log_every=100, peak_lr=0.1,
+                               ckpt=ckpt, checkpoint_every=100,
+                               after_step=lambda step, *_: monitored.append(step))
+  assert monitored == [1, 2] and ckpt.saved == [(3, 3)]
+  assert summary["stopped"] and summary["step"] == 3 == int(state)
+
+
+def test_a_stop_at_the_last_step_still_runs_its_final_evaluations():
+  ckpt, monitored = FakeCheckpointer(), []
+
+  def step_fn(state, batch):
+    if int(state) + 1 == 4:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return _step(state, batch)
+
+  trainer.run(jnp.int32(0), step_fn, _batches([1.0] * 4), start_step=0, total_steps=4,
+              log_every=100, peak_lr=0.1, ckpt=ckpt, checkpoint_every=100,
+              after_step=lambda step, *_: monitored.append(step))
+  assert monitored == [1, 2, 3, 4] and ckpt.saved == [(4, 4)]
 
 
 def test_without_a_checkpointer_signals_are_left_alone():

@@ -203,7 +203,7 @@ def check_dataset(data) -> None:
     shapes.check_image_size(_shapes_cfg(data)[0])
     _shapes_difficulty(data)
     for field in ("train_split", "eval_split"):
-      _check_shapes_split(get(data, field, "train"))
+      _named(field, _check_shapes_split, get(data, field, "train"))
   elif kind == "folder":
     sources.list_image_files(sources.pretrain_folder(arg, get(data, "train_split", "train")))
   else:
@@ -212,7 +212,16 @@ def check_dataset(data) -> None:
     for field in ("train_split", "eval_split"):
       split = get(data, field, None)
       if split is not None:
-        sources.check_split(arg, builder, split)
+        _named(field, sources.check_split, arg, builder, split)
+
+
+def _named(field: str, check, *args) -> None:
+  """check(*args), its UserError prefixed with the config field: a default split (eval_split
+  'validation') is one the user never typed, so the error says what to set."""
+  try:
+    check(*args)
+  except UserError as e:
+    raise UserError(f"data.{field}: {e}") from e
 
 
 def check_labeled_dataset(data) -> None:

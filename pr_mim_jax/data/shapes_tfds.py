@@ -65,9 +65,8 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {'1.0.0': 'Initial release.',
                    '1.1.0': 'Larger shapes, calmer backgrounds, less clutter.'}
   BUILDER_CONFIGS = [_config(64, 20000, 2000, 0)]
-  # Overrides TFDS's lookup of this file, which in tfds 4.9.10 needs the
-  # `importlib_resources` backport (not a declared dependency) for any builder
-  # defined inside a package.
+  # Overrides TFDS's lookup of this file, which in tfds 4.9.10 goes through the
+  # `importlib_resources` backport for any builder defined inside a package.
   code_path = epath.Path(__file__)
 
   @classmethod

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import importlib.util
 import logging
 import os
 from typing import Any
@@ -127,7 +128,11 @@ def pretrain_folder(root: str, train_split: str) -> str:
   """The folder pre-training reads: root/<train_split> when it is a directory (so an
   ImageNet-style root/train, root/validation never trains on validation images), else root."""
   split = epath.Path(root) / train_split
-  folder = os.fspath(split) if train_split and split.is_dir() else root
+  is_dir = bool(train_split) and split.is_dir()
+  if not is_dir and any(c in (train_split or "") for c in "[+"):  # else: the whole tree, silently
+    raise UserError(f"data.train_split={train_split!r} is a tfds slice, but a folder dataset's "
+                    f"splits are its sub-folders ({root}/<split>); name one, e.g. train")
+  folder = os.fspath(split) if is_dir else root
   logging.info("pre-training reads the images under %s%s", folder,
                "" if folder == root else f" (the train split data.train_split={train_split!r})")
   return folder
@@ -142,7 +147,9 @@ class FolderSource:
     self.root = root
     self.name = f"folder:{root}"
     self.paths = list_image_files(root) if paths is None else paths
-    self._paths_np = np.array([p.encode() for p in self.paths], dtype=object)
+    # os.fsencode: a name that is not UTF-8 (a Latin-1 zip) is listed with surrogate escapes,
+    # which str.encode rejects; fsencode gives back the bytes the file system has.
+    self._paths_np = np.array([os.fsencode(p) for p in self.paths], dtype=object)
 
   def __len__(self) -> int:
     return len(self.paths)
@@ -160,8 +167,8 @@ class FolderSource:
                     "use a labeled dataset for k-NN evaluation")
 
   def where(self, i: int) -> str:
-    """Where example i is, for error messages: its file."""
-    return self.paths[int(i)]
+    """Where example i is, for error messages: its file (a name that is not UTF-8 printable)."""
+    return self.paths[int(i)].encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
   def keys(self, indices: np.ndarray) -> np.ndarray:
     """File paths (object array of bytes) of the examples."""
@@ -237,7 +244,8 @@ class LabeledFolderSource(FolderSource):
     """Path -> {'image': file bytes, 'label': int32}: the label from the class folder name."""
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     name = tf.strings.split(key, "/")[self._depth]
-    hit = tf.cast(tf.equal(tf.constant(self.classes), name), tf.int32)  # [C], one 1
+    classes = tf.constant([os.fsencode(c) for c in self.classes])  # [C], bytes as in `key`
+    hit = tf.cast(tf.equal(classes, name), tf.int32)  # [C], one 1
     return {"image": tf.io.read_file(key), "label": tf.argmax(hit, output_type=tf.int32)}
 
 
@@ -258,17 +266,35 @@ def import_tfds(name: str):
   return tfds
 
 
+def prepare_command(name: str, data_dir: str) -> str:
+  """The shell command that prepares tfds dataset `name` ('name[/config][:version]') as
+  array_record in data_dir: the README's Python one-liner, since every `tfds` command of
+  tensorflow-datasets 4.9.10 imports apache-beam, which requirements.txt leaves out."""
+  return (f"python -c \"import tensorflow_datasets as tfds; tfds.builder('{name}', "
+          f"data_dir='{data_dir}', file_format='array_record').download_and_prepare()\"")
+
+
+def _run_prepare(name: str, data_dir: str) -> str:
+  """'run `CMD`', preceded by the install of the importlib_resources backport that tfds 4.9.10
+  imports to prepare any dataset, where a venv made before requirements.txt listed it lacks it."""
+  run = f"`{prepare_command(name, data_dir)}`"
+  if importlib.util.find_spec("importlib_resources") is None:
+    return f"run `pip install importlib_resources`, then {run}"
+  return f"run {run}"
+
+
 def _not_prepared_message(name: str, builder: Any, data_dir: str | None) -> str:
   root = getattr(builder, "_data_dir_root", None)  # tfds's default data_dir when data_dir is None
   where = data_dir or (os.fspath(root) if root else "~/tensorflow_datasets")
-  base = name.split(":")[0]
-  if base == "imagenet2012":
-    manual = f"{where}/downloads/manual"
+  manual = f"{where}/downloads/manual"
+  if name.split(":")[0] == "imagenet2012":
     return (f"dataset imagenet2012 is not prepared in {where}: put ILSVRC2012_img_train.tar and "
-            f"ILSVRC2012_img_val.tar in {manual}/, then run "
-            f"`tfds build imagenet2012 --data_dir={where} --file_format=array_record`")
-  return (f"dataset {name} is not prepared in {where}: run "
-          f"`tfds build {base} --data_dir={where} --file_format=array_record` "
+            f"ILSVRC2012_img_val.tar in {manual}/, then {_run_prepare(name, where)}")
+  if getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):  # imagenet2012_subset, _real, ...
+    return (f"dataset {name} is not prepared in {where}: put the files of its manual download "
+            f"(see its tfds catalog page) in {manual}/, then {_run_prepare(name, where)} "
+            "(or set data.data_dir to where it is)")
+  return (f"dataset {name} is not prepared in {where}: {_run_prepare(name, where)} "
           "(or set data.data_dir to where it is)")
 
 
@@ -302,6 +328,24 @@ def _prepared_versions(tfds, name: str, data_dir: str | None) -> list[str]:
   return sorted(p.name for p in folders if (p / "dataset_info.json").exists())
 
 
+def _prepared_above(tfds, name: str, data_dir: str | None) -> str | None:
+  """The folder above data_dir where `name` is prepared, if data_dir points inside a tfds data_dir
+  (at DIR/name, DIR/name/config or DIR/name/version, a common slip); else None."""
+  if data_dir is None:
+    return None
+  path = epath.Path(data_dir)
+  folder = name.split(":")[0].split("/")[0]  # DIR/<folder>/[config/]version
+  for parent in list(path.parents)[:3]:
+    if path != parent / folder and parent / folder not in path.parents:
+      continue  # data_dir is not inside DIR/<folder>
+    try:
+      if is_prepared(tfds.builder(name, data_dir=os.fspath(parent))):
+        return os.fspath(parent)
+    except (AssertionError, ValueError, OSError):  # tfds found something else there
+      continue
+  return None
+
+
 def tfds_builder(name: str, data_dir: str | None, *, require_prepared: bool = True):
   """The tfds builder of `name` ('name' or 'name:version'), with UserErrors for every mistake."""
   tfds = import_tfds(name)
@@ -322,20 +366,27 @@ def tfds_builder(name: str, data_dir: str | None, *, require_prepared: bool = Tr
     raise UserError(f"cannot load dataset {name!r}: {str(e).splitlines()[-1]}") from e
   if require_prepared:
     if not is_prepared(builder):
+      above = _prepared_above(tfds, name, data_dir)
+      if above is not None:
+        raise UserError(f"dataset {name} is not prepared in {data_dir}, but it is in {above}: "
+                        f"set data.data_dir={above} (the folder that holds the dataset's folder)")
       raise UserError(_not_prepared_message(name, builder, data_dir))
     formats = {f.value for f in builder.info.available_file_formats()}
     if not formats & {"array_record", "parquet"}:
       stored = ", ".join(sorted(formats)) or "unknown"
+      where = os.fspath(builder.data_dir)  # [data_dir/]name/[config/]version
+      root = data_dir or os.fspath(getattr(builder, "_data_dir_root", "~/tensorflow_datasets"))
       raise UserError(
-          f"dataset {name} in {builder.data_dir} is stored as {stored}, without random access; "
-          f"re-prepare it with `tfds build {name.split(':')[0]} --file_format=array_record`")
+          f"dataset {name} in {where} is stored as {stored}, without random access; move {where} "
+          f"aside (or delete it), then prepare it again: {_run_prepare(name, root)}")
   return builder
 
 
 def check_split(name: str, builder: Any, split: str) -> int:
-  """Examples in `split` (tfds slices like 'train[:10%]' work); UserError for unknown splits."""
+  """Examples in `split` (tfds slices like 'train[:10%]' work); UserError for unknown or empty
+  splits (tfds cannot open an empty one: "Paths sequence can not be of 0 length")."""
   try:
-    return int(builder.info.splits[split].num_examples)
+    n = int(builder.info.splits[split].num_examples)
   except (KeyError, ValueError) as e:
     splits = ", ".join(sorted(builder.info.splits))
     if {part.split("[")[0].strip() for part in split.split("+")} <= set(builder.info.splits):
@@ -343,6 +394,10 @@ def check_split(name: str, builder: Any, split: str) -> int:
                       f"({str(e).splitlines()[-1]}); fix it, e.g. train[:10%] or train[100:200]"
                       ) from e
     raise UserError(f"dataset {name} has no split {split!r}; its splits are {splits}") from e
+  if n == 0:
+    raise UserError(f"dataset {name}: split {split!r} has no examples; widen the slice or "
+                    "choose another split")
+  return n
 
 
 class TfdsSource:

@@ -46,6 +46,20 @@ FIXED_ON_RESUME = ("mode", "seed", "batch_size", "head", "mixup", "label_smoothi
                    "model.image_size")
 
 
+def fixed_on_resume(workdir: str) -> tuple[str, ...]:
+  """FIXED_ON_RESUME plus the encoder the checkpoints started from: init.step, and
+  init.workdir unless the recorded one is gone (a moved init run, which only its new path
+  can name). A resume reads no encoder, so a new init would otherwise go unused while
+  config.json (or a finished run's summary) credits the old run's numbers to it."""
+  path = epath.Path(workdir) / "config.json"
+  try:
+    recorded = json.loads(path.read_text())["init"]["workdir"] if path.exists() else ""
+  except (ValueError, KeyError, TypeError):
+    recorded = ""
+  moved = bool(recorded) and not (epath.Path(recorded) / "config.json").exists()
+  return FIXED_ON_RESUME + ("init.step",) + (() if moved else ("init.workdir",))
+
+
 def pretrained_config(init_workdir: str):
   """The config.json a pre-training run left in its workdir (a ConfigDict)."""
   path = epath.Path(init_workdir) / "config.json"
@@ -55,9 +69,19 @@ def pretrained_config(init_workdir: str):
                     "--workdir=DIR); probing and fine-tuning also take init= (empty) with "
                     "--config.model.variant=... for random init")
   try:
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    config = ml_collections.ConfigDict(json.loads(path.read_text()))
   except (ValueError, TypeError) as e:
     raise UserError(f"config.init.workdir: {path} is not valid JSON ({e})") from None
+  if config.get("mode") == "knn":  # a k-NN workdir: a config.json, but no checkpoint
+    raise UserError(f"config.init.workdir: {init_workdir} is a k-NN evaluation's workdir, "
+                    "which holds no checkpoint; point it at the run it evaluated (its "
+                    f"config.init.workdir: {config.init.workdir!r})")
+  try:
+    vit.parse_variant(config.model.variant)
+  except (AttributeError, KeyError, TypeError, ValueError):
+    raise UserError(f"config.init.workdir: {path} names no model (config.model.variant); "
+                    "point it at a pre-training, probing or fine-tuning workdir") from None
+  return config
 
 
 def resolve_model(config) -> ml_collections.ConfigDict:
@@ -273,7 +297,7 @@ def train(config, workdir: str, checked: Checked | None = None) -> dict:
                                     max_to_keep=config.train.keep_checkpoints)
   latest = ckpt.latest_step()
   if latest is not None:  # before anything compiles, and before a finished run's summary
-    workdir_records.check_resume_config(workdir, config, latest, FIXED_ON_RESUME)
+    workdir_records.check_resume_config(workdir, config, latest, fixed_on_resume(workdir))
   make_tx = functools.partial(make_optimizer, config, schedule, depth=model.spec.depth)
   if latest is not None and latest >= total_steps:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -389,7 +413,7 @@ def knn_eval(config, workdir: str, checked: ml_collections.ConfigDict | None = N
     test = _features(encoder, params, config.data, config.data.eval_split,
                      config.knn.test_examples, config, mesh)
   top1 = knn.knn_accuracy(*train, *test, k=config.knn.k, temperature=config.knn.temperature)
-  workdir_records.write_records(workdir, config)
+  workdir_records.write_records(workdir, _with_model(config, model_cfg))
   writer = metrics_lib.MetricWriter(workdir, tensorboard=False)
   writer.write_scalars(0, {"knn_top1": top1, "train_examples": len(train[1]),
                            "test_examples": len(test[1])})
@@ -397,6 +421,14 @@ def knn_eval(config, workdir: str, checked: ml_collections.ConfigDict | None = N
   logging.info("k-NN top-1 (k=%d, %s features): %.2f%% on %d test images", config.knn.k,
                config.knn.feature, 100 * top1, len(test[1]))
   return {"knn_top1": top1}
+
+
+def _with_model(config, model_cfg) -> ml_collections.ConfigDict:
+  """`config` with config.model replaced by the resolved one, for config.json to record the
+  architecture actually evaluated (not the '' / 0 left to the init run)."""
+  resolved = ml_collections.ConfigDict(config.to_dict())
+  resolved.model = ml_collections.ConfigDict(model_cfg.to_dict())
+  return resolved
 
 
 def check_knn_config(config) -> ml_collections.ConfigDict:

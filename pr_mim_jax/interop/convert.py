@@ -289,7 +289,12 @@ def model_overrides(config) -> list[str]:
 
 def check_flags(src_is_workdir: bool, fmt: str, step: int, heads: int, decoder_heads: int,
                 config) -> None:
-  """A UserError for a flag that does not apply to this source / target (never ignored)."""
+  """A UserError for a flag that does not apply to this source / target (never ignored),
+  or a negative number of heads (which would fail later as a reshape traceback)."""
+  for name, value in (("heads", heads), ("decoder_heads", decoder_heads)):
+    if value < 0:
+      raise UserError(f"--{name}={value}: a number of heads must be positive (0, the default: "
+                      "from the width or the file's metadata)")
   if step != -1 and not src_is_workdir:
     raise UserError("--step: picks a checkpoint of a workdir source; --from is a file, which "
                     "has one set of weights. Drop --step")

@@ -145,20 +145,32 @@ def read(path: str):
     raise PthError(f"{path}: neither a torch.save zip file nor safetensors") from None
   except OSError as e:
     raise PthError(f"{path}: cannot read ({e.strerror})") from None
+  except Exception as e:  # pylint: disable=broad-except  # e.g. a name in the index not UTF-8
+    raise PthError(_corrupt(path, e)) from None
   with archive:
     names = archive.namelist()
     pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+    if any(n.endswith("/constants.pkl") and n.count("/") == 1 for n in names):
+      # torch.jit.save also writes a data.pkl, of its own module classes: say what it is.
+      raise PthError(f"{path}: a TorchScript archive (torch.jit.save), not a torch.save "
+                     "checkpoint; save the weights alone, e.g. torch.save(model.state_dict(), "
+                     "PATH) or as .safetensors")
     if not pickles:
-      kind = "a TorchScript archive" if any(n.endswith("/constants.pkl") for n in names) else "zip"
-      raise PthError(f"{path}: {kind} without <prefix>/data.pkl, not a torch.save checkpoint")
+      raise PthError(f"{path}: a zip without <prefix>/data.pkl, not a torch.save checkpoint")
     prefix = pickles[0].split("/")[0]
-    with archive.open(pickles[0]) as f:
-      try:
+    try:  # opening data.pkl checks its local header against the index: corrupt files fail here
+      with archive.open(pickles[0]) as f:
         return _Unpickler(f, archive, prefix, path).load()
-      except PthError:
-        raise
-      except Exception as e:  # pylint: disable=broad-except  # damaged pickle stream
-        raise PthError(f"{path}: damaged checkpoint ({type(e).__name__}: {e})") from None
+    except PthError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  # damaged zip records or pickle stream
+      raise PthError(f"{path}: damaged checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def _corrupt(path: str, error: Exception) -> str:
+  """The message for a zip whose index cannot be parsed."""
+  return (f"{path}: a zip file whose index cannot be read ({type(error).__name__}); it looks "
+          "truncated or corrupt (an interrupted download or copy?). Fetch it again")
 
 
 def _is_tensor_dict(node) -> bool:

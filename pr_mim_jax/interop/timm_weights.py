@@ -148,6 +148,21 @@ def _grid(length: int, name: str) -> int:
   return grid
 
 
+def _check_prefix_tokens(state: dict, rows: int) -> None:
+  """A WeightsError naming the cause when the tokens before the patches are not exactly one
+  class token with its own pos_embed row: timm's register tokens, or no_embed_class (DeiT
+  III, ViT-reg), whose pos_embed has a row per patch only. Either would otherwise surface as
+  a misleading 'not a square grid'."""
+  if "reg_token" in state:
+    raise WeightsError(f"register tokens (reg_token {tuple(state['reg_token'].shape)}) are not "
+                       "supported: our ViT has a class token and patch tokens only")
+  side = int(round(np.sqrt(rows)))
+  if rows > 1 and side * side == rows:
+    raise WeightsError(f"pos_embed has {rows} rows, one per patch of a {side}x{side} grid and none "
+                       "for the class token (timm's no_embed_class, as in DeiT III); such models "
+                       "are not supported")
+
+
 def default_heads(width: int) -> int:
   """Heads of the standard ViT of this width (Ti 3, S 6, B 12, L 16, H 16); 0 if none."""
   return {w: h for w, _, h in vit.VARIANTS.values()}.get(width, 0)
@@ -188,6 +203,7 @@ def infer_arch(state: dict, heads: int = 0, decoder_heads: int = 0) -> Arch:
   pos = state["pos_embed"]
   if pos.ndim != 3 or pos.shape[0] != 1 or pos.shape[2] != width:
     raise WeightsError(f"pos_embed has shape {pos.shape}; expected [1, 1+L, {width}]")
+  _check_prefix_tokens(state, pos.shape[1])
   grid = _grid(pos.shape[1] - 1, "pos_embed (after its class-token row)")
   heads = heads or default_heads(width)
   if not heads:
