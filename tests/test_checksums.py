@@ -67,3 +67,26 @@ def test_one_changed_byte_or_a_swap_changes_the_sum():
   swapped = x.copy()
   swapped[[0, 1]] = swapped[[1, 0]]  # the same values, moved
   assert checksums.of_numpy(swapped) != base
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.int64])
+def test_numpy_eight_byte_elements_hash_both_words(dtype):
+  """8-byte elements are two little-endian words each: the high word counts too."""
+  x = (np.random.default_rng(3).normal(size=(4, 5)) * 1e6).astype(dtype)
+  assert checksums.of_numpy(x) == _reference(x)
+  high = x.copy()
+  high.view(np.uint32).reshape(-1)[1] ^= 0x100  # a bit of the first element's high word
+  assert checksums.of_numpy(high) != checksums.of_numpy(x)
+
+
+def test_start_covers_every_array_leaf_and_typed_keys():
+  """Every jax.Array leaf gets its own path; a typed PRNG key is hashed as its key data."""
+  import jax  # pylint: disable=g-import-not-at-top
+  a = np.arange(6, dtype=np.float32).reshape(2, 3)
+  b = np.array([1, 2, 3], np.int32)
+  key = jax.random.key(7)
+  tree = {"a": jnp.asarray(a), "b": [jnp.asarray(b), jnp.asarray(a + 1)], "rng": key,
+          "host": np.ones(3)}  # not a jax.Array: not checksummed
+  got = checksums.values(checksums.start(tree))
+  assert got == {"a": _reference(a), "b/0": _reference(b), "b/1": _reference(a + 1),
+                 "rng": _reference(np.asarray(jax.random.key_data(key)))}

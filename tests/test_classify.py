@@ -1,13 +1,17 @@
 """Linear probing and fine-tuning from a pre-training workdir, end to end on tiny data."""
 
+import functools
 import json
 import os
 import shutil
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from conftest import ROOT, TINY_OVERRIDES, apply_overrides, load_config, run_with_fake_devices
@@ -25,6 +29,7 @@ from pr_mim_jax.training import pretrain
 from pr_mim_jax.training import train_step as train_step_lib
 from pr_mim_jax.training import trainer
 from pr_mim_jax.training import workdir_records
+from pr_mim_jax.training.train_state import ClassifierState
 
 # The embedded dataset's 'easy' variant at 32 px: a tiny encoder trains in seconds, and its
 # classes are linearly separable. (On the default 'hard' variant a briefly pre-trained encoder
@@ -443,3 +448,129 @@ def test_knn_reads_a_scanned_checkpoint(pretrained, tmp_path):
                                             {**DATA, **knn}), str(tmp_path / name))["knn_top1"]
           for name, init in (("plain", pretrained), ("from_scanned", scanned))]
   assert tops[0] == tops[1]
+
+
+# ------------------------------------------------------- the pure steps, against NumPy, fast
+
+_MEAN, _STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+
+
+class _TinyClassifier(nn.Module):
+  """Flatten, BatchNorm (momentum 0.5), Dense: small enough to write out in NumPy."""
+  num_classes: int = 7
+
+  @nn.compact
+  def __call__(self, x, train):
+    x = x.reshape(x.shape[0], -1)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.5, epsilon=1e-5)(x)
+    return nn.Dense(self.num_classes)(x)
+
+
+def _tiny_variables(seed=0):
+  rng = np.random.default_rng(seed)
+  params = {"BatchNorm_0": {"scale": rng.uniform(0.5, 1.5, 12), "bias": rng.normal(size=12)},
+            "Dense_0": {"kernel": rng.normal(size=(12, 7)), "bias": rng.normal(size=7)}}
+  stats = {"BatchNorm_0": {"mean": rng.normal(size=12) * 0.3, "var": rng.uniform(0.5, 2, 12)}}
+  f32 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), t)
+  return f32(params), f32(stats)
+
+
+def _np_forward(params, images, stats=None):
+  """Logits [B, 7] of the tiny classifier on uint8 pixels: eval mode with `stats`, else train
+  mode (batch statistics, biased variance); returns (logits, batch mean, batch var)."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  x = ((np.asarray(images, np.float64) / 255 - _MEAN) / _STD).reshape(len(images), -1)
+  if stats is None:
+    mean, var = x.mean(0), x.var(0)
+  else:
+    mean, var = (np.asarray(stats["BatchNorm_0"][k], np.float64) for k in ("mean", "var"))
+  bn = p["BatchNorm_0"]
+  x = (x - mean) / np.sqrt(var + 1e-5) * bn["scale"] + bn["bias"]
+  return x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"], mean, var
+
+
+def test_eval_step_counts_only_real_examples_against_numpy():
+  params, stats = _tiny_variables()
+  images = np.random.default_rng(1).integers(0, 256, (8, 2, 2, 3)).astype(np.uint8)
+  logits, _, _ = _np_forward(params, images, stats)
+  order = np.argsort(-logits, axis=1)  # [B, 7], best first
+  # Labels: top-1 for examples 0, 1, 6; 5th best (top-5, not top-1) for 2, 7; worst for 3, 4, 5.
+  labels = np.array([order[0, 0], order[1, 0], order[2, 4], order[3, 6], order[4, 6],
+                     order[5, 6], order[6, 0], order[7, 4]])
+  mask = np.array([1, 1, 1, 1, 1, 0, 0, 0])  # the last three are padding
+  out = jax.jit(functools.partial(classify_step.eval_step, model=_TinyClassifier()))(
+      params, stats, {"image": images, "label": labels, "mask": mask})
+  log_p = logits - logits.max(1, keepdims=True)
+  log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
+  nll = -log_p[np.arange(8), labels]
+  assert int(out["correct_top1"]) == 2 and int(out["correct_top5"]) == 3
+  assert int(out["count"]) == 5
+  np.testing.assert_allclose(float(out["loss_sum"]), nll[:5].sum(), rtol=1e-4)
+
+
+def test_train_step_is_sgd_on_smoothed_cross_entropy_with_bn_stats_and_ema():
+  """One update with SGD(0.1), label smoothing 0.1, EMA 0.5, no mixing, against NumPy's
+  forward and JAX's gradient of the loss written out here."""
+  params, _ = _tiny_variables(2)
+  images = np.random.default_rng(3).integers(0, 256, (6, 2, 2, 3)).astype(np.uint8)
+  labels = np.array([0, 3, 6, 1, 3, 5])
+  stats = {"BatchNorm_0": {"mean": jnp.zeros(12), "var": jnp.ones(12)}}
+  tx = optax.sgd(0.1)
+  recipe = classify_step.Recipe(num_classes=7, label_smoothing=0.1, ema_decay=0.5)
+  state = ClassifierState(step=jnp.int32(3), params=params, batch_stats=stats,
+                          opt_state=tx.init(params), rng=jax.random.PRNGKey(0),
+                          ema_params=jax.tree.map(jnp.zeros_like, params))
+  step = jax.jit(functools.partial(classify_step.train_step, model=_TinyClassifier(), tx=tx,
+                                   recipe=recipe, schedule=lambda s: 0.01 * s))
+  new, metrics = step(state, {"image": images, "label": labels})
+
+  targets = np.full((6, 7), 0.1 / 7) + 0.9 * np.eye(7)[labels]
+  def ref_loss(p):  # the same network in jnp, train mode, for the gradient
+    x = ((jnp.asarray(images, jnp.float32) / 255 - _MEAN) / _STD).reshape(6, -1)
+    x = (x - x.mean(0)) / jnp.sqrt(x.var(0) + 1e-5) * p["BatchNorm_0"]["scale"] + p[
+        "BatchNorm_0"]["bias"]
+    logits = x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]
+    return -(targets * jax.nn.log_softmax(logits)).sum(-1).mean()
+  grads = jax.grad(ref_loss)(params)
+  logits, mean, var = _np_forward(params, images)
+  log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+  np.testing.assert_allclose(float(metrics["loss"]), -(targets * log_p).sum(1).mean(), rtol=1e-4)
+  np.testing.assert_allclose(float(metrics["grad_norm"]), np.sqrt(sum(
+      float((g ** 2).sum()) for g in jax.tree.leaves(grads))), rtol=1e-4)
+  np.testing.assert_allclose(float(metrics["lr"]), 0.03, rtol=1e-6)  # schedule(state.step)
+  assert float(metrics["train_top1"]) == np.mean(logits.argmax(1) == labels)
+  assert int(new.step) == 4
+  want = jax.tree.map(lambda p, g: np.asarray(p) - 0.1 * np.asarray(g), params, grads)
+  for got, w, e in zip(jax.tree.leaves(new.params), jax.tree.leaves(want),
+                       jax.tree.leaves(new.ema_params)):
+    np.testing.assert_allclose(np.asarray(got), w, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(e), 0.5 * w, rtol=1e-4, atol=1e-5)  # of the new params
+  np.testing.assert_allclose(new.batch_stats["BatchNorm_0"]["mean"], 0.5 * mean, rtol=1e-4,
+                             atol=1e-5)
+  np.testing.assert_allclose(new.batch_stats["BatchNorm_0"]["var"], 0.5 + 0.5 * var, rtol=1e-4)
+
+
+def test_train_step_mixes_with_a_key_per_step():
+  """Mixup draws from fold_in(rng, step): the same step repeats exactly, another step mixes
+  differently (a key reused every step would mix every batch the same way)."""
+  params, stats = _tiny_variables(4)
+  images = np.random.default_rng(5).integers(0, 256, (6, 2, 2, 3)).astype(np.uint8)
+  tx = optax.sgd(0.0)
+  recipe = classify_step.Recipe(num_classes=7, mixup_alpha=0.8)
+  step = jax.jit(functools.partial(classify_step.train_step, model=_TinyClassifier(), tx=tx,
+                                   recipe=recipe, schedule=lambda s: 0.0))
+  def loss_at(s):
+    state = ClassifierState(step=jnp.int32(s), params=params, batch_stats=stats,
+                            opt_state=tx.init(params), rng=jax.random.PRNGKey(0))
+    return float(step(state, {"image": images, "label": np.arange(6)})[1]["loss"])
+  losses = [loss_at(s) for s in (0, 1, 2, 0)]
+  assert losses[0] == losses[3] and len(set(losses[:3])) == 3
+
+
+def test_recipe_from_config_reads_every_field():
+  config = classify_config.get_config("finetune", "init=/x,dataset=shapes")
+  config.mixup.update(mixup_alpha=0.3, cutmix_alpha=0.7, prob=0.6, switch_prob=0.2)
+  config.label_smoothing, config.ema.decay = 0.15, 0.99
+  assert classify_step.recipe_from_config(config, 11) == classify_step.Recipe(
+      num_classes=11, label_smoothing=0.15, mixup_alpha=0.3, cutmix_alpha=0.7, mix_prob=0.6,
+      switch_prob=0.2, ema_decay=0.99)

@@ -1,5 +1,7 @@
 """The weighted cosine k-NN classifier against a hand-computed case and a NumPy loop."""
 
+import flax.linen as nn
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -64,3 +66,40 @@ def test_pool_features():
   tokens = np.arange(2 * 3 * 2, dtype=np.float32).reshape(2, 3, 2)  # [B, 1+L, D]
   np.testing.assert_array_equal(knn.pool_features(tokens, "cls"), tokens[:, 0])
   np.testing.assert_array_equal(knn.pool_features(tokens, "mean"), [[3.0, 4.0], [9.0, 10.0]])
+
+
+class _Tokens(nn.Module):
+  """A stand-in encoder: pixel (i, j) becomes patch token i * W + j, times a per-channel scale;
+  the 'cls' token is the per-channel max over the image."""
+
+  @nn.compact
+  def __call__(self, images):  # [B, H, W, 3] -> [B, 1 + H * W, 3]
+    scale = self.param("scale", nn.initializers.ones, (3,))
+    tokens = images.reshape(images.shape[0], -1, 3) * scale
+    return jnp.concatenate([tokens.max(axis=1, keepdims=True), tokens], axis=1)
+
+
+def test_extract_features_normalises_batches_and_drops_the_padding():
+  """7 uint8 images in batches of 3 (the last padded): one feature per image, computed on
+  normalised pixels (ImageNet statistics written out), equal to the float path's."""
+  images = np.random.default_rng(0).integers(0, 256, (7, 2, 2, 3)).astype(np.uint8)
+  params = {"scale": jnp.array([1.0, 2.0, 3.0])}
+  normed = (images / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+  tokens = normed.reshape(7, 4, 3) * np.array([1.0, 2.0, 3.0])
+  for feature, want in (("mean", tokens.mean(1)), ("cls", tokens.max(1))):
+    got = knn.extract_features(_Tokens(), params, images, feature=feature, batch_size=3)
+    assert got.shape == (7, 3) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    floats = knn.extract_features(_Tokens(), params, normed.astype(np.float32), feature=feature,
+                                  batch_size=4)
+    np.testing.assert_allclose(floats, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_zero_feature_does_not_poison_the_scores():
+  """A zero vector has no direction: its cosine similarity is 0, not NaN."""
+  train = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]], np.float32)
+  scores = np.asarray(knn.knn_predict(train, np.array([0, 1, 2]), np.array([[1.0, 0.1]], np.float32),
+                                      k=3, num_classes=3, temperature=1.0))
+  assert np.isfinite(scores).all()
+  unit = np.array([1.0, 0.1]) / np.linalg.norm([1.0, 0.1])
+  np.testing.assert_allclose(scores, [[1.0, np.exp(unit[0]), np.exp(unit[1])]], rtol=1e-5)

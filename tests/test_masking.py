@@ -324,3 +324,76 @@ def test_stage_sizes(n_throw, num_stages, expected):
 def test_stage_sizes_raises(n_throw, num_stages):
   with pytest.raises(ValueError):
     progressive.stage_sizes(n_throw, num_stages)
+
+
+# --- Mutation-audit additions -----------------------------------------------------------------
+
+def test_running_cell_pattern_k_rounds_half_up():
+  # 7 of 16 patches in the decoder (4 visible + 3 decoded, 9 thrown): 4 * 7 / 16 = 1.75 rounds
+  # to k = 2, the diagonal of each cell (truncating would give k = 1, the (0, 0) corners only).
+  split = masking.token_split(16, 0.75, 0.5625)
+  assert (split.n_vis, split.n_dec, split.n_throw) == (4, 3, 9)
+  diag = np.array([[1, 0, 1, 0], [0, 1, 0, 1], [1, 0, 1, 0], [0, 1, 0, 1]], bool)
+  np.testing.assert_array_equal(masking.running_cell_pattern(4, split).reshape(4, 4), diag)
+
+
+def test_running_cell_fill_regime_is_still_a_partition():
+  # When the masked part of the pattern is smaller than n_dec the decoder fills up with
+  # off-pattern patches: those must be masked ones, never visible ones. A visible patch wins
+  # a fill slot only in rare draws (few off-pattern candidates), hence the large batch.
+  split, masks = _make(5, 2048, 5, 0.76, 0.4, 'running_cell')
+  pattern = masking.running_cell_pattern(5, split)
+  vis, dec, throw = (np.asarray(a) for a in (masks.ids_vis, masks.ids_dec, masks.ids_throw))
+  onehot = lambda ids: np.eye(25, dtype=np.int32)[ids].sum(axis=1)  # noqa: E731  [B, L]
+  vis_1h = onehot(vis)
+  assert ((pattern & (vis_1h == 0)).sum(1) < split.n_dec).sum() > 100  # the fill regime (182 of 2048)
+  counts = vis_1h + onehot(dec) + onehot(throw)
+  np.testing.assert_array_equal(counts, 1)  # every patch in exactly one set
+  _check_masks(jax.tree.map(lambda a: a[:64], masks), split, 64)
+
+
+def _nearest_sq(remaining, kept, grid):
+  rows, cols = np.divmod(np.arange(grid * grid), grid)
+  r, k = np.asarray(remaining), np.asarray(kept)
+  return ((rows[r, None] - rows[k]) ** 2 + (cols[r, None] - cols[k]) ** 2).min(axis=1)
+
+
+def test_furthest_stages_follow_furthest_order_on_a_sparse_grid():
+  # Few kept patches, so picks are still far apart when the thrown stages are formed
+  # (on a dense grid every remaining patch ties at distance 1 and any order would pass).
+  # 8x8, 6 visible, 7 decoded, 51 thrown in stages of 17: the first two stages are
+  # furthest-point picks in order, the last stage is the rest.
+  grid = 8
+  split, masks = _make(21, 4, grid, 0.9, 0.8, 'furthest', 3)
+  assert (split.n_vis, split.n_dec, split.n_throw) == (6, 7, 51)
+  sizes = progressive.stage_sizes(split.n_throw, 3)
+  far_picks = 0
+  for vis, dec, throw in zip(np.asarray(masks.ids_vis), np.asarray(masks.ids_dec),
+                             np.asarray(masks.ids_throw)):
+    kept = list(vis)
+    remaining = sorted(set(range(grid * grid)) - set(vis))
+    for p in np.concatenate([dec, throw[:sum(sizes[:-1])]]):
+      nearest = dict(zip(remaining, _nearest_sq(remaining, kept, grid)))
+      assert nearest[p] == max(nearest.values())
+      far_picks += nearest[p] > 1
+      kept.append(p)
+      remaining.remove(p)
+    assert set(throw[sum(sizes[:-1]):]) == set(remaining)
+  assert far_picks > 4 * split.n_dec  # thrown stages too were picked at distance > 1
+
+
+@pytest.mark.slow
+def test_furthest_stage_count_keeps_one_furthest_sequence():
+  # Stages continue ONE furthest-point sequence (only the last stage is the unpicked rest),
+  # so the picked prefix of ids_throw does not depend on how many stages cut it.
+  # 18 thrown: (6, 6, 6) picks 12, (5, 5, 4, 4) picks 14, (3,) * 6 picks 15.
+  grid = 6
+  split, three = _make(13, 8, grid, 0.8, 0.5, 'furthest', 3)
+  _, four = _make(13, 8, grid, 0.8, 0.5, 'furthest', 4)
+  _, six = _make(13, 8, grid, 0.8, 0.5, 'furthest', 6)
+  assert split.n_throw == 18
+  for m in (four, six):
+    np.testing.assert_array_equal(np.asarray(m.ids_vis), np.asarray(three.ids_vis))
+    np.testing.assert_array_equal(np.asarray(m.ids_dec), np.asarray(three.ids_dec))
+  np.testing.assert_array_equal(np.asarray(six.ids_throw)[:, :12], np.asarray(three.ids_throw)[:, :12])
+  np.testing.assert_array_equal(np.asarray(four.ids_throw)[:, :14], np.asarray(six.ids_throw)[:, :14])

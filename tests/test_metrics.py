@@ -41,3 +41,36 @@ def test_hide_gpus_after_tensorflow_started_is_not_an_error(monkeypatch):
     raise RuntimeError("Visible devices cannot be modified after being initialized")
   monkeypatch.setattr(tensorflow_devices.tf.config, "set_visible_devices", already_initialised)
   tensorflow_devices.hide_gpus()  # must not raise
+
+
+def test_last_recorded_takes_each_keys_last_row_past_torn_lines(tmp_path):
+  rows = ['{"step": 1, "loss": 3.0, "knn_top1": 0.1}', '{"step": 2, "loss": 2.0}',
+          '{"step": 3, "lo', '{"step": 4, "loss": 1.0}', '']
+  (tmp_path / "metrics.jsonl").write_text("\n".join(rows))
+  assert metrics.last_recorded(str(tmp_path), ["loss", "knn_top1", "absent"]) == {
+      "loss": (4, 1.0), "knn_top1": (1, 0.1)}
+  assert metrics.last_recorded(str(tmp_path / "nowhere"), ["loss"]) == {}
+
+
+def test_format_seconds():
+  assert metrics.format_seconds(3 * 3600 + 25 * 60 + 7.9) == "3h25m07s"
+  assert metrics.format_seconds(59) == "0h00m59s"
+  assert metrics.format_seconds(float("inf")) == "?"
+
+
+def test_progress_rate_is_over_the_last_interval(monkeypatch):
+  clock = iter([100.0, 102.0, 106.0, 106.0])
+  monkeypatch.setattr(metrics.time, "monotonic", lambda: next(clock))
+  progress = metrics.Progress(first_step=10, total_steps=100)
+  assert progress.report(20) == {"steps_per_sec": 5.0}  # 10 steps in 2 s
+  assert progress.report(60) == {"steps_per_sec": 10.0}  # 40 steps in the next 4 s
+  assert progress.report(60) == {"steps_per_sec": 0.0}  # no time, no steps: no division error
+
+
+def test_only_process_zero_writes(tmp_path, monkeypatch):
+  monkeypatch.setattr(metrics.jax, "process_index", lambda: 1)
+  writer = metrics.MetricWriter(str(tmp_path), tensorboard=True)
+  writer.write_scalars(1, {"loss": 2.0})
+  writer.write_images(1, {"img": [[[0, 0, 0]]]})
+  writer.close()
+  assert not writer.active and list(tmp_path.iterdir()) == []

@@ -640,3 +640,108 @@ def test_mae_forward_is_the_same_for_every_cpu_attention():
     outs[impl] = np.asarray(jax.jit(lambda p: model.apply({'params': p}, images, ids_vis,
                                                            ids_dec).dec)(params))
   np.testing.assert_allclose(outs['xla'], outs['einsum'], rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------
+# Mutation-audit additions: the progressive (thrown-token) path of the whole model against
+# NumPy, for both decoders. Catches features placed on the wrong canvas cells, the wrong
+# global key, a missing decoder norm, or the wrong inputs of the last block.
+
+def np_block_ctx(x, p, ctx=None):
+  """np_block; with ctx, x's tokens query norm1(ctx) (keys and values) and nothing sees x."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
+  if ctx is None:
+    return np_block(x, p)
+  a = p['attn']
+  d = x.shape[-1]
+  three, heads, hd = a['qkv']['kernel'].shape[1:]
+  kernel, bias = a['qkv']['kernel'].reshape(d, 3, heads * hd), a['qkv']['bias'].reshape(3, -1)
+  xq, xc = np_layer_norm(x, p['norm1']), np_layer_norm(ctx, p['norm1'])
+  split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, hd).transpose(0, 2, 1, 3)  # noqa: E731
+  q = split(xq @ kernel[:, 0] + bias[0])
+  k, v = split(xc @ kernel[:, 1] + bias[1]), split(xc @ kernel[:, 2] + bias[2])
+  o = (np_softmax(q @ k.transpose(0, 1, 3, 2) * hd ** -0.5) @ v).transpose(0, 2, 1, 3)
+  o = o.reshape(x.shape[0], x.shape[1], heads * hd) @ a['proj']['kernel'].reshape(heads * hd, d)
+  x = x + o + a['proj']['bias']
+  return x + np_mlp(np_layer_norm(x, p['norm2']), p['mlp'])
+
+
+def np_progressive_mae(params, images, ids_vis, ids_dec, ids_throw, decoder, aggregator,
+                       num_stages, dw=8, depth=2):
+  """(pred_dec, pred_throw) in float64: partial decoder, then thrown tokens (DESIGN.md)."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  grid = IMAGE // PATCH
+  b = images.shape[0]
+  latent = np_encoder(params['encoder'], images, ids_vis)
+  pos = mae_2d_sincos(dw, grid, cls_token=True)  # [1+L, dw]
+  x = latent @ p['decoder_embed']['kernel'] + p['decoder_embed']['bias']
+  context = np.concatenate([x[:, :1] + pos[0], x[:, 1:] + pos[1:][ids_vis]], axis=1)
+  query = lambda ids: p['mask_token'][0] + pos[1:][ids]  # noqa: E731  [B, n, dw]
+  blocks = [params[f'decoder_block{i}'] for i in range(depth)]
+  ln = lambda t: np_layer_norm(t, p['decoder_norm'])  # noqa: E731
+  if decoder == 'self_attention':
+    h = np.concatenate([context, query(ids_dec)], axis=1)
+    for blk in blocks[:-1]:
+      h = np_block_ctx(h, blk)
+    last_input = h
+    feats = ln(np_block_ctx(h, blocks[-1]))
+    kept, glob, dec_feats = feats[:, 1:], feats[:, 0], feats[:, 1 + ids_vis.shape[1]:]
+  else:
+    h = query(ids_dec)
+    for blk in blocks:
+      h = np_block_ctx(h, blk, context)
+    last_input = context
+    dec_feats = ln(h)
+    kept, glob = np.concatenate([context[:, 1:], dec_feats], axis=1), context[:, 0]
+  head = lambda t: t @ p['decoder_pred']['kernel'] + p['decoder_pred']['bias']  # noqa: E731
+  if aggregator == 'last_block':
+    return head(dec_feats), head(ln(np_block_ctx(query(ids_throw), blocks[-1], last_input)))
+  # 'interpolate': softmax over the learned per-offset logits of the known 3x3 neighbours + cls.
+  logit = p['thrown']['offset_logit']
+  out = np.zeros(ids_throw.shape + (dw,))
+  sizes = [len(c) for c in np.array_split(np.arange(ids_throw.shape[1]), num_stages)]
+  for bi in range(b):
+    canvas = np.zeros((grid * grid, dw))
+    known = np.zeros(grid * grid, bool)
+    ids_kept = np.concatenate([ids_vis[bi], ids_dec[bi]])
+    canvas[ids_kept], known[ids_kept] = kept[bi], True
+    start = 0
+    for size in sizes:
+      stage = range(start, start + size)
+      for i in stage:
+        r, c = divmod(int(ids_throw[bi, i]), grid)
+        feats, logits = [], []
+        for k, (dr, dc) in enumerate((dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1)):
+          rr, cc = r + dr, c + dc
+          if 0 <= rr < grid and 0 <= cc < grid and known[rr * grid + cc]:
+            feats.append(canvas[rr * grid + cc])
+            logits.append(logit[k])
+        feats.append(glob[bi])
+        logits.append(logit[9])
+        w = np.exp(np.array(logits) - max(logits))
+        out[bi, i] = (w / w.sum()) @ np.stack(feats)
+      for i in stage:  # a stage's outputs join the canvas for the next stage only
+        canvas[ids_throw[bi, i]], known[ids_throw[bi, i]] = out[bi, i], True
+      start += size
+  return head(dec_feats), head(out)
+
+
+@pytest.mark.parametrize('decoder,aggregator,num_stages', [
+    ('self_attention', 'interpolate', 2), ('cross_attention', 'interpolate', 1),
+    ('self_attention', 'last_block', 1), ('cross_attention', 'last_block', 1)])
+def test_progressive_predictions_match_numpy(decoder, aggregator, num_stages):
+  model = mae.MaskedAutoencoder(SPEC, IMAGE, decoder_width=8, decoder_depth=2, decoder_heads=2,
+                                decoder=decoder, thrown_reconstruction='progressive',
+                                aggregator=aggregator, num_stages=num_stages)
+  split = masking.token_split(L, 0.75, 0.5)  # 4 visible, 4 decoded, 8 thrown
+  rng = np.random.default_rng(31)
+  perm = np.stack([rng.permutation(L) for _ in range(2)]).astype(np.int32)
+  ids_vis, ids_dec, ids_throw = (perm[:, :4], perm[:, 4:8], perm[:, 8:])
+  assert (split.n_vis, split.n_dec, split.n_throw) == (4, 4, 8)
+  images = _images(seed=32)
+  params = _np_params(model, images, ids_vis, ids_dec, ids_throw, seed=33)
+  preds = jax.jit(lambda p: model.apply({'params': p}, images, ids_vis, ids_dec, ids_throw))(params)
+  ref_dec, ref_throw = np_progressive_mae(params, images, ids_vis, ids_dec, ids_throw, decoder,
+                                          aggregator, num_stages)
+  np.testing.assert_allclose(np.asarray(preds.dec), ref_dec, rtol=2e-4, atol=2e-4)
+  np.testing.assert_allclose(np.asarray(preds.throw), ref_throw, rtol=2e-4, atol=2e-4)

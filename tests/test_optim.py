@@ -447,3 +447,26 @@ def test_mu_dtype_bfloat16_keeps_the_first_moment_in_bf16():
   # (1 - b1) * g = 0.025 after one step, in either dtype.
   np.testing.assert_allclose(np.asarray(moments['bfloat16'].mu['kernel'], np.float32), 0.025,
                              rtol=1e-2)
+
+
+def test_probe_optimizer_reads_momentum_from_the_config():
+  """optim.momentum = 0.5: two LARS steps (lr 5: the trust ratio makes the kernel's steps
+  small) follow MAE's update with that momentum; 0.9, the default, moves every leaf further."""
+  params = {'head': {'kernel': jnp.asarray(np.random.default_rng(0).normal(size=(3, 2)) + 1.0,
+                                           jnp.float32),
+                     'bias': jnp.array([0.5, -0.5])},
+            'encoder': {'kernel': jnp.ones((2, 2))}}
+  rng = np.random.default_rng(1)
+  grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+           for _ in range(2)]
+  tx = optim.make_probe_optimizer(ml_collections.ConfigDict(dict(momentum=0.5)),
+                                  optax.constant_schedule(5.0))
+  state, p = tx.init(params), params
+  for g in grads:
+    updates, state = tx.update(g, state, p)
+    p = optax.apply_updates(p, updates)
+  ref = _np_mae_lars(params['head'], [g['head'] for g in grads], [5.0, 5.0], wd=0.0, momentum=0.5)
+  other = _np_mae_lars(params['head'], [g['head'] for g in grads], [5.0, 5.0], wd=0.0)
+  for k in ref:
+    np.testing.assert_allclose(np.asarray(p['head'][k]), ref[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    assert np.abs(ref[k] - other[k]).max() > 1e-3

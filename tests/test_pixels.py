@@ -37,3 +37,24 @@ def test_round_trip_and_host_twin():
   np.testing.assert_array_equal(pixels.denormalize(x), x)  # pixels stay pixels
   np.testing.assert_array_equal(pixels.normalized(x), pixels.normalize(x))
 
+
+
+def test_denormalize_saturates_out_of_range_values():
+  """A reconstruction may leave [0, 255] after un-normalising: it clips, it does not wrap
+  around uint8 (300 would become 44, -20 would become 236)."""
+  x = np.array([[[5.0, 5.0, 5.0], [-5.0, -5.0, -5.0], [3.0, -3.0, 0.0]]], np.float32)
+  want_last = np.clip(np.round((np.array([3.0, -3.0, 0.0]) * np.array(pixels.STD)
+                                + np.array(pixels.MEAN)) * 255), 0, 255)
+  np.testing.assert_array_equal(pixels.denormalize(x),
+                                [[[255, 255, 255], [0, 0, 0], want_last]])
+
+
+def test_non_uint8_batches_are_never_renormalised():
+  """Only uint8 means pixels: float64 / bfloat16 batches are already normalised."""
+  x = np.random.default_rng(1).standard_normal((2, 3, 3))
+  np.testing.assert_array_equal(pixels.normalized(x), x.astype(np.float32))
+  assert pixels.normalized(x).dtype == np.float32
+  bf16 = jnp.asarray(x, jnp.bfloat16)
+  out = pixels.model_input(bf16)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(bf16, np.float32))

@@ -110,3 +110,12 @@ def test_adapt_encoder_params():
   out = jax.jit(posemb.adapt_encoder_params, static_argnums=1)(params, 6)
   np.testing.assert_allclose(np.asarray(out['pos_embedding']),
                              np.asarray(bigger['pos_embedding']), rtol=1e-6)
+
+
+def test_adapt_encoder_params_shrinks_too():
+  # Fine-tuning below the pre-training resolution: a 6x6 table must become 4x4, not stay 6x6.
+  table = _table(6, 8, seed=3)
+  out = posemb.adapt_encoder_params({'pos_embedding': jnp.asarray(table)}, 4)
+  assert out['pos_embedding'].shape == (17, 8)
+  np.testing.assert_allclose(np.asarray(out['pos_embedding']), np_resize_table(table, 4),
+                             rtol=1e-5, atol=1e-5)

@@ -162,3 +162,69 @@ def test_random_erase_tf(ra):
   s = _erased_boxes(lambda x, i: erase(x, ra.tf.constant(i, ra.tf.int64)).numpy())
   assert 0.35 < (s > 0).mean() < 0.65
   assert s[s > 0].min() >= 0.01 and s.max() <= 0.36
+
+
+def test_rand_augment_draws_ops_signs_and_levels_as_timm(monkeypatch):
+  """Each of num_ops slots applies with p = 0.5 an op uniform over all 15, a sign +-1 with
+  p = 0.5 each, and level (magnitude + N(0, std)) / 10 clipped to [0, 1] (timm's
+  rand-m9-mstd0.5). Bounds: about 5 standard deviations over 1000 images."""
+  calls = []
+  def record(img, name, level, sign):
+    calls.append((name, level, sign))
+    return img
+  monkeypatch.setattr(randaugment_np, "apply_op", record)
+  img = _image()
+  n = 1000
+  for s in range(n):
+    randaugment_np.rand_augment(img, np.random.default_rng(s), num_ops=2, magnitude=9.0,
+                                magnitude_std=0.5)
+  names, levels, signs = zip(*calls)
+  assert abs(len(calls) / (2 * n) - 0.5) < 5 * np.sqrt(0.25 / (2 * n))
+  counts = np.array([names.count(op) for op in randaugment_np.OPS])
+  expected = len(calls) / len(randaugment_np.OPS)
+  assert (np.abs(counts - expected) < 5 * np.sqrt(expected)).all(), counts
+  assert abs(np.mean(np.array(signs) > 0) - 0.5) < 5 * np.sqrt(0.25 / len(calls))
+  assert set(signs) == {-1.0, 1.0}
+  levels = np.array(levels)
+  assert abs(levels.mean() - 0.9) < 0.01 and abs(levels.std() - 0.05) < 0.01
+  calls.clear()
+  for s in range(200):  # magnitude 10: half the draws clip at level 1
+    randaugment_np.rand_augment(img, np.random.default_rng(s), magnitude=10.0)
+  levels = np.array([c[1] for c in calls])
+  assert levels.max() == 1.0 and 0.3 < np.mean(levels == 1.0) < 0.7
+
+
+def test_random_erase_rate_and_noise_np():
+  """Erases with probability prob (0.25 here: a polarity error would give 0.75), and fills the
+  box with independent N(0, 1) noise per pixel and channel."""
+  x = np.full((32, 32, 3), 7.0, np.float32)
+  erased, values = 0, []
+  for s in range(800):
+    out = randaugment_np.random_erase(x, np.random.default_rng(s), 0.25)
+    box = out != 7.0
+    if box.any():
+      erased += 1
+      values.append(out[box.any(-1)])  # [pixels, 3]
+  assert abs(erased / 800 - 0.25) < 5 * np.sqrt(0.25 * 0.75 / 800)
+  values = np.concatenate(values)
+  assert abs(values.mean()) < 0.05 and abs(values.std() - 1.0) < 0.05
+  assert abs(np.corrcoef(values[:, 0], values[:, 1])[0, 1]) < 0.05  # channels independent
+
+
+def test_np_train_augment_is_crop_then_normalise_then_erase():
+  """num_ops=0: the pixels are augment_np's crop and flip, normalised; with erase_prob 1 one
+  box of them (area share in [0.02, 1/3], up to rounding) differs."""
+  img = np.tile(_image(seed=6), (2, 1, 1))
+  for s in range(5):
+    base = randaugment_np.pixels.normalize(
+        augment_np.train_augment(img, augment_np.example_rng(0, s, 0), 16))
+    same = randaugment_np.train_augment(img, augment_np.example_rng(0, s, 0), 16, num_ops=0,
+                                        erase_prob=0.0)
+    np.testing.assert_array_equal(same, base)
+    out = randaugment_np.train_augment(img, augment_np.example_rng(0, s, 0), 16, num_ops=0,
+                                       erase_prob=1.0)
+    changed = (out != base).any(-1)
+    ys, xs = np.nonzero(changed)
+    assert changed.sum() == (np.ptp(ys) + 1) * (np.ptp(xs) + 1)  # one rectangle
+    assert 0.01 <= changed.mean() <= 0.36
+    np.testing.assert_array_equal(out[~changed], base[~changed])

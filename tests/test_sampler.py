@@ -83,3 +83,29 @@ def test_schedule_is_lazy_and_infinite():
   it = sampler.host_schedule(0, N, B, 10**9, 0, 1)  # far-future start: one permutation
   steps = [s.step for s in itertools.islice(it, 3)]
   assert steps == [10**9, 10**9 + 1, 10**9 + 2]
+
+
+def test_batches_follow_the_documented_formula():
+  """The module docstring's contract, written out independently: a run resumed by another
+  version of the code must see the same examples. perm(epoch) = default_rng([seed, epoch])."""
+  spe = N // B
+  for seed, step in ((0, 0), (3, 5), (3, spe), (7, 3 * spe + 4)):
+    perm = np.random.default_rng([seed, step // spe]).permutation(N)
+    want = perm[(step % spe) * B:(step % spe + 1) * B]
+    np.testing.assert_array_equal(sampler.global_batch_indices(seed, step, N, B), want)
+    it = sampler.host_schedule(seed, N, B, step, 1, 2)
+    np.testing.assert_array_equal(next(it).indices, want[B // 2:])
+
+
+def test_bad_arguments_are_refused():
+  with pytest.raises(UserError, match="positive"):
+    sampler.steps_per_epoch(N, 0)
+  with pytest.raises(UserError, match="start step"):
+    next(sampler.host_schedule(0, N, B, -1, 0, 1))
+  with pytest.raises(ValueError, match="positions"):
+    next(sampler.schedule(0, N, B, 0, [0, B]))  # position B is outside the batch
+  with pytest.raises(ValueError, match="positions"):
+    next(sampler.schedule(0, N, B, 0, [-1]))
+  for index, count in ((4, 4), (-1, 4), (0, 0)):
+    with pytest.raises(ValueError, match="process_index"):
+      sampler.process_positions(B, index, count)

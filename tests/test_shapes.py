@@ -281,3 +281,45 @@ def test_prepare_survives_a_concurrent_writer(tmp_path, monkeypatch):
   np.testing.assert_array_equal([source[i]['label'] for i in range(6)], labels)
   leftovers = [p.name for p in (tmp_path / 'shapes' / 's16_tr6_te3_seed2').iterdir()]
   assert leftovers == ['1.1.0'], leftovers
+
+
+def test_prepare_removes_what_a_killed_generation_left(tmp_path, capsys):
+  """A generation killed mid-way leaves tfds's incomplete.* folder (renamed into place only
+  at the end). The next prepare holds the lock, so no live process writes it: it goes."""
+  pytest.importorskip('tensorflow_datasets')
+  from pr_mim_jax.data import shapes_tfds
+  config_dir = tmp_path / 'shapes' / 's16_tr6_te3_seed2'
+  stale = config_dir / 'incomplete.AB12CD_1.1.0'
+  (stale / 'shapes-train.array_record-00000-of-00001').parent.mkdir(parents=True)
+  (stale / 'shapes-train.array_record-00000-of-00001').write_bytes(b'partial')
+  b = shapes_tfds.prepare(str(tmp_path), image_size=16, train_size=6, test_size=3, seed=2)
+  assert b.is_prepared()
+  assert sorted(p.name for p in config_dir.iterdir()) == ['1.1.0']
+  assert f'removed {stale}' in capsys.readouterr().out
+
+
+def test_prepare_waits_for_a_live_generation_and_leaves_its_files_alone(tmp_path):
+  """While another process holds the generation lock, its incomplete.* folder is live:
+  prepare waits instead of deleting it, and reads that process's copy once it is done."""
+  pytest.importorskip('tensorflow_datasets')
+  import fcntl
+  import threading
+  from pr_mim_jax.data import shapes_tfds
+  settings = dict(image_size=16, train_size=6, test_size=3, seed=2)
+  config_dir = tmp_path / 'shapes' / 's16_tr6_te3_seed2'
+  live = config_dir / 'incomplete.LIVE00_1.1.0'
+  live.mkdir(parents=True)
+  lock = os.open(tmp_path / 'shapes' / '.s16_tr6_te3_seed2.lock', os.O_CREAT | os.O_RDWR)
+  fcntl.flock(lock, fcntl.LOCK_EX)  # "the other process"
+  result = {}
+  waiter = threading.Thread(
+      target=lambda: result.update(b=shapes_tfds.prepare(str(tmp_path), **settings)))
+  waiter.start()
+  waiter.join(timeout=3)
+  assert waiter.is_alive() and live.exists()  # waiting, the live folder untouched
+  live.rmdir()  # the other process finishes: its folder renamed into place
+  shapes_tfds.builder(str(tmp_path), **settings).download_and_prepare()
+  os.close(lock)
+  waiter.join(timeout=60)
+  assert not waiter.is_alive() and result['b'].is_prepared()
+  assert sorted(p.name for p in config_dir.iterdir()) == ['1.1.0']

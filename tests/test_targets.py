@@ -127,3 +127,17 @@ def test_hog_odd_patch_raises():
     targets.patch_targets(jnp.zeros((1, 9, 9, 3)), 3, 'hog')
   with pytest.raises(ValueError, match='bogus'):
     targets.target_dim('bogus', 4)
+
+
+def test_norm_pixel_eps_inside_the_square_root():
+  # Patches with a per-patch variance about MAE's eps (1e-6) make its placement visible:
+  # MAE divides by (var + 1e-6) ** 0.5, var unbiased (ddof=1).
+  rng = np.random.default_rng(7)
+  images = (1e-3 * rng.normal(size=(2, 8, 8, 3))).astype(np.float32)
+  images[1, :4, :4] *= 10.0  # one patch well above eps
+  out = np.asarray(targets.patch_targets(jnp.asarray(images), 4, 'norm_pixel'))
+  x = images.astype(np.float64).reshape(2, 2, 4, 2, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(2, 4, 48)
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).sum(-1, keepdims=True) / 47
+  assert 0.3e-6 < np.median(var) < 3e-6
+  np.testing.assert_allclose(out, (x - mean) / np.sqrt(var + 1e-6), rtol=1e-4, atol=1e-4)

@@ -9,8 +9,10 @@ this module is imported. The default file format is ArrayRecord, which gives
 random access through `builder.as_data_source()`.
 """
 
+import contextlib
 import dataclasses
 import functools
+import os
 import re
 import time
 
@@ -172,25 +174,71 @@ def builder(data_dir: str | None, image_size: int = 64,
       file_format=file_format)
 
 
+@contextlib.contextmanager
+def _generation_lock(config_dir: epath.Path):
+  """Holds an exclusive lock (flock on `.<config>.lock` beside config_dir) while this process
+  generates, waiting for another process that holds it; yields whether it locked. Not on
+  gs:// or a file system without locks: two runs may then both generate (see prepare)."""
+  lock_path = config_dir.parent / f'.{config_dir.name}.lock'
+  try:
+    import fcntl  # pylint: disable=g-import-not-at-top  # POSIX only
+    if '://' in os.fspath(lock_path):
+      raise OSError('remote file system')
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(os.fspath(lock_path), os.O_CREAT | os.O_RDWR, 0o644)
+  except (ImportError, OSError):
+    yield False
+    return
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      print(f'shapes: another process is generating {config_dir}; waiting for it', flush=True)
+      fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:  # no lock support here
+      yield False
+      return
+    yield True
+  finally:
+    os.close(fd)  # releases the lock
+
+
+def _remove_unfinished(config_dir: epath.Path) -> None:
+  """Deletes the `incomplete.*` folders a killed generation left in config_dir (tfds writes
+  there, then renames): called only under the lock, when no live process is writing them."""
+  if not config_dir.exists():
+    return
+  for folder in config_dir.glob('incomplete.*'):
+    folder.rmtree()
+    print(f'shapes: removed {folder}, left by a generation that did not finish', flush=True)
+
+
 def prepare(data_dir: str | None, image_size: int = 64,
             train_size: int = 20000, test_size: int = 2000, seed: int = 0,
             file_format: str = 'array_record',
             difficulty: str = 'hard') -> tfds.core.DatasetBuilder:
   """Returns a prepared builder, generating the dataset on first use only."""
-  b = builder(data_dir, image_size=image_size, train_size=train_size,
-              test_size=test_size, seed=seed, file_format=file_format,
-              difficulty=difficulty)
-  if not sources.is_prepared(b):  # the builder prints one line before and one after
-    try:
+  make = functools.partial(builder, data_dir, image_size=image_size, train_size=train_size,
+                           test_size=test_size, seed=seed, file_format=file_format,
+                           difficulty=difficulty)
+  b = make()
+  if sources.is_prepared(b):
+    return b
+  config_dir = epath.Path(b.data_dir).parent  # [data_dir]/shapes/<config>
+  with _generation_lock(config_dir) as locked:
+    b = make()  # another process may have finished it while this one waited
+    if sources.is_prepared(b):
+      return b
+    if locked:
+      _remove_unfinished(config_dir)
+    try:  # the builder prints one line before and one after
       b.download_and_prepare(
           download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     except FileExistsError:
       # Another process sharing data_dir (a second run, another host) generated the same
       # config meanwhile and renamed its folder into place first. Generation is
       # deterministic, so its copy is the one this run would have written: read that.
-      b = builder(data_dir, image_size=image_size, train_size=train_size,
-                  test_size=test_size, seed=seed, file_format=file_format,
-                  difficulty=difficulty)
+      b = make()
       if not sources.is_prepared(b):
         raise
       print(f'shapes: another process prepared {b.data_dir} first; using it', flush=True)
