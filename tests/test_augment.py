@@ -208,6 +208,26 @@ def test_tf_eval_transform(tfa):
   np.testing.assert_array_equal(out, np.broadcast_to(COLOUR, out.shape))
 
 
+
+def _column_ramp(height, width):
+  """uint8 [height, width, 3]: red = 10 * column, so a resampled pixel shows its source column."""
+  img = np.zeros((height, width, 3), np.uint8)
+  img[..., 0] = 10 * np.arange(width)[None, :]
+  return img
+
+
+@pytest.mark.parametrize("backend", ["np", "tf"])
+def test_eval_centre_crop_offset_rounds_like_torchvision(backend, tfa):
+  """16 x 21 at size 16: Resize(18) gives 18 x 23 (int(18 * 21 / 16)); torchvision's CenterCrop
+  starts at column round(7 / 2) = 4 (half to even), not 7 // 2 = 3. Output column j shows
+  source column (4 + j + 0.5) * 21 / 23 - 0.5 (by hand); one column off is 9 levels of red."""
+  img = _column_ramp(16, 21)
+  out = (augment_np.eval_transform(img, 16) if backend == "np"
+         else tfa.eval_transform(img, 16).numpy())
+  cols = (4 + np.arange(16) + 0.5) * 21 / 23 - 0.5
+  np.testing.assert_allclose(out[4:-4, 2:-2, 0], np.broadcast_to(10 * cols, (16, 16))[4:-4, 2:-2],
+                             atol=3)
+
 # ------------------------------------------------ JPEG DCT-domain downscaling
 
 
@@ -305,3 +325,117 @@ def test_tf_dct_downscale_keeps_the_box_and_the_pixels(tfa):
     reference = tfa.to_pixels(tfa._resize(crop, size)).numpy()  # pylint: disable=protected-access
     _assert_close_to_full_decode(fast, reference)
   assert {2, 4} <= ratios
+
+
+# --------------------------------------------- crop edges, DCT boundary, eval against Pillow
+
+
+def _edge_touch_rates(boxes, height, width):
+  """Shares of boxes touching the top, bottom, left and right edge."""
+  top, left, h, w = boxes.T
+  return np.array([(top == 0).mean(), (top + h == height).mean(), (left == 0).mean(),
+                   (left + w == width).mean()])
+
+
+@pytest.mark.parametrize("backend", ["np", "tf"])
+def test_crop_boxes_of_a_small_image_reach_every_edge_and_full_size(backend, tfa):
+  """torchvision's offsets are uniform over [0, H - h] inclusive, so a box touches the bottom
+  edge as often as the top (likewise right and left), and a drawn side may equal the
+  image's (torchvision keeps w <= W, h <= H). An 8 x 8 image makes both common (NumPy, 4000
+  draws: each edge touched in ~42%; w = 8 with h < 8 in ~10%, and the converse); the
+  fallback after 10 misses is the whole image, so boxes with one full side were drawn."""
+  height, width, n = 8, 8, 2000
+  if backend == "np":
+    rng = np.random.default_rng(0)
+    boxes = np.array([augment_np.sample_crop_box(height, width, rng) for _ in range(n)])
+  else:
+    boxes = _tf_boxes(tfa, height, width, augment_np.MIN_SCALE, n)
+  top_rate, bottom_rate, left_rate, right_rate = _edge_touch_rates(boxes, height, width)
+  assert top_rate > 0.3 and left_rate > 0.3
+  bound = 5 * np.sqrt(0.5 / n)  # ~5 sigma of a difference of two rates
+  assert abs(top_rate - bottom_rate) < bound and abs(left_rate - right_rate) < bound
+  h, w = boxes[:, 2], boxes[:, 3]
+  assert ((w == width) & (h < height)).mean() > 0.05
+  assert ((h == height) & (w < width)).mean() > 0.05
+
+
+def test_tf_crop_box_sizes_follow_the_numpy_law_on_a_small_image(tfa):
+  """On a 6 x 8 image the box sides take few values: TF's law of (h, w) must match NumPy's
+  (itself checked against torchvision's above), total variation under 0.08 for 3000 draws
+  each (sampling noise: about 0.04)."""
+  height, width, n = 6, 8, 3000
+  rng = np.random.default_rng(1)
+  np_boxes = np.array([augment_np.sample_crop_box(height, width, rng) for _ in range(n)])
+  tf_boxes = _tf_boxes(tfa, height, width, augment_np.MIN_SCALE, n)
+  def law(boxes):
+    counts = np.zeros((height + 1, width + 1))
+    np.add.at(counts, (boxes[:, 2], boxes[:, 3]), 1)
+    return counts / len(boxes)
+  assert 0.5 * np.abs(law(np_boxes) - law(tf_boxes)).sum() < 0.08
+
+
+def test_tf_dct_ratio_leaves_at_least_the_output_size(tfa):
+  """The TF rule at its boundaries, by hand (the same cases as the NumPy rule's test)."""
+  for (h, w, size), want in (((447, 900, 224), 1), ((448, 900, 224), 2), ((900, 448, 224), 2),
+                             ((895, 896, 224), 2), ((896, 896, 224), 4), ((1791, 2000, 224), 4),
+                             ((2000, 1800, 224), 8), ((100, 100, 224), 1)):
+    assert int(tfa.dct_ratio(h, w, size)) == want, (h, w, size)
+
+
+def test_tf_normalize_uses_the_imagenet_statistics(tfa):
+  """(x - 255 mean) / (255 std) with ImageNet's mean (0.485, 0.456, 0.406) and std (0.229,
+  0.224, 0.225), typed here by hand."""
+  x = np.array([[0, 0, 0], [255, 255, 255], [124, 116, 104]], np.uint8)
+  want = (x / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+  np.testing.assert_allclose(tfa.normalize(x).numpy(), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["np", "tf"])
+def test_eval_transform_is_close_to_pillows_resize_and_centre_crop(backend, tfa):
+  """MAE's eval transform as torchvision runs it on a PIL image: Resize(int(96 / 0.875) = 109)
+  bicubic with antialiasing, so 480 x 640 -> 109 x 145, then CenterCrop(96) at
+  (round(6.5), round(24.5)) = (6, 24). Pillow is the independent reference; within the DCT
+  bound above. Shrinking 4.4x a photo with per-pixel noise shows a missing antialias filter
+  (aliased noise: about 4 levels on average)."""
+  enc, size = _photo_jpeg(), 96
+  full = np.asarray(Image.open(io.BytesIO(enc)).convert("RGB"))
+  pillow = np.asarray(Image.fromarray(full).resize((145, 109), Image.Resampling.BICUBIC))
+  pillow = pillow[6:6 + size, 24:24 + size]
+  if backend == "np":
+    ours = augment_np.eval_transform(enc, size)
+  else:
+    ours = tfa.eval_transform(full, size).numpy()
+  _assert_close_to_full_decode(ours, pillow)
+
+
+@pytest.mark.parametrize("backend", ["np", "tf"])
+def test_min_scale_one_on_a_square_image_is_the_whole_image(backend, tfa):
+  """Area share 1 fits only as the whole square (any other ratio overflows a side), and the
+  fallback after 10 misses is the whole image too, its ratio 1 being inside [3/4, 4/3]."""
+  if backend == "np":
+    rng = np.random.default_rng(0)
+    boxes = np.array([augment_np.sample_crop_box(100, 100, rng, 1.0) for _ in range(50)])
+  else:
+    boxes = _tf_boxes(tfa, 100, 100, 1.0, 50)
+  np.testing.assert_array_equal(boxes, [(0, 0, 100, 100)] * 50)
+
+
+def test_tf_jpeg_crop_honours_min_scale(tfa):
+  """decode_random_resized_crop of a square JPEG at min_scale 1.0 resizes the whole photo (in
+  the DCT domain at 1/4 here): close to Pillow's antialiased bicubic resize of it."""
+  enc, size = _photo_jpeg(128, 128), 32
+  full = np.asarray(Image.open(io.BytesIO(enc)).convert("RGB"))
+  pillow = np.asarray(Image.fromarray(full).resize((size, size), Image.Resampling.BICUBIC))
+  for seed in range(3):
+    out = tfa.decode_random_resized_crop(enc, tfa.tf.constant([seed, 1], tfa.tf.int64), size,
+                                         min_scale=1.0)
+    _assert_close_to_full_decode(tfa.to_pixels(out).numpy(), pillow)
+
+
+def test_tf_random_resized_crop_stays_in_pixel_range(tfa):
+  """Bicubic overshoots at hard edges; the float crop is promised in [0, 255] (enlarging a
+  0/255 checkerboard rings past both ends before clipping)."""
+  board = (np.indices((8, 8)).sum(0) % 2 * 255).astype(np.uint8)
+  img = np.repeat(board[..., None], 3, -1)
+  out = tfa.random_resized_crop(img, tfa.tf.constant([0, 1], tfa.tf.int64), 64).numpy()
+  assert out.min() >= 0.0 and out.max() <= 255.0 and out.min() < 10 and out.max() > 245

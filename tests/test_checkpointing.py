@@ -563,3 +563,43 @@ def test_a_run_resumed_past_a_damaged_step_saves_that_step_anew(tmp_path, caplog
   assert {k.replace(str(kept), str(tmp_path / '2')): v
           for k, v in _snapshot(kept).items()} == damaged_files
   assert '2.damaged' in caplog.text
+
+
+def test_a_step_damaged_again_goes_aside_under_a_new_name(tmp_path):
+  """Earlier damaged copies of a step, kept for inspection, are never overwritten: the next
+  one takes the first free '<step>.damaged-N' name."""
+  states = _saved(tmp_path, [1, 2])
+  for name in ('2.damaged', '2.damaged-2'):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / 'note').write_text(name)
+  _swap_in_other_arrays(tmp_path / '2', tmp_path / '1')
+  damaged_files = _snapshot(tmp_path / '2')
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  _assert_identical(ckpt.restore(_abstract(states[2]), fallback=True), states[1])
+  retrained = _make_state(seed=5)
+  ckpt.save(2, retrained)
+  ckpt.close()
+  for name in ('2.damaged', '2.damaged-2'):
+    assert [p.name for p in (tmp_path / name).iterdir()] == ['note']
+    assert (tmp_path / name / 'note').read_text() == name
+  kept = tmp_path / '2.damaged-3'
+  assert {k.replace(str(kept), str(tmp_path / '2')): v
+          for k, v in _snapshot(kept).items()} == damaged_files
+  reopened = checkpointing.Checkpointer(str(tmp_path))
+  _assert_identical(reopened.restore(_abstract(retrained)), retrained)
+  reopened.close()
+
+
+def test_a_step_still_being_written_is_not_listed(tmp_path, monkeypatch):
+  """Orbax lists an async save's step once it starts: until it is final, the newest complete
+  checkpoint is the previous one (a kill now would leave only that one)."""
+  ckpt = checkpointing.Checkpointer(str(tmp_path), async_save=True)
+  ckpt.save(1, _make_state(seed=1))
+  ckpt.wait()
+  ckpt.save(2, _make_state(seed=2))
+  with monkeypatch.context() as m:
+    m.setattr(ckpt._mngr, 'is_saving_in_progress', lambda: True)  # pylint: disable=protected-access
+    assert ckpt.all_steps() == [1] and ckpt.latest_step() == 1
+  ckpt.wait()
+  assert ckpt.all_steps() == [1, 2] and ckpt.latest_step() == 2
+  ckpt.close()

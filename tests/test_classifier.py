@@ -262,3 +262,37 @@ def test_load_encoder_errors_on_mismatch():
   params3 = _variables(classifier.Classifier(deeper, IMAGE, CLASSES))['params']
   with pytest.raises(ValueError, match='missing: .*block2/attn/proj/bias'):
     classifier.load_encoder(params3, pretrained)
+
+
+@pytest.mark.parametrize('offset,spread', [(1e4, 1.0), (0.0, 1e-3)])
+def test_batchnorm_head_normalizes_exactly(offset, spread):
+  """The probe's BatchNorm against float64 NumPy on features far from zero mean (where
+  E[x^2] - E[x]^2 in float32 loses the variance) and on features with a variance near
+  eps (where 1e-6 vs 1e-5 matters)."""
+  head = classifier.Head(3, 'batchnorm_linear')
+  rng = np.random.default_rng(11)
+  feats = (offset + spread * rng.normal(size=(16, 8))).astype(np.float32)
+  shapes = nn.unbox(jax.eval_shape(functools.partial(head.init, train=False),
+                                   jax.random.key(0), feats))
+  dense = {'kernel': rng.normal(size=(8, 3)).astype(np.float32), 'bias': np.zeros(3, np.float32)}
+  variables = {'params': {'dense': dense},
+               'batch_stats': {'bn': {'mean': np.zeros(8, np.float32), 'var': np.ones(8, np.float32)}}}
+  assert jax.tree.structure(variables) == jax.tree.structure(shapes)
+  logits, _ = jax.jit(lambda v, f: head.apply(v, f, train=True, mutable=['batch_stats']))(
+      variables, feats)
+  f = feats.astype(np.float64)
+  normed = (f - f.mean(0)) / np.sqrt(((f - f.mean(0)) ** 2).mean(0) + 1e-6)
+  np.testing.assert_allclose(np.asarray(logits), normed @ dense['kernel'], rtol=1e-2, atol=2e-2)
+
+
+def test_frozen_encoder_is_deterministic_while_training():
+  """freeze_encoder runs the encoder without drop path even when the head trains."""
+  model = classifier.Classifier(SPEC, IMAGE, CLASSES, drop_path=0.5, pool='cls',
+                                freeze_encoder=True)
+  params = _variables(model, seed=12)['params']
+  images = jnp.broadcast_to(_images(seed=13, batch=1), (16, IMAGE, IMAGE, 3))
+  run = jax.jit(lambda p, x, train: model.apply({'params': p}, x, train=train,
+                                                rngs={'dropout': jax.random.key(1)}),
+                static_argnums=2)
+  np.testing.assert_allclose(np.asarray(run(params, images, True)),
+                             np.asarray(run(params, images, False)), rtol=1e-6, atol=1e-6)

@@ -574,3 +574,172 @@ def test_recipe_from_config_reads_every_field():
   assert classify_step.recipe_from_config(config, 11) == classify_step.Recipe(
       num_classes=11, label_smoothing=0.15, mixup_alpha=0.3, cutmix_alpha=0.7, mix_prob=0.6,
       switch_prob=0.2, ema_decay=0.99)
+
+
+# ------------------------------------------------- the driver's decisions, fast (no training)
+
+@pytest.mark.parametrize("field,value", [
+    ("head.kind", "batchnorm_linear"), ("head.pool", "cls"), ("mixup.cutmix_alpha", 0.5),
+    ("mixup.prob", 0.5), ("label_smoothing", 0.2), ("data.augment", "crop_flip"),
+    ("data.random_erase", 0.1), ("data.randaugment.magnitude", 5), ("data.crop_min_scale", 0.5),
+    ("data.train_split", "test"), ("mode", "linear_probe"), ("seed", 3)])
+def test_resume_refuses_a_change_to_what_the_finished_steps_trained_on(tmp_path, field, value):
+  """The head, its examples, their augmentation and the targets shaped the saved steps: a
+  resume that changed one would no longer continue them."""
+  workdir = tmp_path / "ft"
+  workdir.mkdir()
+  (workdir / "config.json").write_text(eval_config("finetune", "").to_json())
+  changed = apply_overrides(eval_config("finetune", ""), {field: value})
+  with pytest.raises(UserError, match=rf"^config\.{field}: "):
+    workdir_records.check_resume_config(str(workdir), changed, 8,
+                                        classify.fixed_on_resume(str(workdir)))
+
+
+def _encoder(value):
+  return {"block0": {"w": np.full((2, 3), value, np.float32)},
+          "block1": {"w": np.full((2, 3), value + 1, np.float32)},
+          "norm": {"scale": np.full((3,), value, np.float32)}}
+
+
+def test_the_encoder_is_read_from_init_step_in_the_model_s_layout(tmp_path):
+  """init.step 0 is the step-0 checkpoint (a converted run), -1 the newest; scan_layers
+  stacks the blocks."""
+  init = tmp_path / "pre"
+  ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(str(init)))
+  for step in (0, 5):
+    ckpt.save(step, {"params": {"encoder": _encoder(10.0 * step)}})
+  ckpt.close()
+  mesh = sharding.make_mesh()
+  for step, want in ((0, 0.0), (-1, 50.0), (5, 50.0)):
+    config = eval_config("finetune", str(init), **{"init.step": step})
+    got = jax.tree.map(np.asarray, classify.read_pretrained_encoder(config, mesh, False))
+    jax.tree.map(np.testing.assert_array_equal, got, _encoder(want))
+  scanned = classify.read_pretrained_encoder(eval_config("finetune", str(init)), mesh, True)
+  assert sorted(scanned) == ["blocks", "norm"]
+  np.testing.assert_array_equal(np.asarray(scanned["blocks"]["w"]),
+                                np.stack([np.full((2, 3), 50.0), np.full((2, 3), 51.0)]))
+
+
+def test_evaluation_sums_every_batch_before_dividing(monkeypatch):
+  """Two batches, 6 and 2 real examples: top-1 (3 + 1) / 8, top-5 (5 + 2) / 8, loss (6 + 4) / 8."""
+  sums = [{"correct_top1": 3.0, "correct_top5": 5.0, "loss_sum": 6.0, "count": 6.0},
+          {"correct_top1": 1.0, "correct_top5": 2.0, "loss_sum": 4.0, "count": 2.0}]
+  monkeypatch.setattr(classify.pipeline, "eval_batches",
+                      lambda *a, **k: iter([{"i": 0}, {"i": 1}]))
+  eval_fn = lambda params, stats, batch: {k: jnp.float32(v) for k, v in sums[batch["i"]].items()}
+  got = classify.evaluate(eval_fn, None, None, eval_config("finetune", ""), SIZE,
+                          sharding.make_mesh())
+  assert got == {"top1": 0.5, "top5": 0.875, "loss": 1.25, "count": 8.0}
+
+
+def test_a_finer_resolution_than_the_init_run_s_is_allowed_and_remembered(tmp_path):
+  """Fine-tuning at 448 px from a 224 px run: allowed (position embeddings are interpolated
+  from the init run's 14 x 14 grid, so that grid must be recorded)."""
+  c = classify_config.get_config("finetune", f"init={pretrain_config_json(tmp_path, 'B/16')}")
+  c.model.image_size = 448
+  model = classify.resolve_model(c)
+  assert (model.image_size, model.pretrained_image_size) == (448, 224)
+
+
+def _fake_run(calls, stop_at=None):
+  """trainer.run without training: after_step at every step, the last one (or the step a
+  stop request came at) saved."""
+  def run(state, step_fn, batches, *, start_step, total_steps, ckpt, after_step, **kwargs):
+    calls.append((start_step, total_steps))
+    end = total_steps if stop_at is None else stop_at
+    summary = {"step": end, "stopped": end < total_steps, "loss": 1.0}
+    for step in range(start_step + 1, end + 1):
+      summary.update(after_step(step, state, None, {}, step == total_steps) or {})
+    ckpt.save(end, state.replace(step=jnp.asarray(end, jnp.int32)))
+    return state, summary
+  return run
+
+
+def _no_input(monkeypatch):
+  """The fake runs read no batch: start no input pipeline (its threads would outlive the test)."""
+  monkeypatch.setattr(classify.pipeline, "labeled_train_batches", lambda *args, **kwargs: iter(()))
+
+
+def _tiny_probe(tmp_path, init="", **overrides):
+  return eval_config("linear_probe", init, **{
+      "model.variant": "Ti/4", "model.image_size": SIZE, "model.width": 32, "model.depth": 1,
+      "model.heads": 2, "data.data_dir": str(tmp_path / "tfds"), **overrides})
+
+
+@pytest.mark.parametrize("eval_every,total,expected", [
+    (3, 7, [3, 6, 7]),  # every 3 steps, and the last
+    (0, 20, [16, 20]),  # 0: once an epoch (512 examples / batch 32 = 16 steps), and the last
+])
+def test_evaluations_every_eval_every_steps_and_at_the_last_then_never_again(
+    tmp_path, monkeypatch, eval_every, total, expected):
+  evaluated, calls = [], []
+
+  def evaluate(eval_fn, params, batch_stats, config, image_size, mesh):
+    evaluated.append(params)
+    return {"top1": 0.5, "top5": 0.75, "loss": 1.0, "count": 100.0}
+
+  monkeypatch.setattr(classify, "evaluate", evaluate)
+  monkeypatch.setattr(classify.trainer, "run", _fake_run(calls))
+  _no_input(monkeypatch)
+  config = _tiny_probe(tmp_path, **{"train.total_steps": total, "train.eval_every": eval_every})
+  workdir = str(tmp_path / "probe")
+  summary = classify.train(config, workdir)
+  assert config.ema.decay == 0 and len(evaluated) == len(expected)  # no EMA: one pass each
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [r["step"] for r in rows if "eval_top1" in r] == expected
+  assert not any("eval_ema_top1" in r for r in rows)
+  assert summary["eval_step"] == total and calls == [(0, total)]
+  again = classify.train(config, workdir)  # finished at its last step: nothing runs again
+  assert again["finished_before"] and again["eval_top1"] == 0.5 and calls == [(0, total)]
+
+
+def test_a_resume_reads_no_encoder_so_a_moved_init_run_does_not_stop_it(tmp_path, monkeypatch):
+  """The encoder is read once, into the fresh state; a resume takes everything from its own
+  checkpoint (the init run may have moved since: fixed_on_resume then lets its new path in)."""
+  init = tmp_path / "pre"
+  init.mkdir()
+  (init / "config.json").write_text(
+      apply_overrides(load_config("dataset=shapes"), {
+          "model.variant": "Ti/4", "model.image_size": SIZE, "model.width": 32,
+          "model.depth": 1, "model.heads": 2}).to_json())
+  reads, calls = [], []
+  monkeypatch.setattr(classify, "read_pretrained_encoder",
+                      lambda config, mesh, scan: reads.append(config.init.workdir))
+  monkeypatch.setattr(classify, "evaluate", lambda *a, **k: {"top1": 0.5, "top5": 0.75,
+                                                             "loss": 1.0, "count": 100.0})
+  config = _tiny_probe(tmp_path, str(init), **{"train.total_steps": 8})
+  workdir = str(tmp_path / "probe")
+  monkeypatch.setattr(classify.trainer, "run", _fake_run(calls, stop_at=4))
+  _no_input(monkeypatch)
+  assert classify.train(config, workdir)["stopped"]
+  monkeypatch.setattr(classify.trainer, "run", _fake_run(calls))
+  summary = classify.train(config, workdir)
+  assert (summary["start_step"], summary["step"]) == (4, 8)
+  assert calls == [(0, 8), (4, 8)] and reads == [str(init)]
+
+
+class _MeanEncoder:
+  """Stands in for vit.Encoder: two tokens per image, both its mean input value."""
+  image_size = 8
+
+  def apply(self, variables, x):
+    mean = x.reshape(x.shape[0], -1).mean(axis=1)
+    return jnp.broadcast_to(mean[:, None, None], (x.shape[0], 2, 1))
+
+
+def test_knn_features_leave_out_the_padding_of_the_last_batch(monkeypatch):
+  """Two batches of 4, the second holding 2 real examples and 2 of padding: 6 features, in
+  order, each of its own image."""
+  def batches(*args, **kwargs):
+    for labels, mask in (([0, 1, 2, 3], [1, 1, 1, 1]), ([4, 5, 0, 0], [1, 1, 0, 0])):
+      images = np.stack([np.full((8, 8, 3), 20.0 * (i + 1), np.float32)
+                         for i in labels]) * np.asarray(mask, np.float32)[:, None, None, None]
+      yield {"image": images, "label": np.asarray(labels, np.int32),
+             "mask": np.asarray(mask, np.float32)}
+
+  monkeypatch.setattr(classify.pipeline, "eval_batches", batches)
+  config = load_knn_config("init=/runs/pre,dataset=shapes")
+  feats, labels = classify._features(_MeanEncoder(), {}, config.data, "test", None, config,  # pylint: disable=protected-access
+                                     sharding.make_mesh())
+  np.testing.assert_array_equal(labels, [0, 1, 2, 3, 4, 5])
+  assert feats.shape == (6, 1) and np.all(np.diff(feats[:, 0]) > 0)

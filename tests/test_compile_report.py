@@ -231,6 +231,12 @@ def test_evaluation_configs_compile_their_own_step(tmp_path):
      "config.batch_size: global batch 15 is not divisible by the 2 devices"),
     (["--target=cpu", "--config.mode=knn"],
      "--config=pr_mim_jax/configs/pretrain.py:dataset=shapes is a knn config (config.mode='knn'"),
+    # cuDNN attention exists only on NVIDIA GPUs: refused before anything compiles.
+    # A head of no classes failed later as a "float division by zero" row, exit code 0.
+    (["--target=cpu", "--num_classes=0"],
+     "--num_classes=0: must be >= 1 (classes of the probe / fine-tune head)"),
+    (["--target=cpu", "--config.model.attention=cudnn_padded"],
+     "config.model.attention: 'cudnn_padded' runs only on NVIDIA GPUs, and the target is 'cpu'"),
 ])
 def test_mistakes_are_one_line(args, message):
   proc = _run(["--config=pr_mim_jax/configs/pretrain.py:dataset=shapes", *TINY_FLAGS, "--nofit", *args])
@@ -303,3 +309,50 @@ def test_tiny_model_compiles_for_accelerators(tmp_path, module, env_var, args, d
   else:
     assert report["device_memory_gib"] == pytest.approx(0.75 * 84_942_979_072 / GIB, abs=0.01)
     assert row["xla_gflop_per_img"] is None
+
+
+def _cudnn_importable() -> bool:
+  try:
+    return importlib.util.find_spec("nvidia.cudnn") is not None
+  except ModuleNotFoundError:
+    return False
+
+
+@pytest.mark.slow
+def test_cudnn_attention_without_the_cudnn_library_says_what_to_install():
+  # JAX refuses cuDNN attention while the state is laid out, before the step compiles; that
+  # refusal must be the one error line with the fix, not a "failed" row and exit code 0.
+  python, path = _extra("jax_plugins.xla_cuda12", "PR_MIM_JAX_GPU_EXTRA")
+  if _cudnn_importable():
+    pytest.skip("the cuDNN library is installed here, so cuDNN attention compiles")
+  proc = _run(["--config=pr_mim_jax/configs/pretrain.py:dataset=shapes", *TINY_FLAGS, "--nofit",
+               "--target=gpu:h100", "--num_devices=1", "--config.model.attention=cudnn"],
+              python=python, extra_path=path)
+  assert proc.returncode == 2, proc.stdout + proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and "pip install nvidia-cudnn-cu12" in lines[0], proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override,why", [
+    ({"model.scan_layers": True}, "model.scan_layers"),
+    ({"train.grad_accum_steps": 2}, "train.grad_accum_steps"),
+])
+def test_xla_flops_are_not_reported_for_a_looped_step(override, why):
+  # XLA's cost analysis counts a loop body once: under nn.scan the 2 encoder blocks count as
+  # one, under gradient accumulation the 2 micro-batches as one. The plain step's count is
+  # near the analytic one; a looped step's would fall short of it, so none is reported.
+  from conftest import apply_overrides, load_config  # pylint: disable=g-import-not-at-top
+  from pr_mim_jax.tools import compile_targets  # pylint: disable=g-import-not-at-top
+  target = compile_targets.make_target(compile_targets.TargetSpec("cpu", "cpu", 1))
+  rows = {}
+  for name, extra in (("plain", {}), ("looped", override)):
+    config = apply_overrides(load_config("method=mae,dataset=shapes"),
+                             {**TINY_OVERRIDES, "model.decoder_depth": 1, **extra})
+    rows[name] = compile_report.report_setting(config, target, fit=False, max_per_device_batch=16,
+                                               num_classes=12)
+  plain, looped = rows["plain"], rows["looped"]
+  assert 0.9 < plain["xla_vs_analytic"] < 2 and "xla_flops_note" not in plain
+  assert looped["xla_gflop_per_img"] is None and looped["xla_vs_analytic"] is None
+  assert why in looped["xla_flops_note"]
+  assert looped["analytic_gflop_per_img"] == plain["analytic_gflop_per_img"]

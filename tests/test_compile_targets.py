@@ -33,6 +33,10 @@ def test_targets_parse(text, devices, slices, expected):
     ("gpu:h100", 0, 2, "--num_slices"),
     ("tpu:v5e:2x2", 0, 0, "--num_slices"),
     ("h100", 0, 1, "--target"),
+    # A negative count (the mesh's "all" is -1) failed later: a CPU target as a "list index
+    # out of range" row, a GPU one as a CUDA plugin that "cannot describe this GPU".
+    ("cpu", -1, 1, "--num_devices"),
+    ("gpu:h100", -1, 1, "--num_devices"),
 ])
 def test_bad_targets_name_the_flag(text, devices, slices, flag):
   with pytest.raises(UserError, match=f"^{re.escape(flag)}"):

@@ -624,3 +624,38 @@ def test_cudnn_attention_needs_a_gpu_backend(attention):
                           "runs on 'cpu' here; use 'xla' or 'einsum'")
   config_validation.validate_attention_backend(ml_collections.ConfigDict(dict(attention='xla')),
                                                'cpu')
+
+
+@pytest.mark.parametrize('overrides', [
+    {'knn.k': 5000},  # every one of the 5000 knn.train_examples is a neighbour
+    {'reconstruction.num_stages': 98},  # one thrown token per stage: 196 * 0.5 = 98 thrown
+    {'optim.b1': 0.0, 'optim.b2': 0.0},  # no moment averaging: allowed, [0, 1)
+    {'data.crop_min_scale': 1.0},  # crops of the whole image
+], ids=lambda o: ','.join(o))
+def test_the_edges_of_each_allowed_range_pass(overrides):
+  config = get_config()
+  for key, value in overrides.items():
+    _set(config, key, value)
+  config_validation.validate_pretrain(config, 8)
+
+
+def test_grad_accum_must_divide_each_shards_batch_not_only_the_global_one():
+  """16 examples on 8 batch shards are 2 per shard: 2 micro-batches split them, 4 cannot
+  (16 % 4 == 0, but a shard's 2 examples are not 4 micro-batches)."""
+  config = get_config('dataset=shapes')
+  config.batch_size = 16
+  config.train.grad_accum_steps = 2
+  config_validation.validate_pretrain(config, 8)
+  config.train.grad_accum_steps = 4
+  with pytest.raises(UserError, match=r'^config\.train\.grad_accum_steps: global batch 16 '):
+    config_validation.validate_pretrain(config, 8)
+
+
+def test_layer_decay_above_1_is_refused_and_1_passes():
+  """A factor > 1 would give the early layers larger learning rates than the head."""
+  config = _resolved_finetune_config()
+  config.optim.layer_decay = 1.0
+  config_validation.validate_classify(config, 8)
+  config.optim.layer_decay = 1.01
+  with pytest.raises(UserError, match=r'^config\.optim\.layer_decay: got 1.01'):
+    config_validation.validate_classify(config, 8)

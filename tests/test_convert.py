@@ -213,6 +213,18 @@ def test_bfloat16_safetensors_are_read(tmp_path):
   assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_safetensors_of_a_compiled_ddp_model_are_read(tmp_path):
+  """A torch.compile'd model inside DDP saves 'module._orig_mod.NAME': read as NAME."""
+  want = safetensors.numpy.load_file(str(VIT_TI))
+  src = tmp_path / "compiled.safetensors"
+  safetensors.numpy.save_file({f"module._orig_mod.{k}": v for k, v in want.items()}, str(src))
+  params, arch = weight_files.read_file_weights(src)[:2]
+  plain = weight_files.read_file_weights(VIT_TI)[0]
+  assert arch.width == 192
+  assert jax.tree.structure(params) == jax.tree.structure(plain)
+  jax.tree.map(np.testing.assert_array_equal, params, plain)
+
+
 def test_importing_defines_no_flags_so_it_coexists_with_main():
   # A library user (or a test) imports convert beside pr_mim_jax.main: no DuplicateFlagError,
   # and no TensorFlow pulled in.
@@ -345,7 +357,7 @@ def test_sources_are_told_apart_by_content_not_suffix(tmp_path, suffix):
     weight_files.read_file_weights(src)
 
 
-@pytest.mark.parametrize("case", ["step", "heads", "with_decoder", "config"])
+@pytest.mark.parametrize("case", ["step", "heads", "with_decoder", "config", "decoder_heads"])
 def test_flags_that_do_not_apply_are_errors(tmp_path, case):
   src = _fake_workdir(tmp_path / "src", {"model": {}})
   args, match = {
@@ -353,6 +365,8 @@ def test_flags_that_do_not_apply_are_errors(tmp_path, case):
       "heads": ((str(src), str(tmp_path / "x.safetensors")), dict(heads=3)),
       "with_decoder": ((str(MAE_PTH), str(tmp_path / "wd")), dict(with_decoder=True)),
       "config": ((str(VIT_TI), str(tmp_path / "x.safetensors")), dict(config=pretrain_config())),
+      "decoder_heads": ((str(MAE_PTH), str(tmp_path / "x.safetensors")),
+                        dict(heads=2, decoder_heads=2)),  # a timm target: no decoder to read
   }[case], f"--{case}"
   with pytest.raises(UserError, match=match):
     convert.convert(*args[0], **args[1])

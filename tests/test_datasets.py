@@ -3,6 +3,7 @@
 import logging
 
 import ml_collections
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -84,3 +85,66 @@ def test_tfds_slice_as_folder_train_split_is_an_error_not_the_whole_tree(tmp_pat
       datasets.check_dataset(data)
     with pytest.raises(UserError, match=r"is a tfds slice"):
       datasets.num_examples(data, split)
+
+
+def test_num_eval_batches_is_the_ceiling():
+  """ceil(n / B), by hand: no all-padding batch when B divides n."""
+  cases = {(12, 4): 3, (13, 4): 4, (1, 4): 1, (4, 4): 1, (3, 4): 1, (50000, 1024): 49}
+  for (n, b), want in cases.items():
+    assert datasets.num_eval_batches(n, b) == want, (n, b)
+
+
+def test_eval_pass_over_a_split_the_batch_divides():
+  """12 test examples in batches of 4: three full batches, every row real (mask 1)."""
+  from pr_mim_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  data = _data("shapes", eval_split="test", shapes=dict(image_size=16, train_size=8,
+                                                        test_size=12, seed=0))
+  batches = list(pipeline.eval_host_batches(data, "test", global_batch=4, image_size=16,
+                                            backend="numpy"))
+  assert len(batches) == 3
+  assert np.concatenate([b["mask"] for b in batches]).tolist() == [1.0] * 12
+
+
+def test_shapes_difficulty_reaches_the_numpy_source():
+  from pr_mim_jax.data import shapes  # pylint: disable=g-import-not-at-top
+  data = _data("shapes", shapes=dict(image_size=16, train_size=8, test_size=6, seed=2,
+                                     difficulty="easy"))
+  source = datasets.open_source(data, "test", "numpy", labeled=True)
+  images, labels = shapes.generate(6, image_size=16, seed=2, split="test", difficulty="easy")
+  assert len(source) == 6
+  np.testing.assert_array_equal(np.stack([source.raw(i) for i in range(6)]), images)
+  np.testing.assert_array_equal([source.label(i) for i in range(6)], labels)
+
+
+@needs_tf
+def test_labeled_use_of_a_tfds_dataset_without_labels_is_an_error(monkeypatch):
+  class Unlabeled:
+    labeled = False
+    def __init__(self, *args):
+      pass
+  monkeypatch.setattr(datasets, "_tfds_builder", lambda name, data_dir: object())
+  monkeypatch.setattr(sources, "TfdsSource", Unlabeled)
+  assert isinstance(datasets.open_source(_data("my_images"), "train", "tf"), Unlabeled)
+  with pytest.raises(UserError, match="dataset my_images has no 'label' feature"):
+    datasets.open_source(_data("my_images"), "train", "tf", labeled=True)
+
+
+def test_parallel_calls_zero_or_negative_means_one_thread_per_core(monkeypatch):
+  monkeypatch.setattr(datasets.os, "cpu_count", lambda: 6)
+  for value in (0, -1, None):
+    assert datasets.pool_size(datasets.threads(_data("shapes", num_parallel_calls=value))) == 6
+    assert datasets.pool_size(value or 0) == 6
+  assert datasets.pool_size(datasets.threads(_data("shapes", num_parallel_calls=3))) == 3
+
+
+@needs_tf
+def test_shapes_difficulty_reaches_the_tf_source(tmp_path):
+  from pr_mim_jax.data import pipeline, shapes  # pylint: disable=g-import-not-at-top
+  data = _data("shapes", data_dir=str(tmp_path), eval_split="test",
+               shapes=dict(image_size=16, train_size=4, test_size=6, seed=2, difficulty="easy"))
+  images, labels = pipeline.labeled_arrays(data, "test", num_examples=6, image_size=16,
+                                           backend="tf")
+  want_images, want_labels = shapes.generate(6, image_size=16, seed=2, split="test",
+                                             difficulty="easy")
+  np.testing.assert_array_equal(images, want_images)
+  np.testing.assert_array_equal(labels, want_labels)

@@ -89,6 +89,9 @@ def test_end_to_end_writes_table_csv_and_plot(tmp_path):
      "epochs)"),
     ("--every=-2", "--every=-2: must be >= 0 (steps between measurements; 0 = steps / 8)"),
     ("--probe_batch=0", "--probe_batch=0: must be >= 1 (images per probe batch)"),
+    # An empty list was an IndexError traceback, after --out was created.
+    ("--settings=", "--settings: none given; use some of mae,partial,pr_mim:local_attention,"
+     "pr_mim:interpolate,pr_mim:last_block"),
 ])
 def test_bad_counts_are_one_error_line_before_training(tmp_path, flag, message):
   proc = subprocess.run([sys.executable, "-m", "pr_mim_jax.tools.gradient_study",
@@ -113,3 +116,16 @@ def test_more_probe_images_than_the_eval_split_is_one_error_line(tmp_path):
   assert proc.stderr.strip().splitlines()[-1] == (
       "error: --batches x --probe_batch: 3 x 30 = 90 probe images, but the 'test' split of "
       "'shapes' has 64; lower --batches or --probe_batch")
+
+
+def test_the_plot_says_what_it_shows(tmp_path):
+  # Without a title the picture did not say what the lines and bars are.
+  rows = [{"setting": s, "step": t, "rel_mean": 0.5 + t, "rel_std": 0.1, "noise_mean": 0.7,
+           "noise_std": 0.05, "n": 3} for s in ("mae", "partial") for t in (0, 4)]
+  fig = gradient_study.plot(rows, tmp_path / "g.png")
+  (ax,) = fig.axes
+  assert "MAE" in ax.get_title() and "mean ± std over 3 probe batches" in ax.get_title()
+  assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+      "MAE batch-to-batch (yardstick)", "partial"]
+  assert ax.get_xlabel() and ax.get_ylabel()
+  assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"

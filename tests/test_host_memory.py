@@ -50,3 +50,24 @@ def test_tuned_malloc_keeps_freed_buffers_mapped(tmp_path):
     pytest.skip(f"the untuned pipeline faults only {untuned:.0f} pages per image with these "
                 "versions: nothing for the tuning to cut")
   assert tuned < untuned / 3, (tuned, untuned)
+
+
+def test_pipeline_tunes_malloc_unless_the_config_says_not_to(monkeypatch):
+  """data.tune_malloc (default True) decides whether building the input pipeline tunes malloc."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from pr_mim_jax.data import host_memory, pipeline  # pylint: disable=g-import-not-at-top
+  calls = []
+  monkeypatch.setattr(host_memory, "tune_malloc", lambda: calls.append(True) or True)
+  def build(**kw):
+    data = ml_collections.ConfigDict(dict(
+        dataset="shapes", train_split="train", shapes=dict(image_size=16, train_size=16,
+                                                            test_size=4, seed=0), **kw))
+    it = pipeline.host_batches(data, seed=0, global_batch=4, image_size=16, backend="numpy")
+    next(it)
+    it.close()
+  build(tune_malloc=False)
+  assert not calls
+  build()
+  assert calls == [True]
+  build(tune_malloc=True)
+  assert calls == [True, True]

@@ -110,3 +110,41 @@ def test_a_jpeg_dir_that_is_a_file_is_one_error_line(monkeypatch, tmp_path, caps
       f"error: --jpeg_dir={blocker} is a file, not a directory: choose a directory (a new path, "
       "or an existing directory)"]
   assert blocker.read_text() == "mine"
+
+
+def _generated_folder(path, count):
+  """`count` small JPEGs named as write_jpegs names them (written here, not by it)."""
+  path.mkdir(parents=True)
+  for i in range(count):
+    Image.new("RGB", (40, 32), (i, 0, 0)).save(path / f"img_{i:06d}.jpg")
+  return path
+
+
+@pytest.mark.parametrize("extra,count,example", [
+    # A previous run's larger --jpeg_count (or another --jpeg_size) left more files behind.
+    ([], 2, "img_000002.jpg"),
+    # A folder of the user's own images: the generated ones would be mixed into it.
+    (["train/cls/photo.png"], 3, "train/cls/photo.png"),
+])
+def test_a_jpeg_dir_with_other_images_is_one_error_line(extra, count, example, monkeypatch,
+                                                        tmp_path, capsys):
+  folder = _generated_folder(tmp_path / "jpegs", 3)
+  for rel in extra:
+    (folder / rel).parent.mkdir(parents=True)
+    Image.new("RGB", (40, 32)).save(folder / rel)
+  before = sorted(p.name for p in folder.rglob("*"))
+  assert _main(["--sources=jpeg", f"--jpeg_dir={folder}", f"--jpeg_count={count}"], monkeypatch,
+               tmp_path) == 2
+  (line,) = capsys.readouterr().err.splitlines()
+  assert line.startswith(f"error: --jpeg_dir: {folder} holds 1 other image file(s)")
+  assert f"(e.g. {example})" in line
+  assert sorted(p.name for p in folder.rglob("*")) == before  # nothing written
+
+
+def test_the_generated_jpegs_alone_are_not_foreign(tmp_path):
+  folder = _generated_folder(tmp_path / "jpegs", 3)
+  (folder / ".hidden.jpg").write_bytes(b"")  # the folder source skips hidden files too
+  (folder / "notes.txt").write_text("not an image")
+  assert input_benchmark.foreign_images(str(folder), 3) == []
+  assert input_benchmark.foreign_images(str(folder), 4) == []  # a missing one is written later
+  assert input_benchmark.foreign_images(str(folder), 1) == ["img_000001.jpg", "img_000002.jpg"]

@@ -745,3 +745,39 @@ def test_progressive_predictions_match_numpy(decoder, aggregator, num_stages):
                                           aggregator, num_stages)
   np.testing.assert_allclose(np.asarray(preds.dec), ref_dec, rtol=2e-4, atol=2e-4)
   np.testing.assert_allclose(np.asarray(preds.throw), ref_throw, rtol=2e-4, atol=2e-4)
+
+
+# ----------------------------------------------------------------------------------------
+# Initialization: MAE's _init_weights (xavier_uniform on every Linear, the patch embedding
+# as a flattened [D, p*p*3] Linear, zero biases, LayerNorm 1/0) and cls token N(0, 0.02).
+
+def test_encoder_init_distributions_match_mae():
+  d, heads, p = 128, 4, PATCH
+  encoder = vit.Encoder(vit.VitSpec(d, 1, heads, p), IMAGE, posemb='learned')
+  params = nn.unbox(jax.jit(encoder.init)(jax.random.key(0), _images(batch=1))['params'])
+  p_ = jax.tree.map(np.asarray, params)
+
+  def check_xavier(w, fan_in, fan_out, name):
+    limit = np.sqrt(6.0 / (fan_in + fan_out))
+    assert np.abs(w).max() <= limit * (1 + 1e-6), name
+    assert np.abs(w).max() > 0.95 * limit, name  # fills the whole range ...
+    assert abs(w.std() / (limit / np.sqrt(3)) - 1) < 0.05, (name, w.std())  # ... uniformly
+    assert abs(w.mean()) < 0.05 * limit, name
+
+  check_xavier(p_['patch_embed_kernel'], p * p * 3, d, 'patch_embed')
+  blk = p_['block0']
+  assert blk['attn']['qkv']['kernel'].shape == (d, 3, heads, d // heads)
+  check_xavier(blk['attn']['qkv']['kernel'], d, 3 * d, 'qkv')  # timm Linear(D, 3D)
+  check_xavier(blk['attn']['proj']['kernel'], d, d, 'proj')
+  check_xavier(blk['mlp']['fc1']['kernel'], d, 4 * d, 'fc1')
+  check_xavier(blk['mlp']['fc2']['kernel'], 4 * d, d, 'fc2')
+  for name, b in (('patch_embed', p_['patch_embed_bias']), ('qkv', blk['attn']['qkv']['bias']),
+                  ('proj', blk['attn']['proj']['bias']), ('fc1', blk['mlp']['fc1']['bias']),
+                  ('fc2', blk['mlp']['fc2']['bias'])):
+    np.testing.assert_array_equal(b, 0.0, err_msg=name)
+  for norm in (blk['norm1'], blk['norm2'], p_['norm']):
+    np.testing.assert_array_equal(norm['scale'], 1.0)
+    np.testing.assert_array_equal(norm['bias'], 0.0)
+  # N(0, 0.02): 128 cls draws give the std to ~10%; 17 x 128 position draws to ~2%.
+  assert 0.014 < p_['cls_token'].std() < 0.026, p_['cls_token'].std()
+  assert abs(p_['pos_embedding'].std() / 0.02 - 1) < 0.1, p_['pos_embedding'].std()

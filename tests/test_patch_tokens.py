@@ -57,3 +57,30 @@ def test_one_device_takes_the_row_iota_form():
     jaxpr = str(jax.make_jaxpr(patch_tokens.scatter_rows)(
         jnp.zeros((2, 5)), jnp.zeros((2, 3), jnp.int32), jnp.ones((2, 3))))
   assert "iota" in jaxpr  # the explicit row index
+
+
+def numpy_patchify(images, p):
+  """Patch (i, j) of the grid -> token i * (W / p) + j, its pixels in (row, col, channel) order."""
+  b, h, w, c = images.shape
+  out = np.zeros((b, (h // p) * (w // p), p * p * c), images.dtype)
+  for i in range(h // p):
+    for j in range(w // p):
+      out[:, i * (w // p) + j] = images[:, i * p:(i + 1) * p, j * p:(j + 1) * p].reshape(b, -1)
+  return out
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_patchify_and_unpatchify_match_numpy(channels):
+  images = np.random.default_rng(1).normal(size=(2, 12, 12, channels)).astype(np.float32)
+  tokens = np.asarray(patch_tokens.patchify(jnp.asarray(images), 4))
+  np.testing.assert_array_equal(tokens, numpy_patchify(images, 4))
+  # The inverse puts every pixel back: not transposed, rows not swapped with columns.
+  back = np.asarray(patch_tokens.unpatchify(jnp.asarray(numpy_patchify(images, 4)), 4, channels))
+  np.testing.assert_array_equal(back, images)
+
+
+def test_gather_tokens_picks_rows_per_example():
+  x = np.arange(2 * 5 * 3, dtype=np.float32).reshape(2, 5, 3)
+  ids = np.array([[4, 0], [1, 3]], np.int32)
+  got = np.asarray(patch_tokens.gather_tokens(jnp.asarray(x), jnp.asarray(ids)))
+  np.testing.assert_array_equal(got, np.stack([x[0, [4, 0]], x[1, [1, 3]]]))

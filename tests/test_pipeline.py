@@ -277,13 +277,14 @@ def tiny_tfds(tmp_path_factory):
           disable_shuffling=True)
 
     def _split_generators(self, dl_manager):
-      return {"train": self._generate_examples(20, 0), "test": self._generate_examples(6, 100)}
+      return {"train": self._generate_examples(20, 0), "test": self._generate_examples(6, 100),
+              "unlabeled": self._generate_examples(5, 200, labeled=False)}
 
-    def _generate_examples(self, n, offset):
+    def _generate_examples(self, n, offset, labeled=True):
       for i in range(n):
         label = i % 3
         img = np.full((20 + i % 4, 24, 3), 40 + 80 * label, np.uint8)
-        yield i, {"image": img, "label": label}
+        yield i, {"image": img, "label": label if labeled else -1}  # -1: tfds's "no label"
 
   data_dir = str(tmp_path_factory.mktemp("tfds"))
   PrMimTinyImages(data_dir=data_dir, file_format="array_record").download_and_prepare()
@@ -616,3 +617,185 @@ def test_tfds_labeled_use(tiny_tfds):
   labels = np.concatenate([b["label"] for b in batches])
   assert labels.tolist() == [0, 1, 2, 0, 1, 2, 0, 0]
   assert batches[-1]["mask"].tolist() == [1, 1, 0, 0]
+  with pytest.raises(UserError, match=r"example 0 of split 'unlabeled' .* has label -1"):
+    list(pipeline.eval_host_batches(data, "unlabeled", global_batch=4, image_size=SIZE))
+
+
+# ------------------------------------------- rows as functions of (seed, step, position)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("tf", marks=needs_tf), "numpy"])
+def test_train_rows_are_the_augmentation_of_seed_step_and_position(folder, backend):
+  """The design's determinism contract: row p of the global batch at step s is the training
+  augmentation of example global_batch_indices(seed, s)[p], keyed by (seed, s, p). Process 1
+  of 2 holds positions 4..7, so keying by local row or by example index shows."""
+  from pr_mim_jax.data import augment_np  # pylint: disable=g-import-not-at-top
+  data = _config(f"folder:{folder}")
+  src = sources.FolderSource(folder)
+  host = _take(pipeline.host_batches(data, seed=SEED, global_batch=BATCH, image_size=SIZE,
+                                     start_step=2, process_index=1, process_count=2,
+                                     backend=backend), 2)
+  for s, b in enumerate(host, start=2):
+    want_idx = sampler.global_batch_indices(SEED, s, 21, BATCH)[4:]
+    np.testing.assert_array_equal(b["index"], want_idx)
+    for row, (i, pos) in enumerate(zip(want_idx, range(4, 8))):
+      if backend == "tf":
+        from pr_mim_jax.data import augment  # pylint: disable=g-import-not-at-top
+        want = augment.train_augment(src.raw(int(i)), SEED, s, pos, SIZE).numpy()
+      else:
+        want = augment_np.train_augment(src.raw(int(i)), augment_np.example_rng(SEED, s, pos),
+                                        SIZE)
+      diff = np.abs(b["image"][row].astype(int) - want.astype(int))
+      assert diff.max() <= 1, (s, row)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("tf", marks=needs_tf), "numpy"])
+def test_crop_min_scale_reaches_the_crop(backend, shapes_dir):
+  """data.crop_min_scale=1.0 leaves one box, the whole image (area share 1, so only a
+  square box fits a square image): every 16 x 16 shapes image comes out itself or mirrored."""
+  from pr_mim_jax.data import shapes  # pylint: disable=g-import-not-at-top
+  data = _config("shapes", data_dir=shapes_dir, crop_min_scale=1.0)
+  raw, _ = shapes.generate(40, image_size=16, seed=0, split="train")
+  flips = []
+  for b in _take(pipeline.host_batches(data, seed=SEED, global_batch=BATCH, image_size=16,
+                                       backend=backend), 3):
+    for img, i in zip(b["image"].astype(int), b["index"]):
+      same, mirrored = (np.abs(img - r).max() for r in (raw[i], raw[i][:, ::-1]))
+      assert min(same, mirrored) <= 1, i
+      flips.append(mirrored < same)
+  assert 0 < np.mean(flips) < 1
+
+
+def test_randaugment_settings_come_from_the_config():
+  """data.randaugment.{num_ops, magnitude, magnitude_std} and data.random_erase, else MAE's
+  fine-tuning recipe: rand-m9-mstd0.5 (2 ops), erasing 0.25."""
+  cfg = pipeline._randaugment_cfg  # pylint: disable=protected-access
+  assert cfg(_config("shapes")) == dict(num_ops=2, magnitude=9.0, magnitude_std=0.5,
+                                        erase_prob=0.25)
+  data = _config("shapes", random_erase=0.1,
+                 randaugment=dict(num_ops=3, magnitude=5, magnitude_std=0.2))
+  assert cfg(data) == dict(num_ops=3, magnitude=5.0, magnitude_std=0.2, erase_prob=0.1)
+
+
+def test_randaugment_without_ops_or_erasing_is_the_normalised_crop():
+  """num_ops=0 and random_erase=0 through the config: the labeled 'randaugment' batch is the
+  'crop_flip' batch normalised (float32), row for row."""
+  from pr_mim_jax.data import pixels  # pylint: disable=g-import-not-at-top
+  data = _config("shapes", random_erase=0.0, randaugment=dict(num_ops=0))
+  kw = dict(seed=SEED, global_batch=BATCH, image_size=16, backend="numpy", start_step=1)
+  ra = _take(pipeline.labeled_host_batches(data, augment="randaugment", **kw), 2)
+  plain = _take(pipeline.labeled_host_batches(data, augment="crop_flip", **kw), 2)
+  for a, b in zip(ra, plain):
+    assert a["image"].dtype == pipeline.image_dtype("randaugment") == np.float32
+    assert b["image"].dtype == pipeline.image_dtype("crop_flip") == np.uint8
+    np.testing.assert_array_equal(a["label"], b["label"])
+    np.testing.assert_allclose(a["image"], pixels.normalize(b["image"]), atol=1e-6)
+  spec = pipeline.abstract_batch(BATCH, 16, _sharding(), labeled=True, augment="randaugment")
+  assert spec["image"].dtype == np.float32 and spec["label"].dtype == np.int32
+
+
+def test_labeled_arrays_across_chunks_drop_the_padding(monkeypatch):
+  """labeled_arrays reads in chunks; with chunks of 4, 10 examples are 3 chunks, the last
+  padded by 2 rows: the result is still exactly the 10 examples in order."""
+  from pr_mim_jax.data import shapes  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(pipeline, "_LABELED_CHUNK", 4)
+  images, labels = pipeline.labeled_arrays(_config("shapes"), "test", num_examples=10,
+                                           image_size=16, backend="numpy")
+  raw, want = shapes.generate(10, image_size=16, seed=0, split="test")
+  np.testing.assert_array_equal(labels, want)
+  np.testing.assert_array_equal(images, raw)
+
+
+def test_eval_batches_with_a_full_rank_batch_sharding(labeled_folder):
+  """A batch sharding written for the images, P('data', None, None, None), also places the
+  rank-1 labels and mask (its leading entry)."""
+  mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+  sharding = NamedSharding(mesh, PartitionSpec("data", None, None, None))
+  data = _config(f"folder:{labeled_folder}", eval_split="val")
+  batches = list(pipeline.eval_batches(data, "val", global_batch=4, image_size=SIZE,
+                                       sharding=sharding, backend="numpy"))
+  labels = np.concatenate([np.asarray(b["label"]) for b in batches])
+  mask = np.concatenate([np.asarray(b["mask"]) for b in batches])
+  assert labels[mask > 0].tolist() == [0, 0, 2, 2, 2]
+  assert batches[0]["label"].sharding.spec == PartitionSpec("data")
+
+
+def test_device_prefetcher_waits_for_a_slow_loader_and_stays_bounded():
+  """A batch that takes longer than the consumer's 1 s poll still arrives (the loader is alive,
+  so an empty queue is no end), and the loader runs at most `size` items (+ the one it holds)
+  ahead of the consumer."""
+  import time  # pylint: disable=g-import-not-at-top
+
+  def slow():
+    yield 0
+    time.sleep(1.3)
+    yield 1
+
+  assert list(prefetch.DevicePrefetcher(slow(), 2)) == [0, 1]
+  produced = []
+
+  def counted():
+    for i in range(100):
+      produced.append(i)
+      yield i
+
+  p = prefetch.DevicePrefetcher(counted(), 2)
+  time.sleep(0.3)
+  assert 2 <= len(produced) <= 3
+  assert [next(p) for _ in range(5)] == [0, 1, 2, 3, 4]
+  p.close(timeout=5)
+
+
+def test_device_prefetcher_closes_its_iterator_from_the_loader_thread():
+  """A tf.data iterator must be shut down by the thread that drives it: closing the
+  prefetcher makes the loader thread call the iterator's close() (a plain iterator, which
+  garbage collection would never close)."""
+  import threading  # pylint: disable=g-import-not-at-top
+
+  class Source:
+    def __init__(self):
+      self.i, self.closed_in = 0, []
+
+    def __iter__(self):
+      return self
+
+    def __next__(self):
+      self.i += 1
+      return self.i
+
+    def close(self):
+      self.closed_in.append(threading.current_thread().name)
+
+  src = Source()
+  p = prefetch.DevicePrefetcher(src, 2)
+  assert [next(p) for _ in range(3)] == [1, 2, 3]
+  p.close(timeout=5)
+  assert src.closed_in == ["device_prefetch"]
+
+
+def test_negative_labels_stop_labeled_reading(labeled_folder, monkeypatch):
+  """tfds writes -1 for an unlabeled example: labeled evaluation and training stop with a
+  UserError naming the example, at the batch that holds it; unlabeled reading is unchecked."""
+  real = sources.LabeledFolderSource.label
+  monkeypatch.setattr(sources.LabeledFolderSource, "label",
+                      lambda self, i: -1 if i == 3 else real(self, i))
+  data = _config(f"folder:{labeled_folder}", eval_split="val")
+  src = sources.LabeledFolderSource(labeled_folder, "val", CLASSES)
+  it = pipeline.eval_host_batches(data, "val", global_batch=2, image_size=SIZE, backend="numpy")
+  assert next(it)["label"].tolist() == [0, 0]  # examples 0, 1
+  with pytest.raises(UserError, match=f"{src.where(3)} has label -1"):
+    next(it)  # examples 2, 3
+  with pytest.raises(UserError, match="has label -1"):
+    _take(pipeline.labeled_host_batches(data, seed=0, global_batch=12, image_size=SIZE,
+                                        backend="numpy"), 1)  # all 12 train examples
+  b = _take(pipeline.host_batches(data, seed=0, global_batch=12, image_size=SIZE,
+                                  backend="numpy"), 1)[0]
+  assert sorted(b["index"].tolist()) == list(range(12))
+
+
+def test_a_negative_label_in_memory_is_a_user_error_too():
+  """The in-memory source (shapes on the numpy backend) names its example like the others."""
+  src = sources.ArraySource(np.zeros((2, 4, 4, 3), np.uint8), np.array([0, -1], np.int32))
+  batches = iter([{"label": np.array([0, -1], np.int32), "index": np.array([0, 1])}])
+  with pytest.raises(UserError, match="example 1 of the in-memory dataset has label -1"):
+    list(pipeline._labels_checked(batches, src))  # pylint: disable=protected-access

@@ -1,5 +1,6 @@
 """End-to-end pre-training: loss falls, checkpoints, resume after SIGTERM, fault handling."""
 
+import collections
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -264,3 +266,138 @@ def test_unlabeled_tfds_needs_knn_off_before_training(tiny_config, tmp_path):
     pretrain.check_config(tiny_config)
   tiny_config.knn.enabled = False
   assert pretrain.check_config(tiny_config).num_train == 16
+
+
+# ------------------------------------------------- the loop's decisions, fast (no training)
+
+def test_a_batch_of_the_whole_training_set_is_allowed_and_one_more_is_not(tiny_config):
+  tiny_config.batch_size = 256  # data.shapes.train_size: one step per epoch
+  assert pretrain.check_config(tiny_config).num_train == 256
+  tiny_config.batch_size = 264
+  with pytest.raises(UserError, match=r"^config.batch_size: 264 exceeds the 256 training"):
+    pretrain.check_config(tiny_config)
+
+
+def _no_input(monkeypatch):
+  """The fake runs read no batch: start no input pipeline (its threads would outlive the test)."""
+  monkeypatch.setattr(pretrain.pipeline, "train_batches", lambda *args, **kwargs: iter(()))
+
+
+def _fake_run(calls, stopped_at_start=()):
+  """trainer.run without training: after_step at every step, the last step saved; `stopped`
+  as a stop request at the last step leaves it for the runs starting at `stopped_at_start`."""
+  def run(state, step_fn, batches, *, start_step, total_steps, ckpt, after_step, **kwargs):
+    calls.append(start_step)
+    batch = {"image": np.zeros((16, 16, 16, 3), np.float32)}
+    for step in range(start_step + 1, total_steps + 1):
+      after_step(step, state, batch, {}, step == total_steps)
+    if start_step < total_steps:
+      ckpt.save(total_steps, state.replace(step=np.int32(total_steps)))
+    return state, {"step": total_steps, "stopped": start_step in stopped_at_start, "loss": 1.0}
+  return run
+
+
+def _record_final_knn(steps):
+  def final_knn(config, model, split, monitor, params, writer, step):
+    steps.append(step)
+    result = {"knn_top1": 0.5, "knn_top1_random_init": 0.125}
+    writer.write_scalars(step, result)
+    return result
+  return final_knn
+
+
+def test_pictures_and_knn_come_on_their_cadence_and_the_final_knn_once(tiny_config, tmp_path,
+                                                                       monkeypatch):
+  """Pictures every image_every steps and at the last; the k-NN monitor every knn.every steps
+  but not at the last, where the final k-NN (trained vs random init) takes its place."""
+  pictures, knn, final, calls = [], [], [], []
+  monkeypatch.setattr(pretrain, "write_reconstructions",
+                      lambda workdir, writer, model, params, images, rng, step, task:
+                      pictures.append((step, images.shape[0])))
+  monkeypatch.setattr(pretrain.KnnMonitor, "accuracy",
+                      lambda self, params, encoder="trained": knn.append(encoder) or 0.25)
+  monkeypatch.setattr(pretrain, "final_knn", _record_final_knn(final))
+  monkeypatch.setattr(pretrain.trainer, "run", _fake_run(calls))
+  _no_input(monkeypatch)
+  tiny_config.train.total_steps, tiny_config.train.image_every = 12, 5
+  tiny_config.knn.every = 4
+  summary = pretrain.train(tiny_config, str(tmp_path / "run"))
+  assert pictures == [(5, 4), (10, 4), (12, 4)]  # train.num_images = 4
+  rows = read_metrics(str(tmp_path / "run"))
+  assert [r["step"] for r in rows if "knn_top1" in r] == [4, 8, 12]
+  assert [r["step"] for r in rows if "knn_top1_random_init" in r] == [12] and final == [12]
+  assert summary["knn_top1"] == 0.5 and calls == [0]
+
+
+def test_a_stop_at_the_last_step_leaves_the_final_knn_to_the_rerun(tiny_config, tmp_path,
+                                                                   monkeypatch):
+  """A stop request may give no time for the final k-NN: the stopped run skips it, and the
+  rerun, finding the last checkpoint but no final k-NN, computes it (and only it); a third
+  run finds everything and reports the record."""
+  final, calls = [], []
+  monkeypatch.setattr(pretrain, "write_reconstructions", lambda *args: None)
+  monkeypatch.setattr(pretrain, "final_knn", _record_final_knn(final))
+  monkeypatch.setattr(pretrain.trainer, "run", _fake_run(calls, stopped_at_start=(0,)))
+  _no_input(monkeypatch)
+  tiny_config.train.total_steps = 8
+  workdir = str(tmp_path / "run")
+  assert pretrain.train(tiny_config, workdir)["stopped"] and final == []
+  resumed = pretrain.train(tiny_config, workdir)
+  assert calls == [0, 8] and final == [8] and resumed["knn_top1"] == 0.5
+  again = pretrain.train(tiny_config, workdir)
+  assert again["finished_before"] and again["knn_top1"] == 0.5
+  assert calls == [0, 8] and final == [8]
+
+
+def test_the_pictures_show_the_masks_their_step_trained_with(tiny_config, tmp_path, monkeypatch):
+  """Step 5 (1-based) runs from a state whose step counter is 4, and train_step draws its masks
+  from that counter: the picture of step 5 must show those masks, not step 6's."""
+  shown = []
+  monkeypatch.setattr(pretrain.visualize, "reconstruction_grid",
+                      lambda images, pred, ids_vis, ids_dec, *args, **kwargs:
+                      shown.append((np.asarray(ids_vis), np.asarray(ids_dec)))
+                      or np.zeros((4, 4, 3), np.uint8))
+
+  class Writer:
+    def write_images(self, step, images):
+      pass
+
+  # The predictions do not matter here: the masks do.
+  monkeypatch.setattr(pretrain.train_step_lib, "loss_fn", lambda params, model, x, m, task: (
+      jnp.zeros(()), (collections.namedtuple("Preds", "dec throw")(jnp.zeros((1,)), None), None)))
+  task = train_step_lib.task_from_config(tiny_config)
+  rng = jax.random.key_data(jax.random.key(7))
+  images = np.zeros((4, 16, 16, 3), np.float32)
+  pretrain.write_reconstructions(str(tmp_path), Writer(), None, {}, images, rng, 5, task)
+  trained = train_step_lib.step_masks(rng, 4, 4, task)  # what train_step draws at state.step 4
+  np.testing.assert_array_equal(shown[0][0], np.asarray(trained.ids_vis))
+  np.testing.assert_array_equal(shown[0][1], np.asarray(trained.ids_dec))
+  assert (tmp_path / "images" / "reconstruction_0000005.png").exists()
+
+
+def test_a_fallback_past_a_damaged_checkpoint_drops_the_metrics_logged_after_its_step(
+    tiny_config, tmp_path, monkeypatch):
+  """Saved at 4 and 8, step 8 damaged: the resume falls back to 4, and the rows of steps 5-8
+  (states it no longer has) go, or the curve would hold two copies of those steps."""
+  calls = []
+
+  def run(state, step_fn, batches, *, start_step, total_steps, ckpt, writer, **kwargs):
+    calls.append(start_step)
+    if start_step == 0:
+      for step in (4, 8):
+        writer.write_scalars(step, {"loss": 1.0 / step})
+        ckpt.save(step, state.replace(step=np.int32(step)))
+    return state, {"step": 8, "stopped": True, "loss": 1.0}
+
+  monkeypatch.setattr(pretrain.trainer, "run", run)
+  _no_input(monkeypatch)
+  tiny_config.train.total_steps, tiny_config.knn.enabled = 12, False
+  workdir = tmp_path / "run"
+  pretrain.train(tiny_config, str(workdir))
+  assert [r["step"] for r in read_metrics(str(workdir))] == [4, 8]
+  ckpts = workdir / "checkpoints"
+  shutil.rmtree(ckpts / "8" / "state")  # valid files of other values: fails its checksums
+  shutil.copytree(ckpts / "4" / "state", ckpts / "8" / "state")
+  resumed = pretrain.train(tiny_config, str(workdir))
+  assert calls == [0, 4] and resumed["start_step"] == 4
+  assert [r["step"] for r in read_metrics(str(workdir))] == [4]

@@ -89,6 +89,17 @@ def test_state_dict_finds_the_weights():
   assert set(pth_reader.state_dict({"a": w, "b": w})) == {"a", "b"}
 
 
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod.",
+                                    "_orig_mod.module."])
+def test_state_dict_removes_ddp_and_torch_compile_prefixes(prefix):
+  """torch.compile's wrapper saves every name under '_orig_mod.', DDP under 'module.', and the
+  two nest either way; a prefix only some names share is a real name and stays."""
+  w = np.ones(2, np.float32)
+  tree = {"model": {f"{prefix}blocks.0.x": w, f"{prefix}cls_token": w}}
+  assert set(pth_reader.state_dict(tree)) == {"blocks.0.x", "cls_token"}
+  assert set(pth_reader.state_dict({f"{prefix}a": w, "b": w})) == {f"{prefix}a", "b"}
+
+
 def _zip_with_name_bytes(path, old: bytes, new: bytes, count: int):
   """A small torch-like zip whose stored name bytes `old` are replaced `count` times
   (-1: everywhere), as a flipped byte in a download would."""

@@ -92,3 +92,23 @@ def test_a_log_file_that_cannot_be_written_says_so_once_and_detaches(tmp_path, c
   assert err.count("warning: the run's log file") == 1 and "Traceback" not in err
   assert [l.split("] ")[-1] for l in err.splitlines() if "test_run_log.py" in l] == [
       "line 0", "line 1", "line 2"]  # the line that failed still reaches the console
+
+
+def test_every_other_process_gets_a_log_file_of_its_own(tmp_path, monkeypatch):
+  """Processes share a workdir: a second process writing log.txt would interleave its lines
+  with process 0's, so each names its file by its index."""
+  monkeypatch.setattr(run_log.jax, "process_index", lambda: 3)
+  assert run_log.log_path(str(tmp_path)) == str(tmp_path / "log.3.txt")
+  assert run_log.log_path("gs://bucket/run") is None
+
+
+def test_a_traceback_already_rendered_as_text_is_kept_off_the_console_too(tmp_path):
+  """A record may carry its traceback only as exc_text (rendered earlier, exc_info gone):
+  the console still gets the message and the file's name, not the traceback."""
+  record = logging.LogRecord("t", logging.ERROR, __file__, 1, "save of %s failed", ("step 8",),
+                             None)
+  record.exc_text = "Traceback (most recent call last):\n  ...\nOSError: disk full"
+  note = run_log._TracebackToFile(str(tmp_path / "log.txt"))  # pylint: disable=protected-access
+  assert note.filter(record)
+  assert record.exc_text is None and record.exc_info is None
+  assert record.getMessage() == f"save of step 8 failed (traceback in {tmp_path / 'log.txt'})"

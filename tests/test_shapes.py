@@ -323,3 +323,56 @@ def test_prepare_waits_for_a_live_generation_and_leaves_its_files_alone(tmp_path
   waiter.join(timeout=60)
   assert not waiter.is_alive() and result['b'].is_prepared()
   assert sorted(p.name for p in config_dir.iterdir()) == ['1.1.0']
+
+
+# Shares of a 'easy' image the shape covers, by hand from the SDF definitions and the easy
+# radius 0.36 S: circle pi (0.92 r)^2, ring pi (0.95^2 - 0.52^2) r^2, square (circumradius
+# 0.95 r) 2 (0.95 r)^2.
+_EASY_AREAS = {'circle': np.pi * (0.92 * 0.36)**2,
+               'ring': np.pi * (0.95**2 - 0.52**2) * 0.36**2,
+               'square': 2 * (0.95 * 0.36)**2}
+
+
+def test_easy_shapes_have_their_size_and_sit_at_the_centre():
+  """At 64 x 64 the anti-aliased coverage is the exact area to ~1e-3, and these point-
+  symmetric shapes have their centroid at the image centre (32, 32)."""
+  images, labels = shapes.generate(120, image_size=64, seed=1, difficulty='easy')
+  ys, xs = np.mgrid[0:64, 0:64] + 0.5
+  for name, area in _EASY_AREAS.items():
+    cover = images[labels == shapes.CLASS_NAMES.index(name)][..., 0] / 255.0  # [n, 64, 64]
+    assert len(cover) >= 3, name
+    np.testing.assert_allclose(cover.mean((1, 2)), area, atol=2e-3, err_msg=name)
+    mass = cover.sum((1, 2))
+    np.testing.assert_allclose((cover * ys).sum((1, 2)) / mass, 32, atol=0.05, err_msg=name)
+    np.testing.assert_allclose((cover * xs).sum((1, 2)) / mass, 32, atol=0.05, err_msg=name)
+
+
+def _drawn_shapes(size=32, n=300):
+  """(colour distance from the background, largest side, centroid / size) of the main shape
+  drawn n times on a plain grey background."""
+  ys, xs = np.mgrid[0:size, 0:size] + 0.5
+  out = []
+  for i in range(n):
+    img = np.full((size, size, 3), 0.5, np.float32)
+    shapes._draw_shape(np.random.default_rng(i), img, size, shapes.CLASS_NAMES[i % 12])
+    d = np.linalg.norm(img - 0.5, axis=-1)
+    drawn = d > 0.05
+    rows, cols = np.nonzero(drawn)
+    out.append((d.max(), max(np.ptp(rows), np.ptp(cols)) + 1,
+                (ys[drawn].mean() / size, xs[drawn].mean() / size)))
+  return out
+
+
+def test_main_shape_is_large_contrasting_and_mostly_inside():
+  """The documented nuisance ranges: the shape's bounding radius is 26-42% of the side (it
+  spans well over a third of the image), its colour is the most distinct of up to 8 draws
+  (over 0.45 from the background in nearly every image; a single uniform draw is within 0.45
+  of mid-grey 38% of the time), and its centre keeps 0.8 radius from the border (measured
+  centroids: 0.22-0.78 of the side)."""
+  drawn = _drawn_shapes()
+  contrast = np.array([d[0] for d in drawn])
+  extent = np.array([d[1] for d in drawn]) / 32
+  centroid = np.array([d[2] for d in drawn])
+  assert (contrast > 0.45).mean() > 0.97 and contrast.min() > 0.3
+  assert extent.min() > 0.38 and extent.max() <= 1.0
+  assert centroid.min() > 0.15 and centroid.max() < 0.85

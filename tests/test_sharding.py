@@ -339,3 +339,69 @@ def test_fsdp_step_never_gathers_the_global_batch(multi_device, method):
   explicit row index once made XLA all-gather PR-MIM's masks and canvases, which took
   2.4 GiB instead of 0.7 per chip on a 256-chip v5e (docs/performance.md, v2)."""
   assert multi_device["batch_collectives"][method] == []
+
+
+# ----------------------------------------------------------------------------------------
+# Small pieces on one real device (a Mesh only records the repeated device's place).
+
+def _mesh(data, fsdp, tensor):
+  import jax
+  from jax.sharding import Mesh
+  devices = np.asarray([jax.devices()[0]] * (data * fsdp * tensor), dtype=object)
+  return Mesh(devices.reshape(data, fsdp, tensor), sharding.MESH_AXES)
+
+
+def test_make_mesh_puts_every_device_on_data():
+  import jax
+  mesh = sharding.make_mesh([jax.devices()[0]] * 4)
+  assert dict(mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 1}
+
+
+def test_batch_is_split_over_data_and_fsdp_only():
+  from jax.sharding import PartitionSpec as P
+  mesh = _mesh(2, 3, 5)
+  assert sharding.num_batch_shards(mesh) == 6  # not the tensor axis
+  assert sharding.batch_sharding(mesh).spec == P(("data", "fsdp"))
+  assert sharding.replicated(mesh).spec == P()
+  assert dict(sharding.DATA_PARALLEL_RULES)["batch"] == ("data", "fsdp")
+  assert all(v is None for k, v in sharding.DATA_PARALLEL_RULES if k != "batch")
+
+
+def test_param_shardings_follow_the_rules():
+  import flax.linen as nn
+  import jax
+  from jax.sharding import PartitionSpec as P
+  from pr_mim_jax.models import vit
+  mesh = _mesh(1, 2, 2)
+  rules = sharding.rules_from_config(_config())
+  x = jax.ShapeDtypeStruct((2, 3, 8), np.float32)
+  boxed = jax.eval_shape(vit.Block(heads=2).init, jax.random.key(0), x)["params"]
+  shard = sharding.param_shardings(boxed, mesh, rules)
+  assert shard["attn"]["qkv"]["kernel"].spec == P("fsdp", None, "tensor", None)
+  assert shard["attn"]["proj"]["kernel"].spec == P("tensor", None, "fsdp")
+  assert shard["mlp"]["fc1"]["kernel"].spec == P("fsdp", "tensor")
+  assert shard["mlp"]["fc2"]["kernel"].spec == P("tensor", "fsdp")
+  assert shard["norm1"]["scale"].spec == P("fsdp")
+  sharding.check_divisible(nn.unbox(boxed), shard)  # 8 and 2 heads split 2 ways
+
+
+def test_opt_state_shardings_follow_params_and_replicate_the_rest():
+  import jax
+  mesh = _mesh(1, 2, 1)
+  params = {"w": jax.ShapeDtypeStruct((4, 2), np.float32), "b": jax.ShapeDtypeStruct((2,), np.float32)}
+  params_sharding = {"w": "W-SHARDING", "b": "B-SHARDING"}  # stand-ins, passed through as given
+  opt = ({"count": jax.ShapeDtypeStruct((), np.int32), "mu": params, "nu": params}, ())
+  got = sharding.opt_state_shardings(opt, params, params_sharding, mesh)
+  assert got[0]["mu"] == params_sharding and got[0]["nu"] == params_sharding
+  assert got[0]["count"] == sharding.replicated(mesh)
+
+
+def test_check_divisible_multiplies_the_axes_of_a_dimension():
+  import jax
+  fake_mesh = types.SimpleNamespace(shape={"data": 2, "fsdp": 2, "tensor": 3})
+  params = {"w": jax.ShapeDtypeStruct((6, 12), np.float32)}
+  ok = {"w": types.SimpleNamespace(spec=(None, ("data", "fsdp", "tensor")), mesh=fake_mesh)}
+  sharding.check_divisible(params, ok)  # 12 = 2 * 2 * 3
+  bad = {"w": types.SimpleNamespace(spec=(("data", "fsdp"), None), mesh=fake_mesh)}
+  with pytest.raises(UserError, match=r"param w"):  # 6 over 2 * 2 = 4
+    sharding.check_divisible(params, bad)

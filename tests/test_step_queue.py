@@ -26,3 +26,14 @@ def test_waits_on_real_arrays():
 def test_depth_must_be_positive():
   with pytest.raises(ValueError, match="depth"):
     step_queue.StepQueue(depth=0)
+
+
+def test_by_default_one_step_stays_queued_behind_the_running_one(monkeypatch):
+  """The default bound: a stop waits for at most the running step and one more."""
+  waited = []
+  monkeypatch.setattr(step_queue.jax, "block_until_ready", waited.append)
+  queue = step_queue.StepQueue()
+  queue.push("step 1")
+  assert waited == [] and len(queue) == 1
+  queue.push("step 2")
+  assert waited == ["step 1"] and len(queue) == 1

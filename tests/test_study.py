@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -97,3 +98,50 @@ def test_a_rerun_with_other_settings_is_refused_but_more_seeds_and_methods_are_n
   gpu = study_config.get_config("setting=gpu")
   with pytest.raises(study.UserError, match="setting: 'cpu' there, 'gpu' now"):
     study.check_same_study(gpu, workdir)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("", "config.seeds: '' names no seed; use e.g. '0' or '0,1,2'"),
+    (" , ", "config.seeds: ' , ' names no seed"),
+    ("0,1,0", "config.seeds: '0,1,0' repeats [0]; name each seed once"),
+    ("0,x", "config.seeds: '0,x' is not a comma-separated list of integers"),
+])
+def test_no_seed_or_a_repeated_seed_is_one_error_line_before_anything_runs(tmp_path, text,
+                                                                            message):
+  # Without a seed the study trained nothing and then crashed reading a study.md it never
+  # wrote; a repeated seed counted the same runs twice in the seed-to-seed spread.
+  proc = run_study(tmp_path / "w", seeds=text)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  (line,) = proc.stderr.strip().splitlines()
+  assert line.startswith(f"error: {message}")
+  assert not (tmp_path / "w").exists()
+
+
+def test_seeds_parse_in_order():
+  assert study.seeds(ml_collections.ConfigDict(dict(seeds="2, 0,1"))) == [2, 0, 1]
+
+
+def test_the_plot_says_what_it_shows(tmp_path):
+  # Without a title the picture said neither the setting nor what the error bars are.
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  stats = {m: (0.1, 0.01) for m in ("knn_top1", "probe_top1", "finetune_top1", "recon_loss",
+                                    "gflop_per_img", "pretrain_seconds", "total_seconds")}
+  summary = {"mae": dict(stats, seeds=3), "pr_mim": dict(stats, seeds=3)}
+  fig = study.plot(summary, epath.Path(tmp_path) / "s.png", "cpu")
+  title = fig._suptitle.get_text()  # pylint: disable=protected-access
+  assert "setting cpu" in title and "mean ± std over 3 seed(s)" in title
+  assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == [
+      "chance", "k-NN", "linear probe", "fine-tune"]
+  assert all(ax.get_ylabel() for ax in fig.axes)
+  assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("methods,ratios,repeated", [
+    ("mae,partial,mae", "", "['mae']"),
+    ("pr_mim", "0.25,0.250", "['pr_mim@0.25']"),
+])
+def test_a_run_named_twice_is_refused(methods, ratios, repeated):
+  # Its rows counted twice in the summary: one seed then read as two, with zero spread.
+  c = ml_collections.ConfigDict(dict(methods=methods, pr_mim_throw_ratios=ratios))
+  with pytest.raises(study.UserError, match=re.escape(f"{repeated} named twice")):
+    study.runs(c)

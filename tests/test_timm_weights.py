@@ -228,6 +228,15 @@ def test_register_tokens_and_no_embed_class_are_named_not_called_odd_grids():
     timm_weights.infer_arch(state, heads=4, decoder_heads=2)
 
 
+def test_a_global_pool_model_is_named():
+  """timm's global_pool='avg' (MAE's fine-tuned files) has fc_norm.* and no norm.*: the refusal
+  names it rather than listing unknown and missing keys."""
+  state = random_mae_state(np.random.default_rng(6))
+  state["fc_norm.weight"], state["fc_norm.bias"] = state.pop("norm.weight"), state.pop("norm.bias")
+  with pytest.raises(timm_weights.WeightsError, match="fc_norm and no final norm: a global-pool"):
+    timm_weights.infer_arch(state, heads=4, decoder_heads=2)
+
+
 def built_shape(spec):
   """The shape timm.create_model(name, **kwargs) builds: vit_* entrypoints call
   VisionTransformer(**dict(their shape, **kwargs)), so the kwargs win."""

@@ -104,6 +104,21 @@ def test_resuming_with_a_changed_training_field_names_it(tmp_path, field, value)
   assert (tmp_path / "run" / "config.json").read_text() == before
 
 
+@pytest.mark.parametrize("field,value", [
+    ("method", "partial"), ("masking.throw_ratio", 0.25), ("masking.throw_strategy", "random"),
+    ("reconstruction.aggregator", "last_block"), ("reconstruction.num_stages", 2),
+    ("loss.target", "pixel"), ("loss.thrown_loss_weight", 0.5), ("data.crop_min_scale", 0.2),
+    ("data.train_split", "test"), ("data.shapes.difficulty", "easy")])
+def test_resuming_pre_training_with_another_method_loss_or_examples_is_refused(tmp_path, field,
+                                                                               value):
+  """What the saved steps trained on (the method, its masks, reconstruction and loss, the
+  examples and their crops), each checked on its own."""
+  workdir = _recorded(tmp_path / "run")
+  with pytest.raises(UserError, match=rf"^config\.{field}: "):
+    workdir_records.check_resume_config(workdir, _tiny(**{field: value}), 8,
+                                        pretrain.FIXED_ON_RESUME)
+
+
 def test_allowed_changes_are_named_and_step_0_or_no_record_takes_any_config(tmp_path, caplog):
   workdir = _recorded(tmp_path / "run")
   with caplog.at_level(logging.WARNING):
@@ -154,3 +169,75 @@ def test_git_commit_is_this_checkouts_and_never_an_enclosing_projects(tmp_path):
                        text=True, check=True, env={**os.environ,
                                                    "PYTHONPATH": str(project / "site")})
   assert out.stdout.strip() == "None"
+
+
+def test_fields_only_one_of_the_configs_has_are_not_compared(tmp_path, caplog):
+  """A workdir written by an older version lacks fields added since (and may hold one that is
+  gone): those cannot have changed, so the resume goes on, naming only real changes."""
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  recorded = json.loads(_tiny().to_json())
+  del recorded["train"]["image_every"]  # added after this workdir was written
+  recorded["optim"]["retired_knob"] = 3  # removed since
+  recorded["optim"]["base_lr"] = 0.02
+  (workdir / "config.json").write_text(json.dumps(recorded))
+  with caplog.at_level(logging.WARNING):
+    workdir_records.check_resume_config(str(workdir), _tiny(), 8, pretrain.FIXED_ON_RESUME)
+  assert "optim.base_lr 0.02 -> 0.01" in caplog.text
+  assert "image_every" not in caplog.text and "retired_knob" not in caplog.text
+
+
+@pytest.mark.parametrize("old,new", [("shapes", "folder:/data/images"),
+                                     ("folder:/data/images", "shapes")])
+def test_switching_between_a_folder_and_another_dataset_is_refused(tmp_path, old, new):
+  """Only a folder read from a new path is the same images moved; a folder in place of a
+  named dataset (or the reverse) is other images."""
+  workdir = _recorded(tmp_path / "run", **{"data.dataset": old})
+  with pytest.raises(UserError, match=r"^config\.data\.dataset: "):
+    workdir_records.check_resume_config(workdir, _tiny(**{"data.dataset": new}), 8,
+                                        pretrain.FIXED_ON_RESUME)
+
+
+def test_a_config_json_that_is_not_json_resumes_with_a_warning(tmp_path, caplog):
+  (tmp_path / "config.json").write_text('{"batch_size": 16, "se')  # torn by a full disk
+  with caplog.at_level(logging.WARNING):
+    workdir_records.check_resume_config(str(tmp_path), _tiny(batch_size=32), 8,
+                                        pretrain.FIXED_ON_RESUME)
+  assert "is not valid JSON" in caplog.text
+
+
+def test_records_and_metrics_are_written_by_process_0_only(tmp_path, monkeypatch):
+  rows = "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (4, 8, 12))
+  (tmp_path / "metrics.jsonl").write_text(rows)
+  config = _tiny(seed=7)
+  monkeypatch.setattr(workdir_records.jax, "process_index", lambda: 1)
+  workdir_records.write_records(str(tmp_path / "other"), config)
+  workdir_records.drop_metrics_after(str(tmp_path), 4)
+  assert not (tmp_path / "other").exists()
+  assert (tmp_path / "metrics.jsonl").read_text() == rows  # process 0 trims it
+  monkeypatch.setattr(workdir_records.jax, "process_index", lambda: 0)
+  workdir_records.write_records(str(tmp_path / "run"), config)
+  assert json.loads((tmp_path / "run" / "config.json").read_text()) == json.loads(config.to_json())
+  assert json.loads((tmp_path / "run" / "config.json").read_text())["seed"] == 7
+  provenance = json.loads((tmp_path / "run" / "provenance.json").read_text())
+  assert provenance["process_count"] == 1 and provenance["packages"]["jax"]
+
+
+def test_git_commit_is_marked_dirty_only_when_a_tracked_file_changed(tmp_path, monkeypatch):
+  """On a checkout of its own (built here, so independent of this repository's state)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  checkout = tmp_path / "checkout"
+  module = checkout / "pr_mim_jax" / "training" / "workdir_records.py"
+  module.parent.mkdir(parents=True)
+  module.write_text("# stand-in\n")
+  git = ["git", "-C", str(checkout), "-c", "user.name=t", "-c", "user.email=t@t"]
+  for args in (["init", "-q"], ["add", "."], ["commit", "-qm", "x"]):
+    subprocess.run(git + args, check=True, capture_output=True)
+  head = subprocess.run(git + ["rev-parse", "HEAD"], check=True, capture_output=True,
+                        text=True).stdout.strip()
+  monkeypatch.setattr(workdir_records, "__file__", str(module))
+  assert workdir_records.git_commit() == head
+  (checkout / "notes.txt").write_text("untracked")
+  assert workdir_records.git_commit() == head  # an untracked file changes no source
+  module.write_text("# edited\n")
+  assert workdir_records.git_commit() == head + "-dirty"

@@ -200,7 +200,8 @@ def eval_transform(image, size: int):
     new_h = tf.where(height <= width, short, tf.maximum(short, tf.cast(short * h / w, tf.int32)))
     new_w = tf.where(height <= width, tf.maximum(short, tf.cast(short * w / h, tf.int32)), short)
     out = tf.image.resize(image, tf.stack([new_h, new_w]), method="bicubic", antialias=True)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
+    # torchvision's CenterCrop offset: round half to even, as Python's round and tf.round.
+    top, left = (tf.cast(tf.round((x - size) / 2), tf.int32) for x in (new_h, new_w))
     return to_pixels(out[top:top + size, left:left + size])
 
   native = tf.logical_and(tf.equal(height, size), tf.equal(width, size))

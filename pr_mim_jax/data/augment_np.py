@@ -191,6 +191,6 @@ def eval_transform(raw, size: int) -> np.ndarray:
       new_h, new_w = short, max(short, int(short * width / height))
     else:
       new_h, new_w = max(short, int(short * height / width)), short
-    top, left = (new_h - size) // 2, (new_w - size) // 2
+    top, left = round((new_h - size) / 2), round((new_w - size) / 2)  # torchvision's rounding
     image = resize(image, new_h, new_w)[top:top + size, left:left + size]
   return _rgb(image, bgr)

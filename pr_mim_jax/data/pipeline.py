@@ -222,11 +222,31 @@ def _load(data, source, backend, steps, *, local, transform, labeled):
   if datasets.get(data, "tune_malloc", True):
     host_memory.tune_malloc()
   if backend == "dali":  # the transform is the whole batch builder
-    return transform(source, steps, local=local, labeled=labeled,
-                     threads=datasets.pool_size(datasets.threads(data)))
-  make = _tf_batches if backend == "tf" else _np_batches
-  return make(source, steps, local=local, transform=transform, labeled=labeled,
-              threads=datasets.threads(data))
+    batches = transform(source, steps, local=local, labeled=labeled,
+                        threads=datasets.pool_size(datasets.threads(data)))
+  else:
+    make = _tf_batches if backend == "tf" else _np_batches
+    batches = make(source, steps, local=local, transform=transform, labeled=labeled,
+                   threads=datasets.threads(data))
+  return _labels_checked(batches, source) if labeled else batches
+
+
+def _labels_checked(batches, source):
+  """`batches`, stopping at the first negative label with a UserError: tfds stores -1 for
+  an example without a label (imagenet2012's test split), which would silently train on
+  or score against nothing."""
+  try:
+    for b in batches:
+      bad = np.flatnonzero(b["label"] < 0)  # [local] -> positions of unlabeled rows
+      if bad.size:
+        k = bad[0]
+        raise UserError(f"{source.where(b['index'][k])} has label {b['label'][k]}: the split has "
+                        "no labels (tfds writes -1 for those); set data.train_split / "
+                        "data.eval_split to a labeled split")
+      yield b
+  finally:
+    if hasattr(batches, "close"):
+      batches.close()
 
 
 def _host_batches(data, *, seed, global_batch, image_size, start_step, positions, backend,

@@ -28,8 +28,9 @@ _GRAY = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as Pillow's convert('L')
 
 
 def _blend(degenerate, x, factor):
-  """Pillow's ImageEnhance: degenerate + factor * (x - degenerate), rounded to [0, 255]."""
-  return tf.clip_by_value(tf.round(degenerate + factor * (x - degenerate)), 0.0, 255.0)
+  """Pillow's ImageEnhance: degenerate + factor * (x - degenerate), clipped to [0, 255] and
+  truncated as Pillow's blend truncates (rounding would sit half a level brighter)."""
+  return tf.clip_by_value(tf.floor(degenerate + factor * (x - degenerate)), 0.0, 255.0)
 
 
 def _gray(x):

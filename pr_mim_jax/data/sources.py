@@ -73,6 +73,10 @@ class ArraySource:
   def label(self, i: int) -> int:
     return int(self.labels[i])
 
+  def where(self, i: int) -> str:
+    """Where example i is, for error messages."""
+    return f"example {int(i)} of the in-memory dataset"
+
 
 # ----------------------------------------------------------------- image folders
 

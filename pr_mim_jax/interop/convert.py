@@ -301,6 +301,9 @@ def check_flags(src_is_workdir: bool, fmt: str, step: int, heads: int, decoder_h
   if (heads or decoder_heads) and src_is_workdir:
     raise UserError("--heads / --decoder_heads: a workdir source's config has its heads; "
                     "drop the flags")
+  if decoder_heads and fmt == "timm":
+    raise UserError("--decoder_heads: a timm target holds the encoder alone, so the decoder is "
+                    "not read; drop the flag, or keep the decoder with --with_decoder")
   if config is not None and fmt != "workdir":
     raise UserError(f"--config: sets up a workdir target; a {fmt} file holds no config. Drop "
                     "--config, or write a workdir")

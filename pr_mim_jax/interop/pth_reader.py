@@ -31,6 +31,7 @@ _STORAGE_DTYPES = {
 }
 _OPAQUE = ("argparse.Namespace",)
 _STATE_DICT_KEYS = ("model", "state_dict", "model_ema")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 class PthError(UserError):
@@ -180,7 +181,7 @@ def _is_tensor_dict(node) -> bool:
 
 def state_dict(tree, path: str = "checkpoint") -> dict[str, np.ndarray]:
   """The flat name -> array dict of a checkpoint: under 'model', 'state_dict' or
-  'model_ema' (first found), else the top level. A DDP 'module.' prefix is removed."""
+  'model_ema' (first found), else the top level, without wrapper prefixes."""
   if isinstance(tree, dict):
     for key in _STATE_DICT_KEYS:
       if _is_tensor_dict(tree.get(key)):
@@ -190,6 +191,15 @@ def state_dict(tree, path: str = "checkpoint") -> dict[str, np.ndarray]:
     keys = sorted(map(str, tree))[:10] if isinstance(tree, dict) else type(tree).__name__
     raise PthError(f"{path}: no state dict of tensors found at the top level or under "
                    f"{_STATE_DICT_KEYS} (it has {keys})")
-  if all(k.startswith("module.") for k in tree):
-    tree = {k[len("module."):]: v for k, v in tree.items()}
-  return dict(tree)
+  return without_wrappers(tree)
+
+
+def without_wrappers(state: dict) -> dict:
+  """state with the prefixes that wrappers add to every name removed, in any nesting: DDP's
+  'module.' and torch.compile's '_orig_mod.' (a compiled model's state_dict)."""
+  state = dict(state)
+  while True:
+    prefix = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)
+    if prefix is None:
+      return state
+    state = {k[len(prefix):]: v for k, v in state.items()}

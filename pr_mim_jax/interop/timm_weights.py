@@ -204,6 +204,10 @@ def infer_arch(state: dict, heads: int = 0, decoder_heads: int = 0) -> Arch:
   if pos.ndim != 3 or pos.shape[0] != 1 or pos.shape[2] != width:
     raise WeightsError(f"pos_embed has shape {pos.shape}; expected [1, 1+L, {width}]")
   _check_prefix_tokens(state, pos.shape[1])
+  if "fc_norm.weight" in state and "norm.weight" not in state:
+    raise WeightsError("fc_norm and no final norm: a global-pool model (timm's global_pool='avg', "
+                       "as MAE's fine-tuned checkpoints), whose norm follows the pooling; our "
+                       "encoder ends in a per-token norm. Convert the pre-trained checkpoint")
   grid = _grid(pos.shape[1] - 1, "pos_embed (after its class-token row)")
   heads = heads or default_heads(width)
   if not heads:

@@ -35,7 +35,7 @@ def _read_file(path: pathlib.Path) -> tuple[dict, dict]:
   except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
     raise UserError(f"--from: {path} starts like safetensors but cannot be read; it looks "
                     f"truncated or corrupt ({type(e).__name__}: {str(e)[:200]})") from None
-  return state, _our_metadata(metadata, path)
+  return pth_reader.without_wrappers(state), _our_metadata(metadata, path)
 
 
 def _our_metadata(metadata: dict, path: pathlib.Path) -> dict:

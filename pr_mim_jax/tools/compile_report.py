@@ -187,6 +187,39 @@ def xla_gflop_per_img(compiled, num_devices: int, global_batch: int) -> float | 
   return cost["flops"] * num_devices / global_batch / 1e9
 
 
+def looped_parts(config, grad_accum_steps: int) -> str:
+  """What of the step runs inside an XLA loop ('' if nothing): the encoder blocks under
+  `model.scan_layers`, the micro-batches of gradient accumulation. XLA's cost analysis
+  counts a loop body once, whatever its trip count, so its FLOP count is then too low."""
+  parts = []
+  if config.model.get("scan_layers", False):
+    parts.append("the encoder blocks (model.scan_layers)")
+  if grad_accum_steps > 1:
+    parts.append(f"the {grad_accum_steps} micro-batches (train.grad_accum_steps)")
+  return " and ".join(parts)
+
+
+def cudnn_missing() -> UserError:
+  """The one-line error for a cuDNN attention compile without the cuDNN library."""
+  return UserError("config.model.attention: the cuDNN kernels compile only with the cuDNN "
+                   "library present; pip install nvidia-cudnn-cu12 into this environment, "
+                   "or use einsum / xla attention")
+
+
+def _is_cudnn_missing(e: Exception) -> bool:
+  """JAX's refusal to build cuDNN attention without the library (at trace or compile time)."""
+  message = str(e)
+  return "cuDNN not found" in message or "cuDNN is not detected" in message
+
+
+def check_attention_target(config, platform: str) -> None:
+  """cuDNN attention exists only on NVIDIA GPUs: a UserError for any other target."""
+  attention = config.model.get("attention", "einsum")
+  if attention.startswith("cudnn") and platform != "gpu":
+    raise UserError(f"config.model.attention: {attention!r} runs only on NVIDIA GPUs, and the "
+                    f"target is {platform!r}; use a gpu: target, or einsum / xla attention")
+
+
 class Compiler:
   """Compiles one abstract step for any per-device batch on one target."""
 
@@ -204,10 +237,8 @@ class Compiler:
       message = " ".join(str(e).split())
       if "RESOURCE_EXHAUSTED" in message or "Ran out of memory" in message:
         return None, time.perf_counter() - t0, message[:300]
-      if "cuDNN not found" in message:
-        raise UserError("config.model.attention: the cuDNN kernels compile only with the cuDNN "
-                        "library present; pip install nvidia-cudnn-cu12 into this environment, "
-                        "or use einsum / xla attention") from None
+      if _is_cudnn_missing(e):
+        raise cudnn_missing() from None
       raise
     return compiled, time.perf_counter() - t0, None
 
@@ -239,13 +270,17 @@ def report_setting(config, target: compile_targets.Target, *, fit: bool, max_per
       "device_memory_gib": round(target.memory_bytes / GIB, 2), "memory_note": target.memory_note,
       "analytic_gflop_per_img": _significant(step.gflop_per_img),
   }
+  loops = looped_parts(config, step.granularity)
+  if loops:
+    row["xla_flops_note"] = (f"not counted: XLA counts a loop body once, and {loops} run in a "
+                             "loop")
   if compiled is None:
     row.update(fits=False, memory_gib=None, memory_bytes=None, headroom_gib=None,
                compiler_error=error, xla_gflop_per_img=None)
     first = Probe(per_device, None, False)
   else:
     memory = Memory.of(compiled)
-    xla = xla_gflop_per_img(compiled, len(target.devices), config.batch_size)
+    xla = None if loops else xla_gflop_per_img(compiled, len(target.devices), config.batch_size)
     row.update(memory_gib=memory.gib(), memory_bytes=memory.bytes(),
                fits=memory.total <= target.memory_bytes,
                headroom_gib=round((target.memory_bytes - memory.total) / GIB, 2),
@@ -339,10 +374,12 @@ def _run(f: types.SimpleNamespace, argv) -> None:
   unknown = set(f.methods.value) - set(methods.METHODS)
   if unknown:
     raise UserError(f"--methods: unknown {sorted(unknown)}; use names from {list(methods.METHODS)}")
+  cli.at_least(f.num_classes, 1, "classes of the probe / fine-tune head")
   if f.max_per_device_batch.value < 1 or f.fit_step.value < 1:
     raise UserError("--max_per_device_batch and --fit_step must be >= 1")
   if not 0 <= f.fit_tolerance.value < 1:
     raise UserError(f"--fit_tolerance: got {f.fit_tolerance.value}; use a share in [0, 1), e.g. 0.03")
+  check_attention_target(config, spec.platform)  # --methods / --variants keep the attention
   _prepare_process(spec)
   with compile_targets.quiet_stderr():  # the CUDA plugin logs at import that there is no GPU
     import jax  # pylint: disable=g-import-not-at-top
@@ -363,6 +400,8 @@ def _run(f: types.SimpleNamespace, argv) -> None:
     except UserError:
       raise
     except Exception as e:  # pylint: disable=broad-except  # one failed setting, named
+      if _is_cudnn_missing(e):  # raised while the state is laid out, before any compile
+        raise cudnn_missing() from None
       row = {"mode": c.get("mode", "pretrain"), "method": c.get("method"),
              "variant": c.model.variant, "error": compile_targets._first_line(e)}  # pylint: disable=protected-access
     report["settings"].append(row)

@@ -113,6 +113,9 @@ def _topology_dims(text: str, dims: int, gen: str) -> tuple[int, ...]:
 def parse_target(text: str, num_devices: int = 0, num_slices: int = 1) -> TargetSpec:
   """'tpu:v5e:16x16' | 'gpu:h100' | 'cpu' -> TargetSpec; a UserError names what is wrong."""
   kind, _, rest = text.partition(":")
+  if num_devices < 0:  # not the mesh's -1: a count, or 0 for the target's own
+    raise UserError(f"--num_devices: got {num_devices}; use a device count, or leave it unset "
+                    "for the target's default (GPUs 8, CPU 1, TPUs their topology's chips)")
   if num_slices < 1:
     raise UserError(f"--num_slices: got {num_slices}; use 1 or more")
   if kind == "tpu":

@@ -178,7 +178,15 @@ def write_outputs(out: epath.Path, rows: list, finals: list) -> None:
             f"{f['seconds']:.0f} |" for f in finals]
   (out / "gradient_distance.md").write_text("\n".join(lines) + "\n")
   (out / "summary.json").write_text(json.dumps({"rows": rows, "finals": finals}, indent=1))
+  plot(rows, out / "gradient_distance.png")
 
+
+def plot(rows: list, path: epath.Path):
+  """Distance to MAE's gradient against the step, one line per setting, titled with what
+  the bars are; returns the (closed) figure."""
+  settings = list(dict.fromkeys(r["setting"] for r in rows))
+  steps = sorted({r["step"] for r in rows})
+  by = {(r["setting"], r["step"]): r for r in rows}
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -191,11 +199,14 @@ def write_outputs(out: epath.Path, rows: list, finals: list) -> None:
                 label=label, capsize=3, linestyle="--" if s == "mae" else "-")
   ax.set_xlabel("training step")
   ax.set_ylabel("||g - g_MAE|| / ||g_MAE|| (encoder)")
+  ax.set_title(f"Encoder gradient vs MAE's, same params and visible set\n(mean ± std over "
+               f"{rows[0]['n']} probe batches)", fontsize=9)
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(str(out / "gradient_distance.png"))
+  fig.savefig(str(path))
   plt.close(fig)
+  return fig
 
 
 def _run(f: types.SimpleNamespace) -> int:
@@ -205,6 +216,8 @@ def _run(f: types.SimpleNamespace) -> int:
   cli.at_least(f.batches, 2, "probe batches per measurement; the spread needs several")
   cli.at_least(f.probe_batch, 1, "images per probe batch")
   settings = f.settings.value
+  if not settings:
+    raise UserError(f"--settings: none given; use some of {','.join(DEFAULT_SETTINGS)}")
   for s in settings:  # every entry checked before anything trains
     setting_config(config, s)
   config_validation.validate_attention_backend(config.model, jax.default_backend())

@@ -51,7 +51,8 @@ def _define_flags(flag_values=flags.FLAGS) -> types.SimpleNamespace:
       threads=flags.DEFINE_integer("threads", -1, "data.num_parallel_calls; <= 0 = AUTOTUNE "
                                    "(tf) / one per core (numpy).", **fv),
       jpeg_dir=flags.DEFINE_string("jpeg_dir", "", "Folder for the generated JPEGs (reused if "
-                                   "it holds them); '' = a temporary folder.", **fv),
+                                   "it holds them; other images in it are refused); '' = a "
+                                   "temporary folder.", **fv),
       jpeg_count=flags.DEFINE_integer("jpeg_count", 1024, "JPEGs to generate.", **fv),
       jpeg_size=flags.DEFINE_string("jpeg_size", "500x375", "WIDTHxHEIGHT of the generated "
                                     "JPEGs (ImageNet's typical photo; larger ones show the "
@@ -84,6 +85,35 @@ def write_jpegs(directory: str, count: int, size=(500, 375), seed: int = 0) -> s
     pixels = np.clip(smooth + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)  # [h, w, 3]
     Image.fromarray(pixels).save(path, quality=90)
   return directory
+
+
+def foreign_images(directory: str, count: int) -> list[str]:
+  """Image files under `directory` (relative paths, as the folder source finds them: any
+  depth, hidden ones skipped) other than the `count` that write_jpegs makes there. The
+  pipeline reads the whole folder, so any of them would be timed with the generated ones."""
+  from pr_mim_jax.data import sources  # pylint: disable=g-import-not-at-top
+  ours = {f"img_{i:06d}.jpg" for i in range(count)}
+  found = []
+  for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
+    dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    for name in filenames:
+      rel = os.path.relpath(os.path.join(dirpath, name), directory)
+      if name.lower().endswith(sources.IMAGE_EXTENSIONS) and not name.startswith(".") and (
+          rel not in ours):
+        found.append(rel)
+  return sorted(found)
+
+
+def check_jpeg_dir(directory: str, count: int) -> None:
+  """A UserError when --jpeg_dir holds images the benchmark did not generate for this run."""
+  if not os.path.isdir(directory):
+    return
+  found = foreign_images(directory, count)
+  if found:
+    raise UserError(f"--jpeg_dir: {directory} holds {len(found)} other image file(s) besides "
+                    f"the {count} generated JPEGs (e.g. {found[0]}), and the benchmark would "
+                    "read them too; use an empty or new folder (or the --jpeg_count that made "
+                    "them)")
 
 
 def data_config(dataset: str, backend: str, threads: int, shapes_size: int,
@@ -159,6 +189,8 @@ def _run(f: types.SimpleNamespace) -> None:
     raise UserError(f"--accelerators: got {','.join(f.accelerators.value)}; use counts > 0, "
                     "e.g. --accelerators=1,8")
   if "jpeg" in f.sources.value and f.jpeg_dir.value:
+    cli.check_not_a_file(f.jpeg_dir.value, "jpeg_dir")
+    check_jpeg_dir(f.jpeg_dir.value, f.jpeg_count.value)  # before anything is timed or written
     cli.output_dir(f.jpeg_dir.value, "jpeg_dir")
   tmp = None
   rows = []

@@ -61,6 +61,18 @@ def _ints(text: str, field: str) -> list[int]:
     raise UserError(f"config.{field}: {text!r} is not a comma-separated list of integers") from None
 
 
+def seeds(study) -> list[int]:
+  """config.seeds as distinct integers; a UserError for none (nothing would run, and no
+  table be written) or a repeated one (its runs would count twice in the seed spread)."""
+  out = _ints(study.seeds, "seeds")
+  if not out:
+    raise UserError(f"config.seeds: {study.seeds!r} names no seed; use e.g. '0' or '0,1,2'")
+  repeated = sorted({s for s in out if out.count(s) > 1})
+  if repeated:
+    raise UserError(f"config.seeds: {study.seeds!r} repeats {repeated}; name each seed once")
+  return out
+
+
 def runs(study) -> list[tuple[str, str, float]]:
   """(label, method, throw_ratio) of every pre-training setting."""
   out = []
@@ -76,6 +88,11 @@ def runs(study) -> list[tuple[str, str, float]]:
     out.append((f"pr_mim@{throw:g}", "pr_mim", throw))
   if not out:
     raise UserError("config.methods: no method to run; use e.g. 'mae,partial,pr_mim'")
+  labels = [label for label, _, _ in out]
+  repeated = sorted({l for l in labels if labels.count(l) > 1})
+  if repeated:  # one label's runs would count twice, as if they were two seeds
+    raise UserError(f"config.methods / config.pr_mim_throw_ratios: {repeated} named twice; "
+                    "name each run once")
   return out
 
 
@@ -198,7 +215,7 @@ def run_all(study, workdir: epath.Path) -> list[dict]:
   """Every (seed, setting) through pre-training and the three evaluations; resumable."""
   log = workdir / "results.jsonl"
   rows = []
-  for seed in _ints(study.seeds, "seeds"):
+  for seed in seeds(study):
     for label, method, throw in runs(study):
       base = workdir / f"{label}_seed{seed}"
       cfg = pretrain_config(study, method, throw, seed)
@@ -289,10 +306,11 @@ def write_outputs(study, workdir: epath.Path, rows: list[dict]) -> None:
   lines += ["", f"Chance is {chance:.1f}%; k-NN of the randomly initialised encoder: "
             f"{100 * knn_init:.1f}%.", ""] + spread_verdicts(summary)
   (workdir / "study.md").write_text("\n".join(lines) + "\n")
-  plot(summary, workdir / "study.png")
+  plot(summary, workdir / "study.png", study.setting)
 
 
-def plot(summary: dict, path: epath.Path) -> None:
+def plot(summary: dict, path: epath.Path, setting: str = ""):
+  """The table as bars with a title (setting, seeds); returns the (closed) figure."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -315,10 +333,15 @@ def plot(summary: dict, path: epath.Path) -> None:
   for ax in axes:
     ax.set_xticks(x, labels, rotation=20, fontsize=8)
     ax.grid(axis="y", alpha=0.3)
+  counts = sorted({v["seeds"] for v in summary.values()})  # seeds per method
+  fig.suptitle(f"MAE vs partial reconstruction vs PR-MIM on shapes"
+               f"{f', setting {setting}' if setting else ''}: mean ± std over "
+               f"{'/'.join(map(str, counts))} seed(s) per method", fontsize=10)
   fig.tight_layout()
   with path.open("wb") as f:
     fig.savefig(f, format="png")
   plt.close(fig)
+  return fig
 
 
 def _run(f: types.SimpleNamespace) -> int:
@@ -326,7 +349,7 @@ def _run(f: types.SimpleNamespace) -> int:
   for label, method, throw in runs(study):  # every setting checked before anything trains
     cfg = pretrain_config(study, method, throw, 0)
     pretrain.check_config(cfg)
-  _ints(study.seeds, "seeds")
+  seeds(study)
   workdir = cli.output_dir(f.workdir.value, "workdir")
   check_same_study(study, workdir)
   absl_logging.use_absl_handler()
