@@ -1,6 +1,7 @@
 """Tests for pr_mim_jax.training.picture_text: where titles and legend items land."""
 
 import numpy as np
+import pytest
 
 from pr_mim_jax.training import picture_text as pt
 
@@ -12,6 +13,9 @@ def _ink_columns(band, x0, x1):
 
 
 def test_each_title_fits_inside_its_column_centred_and_whole():
+  widths = {pt._text_width("reconstruction", pt.font(px)) for px in (8, 16)}  # pylint: disable=protected-access
+  if len(widths) == 1:
+    pytest.skip("Pillow < 10.1: one built-in font size, so a long title cannot shrink to fit")
   tile, gap = 60, 6
   titles = ["original", "tokens", "reconstruction"]  # the last fits 60 px only when shrunk
   width = len(titles) * (tile + gap) - gap
