@@ -87,6 +87,8 @@ def _must_not_run(*args, **kwargs):
      "--jpeg_size: got '500'; use WIDTHxHEIGHT of at least 32x32, e.g. 500x375"),
     (["--sources=shapes", "--accelerators=8,x"],
      "--accelerators: got 8,x; use counts > 0, e.g. --accelerators=1,8"),
+    (["--sources=shapes", "--step_img_per_s=-3523"],
+     "--step_img_per_s: got -3523; use the accelerator's measured images/s, or 0 for no sizing"),
 ])
 def test_bad_arguments_are_one_error_line_and_write_nothing(args, message, monkeypatch, tmp_path,
                                                             capsys):

@@ -294,3 +294,11 @@ def test_visualize_masks_bad_out_is_one_error_line(tmp_path):
   assert proc.returncode == 2, proc.stderr
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith('error: --out'), proc.stderr
+
+
+def test_visualize_masks_says_when_the_split_has_fewer_images(tmp_path, capsys):
+  config = _tiny_config(tmp_path, **{'data.shapes.test_size': 4})
+  paths = visualize_masks.write_pictures(config, str(tmp_path / 'out'), num_images=6, seed=0)
+  assert "--num_images=6: split 'test' has 4 images; drawing those" in capsys.readouterr().out
+  width, height = _png_size(paths[0])
+  assert height > 4 * (16 * 12 + 2) - 2 and height < 5 * (16 * 12 + 2)  # 4 rows, not 6

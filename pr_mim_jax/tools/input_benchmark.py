@@ -180,6 +180,9 @@ def _run(f: types.SimpleNamespace) -> None:
   for name in ("batch", "batches", "image_size", "jpeg_count", "shapes_size"):
     if getattr(f, name).value <= 0:
       raise UserError(f"--{name}: got {getattr(f, name).value}; use an integer > 0")
+  if f.step_img_per_s.value < 0:
+    raise UserError(f"--step_img_per_s: got {f.step_img_per_s.value:g}; use the accelerator's "
+                    "measured images/s, or 0 for no sizing")
   jpeg_size = _size(f.jpeg_size.value)
   try:
     accelerators = [int(n) for n in f.accelerators.value]

@@ -82,6 +82,9 @@ def write_pictures(config, out: str, num_images: int = 8, seed: int = 0) -> list
   size = config.model.image_size
   images, _ = pipeline.labeled_arrays(config.data, config.data.eval_split,
                                       num_examples=num_images, image_size=size)  # [N, S, S, 3]
+  if images.shape[0] < num_images:
+    print(f"--num_images={num_images}: split {config.data.eval_split!r} has "
+          f"{images.shape[0]} images; drawing those", flush=True)
   grid = size // patch
   rng = jax.random.key(seed)  # one rng for all strategies: same visible sets
   maps = {}
