@@ -8,7 +8,10 @@
 # dots_saveable: what remat costs in time), one file each.
 # No TensorFlow needed. Environment: STEPS (timed steps, default 20), BATCH (default 256).
 set -euo pipefail
-out=${1:?usage: launch/gpu_benchmark.sh OUT_DIR [sweep] [--config.FIELD=VALUE ...]}
+usage="usage: launch/gpu_benchmark.sh OUT_DIR [sweep] [--config.FIELD=VALUE ...]"
+out=${1:?$usage}
+# A flag or `sweep` in OUT_DIR's place means OUT_DIR was left out (./sweep names a folder).
+case $out in -*|sweep) echo "$usage (OUT_DIR first, not $out)" >&2; exit 2;; esac
 shift
 mode=main
 if [ "${1:-}" = sweep ]; then mode=sweep; shift; fi

@@ -4,7 +4,10 @@
 # Environment: CONFIG (default pr_mim_jax/configs/pretrain.py:variant=B/16), DATA_DIR (tfds data_dir),
 # CUDA_VISIBLE_DEVICES to choose GPUs. Install first: pip install -U "jax[cuda12]" -r requirements.txt
 set -euo pipefail
-workdir=${1:?usage: launch/gpu_local.sh WORKDIR [--config.FIELD=VALUE ...]}
+usage="usage: launch/gpu_local.sh WORKDIR [--config.FIELD=VALUE ...]"
+workdir=${1:?$usage}
+# A flag in WORKDIR's place would become the workdir and be dropped from the run.
+case $workdir in -*) echo "$usage (WORKDIR first, not $workdir)" >&2; exit 2;; esac
 shift
 args=(--config="${CONFIG:-pr_mim_jax/configs/pretrain.py:variant=B/16}" --workdir="$workdir")
 [ -n "${DATA_DIR:-}" ] && args+=(--config.data.data_dir="$DATA_DIR")

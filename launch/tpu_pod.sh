@@ -6,12 +6,16 @@
 # RUNTIME (default tpu-ubuntu2204-base), CONFIG (default pr_mim_jax/configs/pretrain.py:variant=B/16),
 # DATA_DIR (gs:// tfds data_dir), REPO (git URL to clone; default: copy this checkout).
 set -euo pipefail
-workdir=${1:?usage: launch/tpu_pod.sh gs://BUCKET/WORKDIR [--config.FIELD=VALUE ...]}
+usage="usage: launch/tpu_pod.sh gs://BUCKET/WORKDIR [--config.FIELD=VALUE ...]"
+workdir=${1:?$usage}
+# A flag in WORKDIR's place would become the workdir and be dropped from the run.
+case $workdir in -*) echo "$usage (WORKDIR first, not $workdir)" >&2; exit 2;; esac
 shift
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}" "${PROJECT:?set PROJECT}"
 accelerator=${ACCELERATOR:-v4-32}
 runtime=${RUNTIME:-tpu-ubuntu2204-base}
 config=${CONFIG:-pr_mim_jax/configs/pretrain.py:variant=B/16}
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)  # this checkout, wherever this runs from
 tpu=(gcloud compute tpus tpu-vm --project="$PROJECT" --zone="$ZONE")
 
 if ! "${tpu[@]}" describe "$TPU_NAME" >/dev/null 2>&1; then
@@ -22,7 +26,7 @@ fi
 if [ -n "${REPO:-}" ]; then
   "${tpu[@]}" ssh "$TPU_NAME" --worker=all --command="rm -rf pr_mim_jax && git clone -q $REPO pr_mim_jax"
 else
-  tar czf /tmp/pr_mim_jax.tgz --exclude=.venv --exclude=workdirs --exclude=.git .
+  tar czf /tmp/pr_mim_jax.tgz --exclude=.venv --exclude=workdirs --exclude=.git -C "$root" .
   "${tpu[@]}" scp /tmp/pr_mim_jax.tgz "$TPU_NAME":pr_mim_jax.tgz --worker=all
   "${tpu[@]}" ssh "$TPU_NAME" --worker=all --command="rm -rf pr_mim_jax && mkdir pr_mim_jax && tar xzf pr_mim_jax.tgz -C pr_mim_jax"
 fi

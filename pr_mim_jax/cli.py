@@ -20,6 +20,7 @@ from pr_mim_jax.configs import JOBS as PACKAGED_JOBS
 from pr_mim_jax.errors import UserError
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
 
 
 def print_error(message: str) -> None:
@@ -111,7 +112,9 @@ def _with_packaged_configs(argv, flag_values, check: bool = True) -> list[str]:
   """argv with every config flag's value passed through packaged_config; a UserError for a
   config file that is neither a file nor a packaged name (ml_collections would only report
   it later, as a traceback)."""
-  names = {f"--{n}" for n in cli_help.config_flag_names(flag_values)}
+  # absl also takes the single-dash form, -config=FILE.
+  names = {f"{dashes}{n}" for n in cli_help.config_flag_names(flag_values)
+           for dashes in ("-", "--")}
   out = list(argv)
   for i, arg in enumerate(out):
     flag, sep, value = arg.partition("=")
@@ -123,11 +126,64 @@ def _with_packaged_configs(argv, flag_values, check: bool = True) -> list[str]:
       continue
     value = packaged_config(value)
     file = value.partition(":")[0]
-    if check and file and not os.path.isfile(file):
+    if check and not os.path.isfile(file):  # '' too: ml_collections would defer that error
       raise UserError(f"{flag}={file}: no such config file; give a path, or the name of a "
                       f"packaged config: {', '.join(PACKAGED_JOBS)}")
     out[at] = f"{flag}={value}" if at == i else value
   return out
+
+
+def _stray_argument(argv, arg: str, flag_values) -> str:
+  """Why a positional argument is refused: no command takes one, and absl would drop it
+  silently (`--config.knn.enabled false` sets True and drops 'false')."""
+  at = argv.index(arg, 1) if arg in argv[1:] else 0  # 0: it came from a --flagfile
+  before = argv[at - 1] if at > 1 else ""
+  flag = before.lstrip("-")
+  positive = flag[2:] if flag.startswith("no") and flag not in flag_values else flag
+  if (before.startswith("-") and "=" not in before and positive in flag_values
+      and isinstance(flag_values[positive].parser, flags.BooleanParser)):
+    fix = f"--{positive}={arg}" if positive == flag else f"{before} alone"
+    return f"unexpected argument {arg!r}: {before} takes no separate value; write {fix}"
+  name = arg.partition("=")[0]
+  root = name.removeprefix("no").split(".", 1)[0]
+  if name in flag_values or root in cli_help.config_flag_names(flag_values):
+    return f"unexpected argument {arg!r}: did you mean --{arg}?"
+  return (f"unexpected argument {arg!r}: this command takes only flags; give a value as "
+          "--flag=value (see --help)")
+
+
+def _given_configs(argv, flag_values) -> list[tuple[str, str]]:
+  """(name, value as typed) of each config flag given in argv."""
+  return [(name, given) for name in cli_help.config_flag_names(flag_values)
+          if (given := cli_help.argument_of(argv[1:], name)) is not None]
+
+
+def _cannot_load(argv, flag_values, error: Exception) -> str | None:
+  """`--config=FILE: cannot load it: why` for the OSError that ml_collections raises, in
+  place of a config, on the first use of a config whose get_config raised OSError (a file
+  it could not open); None for any other error."""
+  if not isinstance(error, OSError) or error.__cause__ is None:
+    return None
+  given = _given_configs(argv, flag_values)
+  if not given:
+    return None
+  why = " ".join(str(error.__cause__).split())  # one line
+  return f"--{given[0][0]}={given[0][1]}: cannot load it: {why}"
+
+
+def _config_problem(argv, flag_values) -> str | None:
+  """Why a config flag given in argv holds no config, or None: ml_collections defers a load
+  error to the config's first use (a traceback there), and keeps the None of a get_config
+  without `return`."""
+  for name, given in _given_configs(argv, flag_values):
+    value = flag_values[name].value
+    try:
+      getattr(value, "keys", None)  # ml_collections' stand-in raises its load error here
+    except OSError as e:
+      return _cannot_load(argv, flag_values, e) or str(e)
+    if value is None:
+      return f"--{name}={given}: its get_config() returned None (a missing return statement?)"
+  return None
 
 
 def parse_flags(argv, required: dict[str, str], flag_values=None) -> None:
@@ -146,7 +202,7 @@ def parse_flags(argv, required: dict[str, str], flag_values=None) -> None:
   except UserError as e:
     fail(str(e))
   try:
-    fv(argv)
+    rest = fv(argv)
   except flags.UnrecognizedFlagError as e:
     fail(_unknown_flag(e, fv, required))
   except flags.IllegalFlagValueError as e:
@@ -159,7 +215,13 @@ def parse_flags(argv, required: dict[str, str], flag_values=None) -> None:
     cause = e.__cause__ or e.__context__
     if isinstance(cause, UserError):
       fail(str(cause))
-    fail(override_errors.unknown_field(argv, fv) or str(e).splitlines()[0])
+    fail(_cannot_load(argv, fv, e) or override_errors.unknown_field(argv, fv)
+         or str(e).splitlines()[0])
+  if rest[1:]:
+    fail(_stray_argument(argv, rest[1], fv))
+  problem = _config_problem(argv, fv)
+  if problem:
+    fail(problem)
   for name, example in required.items():
     if not fv[name].value:
       fail(f"--{name} is required, e.g. --{name}={example}")
@@ -194,10 +256,11 @@ def check_config_kind(config_flag, kinds: tuple[str, ...], example: str) -> None
 
 
 def run(main: Callable[[], int | None], required: dict[str, str], argv=None,
-        flag_values=None, config_kinds: tuple[str, ...] = ()) -> int:
+        flag_values=None, config_kinds: tuple[str, ...] = (), interrupted: str = "") -> int:
   """Parse flags, then run `main()`; a UserError it raises is printed as one line.
 
   `config_kinds`: the kinds of --config the command takes (config_kind), checked first.
+  `interrupted`: what the one-line message for a Ctrl-C adds (what is kept, how to go on).
   Known harmless start-up log lines are dropped first (log_filters)."""
   log_filters.install()
   parse_flags(argv if argv is not None else sys.argv, required, flag_values)
@@ -208,4 +271,7 @@ def run(main: Callable[[], int | None], required: dict[str, str], argv=None,
     return main() or 0
   except UserError as e:
     fail(str(e))
+  except KeyboardInterrupt:  # Ctrl-C where no stop handler runs (compiling, a final k-NN)
+    print_error(f"interrupted (Ctrl-C){'; ' + interrupted if interrupted else ''}")
+    return EXIT_INTERRUPTED
   return EXIT_USER_ERROR

@@ -47,6 +47,9 @@ def _run() -> int:
     run, check = ((classify.knn_eval, classify.check_knn_config) if mode == "knn"
                   else (classify.train, classify.check_config))
   checked = check(config)  # before INFO logging, so a mistake prints one line
+  if mode == "pretrain":  # before the workdir is made
+    from pr_mim_jax.data import datasets  # pylint: disable=g-import-not-at-top
+    datasets.check_workdir_outside_images(config.data, _WORKDIR.value)
   config_validation.validate_attention_backend(config.model, jax.default_backend())
   workdir_records.check_writable(_WORKDIR.value)
   absl_logging.use_absl_handler()
@@ -63,7 +66,9 @@ def _run() -> int:
 
 
 def main(argv=None) -> int:
-  return cli.run(_run, REQUIRED, argv, config_kinds=MODES)
+  return cli.run(_run, REQUIRED, argv, config_kinds=MODES,
+                 interrupted="the checkpoints already saved are kept; rerun the same command "
+                             "to resume")
 
 
 if __name__ == "__main__":

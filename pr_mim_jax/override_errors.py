@@ -88,6 +88,9 @@ def bad_value(argv, error: flags.IllegalFlagValueError, flag_values) -> str:
     return message
   name = m.group(1)
   value = cli_help.argument_of(argv, name)
+  load_error = _config_load_error(str(error))
+  if load_error:
+    return f"--{name}={value}: cannot load it: {load_error}"
   reason = str(error.__cause__) if error.__cause__ else message.split(": ", 1)[-1]
   value = value if value is not None else message[m.end():].rsplit(": " + reason, 1)[0]
   root, _, path = name.partition(".")
@@ -98,6 +101,16 @@ def bad_value(argv, error: flags.IllegalFlagValueError, flag_values) -> str:
             f"at a time, e.g. --{name}.{fields[0] if fields else 'FIELD'}=VALUE")
   expected = _expected(flag_values[name].parser) if name in flag_values else None
   return f"--{name}={value}: expected {expected}" if expected else f"--{name}={value}: {reason}"
+
+
+def _config_load_error(text: str) -> str | None:
+  """The exception line of a config file's get_config that raised TypeError or ValueError:
+  ml_collections packs its traceback into the flag error, whose first line ends at
+  'Error whilst parsing config file:'. None for any other error text."""
+  if "Error whilst parsing config file:" not in text or "Traceback" not in text:
+    return None
+  lines = [line for line in text.splitlines() if line.strip()]
+  return lines[-1].strip()
 
 
 def _get_path(config, path: str):

@@ -84,6 +84,19 @@ def override_flags(overrides: dict) -> list[str]:
   return [f"--config.{k}={v}" for k, v in overrides.items()]
 
 
+def tensorboard_steps(workdir, tag):
+  """Sorted steps of `tag` in workdir/tensorboard, or None where clu/TensorFlow are absent."""
+  if not os.path.isdir(os.path.join(workdir, "tensorboard")):
+    return None
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  steps = []
+  for path in tf.io.gfile.glob(os.path.join(workdir, "tensorboard", "*tfevents*")):
+    for record in tf.data.TFRecordDataset(path):
+      event = tf.compat.v1.Event.FromString(record.numpy())
+      steps += [event.step for value in event.summary.value if value.tag == tag]
+  return sorted(steps)
+
+
 @pytest.fixture
 def tiny_config(tmp_path):
   """The tiny config with its own tfds data_dir under tmp_path."""

@@ -90,3 +90,41 @@ def test_start_covers_every_array_leaf_and_typed_keys():
   got = checksums.values(checksums.start(tree))
   assert got == {"a": _reference(a), "b/0": _reference(b), "b/1": _reference(a + 1),
                  "rng": _reference(np.asarray(jax.random.key_data(key)))}
+
+
+@pytest.mark.slow  # about 7 s: a subprocess with 4 fake devices
+def test_fsdp_train_state_on_several_cpu_devices_does_not_deadlock():
+  """An FSDP train state on 4 fake CPU devices (175 arrays, most sharded): dispatched all at
+  once, the sums' all-reduces deadlocked XLA:CPU, which aborted the first checkpoint save
+  of `--config.mesh.data=1 --config.mesh.fsdp=-1` after 60 s. Each sum also equals the
+  NumPy checksum of the gathered array."""
+  proc = run_with_fake_devices("""
+import sys
+import flax.linen as nn
+import jax
+import numpy as np
+jax.config.update("jax_threefry_partitionable", True)
+sys.path.insert(0, "tests")
+from conftest import TINY_OVERRIDES, apply_overrides, load_config
+from pr_mim_jax.parallel import sharding
+from pr_mim_jax.training import checksums, optim, pretrain
+from pr_mim_jax.training import train_step as train_step_lib
+c = apply_overrides(load_config(), TINY_OVERRIDES)
+c.mesh.update(dict(data=1, fsdp=-1))
+mesh, rules = sharding.mesh_from_config(c), sharding.rules_from_config(c)
+tx = optim.make_optimizer(c.optim, optim.lr_schedule(1e-3, 10, 1))
+with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  state, _ = pretrain.create_state(train_step_lib.model_from_config(c), tx,
+                                   train_step_lib.task_from_config(c).split, c.seed, mesh, rules)
+  got = checksums.values(checksums.start(state))
+leaves = {jax.tree_util.keystr(p, simple=True, separator="/"): x
+          for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+sharded = sum(len(x.sharding.device_set) == 4 and not x.sharding.is_fully_replicated
+              for x in leaves.values())
+want = {k: checksums.of_numpy(np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(
+    x.dtype, jax.dtypes.prng_key) else x)) for k, x in leaves.items()}
+print("RESULT", len(got), sharded, got == want)
+""", devices=4, timeout=150)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  n, sharded, equal = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1].split()[1:]
+  assert int(n) > 100 and int(sharded) > 50 and equal == "True"

@@ -10,11 +10,13 @@ import sys
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
 
-from conftest import ROOT, TINY_OVERRIDES, apply_overrides, load_config, run_with_fake_devices
+from conftest import (ROOT, TINY_OVERRIDES, apply_overrides, load_config, run_with_fake_devices,
+                      tensorboard_steps)
 from pr_mim_jax import cli
 from pr_mim_jax.configs import classify as classify_config
 from pr_mim_jax.configs import knn as knn_config
@@ -716,6 +718,58 @@ def test_a_resume_reads_no_encoder_so_a_moved_init_run_does_not_stop_it(tmp_path
   summary = classify.train(config, workdir)
   assert (summary["start_step"], summary["step"]) == (4, 8)
   assert calls == [(0, 8), (4, 8)] and reads == [str(init)]
+
+
+def test_a_resume_drops_the_metrics_logged_past_its_checkpoint(tmp_path, monkeypatch):
+  """Logged at 2, 4 and 6, saved at 4 only: the resumed run starts at 4, and step 6 goes
+  from metrics.jsonl and TensorBoard (it is logged again)."""
+  starts = []
+
+  def run(state, step_fn, batches, *, start_step, total_steps, ckpt, writer, **kwargs):
+    starts.append(start_step)
+    if start_step == 0:
+      for step in (2, 4, 6):
+        writer.write_scalars(step, {"loss": 1.0 / step})
+      ckpt.save(4, state.replace(step=jnp.asarray(4, jnp.int32)))
+    return state, {"step": 6, "stopped": True, "loss": 1.0}
+
+  monkeypatch.setattr(classify, "evaluate", lambda *a, **k: {"top1": 0.5, "top5": 0.75,
+                                                             "loss": 1.0, "count": 100.0})
+  monkeypatch.setattr(classify.trainer, "run", run)
+  _no_input(monkeypatch)
+  config = _tiny_probe(tmp_path, **{"train.total_steps": 8})
+  workdir = str(tmp_path / "probe")
+  classify.train(config, workdir)
+  assert tensorboard_steps(workdir, "loss") in (None, [2, 4, 6])
+  classify.train(config, workdir)
+  assert starts == [0, 4]
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [r["step"] for r in rows if "loss" in r] == [2, 4]
+  assert tensorboard_steps(workdir, "loss") in (None, [2, 4])
+
+
+def test_knn_on_fewer_train_images_than_k_votes_with_all_and_says_so(tmp_path, monkeypatch,
+                                                                   caplog):
+  """3 train images and knn.k=5: the vote uses all 3, and the log and metrics say k=3, not 5."""
+  feats = {"train": (np.array([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0]], np.float32),
+                     np.array([0, 0, 1])),
+           "test": (np.array([[1.0, 0.05]], np.float32), np.array([0]))}
+  monkeypatch.setattr(classify, "_features",
+                      lambda encoder, params, data, split, *args: feats[split])
+  monkeypatch.setattr(classify, "read_pretrained_encoder", lambda *args: {})
+  monkeypatch.setattr(classify.posemb_lib, "adapt_encoder_params", lambda params, grid: params)
+  config = apply_overrides(load_knn_config("init=/nowhere,dataset=shapes"), {
+      "knn.k": 5, "knn.train_examples": 10, "data.train_split": "train",
+      "data.eval_split": "test"})
+  model = ml_collections.ConfigDict({"variant": "Ti/4", "width": 8, "depth": 1, "heads": 1,
+                                     "image_size": 8, "posemb": "sincos",
+                                     "compute_dtype": "float32"})
+  with caplog.at_level("INFO"):
+    result = classify.knn_eval(config, str(tmp_path / "knn"), checked=model)
+  assert result["knn_top1"] == 1.0
+  row = json.loads((tmp_path / "knn" / "metrics.jsonl").read_text())
+  assert (row["k"], row["train_examples"]) == (3, 3)
+  assert "only 3 images, so k=3 (knn.k=5)" in caplog.text and "k-NN top-1 (k=3," in caplog.text
 
 
 class _MeanEncoder:

@@ -81,6 +81,11 @@ def _parse_error(monkeypatch, capsys, *args, config=CONFIG):
     ("--bogus=1", "Unknown command line flag 'bogus' (see --helpfull)"),
     ("--config.model.variant.x=1", "--config.model.variant.x: config field model.variant is a "
      "str, not a group of fields; set it with --config.model.variant=VALUE"),
+    ("--config.model.scan_layers=maybe", "--config.model.scan_layers=maybe: expected true or false"),
+    ("--noconfig.model.scan_layerss", "--config.model.scan_layerss: unknown config field "
+     "model.scan_layerss; did you mean model.scan_layers?"),
+    # Not an override: 'optim' is no config flag.
+    ("--optim.base_lr=1e-3", "Unknown command line flag 'optim.base_lr' (see --helpfull)"),
 ])
 def test_flag_mistakes_are_one_line_with_the_fix(monkeypatch, capsys, arg, line):
   assert _parse_error(monkeypatch, capsys, arg) == [f"error: {line}"]
@@ -144,6 +149,16 @@ def test_run_installs_the_log_filters():
   logger = logging.getLogger(log_filters.JAX_BACKEND_LOGGER)
   assert cli.run(lambda: 0, {}, ["prog"], flags.FlagValues()) == 0
   assert sum(isinstance(f, log_filters.DropMissingLibtpu) for f in logger.filters) == 1
+
+
+@pytest.mark.parametrize("hint,line", [
+    ("", "error: interrupted (Ctrl-C)"),
+    ("rerun to resume", "error: interrupted (Ctrl-C); rerun to resume")])
+def test_ctrl_c_outside_the_training_steps_is_one_line_and_exit_130(capsys, hint, line):
+  def interrupted():
+    raise KeyboardInterrupt
+  assert cli.run(interrupted, {}, ["prog"], flags.FlagValues(), interrupted=hint) == 130
+  assert capsys.readouterr().err.splitlines() == [line]
 
 
 def test_misspelt_field_end_to_end(tmp_path):
@@ -264,3 +279,159 @@ def test_the_error_line_is_one_write_so_background_logs_cannot_split_it(monkeypa
     cli.fail("bad input")
   assert exit_info.value.code == cli.EXIT_USER_ERROR
   assert writes == ["error: bad input\n"]
+
+
+# ----------------------------------------------------------------------------------------
+# Arguments absl would drop silently, and config files ml_collections cannot load.
+
+@pytest.mark.parametrize("args,line", [
+    # absl takes 'false' as a positional argument and sets the boolean True.
+    (["--config.knn.enabled", "false"], "unexpected argument 'false': --config.knn.enabled takes "
+     "no separate value; write --config.knn.enabled=false"),
+    (["config.optim.base_lr=5"],
+     "unexpected argument 'config.optim.base_lr=5': did you mean --config.optim.base_lr=5?"),
+    (["num_processes=2"], "unexpected argument 'num_processes=2': did you mean --num_processes=2?"),
+    (["oops"], "unexpected argument 'oops': this command takes only flags; give a value as "
+     "--flag=value (see --help)"),
+    (["--noconfig.knn.enabled", "true"], "unexpected argument 'true': --noconfig.knn.enabled "
+     "takes no separate value; write --noconfig.knn.enabled alone"),
+])
+def test_a_positional_argument_is_an_error_not_dropped(monkeypatch, capsys, args, line):
+  assert _parse_error(monkeypatch, capsys, *args) == [f"error: {line}"]
+
+
+def test_a_bare_word_in_a_flagfile_is_an_error_too(monkeypatch, capsys, tmp_path):
+  flagfile = tmp_path / "flags.txt"
+  flagfile.write_text("--config.seed=3\nstray\n")
+  assert _parse_error(monkeypatch, capsys, f"--flagfile={flagfile}") == [
+      "error: unexpected argument 'stray': this command takes only flags; give a value as "
+      "--flag=value (see --help)"]
+
+
+def _user_config(tmp_path, body: str) -> str:
+  path = tmp_path / "mine.py"
+  path.write_text("import ml_collections\n\n" + body)
+  return str(path)
+
+
+@pytest.mark.parametrize("body,arg,overrides,why", [
+    ("def get_config():\n  open('/nonexistent/labels.txt')\n", "", [],
+     "cannot load it: [Errno 2] No such file or directory: '/nonexistent/labels.txt'"),
+    ("def get_config():\n  open('/nonexistent/labels.txt')\n", "", ["--config.x=1"],
+     "cannot load it: [Errno 2] No such file or directory: '/nonexistent/labels.txt'"),
+    ("def get_config():\n  return int('abc')\n", "", [],
+     "cannot load it: ValueError: invalid literal for int() with base 10: 'abc'"),
+    ("def get_config():\n  return ml_collections.ConfigDict()\n", ":a=1", [],
+     "cannot load it: TypeError: get_config() takes 0 positional arguments but 1 was given"),
+    ("def get_config():\n  ml_collections.ConfigDict()\n", "", [],
+     "its get_config() returned None (a missing return statement?)"),
+])
+def test_a_config_file_that_fails_to_load_is_one_line_naming_it(monkeypatch, capsys, tmp_path,
+                                                                body, arg, overrides, why):
+  config = _user_config(tmp_path, body) + arg
+  lines = _parse_error(monkeypatch, capsys, *overrides, config=config)
+  assert lines[-1] == f"error: --config={config}: {why}"
+  assert all(line.startswith("WARNING") for line in lines[:-1])  # ml_collections' own, for None
+
+
+def test_the_shared_classify_defaults_are_not_a_runnable_config(monkeypatch, capsys):
+  assert _parse_error(monkeypatch, capsys, config="pr_mim_jax/configs/classify.py") == [
+      "error: --config=pr_mim_jax/configs/classify.py: cannot load it: TypeError: get_config() "
+      "missing 1 required positional argument: 'mode'"]
+
+
+@pytest.mark.parametrize("config", ["", ":method=mae"])
+def test_an_empty_config_path_is_one_line(monkeypatch, capsys, config):
+  assert _parse_error(monkeypatch, capsys, f"--config={config}", config=None) == [
+      "error: --config=: no such config file; give a path, or the name of a packaged "
+      "config: pretrain, linear_probe, finetune, knn, study"]
+
+
+def test_single_dash_config_names_a_packaged_config_too(monkeypatch, tmp_path):
+  monkeypatch.chdir(tmp_path)  # no configs/ here
+  argv = ["prog", "-config=pretrain:method=mae", "-config.optim.base_lr=0.5"]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "Config file.", flag_values=fv, sys_argv=argv)
+  cli.parse_flags(argv, {"config": CONFIG}, fv)
+  assert fv["config"].value.method == "mae" and fv["config"].value.optim.base_lr == 0.5
+
+
+# ----------------------------------------------------------------------------------------
+# Helpers of every command.
+
+def test_a_required_flag_left_out_is_named_with_an_example(monkeypatch, capsys):
+  assert _parse_error(monkeypatch, capsys, config=None) == [
+      f"error: --config is required, e.g. --config={CONFIG}"]
+
+
+def test_the_last_of_repeated_flags_wins_as_in_absl():
+  assert cli.cli_help.argument_of(["--config=a", "--x=1", "--config", "b"], "config") == "b"
+  assert cli.cli_help.argument_of(["--config=a", "--config=b"], "config") == "b"
+  assert cli.cli_help.argument_of(["--configs=a"], "config") is None
+
+
+def test_short_help_points_at_helpfull_and_full_help_does_not():
+  fv = _config_flag_values()
+  assert "(--helpfull also lists" in cli.cli_help.usage(["prog"], full=False, flag_values=fv)
+  assert "(--helpfull also lists" not in cli.cli_help.usage(["prog"], full=True, flag_values=fv)
+
+
+def test_a_config_without_mode_is_pretrain_unless_it_is_the_study():
+  assert cli.config_kind(ml_collections.ConfigDict({"seed": 0})) == "pretrain"
+  assert cli.config_kind(ml_collections.ConfigDict({"methods": [], "setting": "cpu"})) == "study"
+  assert cli.config_kind(ml_collections.ConfigDict({"mode": "knn", "methods": [],
+                                                    "setting": "cpu"})) == "knn"
+
+
+def test_at_least_accepts_the_minimum_and_names_the_flag_below_it():
+  fv = flags.FlagValues()
+  steps = flags.DEFINE_integer("steps", 1, "Steps.", flag_values=fv)
+  fv(["prog"])
+  assert cli.at_least(steps, 1, "timed steps") == 1
+  fv(["prog", "--steps=0"])
+  with pytest.raises(cli.UserError, match=r"^--steps=0: must be >= 1 \(timed steps\)$"):
+    cli.at_least(steps, 1, "timed steps")
+
+
+def test_output_dir_refuses_a_file_and_creates_a_directory(tmp_path):
+  (tmp_path / "f").write_text("")
+  with pytest.raises(cli.UserError, match=r"^--out=.*/f is a file, not a directory"):
+    cli.output_dir(str(tmp_path / "f"), "out")
+  assert cli.output_dir(str(tmp_path / "a" / "b"), "out").is_dir()
+
+
+def test_write_report_writes_json_and_markdown_and_skips_empty_paths(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  cli.write_report(str(tmp_path / "r.json"), {"a": 1}, str(tmp_path / "r.md"), "# t\n")
+  assert (tmp_path / "r.json").read_text() == '{\n "a": 1\n}\n'
+  assert (tmp_path / "r.md").read_text() == "# t\n"
+  cli.write_report("", {"a": 1}, "", "x")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md"]
+
+
+def test_main_exits_1_on_a_non_finite_loss(monkeypatch, tmp_path, capsys):
+  """docs/faults.md: a diverged run ends with one error line and exit code 1 (not 0, not 2)."""
+  import types  # pylint: disable=g-import-not-at-top
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  from pr_mim_jax import main, run_log  # pylint: disable=g-import-not-at-top
+  from pr_mim_jax.configs import pretrain as pretrain_config  # pylint: disable=g-import-not-at-top
+  from pr_mim_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
+  from pr_mim_jax.training import pretrain, trainer  # pylint: disable=g-import-not-at-top
+
+  def diverge(*unused):
+    raise trainer.NonFiniteLossError("loss is nan at step 3")
+
+  value = types.SimpleNamespace
+  monkeypatch.setattr(main, "_CONFIG", value(value=pretrain_config.get_config("dataset=shapes")))
+  monkeypatch.setattr(main, "_WORKDIR", value(value=str(tmp_path)))
+  for name in ("_COORDINATOR", "_NUM_PROCESSES", "_PROCESS_ID"):
+    monkeypatch.setattr(main, name, value(value=None))
+  monkeypatch.setattr(distributed, "initialize", lambda *unused: None)
+  monkeypatch.setattr(pretrain, "check_config", lambda config: None)
+  monkeypatch.setattr(pretrain, "train", diverge)
+  monkeypatch.setattr(run_log, "attach", lambda workdir: None)
+  monkeypatch.setattr(absl_logging, "use_absl_handler", lambda: None)
+  monkeypatch.setattr(absl_logging, "set_verbosity", lambda level: None)
+  monkeypatch.setattr(absl_logging, "get_absl_handler", logging.Handler)
+  assert main._run() == 1  # pylint: disable=protected-access
+  assert capsys.readouterr().err.splitlines()[-1] == "error: loss is nan at step 3"

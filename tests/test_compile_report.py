@@ -356,3 +356,79 @@ def test_xla_flops_are_not_reported_for_a_looped_step(override, why):
   assert looped["xla_gflop_per_img"] is None and looped["xla_vs_analytic"] is None
   assert why in looped["xla_flops_note"]
   assert looped["analytic_gflop_per_img"] == plain["analytic_gflop_per_img"]
+
+
+# ----------------------------------------------------------------------------------------
+# abstract_step.build in this process (one CPU device): what each mode's step is given.
+
+def _tiny_pretrain(method, **extra):
+  from conftest import apply_overrides, load_config  # pylint: disable=g-import-not-at-top
+  return apply_overrides(load_config(f"method={method},dataset=shapes"),
+                         {**TINY_OVERRIDES, **extra})
+
+
+def _tiny_eval(mode):
+  from conftest import apply_overrides  # pylint: disable=g-import-not-at-top
+  from pr_mim_jax.configs import classify as classify_config  # pylint: disable=g-import-not-at-top
+  return apply_overrides(classify_config.get_config(mode, "variant=Ti/4,dataset=shapes"), {
+      "model.image_size": 16, "model.width": 32, "model.depth": 2, "model.heads": 2,
+      "batch_size": 8})
+
+
+def test_abstract_pretrain_step_takes_unlabeled_pixels_and_counts_the_accumulation():
+  import jax  # pylint: disable=g-import-not-at-top
+  from pr_mim_jax.tools import abstract_step  # pylint: disable=g-import-not-at-top
+  step = abstract_step.build(_tiny_pretrain("pr_mim", **{"train.grad_accum_steps": 2}),
+                             jax.devices()[:1], num_classes=12)
+  assert step.num_batch_shards == 1
+  assert step.mesh_shape == {"data": 1, "fsdp": 1, "tensor": 1}  # data=-1 resolved
+  assert step.granularity == 2  # per-device batches step by the 2 micro-batches
+  batch = step.batch(16)
+  assert set(batch) == {"image"}  # pre-training reads no labels
+  assert batch["image"].shape == (16, 16, 16, 3) and batch["image"].dtype == np.uint8
+  step.jitted.trace(step.state, batch)  # the state and batch are what the step takes
+
+
+def test_abstract_pretrain_flops_count_the_progressive_stage():
+  """PR-MIM decodes the same tokens as partial reconstruction and then rebuilds the thrown
+  ones: more work than partial, less than MAE's decoder over every masked token."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from pr_mim_jax.tools import abstract_step  # pylint: disable=g-import-not-at-top
+  gflop = {m: abstract_step.build(_tiny_pretrain(m), jax.devices()[:1], 12).gflop_per_img
+           for m in ("mae", "partial", "pr_mim")}
+  assert gflop["partial"] < gflop["pr_mim"] < gflop["mae"], gflop
+  assert abstract_step.build(_tiny_pretrain("mae"), jax.devices()[:1], 12).granularity == 1
+
+
+@pytest.mark.parametrize("mode,dtype", [("linear_probe", np.uint8), ("finetune", np.float32)])
+def test_abstract_classify_step_takes_labels_and_its_augmentations_pixels(mode, dtype):
+  """The probe trains on crop + flip (uint8 pixels), fine-tuning on RandAugment + erasing
+  (float32, normalised): the abstract batch is what labeled_train_batches yields."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from pr_mim_jax.tools import abstract_step  # pylint: disable=g-import-not-at-top
+  step = abstract_step.build(_tiny_eval(mode), jax.devices()[:1], num_classes=12)
+  assert (step.num_batch_shards, step.granularity, step.gflop_per_img) == (1, 1, None)
+  batch = step.batch(8)
+  assert set(batch) == {"image", "label"}
+  assert batch["image"].shape == (8, 16, 16, 3) and batch["image"].dtype == dtype
+  assert batch["label"].shape == (8,) and batch["label"].dtype == np.int32
+  step.jitted.trace(step.state, batch)
+
+
+def test_abstract_step_checks_the_config_before_building():
+  """A value the run would refuse is refused here too, naming the field, before anything
+  is traced; so is a config whose mode has no train step."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from pr_mim_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  from pr_mim_jax.tools import abstract_step  # pylint: disable=g-import-not-at-top
+  bad = _tiny_pretrain("pr_mim", **{"masking.throw_ratio": 0.9})  # >= mask_ratio 0.75
+  with pytest.raises(UserError, match=r"^config\.masking\.throw_ratio"):
+    abstract_step.build(bad, jax.devices()[:1], num_classes=12)
+  probe = _tiny_eval("linear_probe")
+  probe.model.drop_path = 0.1  # a frozen encoder runs without drop path
+  with pytest.raises(UserError, match=r"^config\.model\.drop_path"):
+    abstract_step.build(probe, jax.devices()[:1], num_classes=12)
+  knn = _tiny_pretrain("mae")
+  knn.mode = "knn"
+  with pytest.raises(UserError, match=r"^config\.mode: 'knn'"):
+    abstract_step.build(knn, jax.devices()[:1], num_classes=12)

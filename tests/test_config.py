@@ -659,3 +659,213 @@ def test_layer_decay_above_1_is_refused_and_1_passes():
   config.optim.layer_decay = 1.01
   with pytest.raises(UserError, match=r'^config\.optim\.layer_decay: got 1.01'):
     config_validation.validate_classify(config, 8)
+
+
+# ----------------------------------------------------------------------------------------
+# Mutation-testing additions: a named variant on the embedded dataset, parse_arg edge
+# cases, and the method table's with_method / sweep.
+
+def test_shapes_with_a_named_variant_keeps_its_shape_and_the_demo_scale():
+  """README: `dataset=shapes` switches to demo-scale settings, and only the default
+  variant becomes the narrow 6-block Ti/8 (width 128): a named one keeps its own shape
+  (width/depth/heads 0 = from the variant) at the demo's 64 px, decoder, batch and split."""
+  c = get_config('variant=S/16,dataset=shapes')
+  demo = get_config('dataset=shapes')
+  m = c.model
+  assert m.variant == 'S/16'
+  assert (m.width, m.depth, m.heads) == (0, 0, 0)  # S/16's own 384 x 12 x 6
+  assert m.image_size == 64 == c.data.shapes.image_size
+  assert (m.decoder_width, m.decoder_depth, m.decoder_heads) == (64, 2, 4)  # README: 64, 2, 4
+  assert m.compute_dtype == 'float32' and m.remat == 'none'
+  assert c.batch_size == 128 and c.data.eval_split == 'test'
+  for key in ('base_lr', 'epochs', 'warmup_epochs'):
+    assert c.optim[key] == demo.optim[key], key
+  assert c.data.crop_min_scale == demo.data.crop_min_scale == 0.5
+  config_validation.validate_pretrain(c, 1)
+
+
+def test_parse_arg_keeps_an_equals_sign_inside_a_value():
+  """Only the first '=' separates key from value: a workdir may contain '=' itself."""
+  out = config_args.parse_arg('init=/runs/lr=1e-3,variant=L/16', init='', variant='')
+  assert (out.init, out.variant) == ('/runs/lr=1e-3', 'L/16')
+
+
+def test_parse_arg_ignores_empty_items():
+  """A trailing or doubled comma names nothing: the text's own keys still apply."""
+  out = config_args.parse_arg('a=3,,b=y,', a=0, b='x')
+  assert (out.a, out.b) == (3, 'y')
+
+
+def _methods():
+  from pr_mim_jax.method import methods  # pylint: disable=g-import-not-at-top
+  return methods
+
+
+@pytest.mark.parametrize('start', ['mae', 'partial', 'pr_mim'])
+@pytest.mark.parametrize('method,throw,strategy,reconstruction', [
+    ('mae', 0.0, 'random', 'none'),
+    ('partial', 0.5, 'random', 'none'),
+    ('pr_mim', 0.5, 'furthest', 'progressive'),
+])
+def test_with_method_sets_every_field_of_the_method(start, method, throw, strategy,
+                                                    reconstruction):
+  """From any method's config, every field the method implies is switched (DESIGN.md:
+  mae throws nothing; partial throws at random, unsupervised; PR-MIM furthest + progressive)
+  and the result validates; the config passed in is left as it was."""
+  config = get_config(f'method={start}')
+  before = config.to_dict()
+  c = _methods().with_method(config, method)
+  assert c.method == method
+  assert (c.masking.throw_ratio, c.masking.throw_strategy) == (throw, strategy)
+  assert c.reconstruction.thrown_reconstruction == reconstruction
+  config_validation.validate_pretrain(c, 1)
+  assert config.to_dict() == before
+
+
+def test_with_method_takes_an_explicit_throw_ratio_even_zero():
+  methods = _methods()
+  assert methods.with_method(get_config(), 'pr_mim', 0.25).masking.throw_ratio == 0.25
+  assert methods.with_method(get_config(), 'partial', 0.625).masking.throw_ratio == 0.625
+  assert methods.with_method(get_config(), 'partial', 0.0).masking.throw_ratio == 0.0
+
+
+def test_sweep_gives_one_config_per_variant_and_method_with_the_variants_shape():
+  """Naming variants drops a narrowed shape (the demo's width 128, 6 blocks, 4 heads):
+  each config then has the named variant's own shape."""
+  methods = _methods()
+  demo = get_config('dataset=shapes')
+  configs = methods.sweep(demo, ['mae', 'pr_mim'], ['Ti/8', 'S/8'])
+  assert sorted((c.model.variant, c.method) for c in configs) == [
+      ('S/8', 'mae'), ('S/8', 'pr_mim'), ('Ti/8', 'mae'), ('Ti/8', 'pr_mim')]
+  for c in configs:
+    assert (c.model.width, c.model.depth, c.model.heads) == (0, 0, 0)
+    assert c.masking.throw_ratio == (0.0 if c.method == 'mae' else 0.5)
+    config_validation.validate_pretrain(c, 1)
+  assert (demo.model.width, demo.method) == (128, 'pr_mim')  # the input is unchanged
+
+
+def test_sweep_without_lists_keeps_the_configs_own_method_and_variant():
+  methods = _methods()
+  config = get_config('method=partial,dataset=shapes')
+  (only,) = methods.sweep(config, [], [])
+  assert only.to_dict() == config.to_dict()
+  assert only is not config
+  (c,) = methods.sweep(config, [], ['S/8'])
+  assert (c.method, c.model.variant, c.model.width) == ('partial', 'S/8', 0)
+  assert [c.method for c in methods.sweep(config, ['mae'], [])] == ['mae']
+
+
+# ----------------------------------------------------------------------------------------
+# The evaluation configs' defaults against MAE's published code and docs/evaluation.md
+# (MAE's main_linprobe.py / main_finetune.py, util/lars.py; timm's create_transform and
+# Mixup defaults as MAE calls them).
+
+def test_linear_probe_trains_without_the_finetuning_regularisers():
+  """MAE's linear probe: RandomResizedCrop (torchvision's scale 0.08-1) + flip, no mixup,
+  cutmix, label smoothing or erasing, LARS with momentum 0.9, no drop path or layer decay."""
+  c = classify_config.get_config('linear_probe', '')
+  assert (c.mixup.mixup_alpha, c.mixup.cutmix_alpha, c.label_smoothing) == (0.0, 0.0, 0.0)
+  assert c.data.random_erase == 0.0 and c.data.augment == 'crop_flip'
+  assert c.data.crop_min_scale == pytest.approx(0.08)
+  assert (c.model.drop_path, c.optim.layer_decay, c.optim.momentum) == (0.0, 1.0, 0.9)
+  assert c.optim.clip_grad_norm == 0.0 and c.ema.decay == 0.0
+  assert (c.model.image_size, c.data.eval_split) == (224, 'validation')
+
+
+def test_finetune_augmentation_and_mixing_are_maes():
+  """MAE fine-tunes with timm's rand-m9-mstd0.5 (2 ops), crop scale 0.08-1, erasing 0.25,
+  mixup 0.8 / cutmix 1.0 applied to every batch (prob 1.0), switching half the time (0.5),
+  AdamW b1 0.9, no gradient clipping, no EMA, at 224 px."""
+  c = classify_config.get_config('finetune', '')
+  assert c.data.randaugment.to_dict() == dict(num_ops=2, magnitude=9, magnitude_std=0.5)
+  assert c.data.crop_min_scale == pytest.approx(0.08)
+  assert (c.mixup.prob, c.mixup.switch_prob) == (1.0, 0.5)
+  assert (c.optim.optimizer, c.optim.b1, c.optim.clip_grad_norm) == ('adamw', 0.9, 0.0)
+  assert c.ema.decay == 0.0 and c.head.freeze_encoder is False
+  assert (c.model.image_size, c.data.eval_split) == (224, 'validation')
+
+
+@pytest.mark.parametrize('mode', ['linear_probe', 'finetune'])
+def test_eval_configs_share_the_arguments(mode):
+  """The per-mode config files are classify's modes with classify's arguments."""
+  from pr_mim_jax.configs import finetune, linear_probe  # pylint: disable=g-import-not-at-top
+  module = {'linear_probe': linear_probe, 'finetune': finetune}[mode]
+  c = module.get_config('init=/runs/pre,variant=L/16,dataset=shapes')
+  assert c.mode == mode
+  assert (c.init.workdir, c.init.step, c.model.variant, c.data.dataset) == (
+      '/runs/pre', -1, 'L/16', 'shapes')
+  assert c.head.freeze_encoder is (mode == 'linear_probe')
+
+
+def test_demo_eval_recipes_match_docs_evaluation_table():
+  """docs/evaluation.md, "Recipes", embedded-dataset column: probe batch 256, 10 epochs (1
+  warmup), lr 6.4 (MAE's peak lr kept, see classify.py); fine-tune batch 128, 5 epochs (1),
+  base lr 1e-3, layer decay 0.75, drop path 0.1; crop 0.5-1; the rest as at ImageNet."""
+  probe = classify_config.get_config('linear_probe', 'dataset=shapes')
+  ft = classify_config.get_config('finetune', 'dataset=shapes')
+  assert (probe.batch_size, probe.optim.epochs, probe.optim.warmup_epochs) == (256, 10.0, 1.0)
+  assert probe.optim.base_lr == pytest.approx(6.4) == pytest.approx(0.1 * 16384 / 256)
+  assert (probe.optim.optimizer, probe.optim.weight_decay) == ('lars', 0.0)
+  assert (ft.batch_size, ft.optim.epochs, ft.optim.warmup_epochs) == (128, 5.0, 1.0)
+  assert (ft.optim.base_lr, ft.optim.layer_decay, ft.model.drop_path) == (1e-3, 0.75, 0.1)
+  assert (ft.optim.weight_decay, ft.optim.b1, ft.optim.b2) == (0.05, 0.9, 0.999)
+  assert (ft.mixup.mixup_alpha, ft.mixup.cutmix_alpha, ft.label_smoothing) == (0.8, 1.0, 0.1)
+  assert (ft.data.augment, ft.data.random_erase) == ('randaugment', 0.25)
+  for c in (probe, ft):
+    assert c.data.crop_min_scale == 0.5 and c.data.eval_split == 'test'
+    assert c.model.image_size == 0  # the pre-training run's resolution
+    assert c.model.compute_dtype == 'float32'
+
+
+def test_knn_defaults_are_the_documented_protocol():
+  """README, Evaluation: cosine k-NN, k = 20, votes weighted by exp(sim / 0.07), on
+  average-pooled features; ImageNet scores the whole 50,000-image validation split."""
+  c = knn_config.get_config('init=/runs/pre')
+  assert (c.knn.k, c.knn.temperature, c.knn.feature) == (20, 0.07, 'mean')
+  assert (c.data.eval_split, c.knn.test_examples) == ('validation', 50000)
+  assert c.model.compute_dtype == 'bfloat16' and c.init.to_dict() == dict(
+      workdir='/runs/pre', step=-1)
+  demo = knn_config.get_config('init=/runs/pre,dataset=shapes')
+  assert (demo.data.eval_split, demo.model.compute_dtype) == ('test', 'float32')
+  # The demo scores every image of the embedded dataset's splits.
+  assert (demo.knn.train_examples, demo.knn.test_examples) == (
+      demo.data.shapes.train_size, demo.data.shapes.test_size) == (20000, 2000)
+
+
+@pytest.mark.parametrize('setting', ['cpu', 'gpu'])
+def test_study_runs_the_demo_model_and_recipes(setting):
+  """The study compares all three methods on the pre-training demo's model, with the demo
+  fine-tune recipe and the probe's MAE peak lr (pretrain.py / classify.py at shapes)."""
+  from pr_mim_jax.configs import study as study_config  # pylint: disable=g-import-not-at-top
+  c = study_config.get_config(f'setting={setting}')
+  assert c.setting == setting
+  assert c.methods.split(',') == ['mae', 'partial', 'pr_mim'] and c.seeds == '0'
+  demo = get_config('dataset=shapes').model
+  for key in ('variant', 'width', 'depth', 'heads', 'decoder_width', 'decoder_depth',
+              'decoder_heads'):
+    assert c.model[key] == demo[key], key
+  assert c.shapes.to_dict() == dict(image_size=64, train_size=20000, test_size=2000)
+  ft = classify_config.get_config('finetune', 'dataset=shapes')
+  assert (c.finetune.base_lr, c.finetune.layer_decay, c.finetune.drop_path) == (
+      ft.optim.base_lr, ft.optim.layer_decay, ft.model.drop_path) == (1e-3, 0.75, 0.1)
+  assert c.finetune.batch_size == ft.batch_size == 128
+  probe = classify_config.get_config('linear_probe', 'dataset=shapes')
+  assert c.linear_probe.base_lr == probe.optim.base_lr == 6.4
+  assert c.linear_probe.batch_size == probe.batch_size == 256
+  assert (c.pretrain.batch_size, c.pretrain.base_lr) == (128, 1e-3)
+
+
+def test_study_settings_are_the_documented_ones():
+  """docs/evaluation.md: cpu pre-trains 2 epochs, k-NN on 2,000 / 1,000 images, a 2-epoch
+  probe, a 1-epoch fine-tune and 500 reconstruction images; gpu 8, 4 and 2 epochs."""
+  from pr_mim_jax.configs import study as study_config  # pylint: disable=g-import-not-at-top
+  cpu, gpu = study_config.get_config('setting=cpu'), study_config.get_config('setting=gpu')
+  assert (cpu.pretrain.epochs, cpu.linear_probe.epochs, cpu.finetune.epochs) == (2.0, 2.0, 1.0)
+  assert (cpu.knn.train_examples, cpu.knn.test_examples) == (2000, 1000)
+  assert cpu.reconstruction_examples == 500
+  assert (gpu.pretrain.epochs, gpu.linear_probe.epochs, gpu.finetune.epochs) == (8.0, 4.0, 2.0)
+  for c in (cpu, gpu):  # warmup shorter than training
+    for part in (c.pretrain, c.linear_probe, c.finetune):
+      assert 0 < part.warmup_epochs < part.epochs
+  with pytest.raises(UserError, match='setting'):
+    study_config.get_config('setting=tpu')

@@ -1,5 +1,6 @@
 """python -m pr_mim_jax.interop.convert: MAE .pth -> workdir (probe, k-NN, resume) -> safetensors."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -18,7 +19,10 @@ from pr_mim_jax.errors import UserError
 from pr_mim_jax.evaluation import classify
 from pr_mim_jax.interop import convert
 from pr_mim_jax.interop import pth_reader
+from pr_mim_jax.interop import safe_replace
+from pr_mim_jax.interop import timm_weights
 from pr_mim_jax.interop import weight_files
+from pr_mim_jax.models import posemb
 from pr_mim_jax.parallel import sharding
 from pr_mim_jax.training import checkpointing
 
@@ -379,3 +383,164 @@ def test_negative_heads_are_a_one_line_error(tmp_path, flag):
     convert.convert(str(MAE_PTH), str(tmp_path / "x.safetensors"), "mae",
                     **dict(dict(heads=2, decoder_heads=2), **{flag: -2}))
   assert not list(tmp_path.iterdir())
+
+
+# --- architecture fields, metadata and file plumbing, without a model run -------------------
+
+# MAE's ViT-S-like encoder at 224 px with the official 512 x 8, 16-head decoder: learned
+# position table, and every field different from the default pre-training config's.
+MAE_S16 = timm_weights.Arch(width=384, depth=12, heads=6, patch=16, grid=14, mlp_hidden=1536,
+                            posemb="learned", decoder_width=512, decoder_depth=8, decoder_heads=16,
+                            decoder_hidden=2048, pred_dim=768)
+
+
+def _params_of(arch):
+  """Params with the shapes arch_from_config reads (zeros: only the shapes matter)."""
+  return {"encoder": {"block0": {"mlp": {"fc1": {"kernel": np.zeros((arch.width, arch.mlp_hidden))}}}},
+          "decoder_block0": {"mlp": {"fc1": {"kernel": np.zeros((arch.decoder_width,
+                                                                 arch.decoder_hidden))}}},
+          "decoder_pred": {"kernel": np.zeros((arch.decoder_width, arch.pred_dim))}}
+
+
+@pytest.mark.parametrize("arch,model", [
+    (MAE_S16, ("S/16", 0, 0, 0, 224, "learned", 512, 8, 16)),
+    # Not a standard depth / heads: the variant of that width, the shape spelled out; a 4x8
+    # grid of 8 px patches is 32 px (grid and patch differ, so a swap shows).
+    (dataclasses.replace(MAE_S16, depth=4, heads=4, patch=8, grid=4),
+     ("S/8", 384, 4, 4, 32, "learned", 512, 8, 16)),
+    (dataclasses.replace(MAE_S16, width=96, heads=3, mlp_hidden=384, posemb="sincos", patch=4, grid=8,
+                         decoder_width=64, decoder_depth=2, decoder_heads=4, decoder_hidden=256),
+     ("B/4", 96, 12, 3, 32, "sincos", 64, 2, 4)),  # no variant is 96 wide: B's name
+], ids=["exact", "by_width", "no_width"])
+def test_fit_config_round_trips_the_architecture(arch, model):
+  config = pretrain_config()
+  convert.fit_config(config, arch)
+  fields = ("variant", "width", "depth", "heads", "image_size", "posemb", "decoder_width",
+            "decoder_depth", "decoder_heads")
+  assert tuple(config.model[f] for f in fields) == model
+  # Read back as a workdir source would: the same Arch.
+  assert convert.arch_from_config(config.model, _params_of(arch)) == arch
+  # The printed overrides give a default config the same model fields.
+  other = pretrain_config()
+  for flag in convert.model_overrides(config):
+    name, _, value = flag[len("--config.model."):].partition("=")
+    other.model[name] = type(other.model[name])(value)
+  assert tuple(other.model[f] for f in fields) == model
+
+
+def test_fit_config_refuses_a_decoder_mlp_ratio_other_than_4():
+  with pytest.raises(UserError, match=r"MLP ratio 4 \(decoder: 2\)"):
+    convert.fit_config(pretrain_config(), dataclasses.replace(MAE_S16, decoder_hidden=1024))
+
+
+def _random_mae_file(path, arch):
+  rng = np.random.default_rng(0)
+  state = {k: (0.05 * rng.standard_normal(s)).astype(np.float32)
+           for k, s in timm_weights.expected_shapes(arch, True).items()}
+  state["pos_embed"] = posemb.sincos_2d(arch.width, arch.grid)[None]
+  state["decoder_pos_embed"] = posemb.sincos_2d(arch.decoder_width, arch.grid)[None]
+  safetensors.numpy.save_file(state, str(path))
+  return state
+
+
+def test_an_mae_export_records_both_head_counts_and_reads_back_without_flags(tmp_path):
+  """Encoder and decoder heads differ (4 vs 2) and neither width is standard: the export's
+  record keeps each, so re-reading it needs no --heads / --decoder_heads."""
+  arch = timm_weights.Arch(width=32, depth=1, heads=4, patch=4, grid=2, mlp_hidden=128,
+                           posemb="sincos", decoder_width=16, decoder_depth=1, decoder_heads=2,
+                           decoder_hidden=64, pred_dim=48)
+  state = _random_mae_file(tmp_path / "src.safetensors", arch)
+  out = tmp_path / "mae.safetensors"
+  convert.convert(str(tmp_path / "src.safetensors"), str(out), "mae", heads=4, decoder_heads=2)
+  meta = json.loads((tmp_path / "mae.json").read_text())
+  assert meta["timm"]["kwargs"]["num_heads"] == 4 and meta["decoder"] == dict(
+      width=16, depth=1, heads=2, mlp_hidden=64, pred_dim=48)
+  assert weight_files.read_file_weights(out)[1] == arch
+  back = safetensors.numpy.load_file(str(out))
+  assert set(back) == set(state) and all(np.array_equal(back[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("case", ["step_0_of_a_file", "decoder_heads_of_a_workdir"])
+def test_flags_that_do_not_apply_are_errors_at_any_value(tmp_path, case):
+  src = _fake_workdir(tmp_path / "src", {"model": {}})
+  args, kwargs, match = {
+      "step_0_of_a_file": ((str(VIT_TI), str(tmp_path / "x.safetensors")), dict(step=0), "--step"),
+      "decoder_heads_of_a_workdir": ((str(src), str(tmp_path / "x.safetensors")), dict(
+          fmt="mae", decoder_heads=2), "--heads / --decoder_heads"),
+  }[case]
+  with pytest.raises(UserError, match=match):
+    convert.convert(*args, **kwargs)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_an_existing_directory_is_a_workdir_target_whatever_its_name(tmp_path):
+  (tmp_path / "runs.v2").mkdir()
+  assert convert.target_format(str(tmp_path / "runs.v2"), "", False) == "workdir"
+  assert convert.target_format(str(tmp_path / "plain"), "", False) == "workdir"
+  assert convert.target_format(str(tmp_path / "vit.safetensors"), "", True) == "mae"
+  with pytest.raises(UserError, match="cannot tell the format"):
+    convert.target_format(str(tmp_path / "runs.v3"), "", False)
+
+
+def test_merge_puts_the_file_in_and_names_what_stays_fresh():
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  fresh = {"encoder": {"w": jnp.zeros((2, 3)), "b": jnp.zeros(3)}, "decoder_pred": {"b": jnp.zeros(4)}}
+  merged, left = convert._merge(fresh, {"encoder": {"w": np.ones((2, 3)), "b": np.full(3, 2.0)}})
+  np.testing.assert_array_equal(merged["encoder"]["w"], np.ones((2, 3)))
+  np.testing.assert_array_equal(merged["encoder"]["b"], np.full(3, 2.0))
+  np.testing.assert_array_equal(merged["decoder_pred"]["b"], np.zeros(4))
+  assert left == ["decoder_pred"]
+  with pytest.raises(timm_weights.WeightsError, match=r"2 arrays do not fit.*encoder/w: file \(3, 2\), "
+                     r"model \(2, 3\)") as e:
+    convert._merge(fresh, {"encoder": {"w": np.ones((3, 2)), "extra": np.ones(1)}})
+  assert "encoder/extra (not in the model)" in str(e.value)
+
+
+def test_replace_swaps_a_workdir_in_and_leaves_nothing_behind(tmp_path):
+  old, new = tmp_path / "wd", tmp_path / ".wd.tmp"
+  old.mkdir()
+  (old / "config.json").write_text("old")
+  (old / "stale.txt").write_text("old")
+  new.mkdir()
+  (new / "config.json").write_text("new")
+  safe_replace.replace(new, old)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["wd"]
+  assert sorted(p.name for p in old.iterdir()) == ["config.json"]
+  assert (old / "config.json").read_text() == "new"
+  (tmp_path / "f.tmp").write_text("new")
+  (tmp_path / "f").write_text("old")
+  safe_replace.replace(tmp_path / "f.tmp", tmp_path / "f")
+  assert (tmp_path / "f").read_text() == "new" and not (tmp_path / "f.tmp").exists()
+
+
+def test_an_empty_directory_is_a_new_workdir_target_and_a_missing_parent_is_named(tmp_path):
+  (tmp_path / "empty").mkdir()
+  safe_replace.check_target(tmp_path / "empty", "workdir", overwrite=False)  # nothing to lose
+  with pytest.raises(UserError, match="empty exists; pass --overwrite"):
+    safe_replace.check_target(tmp_path / "empty", "timm", overwrite=False)
+  with pytest.raises(UserError, match="the directory .*missing does not exist"):
+    safe_replace.check_target(tmp_path / "missing" / "x.safetensors", "timm", overwrite=False)
+
+
+def test_a_classifier_head_is_dropped_and_said_so(tmp_path):
+  state = safetensors.numpy.load_file(str(VIT_TI))
+  src = tmp_path / "with_head.safetensors"
+  safetensors.numpy.save_file(dict(state, **{"head.weight": np.ones((10, 192), np.float32),
+                                             "head.bias": np.ones(10, np.float32)}), str(src))
+  params, _, description = weight_files.read_file_weights(src)
+  assert description.endswith("(ignored: head.weight, head.bias)")
+  jax.tree.map(np.testing.assert_array_equal, params, weight_files.read_file_weights(VIT_TI)[0])
+
+
+def test_a_legacy_pickle_source_is_named_as_such(tmp_path):
+  src = tmp_path / "old.pth"
+  src.write_bytes(b"\x80\x02}q\x00.")  # pickle protocol 2: an empty dict, as torch < 1.6 saved
+  with pytest.raises(UserError, match=r"a legacy \(pre-1.6\) torch.save file"):
+    weight_files.read_file_weights(src)
+
+
+def test_workdir_to_workdir_is_refused(tmp_path):
+  src = _fake_workdir(tmp_path / "src", {"mode": "pretrain", "model": {}})
+  with pytest.raises(UserError, match="both workdirs; nothing to convert"):
+    convert.convert(str(src), str(tmp_path / "copy"))
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

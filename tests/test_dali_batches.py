@@ -128,3 +128,144 @@ def test_what_dali_does_not_serve_is_a_user_error(photos):
 def test_without_dali_one_clear_error(tmp_path):
   with pytest.raises(UserError, match="nvidia-dali"):
     _batches(_config(f"folder:{tmp_path}"), n=1)
+
+
+# ----------------------------------------------------------------------------------------
+# The Python side of the backend (which boxes, flips, examples and labels go to DALI), with a
+# stand-in for the DALI pipeline: runs without DALI installed.
+
+class _PngSource:
+  """Labeled in-file examples: example i is a distinct 160x120 PNG, its label 10 + i."""
+
+  def __init__(self, n=8):
+    rng = np.random.default_rng(1)
+    self.png = []
+    for _ in range(n):
+      coarse = rng.uniform(0, 255, (6, 8, 3)).astype(np.uint8)
+      pixels = np.asarray(Image.fromarray(coarse).resize((160, 120), Image.BICUBIC))
+      out = io.BytesIO()
+      Image.fromarray(pixels).save(out, format="PNG")
+      self.png.append(out.getvalue())
+
+  def raw(self, i):
+    return self.png[i]
+
+  def label(self, i):
+    return 10 + i
+
+
+class _FakePipe:
+  """What DALI's pipelines in dali_batches do, in Pillow: train = image_slice at anchor
+  (top, left) and shape (height, width), bicubic resize, horizontal flip; eval = shorter side
+  to size / 0.875, centre crop. Records what it was fed."""
+
+  INPUTS = {"train": {"encoded", "anchor", "shape", "flip"}, "eval": {"encoded"}}
+
+  def __init__(self, kind, size):
+    self.kind, self.size, self.fed, self.runs = kind, size, {}, []
+
+  def feed_input(self, name, data):
+    assert name in self.INPUTS[self.kind], f"the {self.kind} pipeline has no input {name!r}"
+    self.fed[name] = data
+
+  def run(self):
+    assert set(self.fed) == self.INPUTS[self.kind], sorted(self.fed)
+    out = []
+    for k, enc in enumerate(self.fed["encoded"]):
+      with Image.open(io.BytesIO(enc.tobytes())) as img:
+        img = img.convert("RGB")
+        if self.kind == "train":
+          (top, left), (h, w) = self.fed["anchor"][k], self.fed["shape"][k]
+          img = img.resize((self.size, self.size), Image.Resampling.BICUBIC,
+                           box=(left, top, left + w, top + h))
+          pixels = np.asarray(img)
+          pixels = pixels[:, ::-1] if int(self.fed["flip"][k]) else pixels
+        else:
+          short = int(self.size / augment_np.EVAL_CROP_FRACTION)
+          w, h = img.size
+          nw, nh = (max(short, int(short * w / h)), short) if h <= w else (
+              short, max(short, int(short * h / w)))
+          pixels = np.asarray(img.resize((nw, nh), Image.Resampling.BICUBIC))
+          top, left = round((nh - self.size) / 2), round((nw - self.size) / 2)
+          pixels = pixels[top:top + self.size, left:left + self.size]
+      out.append(pixels)
+    self.runs.append(dict(self.fed))
+    self.fed = {}
+    tensor = np.stack(out)
+    cpu = type("Cpu", (), {"as_tensor": lambda _: tensor})()
+    return (type("Out", (), {"as_cpu": lambda _: cpu})(),)
+
+
+def _fake_batches(monkeypatch, kind, steps, *, seed=SEED, size=SIZE, min_scale=0.5):
+  from pr_mim_jax.data import sampler  # pylint: disable=g-import-not-at-top
+  pipes = []
+
+  def fake_pipeline(k, *, local, size, threads, device):
+    del local, threads, device
+    pipes.append(_FakePipe(k, size))
+    return pipes[-1]
+
+  monkeypatch.setattr(dali_batches, "_pipeline", fake_pipeline)
+  steps = [sampler.StepIndices(st, np.array(ix, np.int64), np.array(pos, np.int64))
+           for st, ix, pos in steps]
+  source = _PngSource()
+  out = list(dali_batches.batches(source, steps, kind=kind, seed=seed, size=size,
+                                  min_scale=min_scale, local=len(steps[0].indices), labeled=True,
+                                  threads=1, device="cpu"))
+  return source, steps, out, pipes[0]
+
+
+def test_train_batch_feeds_dali_the_numpy_backends_boxes_and_flips(monkeypatch):
+  """A second host's share of step 3 (positions 4..7 of the global batch, examples in shuffled
+  order), min_scale 0.5: each image is the numpy backend's train_augment of that example, up
+  to the resize filter; labels and indices are the examples'."""
+  source, steps, out, pipe = _fake_batches(
+      monkeypatch, "train", [(3, [5, 0, 7, 2], [4, 5, 6, 7]), (4, [1, 6, 3, 4], [4, 5, 6, 7])])
+  flips = []
+  for s, b in zip(steps, out):
+    assert b["image"].shape == (4, SIZE, SIZE, 3)
+    np.testing.assert_array_equal(b["index"], s.indices)
+    np.testing.assert_array_equal(b["label"], 10 + s.indices)
+    for k, (i, p) in enumerate(zip(s.indices, s.positions)):
+      ref = augment_np.train_augment(source.raw(int(i)),
+                                     augment_np.example_rng(SEED, s.step, int(p)), SIZE, 0.5)
+      d = np.abs(b["image"][k].astype(int) - ref)
+      assert d.mean() <= 2.0, (s.step, k, d.mean())
+  for run in pipe.runs:
+    flips += [int(f) for f in run["flip"]]
+    for (top, left), (h, w) in zip(run["anchor"], run["shape"]):
+      assert 0 <= top and top + h <= 120 and 0 <= left and left + w <= 160
+      assert h * w >= 0.5 * 120 * 160 * 0.99  # min_scale reaches DALI's boxes
+  assert 0 < sum(flips) < len(flips)  # both kinds ran
+
+
+def test_eval_batch_feeds_only_the_images(monkeypatch):
+  source, steps, out, pipe = _fake_batches(monkeypatch, "eval", [(0, [2, 3, 4, 5], [0, 1, 2, 3])])
+  (b,) = out
+  np.testing.assert_array_equal(b["label"], [12, 13, 14, 15])
+  assert set(pipe.runs[0]) == {"encoded"}
+  for k, i in enumerate(steps[0].indices):
+    ref = augment_np.eval_transform(source.raw(int(i)), SIZE)
+    assert np.abs(b["image"][k].astype(int) - ref).mean() <= 2.0, k
+
+
+def test_device_choice(monkeypatch):
+  import jax  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+  assert dali_batches._device_id("cpu") is None  # pylint: disable=protected-access
+  with pytest.raises(UserError, match="data.dali_device='tpu'"):
+    dali_batches._device_id("tpu")  # pylint: disable=protected-access
+  devs = [types.SimpleNamespace(platform="cpu", local_hardware_id=0),
+          types.SimpleNamespace(platform="gpu", local_hardware_id=3),
+          types.SimpleNamespace(platform="gpu", local_hardware_id=1)]
+  monkeypatch.setattr(jax, "local_devices", lambda: devs)
+  assert dali_batches._device_id("gpu") == 3  # pylint: disable=protected-access
+  monkeypatch.setattr(jax, "local_devices", lambda: devs[:1])
+  with pytest.raises(UserError, match="needs a local GPU"):
+    dali_batches._device_id("gpu")  # pylint: disable=protected-access
+
+
+def test_in_memory_pixels_are_a_user_error():
+  arrays = type("Arr", (), {"raw": lambda self, i: np.zeros((8, 8, 3), np.uint8)})()
+  with pytest.raises(UserError, match="in-memory 'shapes'"):
+    dali_batches._raw(arrays, 0)  # pylint: disable=protected-access

@@ -78,3 +78,39 @@ def test_gpu_scripts_never_set_both_memory_fraction_variables(tmp_path, newer_se
   assert result.returncode == 0, result.stderr
   expected = "XLA_CLIENT_MEM_FRACTION=.5" if newer_set else "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9"
   assert (tmp_path / "env").read_text().split() == [expected]
+
+
+@pytest.mark.parametrize("script,args", [
+    ("gpu_local.sh", ["--config.optim.base_lr=1e-4"]),  # WORKDIR left out
+    ("slurm_gpu.sbatch", ["--config=pr_mim_jax/configs/pretrain.py"]),
+    ("tpu_pod.sh", ["--config.data.data_dir=gs://b/tfds"]),
+    ("gpu_benchmark.sh", ["--config.model.remat=full"]),
+    ("gpu_benchmark.sh", ["sweep"]),  # OUT_DIR left out
+])
+def test_a_flag_in_the_workdir_place_is_refused_before_anything_runs(tmp_path, script, args):
+  # Before: the flag became the workdir (a folder named '--config...') and left the run.
+  ran = 'touch "$RAN_FILE"\n'
+  env = _fake_bin(tmp_path, {"python": ran, "srun": ran, "gcloud": ran})
+  env.update(TPU_NAME="t", ZONE="z", PROJECT="p", RAN_FILE=str(tmp_path / "ran"))
+  result = subprocess.run(["bash", str(ROOT / "launch" / script), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+  assert result.returncode == 2
+  assert result.stderr.startswith("usage: ")
+  assert f"first, not {args[0]})" in result.stderr
+  assert not (tmp_path / "ran").exists()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["bin"]  # no folder made
+
+
+def test_tpu_pod_copies_its_own_checkout_from_any_directory(tmp_path):
+  # Before: it archived the current directory (a home directory, say), not the checkout.
+  tar = 'printf "%s\\0" "$PWD" "$@" > "$ARGS_FILE"\n'
+  env = _fake_bin(tmp_path, {"gcloud": "exit 0\n", "tar": tar})
+  env.update(TPU_NAME="t", ZONE="z", PROJECT="p", ARGS_FILE=str(tmp_path / "args"))
+  env.pop("REPO", None)
+  result = subprocess.run(["bash", str(ROOT / "launch" / "tpu_pod.sh"), "gs://b/w"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+                          check=False)
+  assert result.returncode == 0, result.stderr
+  cwd, *args = _args(tmp_path / "args")
+  archived = args[args.index("-C") + 1] if "-C" in args else cwd
+  assert os.path.samefile(archived, ROOT) and args[-1] == "."

@@ -27,6 +27,8 @@ def test_drops_the_missing_libtpu_line():
             "libtpu is not installed. Falling back to cpu.", level=logging.WARNING),
     _record(NO_LIBTPU, level=logging.WARNING),  # raised above INFO by someone: keep it
     _record(NO_LIBTPU, name="pr_mim_jax"),  # another logger
+    _record("Unable to initialize backend 'tpu': INTERNAL: Failed to open libnuma.so.1: "
+            "cannot open shared object file: No such file or directory"),  # not libtpu
     _record("Compiling train_step with global shapes and types"),
 ])
 def test_passes_every_other_line(record):

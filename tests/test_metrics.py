@@ -1,7 +1,9 @@
 """The metric writers: JSONL always, TensorBoard through clu with TensorFlow's GPUs hidden."""
 
+import collections
 import json
 
+import numpy as np
 import pytest
 
 from pr_mim_jax.training import metrics
@@ -74,3 +76,45 @@ def test_only_process_zero_writes(tmp_path, monkeypatch):
   writer.write_images(1, {"img": [[[0, 0, 0]]]})
   writer.close()
   assert not writer.active and list(tmp_path.iterdir()) == []
+
+
+def _steps_by_tag(logdir) -> dict:
+  """{tag: Counter of steps} over every event file in `logdir`, read with TensorFlow up to a
+  torn record, as TensorBoard reads them."""
+  tf = tensorflow_devices.tf
+  found = collections.defaultdict(collections.Counter)
+  for path in sorted(logdir.glob("*tfevents*")):
+    try:
+      for record in tf.data.TFRecordDataset(str(path)):
+        event = tf.compat.v1.Event.FromString(record.numpy())
+        for value in event.summary.value:
+          found[value.tag][event.step] += 1
+    except tf.errors.DataLossError:
+      pass
+  return dict(found)
+
+
+@pytest.mark.parametrize("name", ["run", "run[1]"])  # [1] is a glob pattern, not this name
+def test_a_resumed_run_logs_each_step_once_in_tensorboard(tmp_path, name):
+  """Steps 7-10 of the first run were never saved: the run resumed at step 6 logs 7 and 8
+  again, and TensorBoard must hold each step once. Steps up to 6 stay, even when the last
+  record was torn by a kill."""
+  tmp_path = tmp_path / name
+  first = metrics.MetricWriter(str(tmp_path))
+  for step in range(1, 11):
+    first.write_scalars(step, {"loss": 1.0 / step})
+  for step in (5, 9):
+    first.write_images(step, {"picture": np.zeros((2, 2, 3), np.uint8)})
+  first.close()
+  (old,) = (tmp_path / "tensorboard").glob("*tfevents*")
+  old.write_bytes(old.read_bytes()[:-5])  # the last record (the picture at step 9) is torn
+  metrics.MetricWriter(str(tmp_path), start_step=10).close()  # nothing past 10: untouched
+  assert _steps_by_tag(tmp_path / "tensorboard")["loss"] == collections.Counter(range(1, 11))
+
+  resumed = metrics.MetricWriter(str(tmp_path), start_step=6)
+  for step in (7, 8):
+    resumed.write_scalars(step, {"loss": 0.0})
+  resumed.close()
+  assert _steps_by_tag(tmp_path / "tensorboard") == {
+      "loss": collections.Counter(range(1, 9)), "picture": collections.Counter([5])}
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "tensorboard"]

@@ -171,6 +171,28 @@ def test_unreadable_image_names_its_file(broken_folder, backend):
   assert "good" not in str(e.value)
 
 
+@needs_tf
+def test_unreadable_image_error_does_not_keep_the_tf_iterator_alive(broken_folder):
+  """The error (kept by the caller until it prints it) must not hold tf.data's iterator:
+  one finalized after Python shut down logged "Error occurred when finalizing
+  GeneratorDataset iterator" under the one error line."""
+  import gc  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  def live_iterators():
+    gc.collect()
+    return {id(o) for o in gc.get_objects() if isinstance(o, tf.data.Iterator)}
+
+  before = live_iterators()
+  data = _config(f"folder:{broken_folder}")
+  batches = pipeline.host_batches(data, seed=0, global_batch=6, image_size=SIZE, backend="tf")
+  with pytest.raises(UserError, match="remove or replace") as e:
+    _take(batches, 1)
+  del batches
+  assert e.value.__cause__ is not None  # the chain to tf's error is kept for log.txt
+  assert not live_iterators() - before
+
+
 def test_unlabeled_folder_has_no_labeled_split(folder):
   with pytest.raises(UserError, match="no labeled split 'train'"):
     pipeline.labeled_arrays(_config(f"folder:{folder}"), "test", num_examples=4, image_size=SIZE)

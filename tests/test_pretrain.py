@@ -8,13 +8,14 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY_OVERRIDES, override_flags
+from conftest import ROOT, TINY_OVERRIDES, override_flags, tensorboard_steps
 from pr_mim_jax.errors import UserError
 from pr_mim_jax.parallel import sharding
 from pr_mim_jax.training import checkpointing
@@ -377,8 +378,9 @@ def test_the_pictures_show_the_masks_their_step_trained_with(tiny_config, tmp_pa
 
 def test_a_fallback_past_a_damaged_checkpoint_drops_the_metrics_logged_after_its_step(
     tiny_config, tmp_path, monkeypatch):
-  """Saved at 4 and 8, step 8 damaged: the resume falls back to 4, and the rows of steps 5-8
-  (states it no longer has) go, or the curve would hold two copies of those steps."""
+  """Saved at 4 and 8, step 8 damaged: the resume falls back to 4, and the rows and
+  TensorBoard events of steps 5-8 (states it no longer has) go, or the curve would hold two
+  copies of those steps."""
   calls = []
 
   def run(state, step_fn, batches, *, start_step, total_steps, ckpt, writer, **kwargs):
@@ -395,9 +397,25 @@ def test_a_fallback_past_a_damaged_checkpoint_drops_the_metrics_logged_after_its
   workdir = tmp_path / "run"
   pretrain.train(tiny_config, str(workdir))
   assert [r["step"] for r in read_metrics(str(workdir))] == [4, 8]
+  assert tensorboard_steps(str(workdir), "loss") in (None, [4, 8])
   ckpts = workdir / "checkpoints"
   shutil.rmtree(ckpts / "8" / "state")  # valid files of other values: fails its checksums
   shutil.copytree(ckpts / "4" / "state", ckpts / "8" / "state")
   resumed = pretrain.train(tiny_config, str(workdir))
   assert calls == [0, 4] and resumed["start_step"] == 4
   assert [r["step"] for r in read_metrics(str(workdir))] == [4]
+  assert tensorboard_steps(str(workdir), "loss") in (None, [4])
+
+
+def test_the_knn_monitor_votes_with_every_train_image_when_the_split_has_fewer_than_k(
+    tiny_config, monkeypatch):
+  sizes = {tiny_config.data.train_split: 3, tiny_config.data.eval_split: 2}
+  monkeypatch.setattr(pretrain.pipeline, "labeled_arrays",
+                      lambda data, split, num_examples, image_size: (
+                          np.zeros((sizes[split], 8, 8, 3), np.uint8),
+                          np.zeros(sizes[split], np.int32)))
+  tiny_config.knn.k = 5
+  monitor = pretrain.KnnMonitor(tiny_config, model=types.SimpleNamespace(image_size=8))
+  assert monitor.k == 3
+  tiny_config.knn.k = 2
+  assert pretrain.KnnMonitor(tiny_config, model=types.SimpleNamespace(image_size=8)).k == 2

@@ -71,3 +71,58 @@ def test_a_run_resumed_past_the_window_says_there_is_no_trace(tmp_path, caplog):
   assert active == [False, False] and not (tmp_path / "late").exists()
   assert "no profiler trace: the run starts at step 50, past the window of steps 3..5" in caplog.text
   assert "config.train.profile_start_step" in caplog.text
+
+
+# The profiler itself is faked below: these check which steps the window asks it to trace,
+# and that the last one is finished before it stops.
+
+
+@pytest.fixture
+def fake_profiler(monkeypatch):
+  events = []
+  monkeypatch.setattr(jax.profiler, "start_trace", lambda d: events.append(("start", d)))
+  monkeypatch.setattr(jax.profiler, "stop_trace", lambda: events.append(("stop",)))
+  monkeypatch.setattr(profiler.jax, "block_until_ready",
+                      lambda outputs: events.append(("block", outputs)))
+  return events
+
+
+def test_the_trace_stops_only_after_the_window_last_step_finished(tmp_path, fake_profiler):
+  window = profiler.StepWindow(str(tmp_path / "p"), 1, 2)  # steps 2 and 3
+  window.after_step(0)
+  for step in range(1, 6):
+    window.after_step(step, f"outputs of step {step}")
+  window.close()
+  assert fake_profiler == [("start", str(tmp_path / "p")), ("block", "outputs of step 3"),
+                           ("stop",)]
+
+
+def test_a_run_resumed_inside_the_window_logs_the_steps_it_traced(tmp_path, fake_profiler,
+                                                                   caplog):
+  window = profiler.StepWindow(str(tmp_path / "r"), 2, 4)  # window 3..6
+  with caplog.at_level("INFO"):
+    for step in range(4, 9):  # resumed at 4
+      window.after_step(step, step)
+  assert [e[0] for e in fake_profiler] == ["start", "block", "stop"]
+  assert "profiler trace of steps 5..6 written to" in caplog.text
+
+
+def test_a_run_resumed_exactly_at_the_window_end_says_there_is_no_trace(tmp_path, fake_profiler,
+                                                                         caplog):
+  with caplog.at_level("WARNING"):
+    window = profiler.StepWindow(str(tmp_path / "e"), 2, 3)  # window 3..5
+    for step in range(5, 8):
+      window.after_step(step, step)
+    window.close()
+  assert fake_profiler == []
+  assert "no profiler trace: the run starts at step 5" in caplog.text
+
+
+def test_profiling_off_is_silent_on_a_resumed_run(tmp_path, fake_profiler, caplog):
+  """The default config (profile_steps=0) must not warn on every resume."""
+  with caplog.at_level("WARNING"):
+    window = profiler.StepWindow(str(tmp_path / "off"), 0, 0)
+    for step in range(100, 103):
+      window.after_step(step, step)
+    window.close()
+  assert fake_profiler == [] and "profiler" not in caplog.text

@@ -69,7 +69,8 @@ def test_refuses_pickled_code_and_names_the_global(tmp_path, monkeypatch):
 def test_refuses_legacy_and_foreign_files(tmp_path):
   legacy = tmp_path / "old.pth"
   legacy.write_bytes(pickle.dumps({"a": 1}, protocol=2))
-  with pytest.raises(pth_reader.PthError, match="legacy"):
+  # (tmp_path holds this test's name, "legacy" too: match the message's own words.)
+  with pytest.raises(pth_reader.PthError, match=r"a legacy \(pre-1.6\) torch.save file"):
     pth_reader.read(str(legacy))
   text = tmp_path / "notes.pth"
   text.write_text("hello")
@@ -134,3 +135,114 @@ def test_torchscript_archives_are_named_as_such(tmp_path):
     z.writestr("scripted/code/__torch__/linear.py", b"class Linear(Module): ...")
   with pytest.raises(pth_reader.PthError, match=r"a TorchScript archive \(torch.jit.save\)"):
     pth_reader.read(str(path))
+
+
+# --- hand-built torch.save files (pickle opcodes written out, no torch needed) ---------------
+# The layout torch.save writes: <prefix>/data.pkl whose tensors are
+# torch._utils._rebuild_tensor_v2(persistent ('storage', torch.<T>Storage, key, 'cpu', numel),
+# offset, size, stride, requires_grad, OrderedDict()), <prefix>/data/<key> the raw storage
+# bytes, and <prefix>/byteorder. (torch.load(weights_only=True) reads these files too.)
+
+def _op_str(s):
+  b = s.encode()
+  return b"X" + len(b).to_bytes(4, "little") + b
+
+
+def _op_int(i):
+  return b"J" + int(i).to_bytes(4, "little", signed=True)
+
+
+def _op_global(module, name):
+  return b"c" + f"{module}\n{name}\n".encode()
+
+
+def _op_tuple(items):
+  return b"(" + b"".join(items) + b"t"
+
+
+def _tensor_ops(storage, key, numel, offset, size, stride, parameter=False):
+  empty_ordered_dict = _op_global("collections", "OrderedDict") + b")R"
+  pid = _op_tuple([_op_str("storage"), _op_global("torch", storage), _op_str(key),
+                   _op_str("cpu"), _op_int(numel)]) + b"Q"
+  ops = _op_global("torch._utils", "_rebuild_tensor_v2") + _op_tuple([
+      pid, _op_int(offset), _op_tuple(map(_op_int, size)), _op_tuple(map(_op_int, stride)),
+      b"\x89", empty_ordered_dict]) + b"R"
+  if parameter:
+    ops = _op_global("torch._utils", "_rebuild_parameter") + _op_tuple(
+        [ops, b"\x88", empty_ordered_dict]) + b"R"
+  return ops
+
+
+def _torch_zip(path, tensors, storages, byteorder="little"):
+  """tensors: name -> _tensor_ops(...); storages: key -> raw bytes."""
+  pkl = b"\x80\x02}" + b"".join(_op_str(k) + v + b"s" for k, v in tensors.items()) + b"."
+  with zipfile.ZipFile(path, "w") as z:
+    z.writestr("archive/data.pkl", pkl)
+    z.writestr("archive/version", "3\n")
+    if byteorder is not None:
+      z.writestr("archive/byteorder", byteorder)
+    for key, raw in storages.items():
+      z.writestr(f"archive/data/{key}", raw)
+  return str(path)
+
+
+def test_big_endian_storages_are_byte_swapped(tmp_path):
+  want = np.arange(6, dtype=np.float32).reshape(2, 3) + 0.5
+  for order, byteorder in ((">", "big"), ("<", "little"), ("<", None)):  # None: older files
+    path = _torch_zip(tmp_path / f"{byteorder}.pth",
+                      {"w": _tensor_ops("FloatStorage", "0", 6, 0, (2, 3), (3, 1))},
+                      {"0": want.astype(f"{order}f4").tobytes()}, byteorder)
+    got = pth_reader.read(path)["w"]
+    assert got.dtype == np.float32 and got.dtype.isnative, byteorder
+    np.testing.assert_array_equal(got, want, err_msg=str(byteorder))
+
+
+def test_parameters_and_shared_storage_views(tmp_path):
+  """nn.Parameter (torch.save of a module's parameters) reads as its array; two views of one
+  storage (a transposed one, one at an offset) read as their own elements."""
+  data = np.arange(12, dtype=np.float64)
+  path = _torch_zip(tmp_path / "p.pth", {
+      "p": _tensor_ops("DoubleStorage", "0", 12, 0, (3, 4), (4, 1), parameter=True),
+      "t": _tensor_ops("DoubleStorage", "0", 12, 0, (4, 3), (1, 4)),
+      "tail": _tensor_ops("DoubleStorage", "0", 12, 5, (2, 3), (3, 1))}, {"0": data.tobytes()})
+  tree = pth_reader.read(path)
+  np.testing.assert_array_equal(tree["p"], data.reshape(3, 4))
+  np.testing.assert_array_equal(tree["t"], data.reshape(3, 4).T)
+  np.testing.assert_array_equal(tree["tail"], data[5:11].reshape(2, 3))
+
+
+def test_empty_tensors_keep_their_dtype(tmp_path):
+  path = _torch_zip(tmp_path / "e.pth", {"e": _tensor_ops("HalfStorage", "0", 0, 0, (0, 3), (3, 1))},
+                    {"0": b""})
+  got = pth_reader.read(path)["e"]
+  assert got.shape == (0, 3) and got.dtype == np.float16
+
+
+@pytest.mark.parametrize("case", ["one_past_the_end", "offset_past_the_end", "negative_stride",
+                                  "short_storage"])
+def test_views_outside_their_storage_are_refused(tmp_path, case):
+  raw = np.arange(6, dtype=np.float32).tobytes()
+  numel, offset, size, stride, match = {
+      # 6 elements: offset 1 + 6 elements reaches element 6, one past the end.
+      "one_past_the_end": (6, 1, (6,), (1,), "reaches past its storage of 6 elements"),
+      "offset_past_the_end": (6, 0, (2, 3), (4, 1), "reaches past its storage of 6 elements"),
+      "negative_stride": (6, 5, (6,), (-1,), "malformed"),
+      "short_storage": (7, 0, (7,), (1,), "holds 24 bytes, 28 expected"),
+  }[case]
+  path = _torch_zip(tmp_path / "v.pth", {"v": _tensor_ops("FloatStorage", "0", numel, offset, size,
+                                                          stride)}, {"0": raw})
+  with pytest.raises(pth_reader.PthError, match=match):
+    pth_reader.read(path)
+  # The largest view that fits is read.
+  fits = _torch_zip(tmp_path / "ok.pth", {"v": _tensor_ops("FloatStorage", "0", 6, 0, (6,), (1,))},
+                    {"0": raw})
+  np.testing.assert_array_equal(pth_reader.read(fits)["v"], np.arange(6, dtype=np.float32))
+
+
+def test_state_dict_prefers_model_over_model_ema():
+  """DeiT / MAE fine-tuning checkpoints keep 'model' and 'model_ema': 'model' is read."""
+  a, b = np.zeros(2, np.float32), np.ones(2, np.float32)
+  for tree in ({"model": {"w": a}, "model_ema": {"w": b}}, {"model_ema": {"w": b}, "model": {"w": a}},
+               {"state_dict": {"w": a}, "model_ema": {"w": b}}):
+    np.testing.assert_array_equal(pth_reader.state_dict(tree)["w"], a)
+  np.testing.assert_array_equal(pth_reader.state_dict({"model_ema": {"w": b}, "epoch": 3})["w"], b)

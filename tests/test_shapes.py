@@ -376,3 +376,62 @@ def test_main_shape_is_large_contrasting_and_mostly_inside():
   assert (contrast > 0.45).mean() > 0.97 and contrast.min() > 0.3
   assert extent.min() > 0.38 and extent.max() <= 1.0
   assert centroid.min() > 0.15 and centroid.max() < 0.85
+
+
+@pytest.mark.parametrize('difficulty', ['hard', 'easy'])
+def test_records_span_generation_chunks_in_index_order(tmp_path, monkeypatch, difficulty):
+  """Generated in chunks (4 here, 500 in use): record i of each split is still example i of
+  `shapes.generate` for that split and difficulty, across chunk edges and a last chunk of 1."""
+  pytest.importorskip('tensorflow_datasets')
+  from pr_mim_jax.data import shapes_tfds
+  monkeypatch.setattr(shapes_tfds, '_CHUNK', 4)
+  b = shapes_tfds.prepare(str(tmp_path), image_size=16, train_size=9, test_size=3, seed=1,
+                          difficulty=difficulty)
+  for split, n in (('train', 9), ('test', 3)):
+    source = b.as_data_source()[split]
+    assert len(source) == n
+    images, labels = shapes.generate(n, image_size=16, seed=1, split=split, difficulty=difficulty)
+    np.testing.assert_array_equal(np.stack([source[i]['image'] for i in range(n)]), images)
+    np.testing.assert_array_equal([source[i]['label'] for i in range(n)], labels)
+
+
+def test_builder_settings_bounds():
+  """Seed 0 and one example per split are valid; empty splits, a negative seed and an unknown
+  difficulty are UserErrors before tfds sees them."""
+  pytest.importorskip('tensorflow_datasets')
+  from pr_mim_jax.data import shapes_tfds
+  ok = shapes_tfds.builder(None, image_size=16, train_size=1, test_size=1, seed=0)
+  assert ok.builder_config.name == 's16_tr1_te1_seed0'
+  for bad in (dict(train_size=0), dict(test_size=0), dict(seed=-1), dict(difficulty='medium')):
+    with pytest.raises(errors.UserError):
+      shapes_tfds.builder(None, **{**dict(image_size=16, train_size=1, test_size=1), **bad})
+
+
+def test_prepare_reraises_a_file_exists_error_that_left_nothing_prepared(tmp_path, monkeypatch):
+  """FileExistsError is taken as another process's finished copy only if one is there."""
+  pytest.importorskip('tensorflow_datasets')
+  from pr_mim_jax.data import shapes_tfds
+
+  def clash(self, *args, **kwargs):
+    raise FileExistsError('something else is in the way')
+
+  monkeypatch.setattr(shapes_tfds.Shapes, 'download_and_prepare', clash)
+  with pytest.raises(FileExistsError):
+    shapes_tfds.prepare(str(tmp_path), image_size=16, train_size=2, test_size=1, seed=3)
+
+
+def test_without_file_locks_prepare_leaves_incomplete_folders_alone(tmp_path, monkeypatch):
+  """Where the file system has no locks, another process may be writing an incomplete.*
+  folder right now: prepare must not delete it (it may generate a copy of its own)."""
+  pytest.importorskip('tensorflow_datasets')
+  import fcntl
+  from pr_mim_jax.data import shapes_tfds
+
+  def no_locks(fd, op):
+    raise OSError(37, 'No locks available')
+
+  monkeypatch.setattr(fcntl, 'flock', no_locks)
+  live = tmp_path / 'shapes' / 's16_tr2_te1_seed3' / 'incomplete.LIVE00_1.1.0'
+  live.mkdir(parents=True)
+  b = shapes_tfds.prepare(str(tmp_path), image_size=16, train_size=2, test_size=1, seed=3)
+  assert b.is_prepared() and live.exists()

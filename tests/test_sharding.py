@@ -405,3 +405,49 @@ def test_check_divisible_multiplies_the_axes_of_a_dimension():
   bad = {"w": types.SimpleNamespace(spec=(("data", "fsdp"), None), mesh=fake_mesh)}
   with pytest.raises(UserError, match=r"param w"):  # 6 over 2 * 2 = 4
     sharding.check_divisible(params, bad)
+
+
+# ----------------------------------------------------------------------------------------
+# logical_axes: names on params and activations (one device; the mesh axes still show).
+
+def _one_device_mesh():
+  import jax
+  from jax.sharding import Mesh
+  return Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), sharding.MESH_AXES)
+
+
+def test_partitioned_params_carry_their_logical_names_and_the_plain_values():
+  import flax.linen as nn
+  import jax
+  from jax.sharding import PartitionSpec as P
+  from pr_mim_jax.parallel import logical_axes
+  init = nn.initializers.normal(1.0)
+  dense = nn.Dense(6, kernel_init=logical_axes.partitioned(init, ("embed", "mlp")),
+                   bias_init=logical_axes.partitioned(nn.initializers.ones, ("mlp",)))
+  variables = dense.init(jax.random.key(0), np.ones((2, 4), np.float32))
+  specs = nn.get_partition_spec(variables)["params"]
+  assert specs == {"kernel": P("embed", "mlp"), "bias": P("mlp")}
+  params = nn.unbox(variables)["params"]
+  # The names change no values: the kernel is what the bare initializer draws.
+  plain = nn.Dense(6, kernel_init=init).init(jax.random.key(0), np.ones((2, 4), np.float32))
+  np.testing.assert_array_equal(params["kernel"], plain["params"]["kernel"])
+  np.testing.assert_array_equal(params["bias"], np.ones(6))
+  rules = (("embed", "fsdp"), ("mlp", "tensor"))
+  mesh_specs = nn.logical_to_mesh_sharding(specs, _one_device_mesh(), rules)
+  assert mesh_specs["kernel"].spec == P("fsdp", "tensor")
+
+
+def test_constrain_maps_logical_names_in_order_and_only_inside_the_rules_context():
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from pr_mim_jax.parallel import logical_axes
+  f = jax.jit(lambda x: logical_axes.constrain(x * 2, ("batch", "tokens", "embed")))
+  x = jnp.ones((2, 3, 4))
+  rules = (("batch", ("data", "fsdp")), ("tokens", None), ("embed", "tensor"))
+  constraints = lambda text: [l for l in text.splitlines() if "sharding_constraint" in l]
+  with jax.set_mesh(_one_device_mesh()), nn.logical_axis_rules(rules):
+    (line,) = constraints(f.lower(x).as_text())
+  assert '[{"data", "fsdp"}, {}, {"tensor"}]' in line, line
+  assert not constraints(f.lower(x).as_text())  # outside: a no-op
+  np.testing.assert_array_equal(f(x), 2 * np.ones((2, 3, 4)))

@@ -254,3 +254,192 @@ def test_data_dir_pointing_at_the_dataset_folder_names_the_right_one(tmp_path, r
   (tmp_path / "elsewhere").mkdir()
   with pytest.raises(UserError, match=r"not prepared in .*elsewhere: run `python -c "):
     sources.tfds_builder(registered_tfds, str(tmp_path / "elsewhere"))
+
+
+def test_folder_listing_order_extensions_and_hidden_files(tmp_path):
+  """Sorted by relative path (so example i is the same file on every host), whatever order the
+  file system lists; .JPG/.Png count, ._x.jpg (macOS metadata) and .txt do not."""
+  for rel in ("b.png", "a/x.png", "a.png", "a/B.JPG", "c.Jpeg", "a/._x.jpg", ".hid.png",
+              "notes.txt", "a/y.gif"):
+    path = tmp_path / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if rel.endswith(("png", "PNG", "JPG", "jpg", "Jpeg")):
+      Image.new("RGB", (4, 4)).save(path, format="PNG")
+    else:
+      path.write_bytes(b"x")
+  got = sources.list_image_files(str(tmp_path))
+  assert got == tuple(f"{tmp_path}/{r}" for r in ("a.png", "a/B.JPG", "a/x.png", "b.png",
+                                                  "c.Jpeg"))
+
+
+def test_folder_keys_are_the_paths_of_the_asked_examples_in_order(tmp_path):
+  for name in ("a", "b", "c", "d"):
+    _png(tmp_path / f"{name}.png")
+  source = sources.FolderSource(str(tmp_path))
+  keys = source.keys(np.array([3, 0, 2, 0]))
+  assert [os.fsdecode(k) for k in keys] == [f"{tmp_path}/{n}.png" for n in "daca"]
+
+
+@needs_tf
+def test_tfds_keys_parse_to_the_asked_examples_in_order(own_tfds):
+  """keys(indices) -> tf_parse, and image(i) / label(i): record i of the split as tfds's own
+  data_source reads it, in the order asked (a sampler's shuffled indices)."""
+  tf, _ = datasets.tf_modules()
+  builder = sources.tfds_builder("pr_mim_own", own_tfds)
+  source = sources.TfdsSource(builder, "train")
+  ref = builder.as_data_source("train")  # decoded by tfds: {'image': [8, 8, 3], 'label'}
+  assert source.labeled
+  order = [4, 1, 5, 0, 1]
+  assert len({int(ref[i]["image"][0, 0, 0]) for i in order}) == 4  # distinct examples
+  for i, key in zip(order, source.keys(np.array(order))):
+    ex = source.tf_parse(tf.constant(key))
+    np.testing.assert_array_equal(tf.io.decode_image(ex["image"]).numpy(), ref[i]["image"])
+    assert int(ex["label"]) == ref[i]["label"]
+    np.testing.assert_array_equal(source.image(i), ref[i]["image"])
+    assert source.label(i) == ref[i]["label"]
+
+
+@pytest.fixture(scope="module")
+def unlabeled_tfds(tmp_path_factory):
+  """data_dir holding pr_mim_nolabel: images only (3 train examples)."""
+  if not datasets.tf_importable():
+    pytest.skip("tensorflow / tensorflow_datasets not installed")
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  data_dir = str(tmp_path_factory.mktemp("nolabel_tfds"))
+  with tfds.core.registered.skip_registration():
+    class NoLabel(tfds.core.GeneratorBasedBuilder):  # pylint: disable=unused-variable
+      VERSION = tfds.core.Version("1.0.0")
+
+      def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+            {"image": tfds.features.Image(shape=(None, None, 3))}))
+
+      def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(3)}
+
+      def _generate_examples(self, n):
+        for i in range(n):
+          yield i, {"image": np.full((8, 8, 3), 30 * i, np.uint8)}
+    NoLabel.name = "pr_mim_nolabel"
+  NoLabel(data_dir=data_dir, file_format="array_record").download_and_prepare()
+  return data_dir
+
+
+@needs_tf
+def test_tfds_dataset_without_labels_is_unlabeled(unlabeled_tfds):
+  tf, _ = datasets.tf_modules()
+  source = sources.TfdsSource(sources.tfds_builder("pr_mim_nolabel", unlabeled_tfds), "train")
+  assert not source.labeled and len(source) == 3
+  ex = source.tf_parse(tf.constant(source.keys(np.array([2]))[0]))
+  assert set(ex) == {"image"} and (tf.io.decode_image(ex["image"]).numpy() == 60).all()
+
+
+@needs_tf
+def test_split_sum_with_an_unknown_part_is_a_missing_split(own_tfds):
+  builder = sources.tfds_builder("pr_mim_own", own_tfds)
+  assert sources.check_split("pr_mim_own", builder, "train+validation") == 8
+  with pytest.raises(UserError, match=r"has no split 'train\+test\[:1\]'; its splits are"):
+    sources.check_split("pr_mim_own", builder, "train+test[:1]")
+
+
+@needs_tf
+def test_data_dir_inside_a_config_folder_names_the_right_one(tmp_path):
+  """data_dir=DIR/name/config/version (a dataset with configs, as shapes): still say DIR."""
+  from pr_mim_jax.data import shapes_tfds  # pylint: disable=g-import-not-at-top
+  datasets.tf_modules()  # hide GPUs before tfds touches TF
+  b = shapes_tfds.prepare(str(tmp_path), image_size=16, train_size=2, test_size=1, seed=0)
+  name = f"shapes/{b.builder_config.name}"
+  inside = tmp_path / "shapes" / b.builder_config.name / str(b.version)
+  assert inside.is_dir()
+  for d in (inside, inside.parent, inside.parent.parent):
+    with pytest.raises(UserError, match=rf"not prepared in {d}, but it is in {tmp_path}: "):
+      sources.tfds_builder(name, str(d))
+
+
+@needs_tf
+def test_is_prepared_of_a_first_build_warns_nothing(tmp_path, registered_tfds, caplog):
+  """Before the first build the version folder does not exist: False, without tfds's warning
+  'Variant folder ... has no dataset_info.json' (an alarming line on every first run)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder = tfds.builder(registered_tfds, data_dir=str(tmp_path))
+  with caplog.at_level("INFO"):
+    assert sources.is_prepared(builder) is False
+  assert "dataset_info" not in caplog.text
+
+
+@needs_tf
+@pytest.mark.parametrize("name,hint", [
+    ("my data", None),  # tfds cannot parse it: a ValueError with a multi-line usage text
+    ("/data/my_images", "folder:/data/my_images"),  # a path without the 'folder:' prefix
+])
+def test_unparsable_dataset_name_is_one_line(tmp_path, name, hint):
+  with pytest.raises(UserError) as e:
+    sources.tfds_builder(name, str(tmp_path))
+  msg = str(e.value)
+  assert "\n" not in msg and repr(name) in msg and "not a tfds name" in msg
+  assert (hint in msg) if hint else ("folder:" not in msg)
+
+
+@needs_tf
+def test_an_unknown_config_of_a_known_dataset_lists_its_configs(tmp_path):
+  """imagenette's configs are named by image size (tfds's catalogue); mnist has none."""
+  with pytest.raises(UserError, match=r"^dataset 'imagenette' has no config 'bad'; its configs: "
+                                      r"full-size-v2, 320px-v2, 160px-v2, "):
+    sources.tfds_builder("imagenette/bad", str(tmp_path))
+  with pytest.raises(UserError, match=r"^dataset 'mnist' has no config 'x'; it has none: "
+                                      r"write mnist \(data.dataset\)$"):
+    sources.tfds_builder("mnist/x:3.0.1", str(tmp_path))
+
+
+@needs_tf
+def test_existing_folder_given_as_dataset_name_points_to_folder_prefix(tmp_path, monkeypatch):
+  (tmp_path / "imgs").mkdir()
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(UserError, match=r"imgs is a folder: write folder:imgs"):
+    sources.tfds_builder("imgs", str(tmp_path))
+
+
+@needs_tf
+def test_unknown_namespace_name_with_nothing_prepared_is_unknown_dataset(tmp_path):
+  # tfds reads 'cifar10:x' as dataset 'x' of namespace 'cifar10'; nothing is in data_dir/cifar10.
+  with pytest.raises(UserError, match=r"unknown dataset 'cifar10:x': did you mean cifar10"):
+    sources.tfds_builder("cifar10:x", str(tmp_path))
+
+
+@needs_tf
+def test_labeled_folder_tf_parse_in_a_dataset_map_labels_without_autograph_warning(tmp_path, caplog):
+  """tf.data traces tf_parse with AutoGraph: a Python call it cannot convert inside it
+  (os.fsencode) logged a multi-line 'AutoGraph could not transform' warning on every run."""
+  import logging  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  for cls in ("bird", "cat"):  # sorted: bird = 0, cat = 1
+    (tmp_path / "train" / cls).mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(tmp_path / "train" / cls / "a.png")
+  source = sources.LabeledFolderSource(str(tmp_path), "train", ("bird", "cat"))
+  keys = [k for k in source.keys(np.arange(len(source)))]
+  with caplog.at_level(logging.WARNING):
+    ds = tf.data.Dataset.from_tensor_slices(tf.constant(keys)).map(source.tf_parse)
+    labels = {os.path.basename(os.path.dirname(os.fsdecode(k))): int(ex["label"])
+              for k, ex in zip(keys, ds.as_numpy_iterator())}
+  assert labels == {"bird": 0, "cat": 1}
+  assert not [r for r in caplog.records if "AutoGraph" in r.getMessage()]
+
+
+@needs_tf
+def test_data_dir_that_is_a_file_is_named_as_such(own_tfds, tmp_path):
+  """data_dir set to a file (a builder script, say) was reported as an unknown dataset."""
+  script = tmp_path / "my_dataset.py"
+  script.write_text("# a builder script\n")
+  for data_dir, where in ((script, "is a file"), (script / "sub", f"lies under the file {script}")):
+    with pytest.raises(UserError, match=rf"data.data_dir {data_dir} {where}, not a directory"):
+      sources.tfds_builder("pr_mim_own", str(data_dir))
+
+
+@needs_tf
+def test_data_dir_at_the_folder_of_an_own_dataset_names_the_right_one(own_tfds):
+  """A dataset of one's own (not registered in this process) with data_dir=DIR/name or
+  DIR/name/version: say DIR, as for registered datasets, not "unknown dataset"."""
+  for inside in (f"{own_tfds}/pr_mim_own", f"{own_tfds}/pr_mim_own/1.0.0"):
+    with pytest.raises(UserError, match=rf"not prepared in {inside}, but it is in {own_tfds}: "
+                                        rf"set data.data_dir={own_tfds} \("):
+      sources.tfds_builder("pr_mim_own", inside)

@@ -318,3 +318,39 @@ def test_live_timm_round_trip(name):
   ours = np.asarray(encoder_of(arch).apply({"params": params["encoder"]},
                                            x.numpy().transpose(0, 2, 3, 1)))
   assert_close(ours, theirs)
+
+
+def test_official_mae_decoder_has_16_heads_unless_told_otherwise():
+  """MAE's models_mae.py: decoder_embed_dim=512, decoder_num_heads=16 for every size."""
+  state = random_mae_state(np.random.default_rng(7), dd=512, ddepth=1)
+  arch = timm_weights.infer_arch(state, heads=4)
+  assert (arch.decoder_width, arch.decoder_heads, arch.decoder_hidden) == (512, 16, 2048)
+  qkv = timm_weights.from_state_dict(state, arch)["decoder_block0"]["attn"]["qkv"]["kernel"]
+  assert qkv.shape == (512, 3, 16, 32)
+  assert timm_weights.infer_arch(state, heads=4, decoder_heads=8).decoder_heads == 8  # the flag wins
+
+
+def test_a_learned_decoder_position_table_is_refused():
+  """Our decoder adds the fixed sin-cos table; a trained decoder_pos_embed cannot be loaded."""
+  state = random_mae_state(np.random.default_rng(8))
+  arch = timm_weights.infer_arch(state, heads=4, decoder_heads=2)
+  state["decoder_pos_embed"] = state["decoder_pos_embed"] + 0.01
+  with pytest.raises(timm_weights.WeightsError, match="decoder_pos_embed is not the fixed 2-D sin-cos"):
+    timm_weights.from_state_dict(state, arch)
+
+
+def test_heads_that_do_not_divide_the_width_and_gaps_in_block_numbers_are_refused():
+  state = random_mae_state(np.random.default_rng(9))
+  with pytest.raises(timm_weights.WeightsError, match="width 32 is not divisible by 5 heads"):
+    timm_weights.infer_arch(state, heads=5, decoder_heads=2)
+  with pytest.raises(timm_weights.WeightsError, match="decoder width 16 is not divisible by 3 heads"):
+    timm_weights.infer_arch(state, heads=4, decoder_heads=3)
+  for k in [k for k in state if k.startswith("blocks.1.")]:
+    state["blocks.2." + k[len("blocks.1."):]] = state.pop(k)
+  with pytest.raises(timm_weights.WeightsError, match=r"blocks\.N are not numbered 0\.\.1: \[0, 2\]"):
+    timm_weights.infer_arch(state, heads=4, decoder_heads=2)
+
+
+def test_lists_at_the_limit_are_not_truncated():
+  assert timm_weights.listing([str(i) for i in range(10)]) == "0, 1, 2, 3, 4, 5, 6, 7, 8, 9"
+  assert timm_weights.listing("abc", limit=2) == "a, b, ... and 1 more"

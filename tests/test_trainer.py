@@ -1,6 +1,7 @@
 """The shared loop and state helpers (training/trainer.py), on toy steps: what is logged,
 saved and stopped, and how a state is laid out."""
 
+import json
 import os
 import signal
 
@@ -9,11 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pr_mim_jax.parallel import sharding
 from pr_mim_jax.training import preemption
 from pr_mim_jax.training import trainer
-from pr_mim_jax.training.train_state import ClassifierState
+from pr_mim_jax.training.train_state import ClassifierState, TrainState
 
 
 class FakeCheckpointer:
@@ -68,6 +70,13 @@ def test_run_logs_window_means_calls_after_step_and_saves_on_schedule():
   assert [(s, r["loss"]) for s, r in writer.rows] == [(6, 2.5), (9, 6.0), (10, 7.0)]
   assert all(r["steps_per_sec"] > 0 for _, r in writer.rows)
   assert summary == {"loss": 7.0, "loss_step": 10, "seen": 10, "step": 10, "stopped": False}
+
+
+def test_checkpoint_every_zero_saves_only_the_last_step():
+  ckpt = FakeCheckpointer()
+  trainer.run(jnp.int32(0), _step, _batches([1.0] * 5), start_step=0, total_steps=5,
+              log_every=100, peak_lr=0.1, ckpt=ckpt, checkpoint_every=0)
+  assert ckpt.saved == [(5, 5)]
 
 
 def test_a_non_finite_loss_is_never_saved():
@@ -217,3 +226,138 @@ def test_state_shardings_follow_the_fields():
   restored = trainer.abstract_with_shardings(state, got)
   assert jax.tree.map(lambda x: (x.shape, x.dtype), restored) == jax.tree.map(
       lambda x: (x.shape, x.dtype), abstract)
+
+
+def test_check_finite_finds_a_nan_anywhere_in_the_window_and_names_its_step():
+  """Every pending loss is checked, not only the last one, and the error names the step of the
+  bad loss (not the step the check ran at)."""
+  pending = [(7, {"loss": 1.0}), (8, {"loss": float("nan")}), (9, {"loss": 2.0})]
+  with pytest.raises(trainer.NonFiniteLossError, match=r"loss is nan at step 8:"):
+    trainer.check_finite(9, pending, 0.1)
+  assert trainer.check_finite(9, pending[:1] + pending[2:], 0.1) == [pending[0], pending[2]]
+
+
+@pytest.mark.parametrize("after,names_checkpoint", [(1000, True), (1001, False)])
+def test_a_non_finite_loss_names_the_checkpoint_up_to_1000_steps_after_the_resume(
+    after, names_checkpoint):
+  with pytest.raises(trainer.NonFiniteLossError) as err:
+    trainer.check_finite(936 + after, [(936 + after, {"loss": float("-inf")})], 0.1,
+                         restored=(936, False))
+  assert (f"{after} steps after resuming from checkpoint 936" in str(err.value)) == \
+      names_checkpoint
+
+
+def test_without_a_checkpointer_a_non_finite_loss_still_stops_the_run_at_the_log():
+  """No checkpointer: the log's finite check is the only one; nothing non-finite is written."""
+  writer = FakeWriter()
+  with pytest.raises(trainer.NonFiniteLossError, match="loss is inf at step 3"):
+    trainer.run(jnp.int32(0), _step, _batches([1.0, 2.0, float("inf"), 4.0]), start_step=0,
+                total_steps=4, log_every=2, peak_lr=0.1, writer=writer)
+  assert [(s, r["loss"]) for s, r in writer.rows] == [(2, 1.5)]
+
+
+def test_the_first_step_of_a_resumed_run_is_waited_for_and_logged_once(caplog):
+  with caplog.at_level("INFO"):
+    trainer.run(jnp.int32(5), _step, _batches([1.0, 2.0, 3.0]), start_step=5, total_steps=8,
+                log_every=100, peak_lr=0.1)
+  done = [r.getMessage() for r in caplog.records if "done" in r.getMessage()]
+  assert len(done) == 1 and done[0].startswith("step 6 done")
+
+
+def _metrics_jsonl(tmp_path, rows):
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return str(tmp_path)
+
+
+def test_finished_summary_reports_the_last_recorded_values(tmp_path):
+  workdir = _metrics_jsonl(tmp_path, [
+      {"step": 10, "loss": 0.9}, {"step": 20, "loss": 0.5, "steps_per_sec": 3.0},
+      {"step": 20, "knn_top1": 0.25}])
+  got = trainer.finished_summary(workdir, 20, ("loss", "knn_top1", "knn_top1_random_init"))
+  assert got == {"step": 20, "finished_before": True, "loss": 0.5, "knn_top1": 0.25}
+
+
+def test_finished_summary_is_none_when_any_needed_key_is_missing(tmp_path):
+  """A run killed during its final k-NN recorded one of the needed keys, not the other: the
+  summary is None so that the caller computes the missing one."""
+  workdir = _metrics_jsonl(tmp_path, [{"step": 20, "loss": 0.5, "knn_top1": 0.25}])
+  keys = ("loss", "knn_top1", "knn_top1_random_init")
+  assert trainer.finished_summary(workdir, 20, keys,
+                                  needed=("knn_top1", "knn_top1_random_init")) is None
+  assert trainer.finished_summary(workdir, 20, keys, needed=("knn_top1",))["knn_top1"] == 0.25
+
+
+def test_state_shardings_lay_out_params_ema_and_optimizer_moments_like_the_params():
+  """With a params sharding different from replicated: params and ema_params take it, Adam's
+  mu and nu (params-shaped) follow it, the rest (step counts, rng, batch stats) is replicated."""
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  params = {"w": jnp.zeros((4, 2)), "b": jnp.zeros((2,))}
+  tx = optax.adamw(1e-3)
+  abstract = jax.eval_shape(lambda: ClassifierState(
+      step=jnp.zeros((), jnp.int32), params=params, batch_stats={"mean": jnp.zeros((2,))},
+      opt_state=tx.init(params), rng=jnp.zeros((2,), jnp.uint32), ema_params=params))
+  split = NamedSharding(mesh, P("data"))
+  assert split != sharding.replicated(mesh)
+  params_sharding = jax.tree.map(lambda _: split, params)
+  got = trainer.state_shardings(abstract, params_sharding, mesh)
+  assert got.params is params_sharding and got.ema_params is params_sharding
+  adam = got.opt_state[0]  # ScaleByAdamState(count, mu, nu)
+  assert adam.mu is params_sharding and adam.nu is params_sharding
+  assert adam.count == sharding.replicated(mesh)
+  rest = [got.step, got.rng] + jax.tree.leaves(got.batch_stats)
+  assert all(s == sharding.replicated(mesh) for s in rest)
+
+
+def test_jit_step_donates_the_state_not_the_batch():
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  rep = sharding.replicated(mesh)
+  step = trainer.jit_step(lambda s, b: (s + b, {"loss": b.sum()}), rep, rep, mesh)
+  state, batch = jnp.ones(4), jnp.full((4,), 2.0)
+  new_state, metrics = step(state, batch)
+  assert state.is_deleted() and not batch.is_deleted()
+  np.testing.assert_array_equal(new_state, 3.0)
+  assert float(metrics["loss"]) == 8.0 and metrics["loss"].sharding == rep
+
+
+def test_a_stop_request_records_sigterm_and_sigint_and_leaves_a_second_signal_to_the_default():
+  before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+  for sig, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
+    stop = preemption.StopRequest()
+    try:
+      # Both handlers are installed (checked before sending: an uncaught SIGINT would abort).
+      assert all(signal.getsignal(s) != before[s] for s in before)
+      assert not stop.should_stop(1)
+      os.kill(os.getpid(), sig)
+      assert stop.requested and stop.signal_name == name and stop.should_stop(2)
+      assert signal.getsignal(sig) == signal.SIG_DFL  # a second one stops at once
+    finally:
+      stop.restore()
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_several_processes_install_no_signal_handlers(monkeypatch):
+  monkeypatch.setattr(preemption.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(preemption.multihost_utils, "reached_preemption_sync_point",
+                      lambda step: step == 5)
+  before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+  stop = preemption.StopRequest()
+  assert {s: signal.getsignal(s) for s in before} == before
+  assert [stop.should_stop(s) for s in (4, 5, 6)] == [False, True, True]
+  assert stop.signal_name == "preemption notice"
+  stop.restore()
+
+
+def test_every_state_field_is_a_traced_leaf_and_ema_defaults_to_none():
+  """train_state.py: a step reads and writes every field under jit (none is static), and a
+  ClassifierState without an EMA carries no ema_params leaves."""
+  rng = jax.random.key_data(jax.random.PRNGKey(0))
+  state = TrainState(step=jnp.int32(0), params={"w": jnp.ones(2)}, opt_state=(jnp.zeros(2),),
+                     rng=rng)
+  bump = jax.jit(lambda s: jax.tree.map(lambda x: x + 1, s))
+  new = bump(state)
+  assert len(jax.tree.leaves(state)) == 4
+  assert int(new.step) == 1 and np.array_equal(new.rng, rng + 1)
+  probe = ClassifierState(step=jnp.int32(0), params={"w": jnp.ones(2)},
+                          batch_stats={"mean": jnp.zeros(2)}, opt_state=(), rng=rng)
+  assert probe.ema_params is None and len(jax.tree.leaves(probe)) == 4
+  assert np.array_equal(bump(probe).batch_stats["mean"], np.ones(2))

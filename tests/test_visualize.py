@@ -302,3 +302,75 @@ def test_visualize_masks_says_when_the_split_has_fewer_images(tmp_path, capsys):
   assert "--num_images=6: split 'test' has 4 images; drawing those" in capsys.readouterr().out
   width, height = _png_size(paths[0])
   assert height > 4 * (16 * 12 + 2) - 2 and height < 5 * (16 * 12 + 2)  # 4 rows, not 6
+
+
+@pytest.mark.parametrize('layout', ['flat', 'train_only'])
+def test_visualize_masks_reads_an_unlabeled_image_folder(tmp_path, capsys, layout):
+  """Masks need no labels: a folder of images laid out for pre-training (flat, or root/train
+  with no eval split) is drawn from the images pre-training reads, in sorted order."""
+  colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]  # a.png, b.png, c.png
+  root = tmp_path / 'imgs'
+  folder = root if layout == 'flat' else root / 'train'
+  folder.mkdir(parents=True)
+  for name, colour in zip('abc', colours):
+    Image.new('RGB', (16, 16), colour).save(folder / f'{name}.png')  # 16 px: passed unchanged
+  config = _tiny_config(tmp_path, **{'data.dataset': f'folder:{root}'})
+  paths = visualize_masks.write_pictures(config, str(tmp_path / 'out'), num_images=5, seed=0)
+  out = capsys.readouterr().out
+  assert f'--num_images=5: folder:{folder} has 3 images; drawing those' in out
+  assert (f"{root} has no folder 'test' (data.eval_split): drawing the images pre-training "
+          f"reads, from folder:{folder}") in out
+  with open(paths[-1], 'rb') as f:
+    compare = np.asarray(Image.open(f).convert('RGB'))
+  tile, gap = 16 * 12, 2
+  top = _find_rows(compare, np.full((tile, tile, 3), colours[0], np.uint8))
+  assert top is not None
+  for i, colour in enumerate(colours):  # the 'original' column, one row per image
+    row = top + i * (tile + gap)
+    assert (compare[row:row + tile, :tile] == colour).all()
+
+
+def _norm_pixel_targets(patches):
+  """NumPy reference of MAE's norm_pix targets (DESIGN.md): per-patch mean, unbiased (ddof=1)
+  variance, eps 1e-6 inside the square root."""
+  patches = np.asarray(patches, np.float64)
+  mean = patches.mean(-1, keepdims=True)
+  var = patches.var(-1, keepdims=True, ddof=1)
+  return ((patches - mean) / np.sqrt(var + 1e-6)).astype(np.float32)
+
+
+def test_norm_pixel_perfect_predictions_give_back_the_image_exactly_with_small_patches():
+  """2 px patches (12 values each): the per-patch std must be the unbiased one the targets use
+  (ddof=0 would be off by sqrt(12/11), several pixel levels here)."""
+  rng = np.random.default_rng(5)
+  images = rng.integers(0, 256, size=(2, 4, 4, 3)).astype(np.float32)  # integer pixel values
+  patches = images.reshape(2, 2, 2, 2, 2, 3).transpose(0, 1, 3, 2, 4, 5).reshape(2, 4, 12)
+  targets = _norm_pixel_targets(patches)
+  ids_vis = np.array([[0], [3]])
+  ids_dec = np.array([[1, 2, 3], [2, 0, 1]])  # MAE: every masked patch decoded
+  pred = np.take_along_axis(targets, ids_dec[..., None], axis=1)
+  out = visualize.reconstruction(images, pred, ids_vis, ids_dec, 2, 'norm_pixel', identity_denorm)
+  np.testing.assert_array_equal(out, images.astype(np.uint8))
+
+
+def test_norm_pixel_low_contrast_uint8_patches_come_back_exactly():
+  """uint8 input is normalised first (as the model saw it); a nearly flat patch has a tiny
+  variance, where only the small eps (1e-6) keeps its one-level detail."""
+  rng = np.random.default_rng(6)
+  base = np.round(pixels.MEAN255).astype(np.int64)  # normalised values near 0
+  images = (base + rng.integers(0, 2, size=(1, 8, 8, 3))).astype(np.uint8)
+  normed = pixels.normalized(images)
+  patches = np.asarray(patch_tokens.patchify(normed, 4))  # [1, 4, 48]
+  ids_vis, ids_dec = np.array([[2]]), np.array([[0, 1, 3]])
+  pred = _norm_pixel_targets(patches)[:, [0, 1, 3]]
+  out = visualize.reconstruction(images, pred, ids_vis, ids_dec, 4, 'norm_pixel',
+                                 pixels.denormalize)
+  np.testing.assert_array_equal(out, images)
+  assert len(np.unique(out[..., 0])) == 2  # the detail is there to lose
+
+
+def test_fit_factor_is_the_smallest_factor_reaching_the_minimum():
+  for size in range(1, 300):
+    f = visualize.fit_factor(size)
+    assert f * size >= visualize.MIN_TILE and (f == 1 or (f - 1) * size < visualize.MIN_TILE)
+  assert visualize.fit_factor(24, 100) == 5 and visualize.fit_factor(200) == 1

@@ -241,3 +241,18 @@ def test_git_commit_is_marked_dirty_only_when_a_tracked_file_changed(tmp_path, m
   assert workdir_records.git_commit() == head  # an untracked file changes no source
   module.write_text("# edited\n")
   assert workdir_records.git_commit() == head + "-dirty"
+
+
+def test_a_write_killed_halfway_leaves_the_old_config_json_whole(tmp_path, monkeypatch):
+  workdir_records.write_records(str(tmp_path), _tiny(seed=7))
+  before = (tmp_path / "config.json").read_text()
+
+  def torn_write(path, text, *args, **kwargs):
+    with open(path, "w") as f:
+      f.write(text[:len(text) // 2])
+    raise OSError("No space left on device")
+
+  monkeypatch.setattr(workdir_records.epath.Path, "write_text", torn_write)
+  with pytest.raises(OSError, match="No space"):
+    workdir_records.write_records(str(tmp_path), _tiny(seed=8))
+  assert (tmp_path / "config.json").read_text() == before

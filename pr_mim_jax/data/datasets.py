@@ -202,6 +202,7 @@ def check_dataset(data) -> None:
     from pr_mim_jax.data import shapes  # pylint: disable=g-import-not-at-top
     shapes.check_image_size(_shapes_cfg(data)[0])
     _shapes_difficulty(data)
+    sources.check_data_dir(_data_dir(data))
     for field in ("train_split", "eval_split"):
       _named(field, _check_shapes_split, get(data, field, "train"))
   elif kind == "folder":
@@ -213,6 +214,24 @@ def check_dataset(data) -> None:
       split = get(data, field, None)
       if split is not None:
         _named(field, sources.check_split, arg, builder, split)
+
+
+def check_workdir_outside_images(data, workdir: str) -> None:
+  """UserError when pre-training's workdir lies in the image folder it reads: the folder is
+  read recursively, so the run's reconstruction PNGs would become training images (and a
+  resume would see another dataset than the steps before it)."""
+  kind, root = sources.parse_dataset(get(data, "dataset", None))
+  if kind != "folder" or not workdir:
+    return
+  folder = sources.pretrain_folder(root, get(data, "train_split", "train"))
+  real = lambda p: os.path.realpath(os.path.expanduser(p)) if "://" not in p else p.rstrip("/")
+  inside, images = real(workdir), real(folder).rstrip("/")
+  below = inside[len(images) + 1:].split("/") if inside.startswith(images + "/") else []
+  hidden = any(part.startswith(".") for part in below)  # never listed as images
+  if inside == images or below and not hidden:
+    raise UserError(f"--workdir={workdir} is inside {folder}, the image folder pre-training reads "
+                    "(recursively): the run's reconstruction PNGs would become training images; "
+                    "choose a workdir outside it")
 
 
 def _named(field: str, check, *args) -> None:

@@ -41,6 +41,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import functools
+import traceback
 from typing import Iterator, Sequence
 
 import jax
@@ -180,6 +181,10 @@ def _tf_batches(source, steps, *, local, transform, labeled, threads):
       except tf.errors.InvalidArgumentError as e:  # an image that does not decode
         why = e.message.splitlines()[0].split("}}")[-1].strip()  # tf's message, no op names
         bad = _tf_culprits(source, pending[0], load)
+        # Free the iterator now (the frames of tf's error hold it too): kept alive, it is
+        # finalized after Python shuts down, and tf.data logs an error after ours.
+        del it
+        traceback.clear_frames(e.__traceback__)
         if bad:
           raise _undecodable(bad, why) from e
         raise UserError(f"an image of dataset {source.name} failed to decode ({why}) in the batch "

@@ -239,6 +239,7 @@ class LabeledFolderSource(FolderSource):
     index = {c: i for i, c in enumerate(classes)}
     self.classes = tuple(classes)
     self.labels = np.array([index[n] for n in names], np.int32)  # [N]
+    self._class_bytes = [os.fsencode(c) for c in self.classes]
     self._depth = len(os.fspath(epath.Path(self.root)).split("/"))  # class component of a path
 
   def label(self, i: int) -> int:
@@ -248,7 +249,9 @@ class LabeledFolderSource(FolderSource):
     """Path -> {'image': file bytes, 'label': int32}: the label from the class folder name."""
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     name = tf.strings.split(key, "/")[self._depth]
-    classes = tf.constant([os.fsencode(c) for c in self.classes])  # [C], bytes as in `key`
+    # Bytes as in `key`, listed outside the traced function: AutoGraph would try to convert
+    # os.fsencode and log a multi-line warning on every run.
+    classes = tf.constant(self._class_bytes)  # [C]
     hit = tf.cast(tf.equal(classes, name), tf.int32)  # [C], one 1
     return {"image": tf.io.read_file(key), "label": tf.argmax(hit, output_type=tf.int32)}
 
@@ -328,7 +331,10 @@ def _prepared_versions(tfds, name: str, data_dir: str | None) -> list[str]:
     builder = tfds.builder(name.split(":")[0], data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
     return []
-  folders = epath.Path(builder.data_dir).parent.iterdir()
+  parent = epath.Path(builder.data_dir).parent
+  if not parent.is_dir():  # nothing of that name prepared in data_dir
+    return []
+  folders = parent.iterdir()
   return sorted(p.name for p in folders if (p / "dataset_info.json").exists())
 
 
@@ -350,9 +356,24 @@ def _prepared_above(tfds, name: str, data_dir: str | None) -> str | None:
   return None
 
 
+def check_data_dir(data_dir: str | None) -> None:
+  """UserError when data_dir is a file or lies under one (tfds can neither read nor prepare
+  a dataset there); a data_dir that does not exist yet passes."""
+  if data_dir is None:
+    return
+  path = epath.Path(data_dir)
+  nearest = path if "://" in data_dir else next(
+      (p for p in (path, *path.parents) if p.exists()), None)
+  if nearest is not None and nearest.exists() and not nearest.is_dir():
+    where = "is a file" if nearest == path else f"lies under the file {nearest}"
+    raise UserError(f"data.data_dir {data_dir} {where}, not a directory; set it to the folder "
+                    "that holds the tfds datasets (DIR, with DIR/NAME/VERSION inside)")
+
+
 def tfds_builder(name: str, data_dir: str | None, *, require_prepared: bool = True):
   """The tfds builder of `name` ('name' or 'name:version'), with UserErrors for every mistake."""
   tfds = import_tfds(name)
+  check_data_dir(data_dir)
   if data_dir is not None and not epath.Path(data_dir).exists():
     raise UserError(f"data_dir {data_dir} does not exist; create it or fix data.data_dir")
   try:
@@ -362,12 +383,30 @@ def tfds_builder(name: str, data_dir: str | None, *, require_prepared: bool = Tr
     if versions:
       raise UserError(f"cannot load dataset {name!r}: it is prepared only at versions "
                       f"{', '.join(versions)}; ask for one of those (or none: the newest)") from e
+    above = _prepared_above(tfds, name, data_dir)  # a dataset of the user's own, one level up
+    if above is not None:
+      raise UserError(f"dataset {name} is not prepared in {data_dir}, but it is in {above}: "
+                      f"set data.data_dir={above} (the folder that holds the dataset's folder)"
+                      ) from e
     close = close_dataset_names(name, tfds.list_builders(with_community_datasets=False))
     hint = f" did you mean {', '.join(close)}?" if close else ""
+    if os.path.isdir(name):
+      hint = f" {name} is a folder: write folder:{name} to read its images;"
     raise UserError(f"unknown dataset {name!r}:{hint} use a tfds name, 'shapes' "
                     "or 'folder:/path/to/images'") from e
   except AssertionError as e:  # tfds's way to say "no such version"
     raise UserError(f"cannot load dataset {name!r}: {str(e).splitlines()[-1]}") from e
+  except ValueError as e:  # an unknown config, or a name tfds cannot parse ("/data/imgs")
+    if "BuilderConfig" in str(e):
+      base, _, config = name.split(":")[0].partition("/")
+      known = [c.name for c in tfds.builder_cls(base).BUILDER_CONFIGS or ()]
+      raise UserError(f"dataset {base!r} has no config {config!r}; "
+                      + (f"its configs: {', '.join(known)}" if known else
+                         f"it has none: write {base}") + " (data.dataset)") from e
+    hint = (f"; for a folder of images write folder:{name}"
+            if name.startswith(("/", "~", ".")) or os.path.isdir(name) else "")
+    raise UserError(f"data.dataset {name!r} is not a tfds name (name[/config][:version], "
+                    f"version x.y.z){hint}") from e
   if require_prepared:
     if not is_prepared(builder):
       above = _prepared_above(tfds, name, data_dir)

@@ -307,7 +307,6 @@ def train(config, workdir: str, checked: Checked | None = None) -> dict:
     return trainer.finished_summary(workdir, latest, EVAL_KEYS)
   trainer.log_outputs(workdir, ckpt.directory)
   workdir_records.write_records(workdir, config)
-  writer = metrics_lib.MetricWriter(workdir)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     resume = latest is not None
     encoder = None if resume else read_pretrained_encoder(config, mesh, model_cfg.scan_layers)
@@ -319,6 +318,7 @@ def train(config, workdir: str, checked: Checked | None = None) -> dict:
       logging.info("resumed from %s at step %d", ckpt.directory, int(state.step))
     start_step = int(state.step)
     workdir_records.drop_metrics_after(workdir, start_step)  # rows of steps never saved
+    writer = metrics_lib.MetricWriter(workdir, start_step=start_step)
     batch_sharding = sharding.batch_sharding(mesh)
     step_fn = jit_train_step(model, tx, recipe, schedule, mesh, state_sharding)
     eval_fn = jax.jit(functools.partial(classify_step.eval_step, model=model),
@@ -412,13 +412,17 @@ def knn_eval(config, workdir: str, checked: ml_collections.ConfigDict | None = N
                       config.knn.train_examples, config, mesh)
     test = _features(encoder, params, config.data, config.data.eval_split,
                      config.knn.test_examples, config, mesh)
-  top1 = knn.knn_accuracy(*train, *test, k=config.knn.k, temperature=config.knn.temperature)
+  k = min(config.knn.k, len(train[1]))  # what knn_accuracy votes with
+  if k < config.knn.k:
+    logging.warning("k-NN: the train split has only %d images, so k=%d (knn.k=%d)", k, k,
+                    config.knn.k)
+  top1 = knn.knn_accuracy(*train, *test, k=k, temperature=config.knn.temperature)
   workdir_records.write_records(workdir, _with_model(config, model_cfg))
   writer = metrics_lib.MetricWriter(workdir, tensorboard=False)
-  writer.write_scalars(0, {"knn_top1": top1, "train_examples": len(train[1]),
+  writer.write_scalars(0, {"knn_top1": top1, "k": k, "train_examples": len(train[1]),
                            "test_examples": len(test[1])})
   writer.close()
-  logging.info("k-NN top-1 (k=%d, %s features): %.2f%% on %d test images", config.knn.k,
+  logging.info("k-NN top-1 (k=%d, %s features): %.2f%% on %d test images", k,
                config.knn.feature, 100 * top1, len(test[1]))
   return {"knn_top1": top1}
 

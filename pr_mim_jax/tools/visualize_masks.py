@@ -10,7 +10,8 @@ picture. Markings are those of visualize.token_map: visible as is, decoded flat 
 opaque black-and-yellow diagonal stripes (visible on any image). A title band names the
 columns and a legend under the tiles explains the markings. Uses the config's image size,
 patch, mask_ratio and throw_ratio (0.5 when the config throws nothing, e.g. MAE) and the eval
-split of its (labeled) dataset. Tiles are upscaled (nearest neighbour) to at least 192 px.
+split of its dataset (an image folder without one: the images pre-training reads). Tiles are
+upscaled (nearest neighbour) to at least 192 px.
 """
 
 import os
@@ -18,11 +19,13 @@ import sys
 import types
 
 import jax
+import numpy as np
 from absl import flags
+from etils import epath
 from ml_collections import config_flags
 
 from pr_mim_jax import cli
-from pr_mim_jax.data import pipeline, pixels
+from pr_mim_jax.data import augment_np, pipeline, pixels, sources
 from pr_mim_jax.errors import UserError
 from pr_mim_jax.method import masking
 from pr_mim_jax.models import vit
@@ -70,6 +73,28 @@ def _split_and_patch(config) -> tuple[masking.TokenSplit, int, float]:
   return split, patch, throw
 
 
+def _images(data, num_images: int, size: int) -> tuple[np.ndarray, str]:
+  """(uint8 [N, S, S, 3] eval-transformed images, where they come from): the first of the
+  eval split; for an image folder without that split (pre-training's unlabeled layout, which
+  masks need no labels for), the first images pre-training reads."""
+  kind, root = sources.parse_dataset(data.dataset)
+  if kind != "folder" or (epath.Path(root) / data.eval_split).is_dir():
+    images, _ = pipeline.labeled_arrays(data, data.eval_split, num_examples=num_images,
+                                        image_size=size)
+    return images, f"split {data.eval_split!r}"
+  source = sources.FolderSource(sources.pretrain_folder(root, data.train_split))
+  print(f"{root} has no folder {data.eval_split!r} (data.eval_split): drawing the images "
+        f"pre-training reads, from {source.name}", flush=True)
+  out = []
+  for i in range(min(num_images, len(source))):
+    try:
+      out.append(augment_np.eval_transform(source.raw(i), size))
+    except augment_np.DecodeError as e:
+      raise UserError(f"image {source.where(i)} does not decode ({e}); remove or replace it, "
+                      "then rerun") from e
+  return np.stack(out), source.name
+
+
 def write_pictures(config, out: str, num_images: int = 8, seed: int = 0) -> list[str]:
   """Writes the four PNGs into `out` and returns their paths."""
   if num_images < 1:
@@ -80,11 +105,10 @@ def write_pictures(config, out: str, num_images: int = 8, seed: int = 0) -> list
     print(f"config.masking.throw_ratio is 0; drawing the pictures with throw_ratio={throw}",
           flush=True)
   size = config.model.image_size
-  images, _ = pipeline.labeled_arrays(config.data, config.data.eval_split,
-                                      num_examples=num_images, image_size=size)  # [N, S, S, 3]
+  images, where = _images(config.data, num_images, size)  # [N, S, S, 3]
   if images.shape[0] < num_images:
-    print(f"--num_images={num_images}: split {config.data.eval_split!r} has "
-          f"{images.shape[0]} images; drawing those", flush=True)
+    print(f"--num_images={num_images}: {where} has {images.shape[0]} images; drawing those",
+          flush=True)
   grid = size // patch
   rng = jax.random.key(seed)  # one rng for all strategies: same visible sets
   maps = {}

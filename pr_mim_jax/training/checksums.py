@@ -51,12 +51,28 @@ def _checksum(x: jax.Array) -> jax.Array:
 _checksum_jit = jax.jit(_checksum)  # per leaf: a model's repeated blocks share compiles
 
 
+def _one_at_a_time(x: jax.Array) -> bool:
+  """XLA:CPU deadlocks when many small programs with collectives (the sum of an array
+  sharded over several CPU devices) are in flight at once: some devices' threads wait in
+  one program's all-reduce for a device that is in another's. There each sum is awaited
+  before the next is dispatched (XLA:CPU runs such small programs as it dispatches them,
+  so this costs next to nothing)."""
+  devices = x.sharding.device_set
+  return len(devices) > 1 and next(iter(devices)).platform == "cpu"
+
+
 def start(tree) -> dict[str, jax.Array]:
   """Dispatches the checksums of every array leaf of `tree`; returns {path: uint32 []}
-  without waiting, so the work queues behind the step that made the arrays and overlaps
-  whatever the host does next. `values` reads them."""
-  return {jax.tree_util.keystr(p, simple=True, separator="/"): _checksum_jit(x)
-          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0] if isinstance(x, jax.Array)}
+  without waiting (except on several CPU devices, `_one_at_a_time`), so the work queues
+  behind the step that made the arrays and overlaps whatever the host does next. `values`
+  reads them."""
+  sums = {}
+  for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if isinstance(x, jax.Array):
+      sums[jax.tree_util.keystr(p, simple=True, separator="/")] = total = _checksum_jit(x)
+      if _one_at_a_time(x):
+        total.block_until_ready()
+  return sums
 
 
 def values(pending: dict[str, jax.Array]) -> dict[str, int]:

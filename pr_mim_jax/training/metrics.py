@@ -18,7 +18,9 @@ from etils import epath
 class MetricWriter:
   """Scalars to logs + `metrics.jsonl` (+ TensorBoard); images to TensorBoard."""
 
-  def __init__(self, workdir: str, tensorboard: bool = True):
+  def __init__(self, workdir: str, tensorboard: bool = True, start_step: int | None = None):
+    """start_step: the step a resumed run starts from; TensorBoard events an earlier run
+    logged past it (for states that were never saved) are dropped, as in metrics.jsonl."""
     self.active = jax.process_index() == 0
     self._jsonl = epath.Path(workdir) / "metrics.jsonl"
     self._clu = None
@@ -27,7 +29,10 @@ class MetricWriter:
         from pr_mim_jax.data import tensorflow_devices  # pylint: disable=g-import-not-at-top
         tensorflow_devices.hide_gpus()  # before clu loads TF: TF must never take GPU memory
         from clu import metric_writers  # pylint: disable=g-import-not-at-top
-        self._clu = metric_writers.SummaryWriter(os.fspath(epath.Path(workdir) / "tensorboard"))
+        logdir = os.fspath(epath.Path(workdir) / "tensorboard")
+        if start_step is not None:
+          drop_events_after(logdir, start_step)
+        self._clu = metric_writers.SummaryWriter(logdir)
       except ImportError:
         logging.info("clu/tensorflow not installed: no TensorBoard, metrics go to %s", self._jsonl)
 
@@ -53,6 +58,42 @@ class MetricWriter:
   def close(self):
     if self._clu is not None:
       self._clu.close()
+
+
+def drop_events_after(logdir: str, step: int) -> None:
+  """Rewrites the TensorBoard event files in `logdir` without their events past `step`.
+
+  A resumed run logs those steps again; TensorBoard would show both copies as one zig-zag
+  curve. Each changed file is written aside and then renamed over the old one, so a kill
+  leaves it whole. A record torn by an earlier kill ends a file's reading (TensorBoard stops
+  there too)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (loaded after hide_gpus)
+  dropped = 0
+  # listdir, not glob: a workdir whose name holds [ or * is taken literally.
+  names = tf.io.gfile.listdir(logdir) if tf.io.gfile.isdir(logdir) else []
+  for path in sorted(os.path.join(logdir, n) for n in names if "tfevents" in n):
+    kept, past = [], 0
+    try:
+      for record in tf.data.TFRecordDataset(path):
+        raw = record.numpy()
+        if tf.compat.v1.Event.FromString(raw).step > step:
+          past += 1
+        else:
+          kept.append(raw)
+    except tf.errors.DataLossError:
+      pass
+    if not past:
+      continue
+    tmp = os.path.join(os.path.dirname(logdir), "tensorboard_rewrite.tmp")  # not read by TB
+    with tf.io.TFRecordWriter(tmp) as out:
+      for raw in kept:
+        out.write(raw)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+    dropped += past
+  if dropped:
+    logging.warning("tensorboard: dropped %d events logged past step %d, the step this run "
+                    "resumes from (their states were never saved); those steps are logged "
+                    "again", dropped, step)
 
 
 def last_recorded(workdir: str, keys) -> dict:

@@ -102,6 +102,11 @@ class KnnMonitor:
                                   num_examples=self.cfg.test_examples, image_size=size))
     return self._arrays
 
+  @property
+  def k(self) -> int:
+    """The k the vote uses: knn.k, or every train image where the split has fewer."""
+    return min(self.cfg.k, len(self._load()[0][1]))
+
   def accuracy(self, params, encoder: str = "trained") -> float:
     (x_tr, y_tr), (x_te, y_te) = self._load()
     logging.info("k-NN of the %s encoder: embedding %d train and %d test images", encoder,
@@ -212,7 +217,7 @@ def train(config, workdir: str, checked: Checked | None = None) -> dict:
     # After the restore: a config that does not fit the checkpoint leaves config.json as it was.
     workdir_records.write_records(workdir, config)
     workdir_records.drop_metrics_after(workdir, start_step)  # rows of steps never saved
-    writer = metrics_lib.MetricWriter(workdir)
+    writer = metrics_lib.MetricWriter(workdir, start_step=start_step)
     batches = pipeline.train_batches(config.data, seed=config.seed, global_batch=config.batch_size,
                                      image_size=config.model.image_size, start_step=start_step,
                                      sharding=sharding.batch_sharding(mesh))
@@ -255,6 +260,6 @@ def final_knn(config, model, split, monitor, params, writer, step: int) -> dict:
   random_init = monitor.accuracy(
       init_fn(jax.random.split(jax.random.PRNGKey(config.seed))[0]), "random-init")
   writer.write_scalars(step, {"knn_top1": trained, "knn_top1_random_init": random_init})
-  logging.info("k-NN top-1 (k=%d): trained %.2f%% vs random init %.2f%%", config.knn.k,
+  logging.info("k-NN top-1 (k=%d): trained %.2f%% vs random init %.2f%%", monitor.k,
                100 * trained, 100 * random_init)
   return {"knn_top1": trained, "knn_top1_random_init": random_init}

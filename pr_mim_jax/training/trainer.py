@@ -157,8 +157,9 @@ def run(state, step_fn, batches: Iterator[dict], *, start_step: int, total_steps
   Every `log_every` steps (and at the last) the metrics are checked, averaged and written;
   after each step after_step(step, state, batch, metrics, last) may return entries for the
   summary (evaluations, pictures, k-NN). With `ckpt`, the state is saved every
-  `checkpoint_every` steps, at the last one and when a preemption signal asks to stop (that
-  step's after_step is then skipped, except at the last step), and a non-finite loss is never saved; without it, signals are left alone. The summary holds the
+  `checkpoint_every` steps (0: none between), at the last one and when a preemption signal
+  asks to stop (that step's after_step is then skipped, except at the last step), and a
+  non-finite loss is never saved; without it, signals are left alone. The summary holds the
   last logged loss (and its step), the final step, and whether the run stopped early.
   """
   summary = {}
@@ -195,7 +196,7 @@ def run(state, step_fn, batches: Iterator[dict], *, start_step: int, total_steps
       if after_step is not None and (last or not stopping):
         summary.update(after_step(step, state, batch, metrics, last) or {})
       # (One process: a signal that arrived during the evaluations also saves this step.)
-      if stop and (stop.requested or step % checkpoint_every == 0 or last):
+      if stop and (stop.requested or last or checkpoint_every and step % checkpoint_every == 0):
         check_finite(step, pending, peak_lr, restored)  # a non-finite state is never saved
         pending = []
         logging.info("saving checkpoint %d in %s", step, ckpt.directory)
