@@ -160,7 +160,8 @@ def test_step_counts_below_their_minimum_are_one_error_line(flag, message):
      "grad_accum_steps=4 x 1 batch shards; use a batch_size that is a multiple of 4, or fewer "
      "grad_accum_steps"),
     (("--batch=15",), 2, "error: config.batch_size: global batch 15 is not divisible by the 2 "
-     "devices on the batch axes; use a multiple of 2"),
+     "devices on the batch axes; use a multiple of 2, or (resuming a run, which keeps its "
+     "batch_size) devices on the batch axes that divide 15"),
 ])
 def test_batch_flag_is_checked_like_the_configs_batch(args, devices, message):
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")

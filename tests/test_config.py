@@ -315,7 +315,9 @@ INVALID_CLASSIFY = [
     ({'ema.decay': 1.0}, 'config.ema.decay: got 1.0'),
     ({'data.augment': 'autoaugment'}, "config.data.augment: unknown value 'autoaugment'"),
     ({'eval.batch_size': 0}, 'config.eval.batch_size: got 0'),
-    ({'batch_size': 12}, 'config.batch_size: got 12; use a positive multiple of 8'),
+    ({'batch_size': 12}, 'config.batch_size: got 12; use a positive multiple of 8, or (resuming '
+                         'a run, which keeps its batch_size) devices on the batch axes that divide 12'),
+    ({'eval.batch_size': 12}, 'config.eval.batch_size: got 12; use a positive multiple of 8'),
     ({'train.eval_every': -1}, 'config.train.eval_every: got -1'),
     ({'train.keep_checkpoints': 0}, 'config.train.keep_checkpoints: got 0'),
     ({'model.drop_path': 1.0}, 'config.model.drop_path: got 1.0'),

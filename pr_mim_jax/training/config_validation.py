@@ -168,11 +168,20 @@ def validate_optim(optim):
            "use '' (the params' float32) or 'bfloat16'")
 
 
+def _or_fewer_devices(batch) -> str:
+  """The other way out, for a resumed run, which may not change its batch_size."""
+  if not isinstance(batch, int) or batch <= 0:
+    return ""
+  return (", or (resuming a run, which keeps its batch_size) devices on the batch axes "
+          f"that divide {batch}")
+
+
 def validate_train(config, num_batch_shards: int):
   _positive_int("batch_size", config.batch_size)
   _require(config.batch_size % num_batch_shards == 0, "batch_size",
            f"global batch {config.batch_size} is not divisible by the {num_batch_shards} devices "
-           "on the batch axes", f"use a multiple of {num_batch_shards}")
+           "on the batch axes", f"use a multiple of {num_batch_shards}"
+           f"{_or_fewer_devices(config.batch_size)}")
   train = config.train
   _require(isinstance(train.total_steps, int) and train.total_steps >= 0, "train.total_steps",
            f"got {train.total_steps!r}", "use 0 (from epochs) or a positive integer")
@@ -363,7 +372,8 @@ def validate_classify(config, num_batch_shards: int):
   for field in ("batch_size", "eval.batch_size"):
     value = config.eval.batch_size if field == "eval.batch_size" else config.batch_size
     _require(isinstance(value, int) and value > 0 and value % num_batch_shards == 0, field,
-             f"got {value!r}", f"use a positive multiple of {num_batch_shards}")
+             f"got {value!r}", f"use a positive multiple of {num_batch_shards}"
+             f"{_or_fewer_devices(value) if field == 'batch_size' else ''}")
   for field in ("log_every", "checkpoint_every", "keep_checkpoints"):
     _positive_int(f"train.{field}", config.train[field])
   for field in ("total_steps", "eval_every"):
