@@ -663,10 +663,6 @@ def test_layer_decay_above_1_is_refused_and_1_passes():
     config_validation.validate_classify(config, 8)
 
 
-# ----------------------------------------------------------------------------------------
-# Mutation-testing additions: a named variant on the embedded dataset, parse_arg edge
-# cases, and the method table's with_method / sweep.
-
 def test_shapes_with_a_named_variant_keeps_its_shape_and_the_demo_scale():
   """README: `dataset=shapes` switches to demo-scale settings, and only the default
   variant becomes the narrow 6-block Ti/8 (width 128): a named one keeps its own shape

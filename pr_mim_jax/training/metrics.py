@@ -67,7 +67,8 @@ def drop_events_after(logdir: str, step: int) -> None:
   curve. Each changed file is written aside and then renamed over the old one, so a kill
   leaves it whole. A record torn by an earlier kill ends a file's reading (TensorBoard stops
   there too)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (loaded after hide_gpus)
+  from pr_mim_jax.data import tensorflow_devices  # pylint: disable=g-import-not-at-top
+  tf = tensorflow_devices.tf  # TF is imported in data/ only; the GPUs are hidden by now
   dropped = 0
   # listdir, not glob: a workdir whose name holds [ or * is taken literally.
   names = tf.io.gfile.listdir(logdir) if tf.io.gfile.isdir(logdir) else []
