@@ -15,7 +15,10 @@ case $out in -*|sweep) echo "$usage (OUT_DIR first, not $out)" >&2; exit 2;; esa
 shift
 mode=main
 if [ "${1:-}" = sweep ]; then mode=sweep; shift; fi
-mkdir -p "$out"
+mkdir -p "$out" 2>/dev/null || {
+  echo "error: OUT_DIR $out: cannot create that folder (a file of that name, or no permission)" >&2
+  exit 2
+}
 common=(--config=pr_mim_jax/configs/pretrain.py --batch="${BATCH:-256}" --steps="${STEPS:-20}" --warmup=3)
 
 bench() {  # NAME [extra flags...]: one harness run -> OUT/NAME.json + OUT/NAME.md
@@ -39,4 +42,4 @@ else
   bench b16_mu_bf16 --methods=mae,pr_mim --variants=B/16 --config.optim.mu_dtype=bfloat16 "$@"
   bench b16_remat_none --methods=mae,pr_mim --variants=B/16 --config.model.remat=none "$@"
 fi
-echo "wrote $out/summary.md and one .json / .md per run" >&2
+echo "wrote $out/summary.md and one .json / .md / .log per run" >&2

@@ -63,12 +63,47 @@ def at_least(flag, minimum: int, meaning: str) -> int:
   return flag.value
 
 
+def check_output_file(path: str, flag: str) -> None:
+  """A UserError naming --flag when the report file `path` could not be written: checked
+  before the run (compiles or timings of many minutes), which would otherwise end in the
+  same error with its results unsaved. '' (no file asked for) passes."""
+  if not path:
+    return
+  if os.path.isdir(path):
+    raise UserError(f"--{flag}: cannot write {path}: Is a directory")
+  target = os.path.realpath(path)
+  if _special(target):  # /dev/stdout, a pipe: written in place
+    writable = os.access(target, os.W_OK)
+  else:  # written aside in its folder, then renamed over it (write_text)
+    folder = os.path.dirname(target)
+    if not os.path.isdir(folder):
+      raise UserError(f"--{flag}: cannot write {path}: No such directory {folder}")
+    writable = os.access(folder, os.W_OK) and (
+        not os.path.exists(target) or os.access(target, os.W_OK))
+  if not writable:
+    raise UserError(f"--{flag}: cannot write {path}: Permission denied")
+
+
+def _special(path: str) -> bool:
+  """True for an existing file that is no regular file: a device or a pipe."""
+  return os.path.exists(path) and not os.path.isfile(path)
+
+
 def write_text(path: str, text: str, flag: str) -> None:
-  """Write `text` to the file a --flag named; a UserError naming the flag if that fails."""
+  """Write `text` to the file a --flag named (through symlinks); a UserError naming the flag
+  if that fails. A regular file is written aside and renamed into place, so a failed write
+  never leaves a torn file where a good one was; a device or pipe is written in place."""
+  target = os.path.realpath(path)
+  direct = _special(target)
+  aside = target if direct else f"{target}.partial"
   try:
-    with open(path, "w") as f:
+    with open(aside, "w") as f:
       f.write(text)
+    if not direct:
+      os.replace(aside, target)
   except OSError as e:
+    if not direct and os.path.isfile(aside):  # ours, half written (not a folder of that name)
+      os.remove(aside)
     raise UserError(f"--{flag}: cannot write {path}: {e.strerror}") from None
 
 

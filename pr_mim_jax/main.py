@@ -50,6 +50,8 @@ def _run() -> int:
   if mode == "pretrain":  # before the workdir is made
     from pr_mim_jax.data import datasets  # pylint: disable=g-import-not-at-top
     datasets.check_workdir_outside_images(config.data, _WORKDIR.value)
+  elif mode == "knn":  # before the run log appends to another run's log.txt
+    classify.check_knn_workdir(_WORKDIR.value)
   config_validation.validate_attention_backend(config.model, jax.default_backend())
   workdir_records.check_writable(_WORKDIR.value)
   absl_logging.use_absl_handler()

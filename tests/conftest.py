@@ -84,6 +84,19 @@ def override_flags(overrides: dict) -> list[str]:
   return [f"--config.{k}={v}" for k, v in overrides.items()]
 
 
+def without_tensorflow(folder) -> dict:
+  """Environment for a subprocess, and the processes it starts, in which TensorFlow, tfds and
+  clu cannot be imported: like the GPU machines the benchmark and the study must run on.
+  `folder` (made if missing) gets the sitecustomize.py that blocks them."""
+  folder = pathlib.Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  (folder / "sitecustomize.py").write_text(
+      "import sys\nfor name in ('tensorflow', 'tensorflow_datasets', 'clu'):\n"
+      "  sys.modules[name] = None  # import fails\n")
+  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
+      filter(None, [str(folder), os.environ.get("PYTHONPATH")])))
+
+
 def tensorboard_steps(workdir, tag):
   """Sorted steps of `tag` in workdir/tensorboard, or None where clu/TensorFlow are absent."""
   if not os.path.isdir(os.path.join(workdir, "tensorboard")):

@@ -8,13 +8,14 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY_OVERRIDES, apply_overrides, load_config, override_flags
+from conftest import (ROOT, TINY_OVERRIDES, apply_overrides, load_config, override_flags,
+                      without_tensorflow)
 from pr_mim_jax.tools import benchmark
 
 
-def _run(*args):
+def _run(*args, env=None):
   return subprocess.run([sys.executable, "-m", "pr_mim_jax.tools.benchmark", *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=300)
+                        capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_no_timing_prints_one_line_per_setting():
@@ -39,11 +40,13 @@ def test_no_timing_prints_one_line_per_setting():
 
 @pytest.mark.slow
 def test_isolated_timing_writes_json_and_markdown(tmp_path):
+  """Without TensorFlow, tfds or clu (as on the GPU machines), in every process it starts."""
   flags = [f for f in override_flags(TINY_OVERRIDES) if not f.startswith("--config.knn")]
   out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
-  proc = _run("--config=pr_mim_jax/configs/pretrain.py:dataset=shapes", *flags, "--methods=mae,pr_mim",
-              "--steps=2", "--warmup=1", "--batch=8", "--ceiling_size=64",
-              f"--json={out_json}", f"--markdown={out_md}")
+  proc = _run("--config=pr_mim_jax/configs/pretrain.py:dataset=shapes", *flags,
+              "--methods=mae,pr_mim", "--steps=2", "--warmup=1", "--batch=8", "--ceiling_size=64",
+              f"--json={out_json}", f"--markdown={out_md}",
+              env=without_tensorflow(tmp_path / "site"))
   assert proc.returncode == 0, proc.stderr
   report = json.loads(out_json.read_text())
   assert report["isolated"] and report["timed"] and report["jax"]
@@ -146,6 +149,9 @@ def test_a_failed_child_reports_its_exception_line():
 @pytest.mark.parametrize("flag,message", [
     ("--steps=0", "error: --steps=0: must be >= 1 (the timed steps)"),
     ("--warmup=-1", "error: --warmup=-1: must be >= 0 (untimed steps before them; 0 = none)"),
+    ("--ceiling_size=-5",
+     "error: --ceiling_size=-5: must be >= 0 (the ceiling's matrix side; 0 = the device's "
+     "default)"),
 ])
 def test_step_counts_below_their_minimum_are_one_error_line(flag, message):
   proc = _run("--config=pr_mim_jax/configs/pretrain.py", flag)
@@ -178,3 +184,78 @@ def test_no_warmup_still_times_the_step():
                            dict(TINY_OVERRIDES, **{"model.depth": 1}))
   row = benchmark.time_train_step(config, 8, steps=1, warmup=0)
   assert row["step_ms"] > 0 and np.isfinite(row["loss"])
+
+
+def test_a_report_path_that_cannot_be_written_fails_before_anything_runs(tmp_path):
+  proc = _run("--config=pr_mim_jax/configs/pretrain.py", "--methods=mae", "--no-timing",
+              f"--json={tmp_path}/missing/bench.json")
+  assert proc.returncode == 2 and proc.stdout == ""  # no setting was measured first
+  assert proc.stderr.strip().splitlines() == [
+      f"error: --json: cannot write {tmp_path}/missing/bench.json: No such directory "
+      f"{tmp_path}/missing"]
+
+
+def test_a_bad_markdown_path_leaves_an_earlier_json_report_alone(tmp_path):
+  good = tmp_path / "bench.json"
+  good.write_text("an earlier run's report")
+  proc = _run("--config=pr_mim_jax/configs/pretrain.py", "--methods=mae", "--no-timing",
+              f"--json={good}", f"--markdown={tmp_path}")
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines() == [
+      f"error: --markdown: cannot write {tmp_path}: Is a directory"]
+  assert good.read_text() == "an earlier run's report"
+
+
+def test_a_failed_ceiling_is_named_and_leaves_no_mfu():
+  assert benchmark.ceiling_fields({"matmul_ceiling_tflop_per_s": 0.2, "device": "cpu"}) == {
+      "matmul_ceiling_tflop_per_s": 0.2, "device": "cpu"}
+  fields = benchmark.ceiling_fields({"error": "MLIRError: Invalid type"})
+  assert fields == {"matmul_ceiling_tflop_per_s": None,
+                    "ceiling_error": "MLIRError: Invalid type"}
+  text = benchmark.markdown({"jax": "0.10.2", "settings": [], "ratios": [], **fields})
+  assert "bf16 matmul ceiling failed (MLIRError: Invalid type), so no MFU." in text
+  row = benchmark.add_throughput({"gflop_per_img": {"total": 10.0}, "img_per_s": 100.0}, None)
+  assert row["tflop_per_s"] == 1.0 and row["mfu"] is None  # 10 GFLOP x 100 img/s
+
+
+def test_progress_names_a_failed_setting_as_failed():
+  ok = {"method": "mae", "variant": "B/16", "img_per_s": 3523.0}
+  failed = {"method": "pr_mim", "variant": "L/16", "error": "JaxRuntimeError: Out of memory"}
+  assert benchmark.progress_line(0, 3, ok, 30.0) == "[1/3] mae B/16: 3523.0 img/s; about 60 s left"
+  assert benchmark.progress_line(2, 3, failed, 90.0) == (
+      "[3/3] pr_mim L/16: failed: JaxRuntimeError: Out of memory; about 0 s left")
+
+
+def test_gpu_benchmark_refuses_an_out_dir_that_is_a_file(tmp_path):
+  (tmp_path / "bin").mkdir()
+  fake = tmp_path / "bin" / "python"
+  fake.write_text('#!/bin/sh\ntouch "$RAN_FILE"\n')
+  fake.chmod(0o755)
+  blocker = tmp_path / "results"
+  blocker.write_text("an earlier run's notes")
+  env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+             RAN_FILE=str(tmp_path / "ran"))
+  proc = subprocess.run(["bash", str(ROOT / "launch" / "gpu_benchmark.sh"), str(blocker)],
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 2
+  assert proc.stderr.splitlines() == [
+      f"error: OUT_DIR {blocker}: cannot create that folder (a file of that name, or no "
+      "permission)"]
+  assert not (tmp_path / "ran").exists() and blocker.read_text() == "an earlier run's notes"
+
+
+def test_a_report_without_a_ceiling_measured_says_no_failure():
+  """--no-timing measures no ceiling: its summary has no value there, and no failure."""
+  line = benchmark.markdown({"jax": "0.10.2", "settings": [], "ratios": []}).splitlines()[0]
+  assert line.startswith("Device: ? x?, jax 0.10.2; bf16 matmul ceiling ")
+  assert line.endswith(" TFLOP/s per device (MFU: TFLOP/s over it times the devices).")
+  assert "failed" not in line
+
+
+def test_a_failed_ceiling_still_names_the_device_the_steps_ran_on():
+  rows = [{"method": "mae", "variant": "B/16", "error": "JaxRuntimeError: Out of memory"},
+          {"method": "pr_mim", "variant": "B/16", "device": "NVIDIA H100", "num_devices": 1}]
+  report = {"settings": rows, "matmul_ceiling_tflop_per_s": None, "ceiling_error": "MLIRError"}
+  assert benchmark.device_fields(report) == {"num_devices": 1, "device": "NVIDIA H100"}
+  report["device"] = "NVIDIA H200"  # the ceiling's own, when it ran, wins
+  assert benchmark.device_fields(report)["device"] == "NVIDIA H200"

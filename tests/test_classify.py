@@ -2,6 +2,7 @@
 
 import functools
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -27,6 +28,7 @@ from pr_mim_jax.models import classifier
 from pr_mim_jax.models import vit
 from pr_mim_jax.parallel import sharding
 from pr_mim_jax.training import checkpointing
+from pr_mim_jax.training import optim
 from pr_mim_jax.training import pretrain
 from pr_mim_jax.training import train_step as train_step_lib
 from pr_mim_jax.training import trainer
@@ -668,6 +670,82 @@ def _tiny_probe(tmp_path, init="", **overrides):
       "model.heads": 2, "data.data_dir": str(tmp_path / "tfds"), **overrides})
 
 
+def test_lars_reach_is_the_step_by_step_sum():
+  """Peak 0.5, 5 steps, 2 warmup: lrs 0, 0.25, then the half cosine 0.5, 0.375, 0.125; a unit
+  trust-scaled update per step feeds a momentum buffer of norm 1, 1.9, 2.71, ..."""
+  lrs = [0.0, 0.25] + [0.25 * (1 + np.cos(np.pi * k / 3)) for k in range(3)]
+  buffer, want = 0.0, 0.0
+  for lr in lrs:
+    buffer = 0.9 * buffer + 1.0
+    want += lr * 0.001 * buffer
+  got = classify.lars_reach(optim.lr_schedule(0.5, 5, 2), 5, momentum=0.9)
+  assert got == pytest.approx(want, rel=1e-6)
+
+
+def _probe_schedule(config, num_train):
+  total, warmup = optim.schedule_steps(config.optim, num_train, config.batch_size,
+                                       config.train.total_steps)
+  peak = optim.peak_lr(config.optim, config.batch_size)
+  return optim.lr_schedule(peak, total, warmup), total, peak
+
+
+def test_lars_reach_bounds_how_far_optim_lars_moves_a_matrix():
+  """A constant gradient against the weights makes |w| grow, so the distance LARS moves them
+  lies between R |w0| (|w| never below |w0|) and (e^R - 1) |w0| (lars_reach's bound)."""
+  schedule = optim.lr_schedule(10.0, 30, 5)  # R about 1
+  reach = classify.lars_reach(schedule, 30, momentum=0.9)
+  w0 = {"kernel": jnp.full((4, 3), 0.1), "bias": jnp.zeros((3,))}
+  tx = optim.lars(schedule, momentum=0.9)
+  w, state = w0, tx.init(w0)
+  for _ in range(30):
+    updates, state = tx.update({"kernel": -jnp.ones((4, 3)), "bias": jnp.ones((3,))}, state, w)
+    w = optax.apply_updates(w, updates)
+  moved = float(jnp.linalg.norm(w["kernel"] - w0["kernel"]))
+  start = float(jnp.linalg.norm(w0["kernel"]))
+  assert 0.5 < reach < 2.0  # far enough from 0 that the two bounds differ
+  assert reach * start * (1 - 1e-5) <= moved <= math.expm1(reach) * start * (1 + 1e-5)
+
+
+def test_maes_probe_recipe_and_the_demo_probe_move_their_heads():
+  imagenet = classify_config.get_config("linear_probe", "")
+  demo = classify_config.get_config("linear_probe", "dataset=shapes")
+  for config, num_train in ((imagenet, 1281167), (demo, demo.data.shapes.train_size)):
+    assert classify.probe_lr_warning(config, *_probe_schedule(config, num_train)) == ""
+  imagenet.optim.base_lr = 6.4  # a reach far past exp's float range: no OverflowError
+  assert classify.probe_lr_warning(imagenet, *_probe_schedule(imagenet, 1281167)) == ""
+
+
+def _small_batch_probe(tmp_path):
+  """Base lr 0.1 at batch 32 (peak 0.0125) for 36 steps: LARS (trust 0.001) moves the head
+  about 0.17% of its norm, so the probe would report its random init."""
+  return _tiny_probe(tmp_path, **{"train.total_steps": 36, "optim.base_lr": 0.1,
+                                  "optim.epochs": 4.0, "optim.warmup_epochs": 1.0})
+
+
+def test_a_small_batch_probe_with_maes_base_lr_says_its_head_cannot_move(tmp_path):
+  config = _small_batch_probe(tmp_path)
+  text = classify.probe_lr_warning(config, *_probe_schedule(config, 512))
+  assert "can move its head by at most 0.168% of its initial norm in 36 steps" in text
+  assert text.endswith(": raise config.optim.base_lr (--config.optim.base_lr=51.2 gives MAE's "
+                       "peak lr 6.4 at batch 32) or set more config.train.total_steps")
+  config.optim.base_lr = 51.2  # peak 6.4: the head can move
+  assert classify.probe_lr_warning(config, *_probe_schedule(config, 512)) == ""
+  config.optim.base_lr, config.train.total_steps = 51.2, 1  # one step at MAE's peak
+  assert classify.probe_lr_warning(config, *_probe_schedule(config, 512)).endswith(
+      "features: set more config.train.total_steps")  # base_lr is no longer the cause
+
+
+@pytest.mark.slow
+def test_the_probe_run_logs_that_its_head_cannot_move(tmp_path, monkeypatch, caplog):
+  monkeypatch.setattr(classify.trainer, "run", _fake_run([]))
+  monkeypatch.setattr(classify, "evaluate", lambda *args, **kwargs: {
+      "top1": 0.5, "top5": 1.0, "loss": 1.0, "count": 1.0})
+  _no_input(monkeypatch)
+  with caplog.at_level("WARNING"):
+    classify.train(_small_batch_probe(tmp_path), str(tmp_path / "probe"))
+  assert "can move its head by at most 0.168% of its initial norm" in caplog.text
+
+
 @pytest.mark.parametrize("eval_every,total,expected", [
     (3, 7, [3, 6, 7]),  # every 3 steps, and the last
     (0, 20, [16, 20]),  # 0: once an epoch (512 examples / batch 32 = 16 steps), and the last
@@ -748,6 +826,48 @@ def test_a_resume_drops_the_metrics_logged_past_its_checkpoint(tmp_path, monkeyp
   assert tensorboard_steps(workdir, "loss") in (None, [2, 4])
 
 
+@pytest.mark.parametrize("held", ["pretrain", "linear_probe", "checkpoints_only"])
+def test_knn_refuses_a_workdir_holding_another_run_and_leaves_its_record(tmp_path, held):
+  """--workdir = the run to evaluate (instead of init=) must not replace its config.json."""
+  workdir = tmp_path / "run"
+  (workdir / "checkpoints" / "6").mkdir(parents=True)
+  record = json.dumps({"mode": held, "model": {"variant": "Ti/4"}})
+  if held != "checkpoints_only":
+    (workdir / "config.json").write_text(record)
+  config = load_knn_config(f"init={workdir},dataset=shapes")
+  with pytest.raises(UserError, match=r"--workdir: .* holds .*init=.* and a new --workdir"):
+    classify.knn_eval(config, str(workdir))
+  if held != "checkpoints_only":
+    assert (workdir / "config.json").read_text() == record
+  assert sorted(p.name for p in workdir.iterdir()) == (
+      ["checkpoints"] + (["config.json"] if held != "checkpoints_only" else []))
+
+
+@pytest.mark.parametrize("mode", ["linear_probe", "knn"])
+def test_a_weights_file_as_init_says_to_convert_it(tmp_path, mode):
+  weights = tmp_path / "mae_pretrain_vit_base.pth"
+  weights.write_bytes(b"PK\x03\x04")
+  config = (load_knn_config if mode == "knn" else functools.partial(
+      classify_config.get_config, mode))(f"init={weights},dataset=shapes")
+  with pytest.raises(UserError, match=r"is a file, not a workdir; convert .* "
+                     r"python -m pr_mim_jax.interop.convert --from=\S+\.pth --to=DIR"):
+    classify.resolve_model(config)
+
+
+def test_knn_reruns_in_its_own_workdir(tmp_path, monkeypatch):
+  monkeypatch.setattr(classify, "_features", lambda encoder, params, data, split, *args: (
+      np.eye(2, dtype=np.float32), np.array([0, 1])))
+  monkeypatch.setattr(classify, "read_pretrained_encoder", lambda *args: {})
+  monkeypatch.setattr(classify.posemb_lib, "adapt_encoder_params", lambda params, grid: params)
+  config = apply_overrides(load_knn_config("init=/nowhere,dataset=shapes"), {"knn.k": 1})
+  model = ml_collections.ConfigDict({"variant": "Ti/4", "width": 8, "depth": 1, "heads": 1,
+                                     "image_size": 8, "posemb": "sincos",
+                                     "compute_dtype": "float32"})
+  for _ in range(2):
+    assert classify.knn_eval(config, str(tmp_path / "knn"), checked=model)["knn_top1"] == 1.0
+  assert json.loads((tmp_path / "knn" / "config.json").read_text())["mode"] == "knn"
+
+
 def test_knn_on_fewer_train_images_than_k_votes_with_all_and_says_so(tmp_path, monkeypatch,
                                                                    caplog):
   """3 train images and knn.k=5: the vote uses all 3, and the log and metrics say k=3, not 5."""
@@ -797,3 +917,68 @@ def test_knn_features_leave_out_the_padding_of_the_last_batch(monkeypatch):
                                      sharding.make_mesh())
   np.testing.assert_array_equal(labels, [0, 1, 2, 3, 4, 5])
   assert feats.shape == (6, 1) and np.all(np.diff(feats[:, 0]) > 0)
+
+
+def _constant(lr):
+  return lambda steps: jnp.full(jnp.shape(steps), lr, jnp.float32)
+
+
+def test_the_probe_warning_uses_the_configs_momentum_and_says_e_to_the_r_minus_1():
+  """Without momentum each step moves the head at most lr * trust * |w|: 100 steps at lr 5
+  reach R = 0.5, so at most e^0.5 - 1 = 64.9% of its norm (< 100%: warned). With momentum
+  0.9 the buffer grows to ~10 units and the same run reaches R = 4.55 (no warning)."""
+  config = classify_config.get_config("linear_probe", "dataset=shapes")
+  config.train.total_steps, config.optim.momentum = 100, 0.0
+  config.optim.base_lr = 6.4 * 256 / config.batch_size  # MAE's peak: base_lr is not the advice
+  assert classify.lars_reach(_constant(5.0), 100, momentum=0.0) == pytest.approx(0.5, rel=1e-6)
+  text = classify.probe_lr_warning(config, _constant(5.0), 100, 5.0)
+  assert text.startswith("the LARS probe can move its head by at most 64.9% of its initial norm "
+                         "in 100 steps at peak lr 5;")
+  assert text.endswith("features: set more config.train.total_steps")
+  config.optim.momentum = 0.9
+  assert classify.probe_lr_warning(config, _constant(5.0), 100, 5.0) == ""
+
+
+def test_the_probe_warning_threshold_is_a_reach_of_ln_2():
+  """e^R - 1 < 1 warns: R = 0.69 (just under ln 2) warns, R = 0.70 does not."""
+  config = classify_config.get_config("linear_probe", "dataset=shapes")
+  config.train.total_steps, config.optim.momentum = 100, 0.0
+  assert "at most 99.4% of" in classify.probe_lr_warning(config, _constant(6.9), 100, 6.9)
+  assert classify.probe_lr_warning(config, _constant(7.0), 100, 7.0) == ""
+
+
+def test_a_fine_tune_gets_no_probe_warning():
+  """AdamW is not LARS: a tiny lr for few steps is no reason for the probe's warning."""
+  config = classify_config.get_config("finetune", "dataset=shapes")
+  config.train.total_steps = 2
+  assert classify.probe_lr_warning(config, _constant(1e-6), 2, 1e-6) == ""
+
+
+@pytest.mark.parametrize("record,what", [
+    ("{not json", "another run (config.json)"),  # a damaged record is no k-NN's either
+    ("[]", "another run (config.json)"),  # JSON, but no mapping with a mode
+    (json.dumps({"model": {"variant": "Ti/4"}}), "a pretrain run (config.json)"),  # no mode:
+    # written before config.mode existed, by pre-training
+    (json.dumps({"mode": "finetune"}), "a finetune run (config.json)"),
+])
+def test_knn_refuses_a_workdir_whose_config_json_is_not_a_knn_runs(tmp_path, record, what):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "config.json").write_text(record)
+  with pytest.raises(UserError) as err:
+    classify.check_knn_workdir(str(workdir))
+  assert str(err.value) == (f"--workdir: {workdir} holds {what}, whose config.json a k-NN "
+                            f"evaluation would replace; evaluate it with init={workdir} and a "
+                            "new --workdir")
+  assert (workdir / "config.json").read_text() == record
+
+
+def test_knn_names_the_run_and_its_checkpoints_in_a_workdir_holding_both(tmp_path):
+  (tmp_path / "checkpoints" / "6").mkdir(parents=True)
+  (tmp_path / "config.json").write_text(json.dumps({"mode": "linear_probe"}))
+  with pytest.raises(UserError, match=r" holds a linear_probe run \(checkpoints\), whose "):
+    classify.check_knn_workdir(str(tmp_path))
+  classify.check_knn_workdir(str(tmp_path / "new"))  # a new workdir passes
+  (tmp_path / "knn").mkdir()
+  (tmp_path / "knn" / "config.json").write_text(json.dumps({"mode": "knn"}))
+  classify.check_knn_workdir(str(tmp_path / "knn"))  # and a k-NN's own

@@ -1,9 +1,13 @@
 """Command line: every entry point answers -h / --help / --helpfull; mistakes are one line."""
 
+import errno
 import importlib
 import logging
+import os
+import stat
 import subprocess
 import sys
+import threading
 
 import ml_collections
 import pytest
@@ -409,29 +413,147 @@ def test_write_report_writes_json_and_markdown_and_skips_empty_paths(tmp_path, m
   assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md"]
 
 
-def test_main_exits_1_on_a_non_finite_loss(monkeypatch, tmp_path, capsys):
-  """docs/faults.md: a diverged run ends with one error line and exit code 1 (not 0, not 2)."""
+def _stub_main(monkeypatch, config, workdir):
+  """pr_mim_jax.main with `config` and `workdir` as its flags, without jax.distributed, log
+  handlers or a run log: returns the module and the list of workdirs run_log.attach got."""
   import types  # pylint: disable=g-import-not-at-top
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
   from pr_mim_jax import main, run_log  # pylint: disable=g-import-not-at-top
-  from pr_mim_jax.configs import pretrain as pretrain_config  # pylint: disable=g-import-not-at-top
   from pr_mim_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
+  value = types.SimpleNamespace
+  monkeypatch.setattr(main, "_CONFIG", value(value=config))
+  monkeypatch.setattr(main, "_WORKDIR", value(value=str(workdir)))
+  for name in ("_COORDINATOR", "_NUM_PROCESSES", "_PROCESS_ID"):
+    monkeypatch.setattr(main, name, value(value=None))
+  monkeypatch.setattr(distributed, "initialize", lambda *unused: None)
+  attached = []
+  monkeypatch.setattr(run_log, "attach", attached.append)
+  monkeypatch.setattr(absl_logging, "use_absl_handler", lambda: None)
+  monkeypatch.setattr(absl_logging, "set_verbosity", lambda level: None)
+  monkeypatch.setattr(absl_logging, "get_absl_handler", logging.Handler)
+  return main, attached
+
+
+def test_check_output_file_passes_a_writable_path_and_no_path(tmp_path):
+  cli.check_output_file("", "json")
+  cli.check_output_file(str(tmp_path / "new.json"), "json")
+  (tmp_path / "old.json").write_text("x")
+  cli.check_output_file(str(tmp_path / "old.json"), "json")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["old.json"]  # it creates nothing
+
+
+def test_a_folder_in_the_way_of_the_part_file_is_one_error_line(tmp_path):
+  (tmp_path / "r.json.partial").mkdir()
+  with pytest.raises(cli.UserError, match=r"^--json: cannot write .*r.json: Is a directory$"):
+    cli.write_text(str(tmp_path / "r.json"), "{}", "json")
+  assert (tmp_path / "r.json.partial").is_dir() and not (tmp_path / "r.json").exists()
+
+
+def test_a_report_goes_into_a_pipe_and_through_a_symlink(tmp_path):
+  """Not renamed over: a pipe (as /dev/stdout can be) keeps its reader, a link its target."""
+  pipe = tmp_path / "pipe"
+  os.mkfifo(pipe)
+  got = []
+  reader = threading.Thread(target=lambda: got.append(pipe.read_text()), daemon=True)
+  reader.start()
+  cli.check_output_file(str(pipe), "json")
+  cli.write_text(str(pipe), "{}\n", "json")
+  reader.join(timeout=10)
+  assert got == ["{}\n"] and stat.S_ISFIFO(os.stat(pipe).st_mode)
+  real, link = tmp_path / "real.json", tmp_path / "link.json"
+  real.write_text("an earlier report")
+  link.symlink_to(real)
+  cli.check_output_file(str(link), "json")
+  cli.write_text(str(link), "new", "json")
+  assert link.is_symlink() and real.read_text() == "new"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "pipe", "real.json"]
+
+
+def test_a_report_write_that_fails_halfway_leaves_the_old_report_whole(tmp_path, monkeypatch):
+  """A full disk mid-write: the earlier report stays as it was, and no part-file is left."""
+  report = tmp_path / "report.json"
+  report.write_text("an earlier run's report")
+
+  class FullDisk:
+    """open() whose file takes 5 characters, then fails as a full disk does."""
+    def __init__(self, path, mode="r"):
+      self.f = open(path, mode)  # pylint: disable=unspecified-encoding
+    def __enter__(self):
+      return self
+    def __exit__(self, *unused):
+      self.f.close()
+    def write(self, text):
+      self.f.write(text[:5])
+      self.f.flush()
+      raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(cli, "open", FullDisk, raising=False)
+  with pytest.raises(cli.UserError, match=r"^--json: cannot write .*: No space left on device$"):
+    cli.write_text(str(report), "{}" * 100, "json")
+  assert report.read_text() == "an earlier run's report"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+
+
+def test_main_exits_1_on_a_non_finite_loss(monkeypatch, tmp_path, capsys):
+  """docs/faults.md: a diverged run ends with one error line and exit code 1 (not 0, not 2)."""
+  from pr_mim_jax.configs import pretrain as pretrain_config  # pylint: disable=g-import-not-at-top
   from pr_mim_jax.training import pretrain, trainer  # pylint: disable=g-import-not-at-top
 
   def diverge(*unused):
     raise trainer.NonFiniteLossError("loss is nan at step 3")
 
-  value = types.SimpleNamespace
-  monkeypatch.setattr(main, "_CONFIG", value(value=pretrain_config.get_config("dataset=shapes")))
-  monkeypatch.setattr(main, "_WORKDIR", value(value=str(tmp_path)))
-  for name in ("_COORDINATOR", "_NUM_PROCESSES", "_PROCESS_ID"):
-    monkeypatch.setattr(main, name, value(value=None))
-  monkeypatch.setattr(distributed, "initialize", lambda *unused: None)
+  main, _ = _stub_main(monkeypatch, pretrain_config.get_config("dataset=shapes"), tmp_path)
   monkeypatch.setattr(pretrain, "check_config", lambda config: None)
   monkeypatch.setattr(pretrain, "train", diverge)
-  monkeypatch.setattr(run_log, "attach", lambda workdir: None)
-  monkeypatch.setattr(absl_logging, "use_absl_handler", lambda: None)
-  monkeypatch.setattr(absl_logging, "set_verbosity", lambda level: None)
-  monkeypatch.setattr(absl_logging, "get_absl_handler", logging.Handler)
   assert main._run() == 1  # pylint: disable=protected-access
   assert capsys.readouterr().err.splitlines()[-1] == "error: loss is nan at step 3"
+
+
+def test_knn_into_a_pretraining_workdir_is_refused_before_its_log_is_touched(monkeypatch,
+                                                                            tmp_path):
+  """k-NN with --workdir = the run to evaluate: refused before run_log.attach would append
+  the k-NN's lines to that run's log.txt."""
+  from pr_mim_jax.configs import knn as knn_config  # pylint: disable=g-import-not-at-top
+  from pr_mim_jax.evaluation import classify  # pylint: disable=g-import-not-at-top
+  (tmp_path / "checkpoints" / "6").mkdir(parents=True)
+  (tmp_path / "log.txt").write_text("pre-training log\n")
+  main, attached = _stub_main(monkeypatch, knn_config.get_config(f"init={tmp_path}"), tmp_path)
+  monkeypatch.setattr(classify, "check_knn_config", lambda config: None)
+  monkeypatch.setattr(classify, "knn_eval", lambda *unused: pytest.fail("k-NN ran"))
+  with pytest.raises(cli.UserError, match=r"^--workdir: .* holds another run \(checkpoints\)"):
+    main._run()  # pylint: disable=protected-access
+  assert not attached
+  assert (tmp_path / "log.txt").read_text() == "pre-training log\n"
+
+
+def test_a_read_only_report_folder_file_or_pipe_is_refused(tmp_path, monkeypatch):
+  """os.access stands in for the permissions (root may write anything): a report that would
+  be renamed into a read-only folder, over a read-only file, or into a read-only pipe."""
+  denied = set()
+  access = os.access
+  monkeypatch.setattr(os, "access", lambda p, mode, **kw: (
+      os.path.realpath(p) not in denied and access(p, mode, **kw)))
+  folder, old, pipe = tmp_path / "ro", tmp_path / "old.json", tmp_path / "pipe"
+  folder.mkdir()
+  old.write_text("x")
+  os.mkfifo(pipe)
+  for denied_path, path in ((folder, folder / "r.json"), (old, old), (pipe, pipe)):
+    denied = {os.path.realpath(denied_path)}
+    with pytest.raises(cli.UserError) as err:
+      cli.check_output_file(str(path), "json")
+    assert str(err.value) == f"--json: cannot write {path}: Permission denied"
+  cli.check_output_file(str(tmp_path / "new.json"), "json")  # the folder itself is writable
+  denied = {os.path.realpath(tmp_path), os.path.realpath(os.getcwd())}
+  cli.check_output_file("", "json")  # no file asked for: nothing is checked
+
+
+def test_a_link_into_a_missing_folder_is_refused_where_it_points(tmp_path):
+  """The report is written where the link points: that folder must exist, not the link's."""
+  link = tmp_path / "link.json"
+  link.symlink_to(tmp_path / "gone" / "r.json")
+  with pytest.raises(cli.UserError) as err:
+    cli.check_output_file(str(link), "markdown")
+  assert str(err.value) == (f"--markdown: cannot write {link}: No such directory "
+                            f"{os.path.realpath(tmp_path)}/gone")
+  with pytest.raises(cli.UserError, match=r"^--markdown: cannot write .*link.json: "):
+    cli.write_text(str(link), "x", "markdown")

@@ -245,6 +245,21 @@ def test_mistakes_are_one_line(args, message):
   assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), proc.stderr
 
 
+def test_a_report_path_that_cannot_be_written_fails_before_anything_compiles(tmp_path):
+  good = tmp_path / "fit.json"
+  good.write_text("an earlier run's report")
+  for args, why in (([f"--json={tmp_path}/missing/fit.json"],
+                     f"--json: cannot write {tmp_path}/missing/fit.json: No such directory "
+                     f"{tmp_path}/missing"),
+                    ([f"--json={good}", f"--markdown={tmp_path}"],
+                     f"--markdown: cannot write {tmp_path}: Is a directory")):
+    proc = _run(["--config=pr_mim_jax/configs/pretrain.py:dataset=shapes", *TINY_FLAGS, "--nofit",
+                 "--target=cpu", *args], timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout  # nothing was compiled
+    assert proc.stderr.strip().splitlines() == [f"error: {why}"]
+  assert good.read_text() == "an earlier run's report"
+
+
 def _extra(module: str, env_var: str):
   """(python, extra PYTHONPATH) able to import `module`, or a skip saying how to get one."""
   try:
@@ -432,3 +447,29 @@ def test_abstract_step_checks_the_config_before_building():
   knn.mode = "knn"
   with pytest.raises(UserError, match=r"^config\.mode: 'knn'"):
     abstract_step.build(knn, jax.devices()[:1], num_classes=12)
+
+
+def test_num_slices_must_match_the_configs_slice_grid():
+  """--num_slices=2 with the default mesh_dcn (1 slice) would compile one flat mesh."""
+  from pr_mim_jax.configs import pretrain as pretrain_config  # pylint: disable=g-import-not-at-top
+  from pr_mim_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  config = pretrain_config.get_config("dataset=shapes")
+  with pytest.raises(UserError, match=r"^--num_slices=2: config.mesh_dcn .* spans 1 slice\(s\); "
+                     r".* --config.mesh_dcn.data=2$"):
+    compile_report.check_slices(config, 2)
+  config.mesh_dcn.data = 2
+  compile_report.check_slices(config, 2)
+  with pytest.raises(UserError, match=r"spans 2 slice"):
+    compile_report.check_slices(config, 1)
+  config.mesh_dcn.fsdp = 2  # a 2x2 slice grid
+  compile_report.check_slices(config, 4)
+  config.mesh_dcn.fsdp = -1  # not a slice count: left to the config check, which names it
+  compile_report.check_slices(config, 4)
+
+
+def test_a_zero_slice_size_is_left_to_the_configs_own_check():
+  """mesh_dcn.data=0 is no slice grid: check_slices does not report it as spanning 0."""
+  from pr_mim_jax.configs import pretrain as pretrain_config  # pylint: disable=g-import-not-at-top
+  config = pretrain_config.get_config("dataset=shapes")
+  config.mesh_dcn.data = 0
+  compile_report.check_slices(config, 2)

@@ -11,6 +11,7 @@ from pr_mim_jax.tools import compile_targets as ct
 
 @pytest.mark.parametrize("text,devices,slices,expected", [
     ("tpu:v5e:16x16", 0, 1, ("tpu", "v5e:16x16", 256, 1)),
+    ("tpu:v6e:8x16", 0, 1, ("tpu", "v6e:8x16", 128, 1)),
     ("tpu:v5p:4x4x8", 0, 2, ("tpu", "v5p:4x4x8", 256, 2)),
     ("tpu:v4:2x2x1", 4, 1, ("tpu", "v4:2x2x1", 4, 1)),
     ("gpu:h100", 0, 1, ("gpu", "h100", 8, 1)),
@@ -37,6 +38,10 @@ def test_targets_parse(text, devices, slices, expected):
     # out of range" row, a GPU one as a CUDA plugin that "cannot describe this GPU".
     ("cpu", -1, 1, "--num_devices"),
     ("gpu:h100", -1, 1, "--num_devices"),
+    # A v5e side over 16 chips (the pod's) aborted the process inside libtpu at compile time.
+    ("tpu:v5e:16x32", 0, 1, "--target: a v5e slice has at most 16 chips along a side"),
+    ("tpu:v5e:32x16", 0, 1, "--target"),
+    ("tpu:v6e:16x32", 0, 1, "--target"),
 ])
 def test_bad_targets_name_the_flag(text, devices, slices, flag):
   with pytest.raises(UserError, match=f"^{re.escape(flag)}"):

@@ -1,6 +1,7 @@
 """Tests for the Figure-4 gradient tool: the MAE reference, the measure and its outputs."""
 
 import csv
+import re
 import subprocess
 import sys
 
@@ -52,6 +53,15 @@ def test_distance_is_zero_for_mae_and_positive_otherwise():
   for setting in ("partial", "pr_mim:interpolate", "pr_mim:last_block"):
     dist, norm = _probe_distance(setting)
     assert dist > 0 and norm > 0, setting
+
+
+def test_a_setting_named_twice_is_refused():
+  # It trained twice; the CSV held its rows twice and the final table listed it twice.
+  config = load_config("dataset=shapes")
+  gradient_study.check_settings(config, ["mae", "pr_mim:interpolate"])
+  with pytest.raises(gradient_study.UserError,
+                     match=re.escape("--settings: ['mae'] named twice; name each setting once")):
+    gradient_study.check_settings(config, ["mae", "partial", "mae"])
 
 
 @pytest.mark.parametrize("setting", ["simmim", "partial:interpolate", "pr_mim:mlp"])
@@ -129,3 +139,11 @@ def test_the_plot_says_what_it_shows(tmp_path):
       "MAE batch-to-batch (yardstick)", "partial"]
   assert ax.get_xlabel() and ax.get_ylabel()
   assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_every_setting_is_checked_not_only_for_repeats():
+  config = load_config("dataset=shapes")
+  with pytest.raises(gradient_study.UserError, match="pr_mim:nonsense"):
+    gradient_study.check_settings(config, ["mae", "pr_mim:nonsense"])
+  with pytest.raises(gradient_study.UserError, match="^--settings: none given"):
+    gradient_study.check_settings(config, [])

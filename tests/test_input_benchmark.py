@@ -150,3 +150,25 @@ def test_the_generated_jpegs_alone_are_not_foreign(tmp_path):
   assert input_benchmark.foreign_images(str(folder), 3) == []
   assert input_benchmark.foreign_images(str(folder), 4) == []  # a missing one is written later
   assert input_benchmark.foreign_images(str(folder), 1) == ["img_000001.jpg", "img_000002.jpg"]
+
+
+@pytest.mark.parametrize("where", ["missing_folder", "a_directory"])
+def test_a_json_path_that_cannot_be_written_fails_before_anything_runs(where, monkeypatch,
+                                                                       tmp_path, capsys):
+  path = tmp_path / "missing" / "input.json" if where == "missing_folder" else tmp_path
+  why = (f"No such directory {tmp_path / 'missing'}" if where == "missing_folder" else
+         "Is a directory")
+  assert _main(["--sources=shapes,jpeg", f"--json={path}"], monkeypatch, tmp_path) == 2
+  assert capsys.readouterr().err.splitlines() == [f"error: --json: cannot write {path}: {why}"]
+
+
+def test_a_backend_that_cannot_run_fails_before_anything_runs(monkeypatch, tmp_path, capsys):
+  from pr_mim_jax.data import dali_batches  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(dali_batches, "importable", lambda: False)  # DALI not installed
+  assert _main(["--sources=jpeg", "--backends=numpy,dali"], monkeypatch, tmp_path) == 2
+  err = capsys.readouterr().err.splitlines()
+  assert len(err) == 1 and err[0].startswith("error: data backend 'dali' needs NVIDIA DALI")
+  assert _main(["--sources=shapes,jpeg", "--backends=numpy,dali"], monkeypatch, tmp_path) == 2
+  assert capsys.readouterr().err.splitlines() == [
+      "error: --backends: 'dali' decodes image files, and the in-memory shapes source has none; "
+      "time dali with --sources=jpeg alone, or drop it"]

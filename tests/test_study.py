@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import sys
 import ml_collections
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, without_tensorflow
 from pr_mim_jax.tools import study
 
 TINY = {
@@ -26,11 +27,13 @@ TINY = {
 
 
 def run_study(workdir, **extra):
+  """The study CLI, without TensorFlow, tfds or clu (as on the GPU machines it is sized for)."""
   flags = [f"--config.{k}={v}" for k, v in dict(TINY, **extra).items()]
   return subprocess.run(
-      [sys.executable, "-m", "pr_mim_jax.tools.study", "--config=pr_mim_jax/configs/study.py:setting=cpu",
-       f"--workdir={workdir}", *flags], cwd=ROOT, capture_output=True, text=True, timeout=900,
-      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+      [sys.executable, "-m", "pr_mim_jax.tools.study",
+       "--config=pr_mim_jax/configs/study.py:setting=cpu", f"--workdir={workdir}", *flags],
+      cwd=ROOT, capture_output=True, text=True, timeout=900,
+      env=without_tensorflow(pathlib.Path(workdir).parent / "without_tensorflow"))
 
 
 @pytest.mark.slow
@@ -105,6 +108,9 @@ def test_a_rerun_with_other_settings_is_refused_but_more_seeds_and_methods_are_n
     (" , ", "config.seeds: ' , ' names no seed"),
     ("0,1,0", "config.seeds: '0,1,0' repeats [0]; name each seed once"),
     ("0,x", "config.seeds: '0,x' is not a comma-separated list of integers"),
+    # A negative seed stopped the study only when its pre-training began, after every
+    # earlier seed had trained, and left its run folder behind.
+    ("0,-3", "config.seeds: '0,-3' has negative seeds [-3]; use seeds >= 0"),
 ])
 def test_no_seed_or_a_repeated_seed_is_one_error_line_before_anything_runs(tmp_path, text,
                                                                             message):
@@ -136,6 +142,25 @@ def test_the_plot_says_what_it_shows(tmp_path):
   assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_the_legend_covers_no_accuracy_bar(tmp_path):
+  """Bars of about one height, as the CPU study gave: the legend box overlaps none of them."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  def method(*accuracies):
+    return dict(zip(("knn_top1", "probe_top1", "finetune_top1"), accuracies),
+                recon_loss=(0.4, 0.01), gflop_per_img=(0.1, 0.0), pretrain_seconds=(9.0, 1.0),
+                total_seconds=(20.0, 2.0), seeds=3)
+  summary = {"mae": method((0.094, 0.01), (0.096, 0.004), (0.097, 0.007)),  # the CPU study's
+             "partial": method((0.102, 0.008), (0.096, 0.004), (0.091, 0.008)),
+             "pr_mim": method((0.094, 0.007), (0.104, 0.007), (0.091, 0.007))}
+  fig = study.plot(summary, epath.Path(tmp_path) / "s.png", "cpu")
+  from matplotlib.backends import backend_agg  # pylint: disable=g-import-not-at-top
+  renderer = backend_agg.FigureCanvasAgg(fig).get_renderer()  # plot() closed its own canvas
+  legend = fig.axes[0].get_legend().get_window_extent(renderer)
+  bars = [p.get_window_extent(renderer) for p in fig.axes[0].patches]
+  assert len(bars) == 9
+  assert not [b for b in bars if b.overlaps(legend)]
+
+
 @pytest.mark.parametrize("methods,ratios,repeated", [
     ("mae,partial,mae", "", "['mae']"),
     ("pr_mim", "0.25,0.250", "['pr_mim@0.25']"),
@@ -145,3 +170,253 @@ def test_a_run_named_twice_is_refused(methods, ratios, repeated):
   c = ml_collections.ConfigDict(dict(methods=methods, pr_mim_throw_ratios=ratios))
   with pytest.raises(study.UserError, match=re.escape(f"{repeated} named twice")):
     study.runs(c)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("reconstruction_examples", 0, "config.reconstruction_examples: got 0; use an integer > 0"),
+    ("linear_probe.batch_size", 0, "the linear_probe run (config.linear_probe): config.batch_size: "
+     "got 0"),
+    ("finetune.epochs", -1.0, "the finetune run (config.finetune): config.optim.epochs: got -1.0"),
+    ("pretrain.epochs", 0.0, "the mae pre-training run (config.pretrain, config.model, "
+     "config.shapes): config.optim.epochs: got 0.0"),
+])
+def test_every_setting_is_checked_before_anything_trains(field, value, message):
+  # The evaluations' settings and the reconstruction size were first read after the first
+  # method's pre-training, so a typo there cost a whole pre-training before its error.
+  from pr_mim_jax.configs import study as study_config  # pylint: disable=g-import-not-at-top
+  c = study_config.get_config("setting=cpu")
+  study.check_study(c)  # the shipped settings pass
+  group, _, name = field.rpartition(".")
+  (c[group] if group else c)[name] = value
+  with pytest.raises(study.UserError, match=re.escape(message)):
+    study.check_study(c)
+
+
+class _Clock:
+  """A perf_counter that the fake stages move forward."""
+
+  def __init__(self):
+    self.now = 0.0
+
+  def __call__(self):
+    return self.now
+
+
+def _fake_stages(monkeypatch, clock, pretrain_fn):
+  monkeypatch.setattr(study.time, "perf_counter", clock)
+  monkeypatch.setattr(study, "gflop_per_img", lambda cfg: 0.1)
+  monkeypatch.setattr(study, "write_outputs", lambda *a: None)
+  monkeypatch.setattr(study.pretrain, "train", pretrain_fn)
+  monkeypatch.setattr(study, "reconstruction_loss", lambda *a: 0.5)
+
+  def evaluate(config, workdir):
+    clock.now += 5.0
+    return {"eval_top1": 0.25}
+
+  monkeypatch.setattr(study.classify, "train", evaluate)
+
+
+def _one_run_study():
+  from pr_mim_jax.configs import study as study_config  # pylint: disable=g-import-not-at-top
+  c = study_config.get_config("setting=cpu")
+  c.methods = "mae"
+  return c
+
+
+def test_a_resumed_stage_reports_the_time_of_every_leg(tmp_path, monkeypatch):
+  # A stage stopped by a signal and resumed reported only its last leg's seconds, so the
+  # table's wall times understated whichever method had been interrupted.
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  clock, legs = _Clock(), iter([(30.0, True), (70.0, False)])
+
+  def pretrain_train(config, workdir):
+    seconds, stopped = next(legs)
+    clock.now += seconds
+    return {"stopped": stopped, "loss": 0.3, "knn_top1": 0.1, "knn_top1_random_init": 0.05}
+
+  _fake_stages(monkeypatch, clock, pretrain_train)
+  workdir = epath.Path(tmp_path)
+  with pytest.raises(study.Stopped):
+    study.run_all(_one_run_study(), workdir)
+  (row,) = study.run_all(_one_run_study(), workdir)
+  assert row["pretrain_seconds"] == 30.0 + 70.0
+  assert row["total_seconds"] == 30.0 + 70.0 + 0.0 + 5.0 + 5.0  # recon, probe, fine-tune
+  third = study.run_all(_one_run_study(), workdir)  # finished: read back, nothing runs
+  assert third[0]["pretrain_seconds"] == 100.0
+
+
+def test_the_log_counts_the_stages(tmp_path, monkeypatch, caplog):
+  # The trainers' ETAs covered one stage each: nothing said how far the study had come.
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  clock = _Clock()
+  _fake_stages(monkeypatch, clock, lambda config, workdir: {
+      "loss": 0.3, "knn_top1": 0.1, "knn_top1_random_init": 0.05})
+  c = _one_run_study()
+  c.seeds = "0,1"
+  with caplog.at_level("INFO"):
+    study.run_all(c, epath.Path(tmp_path))
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("study: stage")]
+  assert len(lines) == 2 * 4
+  assert lines[0] == "study: stage 1 of 8, mae/0/pretrain (0 s into this run)"
+  assert lines[-1] == "study: stage 8 of 8, mae/1/finetune (15 s into this run)"  # 3 x 5 s
+
+
+def test_a_diverged_stage_is_one_error_line_naming_the_study_field(tmp_path, monkeypatch):
+  # A NaN loss was a raw NonFiniteLossError traceback, whose advice named the run's
+  # config.optim.base_lr rather than the study's field.
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from pr_mim_jax.training import trainer  # pylint: disable=g-import-not-at-top
+
+  def pretrain_train(config, workdir):
+    raise trainer.NonFiniteLossError("loss is nan at step 3: ... lower config.optim.base_lr, "
+                                     "... then rerun to resume", loss=float("nan"), step=3)
+
+  _fake_stages(monkeypatch, _Clock(), pretrain_train)
+  with pytest.raises(study.Diverged, match=re.escape(
+      "study stage mae/0/pretrain: loss is nan at step 3, not saved; lower "
+      "config.pretrain.base_lr and start over in a new --workdir (this one keeps its "
+      "settings)")) as err:
+    study.run_all(_one_run_study(), epath.Path(tmp_path))
+  assert "optim" not in str(err.value) and "resume" not in str(err.value)  # not the run's advice
+  assert not (tmp_path / "results.jsonl").exists()  # nothing recorded as finished
+
+
+def test_ctrl_c_before_training_says_how_to_go_on(tmp_path):
+  # Outside the trainer's stop handler (compiling, evaluating) Ctrl-C printed only
+  # "interrupted (Ctrl-C)", without saying that the study resumes.
+  code = ("import sys\n"
+          "from pr_mim_jax.tools import study\n"
+          "def ctrl_c(*_):\n"
+          "  raise KeyboardInterrupt\n"
+          "study.run_all = ctrl_c\n"
+          f"sys.exit(study.main(['study', '--config=pr_mim_jax/configs/study.py', "
+          f"'--workdir={tmp_path}/w']))\n")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 130, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "error: interrupted (Ctrl-C); the finished stages and saved checkpoints are kept; rerun "
+      "the same command to resume")
+
+
+def test_the_gpu_setting_sizes_are_the_documented_ones():
+  """docs/evaluation.md, "The GPU setting": k-NN on 5,000 / 1,000 images and the
+  reconstruction loss on 1,000 test images (500 in cpu)."""
+  from pr_mim_jax.configs import study as study_config  # pylint: disable=g-import-not-at-top
+  gpu, cpu = study_config.get_config("setting=gpu"), study_config.get_config("setting=cpu")
+  assert (gpu.knn.train_examples, gpu.knn.test_examples) == (5000, 1000)
+  assert (gpu.reconstruction_examples, cpu.reconstruction_examples) == (1000, 500)
+  text = " ".join((ROOT / "docs" / "evaluation.md").read_text().split())
+  assert ("k-NN uses 5,000 / 1,000 images, and its reconstruction loss "
+          "(`reconstruction_examples`) is the mean over all masked tokens of the first 1,000 "
+          "test images, against 500 in `cpu`") in text
+
+
+def test_a_record_cut_by_a_full_disk_leaves_the_earlier_records_whole(tmp_path, monkeypatch):
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  log = epath.Path(tmp_path) / "results.jsonl"
+  record = study._record  # pylint: disable=protected-access
+  record(log, "mae/0/pretrain", {"loss": 0.5, "seconds": 3.0})
+  before = log.read_text()
+
+  def torn_write(path, text, *args, **kwargs):
+    with open(path, "w") as f:
+      f.write(text[:len(text) // 2])
+    raise OSError("No space left on device")
+
+  monkeypatch.setattr(epath.Path, "write_text", torn_write)
+  with pytest.raises(OSError, match="No space"):
+    record(log, "mae/0/recon", {"recon_loss": 0.4})
+  assert log.read_text() == before
+  assert json.loads(before) == {"key": "mae/0/pretrain", "loss": 0.5, "seconds": 3.0}
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["results.jsonl"]  # no half copy left
+
+
+def test_a_damaged_study_record_is_one_error_line_naming_it(tmp_path):
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  workdir = epath.Path(tmp_path)
+  (workdir / "results.jsonl").write_text('{"key": "mae/0/pretrain", "seconds": 3.0}\n'
+                                         '{"key": "mae/0/reconstr\n')
+  with pytest.raises(study.UserError, match=r"results.jsonl, line 2, is not JSON .*; delete "
+                     r"that line and rerun: its stage runs again$"):
+    study._done(workdir / "results.jsonl")  # pylint: disable=protected-access
+  from pr_mim_jax.configs import study as study_config  # pylint: disable=g-import-not-at-top
+  config = study_config.get_config("setting=cpu")
+  (workdir / study.STUDY_RECORD).write_text("")
+  with pytest.raises(study.UserError, match=r"study_config.json is not JSON .*; restore it, or "
+                     r"start over in a new --workdir"):
+    study.check_same_study(config, workdir)
+
+
+@pytest.mark.parametrize("text", ["-1", "2,-1,3"])
+def test_seed_minus_one_is_refused_and_seed_zero_is_not(text):
+  with pytest.raises(study.UserError, match=re.escape("has negative seeds [-1]")):
+    study.seeds(ml_collections.ConfigDict({"seeds": text}))
+  assert study.seeds(ml_collections.ConfigDict({"seeds": "0"})) == [0]
+
+
+def test_blank_lines_in_the_results_are_skipped(tmp_path):
+  """A line deleted by hand (as the damaged-line advice says) can leave an empty one."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  log = epath.Path(tmp_path) / "results.jsonl"
+  log.write_text('{"key": "mae/0/pretrain", "seconds": 3.0}\n\n  \n'
+                 '{"key": "mae/0/reconstruction", "seconds": 1.0}\n')
+  done = study._done(log)  # pylint: disable=protected-access
+  assert sorted(done) == ["mae/0/pretrain", "mae/0/reconstruction"]
+
+
+def test_a_study_stopped_three_times_counts_every_leg_and_its_stage_numbers(tmp_path,
+                                                                            monkeypatch,
+                                                                            caplog):
+  """Two runs, one seed (8 stages); the clock does not start at 0. mae's pre-training is
+  stopped after 10 s and 20 s and then takes 40 s; partial's is stopped after 7 s and then
+  takes 8 s. Each rerun counts the stages from the study's first, and its seconds from its
+  own start."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  clock = _Clock()
+  clock.now = 1000.0
+  legs = {"mae": [(10.0, True), (20.0, True), (40.0, False)], "partial": [(7.0, True),
+                                                                          (8.0, False)]}
+
+  def pretrain_train(config, workdir):
+    seconds, stopped = legs[os.path.basename(os.path.dirname(workdir)).split("_")[0]].pop(0)
+    clock.now += seconds
+    return {"stopped": stopped, "loss": 0.3, "knn_top1": 0.1, "knn_top1_random_init": 0.05}
+
+  _fake_stages(monkeypatch, clock, pretrain_train)
+  c = _one_run_study()
+  c.methods = "mae,partial"
+  workdir = epath.Path(tmp_path)
+  for _ in range(3):
+    with pytest.raises(study.Stopped):
+      study.run_all(c, workdir)
+  with caplog.at_level("INFO"):
+    rows = study.run_all(c, workdir)
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("study: stage")]
+  assert lines == ["study: stage 5 of 8, partial/0/pretrain (0 s into this run)",
+                   "study: stage 6 of 8, partial/0/reconstruction (8 s into this run)",
+                   "study: stage 7 of 8, partial/0/linear_probe (8 s into this run)",
+                   "study: stage 8 of 8, partial/0/finetune (13 s into this run)"]
+  records = [json.loads(line) for line in (workdir / "results.jsonl").read_text().splitlines()]
+  assert [r["seconds"] for r in records if r.get("stopped")] == [10.0, 20.0, 7.0]
+  assert [(r["label"], r["pretrain_seconds"], r["total_seconds"]) for r in rows] == [
+      ("mae", 70.0, 80.0), ("partial", 15.0, 25.0)]
+
+
+@pytest.mark.parametrize("mode", ["linear_probe", "finetune"])
+def test_a_diverged_evaluation_names_its_own_lr_field(tmp_path, monkeypatch, mode):
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from pr_mim_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  _fake_stages(monkeypatch, _Clock(), lambda config, workdir: {
+      "loss": 0.3, "knn_top1": 0.1, "knn_top1_random_init": 0.05})
+
+  def evaluate(config, workdir):
+    if config.mode == mode:
+      raise trainer.NonFiniteLossError("loss is inf", loss=float("inf"), step=7)
+    return {"eval_top1": 0.25}
+
+  monkeypatch.setattr(study.classify, "train", evaluate)
+  with pytest.raises(study.Diverged, match=re.escape(
+      f"study stage mae/0/{mode}: loss is inf at step 7, not saved; lower "
+      f"config.{mode}.base_lr and start over")):
+    study.run_all(_one_run_study(), epath.Path(tmp_path))

@@ -81,10 +81,11 @@ def test_checkpoint_every_zero_saves_only_the_last_step():
 
 def test_a_non_finite_loss_is_never_saved():
   ckpt = FakeCheckpointer()
-  with pytest.raises(trainer.NonFiniteLossError, match="loss is nan at step 2.*NOT saved"):
+  with pytest.raises(trainer.NonFiniteLossError, match="loss is nan at step 2.*NOT saved") as err:
     trainer.run(jnp.int32(0), _step, _batches([1.0, float("nan"), 3.0, 4.0]), start_step=0,
                 total_steps=4, log_every=100, peak_lr=0.1, ckpt=ckpt, checkpoint_every=2)
   assert ckpt.saved == []
+  assert err.value.step == 2 and np.isnan(err.value.loss)  # for callers' own messages (study)
 
 
 @pytest.mark.parametrize("verified,says", [(True, "passed its checksums"),

@@ -256,3 +256,15 @@ def test_a_write_killed_halfway_leaves_the_old_config_json_whole(tmp_path, monke
   with pytest.raises(OSError, match="No space"):
     workdir_records.write_records(str(tmp_path), _tiny(seed=8))
   assert (tmp_path / "config.json").read_text() == before
+  assert not (tmp_path / "config.json.tmp").exists()  # no half-written copy left either
+
+
+def test_a_write_failing_before_any_byte_raises_its_own_error(tmp_path, monkeypatch):
+  """No .tmp was made (e.g. a read-only folder): the write's error, not a missing-file one."""
+  def refused(path, text, *args, **kwargs):
+    raise PermissionError(13, "Permission denied")
+
+  monkeypatch.setattr(workdir_records.epath.Path, "write_text", refused)
+  with pytest.raises(PermissionError, match="Permission denied"):
+    workdir_records.write_whole(workdir_records.epath.Path(tmp_path) / "config.json", "{}")
+  assert not list(tmp_path.iterdir())

@@ -10,6 +10,7 @@ a rerun with the same workdir resumes from its own latest checkpoint.
 import functools
 import json
 import logging
+import math
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -63,6 +64,10 @@ def fixed_on_resume(workdir: str) -> tuple[str, ...]:
 def pretrained_config(init_workdir: str):
   """The config.json a pre-training run left in its workdir (a ConfigDict)."""
   path = epath.Path(init_workdir) / "config.json"
+  if epath.Path(init_workdir).is_file():  # e.g. an official MAE .pth or a timm .safetensors
+    raise UserError(f"config.init.workdir: {init_workdir} is a file, not a workdir; convert "
+                    "PyTorch / timm weights to one first: python -m pr_mim_jax.interop.convert "
+                    f"--from={init_workdir} --to=DIR, then init=DIR")
   if not path.exists():
     raise UserError(f"config.init.workdir: {init_workdir} has no config.json; point it at a "
                     "pre-training workdir (python -m pr_mim_jax.main --config=pretrain ... "
@@ -172,6 +177,40 @@ def check_config(config) -> Checked:
     raise UserError(f"config.batch_size: {config.batch_size} exceeds the {num_train} training "
                     "examples; use a smaller batch")
   return Checked(mesh, resolved, num_train, pipeline.num_classes(config.data))
+
+
+MAE_PROBE_PEAK_LR = 6.4  # MAE's probe: base lr 0.1 x batch 16384 / 256
+
+
+def lars_reach(schedule, total_steps: int, momentum: float,
+               trust: float = optim.LARS_TRUST) -> float:
+  """R = trust * sum_t lr_t * (1 - momentum^(t+1)) / (1 - momentum): LARS moves a weight
+  matrix by lr_t * trust * |w| per unit of momentum buffer, whatever the gradient's size, so
+  over the run the head moves about (e^R - 1) x its initial norm at most."""
+  steps = np.arange(total_steps)
+  lrs = np.asarray(jax.device_get(schedule(steps)), np.float64)  # [T]
+  return float(trust * np.sum(lrs * (1.0 - momentum ** (steps + 1.0)) / (1.0 - momentum)))
+
+
+def probe_lr_warning(config, schedule, total_steps: int, peak: float) -> str:
+  """'' unless the LARS probe's head can move less than its own initial norm over the run
+  (e^R - 1 < 1, lars_reach): it then stays near its random init, and the accuracy measures
+  that init rather than the features. MAE's linear-scaling rule shrinks its peak lr 6.4 to
+  0.1 x batch / 256 at a small batch, which does this on small datasets."""
+  if config.optim.optimizer != "lars":
+    return ""
+  reach = lars_reach(schedule, total_steps, config.optim.get("momentum", 0.9))
+  if reach >= math.log(2.0):  # e^R - 1 >= 1 (and no overflow for a long run's large R)
+    return ""
+  keep_base = MAE_PROBE_PEAK_LR * 256 / config.batch_size  # base lr giving MAE's peak
+  advice = ["set more config.train.total_steps" if config.train.total_steps else
+            "raise config.optim.epochs"]
+  if config.optim.base_lr < keep_base:
+    advice.insert(0, f"raise config.optim.base_lr (--config.optim.base_lr={keep_base:g} gives "
+                     f"MAE's peak lr {MAE_PROBE_PEAK_LR:g} at batch {config.batch_size})")
+  return (f"the LARS probe can move its head by at most {100 * math.expm1(reach):.3g}% of "
+          f"its initial norm in {total_steps} steps at peak lr {peak:.3g}; it stays near its "
+          f"random init, so its accuracy says little about the features: {' or '.join(advice)}")
 
 
 def make_optimizer(config, schedule, params, depth: int):
@@ -293,6 +332,10 @@ def train(config, workdir: str, checked: Checked | None = None) -> dict:
                config.head.pool, model_cfg.image_size, num_classes, num_train, total_steps,
                warmup_steps, peak, config.optim.layer_decay, model_cfg.drop_path)
 
+  lr_warning = probe_lr_warning(config, schedule, total_steps, peak)
+  if lr_warning:
+    logging.warning("%s", lr_warning)
+
   ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir),
                                     max_to_keep=config.train.keep_checkpoints)
   latest = ckpt.latest_step()
@@ -397,6 +440,7 @@ def knn_eval(config, workdir: str, checked: ml_collections.ConfigDict | None = N
   """k-NN top-1 of a pre-training checkpoint's encoder (pr_mim_jax/configs/knn.py).
 
   `checked`: check_knn_config's result (the resolved model) when the caller already ran it."""
+  check_knn_workdir(workdir)
   trainer.setup_jax(config)
   model_cfg = checked or check_knn_config(config)
   mesh = sharding.make_mesh()
@@ -425,6 +469,28 @@ def knn_eval(config, workdir: str, checked: ml_collections.ConfigDict | None = N
   logging.info("k-NN top-1 (k=%d, %s features): %.2f%% on %d test images", k,
                config.knn.feature, 100 * top1, len(test[1]))
   return {"knn_top1": top1}
+
+
+def check_knn_workdir(workdir: str) -> None:
+  """A UserError when `workdir` holds another run (checkpoints, or a config.json of another
+  mode): a k-NN evaluation writes its own config.json there, which would replace that run's
+  record and leave its checkpoints unusable for resuming, probing or export. Rerunning
+  k-NN in its own workdir is fine."""
+  path = epath.Path(workdir)
+  recorded = path / "config.json"
+  mode = None
+  if recorded.exists():
+    try:
+      mode = json.loads(recorded.read_text()).get("mode", "pretrain")
+    except (ValueError, AttributeError, UnicodeDecodeError):
+      mode = "unreadable"
+  has_checkpoints = epath.Path(checkpointing.checkpoint_dir(workdir)).exists()
+  if has_checkpoints or mode not in (None, "knn"):
+    what = f"a {mode} run" if mode not in (None, "unreadable") else "another run"
+    held = "checkpoints" if has_checkpoints else "config.json"
+    raise UserError(f"--workdir: {workdir} holds {what} ({held}), whose config.json a k-NN "
+                    f"evaluation would replace; evaluate it with init={workdir} and a new "
+                    "--workdir")
 
 
 def _with_model(config, model_cfg) -> ml_collections.ConfigDict:

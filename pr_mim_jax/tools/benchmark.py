@@ -8,7 +8,7 @@ Per (method, variant) setting it prints one JSON line: the analytic fwd+bwd GFLO
 (encoder / decoder / thrown-token reconstruction) and its ratio to MAE; unless --no-timing,
 also compile time, median step time, images/s, achieved TFLOP/s, MFU against a bf16 matmul
 ceiling measured in the same run, peak device memory (and XLA's compile-time temp-buffer
-size, which any backend reports), and the time furthest sampling takes.
+size and total, which any backend reports), and the time furthest sampling takes.
 Each timed setting runs in a fresh process (JAX cannot reset the memory peak), and so does
 the ceiling measurement. A summary with the ratios to MAE follows as markdown. The step
 timed is the one `pretrain` runs (`pretrain.jit_train_step`), with the config's model,
@@ -67,7 +67,8 @@ def _define_flags() -> types.SimpleNamespace:
       isolate=flags.DEFINE_boolean("isolate", True, "Time each setting in a fresh process "
                                    "(exact peak memory); --noisolate runs all in this one."),
       ceiling_size=flags.DEFINE_integer("ceiling_size", 0, "Matrix side of the bf16 matmul "
-                                        "ceiling; 0 = 8192 on accelerators, 512 on CPU."),
+                                        "ceiling; 0 = the best of 4096 and 8192 on "
+                                        "accelerators, 512 on CPU."),
       profile_dir=flags.DEFINE_string("profile_dir", "", "Record a profiler trace of 5 more "
                                       "steps per setting under this directory."),
       child=flags.DEFINE_string("child", "", "Internal: run one setting index (or 'ceiling') "
@@ -227,10 +228,11 @@ def _cell(value, fmt="{}"):
 
 def markdown(report: dict) -> str:
   """The summary tables of a report (settings, then ratios to MAE)."""
+  ceiling = (f"failed ({report['ceiling_error']}), so no MFU" if "ceiling_error" in report else
+             f"{_cell(report.get('matmul_ceiling_tflop_per_s'), '{:.3g}')} TFLOP/s per device "
+             "(MFU: TFLOP/s over it times the devices)")
   lines = [f"Device: {report.get('device') or '?'} x{report.get('num_devices') or '?'}, "
-           f"jax {report['jax']}; bf16 matmul ceiling "
-           f"{_cell(report.get('matmul_ceiling_tflop_per_s'), '{:.3g}')} TFLOP/s per device "
-           "(MFU: TFLOP/s over it times the devices).", "",
+           f"jax {report['jax']}; bf16 matmul ceiling {ceiling}.", "",
            "| method | variant | attention | batch | img/s | step ms | peak GiB | XLA total GiB | "
            "GFLOP/img | TFLOP/s | MFU | furthest ms (share of step) |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -287,6 +289,28 @@ def _error_line(stderr: str, returncode: int) -> str:
   return ((errors or lines or [f"exit code {returncode}"])[-1])[:300]
 
 
+def progress_line(i: int, n: int, row: dict, elapsed: float) -> str:
+  """The stderr line after setting i of n: its images/s or why it failed, and the time left."""
+  done = f"failed: {row['error']}" if "error" in row else f"{row.get('img_per_s')} img/s"
+  return (f"[{i + 1}/{n}] {row['method']} {row['variant']}: {done}; about "
+          f"{elapsed / (i + 1) * (n - i - 1):.0f} s left")
+
+
+def ceiling_fields(row: dict) -> dict:
+  """The report's fields from the ceiling measurement; a failed one is kept as
+  `ceiling_error` (not the report's own `error`), and MFU is then left out."""
+  if "error" not in row:
+    return row
+  return {"matmul_ceiling_tflop_per_s": None, "ceiling_error": row["error"]}
+
+
+def device_fields(report: dict) -> dict:
+  """The report's num_devices, and its device where the ceiling did not name it (failed, or
+  not measured), from the timed rows."""
+  def first(key):
+    return next((r[key] for r in report["settings"] if key in r), None)
+  return {"num_devices": first("num_devices"), "device": report.get("device") or first("device")}
+
 
 def _run(f: types.SimpleNamespace, argv) -> None:
   unknown = set(f.methods.value) - set(methods.METHODS)
@@ -295,6 +319,9 @@ def _run(f: types.SimpleNamespace, argv) -> None:
   cli.at_least(f.steps, 1, "the timed steps")
   cli.at_least(f.warmup, 0, "untimed steps before them; 0 = none")
   cli.at_least(f.batch, 0, "the global batch; 0 = the config's")
+  cli.at_least(f.ceiling_size, 0, "the ceiling's matrix side; 0 = the device's default")
+  cli.check_output_file(f.json.value, "json")
+  cli.check_output_file(f.markdown.value, "markdown")
   configs = methods.sweep(f.config.value, f.methods.value, f.variants.value)
   timing = not f.no_timing.value
   for c in configs:
@@ -325,7 +352,10 @@ def _run(f: types.SimpleNamespace, argv) -> None:
                (lambda child: matmul_ceiling(f.ceiling_size.value) if child == CEILING else
                 time_train_step(configs[int(child)], batch_of(configs[int(child)]),
                                 f.steps.value, f.warmup.value, f.profile_dir.value)))
-    report.update(measure(CEILING))
+    report.update(ceiling_fields(measure(CEILING)))
+    if "ceiling_error" in report:
+      print(f"warning: the matmul ceiling failed ({report['ceiling_error']}); no MFU",
+            file=sys.stderr, flush=True)
   start = time.perf_counter()
   for i, c in enumerate(configs):
     row = cost(c)
@@ -333,12 +363,10 @@ def _run(f: types.SimpleNamespace, argv) -> None:
       row.update(measure(str(i)))
       add_throughput(row, report.get("matmul_ceiling_tflop_per_s"))
       elapsed = time.perf_counter() - start
-      print(f"[{i + 1}/{len(configs)}] {row['method']} {row['variant']}: "
-            f"{row.get('img_per_s', row.get('error'))} img/s; about "
-            f"{elapsed / (i + 1) * (len(configs) - i - 1):.0f} s left", file=sys.stderr, flush=True)
+      print(progress_line(i, len(configs), row, elapsed), file=sys.stderr, flush=True)
     report["settings"].append(row)
     print(json.dumps(row), flush=True)
-  report["num_devices"] = next((r["num_devices"] for r in report["settings"] if "num_devices" in r), None)
+  report.update(device_fields(report))
   report["ratios"] = ratios(report["settings"])
   text = markdown(report)
   if timing:

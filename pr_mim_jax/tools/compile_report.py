@@ -48,8 +48,8 @@ def _define_flags() -> types.SimpleNamespace:
       num_devices=flags.DEFINE_integer("num_devices", 0, "GPUs (default 8; more than 8 means "
                                        "hosts of 8) or CPU devices (default 1); TPUs take the "
                                        "count from the topology."),
-      num_slices=flags.DEFINE_integer("num_slices", 1, "TPU slices joined over DCN; set "
-                                      "--config.mesh_dcn to match."),
+      num_slices=flags.DEFINE_integer("num_slices", 1, "TPU slices joined over DCN; the sizes "
+                                      "of --config.mesh_dcn.* must multiply to it."),
       methods=flags.DEFINE_list("methods", [], f"Pre-training methods to compile, from "
                                 f"{list(methods.METHODS)}; default: the config's."),
       variants=flags.DEFINE_list("variants", [], "Encoder variants, e.g. B/16,L/16,H/14; "
@@ -366,9 +366,23 @@ def _prepare_process(spec: compile_targets.TargetSpec) -> None:
                                f" --xla_force_host_platform_device_count={spec.num_devices}").strip()
 
 
+def check_slices(config, num_slices: int) -> None:
+  """--num_slices against config.mesh_dcn, the slice grid: a mismatch would compile a mesh
+  laid out unlike the run's (with the default grid of 1, one flat mesh across the slices)."""
+  sizes = list(config.mesh_dcn.values())
+  if not all(isinstance(n, int) and n >= 1 for n in sizes):
+    return  # the config's own check names the bad size (config.mesh_dcn.data: got -1 ...)
+  grid = math.prod(sizes)
+  if grid != num_slices:
+    raise UserError(f"--num_slices={num_slices}: config.mesh_dcn {config.mesh_dcn.to_dict()} "
+                    f"spans {grid} slice(s); make the product of its sizes {num_slices}, e.g. "
+                    f"--config.mesh_dcn.data={num_slices}")
+
+
 def _run(f: types.SimpleNamespace, argv) -> None:
   spec = compile_targets.parse_target(f.target.value, f.num_devices.value, f.num_slices.value)
   config = f.config.value
+  check_slices(config, spec.num_slices)
   if config.get("mode", "pretrain") != "pretrain" and f.methods.value:
     raise UserError(f"--methods: {config.mode} configs have no pre-training method; drop --methods")
   unknown = set(f.methods.value) - set(methods.METHODS)
@@ -380,6 +394,8 @@ def _run(f: types.SimpleNamespace, argv) -> None:
   if not 0 <= f.fit_tolerance.value < 1:
     raise UserError(f"--fit_tolerance: got {f.fit_tolerance.value}; use a share in [0, 1), e.g. 0.03")
   check_attention_target(config, spec.platform)  # --methods / --variants keep the attention
+  cli.check_output_file(f.json.value, "json")
+  cli.check_output_file(f.markdown.value, "markdown")
   _prepare_process(spec)
   with compile_targets.quiet_stderr():  # the CUDA plugin logs at import that there is no GPU
     import jax  # pylint: disable=g-import-not-at-top

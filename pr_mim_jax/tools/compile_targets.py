@@ -32,14 +32,16 @@ class TpuGeneration:
   chip_config: str  # 'megacore': one device per chip (two TensorCores fused), else 'default'
   dims: int  # 2: a 2-D torus (AxB), 3: a 3-D torus (AxBxC)
   hbm_gib: float  # per chip, as Cloud TPU documents it; the compiler's own limit wins
+  max_side: int | None = None  # most chips along one axis of a slice (None: not checked)
 
 
-# Cloud TPU's published chip facts (HBM per chip).
+# Cloud TPU's published chip facts (HBM per chip; a v5e or v6e pod is 16x16 chips, and
+# libtpu aborts the process, not raises, when asked to compile for a longer v5e side).
 TPU_GENERATIONS = {
     "v4": TpuGeneration("v4", "megacore", 3, 32),
-    "v5e": TpuGeneration("v5e", "default", 2, 16),
+    "v5e": TpuGeneration("v5e", "default", 2, 16, max_side=16),
     "v5p": TpuGeneration("v5", "megacore", 3, 95),
-    "v6e": TpuGeneration("v6e", "default", 2, 32),
+    "v6e": TpuGeneration("v6e", "default", 2, 32, max_side=16),
 }
 
 
@@ -107,6 +109,11 @@ def _topology_dims(text: str, dims: int, gen: str) -> tuple[int, ...]:
   if len(parts) != dims or not all(p.isdigit() and int(p) > 0 for p in parts):
     example = "16x16" if dims == 2 else "4x4x8"
     raise UserError(f"--target: {gen} slices are {dims}-D, like tpu:{gen}:{example}; got {text!r}")
+  side = TPU_GENERATIONS[gen].max_side
+  if side and max(int(p) for p in parts) > side:
+    raise UserError(f"--target: a {gen} slice has at most {side} chips along a side (a full pod "
+                    f"is {side}x{side}); got {text!r}; for more chips, join slices with "
+                    "--num_slices")
   return tuple(int(p) for p in parts)
 
 

@@ -13,7 +13,9 @@ where g_MAE decodes every masked token (thrown_reconstruction 'none', no throwin
 the same params. It reports the mean and std over the probe batches; the MAE row shows the
 batch-to-batch yardstick ||g_MAE(batch k) - g_MAE(batch k+1)|| / ||g_MAE(batch k)||
 instead of its (zero) distance to itself. After training it measures k-NN top-1.
-Writes gradient_distance.csv, gradient_distance.md and gradient_distance.png under --out.
+Writes gradient_distance.csv, gradient_distance.md, gradient_distance.png and summary.json
+(every row and each setting's final loss, k-NN and seconds) under --out, after each
+setting, so an interrupted study keeps the settings it finished. A rerun starts over.
 """
 
 import csv
@@ -76,6 +78,18 @@ def setting_config(config, setting: str):
     with c.unlocked():
       c.reconstruction.aggregator = aggregator
   return c
+
+
+def check_settings(config, settings: list[str]) -> None:
+  """Every --settings entry, checked before anything trains: none given, an unknown one, or
+  one named twice (it trained twice, its rows doubled in the CSV and its table column)."""
+  if not settings:
+    raise UserError(f"--settings: none given; use some of {','.join(DEFAULT_SETTINGS)}")
+  for s in settings:
+    setting_config(config, s)
+  repeated = sorted({s for s in settings if settings.count(s) > 1})
+  if repeated:
+    raise UserError(f"--settings: {repeated} named twice; name each setting once")
 
 
 def encoder_grad(params, model, images, masks, task):
@@ -216,10 +230,7 @@ def _run(f: types.SimpleNamespace) -> int:
   cli.at_least(f.batches, 2, "probe batches per measurement; the spread needs several")
   cli.at_least(f.probe_batch, 1, "images per probe batch")
   settings = f.settings.value
-  if not settings:
-    raise UserError(f"--settings: none given; use some of {','.join(DEFAULT_SETTINGS)}")
-  for s in settings:  # every entry checked before anything trains
-    setting_config(config, s)
+  check_settings(config, settings)
   config_validation.validate_attention_backend(config.model, jax.default_backend())
   out = cli.output_dir(f.out.value, "out")
   absl_logging.use_absl_handler()

@@ -159,6 +159,17 @@ def sizing(row: dict, step_img_per_s: float, accelerators) -> dict:
           "h2d_mb_per_s_per_accelerator": round(step_img_per_s * row["bytes_per_img"] / 1e6, 1)}
 
 
+def check_backends(sources, backends) -> None:
+  """A UserError, before anything is timed, for a backend this run could not use: one not
+  installed, or DALI on the in-memory shapes (it decodes files). Found in the loop instead,
+  it ended the run after the settings before it, their results unsaved."""
+  if "shapes" in sources and "dali" in backends:
+    raise UserError("--backends: 'dali' decodes image files, and the in-memory shapes source "
+                    "has none; time dali with --sources=jpeg alone, or drop it")
+  for backend in backends:
+    datasets.resolve_backend(None, backend)
+
+
 def _size(text: str) -> tuple[int, int]:
   """'500x375' -> (500, 375); UserError otherwise."""
   try:
@@ -191,6 +202,8 @@ def _run(f: types.SimpleNamespace) -> None:
   if not accelerators or min(accelerators) <= 0:
     raise UserError(f"--accelerators: got {','.join(f.accelerators.value)}; use counts > 0, "
                     "e.g. --accelerators=1,8")
+  check_backends(f.sources.value, f.backends.value)
+  cli.check_output_file(f.json.value, "json")
   if "jpeg" in f.sources.value and f.jpeg_dir.value:
     cli.check_not_a_file(f.jpeg_dir.value, "jpeg_dir")
     check_jpeg_dir(f.jpeg_dir.value, f.jpeg_count.value)  # before anything is timed or written

@@ -41,10 +41,13 @@ from pr_mim_jax.parallel import sharding
 from pr_mim_jax.training import checkpointing
 from pr_mim_jax.training import pretrain
 from pr_mim_jax.training import train_step as train_step_lib
+from pr_mim_jax.training import trainer
+from pr_mim_jax.training import workdir_records
 
 ACCURACIES = (("knn_top1", "k-NN"), ("probe_top1", "linear probe"), ("finetune_top1", "fine-tune"))
 STUDY_RECORD = "study_config.json"  # the settings a workdir's recorded stages were run with
 ADDS_RUNS = ("seeds", "methods", "pr_mim_throw_ratios")  # a rerun may change these: new runs only
+STAGES = ("pretrain", "reconstruction", "linear_probe", "finetune")  # per method and seed
 
 
 def _define_flags() -> types.SimpleNamespace:
@@ -62,11 +65,15 @@ def _ints(text: str, field: str) -> list[int]:
 
 
 def seeds(study) -> list[int]:
-  """config.seeds as distinct integers; a UserError for none (nothing would run, and no
-  table be written) or a repeated one (its runs would count twice in the seed spread)."""
+  """config.seeds as distinct integers >= 0; a UserError for none (nothing would run, and
+  no table be written), a negative one (found only when its pre-training starts, after the
+  seeds before it trained) or a repeated one (its runs would count twice in the spread)."""
   out = _ints(study.seeds, "seeds")
   if not out:
     raise UserError(f"config.seeds: {study.seeds!r} names no seed; use e.g. '0' or '0,1,2'")
+  negative = [s for s in out if s < 0]
+  if negative:
+    raise UserError(f"config.seeds: {study.seeds!r} has negative seeds {negative}; use seeds >= 0")
   repeated = sorted({s for s in out if out.count(s) > 1})
   if repeated:
     raise UserError(f"config.seeds: {study.seeds!r} repeats {repeated}; name each seed once")
@@ -170,9 +177,10 @@ def check_same_study(study, workdir: epath.Path) -> None:
                                    if k.split(".")[0] not in ADDS_RUNS}))
   path = workdir / STUDY_RECORD
   if not path.exists():
-    path.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")
+    workdir_records.write_whole(path, json.dumps(current, indent=1, sort_keys=True) + "\n")
     return
-  recorded = json.loads(path.read_text())
+  recorded = _read_json(path.read_text(), str(path), "restore it, or start over in a new "
+                        "--workdir (it decides which finished stages a rerun may reuse)")
   changed = [f"{k}: {recorded.get(k)!r} there, {current.get(k)!r} now"
              for k in sorted(set(recorded) | set(current)) if recorded.get(k) != current.get(k)]
   if changed:
@@ -182,19 +190,55 @@ def check_same_study(study, workdir: epath.Path) -> None:
                     f"{path}")
 
 
+def _read_json(text: str, what: str, fix: str):
+  """json.loads, or a UserError naming the study record that is damaged and how to go on."""
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise UserError(f"{what} is not JSON ({e.msg}); {fix}") from None
+
+
 def _record(path: epath.Path, key: str, values: dict) -> None:
-  with path.open("a") as f:
-    f.write(json.dumps({"key": key, **values}) + "\n")
+  """Adds one record to results.jsonl, rewriting it whole (write_whole), so that a kill
+  leaves the old records or the new ones and never a torn line."""
+  lines = [json.dumps(r) for r in _records(path)] + [json.dumps({"key": key, **values})]
+  workdir_records.write_whole(path, "".join(line + "\n" for line in lines))
+
+
+def _records(path: epath.Path) -> list[dict]:
+  if not path.exists():
+    return []
+  return [_read_json(line, f"{path}, line {i},", "delete that line and rerun: its stage runs "
+                     "again") for i, line in enumerate(path.read_text().splitlines(), 1)
+          if line.strip()]
 
 
 def _done(path: epath.Path) -> dict:
-  if not path.exists():
-    return {}
-  return {r["key"]: r for r in map(json.loads, path.read_text().splitlines()) if r}
+  """key -> record of every finished stage (the legs a signal stopped are not finished)."""
+  return {r["key"]: r for r in _records(path) if not r.get("stopped")}
+
+
+def _stopped_seconds(path: epath.Path) -> dict:
+  """key -> seconds spent in the legs of a stage that a signal stopped, so that a resumed
+  stage reports its whole time, not only its last leg's."""
+  out = collections.defaultdict(float)
+  for r in _records(path):
+    if r.get("stopped"):
+      out[r["key"]] += r["seconds"]
+  return out
 
 
 class Stopped(Exception):
   """A stage was stopped by a signal (its checkpoint is saved); the study ends there."""
+
+
+class Diverged(Exception):
+  """A stage's loss became NaN or inf (trainer.NonFiniteLossError); the study ends there."""
+
+
+# Which study field holds each stage's peak lr, for the advice after a diverged stage.
+LR_FIELDS = {"pretrain": "config.pretrain.base_lr", "linear_probe": "config.linear_probe.base_lr",
+             "finetune": "config.finetune.base_lr"}
 
 
 def finished(summary: dict, *keys) -> dict:
@@ -215,20 +259,34 @@ def run_all(study, workdir: epath.Path) -> list[dict]:
   """Every (seed, setting) through pre-training and the three evaluations; resumable."""
   log = workdir / "results.jsonl"
   rows = []
+  count = len(seeds(study)) * len(runs(study)) * len(STAGES)
+  index = iter(range(1, count + 1))
+  t_start = time.perf_counter()
   for seed in seeds(study):
     for label, method, throw in runs(study):
       base = workdir / f"{label}_seed{seed}"
       cfg = pretrain_config(study, method, throw, seed)
-      done = _done(log)
+      done, before = _done(log), _stopped_seconds(log)
       row = {"label": label, "method": method, "throw_ratio": throw, "seed": seed,
              "gflop_per_img": round(gflop_per_img(cfg), 3)}
 
       def stage(name, fn):
         key = f"{label}/{seed}/{name}"
+        i = next(index)
         if key not in done:
           t0 = time.perf_counter()
-          values = fn()
-          values["seconds"] = time.perf_counter() - t0
+          logging.info("study: stage %d of %d, %s (%.0f s into this run)", i, count, key,
+                       t0 - t_start)  # the trainers' ETAs cover their own stage only
+          try:
+            values = fn()
+          except Stopped:
+            _record(log, key, {"stopped": True, "seconds": time.perf_counter() - t0})
+            raise
+          except trainer.NonFiniteLossError as e:
+            raise Diverged(f"study stage {key}: loss is {e.loss} at step {e.step}, not saved; "
+                           f"lower {LR_FIELDS[name]} and start over in a new --workdir (this "
+                           "one keeps its settings)") from None
+          values["seconds"] = time.perf_counter() - t0 + before[key]
           _record(log, key, values)
           done[key] = values
         return done[key]
@@ -323,7 +381,7 @@ def plot(summary: dict, path: epath.Path, setting: str = ""):
                 yerr=[100 * summary[l][key][1] for l in labels], capsize=3, label=name)
   axes[0].axhline(100 / 12, color="grey", linestyle="--", linewidth=1, label="chance")
   axes[0].set_ylabel("top-1 %")
-  axes[0].legend(fontsize=7)
+  axes[0].legend(fontsize=7, ncol=2, loc="lower center", bbox_to_anchor=(0.5, 1.0))  # above
   panels = (("recon_loss", "recon loss, all masked tokens"), ("gflop_per_img", "GFLOP / image"),
             ("total_seconds", "wall time (s)"))
   for ax, (key, name) in zip(axes[1:], panels):
@@ -344,12 +402,38 @@ def plot(summary: dict, path: epath.Path, setting: str = ""):
   return fig
 
 
+def check_eval_configs(study) -> None:
+  """The linear probe's and the fine-tune's settings, checked as random-init runs of the
+  study's encoder (the pre-trained one does not exist yet), so that a bad value stops the
+  study before it trains rather than after the first pre-training."""
+  for mode in ("linear_probe", "finetune"):
+    c = eval_config(study, mode, "", 0)
+    c.model.update({k: v for k, v in study.model.to_dict().items() if k in c.model})
+    c.model.image_size = study.shapes.image_size
+    try:
+      classify.check_config(c)
+    except UserError as e:  # it names the run's field (config.batch_size), not the study's
+      raise UserError(f"the {mode} run (config.{mode}): {e}") from None
+
+
+def check_study(study) -> None:
+  """Every setting of the study, checked before anything trains or is written."""
+  seeds(study)
+  for label, method, throw in runs(study):
+    try:
+      pretrain.check_config(pretrain_config(study, method, throw, 0))
+    except UserError as e:  # it names the run's field (config.optim.epochs), not the study's
+      raise UserError(f"the {label} pre-training run (config.pretrain, config.model, "
+                      f"config.shapes): {e}") from None
+  check_eval_configs(study)
+  if study.reconstruction_examples < 1:
+    raise UserError(f"config.reconstruction_examples: got {study.reconstruction_examples}; "
+                    "use an integer > 0 (test images for the loss over all masked tokens)")
+
+
 def _run(f: types.SimpleNamespace) -> int:
   study = f.config.value
-  for label, method, throw in runs(study):  # every setting checked before anything trains
-    cfg = pretrain_config(study, method, throw, 0)
-    pretrain.check_config(cfg)
-  seeds(study)
+  check_study(study)
   workdir = cli.output_dir(f.workdir.value, "workdir")
   check_same_study(study, workdir)
   absl_logging.use_absl_handler()
@@ -360,6 +444,9 @@ def _run(f: types.SimpleNamespace) -> int:
   except Stopped:
     logging.warning("study stopped by a signal; rerun the same command to resume")
     return 0
+  except Diverged as e:
+    cli.print_error(str(e))
+    return 1
   print((workdir / "study.md").read_text())
   return 0
 
@@ -368,7 +455,9 @@ def main(argv=None) -> int:
   f = _define_flags()
   return cli.run(lambda: _run(f), {"config": "pr_mim_jax/configs/study.py:setting=cpu",
                                    "workdir": "workdirs/study_cpu"}, argv,
-                 config_kinds=("study",))
+                 config_kinds=("study",),
+                 interrupted="the finished stages and saved checkpoints are kept; rerun the "
+                             "same command to resume")
 
 
 if __name__ == "__main__":

@@ -139,8 +139,11 @@ def _matrices(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
+LARS_TRUST = 0.001  # MAE's LARS trust coefficient
+
+
 def lars(schedule, weight_decay: float = 0.0, momentum: float = 0.9,
-         trust_coefficient: float = 0.001) -> optax.GradientTransformation:
+         trust_coefficient: float = LARS_TRUST) -> optax.GradientTransformation:
   """LARS as MAE's (MoCo v3's) util/lars.py.
 
   For rank > 1 params: d = g + wd * p, scaled by trust_coefficient * |p| / |d| (1 where a

@@ -30,7 +30,11 @@ from pr_mim_jax.training import step_queue
 
 
 class NonFiniteLossError(RuntimeError):
-  """The loss became NaN or inf; the state is not saved."""
+  """The loss became NaN or inf; the state is not saved. `loss` and `step` say where."""
+
+  def __init__(self, message: str, loss: float = float("nan"), step: int = -1):
+    super().__init__(message)
+    self.loss, self.step = loss, step
 
 
 def setup_jax(config) -> None:
@@ -103,7 +107,8 @@ def check_finite(step: int, pending: list, lr_hint: float, restored=None) -> lis
           f"loss is {m['loss']} at step {s}: training stopped and this state was NOT saved "
           f"(peak lr {lr_hint:.3g}){cause}; {'otherwise ' if cause else ''}lower "
           "config.optim.base_lr, set config.optim.clip_grad_norm, or use "
-          "model.compute_dtype=float32, then rerun to resume from the last checkpoint")
+          "model.compute_dtype=float32, then rerun to resume from the last checkpoint",
+          loss=m["loss"], step=s)
   return fetched
 
 

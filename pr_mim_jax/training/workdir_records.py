@@ -83,7 +83,7 @@ def write_records(workdir: str, config) -> None:
     return
   path = epath.Path(workdir)
   path.mkdir(parents=True, exist_ok=True)
-  _write_whole(path / "config.json", config.to_json(indent=2, sort_keys=True))
+  write_whole(path / "config.json", config.to_json(indent=2, sort_keys=True))
   provenance = {
       "git_commit": git_commit(),
       "packages": package_versions(),
@@ -92,14 +92,19 @@ def write_records(workdir: str, config) -> None:
       "devices": [str(d) for d in jax.devices()],
       "process_count": jax.process_count(),
   }
-  _write_whole(path / "provenance.json", json.dumps(provenance, indent=2))
+  write_whole(path / "provenance.json", json.dumps(provenance, indent=2))
 
 
-def _write_whole(path: epath.Path, text: str) -> None:
+def write_whole(path: epath.Path, text: str) -> None:
   """Writes `text` aside and renames it over `path`: a kill leaves the old file or the new one,
   never a torn one (config.json decides what a resume accepts)."""
   tmp = path.parent / (path.name + ".tmp")
-  tmp.write_text(text)
+  try:
+    tmp.write_text(text)
+  except OSError:  # e.g. a full disk: leave no half-written copy behind either
+    if tmp.exists():
+      tmp.unlink()
+    raise
   tmp.replace(path)
 
 
@@ -178,7 +183,7 @@ def drop_metrics_after(workdir: str, step: int) -> None:
       kept.append(line)
   if len(kept) == len(lines):
     return
-  _write_whole(path, "".join(line + "\n" for line in kept))
+  write_whole(path, "".join(line + "\n" for line in kept))
   logging.warning("metrics.jsonl: dropped %d rows logged past step %d, the step this run "
                   "resumes from (their states were never saved); those steps are logged "
                   "again", len(lines) - len(kept), step)
