@@ -21,13 +21,18 @@ mkdir -p "$out" 2>/dev/null || {
 }
 common=(--config=pr_mim_jax/configs/pretrain.py --batch="${BATCH:-256}" --steps="${STEPS:-20}" --warmup=3)
 
+status=0  # the last failed run's exit code; the runs after a failed one still run
 bench() {  # NAME [extra flags...]: one harness run -> OUT/NAME.json + OUT/NAME.md
-  local name=$1
+  local name=$1 rc=0
   shift
   echo "== $name" >&2
   python -m pr_mim_jax.tools.benchmark "${common[@]}" --json="$out/$name.json" \
-      --markdown="$out/$name.md" "$@" >"$out/$name.log"
-  { echo "## $name"; echo; cat "$out/$name.md"; echo; } >>"$out/summary.md"
+      --markdown="$out/$name.md" "$@" >"$out/$name.log" || rc=$?
+  { echo "## $name"; echo
+    if [ "$rc" -le 1 ]; then cat "$out/$name.md"  # 1: every setting failed, as it says
+    else echo "no report: exit code $rc (its error line is on stderr)"; fi
+    echo; } >>"$out/summary.md"
+  if [ "$rc" -ne 0 ]; then echo "$name: exit code $rc" >&2; status=$rc; fi
 }
 
 : >"$out/summary.md"
@@ -43,3 +48,4 @@ else
   bench b16_remat_none --methods=mae,pr_mim --variants=B/16 --config.model.remat=none "$@"
 fi
 echo "wrote $out/summary.md and one .json / .md / .log per run" >&2
+exit "$status"

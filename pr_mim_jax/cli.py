@@ -107,6 +107,17 @@ def write_text(path: str, text: str, flag: str) -> None:
     raise UserError(f"--{flag}: cannot write {path}: {e.strerror}") from None
 
 
+def failed_settings_exit(rows: list[dict]) -> int:
+  """A report tool's exit code: 1, after one error line, when it had settings and every one
+  failed (a script with `set -e` then stops rather than read a table of errors as a
+  result); else 0."""
+  if rows and all("error" in r for r in rows):
+    print_error(f"all {len(rows)} settings failed, the last with: {rows[-1]['error']}; the "
+                "report names each one's error")
+    return 1
+  return 0
+
+
 def write_report(json_path: str, report, markdown_path: str, markdown: str) -> None:
   """The --json and --markdown outputs of a report tool; an empty path writes nothing."""
   if json_path:
@@ -206,6 +217,18 @@ def _cannot_load(argv, flag_values, error: Exception) -> str | None:
   return f"--{given[0][0]}={given[0][1]}: cannot load it: {why}"
 
 
+def _json_config(argv, flag_values) -> str | None:
+  """A config flag naming a .json file, e.g. a workdir's config.json (a run's record, which
+  ml_collections would run as Python: "name 'null' is not defined"): what to give instead."""
+  for name, given in _given_configs(argv, flag_values):
+    if given.split(":", 1)[0].endswith(".json"):
+      return (f"--{name}={given}: a .json file is a run's record, not a config file; give a "
+              "config file such as pr_mim_jax/configs/pretrain.py with --config.FIELD=VALUE "
+              "overrides (convert prints those of a converted workdir), or init=WORKDIR for "
+              "probing, fine-tuning and k-NN")
+  return None
+
+
 def _config_problem(argv, flag_values) -> str | None:
   """Why a config flag given in argv holds no config, or None: ml_collections defers a load
   error to the config's first use (a traceback there), and keeps the None of a get_config
@@ -236,6 +259,9 @@ def parse_flags(argv, required: dict[str, str], flag_values=None) -> None:
     argv = _with_packaged_configs(argv, fv)
   except UserError as e:
     fail(str(e))
+  json_config = _json_config(argv, fv)
+  if json_config:
+    fail(json_config)
   try:
     rest = fv(argv)
   except flags.UnrecognizedFlagError as e:

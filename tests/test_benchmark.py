@@ -10,6 +10,7 @@ import pytest
 
 from conftest import (ROOT, TINY_OVERRIDES, apply_overrides, load_config, override_flags,
                       without_tensorflow)
+from pr_mim_jax import cli
 from pr_mim_jax.tools import benchmark
 
 
@@ -259,3 +260,33 @@ def test_a_failed_ceiling_still_names_the_device_the_steps_ran_on():
   assert benchmark.device_fields(report) == {"num_devices": 1, "device": "NVIDIA H100"}
   report["device"] = "NVIDIA H200"  # the ceiling's own, when it ran, wins
   assert benchmark.device_fields(report)["device"] == "NVIDIA H200"
+
+
+def test_gpu_benchmark_goes_on_past_a_failed_run_and_exits_with_its_code(tmp_path):
+  """B/16's settings all fail (exit 1, its report written) and L/16's run never starts
+  (exit 2): the summary holds both, and the script exits non-zero after the last run."""
+  (tmp_path / "bin").mkdir()
+  fake = tmp_path / "bin" / "python"
+  fake.write_text('#!/bin/sh\nfor a in "$@"; do case $a in --markdown=*) md=${a#*=};; esac; done\n'
+                  'case $md in *vit_b16*) echo "| mae | failed: Out of memory |" >"$md"; exit 1;; '
+                  'esac\necho "error: bad flag" >&2\nexit 2\n')
+  fake.chmod(0o755)
+  out = tmp_path / "out"
+  env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+  proc = subprocess.run(["bash", str(ROOT / "launch" / "gpu_benchmark.sh"), str(out)],
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 2
+  assert "vit_b16: exit code 1" in proc.stderr and "vit_l16: exit code 2" in proc.stderr
+  assert (out / "summary.md").read_text() == (
+      "## vit_b16\n\n| mae | failed: Out of memory |\n\n"
+      "## vit_l16\n\nno report: exit code 2 (its error line is on stderr)\n\n")
+
+
+def test_a_report_tool_exits_1_only_when_every_setting_failed(capsys):
+  ok, failed = {"method": "mae"}, {"method": "pr_mim", "error": "Out of memory"}
+  assert cli.failed_settings_exit([ok, failed]) == 0 and cli.failed_settings_exit([]) == 0
+  assert capsys.readouterr().err == ""
+  assert cli.failed_settings_exit([failed, failed]) == 1
+  assert capsys.readouterr().err == (
+      "error: all 2 settings failed, the last with: Out of memory; the report names each "
+      "one's error\n")

@@ -338,6 +338,16 @@ def test_a_config_file_that_fails_to_load_is_one_line_naming_it(monkeypatch, cap
   assert all(line.startswith("WARNING") for line in lines[:-1])  # ml_collections' own, for None
 
 
+def test_a_workdirs_config_json_as_config_says_what_to_give(monkeypatch, capsys, tmp_path):
+  record = tmp_path / "config.json"
+  record.write_text('{"mode": "pretrain", "init": null}')  # ml_collections would exec this
+  assert _parse_error(monkeypatch, capsys, config=str(record)) == [
+      f"error: --config={record}: a .json file is a run's record, not a config file; give a "
+      "config file such as pr_mim_jax/configs/pretrain.py with --config.FIELD=VALUE overrides "
+      "(convert prints those of a converted workdir), or init=WORKDIR for probing, "
+      "fine-tuning and k-NN"]
+
+
 def test_the_shared_classify_defaults_are_not_a_runnable_config(monkeypatch, capsys):
   assert _parse_error(monkeypatch, capsys, config="pr_mim_jax/configs/classify.py") == [
       "error: --config=pr_mim_jax/configs/classify.py: cannot load it: TypeError: get_config() "

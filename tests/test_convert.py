@@ -544,3 +544,86 @@ def test_workdir_to_workdir_is_refused(tmp_path):
   with pytest.raises(UserError, match="both workdirs; nothing to convert"):
     convert.convert(str(src), str(tmp_path / "copy"))
   assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+# --- a fine-tuned / probed classifier workdir -> a timm classifier -------------------------
+
+def classifier_workdir(path, mode, pool, *, ema=False, num_classes=5, seed=0):
+  """A fine-tuning / probing workdir as the trainer leaves it (config.json, a checkpoint of a
+  ClassifierState at step 3) with random weights and, for the probe, BatchNorm statistics."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from pr_mim_jax.models import classifier  # pylint: disable=g-import-not-at-top
+  from pr_mim_jax.training import train_state  # pylint: disable=g-import-not-at-top
+  from pr_mim_jax.training import workdir_records  # pylint: disable=g-import-not-at-top
+  config = classify_config.get_config(mode, "dataset=shapes")
+  config.model.update(variant="B/4", width=32, depth=2, heads=4, image_size=16, posemb="learned")
+  config.head.pool, config.ema.decay = pool, 0.99 if ema else 0.0
+  model = classifier.from_config(config, num_classes)
+  variables = nn.unbox(model.init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32),
+                                  train=False))
+  rng = np.random.default_rng(seed)
+  noise = lambda t: jax.tree.map(
+      lambda x: x + 0.3 * rng.standard_normal(x.shape).astype(x.dtype), t)
+  params = noise(variables["params"])
+  stats = jax.tree.map(lambda x: rng.uniform(0.5, 2, x.shape).astype(x.dtype),
+                       variables.get("batch_stats", {}))
+  state = train_state.ClassifierState(step=np.int32(3), params=params, batch_stats=stats,
+                                      opt_state={}, rng=np.zeros(2, np.uint32),
+                                      ema_params=noise(params) if ema else None)
+  workdir_records.write_records(str(path), config)
+  ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(str(path)), async_save=False)
+  try:
+    ckpt.save(3, state)
+  finally:
+    ckpt.close()
+  return model, state
+
+
+def numpy_timm_logits(s, kwargs, images_nchw):
+  """timm's VisionTransformer.forward (eval) in NumPy, from a timm state dict and its kwargs."""
+  from test_timm_weights import _block, _ln  # pylint: disable=g-import-not-at-top
+  s = {k: v.astype(np.float64) for k, v in s.items()}
+  b, p, d = images_nchw.shape[0], kwargs["patch_size"], kwargs["embed_dim"]
+  g = kwargs["img_size"] // p
+  cols = images_nchw.reshape(b, 3, g, p, g, p).transpose(0, 2, 4, 1, 3, 5).reshape(b, g * g, -1)
+  x = cols @ s["patch_embed.proj.weight"].reshape(d, -1).T + s["patch_embed.proj.bias"]
+  x = np.concatenate([np.broadcast_to(s["cls_token"], (b, 1, d)), x], 1) + s["pos_embed"]
+  for i in range(kwargs["depth"]):
+    x = _block(s, f"blocks.{i}", x, kwargs["num_heads"])
+  if kwargs["global_pool"] == "avg":  # norm = Identity; fc_norm on the mean of the patches
+    feats = _ln(x[:, 1:].mean(1), s["fc_norm.weight"], s["fc_norm.bias"])
+  else:
+    feats = _ln(x, s["norm.weight"], s["norm.bias"])[:, 0]
+  return feats @ s["head.weight"].T + s["head.bias"]
+
+
+@pytest.mark.parametrize("mode,pool,ema", [("finetune", "gap", False), ("finetune", "cls", True),
+                                           ("linear_probe", "cls", False)])
+def test_a_classifier_workdir_exports_as_a_timm_classifier(tmp_path, mode, pool, ema):
+  model, state = classifier_workdir(tmp_path / "run", mode, pool, ema=ema)
+  out = tmp_path / "clf.safetensors"
+  message = convert.convert(str(tmp_path / "run"), str(out), ema=ema)
+  want_pool = {"gap": "avg", "cls": "token"}[pool]
+  assert f"5 classes, global_pool={want_pool!r}" in message, message
+  kwargs = json.loads((tmp_path / "clf.json").read_text())["timm"]["kwargs"]
+  assert (kwargs["num_classes"], kwargs["global_pool"]) == (5, want_pool) and kwargs["class_token"]
+  exported = safetensors.numpy.load_file(str(out))
+  assert ("fc_norm.weight" in exported) == (pool == "gap") != ("norm.weight" in exported)
+  images = np.random.default_rng(1).standard_normal((2, 3, 16, 16))
+  variables = {"params": state.ema_params if ema else state.params,
+               "batch_stats": state.batch_stats}
+  ours = np.asarray(model.apply(variables, images.transpose(0, 2, 3, 1).astype(np.float32),
+                                train=False))
+  np.testing.assert_allclose(numpy_timm_logits(exported, kwargs, images), ours,
+                             rtol=1e-4, atol=1e-4 * np.abs(ours).max())
+
+
+def test_classifier_workdir_flags_that_do_not_apply_are_errors(tmp_path):
+  classifier_workdir(tmp_path / "run", "finetune", "gap")
+  with pytest.raises(UserError, match="trained without an EMA"):
+    convert.convert(str(tmp_path / "run"), str(tmp_path / "a.safetensors"), ema=True)
+  with pytest.raises(UserError, match="finetune workdir has no decoder"):
+    convert.convert(str(tmp_path / "run"), str(tmp_path / "b.safetensors"), "mae")
+  with pytest.raises(UserError, match="--ema: reads a fine-tuning"):
+    convert.convert(str(MAE_PTH), str(tmp_path / "c.safetensors"), ema=True, heads=2)
+  assert not list(tmp_path.glob("*.safetensors"))

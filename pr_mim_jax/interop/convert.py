@@ -5,7 +5,10 @@ r"""Command line: weights in and out, between our workdirs and timm / official M
 
 Sources (told apart by content): a `torch.save` file (.pth / .pt / .bin, read without
 torch by pth_reader), a .safetensors file, or a pre-training workdir (`--step=N`, default -1:
-the latest checkpoint). Targets, from --to unless --format names one:
+the latest checkpoint). A fine-tuning or linear-probing workdir exports to timm as a whole
+classifier (`--ema`: its EMA weights): head.*, num_classes, and global_pool from its pool
+('gap': 'avg', the final norm as fc_norm; 'cls': 'token'); a probe's BatchNorm is folded
+into head.*. Targets, from --to unless --format names one:
 - `workdir` (a path without a suffix): config.json (a pre-training config, `--config`, for
   the file's architecture) plus a step-0 checkpoint of a complete pre-training state, so
   every mode runs from it: `init=WORKDIR` for probing / fine-tuning / k-NN, or
@@ -58,6 +61,8 @@ def _define_flags() -> types.SimpleNamespace:
       with_decoder=flags.DEFINE_bool("with_decoder", False,
                                      "Export MAE's decoder keys too (= --format=mae)."),
       step=flags.DEFINE_integer("step", -1, "Checkpoint step of a workdir source; -1 = latest."),
+      ema=flags.DEFINE_bool("ema", False, "Export the EMA weights of a fine-tuning / probing "
+                            "workdir source (config.ema.decay > 0)."),
       heads=flags.DEFINE_integer("heads", 0, "Encoder heads, when the width is not a standard one."),
       decoder_heads=flags.DEFINE_integer("decoder_heads", 0, "Decoder heads (MAE's 512 wide: 16)."),
       overwrite=flags.DEFINE_bool("overwrite", False, "Replace an existing target."),
@@ -68,8 +73,15 @@ def _define_flags() -> types.SimpleNamespace:
 
 # --- sources -------------------------------------------------------------------------------
 
+CLASSIFIER_MODES = ("finetune", "linear_probe")  # workdirs exported as timm classifiers
+
+
 def _is_workdir(path: pathlib.Path) -> bool:
   return path.is_dir()
+
+
+def is_classifier(config) -> bool:
+  return config.get("mode", "pretrain") in CLASSIFIER_MODES
 
 
 def _workdir_config(path: pathlib.Path):
@@ -88,14 +100,18 @@ def _workdir_config(path: pathlib.Path):
     raise UserError(f"--from: {cfg} has no `model` field; it is not a pre-training workdir's "
                     "config. Restore it, or point --from at a pre-training workdir")
   config = ml_collections.ConfigDict(raw)
-  if config.get("mode", "pretrain") != "pretrain":
-    raise UserError(f"--from: {path} is a {config.mode} workdir; export a pre-training workdir")
+  if config.get("mode", "pretrain") not in ("pretrain", *CLASSIFIER_MODES):
+    raise UserError(f"--from: {path} is a {config.mode} workdir, which has no weights of its "
+                    "own; export a pre-training, fine-tuning or linear-probing workdir")
   return config
 
 
 def check_mae_export(config, fmt: str) -> None:
   """Official MAE's decoder is self-attention: a workdir with another decoder (CrossMAE's
   cross-attention) would load into its code as a different model, so it is refused."""
+  if fmt == "mae" and is_classifier(config):
+    raise UserError(f"--format=mae / --with_decoder: a {config.mode} workdir has no decoder; "
+                    "use --format=timm (the classifier in timm's names)")
   decoder = config.model.get("decoder", "self_attention")
   if fmt == "mae" and decoder != "self_attention":
     raise UserError(f"--format=mae / --with_decoder: the workdir's decoder is {decoder!r} "
@@ -119,21 +135,33 @@ def arch_from_config(model, params) -> timm_weights.Arch:
       mlp_hidden=np.shape(enc["block0"]["mlp"]["fc1"]["kernel"])[1], posemb=model.posemb, **dec)
 
 
-def read_workdir_weights(path, step: int = -1):
-  """(params as NumPy, arch, description, config) of a pre-training workdir's checkpoint."""
+def read_workdir_weights(path, step: int = -1, ema: bool = False):
+  """(params as NumPy, arch, description, config) of a workdir's checkpoint. A pre-training
+  workdir's params are the MAE's; a fine-tuning / probing one's are {'encoder', 'head'},
+  plus 'batch_stats' (the probe head's BatchNorm statistics); `ema` reads its EMA weights."""
   import jax  # pylint: disable=g-import-not-at-top
   from pr_mim_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
   from pr_mim_jax.models import vit  # pylint: disable=g-import-not-at-top
   path = pathlib.Path(path)
   config = _workdir_config(path)
+  classifier = is_classifier(config)
+  if ema and not classifier:
+    raise UserError("--ema: a pre-training workdir keeps no EMA weights; drop --ema")
+  if ema and not config.get("ema", {}).get("decay", 0):
+    raise UserError(f"--ema: {path} was trained without an EMA (config.ema.decay is 0); "
+                    "drop --ema")
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(str(path)), max_to_keep=1 << 30)
   try:
-    params, step = ckpt.restore_subtree(
-        ("params",), jax.sharding.SingleDeviceSharding(jax.devices()[0]), None if step < 0 else step)
+    params, step = ckpt.restore_subtree(("ema_params" if ema else "params",), sharding,
+                                        None if step < 0 else step)
+    if classifier and config.head.kind == "batchnorm_linear":
+      params = dict(params, batch_stats=ckpt.restore_subtree(("batch_stats",), sharding, step)[0])
   finally:
     ckpt.close()
   params = vit.unscan_params(jax.tree.map(np.asarray, params))
-  return params, arch_from_config(config.model, params), f"{path} step {step}", config
+  source = f"{path} step {step}{' (EMA weights)' if ema else ''}"
+  return params, arch_from_config(config.model, params), source, config
 
 
 # --- targets -------------------------------------------------------------------------------
@@ -158,21 +186,30 @@ def target_format(to: str, fmt: str, with_decoder: bool) -> str:
   return fmt
 
 
-def timm_metadata(arch: timm_weights.Arch, with_decoder: bool, source: str) -> dict:
+def timm_metadata(arch: timm_weights.Arch, with_decoder: bool, source: str,
+                  num_classes: int = 0, global_pool: str = "token") -> dict:
   decoder = (dict(width=arch.decoder_width, depth=arch.decoder_depth, heads=arch.decoder_heads,
                   mlp_hidden=arch.decoder_hidden, pred_dim=arch.pred_dim)
              if with_decoder else None)
-  return {"timm": timm_weights.timm_model(arch), "posemb": arch.posemb, "decoder": decoder,
-          "source": source, "written_by": "python -m pr_mim_jax.interop.convert"}
+  return {"timm": timm_weights.timm_model(arch, num_classes, global_pool), "posemb": arch.posemb,
+          "decoder": decoder, "source": source,
+          "written_by": "python -m pr_mim_jax.interop.convert"}
 
 
-def write_timm(params, arch, to: pathlib.Path, with_decoder: bool, source: str) -> str:
-  """The encoder (and with_decoder, MAE's decoder) as safetensors + the JSON next to it."""
+def write_timm(params, arch, to: pathlib.Path, with_decoder: bool, source: str,
+               head_config=None) -> str:
+  """The encoder (and with_decoder, MAE's decoder) as safetensors + the JSON next to it;
+  with head_config (a fine-tuning / probing workdir's config.head) the whole classifier."""
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
   if with_decoder and not arch.has_decoder:
     raise UserError(f"--with_decoder: {source} has no decoder")
   state = timm_weights.to_state_dict(params, arch, with_decoder)
-  meta = timm_metadata(arch, with_decoder, source)
+  num_classes, pool = 0, "token"
+  if head_config is not None:
+    state = timm_weights.classifier_state(state, params["head"], params.get("batch_stats", {})
+                                          .get("head", {}), head_config.pool, head_config.kind)
+    num_classes, pool = state["head.bias"].shape[0], timm_weights.POOL_TO_TIMM[head_config.pool]
+  meta = timm_metadata(arch, with_decoder, source, num_classes, pool)
   json_path = safe_replace.sidecar(to)
   tmp, tmp_json = (p.with_name(f".{p.name}.tmp-{os.getpid()}") for p in (to, json_path))
   try:
@@ -186,7 +223,9 @@ def write_timm(params, arch, to: pathlib.Path, with_decoder: bool, source: str) 
     for p in (tmp, tmp_json):
       p.unlink(missing_ok=True)
   note = meta["timm"].get("note")
-  return (f"wrote {to} ({len(state)} arrays{', with the MAE decoder' if with_decoder else ''}) "
+  what = (f", a classifier: {num_classes} classes, global_pool={pool!r}"
+          if head_config is not None else ", with the MAE decoder" if with_decoder else "")
+  return (f"wrote {to} ({len(state)} arrays{what}) "
           f"and {json_path}: timm.create_model({meta['timm']['name']!r}, **kwargs)"
           + (f"; {note}" if note else ""))
 
@@ -288,13 +327,16 @@ def model_overrides(config) -> list[str]:
 
 
 def check_flags(src_is_workdir: bool, fmt: str, step: int, heads: int, decoder_heads: int,
-                config) -> None:
+                config, ema: bool = False) -> None:
   """A UserError for a flag that does not apply to this source / target (never ignored),
   or a negative number of heads (which would fail later as a reshape traceback)."""
   for name, value in (("heads", heads), ("decoder_heads", decoder_heads)):
     if value < 0:
       raise UserError(f"--{name}={value}: a number of heads must be positive (0, the default: "
                       "from the width or the file's metadata)")
+  if ema and not src_is_workdir:
+    raise UserError("--ema: reads a fine-tuning / probing workdir's EMA weights; --from is a "
+                    "file. Drop --ema")
   if step != -1 and not src_is_workdir:
     raise UserError("--step: picks a checkpoint of a workdir source; --from is a file, which "
                     "has one set of weights. Drop --step")
@@ -313,17 +355,20 @@ def check_flags(src_is_workdir: bool, fmt: str, step: int, heads: int, decoder_h
 
 
 def convert(src: str, to: str, fmt: str = "", *, with_decoder: bool = False, step: int = -1,
-            heads: int = 0, decoder_heads: int = 0, overwrite: bool = False, config=None) -> str:
+            heads: int = 0, decoder_heads: int = 0, overwrite: bool = False, config=None,
+            ema: bool = False) -> str:
   """Reads `src`, writes `to`; returns a one-line summary. Raises UserError, writing nothing."""
   src_path, to_path = pathlib.Path(src), pathlib.Path(to)
   fmt = target_format(to, fmt, with_decoder)
-  check_flags(_is_workdir(src_path), fmt, step, heads, decoder_heads, config)
+  check_flags(_is_workdir(src_path), fmt, step, heads, decoder_heads, config, ema)
   safe_replace.check_target(to_path, fmt, overwrite)
   if _is_workdir(src_path):
     if fmt == "workdir":
       raise UserError("--from and --to are both workdirs; nothing to convert")
     check_mae_export(_workdir_config(src_path), fmt)
-    params, arch, source, _ = read_workdir_weights(src_path, step)
+    params, arch, source, src_config = read_workdir_weights(src_path, step, ema)
+    if is_classifier(src_config):
+      return write_timm(params, arch, to_path, False, source, src_config.head)
   else:
     params, arch, source = weight_files.read_file_weights(src_path, heads, decoder_heads,
                                                           decoder=fmt != "timm")
@@ -336,7 +381,7 @@ def convert(src: str, to: str, fmt: str = "", *, with_decoder: bool = False, ste
 def _run(f: types.SimpleNamespace) -> int:
   print(convert(f.src.value, f.to.value, f.format.value, with_decoder=f.with_decoder.value,
                 step=f.step.value, heads=f.heads.value, decoder_heads=f.decoder_heads.value,
-                overwrite=f.overwrite.value, config=f.config.value))
+                overwrite=f.overwrite.value, config=f.config.value, ema=f.ema.value))
   return 0
 
 

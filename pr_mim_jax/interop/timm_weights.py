@@ -390,14 +390,48 @@ def override_note(name: str, shape: dict, known: dict) -> str:
           + ", ".join(diffs))
 
 
-def timm_model(arch: Arch) -> dict:
+def timm_model(arch: Arch, num_classes: int = 0, global_pool: str = "token") -> dict:
   """{'name', 'kwargs'[, 'note']} so that timm.create_model(name, pretrained=False, **kwargs)
   builds the encoder. The name is timm's own when the shape (width, depth, heads, patch,
   image size, MLP ratio) is exactly one of its plain ViTs; otherwise it is the nearest such
   ViT (same patch size when timm has one), and 'note' says which kwargs override it, so the
-  name never passes for the architecture. The kwargs always spell out the whole shape."""
+  name never passes for the architecture. The kwargs always spell out the whole shape;
+  a fine-tuned classifier's export sets num_classes and global_pool (classifier_state)."""
   known, shape = timm_architectures(), shape_kwargs(arch)
   name = base_architecture(shape, known)
-  kwargs = dict(shape, class_token=True, global_pool="token", num_classes=0)
+  kwargs = dict(shape, class_token=True, global_pool=global_pool, num_classes=num_classes)
   note = override_note(name, shape, known)
   return {"name": name, "kwargs": kwargs, **({"note": note} if note else {})}
+
+
+# --- a fine-tuned / probed classifier -> timm's pooling and head ---------------------------
+
+POOL_TO_TIMM = {"gap": "avg", "cls": "token"}  # our config.head.pool -> timm's global_pool
+BN_EPS = 1e-6  # the probe head's BatchNorm (models/classifier.Head)
+
+
+def classifier_state(state: dict, head: dict, batch_stats: dict, pool: str,
+                     kind: str) -> dict[str, np.ndarray]:
+  """A timm encoder state dict (to_state_dict) made a classifier's: head.weight / head.bias
+  from our head, and for pool 'gap' the final norm renamed fc_norm (timm's global_pool='avg'
+  applies fc_norm to the mean of the patch tokens and has no per-token norm, as our 'gap').
+  The probe head's BatchNorm (no affine, running statistics) is folded into the linear layer:
+  (x - mean) / sqrt(var + eps) @ W + b = x @ (W / s) + (b - mean / s @ W)."""
+  if pool not in POOL_TO_TIMM:
+    raise UserError(f"config.head.pool {pool!r}: no timm pooling for it; "
+                    f"use one of {sorted(POOL_TO_TIMM)}")
+  kernel = np.asarray(head["dense"]["kernel"], np.float64)  # [D, C]
+  bias = np.asarray(head["dense"]["bias"], np.float64)
+  if kind == "batchnorm_linear":
+    stats = batch_stats["bn"]
+    scale = 1.0 / np.sqrt(np.asarray(stats["var"], np.float64) + BN_EPS)  # [D]
+    bias = bias - (np.asarray(stats["mean"], np.float64) * scale) @ kernel
+    kernel = kernel * scale[:, None]
+  elif kind != "linear":
+    raise UserError(f"config.head.kind {kind!r}: no timm head for it; use 'linear' or "
+                    "'batchnorm_linear'")
+  out = dict(state)
+  if pool == "gap":
+    out["fc_norm.weight"], out["fc_norm.bias"] = out.pop("norm.weight"), out.pop("norm.bias")
+  out["head.weight"], out["head.bias"] = _f32(kernel.T), _f32(bias)
+  return out

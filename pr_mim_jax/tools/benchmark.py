@@ -312,7 +312,7 @@ def device_fields(report: dict) -> dict:
   return {"num_devices": first("num_devices"), "device": report.get("device") or first("device")}
 
 
-def _run(f: types.SimpleNamespace, argv) -> None:
+def _run(f: types.SimpleNamespace, argv) -> int:
   unknown = set(f.methods.value) - set(methods.METHODS)
   if unknown:
     raise UserError(f"--methods: unknown {sorted(unknown)}; use names from {list(methods.METHODS)}")
@@ -372,6 +372,7 @@ def _run(f: types.SimpleNamespace, argv) -> None:
   if timing:
     print(text, flush=True)
   cli.write_report(f.json.value, report, f.markdown.value, text)
+  return cli.failed_settings_exit(report["settings"])
 
 
 def main(argv=None) -> int:

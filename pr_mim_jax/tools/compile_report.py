@@ -379,7 +379,7 @@ def check_slices(config, num_slices: int) -> None:
                     f"--config.mesh_dcn.data={num_slices}")
 
 
-def _run(f: types.SimpleNamespace, argv) -> None:
+def _run(f: types.SimpleNamespace, argv) -> int:
   spec = compile_targets.parse_target(f.target.value, f.num_devices.value, f.num_slices.value)
   config = f.config.value
   check_slices(config, spec.num_slices)
@@ -430,6 +430,7 @@ def _run(f: types.SimpleNamespace, argv) -> None:
   text = markdown(report)
   print(text, flush=True)
   cli.write_report(f.json.value, report, f.markdown.value, text)
+  return cli.failed_settings_exit(report["settings"])
 
 
 def main(argv=None) -> int:
