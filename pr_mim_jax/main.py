@@ -43,15 +43,15 @@ def _run() -> int:
   if mode == "pretrain":
     run, check = pretrain.train, pretrain.check_config
   else:
-    from pr_mim_jax.evaluation import classify  # pylint: disable=g-import-not-at-top
-    run, check = ((classify.knn_eval, classify.check_knn_config) if mode == "knn"
+    from pr_mim_jax.evaluation import classify, knn_eval  # pylint: disable=g-import-not-at-top
+    run, check = ((knn_eval.knn_eval, knn_eval.check_knn_config) if mode == "knn"
                   else (classify.train, classify.check_config))
   checked = check(config)  # before INFO logging, so a mistake prints one line
   if mode == "pretrain":  # before the workdir is made
     from pr_mim_jax.data import datasets  # pylint: disable=g-import-not-at-top
     datasets.check_workdir_outside_images(config.data, _WORKDIR.value)
   elif mode == "knn":  # before the run log appends to another run's log.txt
-    classify.check_knn_workdir(_WORKDIR.value)
+    knn_eval.check_knn_workdir(_WORKDIR.value)
   config_validation.validate_attention_backend(config.model, jax.default_backend())
   workdir_records.check_writable(_WORKDIR.value)
   absl_logging.use_absl_handler()

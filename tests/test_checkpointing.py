@@ -122,6 +122,20 @@ def test_sync_save(tmp_path):
   ckpt.close()
 
 
+def test_write_checkpoint_is_final_when_it_returns(tmp_path):
+  """A converted workdir's one save: on return the step is renamed into place with its
+  checksums, and it restores verified."""
+  state = _make_state(seed=4)
+  checkpointing.write_checkpoint(str(tmp_path), 7, state)
+  step_dir = tmp_path / 'checkpoints' / '7'
+  assert (step_dir / 'state').is_dir() and (step_dir / checkpointing.CHECKSUMS_FILE).is_file()
+  assert not list((tmp_path / 'checkpoints').glob('*.orbax-checkpoint-tmp*'))
+  ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(str(tmp_path)))
+  _assert_identical(ckpt.restore(_abstract(state)), state)
+  assert ckpt.restored == (7, True)
+  ckpt.close()
+
+
 def test_async_save_close_and_reopen(tmp_path):
   main_threads = set(threading.enumerate())
   ckpt = checkpointing.Checkpointer(str(tmp_path))

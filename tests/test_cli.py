@@ -524,12 +524,12 @@ def test_knn_into_a_pretraining_workdir_is_refused_before_its_log_is_touched(mon
   """k-NN with --workdir = the run to evaluate: refused before run_log.attach would append
   the k-NN's lines to that run's log.txt."""
   from pr_mim_jax.configs import knn as knn_config  # pylint: disable=g-import-not-at-top
-  from pr_mim_jax.evaluation import classify  # pylint: disable=g-import-not-at-top
+  from pr_mim_jax.evaluation import knn_eval  # pylint: disable=g-import-not-at-top
   (tmp_path / "checkpoints" / "6").mkdir(parents=True)
   (tmp_path / "log.txt").write_text("pre-training log\n")
   main, attached = _stub_main(monkeypatch, knn_config.get_config(f"init={tmp_path}"), tmp_path)
-  monkeypatch.setattr(classify, "check_knn_config", lambda config: None)
-  monkeypatch.setattr(classify, "knn_eval", lambda *unused: pytest.fail("k-NN ran"))
+  monkeypatch.setattr(knn_eval, "check_knn_config", lambda config: None)
+  monkeypatch.setattr(knn_eval, "knn_eval", lambda *unused: pytest.fail("k-NN ran"))
   with pytest.raises(cli.UserError, match=r"^--workdir: .* holds another run \(checkpoints\)"):
     main._run()  # pylint: disable=protected-access
   assert not attached

@@ -301,7 +301,7 @@ def test_validate_rejects_with_field_name(overrides, field):
   assert '\n' not in message
 
 
-# The probe / fine-tune and k-NN checks, on a config as classify.resolve_config returns it.
+# The probe / fine-tune and k-NN checks, on a config as init_run.resolve_config returns it.
 INVALID_CLASSIFY = [
     ({'head.pool': 'max'}, "config.head.pool: unknown value 'max'"),
     ({'head.kind': 'mlp'}, "config.head.kind: unknown value 'mlp'"),
@@ -340,7 +340,7 @@ INVALID_PROBE = [
 
 
 def _resolved_config(mode: str):
-  """A probe or fine-tune config as classify.resolve_config leaves it, for a tiny Ti/8."""
+  """A probe or fine-tune config as init_run.resolve_config leaves it, for a tiny Ti/8."""
   config = classify_config.get_config(mode, 'dataset=shapes')
   config.batch_size = config.eval.batch_size = 64
   config.model = ml_collections.ConfigDict(dict(
@@ -767,7 +767,7 @@ def test_linear_probe_trains_without_the_finetuning_regularisers():
   assert c.data.crop_min_scale == pytest.approx(0.08)
   assert (c.model.drop_path, c.optim.layer_decay, c.optim.momentum) == (0.0, 1.0, 0.9)
   assert c.optim.clip_grad_norm == 0.0 and c.ema.decay == 0.0
-  assert (c.model.image_size, c.data.eval_split) == (224, 'validation')
+  assert (c.model.image_size, c.data.eval_split) == (224, 'validation')  # random init: MAE's
 
 
 def test_finetune_augmentation_and_mixing_are_maes():
@@ -781,6 +781,7 @@ def test_finetune_augmentation_and_mixing_are_maes():
   assert (c.optim.optimizer, c.optim.b1, c.optim.clip_grad_norm) == ('adamw', 0.9, 0.0)
   assert c.ema.decay == 0.0 and c.head.freeze_encoder is False
   assert (c.model.image_size, c.data.eval_split) == (224, 'validation')
+
 
 
 @pytest.mark.parametrize('mode', ['linear_probe', 'finetune'])

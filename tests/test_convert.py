@@ -17,6 +17,8 @@ from pr_mim_jax.configs import classify as classify_config
 from pr_mim_jax.configs import knn as knn_config
 from pr_mim_jax.errors import UserError
 from pr_mim_jax.evaluation import classify
+from pr_mim_jax.evaluation import init_run
+from pr_mim_jax.evaluation import knn_eval
 from pr_mim_jax.interop import convert
 from pr_mim_jax.interop import pth_reader
 from pr_mim_jax.interop import safe_replace
@@ -83,7 +85,7 @@ def test_export_of_a_non_standard_shape_says_the_kwargs_override_the_name(workdi
 def test_knn_and_linear_probe_start_from_a_converted_workdir(workdir, tmp_path):
   config = apply_overrides(knn_config.get_config(f"init={workdir},dataset=shapes"), {
       **DATA, "knn.train_examples": 64, "knn.test_examples": 32, "knn.batch_size": 32, "knn.k": 5})
-  top1 = classify.knn_eval(config, str(tmp_path / "knn"))["knn_top1"]
+  top1 = knn_eval.knn_eval(config, str(tmp_path / "knn"))["knn_top1"]
   assert top1 * 32 == pytest.approx(round(top1 * 32), abs=1e-6)  # a count of the 32 test images
   with open(tmp_path / "knn" / "metrics.jsonl") as f:
     assert json.loads(f.readline())["knn_top1"] == pytest.approx(top1)
@@ -94,7 +96,7 @@ def test_knn_and_linear_probe_start_from_a_converted_workdir(workdir, tmp_path):
   assert (model_cfg.width, model_cfg.depth, model_cfg.heads, model_cfg.image_size) == (32, 1, 2, 16)
   mesh = sharding.make_mesh()
   with jax.set_mesh(mesh):
-    encoder = classify.read_pretrained_encoder(probe, mesh, False)
+    encoder = init_run.read_pretrained_encoder(probe, mesh, False)
   np.testing.assert_array_equal(np.asarray(encoder["block0"]["mlp"]["fc1"]["kernel"]),
                                 mae_state()["blocks.0.mlp.fc1.weight"].T)
 
@@ -571,11 +573,7 @@ def classifier_workdir(path, mode, pool, *, ema=False, num_classes=5, seed=0):
                                       opt_state={}, rng=np.zeros(2, np.uint32),
                                       ema_params=noise(params) if ema else None)
   workdir_records.write_records(str(path), config)
-  ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(str(path)), async_save=False)
-  try:
-    ckpt.save(3, state)
-  finally:
-    ckpt.close()
+  checkpointing.write_checkpoint(str(path), 3, state)
   return model, state
 
 

@@ -208,13 +208,19 @@ def test_without_a_checkpointer_signals_are_left_alone():
   assert seen == [before, before] and summary["step"] == 2 and not summary["stopped"]
 
 
-def test_state_shardings_follow_the_fields():
-  mesh = sharding.make_mesh(jax.devices()[:1])
+def _abstract_classifier_state(with_ema: bool):
+  """(abstract ClassifierState of a 2-leaf model with AdamW, its params)."""
   params = {"w": jnp.zeros((4, 2)), "b": jnp.zeros((2,))}
   tx = optax.adamw(1e-3)
-  abstract = jax.eval_shape(lambda: ClassifierState(
+  return jax.eval_shape(lambda: ClassifierState(
       step=jnp.zeros((), jnp.int32), params=params, batch_stats={"mean": jnp.zeros((2,))},
-      opt_state=tx.init(params), rng=jnp.zeros((2,), jnp.uint32), ema_params=None))
+      opt_state=tx.init(params), rng=jnp.zeros((2,), jnp.uint32),
+      ema_params=params if with_ema else None)), params
+
+
+def test_state_shardings_follow_the_fields():
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  abstract, params = _abstract_classifier_state(with_ema=False)
   params_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), params)
   got = trainer.state_shardings(abstract, params_sharding, mesh)
   assert got.params is params_sharding and got.ema_params is None
@@ -292,11 +298,7 @@ def test_state_shardings_lay_out_params_ema_and_optimizer_moments_like_the_param
   """With a params sharding different from replicated: params and ema_params take it, Adam's
   mu and nu (params-shaped) follow it, the rest (step counts, rng, batch stats) is replicated."""
   mesh = sharding.make_mesh(jax.devices()[:1])
-  params = {"w": jnp.zeros((4, 2)), "b": jnp.zeros((2,))}
-  tx = optax.adamw(1e-3)
-  abstract = jax.eval_shape(lambda: ClassifierState(
-      step=jnp.zeros((), jnp.int32), params=params, batch_stats={"mean": jnp.zeros((2,))},
-      opt_state=tx.init(params), rng=jnp.zeros((2,), jnp.uint32), ema_params=params))
+  abstract, params = _abstract_classifier_state(with_ema=True)
   split = NamedSharding(mesh, P("data"))
   assert split != sharding.replicated(mesh)
   params_sharding = jax.tree.map(lambda _: split, params)

@@ -7,12 +7,13 @@ no weight decay, cls token, BatchNorm head without affine); fine-tuning with Ada
 m9-mstd0.5, random erasing 0.25, mixup 0.8 / cutmix 1.0, label smoothing 0.1, global
 average pooling). Fine-tuning's epochs, base lr, layer decay and drop path are left None:
 the run fills them from MAE's recipe for the model's size (B, L or H), the model being the
-pre-trained one unless `variant=` names it (evaluation/classify.py, MAE_FINETUNE_RECIPES).
+pre-trained one unless `variant=` names it (evaluation/init_run.py, MAE_FINETUNE_RECIPES).
 `dataset=shapes` gives settings sized for the embedded dataset.
 
 Arguments: init=WORKDIR (a pre-training workdir; its latest checkpoint unless
 --config.init.step=N is set; -1 = latest; '' = random init, a baseline), variant= (the
-init run's by default; needed for random init), dataset=.
+init run's by default; needed for random init), dataset=. The resolution is the init
+run's (model.image_size 0), or 224 px for random init at ImageNet scale.
 """
 
 import ml_collections
@@ -49,7 +50,9 @@ def get_config(mode: str, arg=None):
   # Architecture fields left empty ('' / 0) come from the pre-training run's config.json.
   c.model = ml_collections.ConfigDict(dict(
       variant=arg.variant, width=0, depth=0, heads=0, posemb="",
-      image_size=0 if demo else 224,  # differs from pre-training: posembs are interpolated
+      # 0: the init run's. Random init at ImageNet scale: MAE's 224. Another size than the
+      # init run's may be set; the position embeddings are then interpolated.
+      image_size=0 if demo or arg.init else 224,
       compute_dtype="float32" if demo else "bfloat16",
       remat="none", scan_layers=False, attention="einsum",  # options as in pre-training
       drop_path=0.0 if probe else (0.1 if demo else from_recipe()),

@@ -303,11 +303,7 @@ def write_workdir(params, arch, to: pathlib.Path, config, source: str) -> str:
   tmp = to.with_name(f".{to.name}.tmp-{os.getpid()}")
   try:
     workdir_records.write_records(str(tmp), config)
-    ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(str(tmp)), async_save=False)
-    try:
-      ckpt.save(0, state)
-    finally:
-      ckpt.close()
+    checkpointing.write_checkpoint(str(tmp), 0, state)
     safe_replace.replace(tmp, to)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)

@@ -54,6 +54,16 @@ def checkpoint_dir(workdir: str) -> str:
   return str(epath.Path(workdir) / 'checkpoints')
 
 
+def write_checkpoint(workdir: str, step: int, state) -> None:
+  """Saves `state` at `step` into `workdir`'s checkpoints and returns once it is final: a
+  workdir made outside a training loop (a converted one)."""
+  ckpt = Checkpointer(checkpoint_dir(workdir), async_save=False)
+  try:
+    ckpt.save(step, state)
+  finally:
+    ckpt.close()
+
+
 def _short(e: Exception, limit: int = 200) -> str:
   """First line of an exception, truncated: enough to hint, not a traceback."""
   lines = str(e).strip().splitlines()

@@ -290,7 +290,7 @@ def validate_encoder(model):
 
 def validate_knn_eval(config):
   """The k-NN evaluation (configs/knn.py), before its init run is read. Its model, once
-  resolved against that run, is validate_encoder's (classify.check_knn_config)."""
+  resolved against that run, is validate_encoder's (knn_eval.check_knn_config)."""
   _require(bool(config.init.workdir), "init.workdir", "k-NN needs a pre-training run",
            "use pr_mim_jax/configs/knn.py:init=WORKDIR")
   validate_init_step(config)
@@ -324,7 +324,7 @@ def validate_effective_classify(config):
 
 
 def validate_classify(config, num_batch_shards: int):
-  """A probe or fine-tune config resolved against its init run (classify.resolve_config).
+  """A probe or fine-tune config resolved against its init run (init_run.resolve_config).
   The mesh and init.step are checked before that (validate_mesh, validate_init_step)."""
   model = config.model
   validate_encoder(model)
