@@ -9,9 +9,11 @@
 # No TensorFlow needed. Environment: STEPS (timed steps, default 20), BATCH (default 256).
 set -euo pipefail
 usage="usage: launch/gpu_benchmark.sh OUT_DIR [sweep] [--config.FIELD=VALUE ...]"
-out=${1:?$usage}
+die() { echo "error: $*" >&2; exit 2; }
+[ $# -gt 0 ] && [ -n "$1" ] || die "OUT_DIR missing; $usage"
+out=$1
 # A flag or `sweep` in OUT_DIR's place means OUT_DIR was left out (./sweep names a folder).
-case $out in -*|sweep) echo "$usage (OUT_DIR first, not $out)" >&2; exit 2;; esac
+case $out in -*|sweep) die "OUT_DIR comes first, not $out; $usage";; esac
 shift
 mode=main
 if [ "${1:-}" = sweep ]; then mode=sweep; shift; fi

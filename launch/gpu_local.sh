@@ -5,9 +5,11 @@
 # CUDA_VISIBLE_DEVICES to choose GPUs. Install first: pip install -U "jax[cuda12]" -r requirements.txt
 set -euo pipefail
 usage="usage: launch/gpu_local.sh WORKDIR [--config.FIELD=VALUE ...]"
-workdir=${1:?$usage}
+die() { echo "error: $*" >&2; exit 2; }
+[ $# -gt 0 ] && [ -n "$1" ] || die "WORKDIR missing; $usage"
+workdir=$1
 # A flag in WORKDIR's place would become the workdir and be dropped from the run.
-case $workdir in -*) echo "$usage (WORKDIR first, not $workdir)" >&2; exit 2;; esac
+case $workdir in -*) die "WORKDIR comes first, not $workdir; $usage";; esac
 shift
 args=(--config="${CONFIG:-pr_mim_jax/configs/pretrain.py:variant=B/16}" --workdir="$workdir")
 [ -n "${DATA_DIR:-}" ] && args+=(--config.data.data_dir="$DATA_DIR")

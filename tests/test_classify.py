@@ -34,7 +34,8 @@ from pr_mim_jax.training.train_state import ClassifierState
 def encoder_checkpoint(workdir):
   ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir))
   try:
-    params, _ = ckpt.restore_subtree(("params", "encoder"), sharding.replicated(sharding.make_mesh()))
+    params, _ = ckpt.restore_subtree(("params", "encoder"),
+                                     sharding.replicated(sharding.make_mesh()))
   finally:
     ckpt.close()
   return jax.tree.map(np.asarray, params)
@@ -89,7 +90,7 @@ def test_evaluation_counts_every_example_once(pretrained):
   from pr_mim_jax.data import pipeline, pixels
   images, labels = pipeline.labeled_arrays(config.data, "test", num_examples=100, image_size=SIZE)
   logits = np.asarray(model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                                  pixels.normalize(images), train=False))  # uint8 -> the model's input
+                                  pixels.normalize(images), train=False))  # uint8 -> model input
   assert result["top1"] == pytest.approx(np.mean(logits.argmax(-1) == labels))
   top5 = np.argsort(-logits, axis=-1)[:, :5]
   assert result["top5"] == pytest.approx(np.mean((top5 == labels[:, None]).any(-1)))
@@ -98,7 +99,8 @@ def test_evaluation_counts_every_example_once(pretrained):
 @pytest.mark.slow
 def test_finetune_cli_runs_resumes_and_reports(pretrained, tmp_path):
   workdir = str(tmp_path / "ft")
-  args = [sys.executable, "-m", "pr_mim_jax.main", f"--config=pr_mim_jax/configs/finetune.py:init={pretrained},dataset=shapes",
+  args = [sys.executable, "-m", "pr_mim_jax.main",
+          f"--config=pr_mim_jax/configs/finetune.py:init={pretrained},dataset=shapes",
           f"--workdir={workdir}", *[f"--config.{k}={v}" for k, v in DATA.items()],
           "--config.batch_size=32", "--config.eval.batch_size=24", "--config.train.log_every=2",
           "--config.ema.decay=0.9", "--config.model.image_size=48"]  # 48 px: posembs resized
@@ -125,7 +127,8 @@ def test_bad_init_workdir_is_one_line(tmp_path):
       [sys.executable, "-m", "pr_mim_jax.main",
        f"--config=pr_mim_jax/configs/linear_probe.py:init={tmp_path},dataset=shapes",
        f"--workdir={tmp_path / 'probe'}", "--config.data.backend=numpy"],
-      cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert result.returncode == 2
   assert result.stderr.startswith("error: config.init.workdir:"), result.stderr
   assert "Traceback" not in result.stderr

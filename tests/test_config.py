@@ -783,7 +783,6 @@ def test_finetune_augmentation_and_mixing_are_maes():
   assert (c.model.image_size, c.data.eval_split) == (224, 'validation')
 
 
-
 @pytest.mark.parametrize('mode', ['linear_probe', 'finetune'])
 def test_eval_configs_share_the_arguments(mode):
   """The per-mode config files are classify's modes with classify's arguments."""

@@ -1,6 +1,7 @@
 """Resolving datasets: which folder pre-training reads, '~' in data_dir, backend errors."""
 
 import logging
+import re
 import subprocess
 import sys
 
@@ -88,6 +89,53 @@ def test_tfds_slice_as_folder_train_split_is_an_error_not_the_whole_tree(tmp_pat
       datasets.check_dataset(data)
     with pytest.raises(UserError, match=r"is a tfds slice"):
       datasets.num_examples(data, split)
+
+
+def test_folder_train_split_that_is_not_a_folder_is_an_error_not_the_whole_tree(tmp_path):
+  """A mistyped train split ('trian', or the default 'train' beside 'Training') read the whole
+  tree silently, validation images included; the error names the folder meant."""
+  _pngs(tmp_path / "a" / "train" / "cat", 3)
+  _pngs(tmp_path / "a" / "val" / "cat", 2)
+  with pytest.raises(UserError, match=r"train_split='trian': .*did you mean train\? its sub-f"
+                                      r"olders are train, val\."):
+    datasets.check_dataset(_data(f"folder:{tmp_path}/a", train_split="trian"))
+  with pytest.raises(UserError, match=r"train_split='unlabeled': .* sub-folders are train, val"):
+    datasets.num_examples(_data(f"folder:{tmp_path}/a"), "unlabeled")
+  _pngs(tmp_path / "b" / "Training" / "cat", 3)
+  _pngs(tmp_path / "b" / "val" / "cat", 2)
+  with pytest.raises(UserError, match=r"train_split='train': .*did you mean Training\?"):
+    datasets.check_dataset(_data(f"folder:{tmp_path}/b"))
+  assert datasets.num_examples(_data(f"folder:{tmp_path}/b"), "Training") == 3
+  assert datasets.num_examples(_data(f"folder:{tmp_path}/b"), ".") == 5  # the whole tree, asked
+  _pngs(tmp_path / "c" / "cat", 3)  # no splits at all: the default reads the whole tree
+  _pngs(tmp_path / "c" / "dog", 1)
+  assert datasets.num_examples(_data(f"folder:{tmp_path}/c"), "train") == 4
+  _pngs(tmp_path / "e" / "trains", 2)  # class folders, not a train split: still the tree
+  _pngs(tmp_path / "e" / "trainers", 1)
+  assert datasets.num_examples(_data(f"folder:{tmp_path}/e"), "train") == 3
+  _pngs(tmp_path / "d" / "TRAIN_SET" / "cat", 1)  # a train split by another name
+  with pytest.raises(UserError, match=r"train_split='train': .*did you mean TRAIN_SET\?"):
+    datasets.num_examples(_data(f"folder:{tmp_path}/d"), "train")
+
+
+def test_folder_listing_warns_about_the_files_it_leaves_out(tmp_path, caplog):
+  """WebP, GIF or text files in an image folder were dropped without a word."""
+  _pngs(tmp_path / "a", 2)
+  for rel in ("a/photo.webp", "a/notes.txt", "b/anim.gif", "b/x.bmp"):
+    (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / rel).write_bytes(b"x")
+  (tmp_path / "a" / ".DS_Store").write_bytes(b"x")  # hidden: skipped without a word
+  with caplog.at_level(logging.WARNING):
+    assert len(sources.list_image_files(str(tmp_path))) == 2
+  warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert len(warned) == 1 and "4 of its files are not .jpg/.jpeg/.png" in warned[0]
+  assert "a/notes.txt, a/photo.webp, b/anim.gif, ..." in warned[0]
+  only_webp = tmp_path / "webp"
+  only_webp.mkdir()
+  (only_webp / "p.webp").write_bytes(b"x")
+  with pytest.raises(UserError, match=r"no .jpg/.jpeg/.png files \(it holds 1 other files: "
+                                      r"p.webp\); add images"):
+    sources.list_image_files(str(only_webp))
 
 
 def test_num_eval_batches_is_the_ceiling():
@@ -205,3 +253,88 @@ def test_shapes_data_dir_that_is_a_file_is_a_user_error(tmp_path):
   with pytest.raises(UserError, match=rf"data.data_dir {not_a_dir} is a file, not a directory"):
     datasets.check_dataset(_data("shapes", data_dir=str(not_a_dir), eval_split="test"))
   datasets.check_dataset(_data("shapes", data_dir=str(tmp_path / "new"), eval_split="test"))
+
+
+def _files(folder, names):
+  folder.mkdir(parents=True, exist_ok=True)
+  for name in names:
+    (folder / name).write_bytes(b"x")
+
+
+@pytest.mark.parametrize("names,listed", [
+    (["c.txt", "a.webp", "b.gif"], "a.webp, b.gif, c.txt"),  # all three, no ellipsis
+    (["d.txt", "c.txt", "a.webp", "b.gif"], "a.webp, b.gif, c.txt, ..."),
+])
+def test_files_left_out_are_listed_up_to_three(tmp_path, caplog, names, listed):
+  _pngs(tmp_path / "some", 1)
+  _files(tmp_path / "some", names)
+  with caplog.at_level(logging.WARNING):
+    sources.list_image_files(str(tmp_path / "some"))
+  warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert len(warned) == 1 and f"are not read ({listed}); convert" in warned[0]
+  _files(tmp_path / "none", names)
+  with pytest.raises(UserError, match=rf"it holds {len(names)} other files: {re.escape(listed)}\)"):
+    sources.list_image_files(str(tmp_path / "none"))
+
+
+def test_missing_split_errors_list_only_visible_sub_folders(tmp_path):
+  """Hidden folders (.cache) and files (README.txt) are no splits to name."""
+  _pngs(tmp_path / "Training" / "cat", 2)
+  _pngs(tmp_path / "val" / "cat", 1)
+  _files(tmp_path / ".cache", ["x.png"])
+  _files(tmp_path, ["README.txt", "labels.csv"])
+  with pytest.raises(UserError, match=r"did you mean Training\? its sub-folders are Training, "
+                                      r"val\. Set data.train_split"):
+    datasets.check_dataset(_data(f"folder:{tmp_path}"))
+  with pytest.raises(UserError, match=r"no labeled split 'validation': .* is not a directory; "
+                                      r"its sub-folders are Training, val; labeled use"):
+    datasets.check_labeled_dataset(_data(f"folder:{tmp_path}", train_split="Training"))
+  with pytest.raises(UserError, match=r"no labeled split 'validation': .* is not a directory; "
+                                      r"its sub-folders are Training, val; labeled use"):
+    datasets.check_labeled_dataset(_data(f"folder:{tmp_path}", train_split="Training"))
+
+
+@pytest.mark.parametrize("missing", ["nope", "a_file.png"])
+def test_a_folder_dataset_that_is_not_a_folder_is_named(tmp_path, missing):
+  _pngs(tmp_path, 1)
+  (tmp_path / "0.png").rename(tmp_path / "a_file.png")
+  with pytest.raises(UserError, match=rf"image folder {tmp_path}/{missing} (does not exist|is "
+                                      "not a directory)"):
+    datasets.check_dataset(_data(f"folder:{tmp_path}/{missing}"))
+
+
+def test_missing_split_errors_list_ten_sub_folders_then_an_ellipsis(tmp_path):
+  for i in range(11):
+    _pngs(tmp_path / f"part{i:02d}" / "cat", 1)
+  ten = ", ".join(f"part{i:02d}" for i in range(10))
+  with pytest.raises(UserError, match=rf"its sub-folders are {ten}, \.\.\.\. Set"):
+    datasets.check_dataset(_data(f"folder:{tmp_path}", train_split="all"))
+  with pytest.raises(UserError, match=rf"its sub-folders are {ten}, \.\.\.; labeled use"):
+    datasets.check_labeled_dataset(_data(f"folder:{tmp_path}", train_split="part00"))
+
+def test_a_train_split_asked_of_a_folder_without_sub_folders_says_there_are_none(tmp_path):
+  _pngs(tmp_path, 2)
+  with pytest.raises(UserError, match=r"train_split='trian': .* is not a folder; its sub-folders "
+                                      r"are none\. Set data.train_split to the folder to "
+                                      r"pre-train on, or to \. for the whole tree"):
+    datasets.check_dataset(_data(f"folder:{tmp_path}", train_split="trian"))
+  assert len(sources.list_image_files(sources.pretrain_folder(str(tmp_path), "."))) == 2
+  assert len(sources.list_image_files(sources.pretrain_folder(str(tmp_path), "."))) == 2
+
+
+def test_a_missing_labeled_split_lists_the_sub_folders_and_the_one_it_likely_means(tmp_path):
+  for root, val in (("a", "val"), ("b", "valid")):
+    _pngs(tmp_path / root / "train" / "cat", 2)
+    _pngs(tmp_path / root / val / "cat", 1)
+  with pytest.raises(UserError, match=r"has no labeled split 'validation': .* is not a directory;"
+                                      r" its sub-folders are train, val;"):
+    datasets.check_labeled_dataset(_data(f"folder:{tmp_path}/a"))
+  with pytest.raises(UserError, match=r"no labeled split 'validation': .*; did you mean valid\? "
+                                      r"its sub-folders are train, valid; labeled use"):
+    datasets.check_labeled_dataset(_data(f"folder:{tmp_path}/b"))
+  assert datasets.num_examples(_data(f"folder:{tmp_path}/b"), "valid") == 1
+
+
+def test_labeled_use_of_a_folder_that_does_not_exist_is_one_user_error(tmp_path):
+  with pytest.raises(UserError, match=rf"folder:{tmp_path}/nope has no labeled split 'train'"):
+    datasets.check_labeled_dataset(_data(f"folder:{tmp_path}/nope"))

@@ -171,3 +171,44 @@ def test_equals_the_matmul_flops_of_the_traced_gradient(method, fields):
   traced = _dot_general_flops(jaxpr.jaxpr) / batch
   ours = flops.step_flops(model, task.split, task.reconstruct_thrown)
   assert ours.total * flops.GIGA == pytest.approx(traced, rel=1e-9)
+
+
+def _hand_block(n, w, ctx=0):
+  """Forward matmul FLOPs of one ViT block over n tokens (cross-attending to ctx if > 0)."""
+  kv = ctx or n
+  return (2 * n * w * w + 2 * kv * w * 2 * w  # q, k, v projections
+          + 2 * 2 * n * kv * w  # q @ k and weights @ v
+          + 2 * n * w * w  # output projection
+          + 2 * 2 * n * w * 4 * w)  # MLP, ratio 4
+
+
+def test_b16_counts_match_a_hand_count():
+  # ViT-B/16 at 224 px, mask 0.75, throw 0.5: 49 visible, 49 decoded, 98 thrown of 196.
+  # MAE's decoder is 512 wide and 8 deep, the pixel head outputs 16*16*3 = 768 values.
+  # Backward costs two products per forward product, except the patch embedding (one).
+  # These are the numbers docs/method.md tabulates.
+  vis, enc, dd, out = 49, 768, 512, 768
+  encoder = 3 * 12 * _hand_block(1 + vis, enc) + 2 * 2 * vis * 768 * enc
+
+  def decoder(n_dec):
+    return 3 * (2 * (1 + vis) * enc * dd + 8 * _hand_block(1 + vis + n_dec, dd)
+                + 2 * n_dec * dd * out)
+
+  head = 2 * 98 * dd * out
+  mix = 2 * 98 * 10 * dd  # weighted sum over the 3x3 box + the cls key
+  local = (head + mix + 2 * 98 * dd * 64  # query projection
+           + 2 * (196 + 1) * dd * 64  # key projection of the canvas and the cls feature
+           + 2 * 98 * 10 * 64  # query . key
+           + 2 * 2 * 98 * dd * 64)  # narrow residual MLP
+  last_block = head + _hand_block(98, dd, ctx=1 + vis + 49)
+  want = {("mae", "local_attention"): (encoder, decoder(147), 0),
+          ("partial", "local_attention"): (encoder, decoder(49), 0),
+          ("pr_mim", "local_attention"): (encoder, decoder(49), 3 * local),
+          ("pr_mim", "interpolate"): (encoder, decoder(49), 3 * (head + mix)),
+          ("pr_mim", "last_block"): (encoder, decoder(49), 3 * last_block)}
+  for (method, aggregator), parts in want.items():
+    got = _cost(_config(method, **{"reconstruction.aggregator": aggregator}))
+    assert (got.encoder, got.decoder, got.thrown) == pytest.approx(
+        tuple(p / 1e9 for p in parts), rel=1e-12), (method, aggregator)
+  assert sum(want["mae", "local_attention"]) / 1e9 == pytest.approx(57.99, abs=0.005)
+  assert sum(want["pr_mim", "local_attention"]) / 1e9 == pytest.approx(41.87, abs=0.005)

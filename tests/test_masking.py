@@ -23,6 +23,8 @@ from pr_mim_jax.models import progressive
     (196, 0.7, 0.0, (58, 138, 0)),  # int(58.8) = 58 (rounding would give 59)
     (196, 0.9, 0.0, (19, 177, 0)),  # int(19.6) = 19 (rounding would give 20)
     (64, 0.9, 0.3, (6, 39, 19)),  # int(6.4) = 6, round(19.2) = 19
+    # In floating point 1 - 0.8 is just below 0.2, so MAE's int(100 * (1 - 0.8)) keeps 19.
+    (100, 0.8, 0.0, (19, 81, 0)),
 ])
 def test_token_split_counts(length, mask, throw, expected):
   split = masking.token_split(length, mask, throw)
@@ -397,3 +399,32 @@ def test_furthest_stage_count_keeps_one_furthest_sequence():
     np.testing.assert_array_equal(np.asarray(m.ids_dec), np.asarray(three.ids_dec))
   np.testing.assert_array_equal(np.asarray(six.ids_throw)[:, :12], np.asarray(three.ids_throw)[:, :12])
   np.testing.assert_array_equal(np.asarray(four.ids_throw)[:, :14], np.asarray(six.ids_throw)[:, :14])
+
+
+def test_furthest_ties_are_broken_by_fresh_noise_per_image():
+  # 4x4 grid, 4 visible: the first decoded pick is a furthest masked patch from the visible
+  # set, and distance ties are common. A brute-force Euclidean reference finds the tied
+  # candidates. Random tie-breaking picks the smallest index of k tied ones with chance 1/k
+  # (a fixed order would always pick it), and images that happen to share a visible set
+  # (1820 possible sets, 2048 images) still get different decoded sets.
+  grid, batch = 4, 2048
+  split, masks = _make(17, batch, grid, 0.75, 0.5, 'furthest')
+  vis, dec = np.asarray(masks.ids_vis), np.asarray(masks.ids_dec)
+  rows, cols = np.divmod(np.arange(grid * grid), grid)
+  sq = (rows[:, None] - rows) ** 2 + (cols[:, None] - cols) ** 2  # [L, L]
+  is_vis = np.zeros((batch, grid * grid), bool)
+  is_vis[np.arange(batch)[:, None], vis] = True
+  nearest = np.where(is_vis[:, None, :], sq[None], 10 ** 6).min(axis=2)  # [B, L]
+  nearest = np.where(is_vis, -1, nearest)  # visible patches are never candidates
+  tied = nearest == nearest.max(axis=1, keepdims=True)  # [B, L]
+  assert tied[np.arange(batch), dec[:, 0]].all()  # the first pick is a furthest one
+  k = tied.sum(axis=1)
+  with_ties = k > 1
+  assert with_ties.sum() > 500
+  smallest = dec[:, 0] == tied.argmax(axis=1)
+  expected = np.mean(1.0 / k[with_ties])  # about 0.26 here
+  assert abs(smallest[with_ties].mean() - expected) < 0.06
+  by_visible = {}
+  for v, d in zip(vis, dec):
+    by_visible.setdefault(tuple(sorted(v)), set()).add(tuple(sorted(d)))
+  assert sum(len(d) > 1 for d in by_visible.values()) > 50

@@ -470,3 +470,20 @@ def test_probe_optimizer_reads_momentum_from_the_config():
   for k in ref:
     np.testing.assert_allclose(np.asarray(p['head'][k]), ref[k], rtol=1e-5, atol=1e-6, err_msg=k)
     assert np.abs(ref[k] - other[k]).max() > 1e-3
+
+
+def test_epoch_counts_round_to_the_nearest_step():
+  """0.57 epochs of 100 steps are 57 steps (the float product is 56.999...), 0.29 are 29; an
+  epoch count shorter than half a step still trains one step."""
+  cfg = optim_cfg(epochs=0.57, warmup_epochs=0.29)
+  assert optim.schedule_steps(cfg, 10_000, 100) == (57, 29)
+  assert optim.schedule_steps(optim_cfg(epochs=0.04, warmup_epochs=0.0), 1000, 100) == (1, 0)
+
+
+def test_without_warmup_the_first_step_is_at_peak_lr():
+  """A 1-step smoke run (its warmup rounds to 0) must take a real step, not an lr-0 one."""
+  total, warmup = optim.schedule_steps(optim_cfg(), 1000, 100, total_steps_override=1)
+  assert (total, warmup) == (1, 0)
+  sched = optim.lr_schedule(2.0, 10, 0)
+  assert float(sched(0)) == pytest.approx(2.0)
+  assert float(sched(5)) == pytest.approx(1.0, rel=1e-5)  # cosine midpoint of 10 steps

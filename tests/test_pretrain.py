@@ -267,6 +267,10 @@ def test_unlabeled_tfds_needs_knn_off_before_training(tiny_config, tmp_path):
     pretrain.check_config(tiny_config)
   tiny_config.knn.enabled = False
   assert pretrain.check_config(tiny_config).num_train == 16
+  # Only the k-NN monitor reads the eval split: with it off, a split the dataset lacks (the
+  # ImageNet default 'validation' on a train-only dataset) is no reason to refuse the run.
+  tiny_config.data.eval_split = "validation"
+  assert pretrain.check_config(tiny_config).num_train == 16
 
 
 # ------------------------------------------------- the loop's decisions, fast (no training)

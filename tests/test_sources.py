@@ -43,6 +43,29 @@ def test_folder_path_expands_home(tmp_path, monkeypatch):
   assert sources.list_image_files(root) == (f"{tmp_path}/imgs/a.png",)
 
 
+def _prepare_own_tfds(data_dir, name, features: dict, splits: dict, example) -> None:
+  """Prepares NAME in data_dir (array_record) as a builder of one's own would, without
+  registering it in this process: `features` its FeaturesDict, `splits` split -> size,
+  example(i) the i-th example of a split."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  with tfds.core.registered.skip_registration():
+    class Own(tfds.core.GeneratorBasedBuilder):  # pylint: disable=unused-variable
+      VERSION = tfds.core.Version("1.0.0")
+
+      def _info(self):
+        return tfds.core.DatasetInfo(builder=self,
+                                     features=tfds.features.FeaturesDict(features))
+
+      def _split_generators(self, dl_manager):
+        return {split: self._generate_examples(n) for split, n in splits.items()}
+
+      def _generate_examples(self, n):
+        for i in range(n):
+          yield i, example(i)
+    Own.name = name
+  Own(data_dir=data_dir, file_format="array_record").download_and_prepare()
+
+
 @pytest.fixture(scope="module")
 def own_tfds(tmp_path_factory):
   """data_dir holding two datasets of one's own, prepared but not registered in this process
@@ -51,27 +74,12 @@ def own_tfds(tmp_path_factory):
     pytest.skip("tensorflow / tensorflow_datasets not installed")
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   data_dir = str(tmp_path_factory.mktemp("own_tfds"))
-
-  def build(name, image_feature):
-    with tfds.core.registered.skip_registration():
-      class Own(tfds.core.GeneratorBasedBuilder):  # pylint: disable=unused-variable
-        VERSION = tfds.core.Version("1.0.0")
-
-        def _info(self):
-          return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
-              {"image": image_feature, "label": tfds.features.ClassLabel(num_classes=2)}))
-
-        def _split_generators(self, dl_manager):
-          return {"train": self._generate_examples(6), "validation": self._generate_examples(2)}
-
-        def _generate_examples(self, n):
-          for i in range(n):
-            yield i, {"image": np.full((8, 8, 3), 20 * i, np.uint8), "label": i % 2}
-      Own.name = name
-    Own(data_dir=data_dir, file_format="array_record").download_and_prepare()
-
-  build("pr_mim_own", tfds.features.Image(shape=(None, None, 3)))
-  build("pr_mim_raw", tfds.features.Tensor(shape=(8, 8, 3), dtype=np.uint8))
+  for name, image in (("pr_mim_own", tfds.features.Image(shape=(None, None, 3))),
+                      ("pr_mim_raw", tfds.features.Tensor(shape=(8, 8, 3), dtype=np.uint8))):
+    _prepare_own_tfds(data_dir, name,
+                      {"image": image, "label": tfds.features.ClassLabel(num_classes=2)},
+                      {"train": 6, "validation": 2},
+                      lambda i: {"image": np.full((8, 8, 3), 20 * i, np.uint8), "label": i % 2})
   return data_dir
 
 
@@ -306,22 +314,9 @@ def unlabeled_tfds(tmp_path_factory):
     pytest.skip("tensorflow / tensorflow_datasets not installed")
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   data_dir = str(tmp_path_factory.mktemp("nolabel_tfds"))
-  with tfds.core.registered.skip_registration():
-    class NoLabel(tfds.core.GeneratorBasedBuilder):  # pylint: disable=unused-variable
-      VERSION = tfds.core.Version("1.0.0")
-
-      def _info(self):
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
-            {"image": tfds.features.Image(shape=(None, None, 3))}))
-
-      def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples(3)}
-
-      def _generate_examples(self, n):
-        for i in range(n):
-          yield i, {"image": np.full((8, 8, 3), 30 * i, np.uint8)}
-    NoLabel.name = "pr_mim_nolabel"
-  NoLabel(data_dir=data_dir, file_format="array_record").download_and_prepare()
+  _prepare_own_tfds(data_dir, "pr_mim_nolabel",
+                    {"image": tfds.features.Image(shape=(None, None, 3))}, {"train": 3},
+                    lambda i: {"image": np.full((8, 8, 3), 30 * i, np.uint8)})
   return data_dir
 
 
@@ -443,3 +438,100 @@ def test_data_dir_at_the_folder_of_an_own_dataset_names_the_right_one(own_tfds):
     with pytest.raises(UserError, match=rf"not prepared in {inside}, but it is in {own_tfds}: "
                                         rf"set data.data_dir={own_tfds} \("):
       sources.tfds_builder("pr_mim_own", inside)
+
+
+@pytest.fixture(scope="module")
+def renamed_tfds(tmp_path_factory):
+  """data_dir holding pr_mim_renamed: images under 'img', a Scalar 'label' of 5 and 7 (one
+  'train' split), as a builder of one's own might write them."""
+  if not datasets.tf_importable():
+    pytest.skip("tensorflow / tensorflow_datasets not installed")
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  data_dir = str(tmp_path_factory.mktemp("renamed_tfds"))
+  _prepare_own_tfds(data_dir, "pr_mim_renamed",
+                    {"img": tfds.features.Image(shape=(None, None, 3)),
+                     "label": tfds.features.Scalar(dtype=np.int64)}, {"train": 4},
+                    lambda i: {"img": np.full((8, 8, 3), 30 * i, np.uint8),
+                               "label": (5, 7)[i % 2]})
+  return data_dir
+
+
+def _tfds_data(name, data_dir, **kw):
+  return ml_collections.ConfigDict({"dataset": name, "train_split": "train",
+                                    "eval_split": "validation", "data_dir": data_dir,
+                                    "backend": "tf", **kw})
+
+
+@needs_tf
+def test_image_feature_under_another_name_is_named_before_training(renamed_tfds):
+  """check_dataset (run before the workdir is made) passed, and the run stopped later with
+  'use an image dataset' for a dataset whose images are a tfds Image named otherwise."""
+  with pytest.raises(UserError, match=r"no 'image' feature \(it has img, label\); .*it keeps "
+                                      r"its images in 'img': rename that feature to 'image'"):
+    datasets.check_dataset(_tfds_data("pr_mim_renamed", renamed_tfds, eval_split="train"))
+
+
+@needs_tf
+def test_label_that_is_not_a_class_label_says_what_to_prepare(renamed_tfds):
+  """Labels 5 and 7 in a Scalar feature: 'has no label class feature; use a labeled dataset'
+  said the dataset had no labels; it has, but not numbered 0..K-1."""
+  with pytest.raises(UserError, match=r"'label' feature is a Scalar, not a tfds.features.ClassLab"
+                                      r"el: classes must be numbered 0..K-1"):
+    datasets.num_classes(_tfds_data("pr_mim_renamed", renamed_tfds))
+
+
+@needs_tf
+def test_unknown_name_suggests_the_datasets_prepared_in_data_dir(own_tfds, unlabeled_tfds):
+  """A typo of one's own dataset got no 'did you mean', and a name without data_dir did not
+  say that data_dir is where datasets of one's own are read from."""
+  held = rf"; data.data_dir {own_tfds} holds pr_mim_own, pr_mim_raw$"
+  with pytest.raises(UserError, match=r"unknown dataset 'pr_mim_onw': did you mean pr_mim_own\b.*"
+                     + held):
+    sources.tfds_builder("pr_mim_onw", own_tfds)
+  assert sources.prepared_names(unlabeled_tfds) == ["pr_mim_nolabel"]
+  with pytest.raises(UserError, match=r"unknown dataset 'pr_mim_own': .*a dataset of your own "
+                                      r"needs data.data_dir, the folder that holds pr_mim_own/"):
+    sources.tfds_builder("pr_mim_own", None)
+
+
+@needs_tf
+def test_pretraining_without_the_knn_monitor_needs_no_eval_split(unlabeled_tfds):
+  """An unlabeled dataset with a 'train' split only: the eval split that nothing reads was
+  checked, and the run refused its default 'validation'."""
+  data = _tfds_data("pr_mim_nolabel", unlabeled_tfds)
+  datasets.check_dataset(data, eval_split=False)
+  with pytest.raises(UserError, match=r"data.eval_split: .* no split 'validation'"):
+    datasets.check_dataset(data)
+
+
+@needs_tf
+def test_a_prepared_dataset_that_tfds_also_knows_is_suggested_once(tmp_path):
+  """'mnist' prepared in data_dir and registered in tfds: the typo 'mnsit' gets it once. The
+  data_dir listing counts datasets with configs, not tfds's downloads or hidden folders."""
+  for info in ("mnist/3.0.1", "my_set/small/1.0.0", "downloads/extracted/x", ".old/1.0.0"):
+    (tmp_path / info).mkdir(parents=True)
+    (tmp_path / info / "dataset_info.json").write_text("{}")
+  with pytest.raises(UserError, match=r"did you mean mnist, kmnist, emnist\? .* data.data_dir "
+                                      rf"{tmp_path} holds mnist, my_set$"):
+    sources.tfds_builder("mnsit", str(tmp_path))
+
+
+@needs_tf
+def test_an_unknown_name_with_an_empty_data_dir_says_it_holds_nothing(tmp_path):
+  with pytest.raises(UserError, match=rf"unknown dataset 'pr_mim_typo': .*; data.data_dir "
+                                      rf"{tmp_path} holds no prepared dataset$"):
+    sources.tfds_builder("pr_mim_typo", str(tmp_path))
+
+
+@needs_tf
+def test_an_unlabeled_dataset_used_with_labels_names_the_features_it_has(unlabeled_tfds):
+  with pytest.raises(UserError, match=r"dataset pr_mim_nolabel has no 'label' class feature "
+                                      r"\(it has image\); use a labeled dataset"):
+    datasets.num_classes(_tfds_data("pr_mim_nolabel", unlabeled_tfds))
+
+
+@needs_tf
+def test_pretraining_without_the_knn_monitor_still_checks_the_train_split(unlabeled_tfds):
+  data = _tfds_data("pr_mim_nolabel", unlabeled_tfds, train_split="trian")
+  with pytest.raises(UserError, match=r"data.train_split: .* no split 'trian'"):
+    datasets.check_dataset(data, eval_split=False)

@@ -142,6 +142,21 @@ def test_the_plot_says_what_it_shows(tmp_path):
   assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_the_table_gives_three_significant_digits_of_a_small_models_gflop(tmp_path):
+  # A tiny model's 0.012345 GFLOP/img was stored rounded to 0.012 (3 decimals), 3% off, and
+  # the methods' ratio in the table with it.
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  rows = [{"label": label, "seed": seed, "knn_top1": 0.1, "probe_top1": 0.1,
+           "finetune_top1": 0.1, "recon_loss": 0.4, "gflop_per_img": gflop,
+           "pretrain_seconds": 9.0, "total_seconds": 20.0, "knn_top1_random_init": 0.09}
+          for label, gflop in (("mae", 0.012345), ("pr_mim", 0.0104)) for seed in (0, 1)]
+  study.write_outputs(ml_collections.ConfigDict(dict(setting="cpu", seeds="0,1")),
+                      epath.Path(tmp_path), rows)
+  table = (tmp_path / "study.md").read_text()
+  assert "| 0.4000 ± 0.0000 | 0.0123 | 9 | 20 |" in table
+  assert "| 0.4000 ± 0.0000 | 0.0104 | 9 | 20 |" in table
+
+
 def test_the_legend_covers_no_accuracy_bar(tmp_path):
   """Bars of about one height, as the CPU study gave: the legend box overlaps none of them."""
   from etils import epath  # pylint: disable=g-import-not-at-top
@@ -204,7 +219,7 @@ class _Clock:
 
 def _fake_stages(monkeypatch, clock, pretrain_fn):
   monkeypatch.setattr(study.time, "perf_counter", clock)
-  monkeypatch.setattr(study, "gflop_per_img", lambda cfg: 0.1)
+  monkeypatch.setattr(study, "gflop_per_img", lambda cfg: 0.012345)
   monkeypatch.setattr(study, "write_outputs", lambda *a: None)
   monkeypatch.setattr(study.pretrain, "train", pretrain_fn)
   monkeypatch.setattr(study, "reconstruction_loss", lambda *a: 0.5)
@@ -240,6 +255,7 @@ def test_a_resumed_stage_reports_the_time_of_every_leg(tmp_path, monkeypatch):
     study.run_all(_one_run_study(), workdir)
   (row,) = study.run_all(_one_run_study(), workdir)
   assert row["pretrain_seconds"] == 30.0 + 70.0
+  assert row["gflop_per_img"] == 0.012345  # kept whole; the table rounds
   assert row["total_seconds"] == 30.0 + 70.0 + 0.0 + 5.0 + 5.0  # recon, probe, fine-tune
   third = study.run_all(_one_run_study(), workdir)  # finished: read back, nothing runs
   assert third[0]["pretrain_seconds"] == 100.0

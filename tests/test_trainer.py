@@ -1,9 +1,12 @@
 """The shared loop and state helpers (training/trainer.py), on toy steps: what is logged,
 saved and stopped, and how a state is laid out."""
 
+import inspect
 import json
 import os
 import signal
+import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +15,7 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from pr_mim_jax.errors import UserError
 from pr_mim_jax.parallel import sharding
 from pr_mim_jax.training import preemption
 from pr_mim_jax.training import trainer
@@ -364,3 +368,81 @@ def test_every_state_field_is_a_traced_leaf_and_ema_defaults_to_none():
                           batch_stats={"mean": jnp.zeros(2)}, opt_state=(), rng=rng)
   assert probe.ema_params is None and len(jax.tree.leaves(probe)) == 4
   assert np.array_equal(bump(probe).batch_stats["mean"], np.ones(2))
+
+
+def test_a_param_the_mesh_cannot_split_is_refused_before_any_layout():
+  """A 4-way split of a dimension of 6 would fail deep inside the first jit: state_shardings
+  names the param first, as one UserError."""
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  abstract, params = _abstract_classifier_state(with_ema=False)
+  four_ways = types.SimpleNamespace(shape={"data": 1, "fsdp": 4, "tensor": 1})
+  params_sharding = {"w": types.SimpleNamespace(spec=("fsdp", None), mesh=four_ways),
+                     "b": types.SimpleNamespace(spec=(None,), mesh=four_ways)}
+  assert params["w"].shape == (4, 2)
+  abstract = abstract.replace(params={"w": jax.ShapeDtypeStruct((6, 2), jnp.float32),
+                                      "b": params["b"]})
+  with pytest.raises(UserError, match=r"param w of shape \(6, 2\) cannot be split 4 ways"):
+    trainer.state_shardings(abstract, params_sharding, mesh)
+
+
+def test_the_host_waits_for_each_step_before_dispatching_the_one_after_next(monkeypatch):
+  """At most the running step and one more are queued, so a stop request waits for at most
+  those two before its save (not for every step dispatched since the last log)."""
+  events = []
+  real_wait = jax.block_until_ready
+
+  def wait(x):
+    events.append(("wait", float(x["loss"])))
+    return real_wait(x)
+
+  def step_fn(state, batch):
+    events.append(("dispatch", float(batch["x"])))
+    return _step(state, batch)
+
+  monkeypatch.setattr(jax, "block_until_ready", wait)
+  trainer.run(jnp.int32(0), step_fn, _batches([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]), start_step=0,
+              total_steps=6, log_every=100, peak_lr=0.1)
+  for k in range(1, 5):  # step k's loss is k
+    assert events.index(("wait", float(k))) < events.index(("dispatch", float(k + 2))), events
+
+
+def test_a_non_finite_loss_in_a_run_started_at_step_0_blames_no_checkpoint():
+  """A converted workdir restores checkpoint 0: there is no older one to fall back to, so a
+  NaN is met with the usual advice only."""
+  ckpt = FakeCheckpointer(restored=(0, True))
+  with pytest.raises(trainer.NonFiniteLossError) as err:
+    trainer.run(jnp.int32(0), _step, _batches([1.0, float("nan")]), start_step=0,
+                total_steps=4, log_every=100, peak_lr=0.1, ckpt=ckpt, checkpoint_every=2)
+  assert "resuming" not in str(err.value) and "; lower config.optim.base_lr" in str(err.value)
+
+
+def test_a_signal_between_a_steps_save_decision_and_the_next_step_is_still_saved():
+  """SIGTERM landing after step 2 decided not to save and before step 3 starts (traced to
+  hit that instant): the run must end on a checkpoint of the step it reports as stopped at,
+  never exit saying "checkpoint saved" without one."""
+  ckpt = FakeCheckpointer()
+  lines, first = inspect.getsourcelines(trainer.run)
+  loop_head = first + next(i for i, line in enumerate(lines)
+                           if line.strip().startswith("while step < total_steps"))
+  fired = []
+
+  def local(frame, event, arg):
+    if event == "line" and frame.f_lineno == loop_head and frame.f_locals["step"] == 2:
+      if not fired:
+        fired.append(2)
+        os.kill(os.getpid(), signal.SIGTERM)
+    return local
+
+  def tracer(frame, event, arg):
+    return local if frame.f_code is trainer.run.__code__ else None
+
+  previous = sys.gettrace()
+  sys.settrace(tracer)
+  try:
+    _, summary = trainer.run(jnp.int32(0), _step, _batches([1.0] * 10), start_step=0,
+                             total_steps=10, log_every=100, peak_lr=0.1, ckpt=ckpt,
+                             checkpoint_every=100)
+  finally:
+    sys.settrace(previous)
+  assert fired == [2] and summary["stopped"]
+  assert ckpt.saved and ckpt.saved[-1][0] == summary["step"], (ckpt.saved, summary)

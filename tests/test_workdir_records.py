@@ -268,3 +268,52 @@ def test_a_write_failing_before_any_byte_raises_its_own_error(tmp_path, monkeypa
   with pytest.raises(PermissionError, match="Permission denied"):
     workdir_records.write_whole(workdir_records.epath.Path(tmp_path) / "config.json", "{}")
   assert not list(tmp_path.iterdir())
+
+
+def test_rows_logged_after_a_trim_start_on_their_own_line(tmp_path):
+  """The resumed run appends its rows to the trimmed file: each must stay a line of its own."""
+  from pr_mim_jax.training import metrics  # pylint: disable=g-import-not-at-top
+  rows = [{"step": s, "loss": 1.0 / s} for s in (4, 8, 12)]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  workdir_records.drop_metrics_after(str(tmp_path), 8)
+  metrics.MetricWriter(str(tmp_path), tensorboard=False).write_scalars(12, {"loss": 0.5})
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert [(r["step"], r["loss"]) for r in map(json.loads, lines)] == [(4, 0.25), (8, 0.125),
+                                                                      (12, 0.5)]
+
+
+def test_a_changed_batch_size_points_to_gradient_accumulation(tmp_path):
+  """Resuming on fewer devices: the way to keep the recorded batch is more micro-batches."""
+  workdir = _recorded(tmp_path / "run", batch_size=16)
+  with pytest.raises(UserError) as err:
+    workdir_records.check_resume_config(workdir, _tiny(batch_size=8), 8,
+                                        pretrain.FIXED_ON_RESUME)
+  assert "Pass --config.batch_size=16 (to fit fewer devices, keep it and raise " \
+         "train.grad_accum_steps)" in str(err.value)
+
+
+def test_a_resume_with_no_rows_past_its_step_leaves_metrics_alone(tmp_path, caplog):
+  """Nothing to drop: the file is not rewritten and no drop is announced."""
+  text = "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (4, 8))
+  (tmp_path / "metrics.jsonl").write_text(text)
+  os.utime(tmp_path / "metrics.jsonl", ns=(1, 1))
+  with caplog.at_level(logging.WARNING):
+    workdir_records.drop_metrics_after(str(tmp_path), 8)
+  assert (tmp_path / "metrics.jsonl").read_text() == text
+  assert os.stat(tmp_path / "metrics.jsonl").st_mtime_ns == 1 and "dropped" not in caplog.text
+
+
+def test_a_trim_killed_halfway_leaves_metrics_jsonl_whole(tmp_path, monkeypatch):
+  """Dropping rows rewrites the file aside and renames it: a kill mid-write loses no row."""
+  text = "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (4, 8, 12))
+  (tmp_path / "metrics.jsonl").write_text(text)
+
+  def torn_write(path, data, *args, **kwargs):
+    with open(path, "w") as f:
+      f.write(data[:5])
+    raise OSError("No space left on device")
+
+  monkeypatch.setattr(workdir_records.epath.Path, "write_text", torn_write)
+  with pytest.raises(OSError, match="No space"):
+    workdir_records.drop_metrics_after(str(tmp_path), 8)
+  assert (tmp_path / "metrics.jsonl").read_text() == text

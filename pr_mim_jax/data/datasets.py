@@ -195,22 +195,28 @@ def _folder_classes(data) -> tuple[str, ...]:
 # -------------------------------------------------------------------- public: info
 
 
-def check_dataset(data) -> None:
-  """Cheap validation of `data`: UserError naming what is wrong. TF-free for shapes/folder."""
+def check_dataset(data, eval_split: bool = True) -> None:
+  """Cheap validation of `data`: UserError naming what is wrong. TF-free for shapes/folder.
+
+  eval_split=False leaves data.eval_split unchecked, for a run that never reads it
+  (pre-training without the k-NN monitor, on a dataset that may have one split only).
+  """
   kind, arg = sources.parse_dataset(get(data, "dataset", None))
+  fields = ("train_split", "eval_split") if eval_split else ("train_split",)
   if kind == "shapes":
     from pr_mim_jax.data import shapes  # pylint: disable=g-import-not-at-top
     shapes.check_image_size(_shapes_cfg(data)[0])
     _shapes_difficulty(data)
     sources.check_data_dir(_data_dir(data))
-    for field in ("train_split", "eval_split"):
+    for field in fields:
       _named(field, _check_shapes_split, get(data, field, "train"))
   elif kind == "folder":
     sources.list_image_files(sources.pretrain_folder(arg, get(data, "train_split", "train")))
   else:
     _require_tf(data, arg)
     builder = _tfds_builder(arg, _data_dir(data))
-    for field in ("train_split", "eval_split"):
+    sources.check_image_feature(arg, builder.info.features)
+    for field in fields:
       split = get(data, field, None)
       if split is not None:
         _named(field, sources.check_split, arg, builder, split)
@@ -282,10 +288,7 @@ def num_classes(data) -> int:
   if kind == "folder":
     return len(_folder_classes(data))
   _require_tf(data, arg)
-  features = _tfds_builder(arg, _data_dir(data)).info.features
-  if "label" not in features or not hasattr(features["label"], "num_classes"):
-    raise UserError(f"dataset {arg} has no 'label' class feature; use a labeled dataset")
-  return int(features["label"].num_classes)
+  return sources.label_classes(arg, _tfds_builder(arg, _data_dir(data)).info.features)
 
 
 def num_eval_batches(n: int, global_batch: int) -> int:

@@ -115,27 +115,82 @@ def list_image_files(root: str) -> tuple[str, ...]:
   if not path.is_dir():
     raise UserError(f"image folder {root} is not a directory; "
                     "point data.dataset='folder:...' at a directory")
-  rel = []
+  rel, skipped = [], []
   for dirpath, filenames in _walk(path):
     prefix = os.path.relpath(os.fspath(dirpath), os.fspath(path))
     for f in filenames:
-      if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):
-        rel.append(f if prefix == "." else f"{prefix}/{f}")
+      if f.startswith("."):
+        continue
+      (rel if f.lower().endswith(IMAGE_EXTENSIONS) else skipped).append(
+          f if prefix == "." else f"{prefix}/{f}")
   if not rel:
-    raise UserError(f"image folder {root} has no .jpg/.jpeg/.png files; add images or fix the path")
+    raise UserError(f"image folder {root} has no .jpg/.jpeg/.png files"
+                    f"{_skipped_note(skipped)}; add images or fix the path")
+  if skipped:
+    logging.warning("image folder %s: %d of its files are not .jpg/.jpeg/.png and are not read "
+                    "(%s); convert any images among them to JPEG or PNG to use them", root,
+                    len(skipped), _listing(sorted(skipped), 3))
   rel.sort()
   base = os.fspath(path)
   return tuple(f"{base}/{r}" for r in rel)
 
 
-def pretrain_folder(root: str, train_split: str) -> str:
-  """The folder pre-training reads: root/<train_split> when it is a directory (so an
-  ImageNet-style root/train, root/validation never trains on validation images), else root."""
-  split = epath.Path(root) / train_split
-  is_dir = bool(train_split) and split.is_dir()
-  if not is_dir and any(c in (train_split or "") for c in "[+"):  # else: the whole tree, silently
+def _skipped_note(skipped: list[str]) -> str:
+  """' (it holds N other files: a.webp, b.txt)' for the error of a folder without images."""
+  if not skipped:
+    return ""
+  return f" (it holds {len(skipped)} other files: {_listing(sorted(skipped), 3)})"
+
+
+def _listing(names: list[str], most: int = 10) -> str:
+  """The first `most` names, comma-separated, then ', ...' if there are more."""
+  return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
+
+
+def _subfolders(root: str) -> list[str]:
+  """The sorted names of root's visible sub-folders."""
+  path = epath.Path(root)
+  return sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+# Other names of a train split folder: beside one of them, the default 'train' is a mistake.
+# (A class folder such as 'trains' or 'trainers' is none: that tree is read whole.)
+TRAIN_FOLDER_NAMES = ("train", "training", "trainset", "train_set")
+
+
+def _check_missing_train_split(root: str, train_split: str) -> None:
+  """UserError when root/<train_split> is not a folder but a split was meant: a tfds slice, a
+  split other than the default 'train' (a typo, 'trian'), or the default next to a folder
+  named as a train split ('Train', 'training'). Reading the whole tree instead would
+  pre-train on the validation images too; data.train_split='.' asks for the whole tree."""
+  if any(c in train_split for c in "[+"):
     raise UserError(f"data.train_split={train_split!r} is a tfds slice, but a folder dataset's "
                     f"splits are its sub-folders ({root}/<split>); name one, e.g. train")
+  if not epath.Path(root).is_dir():
+    return  # list_image_files says what is wrong with root
+  folders = _subfolders(root)
+  if train_split == "train":
+    close = [f for f in folders if f.lower() in TRAIN_FOLDER_NAMES][:1]
+    if not close:
+      return  # no train split: the whole tree
+  else:
+    close = difflib.get_close_matches(train_split, folders, n=1, cutoff=0.6)
+  hint = f"did you mean {close[0]}? " if close else ""
+  listing = _listing(folders)
+  raise UserError(f"data.train_split={train_split!r}: {root}/{train_split} is not a folder; "
+                  f"{hint}its sub-folders are {listing or 'none'}. Set data.train_split to the "
+                  "folder to pre-train on, or to . for the whole tree")
+
+
+def pretrain_folder(root: str, train_split: str) -> str:
+  """The folder pre-training reads: root/<train_split> when it is a directory (so an
+  ImageNet-style root/train, root/validation never trains on validation images); root for
+  '.', or for the default 'train' with no folder named as a train split; else a UserError
+  (_check_missing_train_split)."""
+  split = epath.Path(root) / train_split
+  is_dir = bool(train_split) and split.is_dir()
+  if not is_dir and train_split:
+    _check_missing_train_split(root, train_split)
   folder = os.fspath(split) if is_dir else root
   logging.info("pre-training reads the images under %s%s", folder,
                "" if folder == root else f" (the train split data.train_split={train_split!r})")
@@ -194,8 +249,14 @@ def split_folder(root: str, split: str) -> str:
 def _labeled_split_files(root: str, split: str) -> tuple[str, ...]:
   folder = split_folder(root, split)
   if not epath.Path(folder).is_dir():
+    folders = _subfolders(root) if epath.Path(root).is_dir() else []
+    close = difflib.get_close_matches(split, folders, n=1, cutoff=0.5)
+    has = ""
+    if folders:
+      hint = f" did you mean {close[0]}?" if close else ""
+      has = f";{hint} its sub-folders are {_listing(folders)}"
     raise UserError(f"dataset folder:{root} has no labeled split {split!r}: {folder} is not a "
-                    f"directory; labeled use needs {root}/<split>/<class>/*.jpg|png (set "
+                    f"directory{has}; labeled use needs {root}/<split>/<class>/*.jpg|png (set "
                     "data.train_split / data.eval_split to its sub-folders)")
   return list_image_files(folder)
 
@@ -318,8 +379,24 @@ def close_dataset_names(name: str, tfds_names) -> list[str]:
   tfds's 'shapes3d'."""
   base = name.split(":")[0]
   ours = difflib.get_close_matches(base, OWN_DATASETS, n=3)
-  theirs = difflib.get_close_matches(base, [n for n in tfds_names if n not in ours], n=3)
+  others = [n for n in dict.fromkeys(tfds_names) if n not in ours]  # first mention kept
+  theirs = difflib.get_close_matches(base, others, n=3)
   return (ours + theirs)[:3]
+
+
+def prepared_names(data_dir: str | None) -> list[str]:
+  """Names of the datasets prepared in data_dir (DIR/NAME/[CONFIG/]VERSION/dataset_info.json),
+  sorted: the likeliest meaning of a dataset name tfds does not know."""
+  if data_dir is None or not epath.Path(data_dir).is_dir():
+    return []
+  names = []
+  for folder in epath.Path(data_dir).iterdir():
+    if folder.name.startswith(".") or folder.name == "downloads" or not folder.is_dir():
+      continue
+    infos = [*folder.glob("*/dataset_info.json"), *folder.glob("*/*/dataset_info.json")]
+    if infos:
+      names.append(folder.name)
+  return sorted(names)
 
 
 def _prepared_versions(tfds, name: str, data_dir: str | None) -> list[str]:
@@ -388,12 +465,20 @@ def tfds_builder(name: str, data_dir: str | None, *, require_prepared: bool = Tr
       raise UserError(f"dataset {name} is not prepared in {data_dir}, but it is in {above}: "
                       f"set data.data_dir={above} (the folder that holds the dataset's folder)"
                       ) from e
-    close = close_dataset_names(name, tfds.list_builders(with_community_datasets=False))
+    prepared = prepared_names(data_dir)
+    close = close_dataset_names(name, prepared + tfds.list_builders(with_community_datasets=False))
     hint = f" did you mean {', '.join(close)}?" if close else ""
     if os.path.isdir(name):
       hint = f" {name} is a folder: write folder:{name} to read its images;"
+    base = name.split(":")[0]
+    if data_dir is None:
+      where = (f"; a dataset of your own needs data.data_dir, the folder that holds "
+               f"{base}/VERSION")
+    else:
+      held = _listing(prepared)
+      where = f"; data.data_dir {data_dir} holds {held or 'no prepared dataset'}"
     raise UserError(f"unknown dataset {name!r}:{hint} use a tfds name, 'shapes' "
-                    "or 'folder:/path/to/images'") from e
+                    f"or 'folder:/path/to/images'{where}") from e
   except AssertionError as e:  # tfds's way to say "no such version"
     raise UserError(f"cannot load dataset {name!r}: {str(e).splitlines()[-1]}") from e
   except ValueError as e:  # an unknown config, or a name tfds cannot parse ("/data/imgs")
@@ -443,6 +528,40 @@ def check_split(name: str, builder: Any, split: str) -> int:
   return n
 
 
+def check_image_feature(name: str, features: Any) -> None:
+  """UserError unless `features` has the tfds.features.Image named 'image' that the pipeline
+  reads; a dataset that keeps its images under another name is told which feature to rename."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  if "image" not in features:
+    images = sorted(k for k, f in features.items() if isinstance(f, tfds.features.Image))
+    fix = (f"it keeps its images in {', '.join(repr(k) for k in images)}: rename that feature "
+           "to 'image' in the builder (_info and _generate_examples) and prepare it again"
+           if images else "use an image dataset")
+    has = ", ".join(sorted(features))
+    raise UserError(f"dataset {name} has no 'image' feature (it has {has}); "
+                    f"this pipeline reads the tfds.features.Image named 'image'; {fix}")
+  if not isinstance(features["image"], tfds.features.Image):
+    raise UserError(f"dataset {name}'s 'image' feature is a "
+                    f"{type(features['image']).__name__}, not the tfds.features.Image (encoded "
+                    "JPEG/PNG) this pipeline reads; prepare the dataset with "
+                    "'image': tfds.features.Image()")
+
+
+def label_classes(name: str, features: Any) -> int:
+  """The classes of a dataset's 'label' feature; UserError unless it is a ClassLabel (labels
+  0..K-1, the classifier's outputs and k-NN's votes)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  label = features["label"] if "label" in features else None
+  if isinstance(label, tfds.features.ClassLabel):
+    return int(label.num_classes)
+  if label is None:
+    raise UserError(f"dataset {name} has no 'label' class feature (it has "
+                    f"{', '.join(sorted(features))}); use a labeled dataset")
+  raise UserError(f"dataset {name}'s 'label' feature is a {type(label).__name__}, not a "
+                  "tfds.features.ClassLabel: classes must be numbered 0..K-1; prepare it with "
+                  "'label': tfds.features.ClassLabel(names=[...]), each value mapped to its index")
+
+
 class TfdsSource:
   """A split of a tfds dataset prepared in a random-access format (array_record)."""
 
@@ -451,14 +570,7 @@ class TfdsSource:
     self.name = name or builder.name
     check_split(self.name, builder, split)
     features = builder.info.features
-    if "image" not in features:
-      raise UserError(f"dataset {self.name} has no 'image' feature (it has {', '.join(features)}); "
-                      "use an image dataset")
-    if not isinstance(features["image"], tfds.features.Image):
-      raise UserError(f"dataset {self.name}'s 'image' feature is a "
-                      f"{type(features['image']).__name__}, not the tfds.features.Image (encoded "
-                      "JPEG/PNG) this pipeline reads; prepare the dataset with "
-                      "'image': tfds.features.Image()")
+    check_image_feature(self.name, features)
     self.builder, self.split, self.features = builder, split, features
     self.labeled = "label" in features
     self._raw = builder.as_data_source(

@@ -2,7 +2,7 @@
 
 Embeds a labelled dataset's train and test splits with the init run's encoder, streamed and
 exact (padding left out), and scores the test split by weighted k-NN votes (training/knn.py).
-The workdir gets only config.json and metrics.jsonl, never another run's place.
+Its records (config.json, metrics.jsonl) go to a workdir of its own, never another run's.
 """
 
 import json

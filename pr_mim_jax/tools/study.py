@@ -268,7 +268,7 @@ def run_all(study, workdir: epath.Path) -> list[dict]:
       cfg = pretrain_config(study, method, throw, seed)
       done, before = _done(log), _stopped_seconds(log)
       row = {"label": label, "method": method, "throw_ratio": throw, "seed": seed,
-             "gflop_per_img": round(gflop_per_img(cfg), 3)}
+             "gflop_per_img": gflop_per_img(cfg)}
 
       def stage(name, fn):
         key = f"{label}/{seed}/{name}"
@@ -357,7 +357,7 @@ def write_outputs(study, workdir: epath.Path, rows: list[dict]) -> None:
   for label, s in summary.items():
     lines.append(f"| {label} | {pct(s['knn_top1'])} | {pct(s['probe_top1'])} | "
                  f"{pct(s['finetune_top1'])} | {s['recon_loss'][0]:.4f} ± {s['recon_loss'][1]:.4f} | "
-                 f"{s['gflop_per_img'][0]:.3f} | {s['pretrain_seconds'][0]:.0f} | "
+                 f"{s['gflop_per_img'][0]:.3g} | {s['pretrain_seconds'][0]:.0f} | "
                  f"{s['total_seconds'][0]:.0f} |")
   chance = 100.0 / 12
   knn_init = np.mean([r["knn_top1_random_init"] for r in rows])

@@ -150,7 +150,7 @@ def check_config(config) -> Checked:
   config_validation.validate_mesh(config)  # before the device count is used
   mesh = sharding.mesh_from_config(config)
   config_validation.validate_pretrain(config, sharding.num_batch_shards(mesh))
-  pipeline.check_dataset(config.data)
+  pipeline.check_dataset(config.data, eval_split=config.knn.enabled)  # only k-NN reads it
   if config.knn.enabled and config.data.dataset.startswith("folder:"):
     raise UserError(f"config.knn.enabled: {config.data.dataset} has no labels for the k-NN "
                     "monitor; add --config.knn.enabled=False")

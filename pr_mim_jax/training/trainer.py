@@ -177,7 +177,7 @@ def run(state, step_fn, batches: Iterator[dict], *, start_step: int, total_steps
   started = time.monotonic()
   step = start_step
   try:
-    while step < total_steps and not (stop and stop.requested):
+    while step < total_steps:
       batch = next(batches)
       state, metrics = step_fn(state, batch)
       step += 1
@@ -206,6 +206,8 @@ def run(state, step_fn, batches: Iterator[dict], *, start_step: int, total_steps
         pending = []
         logging.info("saving checkpoint %d in %s", step, ckpt.directory)
         ckpt.save(step, state)
+        if stop.requested:  # only ever right after a save: a stop always leaves its step saved
+          break
     if stop and stop.requested:
       logging.warning("stopped by %s at step %d; checkpoint saved in %s; rerun the same "
                       "command to resume", stop.signal_name, step, ckpt.directory)
