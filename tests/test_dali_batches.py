@@ -55,8 +55,8 @@ def test_train_batches_are_pillows_bicubic_of_the_numpy_backends_boxes(photos):
   data = _config(f"folder:{photos}")
   (b,) = _batches(data, n=1)
   assert b["image"].shape == (BATCH, SIZE, SIZE, 3) and b["image"].dtype == np.uint8
-  from pr_mim_jax.data import sources  # pylint: disable=g-import-not-at-top
-  src = sources.FolderSource(photos)
+  from pr_mim_jax.data import folder_sources  # pylint: disable=g-import-not-at-top
+  src = folder_sources.FolderSource(photos)
   flips = []
   for k, i in enumerate(b["index"]):
     raw = src.raw(int(i))

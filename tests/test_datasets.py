@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
-from pr_mim_jax.data import datasets, sources
+from pr_mim_jax.data import datasets, folder_sources, sources, tfds_sources
 from pr_mim_jax.errors import UserError
 
 needs_tf = pytest.mark.skipif(not datasets.tf_importable(),
@@ -126,7 +126,7 @@ def test_folder_listing_warns_about_the_files_it_leaves_out(tmp_path, caplog):
     (tmp_path / rel).write_bytes(b"x")
   (tmp_path / "a" / ".DS_Store").write_bytes(b"x")  # hidden: skipped without a word
   with caplog.at_level(logging.WARNING):
-    assert len(sources.list_image_files(str(tmp_path))) == 2
+    assert len(folder_sources.list_image_files(str(tmp_path))) == 2
   warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
   assert len(warned) == 1 and "4 of its files are not .jpg/.jpeg/.png" in warned[0]
   assert "a/notes.txt, a/photo.webp, b/anim.gif, ..." in warned[0]
@@ -135,7 +135,7 @@ def test_folder_listing_warns_about_the_files_it_leaves_out(tmp_path, caplog):
   (only_webp / "p.webp").write_bytes(b"x")
   with pytest.raises(UserError, match=r"no .jpg/.jpeg/.png files \(it holds 1 other files: "
                                       r"p.webp\); add images"):
-    sources.list_image_files(str(only_webp))
+    folder_sources.list_image_files(str(only_webp))
 
 
 def test_num_eval_batches_is_the_ceiling():
@@ -174,7 +174,7 @@ def test_labeled_use_of_a_tfds_dataset_without_labels_is_an_error(monkeypatch):
     def __init__(self, *args):
       pass
   monkeypatch.setattr(datasets, "_tfds_builder", lambda name, data_dir: object())
-  monkeypatch.setattr(sources, "TfdsSource", Unlabeled)
+  monkeypatch.setattr(tfds_sources, "TfdsSource", Unlabeled)
   assert isinstance(datasets.open_source(_data("my_images"), "train", "tf"), Unlabeled)
   with pytest.raises(UserError, match="dataset my_images has no 'label' feature"):
     datasets.open_source(_data("my_images"), "train", "tf", labeled=True)
@@ -269,12 +269,12 @@ def test_files_left_out_are_listed_up_to_three(tmp_path, caplog, names, listed):
   _pngs(tmp_path / "some", 1)
   _files(tmp_path / "some", names)
   with caplog.at_level(logging.WARNING):
-    sources.list_image_files(str(tmp_path / "some"))
+    folder_sources.list_image_files(str(tmp_path / "some"))
   warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
   assert len(warned) == 1 and f"are not read ({listed}); convert" in warned[0]
   _files(tmp_path / "none", names)
   with pytest.raises(UserError, match=rf"it holds {len(names)} other files: {re.escape(listed)}\)"):
-    sources.list_image_files(str(tmp_path / "none"))
+    folder_sources.list_image_files(str(tmp_path / "none"))
 
 
 def test_missing_split_errors_list_only_visible_sub_folders(tmp_path):
@@ -318,8 +318,8 @@ def test_a_train_split_asked_of_a_folder_without_sub_folders_says_there_are_none
                                       r"are none\. Set data.train_split to the folder to "
                                       r"pre-train on, or to \. for the whole tree"):
     datasets.check_dataset(_data(f"folder:{tmp_path}", train_split="trian"))
-  assert len(sources.list_image_files(sources.pretrain_folder(str(tmp_path), "."))) == 2
-  assert len(sources.list_image_files(sources.pretrain_folder(str(tmp_path), "."))) == 2
+  whole = folder_sources.pretrain_folder(str(tmp_path), ".")
+  assert len(folder_sources.list_image_files(whole)) == 2
 
 
 def test_a_missing_labeled_split_lists_the_sub_folders_and_the_one_it_likely_means(tmp_path):

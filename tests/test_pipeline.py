@@ -10,7 +10,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
-from pr_mim_jax.data import datasets, pipeline, prefetch, sampler, sources
+from pr_mim_jax.data import (datasets, folder_sources, pipeline, prefetch, sampler, sources,
+                             tfds_sources)
 from pr_mim_jax.errors import UserError
 
 SIZE, BATCH, SEED = 16, 8, 3
@@ -70,7 +71,7 @@ def _sharding():
 
 
 def test_folder_listing(folder):
-  paths = sources.list_image_files(folder)
+  paths = folder_sources.list_image_files(folder)
   assert len(paths) == 21 == pipeline.num_examples(_config(f"folder:{folder}"), "train")
   rel = [os.path.relpath(p, folder) for p in paths]
   assert rel == sorted(rel)
@@ -81,7 +82,7 @@ def test_folder_listing(folder):
 def test_folder_decoding_tf_matches_numpy_backend(folder):
   """Grayscale, RGBA and palette PNGs become the same RGB pixels in TF and OpenCV."""
   from pr_mim_jax.data import augment  # pylint: disable=g-import-not-at-top
-  src = sources.FolderSource(folder)
+  src = folder_sources.FolderSource(folder)
   for i, path in enumerate(src.paths):
     tf_img = augment.decode(src.tf_parse(src.keys([i])[0])["image"]).numpy()
     np_img = src.image(i)
@@ -245,7 +246,7 @@ def test_check_dataset_tfds_errors(tmp_path):
                                         ("smalnorb", "smallnorb"), ("imagenett", "imagenette")])
 def test_typo_hint_ranks_our_own_dataset_first_when_close(name, first):
   tfds_names = ["shapes3d", "savee", "smallnorb", "imagenette", "imagenet2012", "shapes"]
-  close = sources.close_dataset_names(name, tfds_names)
+  close = tfds_sources.close_dataset_names(name, tfds_names)
   assert close[0] == first and len(close) == len(set(close)) <= 3
   assert ("shapes" in close) == name.startswith("shape")
 
@@ -256,7 +257,7 @@ def test_unknown_tfds_name_suggests_shapes_first(tmp_path, monkeypatch):
   monkeypatch.setattr(tfds, "list_builders", lambda **kw: ["savee", "shapes3d", "smallnorb"])
   for name in ("shapez", "shape"):
     with pytest.raises(UserError, match=f"unknown dataset '{name}': did you mean shapes, "):
-      sources.tfds_builder(name, str(tmp_path))
+      tfds_sources.tfds_builder(name, str(tmp_path))
 
 
 @needs_tf
@@ -501,7 +502,7 @@ def test_labeled_folder_classes_and_counts(labeled_folder):
   assert pipeline.num_examples(data, "train", labeled=True) == 12
   assert pipeline.num_examples(data, "val", labeled=True) == 5
   assert pipeline.num_examples(data, "train") == 12  # unlabeled: root/train, not val's images
-  src = sources.LabeledFolderSource(labeled_folder, "val", CLASSES)
+  src = folder_sources.LabeledFolderSource(labeled_folder, "val", CLASSES)
   assert src.labels.tolist() == [0, 0, 2, 2, 2]
   for backend in ["numpy"] + (["tf"] if HAVE_TF else []):
     x, y = pipeline.labeled_arrays(data, "val", num_examples=10, image_size=SIZE, backend=backend)
@@ -522,8 +523,8 @@ def test_labeled_folder_errors(labeled_folder, tmp_path):
     pipeline.check_labeled_dataset(data(eval_split="test"))
   Image.new("RGB", (8, 8)).save(tmp_path / "train" / "loose.png")
   pipeline.check_dataset(data())  # pre-training: any tree of images
-  sources.folder_classes.cache_clear()
-  sources.list_image_files.cache_clear()
+  folder_sources.folder_classes.cache_clear()
+  folder_sources.list_image_files.cache_clear()
   with pytest.raises(UserError, match="loose.png is not inside a class folder"):
     pipeline.num_classes(data())
 
@@ -608,7 +609,7 @@ def test_labeled_train_batches(labeled_folder, backend, augment):
     np.testing.assert_array_equal(_colour_labels(x), np.concatenate([b["label"] for b in full]))
   else:  # erasing and geometric fills break up the constant colours
     assert 4 < (np.ptp(x, axis=(1, 2)).max(-1) > 0.1).sum() < 20
-  src = sources.LabeledFolderSource(labeled_folder, "train", CLASSES)
+  src = folder_sources.LabeledFolderSource(labeled_folder, "train", CLASSES)
   host = _take(pipeline.labeled_host_batches(data, seed=SEED, global_batch=4, image_size=SIZE,
                                              process_index=1, process_count=2, backend=backend,
                                              augment=augment), 3)
@@ -653,7 +654,7 @@ def test_train_rows_are_the_augmentation_of_seed_step_and_position(folder, backe
   of 2 holds positions 4..7, so keying by local row or by example index shows."""
   from pr_mim_jax.data import augment_np  # pylint: disable=g-import-not-at-top
   data = _config(f"folder:{folder}")
-  src = sources.FolderSource(folder)
+  src = folder_sources.FolderSource(folder)
   host = _take(pipeline.host_batches(data, seed=SEED, global_batch=BATCH, image_size=SIZE,
                                      start_step=2, process_index=1, process_count=2,
                                      backend=backend), 2)
@@ -798,11 +799,11 @@ def test_device_prefetcher_closes_its_iterator_from_the_loader_thread():
 def test_negative_labels_stop_labeled_reading(labeled_folder, monkeypatch):
   """tfds writes -1 for an unlabeled example: labeled evaluation and training stop with a
   UserError naming the example, at the batch that holds it; unlabeled reading is unchecked."""
-  real = sources.LabeledFolderSource.label
-  monkeypatch.setattr(sources.LabeledFolderSource, "label",
+  real = folder_sources.LabeledFolderSource.label
+  monkeypatch.setattr(folder_sources.LabeledFolderSource, "label",
                       lambda self, i: -1 if i == 3 else real(self, i))
   data = _config(f"folder:{labeled_folder}", eval_split="val")
-  src = sources.LabeledFolderSource(labeled_folder, "val", CLASSES)
+  src = folder_sources.LabeledFolderSource(labeled_folder, "val", CLASSES)
   it = pipeline.eval_host_batches(data, "val", global_batch=2, image_size=SIZE, backend="numpy")
   assert next(it)["label"].tolist() == [0, 0]  # examples 0, 1
   with pytest.raises(UserError, match=f"{src.where(3)} has label -1"):

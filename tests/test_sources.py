@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
-from pr_mim_jax.data import datasets, sources
+from pr_mim_jax.data import datasets, folder_sources, sources, tfds_sources
 from pr_mim_jax.errors import UserError
 
 needs_tf = pytest.mark.skipif(not datasets.tf_importable(),
@@ -30,9 +30,9 @@ def test_folder_listing_follows_symlinked_folders_and_skips_hidden_ones(tmp_path
   (root / "train" / "cat" / "loop").symlink_to(root)  # a cycle: must not loop or repeat
   _png(root / "train" / ".ipynb_checkpoints" / "c.png")
   _png(root / "train" / "cat" / ".cache" / "d.png")
-  got = sources.list_image_files(str(root))
+  got = folder_sources.list_image_files(str(root))
   assert got == (f"{root}/train/cat/a.png", f"{root}/train/dog/b.png")
-  assert sources.folder_classes(str(root), "train") == ("cat", "dog")
+  assert folder_sources.folder_classes(str(root), "train") == ("cat", "dog")
 
 
 def test_folder_path_expands_home(tmp_path, monkeypatch):
@@ -40,7 +40,7 @@ def test_folder_path_expands_home(tmp_path, monkeypatch):
   _png(tmp_path / "imgs" / "a.png")
   kind, root = sources.parse_dataset("folder:~/imgs")
   assert (kind, root) == ("folder", f"{tmp_path}/imgs")
-  assert sources.list_image_files(root) == (f"{tmp_path}/imgs/a.png",)
+  assert folder_sources.list_image_files(root) == (f"{tmp_path}/imgs/a.png",)
 
 
 def _prepare_own_tfds(data_dir, name, features: dict, splits: dict, example) -> None:
@@ -85,42 +85,43 @@ def own_tfds(tmp_path_factory):
 
 @needs_tf
 def test_missing_version_of_own_dataset_lists_its_versions(own_tfds):
-  assert sources.tfds_builder("pr_mim_own:1.0.0", own_tfds).name == "pr_mim_own"
+  assert tfds_sources.tfds_builder("pr_mim_own:1.0.0", own_tfds).name == "pr_mim_own"
   with pytest.raises(UserError, match="'pr_mim_own:9.9.9'.* only at versions 1.0.0;"):
-    sources.tfds_builder("pr_mim_own:9.9.9", own_tfds)
+    tfds_sources.tfds_builder("pr_mim_own:9.9.9", own_tfds)
   with pytest.raises(UserError, match="unknown dataset 'pr_mim_nope:1.0.0'"):
-    sources.tfds_builder("pr_mim_nope:1.0.0", own_tfds)
+    tfds_sources.tfds_builder("pr_mim_nope:1.0.0", own_tfds)
 
 
 @needs_tf
 def test_bad_split_slice_is_not_called_a_missing_split(own_tfds):
-  builder = sources.tfds_builder("pr_mim_own", own_tfds)
-  assert sources.check_split("pr_mim_own", builder, "train[:50%]") == 3
+  builder = tfds_sources.tfds_builder("pr_mim_own", own_tfds)
+  assert tfds_sources.check_split("pr_mim_own", builder, "train[:50%]") == 3
   for split in ("train[:200%]", "train[:abc]", "train[2:99]", "train+validation[:abc]"):
     with pytest.raises(UserError, match=r"malformed or out-of-range slice") as e:
-      sources.check_split("pr_mim_own", builder, split)
+      tfds_sources.check_split("pr_mim_own", builder, split)
     assert "has no split" not in str(e.value)
   with pytest.raises(UserError, match=r"no split 'test\[:10%\]'; its splits are train, valid"):
-    sources.check_split("pr_mim_own", builder, "test[:10%]")
+    tfds_sources.check_split("pr_mim_own", builder, "test[:10%]")
 
 
 @needs_tf
 def test_empty_split_slice_is_a_user_error(own_tfds):
   """train[:5%] of 6 examples is empty: tfds cannot open it, so say so before it tries."""
   datasets.tf_modules()  # hide GPUs before tfds touches TF
-  builder = sources.tfds_builder("pr_mim_own", own_tfds)
+  builder = tfds_sources.tfds_builder("pr_mim_own", own_tfds)
   for split in ("train[:5%]", "validation[2:]"):
     with pytest.raises(UserError, match=rf"split '{re.escape(split)}' has no examples"):
-      sources.TfdsSource(builder, split)
-  assert len(sources.TfdsSource(builder, "train[:20%]")) == 1  # 6 * 20% rounds to 1
+      tfds_sources.TfdsSource(builder, split)
+  assert len(tfds_sources.TfdsSource(builder, "train[:20%]")) == 1  # 6 * 20% rounds to 1
 
 
 @needs_tf
 def test_image_feature_must_be_an_encoded_image(own_tfds):
   datasets.tf_modules()  # hide GPUs before tfds touches TF
-  assert len(sources.TfdsSource(sources.tfds_builder("pr_mim_own", own_tfds), "train")) == 6
+  builder = tfds_sources.tfds_builder("pr_mim_own", own_tfds)
+  assert len(tfds_sources.TfdsSource(builder, "train")) == 6
   with pytest.raises(UserError, match=r"'image' feature is a Tensor, not the tfds.features.Image"):
-    sources.TfdsSource(sources.tfds_builder("pr_mim_raw", own_tfds), "train")
+    tfds_sources.TfdsSource(tfds_sources.tfds_builder("pr_mim_raw", own_tfds), "train")
 
 
 def _readme_recipe(name: str, data_dir: str) -> str:
@@ -141,7 +142,7 @@ def _recipe_in(message: str) -> str:
 def test_unprepared_dataset_error_gives_the_readme_recipe(tmp_path, name):
   """The `tfds` CLI does not start without apache-beam: the error gives the README's command."""
   with pytest.raises(UserError) as e:
-    sources.tfds_builder(name, str(tmp_path))
+    tfds_sources.tfds_builder(name, str(tmp_path))
   msg = str(e.value)
   assert _recipe_in(msg) == _readme_recipe(name, str(tmp_path))
   assert "tfds build" not in msg and "\n" not in msg
@@ -155,7 +156,7 @@ def test_recipe_says_to_install_importlib_resources_where_it_is_missing(tmp_path
   monkeypatch.setattr(importlib.util, "find_spec",
                       lambda n, *a: None if n == "importlib_resources" else real(n, *a))
   with pytest.raises(UserError, match=r"run `pip install importlib_resources`, then `python -c "):
-    sources.tfds_builder("cifar10", str(tmp_path))
+    tfds_sources.tfds_builder("cifar10", str(tmp_path))
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +193,7 @@ def test_tfrecord_dataset_error_gives_a_recipe_that_works(tmp_path, registered_t
   data_dir = str(tmp_path)
   tfds.builder(registered_tfds, data_dir=data_dir, file_format="tfrecord").download_and_prepare()
   with pytest.raises(UserError, match=r"stored as tfrecord, without random access") as e:
-    sources.tfds_builder(registered_tfds, data_dir)
+    tfds_sources.tfds_builder(registered_tfds, data_dir)
   msg = str(e.value)
   version_dir = tmp_path / registered_tfds / "1.0.0"
   assert f"move {version_dir} aside" in msg and "tfds build" not in msg
@@ -200,7 +201,7 @@ def test_tfrecord_dataset_error_gives_a_recipe_that_works(tmp_path, registered_t
   assert cmd == _readme_recipe(registered_tfds, data_dir)
   version_dir.rename(tmp_path / "old")  # "move it aside"
   exec(cmd.removeprefix('python -c "').removesuffix('"'), {})  # pylint: disable=exec-used
-  source = sources.TfdsSource(sources.tfds_builder(registered_tfds, data_dir), "train")
+  source = tfds_sources.TfdsSource(tfds_sources.tfds_builder(registered_tfds, data_dir), "train")
   assert len(source) == 3 and source.label(2) == 0
 
 
@@ -232,7 +233,7 @@ def test_undecodable_file_with_a_non_utf8_name_is_named_printably(tmp_path):
   _latin1_folder(tmp_path)
   with open(os.fsencode(tmp_path) + b"/train/plain/bad\xe9.png", "wb") as out:
     out.write(b"not a png")
-  source = sources.FolderSource(str(tmp_path))
+  source = folder_sources.FolderSource(str(tmp_path))
   where = source.where(source.paths.index(os.fsdecode(os.fsencode(tmp_path) +
                                                       b"/train/plain/bad\xe9.png")))
   assert where == f"{tmp_path}/train/plain/bad\ufffd.png"
@@ -258,10 +259,10 @@ def test_data_dir_pointing_at_the_dataset_folder_names_the_right_one(tmp_path, r
   for inside in (tmp_path / registered_tfds, tmp_path / registered_tfds / "1.0.0"):
     with pytest.raises(UserError, match=rf"not prepared in {inside}, but it is in {tmp_path}: "
                                         rf"set data.data_dir={tmp_path} \("):
-      sources.tfds_builder(registered_tfds, str(inside))
+      tfds_sources.tfds_builder(registered_tfds, str(inside))
   (tmp_path / "elsewhere").mkdir()
   with pytest.raises(UserError, match=r"not prepared in .*elsewhere: run `python -c "):
-    sources.tfds_builder(registered_tfds, str(tmp_path / "elsewhere"))
+    tfds_sources.tfds_builder(registered_tfds, str(tmp_path / "elsewhere"))
 
 
 def test_folder_listing_order_extensions_and_hidden_files(tmp_path):
@@ -275,7 +276,7 @@ def test_folder_listing_order_extensions_and_hidden_files(tmp_path):
       Image.new("RGB", (4, 4)).save(path, format="PNG")
     else:
       path.write_bytes(b"x")
-  got = sources.list_image_files(str(tmp_path))
+  got = folder_sources.list_image_files(str(tmp_path))
   assert got == tuple(f"{tmp_path}/{r}" for r in ("a.png", "a/B.JPG", "a/x.png", "b.png",
                                                   "c.Jpeg"))
 
@@ -283,7 +284,7 @@ def test_folder_listing_order_extensions_and_hidden_files(tmp_path):
 def test_folder_keys_are_the_paths_of_the_asked_examples_in_order(tmp_path):
   for name in ("a", "b", "c", "d"):
     _png(tmp_path / f"{name}.png")
-  source = sources.FolderSource(str(tmp_path))
+  source = folder_sources.FolderSource(str(tmp_path))
   keys = source.keys(np.array([3, 0, 2, 0]))
   assert [os.fsdecode(k) for k in keys] == [f"{tmp_path}/{n}.png" for n in "daca"]
 
@@ -293,8 +294,8 @@ def test_tfds_keys_parse_to_the_asked_examples_in_order(own_tfds):
   """keys(indices) -> tf_parse, and image(i) / label(i): record i of the split as tfds's own
   data_source reads it, in the order asked (a sampler's shuffled indices)."""
   tf, _ = datasets.tf_modules()
-  builder = sources.tfds_builder("pr_mim_own", own_tfds)
-  source = sources.TfdsSource(builder, "train")
+  builder = tfds_sources.tfds_builder("pr_mim_own", own_tfds)
+  source = tfds_sources.TfdsSource(builder, "train")
   ref = builder.as_data_source("train")  # decoded by tfds: {'image': [8, 8, 3], 'label'}
   assert source.labeled
   order = [4, 1, 5, 0, 1]
@@ -323,7 +324,8 @@ def unlabeled_tfds(tmp_path_factory):
 @needs_tf
 def test_tfds_dataset_without_labels_is_unlabeled(unlabeled_tfds):
   tf, _ = datasets.tf_modules()
-  source = sources.TfdsSource(sources.tfds_builder("pr_mim_nolabel", unlabeled_tfds), "train")
+  source = tfds_sources.TfdsSource(tfds_sources.tfds_builder("pr_mim_nolabel", unlabeled_tfds),
+                                   "train")
   assert not source.labeled and len(source) == 3
   ex = source.tf_parse(tf.constant(source.keys(np.array([2]))[0]))
   assert set(ex) == {"image"} and (tf.io.decode_image(ex["image"]).numpy() == 60).all()
@@ -331,10 +333,10 @@ def test_tfds_dataset_without_labels_is_unlabeled(unlabeled_tfds):
 
 @needs_tf
 def test_split_sum_with_an_unknown_part_is_a_missing_split(own_tfds):
-  builder = sources.tfds_builder("pr_mim_own", own_tfds)
-  assert sources.check_split("pr_mim_own", builder, "train+validation") == 8
+  builder = tfds_sources.tfds_builder("pr_mim_own", own_tfds)
+  assert tfds_sources.check_split("pr_mim_own", builder, "train+validation") == 8
   with pytest.raises(UserError, match=r"has no split 'train\+test\[:1\]'; its splits are"):
-    sources.check_split("pr_mim_own", builder, "train+test[:1]")
+    tfds_sources.check_split("pr_mim_own", builder, "train+test[:1]")
 
 
 @needs_tf
@@ -348,7 +350,7 @@ def test_data_dir_inside_a_config_folder_names_the_right_one(tmp_path):
   assert inside.is_dir()
   for d in (inside, inside.parent, inside.parent.parent):
     with pytest.raises(UserError, match=rf"not prepared in {d}, but it is in {tmp_path}: "):
-      sources.tfds_builder(name, str(d))
+      tfds_sources.tfds_builder(name, str(d))
 
 
 @needs_tf
@@ -358,7 +360,7 @@ def test_is_prepared_of_a_first_build_warns_nothing(tmp_path, registered_tfds, c
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder = tfds.builder(registered_tfds, data_dir=str(tmp_path))
   with caplog.at_level("INFO"):
-    assert sources.is_prepared(builder) is False
+    assert tfds_sources.is_prepared(builder) is False
   assert "dataset_info" not in caplog.text
 
 
@@ -369,7 +371,7 @@ def test_is_prepared_of_a_first_build_warns_nothing(tmp_path, registered_tfds, c
 ])
 def test_unparsable_dataset_name_is_one_line(tmp_path, name, hint):
   with pytest.raises(UserError) as e:
-    sources.tfds_builder(name, str(tmp_path))
+    tfds_sources.tfds_builder(name, str(tmp_path))
   msg = str(e.value)
   assert "\n" not in msg and repr(name) in msg and "not a tfds name" in msg
   assert (hint in msg) if hint else ("folder:" not in msg)
@@ -380,10 +382,10 @@ def test_an_unknown_config_of_a_known_dataset_lists_its_configs(tmp_path):
   """imagenette's configs are named by image size (tfds's catalogue); mnist has none."""
   with pytest.raises(UserError, match=r"^dataset 'imagenette' has no config 'bad'; its configs: "
                                       r"full-size-v2, 320px-v2, 160px-v2, "):
-    sources.tfds_builder("imagenette/bad", str(tmp_path))
+    tfds_sources.tfds_builder("imagenette/bad", str(tmp_path))
   with pytest.raises(UserError, match=r"^dataset 'mnist' has no config 'x'; it has none: "
                                       r"write mnist \(data.dataset\)$"):
-    sources.tfds_builder("mnist/x:3.0.1", str(tmp_path))
+    tfds_sources.tfds_builder("mnist/x:3.0.1", str(tmp_path))
 
 
 @needs_tf
@@ -391,14 +393,14 @@ def test_existing_folder_given_as_dataset_name_points_to_folder_prefix(tmp_path,
   (tmp_path / "imgs").mkdir()
   monkeypatch.chdir(tmp_path)
   with pytest.raises(UserError, match=r"imgs is a folder: write folder:imgs"):
-    sources.tfds_builder("imgs", str(tmp_path))
+    tfds_sources.tfds_builder("imgs", str(tmp_path))
 
 
 @needs_tf
 def test_unknown_namespace_name_with_nothing_prepared_is_unknown_dataset(tmp_path):
   # tfds reads 'cifar10:x' as dataset 'x' of namespace 'cifar10'; nothing is in data_dir/cifar10.
   with pytest.raises(UserError, match=r"unknown dataset 'cifar10:x': did you mean cifar10"):
-    sources.tfds_builder("cifar10:x", str(tmp_path))
+    tfds_sources.tfds_builder("cifar10:x", str(tmp_path))
 
 
 @needs_tf
@@ -410,7 +412,7 @@ def test_labeled_folder_tf_parse_in_a_dataset_map_labels_without_autograph_warni
   for cls in ("bird", "cat"):  # sorted: bird = 0, cat = 1
     (tmp_path / "train" / cls).mkdir(parents=True)
     Image.new("RGB", (4, 4)).save(tmp_path / "train" / cls / "a.png")
-  source = sources.LabeledFolderSource(str(tmp_path), "train", ("bird", "cat"))
+  source = folder_sources.LabeledFolderSource(str(tmp_path), "train", ("bird", "cat"))
   keys = [k for k in source.keys(np.arange(len(source)))]
   with caplog.at_level(logging.WARNING):
     ds = tf.data.Dataset.from_tensor_slices(tf.constant(keys)).map(source.tf_parse)
@@ -427,7 +429,7 @@ def test_data_dir_that_is_a_file_is_named_as_such(own_tfds, tmp_path):
   script.write_text("# a builder script\n")
   for data_dir, where in ((script, "is a file"), (script / "sub", f"lies under the file {script}")):
     with pytest.raises(UserError, match=rf"data.data_dir {data_dir} {where}, not a directory"):
-      sources.tfds_builder("pr_mim_own", str(data_dir))
+      tfds_sources.tfds_builder("pr_mim_own", str(data_dir))
 
 
 @needs_tf
@@ -437,7 +439,7 @@ def test_data_dir_at_the_folder_of_an_own_dataset_names_the_right_one(own_tfds):
   for inside in (f"{own_tfds}/pr_mim_own", f"{own_tfds}/pr_mim_own/1.0.0"):
     with pytest.raises(UserError, match=rf"not prepared in {inside}, but it is in {own_tfds}: "
                                         rf"set data.data_dir={own_tfds} \("):
-      sources.tfds_builder("pr_mim_own", inside)
+      tfds_sources.tfds_builder("pr_mim_own", inside)
 
 
 @pytest.fixture(scope="module")
@@ -487,11 +489,11 @@ def test_unknown_name_suggests_the_datasets_prepared_in_data_dir(own_tfds, unlab
   held = rf"; data.data_dir {own_tfds} holds pr_mim_own, pr_mim_raw$"
   with pytest.raises(UserError, match=r"unknown dataset 'pr_mim_onw': did you mean pr_mim_own\b.*"
                      + held):
-    sources.tfds_builder("pr_mim_onw", own_tfds)
-  assert sources.prepared_names(unlabeled_tfds) == ["pr_mim_nolabel"]
+    tfds_sources.tfds_builder("pr_mim_onw", own_tfds)
+  assert tfds_sources.prepared_names(unlabeled_tfds) == ["pr_mim_nolabel"]
   with pytest.raises(UserError, match=r"unknown dataset 'pr_mim_own': .*a dataset of your own "
                                       r"needs data.data_dir, the folder that holds pr_mim_own/"):
-    sources.tfds_builder("pr_mim_own", None)
+    tfds_sources.tfds_builder("pr_mim_own", None)
 
 
 @needs_tf
@@ -513,14 +515,14 @@ def test_a_prepared_dataset_that_tfds_also_knows_is_suggested_once(tmp_path):
     (tmp_path / info / "dataset_info.json").write_text("{}")
   with pytest.raises(UserError, match=r"did you mean mnist, kmnist, emnist\? .* data.data_dir "
                                       rf"{tmp_path} holds mnist, my_set$"):
-    sources.tfds_builder("mnsit", str(tmp_path))
+    tfds_sources.tfds_builder("mnsit", str(tmp_path))
 
 
 @needs_tf
 def test_an_unknown_name_with_an_empty_data_dir_says_it_holds_nothing(tmp_path):
   with pytest.raises(UserError, match=rf"unknown dataset 'pr_mim_typo': .*; data.data_dir "
                                       rf"{tmp_path} holds no prepared dataset$"):
-    sources.tfds_builder("pr_mim_typo", str(tmp_path))
+    tfds_sources.tfds_builder("pr_mim_typo", str(tmp_path))
 
 
 @needs_tf

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pr_mim_jax.data import sources
+from pr_mim_jax.data import folder_sources, sources, tfds_sources
 from pr_mim_jax.errors import UserError
 
 BACKENDS = ("auto", "tf", "numpy", "dali")
@@ -104,7 +104,7 @@ def resolve_backend(data, backend: str | None) -> str:
 def _tfds_backend_error(name: str) -> UserError:
   """The error for a tfds dataset on the numpy backend: install TF, or (TF there) switch backend."""
   if not tf_importable():
-    return sources.needs_tf_error(name)
+    return tfds_sources.needs_tf_error(name)
   return UserError(f"dataset {name!r} is a tfds dataset, but data.backend=numpy reads only "
                    "'shapes' and 'folder:' datasets; use data.backend=tf or auto")
 
@@ -145,7 +145,7 @@ def _shapes_builder(data_dir: str | None, image_size: int, train_size: int, test
 
 @functools.lru_cache(maxsize=8)
 def _tfds_builder(name: str, data_dir: str | None):
-  return sources.tfds_builder(name, data_dir)
+  return tfds_sources.tfds_builder(name, data_dir)
 
 
 def _check_shapes_split(split: str) -> None:
@@ -163,8 +163,8 @@ def open_source(data, split: str, backend: str, labeled: bool = False):
   data_dir = _data_dir(data)
   if kind == "folder":
     if not labeled:
-      return sources.FolderSource(sources.pretrain_folder(arg, split))
-    return sources.LabeledFolderSource(arg, split, _folder_classes(data))
+      return folder_sources.FolderSource(folder_sources.pretrain_folder(arg, split))
+    return folder_sources.LabeledFolderSource(arg, split, _folder_classes(data))
   if kind == "shapes":
     _check_shapes_split(split)
     if backend == "dali":
@@ -177,11 +177,11 @@ def open_source(data, split: str, backend: str, labeled: bool = False):
                                                  difficulty))
     tf_modules()  # hide GPUs before tfds touches TF
     builder = _shapes_builder(data_dir, size, n_train, n_test, shapes_seed, difficulty)
-    return sources.TfdsSource(builder, split, "shapes")
+    return tfds_sources.TfdsSource(builder, split, "shapes")
   if backend == "numpy" or not tf_importable():
     raise _tfds_backend_error(arg)
   tf_modules()
-  source = sources.TfdsSource(_tfds_builder(arg, data_dir), split, arg)
+  source = tfds_sources.TfdsSource(_tfds_builder(arg, data_dir), split, arg)
   if labeled and not source.labeled:
     raise UserError(f"dataset {arg} has no 'label' feature; use a labeled dataset")
   return source
@@ -189,7 +189,7 @@ def open_source(data, split: str, backend: str, labeled: bool = False):
 
 def _folder_classes(data) -> tuple[str, ...]:
   _, root = sources.parse_dataset(data.dataset)
-  return sources.folder_classes(root, get(data, "train_split", "train"))
+  return folder_sources.folder_classes(root, get(data, "train_split", "train"))
 
 
 # -------------------------------------------------------------------- public: info
@@ -207,19 +207,20 @@ def check_dataset(data, eval_split: bool = True) -> None:
     from pr_mim_jax.data import shapes  # pylint: disable=g-import-not-at-top
     shapes.check_image_size(_shapes_cfg(data)[0])
     _shapes_difficulty(data)
-    sources.check_data_dir(_data_dir(data))
+    tfds_sources.check_data_dir(_data_dir(data))
     for field in fields:
       _named(field, _check_shapes_split, get(data, field, "train"))
   elif kind == "folder":
-    sources.list_image_files(sources.pretrain_folder(arg, get(data, "train_split", "train")))
+    folder_sources.list_image_files(
+        folder_sources.pretrain_folder(arg, get(data, "train_split", "train")))
   else:
     _require_tf(data, arg)
     builder = _tfds_builder(arg, _data_dir(data))
-    sources.check_image_feature(arg, builder.info.features)
+    tfds_sources.check_image_feature(arg, builder.info.features)
     for field in fields:
       split = get(data, field, None)
       if split is not None:
-        _named(field, sources.check_split, arg, builder, split)
+        _named(field, tfds_sources.check_split, arg, builder, split)
 
 
 def check_workdir_outside_images(data, workdir: str) -> None:
@@ -229,7 +230,7 @@ def check_workdir_outside_images(data, workdir: str) -> None:
   kind, root = sources.parse_dataset(get(data, "dataset", None))
   if kind != "folder" or not workdir:
     return
-  folder = sources.pretrain_folder(root, get(data, "train_split", "train"))
+  folder = folder_sources.pretrain_folder(root, get(data, "train_split", "train"))
   real = lambda p: os.path.realpath(os.path.expanduser(p)) if "://" not in p else p.rstrip("/")
   inside, images = real(workdir), real(folder).rstrip("/")
   below = inside[len(images) + 1:].split("/") if inside.startswith(images + "/") else []
@@ -257,7 +258,7 @@ def check_labeled_dataset(data) -> None:
   kind, arg = sources.parse_dataset(get(data, "dataset", None))
   if kind == "folder":
     for field in ("train_split", "eval_split"):
-      sources.LabeledFolderSource(arg, get(data, field, "train"), _folder_classes(data))
+      folder_sources.LabeledFolderSource(arg, get(data, field, "train"), _folder_classes(data))
     return
   check_dataset(data)
   num_classes(data)  # UserError without labels
@@ -265,7 +266,7 @@ def check_labeled_dataset(data) -> None:
 
 def num_examples(data, split: str, labeled: bool = False) -> int:
   """Examples in a split; 'folder:' unlabeled: root/split if a folder, else the whole tree
-  (sources.pretrain_folder), labeled: root/split."""
+  (folder_sources.pretrain_folder), labeled: root/split."""
   kind, arg = sources.parse_dataset(data.dataset)
   if kind == "shapes":
     _check_shapes_split(split)
@@ -273,10 +274,10 @@ def num_examples(data, split: str, labeled: bool = False) -> int:
     return n_train if split == "train" else n_test
   if kind == "folder":
     if labeled:
-      return len(sources.LabeledFolderSource(arg, split, _folder_classes(data)))
-    return len(sources.list_image_files(sources.pretrain_folder(arg, split)))
+      return len(folder_sources.LabeledFolderSource(arg, split, _folder_classes(data)))
+    return len(folder_sources.list_image_files(folder_sources.pretrain_folder(arg, split)))
   _require_tf(data, arg)
-  return sources.check_split(arg, _tfds_builder(arg, _data_dir(data)), split)
+  return tfds_sources.check_split(arg, _tfds_builder(arg, _data_dir(data)), split)
 
 
 def num_classes(data) -> int:
@@ -288,7 +289,7 @@ def num_classes(data) -> int:
   if kind == "folder":
     return len(_folder_classes(data))
   _require_tf(data, arg)
-  return sources.label_classes(arg, _tfds_builder(arg, _data_dir(data)).info.features)
+  return tfds_sources.label_classes(arg, _tfds_builder(arg, _data_dir(data)).info.features)
 
 
 def num_eval_batches(n: int, global_batch: int) -> int:

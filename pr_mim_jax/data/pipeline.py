@@ -8,8 +8,8 @@ Datasets (`data.dataset`): 'shapes' (embedded, generated locally), any tfds name
 ('imagenet2012', 'cifar10:3.0.2') prepared as array_record in `data.data_dir`, or
 'folder:/path' (recursive jpg/jpeg/png, local or gs://). For pre-training a folder is
 unlabeled: /path/<data.train_split> if that is a folder, the whole tree for '.' or for the
-default 'train' with no such folder, else an error (sources.pretrain_folder); for labeled use
-(labeled_train_batches, eval_batches, labeled_arrays) a split is the sub-folder
+default 'train' with no such folder, else an error (folder_sources.pretrain_folder); for
+labeled use (labeled_train_batches, eval_batches, labeled_arrays) a split is the sub-folder
 /path/<split>/<class>/..., classes being the sorted class folders of data.train_split.
 
 Evaluation (eval_batches) reads each example of a split once, in order, un-augmented;

@@ -21,7 +21,7 @@ import tensorflow_datasets as tfds
 
 from pr_mim_jax import errors
 from pr_mim_jax.data import shapes
-from pr_mim_jax.data import sources
+from pr_mim_jax.data import tfds_sources
 
 _CHUNK = 500  # Examples generated per `shapes.generate` call.
 # Generation cost per image, measured on 2 shared CPU cores: a fixed part (PNG encoding,
@@ -222,12 +222,12 @@ def prepare(data_dir: str | None, image_size: int = 64,
                            test_size=test_size, seed=seed, file_format=file_format,
                            difficulty=difficulty)
   b = make()
-  if sources.is_prepared(b):
+  if tfds_sources.is_prepared(b):
     return b
   config_dir = epath.Path(b.data_dir).parent  # [data_dir]/shapes/<config>
   with _generation_lock(config_dir) as locked:
     b = make()  # another process may have finished it while this one waited
-    if sources.is_prepared(b):
+    if tfds_sources.is_prepared(b):
       return b
     if locked:
       _remove_unfinished(config_dir)
@@ -239,7 +239,7 @@ def prepare(data_dir: str | None, image_size: int = 64,
       # config meanwhile and renamed its folder into place first. Generation is
       # deterministic, so its copy is the one this run would have written: read that.
       b = make()
-      if not sources.is_prepared(b):
+      if not tfds_sources.is_prepared(b):
         raise
       print(f'shapes: another process prepared {b.data_dir} first; using it', flush=True)
   return b

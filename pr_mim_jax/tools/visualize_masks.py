@@ -25,7 +25,7 @@ from etils import epath
 from ml_collections import config_flags
 
 from pr_mim_jax import cli
-from pr_mim_jax.data import augment_np, pipeline, pixels, sources
+from pr_mim_jax.data import augment_np, folder_sources, pipeline, pixels, sources
 from pr_mim_jax.errors import UserError
 from pr_mim_jax.method import masking
 from pr_mim_jax.models import vit
@@ -82,7 +82,7 @@ def _images(data, num_images: int, size: int) -> tuple[np.ndarray, str]:
     images, _ = pipeline.labeled_arrays(data, data.eval_split, num_examples=num_images,
                                         image_size=size)
     return images, f"split {data.eval_split!r}"
-  source = sources.FolderSource(sources.pretrain_folder(root, data.train_split))
+  source = folder_sources.FolderSource(folder_sources.pretrain_folder(root, data.train_split))
   print(f"{root} has no folder {data.eval_split!r} (data.eval_split): drawing the images "
         f"pre-training reads, from {source.name}", flush=True)
   out = []
