@@ -3,8 +3,10 @@
 One persistent XLA compilation cache serves the whole test session: the pytest workers and
 every subprocess a test starts inherit JAX_COMPILATION_CACHE_DIR, so the same tiny step
 compiled by several tests and processes compiles once (it halved the CPU time of
-test_pretrain.py). The cache is fresh per session and removed at its end; a directory you set
-yourself is used as it is and kept.
+test_pretrain.py). Likewise PR_MIM_JAX_TEST_SHARED holds what the workers make once and
+share (eval_setup's tiny pre-training run). Both are fresh per session and removed at its
+end; a directory you set yourself is used as it is and kept (delete a kept
+PR_MIM_JAX_TEST_SHARED after changing pre-training: its run would be reused).
 """
 
 import atexit
@@ -15,10 +17,14 @@ import subprocess
 import sys
 import tempfile
 
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # before anything imports jax
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="pr_mim_jax_test_xla_")
-  if "PYTEST_XDIST_WORKER" not in os.environ:  # the session's first process owns it
-    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
+# Both folders are made by the session's first process; the workers inherit them.
+SHARED = "PR_MIM_JAX_TEST_SHARED"
+for _name, _prefix in (("JAX_COMPILATION_CACHE_DIR", "pr_mim_jax_test_xla_"),  # before jax loads
+                       (SHARED, "pr_mim_jax_test_shared_")):
+  if _name not in os.environ:
+    os.environ[_name] = tempfile.mkdtemp(prefix=_prefix)
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # the session's first process owns it
+      atexit.register(shutil.rmtree, os.environ[_name], True)
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 

@@ -1,8 +1,13 @@
 """What the evaluation tests share: tiny data, configs, and a tiny pre-training run."""
 
+import fcntl
+import os
+import pathlib
+import shutil
+
 import pytest
 
-from conftest import TINY_OVERRIDES, apply_overrides, load_config
+from conftest import SHARED, TINY_OVERRIDES, apply_overrides, load_config
 from pr_mim_jax.configs import classify as classify_config
 from pr_mim_jax.training import pretrain
 
@@ -27,13 +32,21 @@ def eval_config(mode, init, **overrides):
       "train.checkpoint_every": 1000, **overrides})
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-  """A pre-training workdir: the tiny encoder trained for 64 steps on 32 px shapes."""
-  workdir = str(tmp_path_factory.mktemp("pretrain"))
-  config = apply_overrides(load_config("method=pr_mim,dataset=shapes"), PRETRAIN)
-  pretrain.train(config, workdir)
-  return workdir
+@pytest.fixture(scope="session")
+def pretrained():
+  """A pre-training workdir: the tiny encoder trained for 32 steps on 32 px shapes. Made
+  once per test session: the first pytest worker to ask trains it under a lock and the
+  others wait for it. Tests only read it."""
+  shared = pathlib.Path(os.environ[SHARED])
+  workdir, done = shared / "pretrain", shared / "pretrain.done"
+  with open(shared / "pretrain.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    if not done.exists():
+      shutil.rmtree(workdir, ignore_errors=True)  # what a failed try left
+      config = apply_overrides(load_config("method=pr_mim,dataset=shapes"), PRETRAIN)
+      pretrain.train(config, str(workdir))
+      done.touch()
+  return str(workdir)
 
 
 def pretrain_config_json(tmp_path, variant):

@@ -1,10 +1,12 @@
-"""augment_np's header reading and decode errors (test_augment.py covers the augmentation)."""
+"""augment_np: header reading, decode errors, eval geometry, where the crop and flip land."""
 
+import io
 import struct
 import zlib
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from pr_mim_jax.data import augment_np
 
@@ -90,3 +92,74 @@ def test_crop_boxes_may_span_a_whole_side():
   tall, wide = boxes[:300], boxes[300:]
   assert ((tall[:, 3] == 10) & (tall[:, 2] < 13)).any() and (tall[:, 3] <= 10).all()
   assert ((wide[:, 2] == 10) & (wide[:, 3] < 13)).any() and (wide[:, 2] <= 10).all()
+
+
+def _box_reference(box, size, scale_x, scale_y):
+  """What a crop (top, left, h, w) of a `_coordinates` image resized to size x size shows:
+  output pixel (i, j) samples source row top + (i + 0.5) * h / size - 0.5 and column
+  left + (j + 0.5) * w / size - 0.5, and a ramp keeps its value there. Float
+  [size, size, 2]: (red, green)."""
+  top, left, h, w = box
+  rows = top + (np.arange(size) + 0.5) * h / size - 0.5
+  cols = left + (np.arange(size) + 0.5) * w / size - 0.5
+  red = np.broadcast_to(scale_x * cols[None, :], (size, size))
+  green = np.broadcast_to(scale_y * rows[:, None], (size, size))
+  return np.stack([red, green], -1)
+
+
+@pytest.mark.parametrize("encoded", [False, True])
+def test_random_resized_crop_shows_the_sampled_box(encoded):
+  """The output is the box sample_crop_box draws from the same stream, resized: checked on
+  coordinate ramps against the box's own geometry (by hand), for in-memory pixels and a PNG
+  of a non-square image (height and width must not swap anywhere on the way)."""
+  img = _coordinates(48, 80, 3, 5)
+  raw = Image.fromarray(img) if encoded else img
+  if encoded:
+    buf = io.BytesIO()
+    raw.save(buf, "PNG")
+    raw = buf.getvalue()
+  for seed in range(12):
+    box = augment_np.sample_crop_box(48, 80, np.random.default_rng(seed), 0.08)
+    out = augment_np.random_resized_crop(raw, np.random.default_rng(seed), 16, 0.08)
+    assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+    want = _box_reference(box, 16, 3, 5)
+    np.testing.assert_allclose(out[2:-2, 2:-2, :2], want[2:-2, 2:-2], atol=3, err_msg=str(box))
+
+
+def test_train_augment_mirrors_left_right():
+  """The flip mirrors columns, never rows: each output is the unflipped crop of the same
+  stream or that crop reversed left-right, and both occur."""
+  img = _coordinates(48, 80, 3, 5)
+  flips = []
+  for seed in range(20):
+    plain = augment_np.random_resized_crop(img, augment_np.example_rng(0, seed, 3), 16)
+    out = augment_np.train_augment(img, augment_np.example_rng(0, seed, 3), 16)
+    if np.array_equal(out, plain):
+      flips.append(False)
+    else:
+      np.testing.assert_array_equal(out, plain[:, ::-1])
+      flips.append(True)
+  assert 0 < np.mean(flips) < 1
+
+
+def test_rows_of_a_step_are_augmented_independently():
+  """Each position of the global batch has its own stream: the same image at 8 positions of
+  one step gets (almost surely) 8 different crops, and the same position at another step too."""
+  img = _coordinates(48, 80, 3, 5)
+  outs = [augment_np.train_augment(img, augment_np.example_rng(0, 5, p), 16).tobytes()
+          for p in range(8)]
+  outs += [augment_np.train_augment(img, augment_np.example_rng(0, 6, 0), 16).tobytes(),
+           augment_np.train_augment(img, augment_np.example_rng(1, 5, 0), 16).tobytes()]
+  assert len(set(outs)) == len(outs)
+
+
+def test_resize_that_grows_is_bicubic_not_bilinear():
+  """Where the crop grows, the filter is bicubic (MAE's torchvision recipe): on a 4x upscale of
+  6 x 6 noise, within a few levels of Pillow's bicubic and far from Pillow's bilinear (the two
+  kernels differ by about 10 levels here; OpenCV's and Pillow's cubic by about 4)."""
+  img = np.random.default_rng(0).integers(0, 256, (6, 6, 3)).astype(np.uint8)
+  ours = augment_np.resize(img, 24, 24).astype(int)[4:-4, 4:-4]  # away from the borders
+  cubic, linear = (np.asarray(Image.fromarray(img).resize((24, 24), f)).astype(int)[4:-4, 4:-4]
+                   for f in (Image.Resampling.BICUBIC, Image.Resampling.BILINEAR))
+  to_cubic, to_linear = np.abs(ours - cubic).mean(), np.abs(ours - linear).mean()
+  assert to_cubic < 6 and to_cubic < 0.5 * to_linear, (to_cubic, to_linear)

@@ -41,22 +41,38 @@ def encoder_checkpoint(workdir):
   return jax.tree.map(np.asarray, params)
 
 
-def fresh_state(config, pretrained_encoder: bool):
-  """(model, state) as classify.train builds them, with or without the init run's encoder."""
+INIT_RUN = object()  # fresh_state: the encoder that config.init.workdir saved
+
+
+def fresh_state(config, encoder=None):
+  """(model, state) as classify.train builds them. `encoder`: None (random init), the encoder
+  params to load, or INIT_RUN (what config.init.workdir saved)."""
   _, config, _, num_classes = classify.check_config(config)
   model = classifier.from_config(config, num_classes)
   mesh = sharding.make_mesh()
   with jax.set_mesh(mesh):
-    encoder = init_run.read_pretrained_encoder(config, mesh, False) if pretrained_encoder else None
+    if encoder is INIT_RUN:
+      encoder = init_run.read_pretrained_encoder(config, mesh, False)
     state, _, _ = classify.create_state(
         config, model, lambda p: classify.make_optimizer(config, lambda s: 1e-3, p, 2), mesh,
         sharding.DATA_PARALLEL_RULES, encoder)
   return model, state
 
 
+def _init_run(tmp_path):
+  """A workdir holding only the config.json of a tiny pre-training run (a probe's init)."""
+  init = tmp_path / "pre"
+  init.mkdir()
+  (init / "config.json").write_text(
+      apply_overrides(load_config("dataset=shapes"), {
+          "model.variant": "Ti/4", "model.image_size": SIZE, "model.width": 32,
+          "model.depth": 1, "model.heads": 2}).to_json())
+  return init
+
+
 @pytest.mark.slow
 def test_finetune_starts_from_every_pretrained_encoder_weight(pretrained):
-  _, state = fresh_state(eval_config("finetune", pretrained), pretrained_encoder=True)
+  _, state = fresh_state(eval_config("finetune", pretrained), INIT_RUN)
   saved = encoder_checkpoint(pretrained)
   loaded = jax.tree.map(np.asarray, state.params["encoder"])
   assert jax.tree.structure(saved) == jax.tree.structure(loaded)
@@ -80,7 +96,7 @@ def test_linear_probe_beats_chance_and_keeps_the_encoder(pretrained, tmp_path):
 @pytest.mark.slow
 def test_evaluation_counts_every_example_once(pretrained):
   config = eval_config("linear_probe", pretrained)
-  model, state = fresh_state(config, pretrained_encoder=False)
+  model, state = fresh_state(config)
   mesh = sharding.make_mesh()
   with jax.set_mesh(mesh):
     eval_fn = jax.jit(lambda p, b, batch: classify_step.eval_step(p, b, batch, model=model))
@@ -479,28 +495,26 @@ def test_evaluations_every_eval_every_steps_and_at_the_last_then_never_again(
 
 
 def test_a_resume_reads_no_encoder_so_a_moved_init_run_does_not_stop_it(tmp_path, monkeypatch):
-  """The encoder is read once, into the fresh state; a resume takes everything from its own
-  checkpoint (the init run may have moved since: fixed_on_resume then lets its new path in)."""
-  init = tmp_path / "pre"
-  init.mkdir()
-  (init / "config.json").write_text(
-      apply_overrides(load_config("dataset=shapes"), {
-          "model.variant": "Ti/4", "model.image_size": SIZE, "model.width": 32,
-          "model.depth": 1, "model.heads": 2}).to_json())
-  reads, calls = [], []
+  """The encoder is read once, into the fresh state before the first run's steps; a resume
+  takes everything from its own checkpoint (the init run may have moved since:
+  fixed_on_resume then lets its new path in), and its input continues at the step it resumes
+  from (a restart at 0 would train the resumed steps on batches already taken)."""
+  init = _init_run(tmp_path)
+  reads, starts, calls = [], [], []
   monkeypatch.setattr(classify.init_run, "read_pretrained_encoder",
-                      lambda config, mesh, scan: reads.append(config.init.workdir))
+                      lambda config, mesh, scan: reads.append((config.init.workdir, len(calls))))
+  monkeypatch.setattr(classify.pipeline, "labeled_train_batches",
+                      lambda *args, start_step, **kwargs: starts.append(start_step) or iter(()))
   monkeypatch.setattr(classify, "evaluate", lambda *a, **k: {"top1": 0.5, "top5": 0.75,
                                                              "loss": 1.0, "count": 100.0})
   config = tiny_probe(tmp_path, str(init), **{"train.total_steps": 8})
   workdir = str(tmp_path / "probe")
   monkeypatch.setattr(classify.trainer, "run", _fake_run(calls, stop_at=4))
-  _no_input(monkeypatch)
   assert classify.train(config, workdir)["stopped"]
   monkeypatch.setattr(classify.trainer, "run", _fake_run(calls))
   summary = classify.train(config, workdir)
   assert (summary["start_step"], summary["step"]) == (4, 8)
-  assert calls == [(0, 8), (4, 8)] and reads == [str(init)]
+  assert calls == [(0, 8), (4, 8)] and starts == [0, 4] and reads == [(str(init), 0)]
 
 
 def test_a_resume_drops_the_metrics_logged_past_its_checkpoint(tmp_path, monkeypatch):
@@ -529,3 +543,84 @@ def test_a_resume_drops_the_metrics_logged_past_its_checkpoint(tmp_path, monkeyp
   rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [r["step"] for r in rows if "loss" in r] == [2, 4]
   assert tensorboard_steps(workdir, "loss") in (None, [2, 4])
+
+
+def test_a_batch_of_the_whole_train_split_is_accepted_and_one_more_is_refused(tmp_path):
+  """512 training examples: batch 512 is accepted; batch 513 has no full batch."""
+  assert classify.check_config(tiny_probe(tmp_path, batch_size=512)).num_train == 512
+  with pytest.raises(UserError, match=r"^config.batch_size: 513 exceeds the 512 training"):
+    classify.check_config(tiny_probe(tmp_path, batch_size=513))
+
+
+def test_the_ema_is_evaluated_on_its_own_params_and_reported_apart(tmp_path, monkeypatch):
+  """With an EMA, each evaluation runs twice: on the params (eval_top1 / top5) and on the EMA
+  params (eval_ema_top1 / top5). Here the EMA params are zeros and score 0.25 / 0.5."""
+  def run(state, step_fn, batches, *, total_steps, ckpt, after_step, **kwargs):
+    state = state.replace(ema_params=jax.tree.map(jnp.zeros_like, state.params))
+    summary = dict(step=total_steps, stopped=False, loss=1.0,
+                   **after_step(total_steps, state, None, {}, True))
+    ckpt.save(total_steps, state.replace(step=jnp.asarray(total_steps, jnp.int32)))
+    return state, summary
+
+  def evaluate(eval_fn, params, batch_stats, config, image_size, mesh):
+    zeros = all(not np.any(np.asarray(leaf)) for leaf in jax.tree.leaves(params))
+    return ({"top1": 0.25, "top5": 0.5, "loss": 2.0, "count": 100.0} if zeros else
+            {"top1": 0.5, "top5": 0.75, "loss": 1.0, "count": 100.0})
+
+  monkeypatch.setattr(classify, "evaluate", evaluate)
+  monkeypatch.setattr(classify.trainer, "run", run)
+  _no_input(monkeypatch)
+  config = tiny_probe(tmp_path, **{"train.total_steps": 2, "ema.decay": 0.9})
+  workdir = str(tmp_path / "probe")
+  summary = classify.train(config, workdir)
+  want = {"eval_top1": 0.5, "eval_top5": 0.75, "eval_ema_top1": 0.25, "eval_ema_top5": 0.5}
+  assert {k: summary[k] for k in want} == want
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [{k: r[k] for k in want} for r in rows if "eval_top1" in r] == [want]
+
+
+def test_a_fresh_state_starts_from_the_encoder_and_so_does_its_ema(tmp_path):
+  """create_state loads the given encoder into params['encoder'], and the EMA starts as those
+  loaded params (not the random init they replaced)."""
+  config = tiny_probe(tmp_path, **{"ema.decay": 0.9})
+  _, random = fresh_state(config)
+  _, state = fresh_state(config, jax.tree.map(lambda x: np.full(x.shape, 0.5, x.dtype),
+                                              random.params["encoder"]))
+  for got, ema in zip(jax.tree.leaves(state.params["encoder"]),
+                      jax.tree.leaves(state.ema_params["encoder"])):
+    np.testing.assert_array_equal(np.asarray(got), 0.5)
+    np.testing.assert_array_equal(np.asarray(ema), 0.5)
+
+
+def test_the_result_line_of_a_run_stopped_before_evaluating_says_how_to_resume():
+  line = classify.result_line(eval_config("finetune", ""), {"step": 5, "total_steps": 1000})
+  assert "stopped at step 5 of 1000" in line and "rerun the same command to resume" in line
+
+
+def test_mix_prob_0_trains_on_the_batch_unmixed():
+  """Recipe.mix_prob is the chance to mix a batch and switch_prob the CutMix share: with
+  mix_prob 0 the loss is the unmixed batch's, whatever switch_prob. (On 2x2 images a CutMix
+  box is empty, so only a batch that is Mixup-mixed differs: the control.)"""
+  params, stats = _tiny_variables(4)
+  images = np.random.default_rng(5).integers(0, 256, (6, 2, 2, 3)).astype(np.uint8)
+  tx = optax.sgd(0.0)
+  state = ClassifierState(step=jnp.int32(0), params=params, batch_stats=stats,
+                          opt_state=tx.init(params), rng=jax.random.PRNGKey(0))
+  def loss(recipe):
+    step = functools.partial(classify_step.train_step, model=_TinyClassifier(), tx=tx,
+                             recipe=recipe, schedule=lambda s: 0.0)
+    return float(jax.jit(step)(state, {"image": images, "label": np.arange(6)})[1]["loss"])
+  plain = loss(classify_step.Recipe(num_classes=7))
+  recipe = lambda mix, switch: classify_step.Recipe(
+      num_classes=7, mixup_alpha=0.8, cutmix_alpha=1.0, mix_prob=mix, switch_prob=switch)
+  assert loss(recipe(0.0, 1.0)) == pytest.approx(plain, rel=1e-6)
+  assert loss(recipe(0.0, 0.0)) == pytest.approx(plain, rel=1e-6)
+  assert loss(recipe(1.0, 0.0)) != pytest.approx(plain, rel=1e-6)  # Mixup, always
+
+
+def test_an_encoder_that_does_not_fit_the_model_is_one_line_naming_init_workdir(tmp_path):
+  config = tiny_probe(tmp_path)
+  encoder = dict(fresh_state(config)[1].params["encoder"], extra=np.zeros(3, np.float32))
+  with pytest.raises(UserError, match=r"^config.init.workdir: the pre-trained encoder does "
+                                      r"not fit this model: .*extra"):
+    fresh_state(config, encoder)

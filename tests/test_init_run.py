@@ -154,7 +154,8 @@ def test_a_weights_file_as_init_says_to_convert_it(tmp_path, mode):
   config = (knn_config.get_config if mode == "knn" else functools.partial(
       classify_config.get_config, mode))(f"init={weights},dataset=shapes")
   with pytest.raises(UserError, match=r"is a file, not a workdir; convert .* "
-                     r"python -m pr_mim_jax.interop.convert --from=\S+\.pth --to=DIR"):
+                     r"python -m pr_mim_jax.interop.convert --from=\S+\.pth --to=DIR, "
+                     r"then init=DIR$"):
     init_run.resolve_model(config)
 
 
@@ -170,3 +171,14 @@ def test_an_init_run_gives_its_resolution_unless_one_is_set(tmp_path, mode):
   assert init_run.resolve_model(c).image_size == 96
   c.model.image_size = 128
   assert init_run.resolve_model(c).image_size == 128
+
+
+def test_random_init_takes_maes_fixed_sincos_posembs_unless_set():
+  """Without an init run, posemb '' means MAE's fixed 2-D sin-cos embeddings, as in
+  pre-training; a value set on the command line stays."""
+  c = classify_config.get_config("finetune", "variant=B/16")
+  assert c.model.posemb == ""
+  model = init_run.resolve_model(c)
+  assert (model.posemb, model.pretrained_image_size) == ("sincos", model.image_size)
+  c.model.posemb = "learned"
+  assert init_run.resolve_model(c).posemb == "learned"

@@ -125,15 +125,20 @@ def test_knn_names_the_run_and_its_checkpoints_in_a_workdir_holding_both(tmp_pat
   knn_eval.check_knn_workdir(str(tmp_path / "knn"))  # and a k-NN's own
 
 
+def _checked_model(**fields):
+  """A tiny encoder's checked model config, as knn_eval takes it (`checked=`)."""
+  return ml_collections.ConfigDict({"variant": "Ti/4", "width": 8, "depth": 1, "heads": 1,
+                                    "image_size": 8, "posemb": "sincos",
+                                    "compute_dtype": "float32", **fields})
+
+
 def test_knn_reruns_in_its_own_workdir(tmp_path, monkeypatch):
   monkeypatch.setattr(knn_eval, "split_features", lambda encoder, params, data, split, *args: (
       np.eye(2, dtype=np.float32), np.array([0, 1])))
   monkeypatch.setattr(knn_eval.init_run, "read_pretrained_encoder", lambda *args: {})
   monkeypatch.setattr(knn_eval.posemb_lib, "adapt_encoder_params", lambda params, grid: params)
   config = apply_overrides(knn_config.get_config("init=/nowhere,dataset=shapes"), {"knn.k": 1})
-  model = ml_collections.ConfigDict({"variant": "Ti/4", "width": 8, "depth": 1, "heads": 1,
-                                     "image_size": 8, "posemb": "sincos",
-                                     "compute_dtype": "float32"})
+  model = _checked_model()
   for _ in range(2):
     assert knn_eval.knn_eval(config, str(tmp_path / "knn"), checked=model)["knn_top1"] == 1.0
   assert json.loads((tmp_path / "knn" / "config.json").read_text())["mode"] == "knn"
@@ -152,9 +157,7 @@ def test_knn_on_fewer_train_images_than_k_votes_with_all_and_says_so(tmp_path, m
   config = apply_overrides(knn_config.get_config("init=/nowhere,dataset=shapes"), {
       "knn.k": 5, "knn.train_examples": 10, "data.train_split": "train",
       "data.eval_split": "test"})
-  model = ml_collections.ConfigDict({"variant": "Ti/4", "width": 8, "depth": 1, "heads": 1,
-                                     "image_size": 8, "posemb": "sincos",
-                                     "compute_dtype": "float32"})
+  model = _checked_model()
   with caplog.at_level("INFO"):
     result = knn_eval.knn_eval(config, str(tmp_path / "knn"), checked=model)
   assert result["knn_top1"] == 1.0
@@ -188,3 +191,56 @@ def test_knn_features_leave_out_the_padding_of_the_last_batch(monkeypatch):
                                          sharding.make_mesh())
   np.testing.assert_array_equal(labels, [0, 1, 2, 3, 4, 5])
   assert feats.shape == (6, 1) and np.all(np.diff(feats[:, 0]) > 0)
+
+
+@pytest.mark.parametrize("temperature,top1", [(10.0, 1.0), (0.07, 0.0)])
+def test_knn_embeds_each_split_to_its_own_size_and_votes_at_the_config_s_temperature(
+    tmp_path, monkeypatch, temperature, top1):
+  """knn.train_examples of data.train_split are the neighbours and knn.test_examples of
+  data.eval_split the queries; the encoder's posembs are resized to the evaluated grid
+  (16 px / patch 4 = 4). At T=10 two neighbours of class 1 at similarity 0.9 outvote one of
+  class 0 at 1.0 (2 e^0.09 > e^0.1); at DINO's T=0.07 class 0 wins (e^(0.1/0.07) > 2)."""
+  near = np.array([[1.0, 0.0]], np.float32)
+  at_09 = np.array([[0.9, np.sqrt(1 - 0.81)]], np.float32)
+  feats = {"tr": (np.concatenate([near, at_09, at_09]), np.array([0, 1, 1])),
+           "te": (near, np.array([1]))}
+  calls, grids = [], []
+  monkeypatch.setattr(knn_eval, "split_features", lambda encoder, params, data, split, n, *a: (
+      calls.append((split, n)) or feats[split]))
+  monkeypatch.setattr(knn_eval.init_run, "read_pretrained_encoder", lambda *args: {})
+  monkeypatch.setattr(knn_eval.posemb_lib, "adapt_encoder_params",
+                      lambda params, grid: grids.append(grid) or params)
+  config = apply_overrides(knn_config.get_config("init=/nowhere,dataset=shapes"), {
+      "knn.k": 3, "knn.temperature": temperature, "knn.train_examples": 30, "knn.test_examples": 7,
+      "data.train_split": "tr", "data.eval_split": "te"})
+  model = _checked_model(image_size=16, pretrained_image_size=8)
+  assert knn_eval.knn_eval(config, str(tmp_path / "knn"), checked=model)["knn_top1"] == top1
+  assert calls == [("tr", 30), ("te", 7)] and grids == [4]
+  row = json.loads((tmp_path / "knn" / "metrics.jsonl").read_text())
+  assert (row["k"], row["train_examples"], row["test_examples"]) == (3, 3, 1)
+
+
+class _ClsEncoder:
+  """Stands in for vit.Encoder: a cls token of twice the image's mean value m, then two patch
+  tokens of -m. The cls feature rises with m, the patch mean falls, and a mean that wrongly
+  took the cls token in is 0 for every image."""
+  image_size = 8
+
+  def apply(self, variables, x):
+    mean = x.reshape(x.shape[0], -1).mean(axis=1)[:, None, None]  # [B, 1, 1]
+    return jnp.concatenate([2 * mean, -mean, -mean], axis=1)  # [B, 3, 1]
+
+
+@pytest.mark.parametrize("feature,sign", [("cls", 1), ("mean", -1)])
+def test_knn_features_are_the_configured_pooling(monkeypatch, feature, sign):
+  def batches(*args, **kwargs):
+    images = np.stack([np.full((8, 8, 3), 40.0 * (i + 1), np.float32) for i in range(3)])
+    yield {"image": images, "label": np.arange(3, dtype=np.int32),
+           "mask": np.ones(3, np.float32)}
+
+  monkeypatch.setattr(knn_eval.pipeline, "eval_batches", batches)
+  config = knn_config.get_config("init=/runs/pre,dataset=shapes")
+  config.knn.feature = feature
+  feats, _ = knn_eval.split_features(_ClsEncoder(), {}, config.data, "test", None, config,
+                                     sharding.make_mesh())
+  assert np.all(sign * np.diff(feats[:, 0]) > 0)

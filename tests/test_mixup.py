@@ -178,3 +178,26 @@ def test_cutmix_box_centres_are_uniform_so_boxes_clip_at_borders():
   heights = np.asarray(boxes).any(2).sum(1)
   assert heights.min() <= 6  # centre in the first or last row: 5 or 6 rows kept
   assert abs(np.mean(heights == 10) - 0.25) < 5 * np.sqrt(0.25 * 0.75 / 400)
+
+
+def test_each_of_mixup_and_cutmix_draws_lambda_with_its_own_alpha():
+  """mixup_alpha 50 (lam ~ 1/2, sd 0.05) and cutmix_alpha 0.05 (lam near 0 or 1): every
+  blended (Mixup) batch of 400 has its lam within 0.3 and 0.7, as Beta(50, 50) gives."""
+  images, labels = _batch()
+  targets = mixup.one_hot_smoothed(labels, C)
+  mix = lambda k: mixup.mix(k, images, targets, mixup_alpha=50.0, cutmix_alpha=0.05)
+  x, t = jax.vmap(mix)(jax.random.split(jax.random.key(3), 400))  # [400, B, H, W, 3], [400, B, C]
+  x, lam = np.asarray(x)[..., 0], np.asarray(t)[:, 0, 0]  # [400, B, H, W], [400]
+  own = np.asarray(images)[None, ..., 0]
+  blended = ~((x == own) | (x == own[:, ::-1])).all((1, 2, 3))
+  assert blended.sum() > 100
+  assert np.all((lam[blended] > 0.3) & (lam[blended] < 0.7))
+
+
+def test_cutmix_boxes_reach_every_pixel_the_last_row_and_column_included():
+  """Boxes clip at the image's borders, not one pixel inside: over 400 centres every pixel,
+  the last row and column included, falls in some box (a box kept off the last column would
+  never mix it)."""
+  boxes, _ = jax.vmap(lambda k: mixup._cutmix_box(k, jnp.float32(0.19), H, W))(
+      jax.random.split(jax.random.key(4), 400))
+  assert np.asarray(boxes).any(0).all()

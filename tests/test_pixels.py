@@ -58,3 +58,14 @@ def test_non_uint8_batches_are_never_renormalised():
   out = pixels.model_input(bf16)
   assert out.dtype == jnp.bfloat16
   np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(bf16, np.float32))
+
+
+def test_host_twin_agrees_with_the_step_for_every_dtype():
+  """`normalized` is `model_input` on the host: for each dtype a batch may arrive in, both give
+  the same values (only uint8 is treated as pixels; other integers pass as numbers)."""
+  x = _all_pixels()
+  for dtype in (np.uint8, np.int32, np.uint16, np.float16, np.float32):
+    batch = x.astype(dtype)
+    device = np.asarray(pixels.model_input(jnp.asarray(batch)), np.float32)
+    np.testing.assert_allclose(pixels.normalized(batch), device, rtol=0, atol=1e-5,
+                               err_msg=str(dtype))

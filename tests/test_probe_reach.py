@@ -105,3 +105,13 @@ def test_a_fine_tune_gets_no_probe_warning():
   config = classify_config.get_config("finetune", "dataset=shapes")
   config.train.total_steps = 2
   assert probe_reach.probe_lr_warning(config, _constant(1e-6), 2, 1e-6) == ""
+
+
+def test_a_run_sized_in_epochs_is_told_to_raise_its_epochs():
+  """train.total_steps 0 (the length from optim.epochs): the advice is the field that sets
+  the length, config.optim.epochs, not total_steps."""
+  config = classify_config.get_config("linear_probe", "dataset=shapes")
+  config.train.total_steps, config.optim.momentum = 0, 0.0
+  config.optim.base_lr = 6.4 * 256 / config.batch_size  # MAE's peak: base_lr is not the advice
+  text = probe_reach.probe_lr_warning(config, _constant(5.0), 100, 5.0)
+  assert text.endswith("features: raise config.optim.epochs")

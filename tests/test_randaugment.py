@@ -375,3 +375,28 @@ def test_random_erase_area_share_stays_in_timms_range(backend, tf_erase):
   assert ((h - 0.5) * (w - 0.5) <= 64 * 64 / 3).all()
   assert ((h + 0.5) * (w + 0.5) >= 0.02 * 64 * 64).all()
   assert (h * w).max() > 0.3 * 64 * 64
+
+
+def test_geometric_fill_is_the_imagenet_mean_pixel():
+  """timm fills uncovered pixels with the mean colour, round(255 * (0.485, 0.456, 0.406))."""
+  assert tuple(randaugment_np.FILL) == (124, 116, 104)
+  img = np.zeros((SIZE, SIZE, 3), np.uint8)
+  out = _np_op(img, "TranslateX", 1.0, 1.0)  # shifted by 10.8 columns: the right edge is fill
+  np.testing.assert_array_equal(out[:, -10:], np.broadcast_to((124, 116, 104), (SIZE, 10, 3)))
+
+
+def test_random_erase_aspect_ratio_spans_timms_range():
+  """The box's h / w is log-uniform in [0.3, 1 / 0.3] (timm): over 1500 boxes on a 64 x 64
+  image both extremes are reached (beyond 2.6 and below 1 / 2.6), and none lies outside the
+  range by more than whole-pixel rounding allows."""
+  x = np.zeros((64, 64, 3), np.float32)
+  ratios = []
+  for i in range(1500):
+    ys, xs = np.nonzero(randaugment_np.random_erase(x, np.random.default_rng(i), 1.0).any(-1))
+    if len(ys):
+      h, w = np.ptp(ys) + 1, np.ptp(xs) + 1
+      ratios.append(h / w)
+      assert (h - 0.5) / (w + 0.5) <= 1 / 0.3 and (h + 0.5) / (w - 0.5) >= 0.3, (h, w)
+  ratios = np.array(ratios)
+  assert ratios.max() > 2.6 and ratios.min() < 1 / 2.6
+  assert abs(np.mean(np.log(ratios))) < 0.1  # symmetric in log space

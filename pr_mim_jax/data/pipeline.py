@@ -42,6 +42,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import functools
+import sys
 import traceback
 from typing import Iterator, Sequence
 
@@ -205,6 +206,7 @@ def _np_batches(source, steps, *, local, transform, labeled, threads):
   def batches():
     augment_np.no_opencv_threads()  # the pool parallelises over images instead
     pool = concurrent.futures.ThreadPoolExecutor(datasets.pool_size(threads), "augment_np")
+    finalizing = sys.is_finalizing  # kept here: at exit, module globals may already be None
     try:
       for s in steps:
         def one(k, s=s):
@@ -218,8 +220,9 @@ def _np_batches(source, steps, *, local, transform, labeled, threads):
         if labeled:
           b["label"] = np.array([source.label(int(i)) for i in s.indices], np.int32)
         yield b
-    finally:
-      pool.shutdown(wait=False, cancel_futures=True)
+    finally:  # an iterator left open until exit: Python has joined the pool's threads by then
+      if not finalizing():
+        pool.shutdown(wait=False, cancel_futures=True)
 
   return batches()
 
