@@ -118,6 +118,7 @@ def test_sync_save(tmp_path):
   state = _make_state()
   ckpt.save(1, state)
   assert ckpt.latest_step() == 1
+  assert (tmp_path / '1' / checkpointing.CHECKSUMS_FILE).is_file()  # final on return
   _assert_identical(ckpt.restore(_abstract(state)), state)
   ckpt.close()
 
@@ -347,14 +348,20 @@ def test_silent_corruption_is_caught_named_and_left_in_place(tmp_path, caplog):
   assert _snapshot(tmp_path) == before  # nothing moved, deleted or rewritten
 
 
+def _change_recorded_checksum(step_dir, name):
+  """Edit `name`'s recorded checksum in a step's checksums file: it then stands for a silent
+  change of that array, which reads back fine."""
+  path = step_dir / checkpointing.CHECKSUMS_FILE
+  record = json.loads(path.read_text())
+  record['arrays'][name] ^= 1
+  path.write_text(json.dumps(record))
+
+
 def test_a_changed_array_is_named(tmp_path):
   """Arrays that read back fine but differ from what was saved (the checksums file edited
   to stand for a silent change) are named in the error."""
   states = _saved(tmp_path, [1])
-  path = tmp_path / '1' / checkpointing.CHECKSUMS_FILE
-  record = json.loads(path.read_text())
-  record['arrays']['params/dense/bias'] ^= 1
-  path.write_text(json.dumps(record))
+  _change_recorded_checksum(tmp_path / '1', 'params/dense/bias')
   ckpt = checkpointing.Checkpointer(str(tmp_path))
   with pytest.raises(checkpointing.DamagedCheckpoint, match=r'1 of \d+ arrays .*params/dense/bias'):
     ckpt.restore(_abstract(states[1]))
@@ -616,4 +623,261 @@ def test_a_step_still_being_written_is_not_listed(tmp_path, monkeypatch):
     assert ckpt.all_steps() == [1] and ckpt.latest_step() == 1
   ckpt.wait()
   assert ckpt.all_steps() == [1, 2] and ckpt.latest_step() == 2
+  ckpt.close()
+
+
+def test_resuming_into_another_models_checkpoints_names_the_mismatch_not_damage(tmp_path):
+  """Resuming (fallback) with a changed model: the error is the config mismatch of the
+  newest checkpoint, not 'every checkpoint is damaged' (which tells the user to start
+  afresh), and no older step is restored in its place."""
+  _saved(tmp_path, [1, 2])
+  before = _snapshot(tmp_path)
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  with pytest.raises(checkpointing.CheckpointError) as err:
+    ckpt.restore(_abstract(_make_state(width=8)), fallback=True)
+  assert not isinstance(err.value, checkpointing.DamagedCheckpoint)
+  assert str(err.value).startswith(
+      f'Checkpoint {tmp_path / "2"} does not match the current model/optimizer')
+  assert ckpt.restored is None
+  ckpt.close()
+  assert _snapshot(tmp_path) == before
+
+
+def test_only_the_damaged_steps_go_aside_each_under_its_own_name(tmp_path):
+  """Steps 2 and 3 damaged, resumed from 1: saving step 2 anew moves exactly step 2 aside;
+  damaged step 3 stays where it is until the run reaches it, and then goes aside too."""
+  states = _saved(tmp_path, [1, 2, 3])
+  for s in (2, 3):
+    _swap_in_other_arrays(tmp_path / str(s), tmp_path / '1')
+  damaged = {s: _snapshot(tmp_path / str(s)) for s in (2, 3)}
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  _assert_identical(ckpt.restore(_abstract(states[3]), fallback=True), states[1])
+  good = _snapshot(tmp_path / '1')
+  ckpt.save(1, _make_state(seed=9))  # an existing good step: never moved or overwritten
+  ckpt.wait()
+  assert _snapshot(tmp_path / '1') == good
+  new = {s: _make_state(seed=10 + s) for s in (2, 3)}
+  ckpt.save(2, new[2])
+  ckpt.wait()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['1', '2', '2.damaged', '3']
+  assert _snapshot(tmp_path / '3') == damaged[3]
+  ckpt.save(3, new[3])
+  ckpt.close()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['1', '2', '2.damaged', '3', '3.damaged']
+  for s in (2, 3):
+    kept = tmp_path / f'{s}.damaged'
+    assert {k.replace(str(kept), str(tmp_path / str(s))): v
+            for k, v in _snapshot(kept).items()} == damaged[s]
+  reopened = checkpointing.Checkpointer(str(tmp_path))
+  for s in (2, 3):
+    _assert_identical(reopened.restore(_abstract(new[s]), step=s), new[s])
+    assert reopened.restored == (s, True)
+  reopened.close()
+
+
+def test_a_step_saved_anew_is_never_moved_aside_again(tmp_path):
+  """Once a damaged step has been saved anew, that new checkpoint is a good one: a second
+  save of the same step leaves it in place (the step is never overwritten)."""
+  states = _saved(tmp_path, [1, 2])
+  _swap_in_other_arrays(tmp_path / '2', tmp_path / '1')
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  ckpt.restore(_abstract(states[2]), fallback=True)
+  retrained = _make_state(seed=5)
+  ckpt.save(2, retrained)
+  ckpt.wait()
+  good = _snapshot(tmp_path / '2')
+  ckpt.save(2, _make_state(seed=6))
+  ckpt.close()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['1', '2', '2.damaged']
+  assert _snapshot(tmp_path / '2') == good
+  reopened = checkpointing.Checkpointer(str(tmp_path))
+  _assert_identical(reopened.restore(_abstract(retrained)), retrained)
+  reopened.close()
+
+
+def test_garbled_checksums_make_the_step_damaged_and_resuming_passes_it(tmp_path):
+  """A checksums file that no longer parses is damage, not a missing file: reading the step
+  fails, resuming falls back to the older one, and both are left as they were."""
+  states = _saved(tmp_path, [1, 2])
+  path = tmp_path / '2' / checkpointing.CHECKSUMS_FILE
+  path.write_text(path.read_text()[:20])  # torn
+  before = _snapshot(tmp_path)
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  with pytest.raises(checkpointing.DamagedCheckpoint, match=f'Checkpoint {tmp_path / "2"} is '):
+    ckpt.restore(_abstract(states[2]))
+  _assert_identical(ckpt.restore(_abstract(states[2]), fallback=True), states[1])
+  assert ckpt.restored == (1, True)
+  ckpt.close()
+  assert _snapshot(tmp_path) == before
+
+
+def test_checksums_of_another_algorithm_restore_unverified(tmp_path, caplog):
+  """Values recorded by another checksum algorithm cannot be compared: the step restores
+  unverified, with the note, instead of failing every array."""
+  states = _saved(tmp_path, [1])
+  path = tmp_path / '1' / checkpointing.CHECKSUMS_FILE
+  record = json.loads(path.read_text())
+  path.write_text(json.dumps({'algorithm': 'another-v9',
+                              'arrays': {k: v ^ 1 for k, v in record['arrays'].items()}}))
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  _assert_identical(ckpt.restore(_abstract(states[1]), fallback=True), states[1])
+  assert ckpt.restored == (1, False)
+  assert 'restored unverified' in caplog.text
+  ckpt.close()
+
+
+def test_a_checksums_write_that_fails_midway_leaves_the_step_restorable(tmp_path, monkeypatch,
+                                                                         caplog):
+  """The disk fills while checksums.json is written: the step itself is complete, so it
+  must restore (unverified, with a note), not read as damaged because of a half-written
+  checksums file."""
+  state = _make_state(seed=1)
+  ckpt = checkpointing.Checkpointer(str(tmp_path), async_save=False)
+  write_text = type(ckpt.directory).write_text
+
+  def torn(self, text, *args, **kwargs):
+    if not self.name.startswith(checkpointing.CHECKSUMS_FILE):
+      return write_text(self, text, *args, **kwargs)
+    write_text(self, text[:len(text) // 2], *args, **kwargs)
+    raise OSError(28, 'No space left on device')
+
+  monkeypatch.setattr(type(ckpt.directory), 'write_text', torn)
+  ckpt.save(1, state)
+  monkeypatch.undo()
+  ckpt.close()
+  assert 'Could not write the checksums' in caplog.text
+  reopened = checkpointing.Checkpointer(str(tmp_path))
+  _assert_identical(reopened.restore(_abstract(state), fallback=True), state)
+  assert reopened.restored == (1, False)
+  reopened.close()
+
+
+def test_reading_leaves_another_runs_unfinished_save_alone(tmp_path):
+  """Opening a run's checkpoints to read them (init=, convert, the study) while that run is
+  saving must not remove its step in progress."""
+  states = _saved(tmp_path, [1])
+  writing = tmp_path / '2.orbax-checkpoint-tmp-1700000000'
+  (writing / 'state').mkdir(parents=True)
+  (writing / 'state' / 'part').write_text('being written')
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  _assert_identical(ckpt.restore(_abstract(states[1])), states[1])
+  ckpt.restore_subtree(('params',), _sharding())
+  ckpt.close()
+  assert (writing / 'state' / 'part').read_text() == 'being written'
+
+
+_FREE_SPACE = 'the disk is full (or a file size or quota limit was hit): free space'
+_WRITABLE = ('the directory is not writable (permissions, or a read-only file system): make '
+             'it writable')
+
+
+@pytest.mark.parametrize('error,cause', [
+    (OSError(28, 'No space left on device'), _FREE_SPACE),
+    (OSError(122, 'Disk quota exceeded'), _FREE_SPACE),
+    (OSError(27, 'File too large'), _FREE_SPACE),
+    (OSError(13, 'Permission denied'), _WRITABLE),
+    (OSError(30, 'Read-only file system'), _WRITABLE)])
+def test_a_failed_save_says_what_to_do_and_that_the_last_checkpoint_is_kept(
+    tmp_path, monkeypatch, error, cause):
+  """Each disk cause gets its fix, and the promise that the last checkpoint is untouched."""
+  ckpt = checkpointing.Checkpointer(str(tmp_path), async_save=False)
+  ckpt.save(1, _make_state(1))
+  good = _snapshot(tmp_path)
+  def fail(*args, **kwargs):
+    raise error
+  monkeypatch.setattr(ckpt._mngr, 'save', fail)  # pylint: disable=protected-access
+  with pytest.raises(checkpointing.CheckpointError) as err:
+    ckpt.save(2, _make_state(2))
+  monkeypatch.undo()
+  ckpt.close()
+  assert str(err.value) == (
+      f'Writing checkpoint step 2 to {tmp_path} failed: {cause}, then rerun the same command '
+      'to resume from the last complete checkpoint, which is untouched.')
+  assert _snapshot(tmp_path) == good
+
+
+def test_checksum_failures_say_the_checkpoint_is_kept_and_how_to_go_on(tmp_path):
+  """The full lines: one changed array of the newest step, then every step damaged."""
+  states = _saved(tmp_path, [1])
+  _change_recorded_checksum(tmp_path / '1', 'params/dense/bias')
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  with pytest.raises(checkpointing.DamagedCheckpoint) as err:
+    ckpt.restore(_abstract(states[1]))
+  assert str(err.value) == (
+      f'Checkpoint {tmp_path / "1"} fails its checksums: 1 of {len(_leaf_names(states[1]))} '
+      'arrays changed since they were saved (params/dense/bias). It is left untouched: move '
+      'it away to resume from an older checkpoint, or point --workdir elsewhere.')
+  with pytest.raises(checkpointing.DamagedCheckpoint) as err:
+    ckpt.restore(_abstract(states[1]), fallback=True)
+  assert str(err.value) == (
+      f'Every checkpoint in {tmp_path} is damaged (steps 1); they are left untouched. Point '
+      '--workdir elsewhere to start afresh.')
+  ckpt.close()
+
+
+def test_a_damaged_step_deleted_by_hand_mid_run_does_not_stop_the_save(tmp_path):
+  """The user deletes the damaged step (as the warning suggests) while the resumed run goes
+  on: when the run reaches that step it simply saves it."""
+  states = _saved(tmp_path, [1, 2])
+  _swap_in_other_arrays(tmp_path / '2', tmp_path / '1')
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  ckpt.restore(_abstract(states[2]), fallback=True)
+  shutil.rmtree(tmp_path / '2')
+  retrained = _make_state(seed=5)
+  ckpt.save(2, retrained)
+  ckpt.close()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['1', '2']
+  reopened = checkpointing.Checkpointer(str(tmp_path))
+  _assert_identical(reopened.restore(_abstract(retrained)), retrained)
+  assert reopened.restored == (2, True)
+  reopened.close()
+
+
+def test_a_failed_async_save_is_named_by_the_next_save(tmp_path, monkeypatch):
+  """Step 1's background write fails (disk full): the next save stops with an error naming
+  step 1, the one that was lost, not step 2."""
+  ckpt = checkpointing.Checkpointer(str(tmp_path), async_save=True)
+  ckpt.save(1, _make_state(1))
+  ckpt._mngr.wait_until_finished()  # pylint: disable=protected-access
+  def fail():
+    raise OSError(28, 'No space left on device')
+  monkeypatch.setattr(ckpt._mngr, 'wait_until_finished', fail)  # pylint: disable=protected-access
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=f'^Writing checkpoint step 1 to {tmp_path} failed: the disk is full'):
+    ckpt.save(2, _make_state(2))
+  monkeypatch.undo()
+  ckpt.close()
+
+
+def test_a_damaged_step_that_cannot_be_moved_aside_is_one_line(tmp_path, monkeypatch):
+  """The rename of a damaged step fails (permissions): one error line with the cause and the
+  fix, and the damaged step stays where it was."""
+  states = _saved(tmp_path, [1, 2])
+  _swap_in_other_arrays(tmp_path / '2', tmp_path / '1')
+  damaged = _snapshot(tmp_path / '2')
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  ckpt.restore(_abstract(states[2]), fallback=True)
+  def refuse(self, target):
+    raise PermissionError(13, 'Permission denied', str(self))
+  monkeypatch.setattr(type(ckpt.directory), 'rename', refuse)
+  with pytest.raises(checkpointing.CheckpointError) as err:
+    ckpt.save(2, _make_state(seed=5))
+  monkeypatch.undo()
+  ckpt.close()
+  assert str(err.value).startswith(f'Writing checkpoint step 2 to {tmp_path} failed: the '
+                                   'directory is not writable')
+  assert '\n' not in str(err.value)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['1', '2']
+  assert _snapshot(tmp_path / '2') == damaged
+
+
+def test_a_checkpoint_with_arrays_the_model_lacks_is_named_not_dropped(tmp_path):
+  """A resume with a model that lost a parameter must not silently drop the saved array."""
+  state = _make_state()
+  extra = state.replace(params={**state.params, 'extra': jnp.zeros(3)})
+  ckpt = checkpointing.Checkpointer(str(tmp_path), async_save=False)
+  ckpt.save(1, extra)
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r'does not match .*params/extra \(only in checkpoint\)'):
+    ckpt.restore(_abstract(state), fallback=True)
   ckpt.close()

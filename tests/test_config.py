@@ -181,6 +181,14 @@ def _set(config, dotted, value):
   node[leaf] = value
 
 
+def _validate_pretrain(overrides):
+  """validate_pretrain (8 batch shards) of the default config with `overrides` set."""
+  config = get_config()
+  for key, value in overrides.items():
+    _set(config, key, value)
+  config_validation.validate_pretrain(config, 8)
+
+
 # (overrides, field the message must name). One entry per check in config_validation.py.
 INVALID = [
     ({'model.variant': 'X/16'}, 'model.variant'),
@@ -290,11 +298,8 @@ INVALID = [
 @pytest.mark.parametrize('overrides,field', INVALID,
                          ids=[f'{f}:{list(o.values())}' for o, f in INVALID])
 def test_validate_rejects_with_field_name(overrides, field):
-  config = get_config()
-  for key, value in overrides.items():
-    _set(config, key, value)
   with pytest.raises(UserError) as e:
-    config_validation.validate_pretrain(config, 8)
+    _validate_pretrain(overrides)
   message = str(e.value)
   assert field in message, message
   assert message.startswith('config.'), message
@@ -633,12 +638,15 @@ def test_cudnn_attention_needs_a_gpu_backend(attention):
     {'reconstruction.num_stages': 98},  # one thrown token per stage: 196 * 0.5 = 98 thrown
     {'optim.b1': 0.0, 'optim.b2': 0.0},  # no moment averaging: allowed, [0, 1)
     {'data.crop_min_scale': 1.0},  # crops of the whole image
+    {'loss.thrown_loss_weight': 0.0},  # thrown tokens reconstructed, not scored
+    {'optim.weight_decay': 0.0, 'optim.clip_grad_norm': 0.0},  # both off
+    {'train.total_steps': 0, 'knn.every': 0},  # steps from epochs; k-NN only at the end
+    {'train.profile_start_step': 0, 'train.profile_steps': 0},  # no trace
+    {'optim.mu_dtype': ''},  # the params' float32
+    {'model.width': 0, 'model.depth': 0, 'model.heads': 0},  # the variant's sizes
 ], ids=lambda o: ','.join(o))
-def test_the_edges_of_each_allowed_range_pass(overrides):
-  config = get_config()
-  for key, value in overrides.items():
-    _set(config, key, value)
-  config_validation.validate_pretrain(config, 8)
+def test_the_edges_of_each_allowed_range_and_the_off_values_pass(overrides):
+  _validate_pretrain(overrides)
 
 
 def test_grad_accum_must_divide_each_shards_batch_not_only_the_global_one():
@@ -867,3 +875,57 @@ def test_study_settings_are_the_documented_ones():
       assert 0 < part.warmup_epochs < part.epochs
   with pytest.raises(UserError, match='setting'):
     study_config.get_config('setting=tpu')
+
+
+# Checks whose message another, later check would also match by field name alone: each case
+# pins the check that must answer, and the advice it gives.
+FIRST_ANSWER = [
+    ({'model.image_size': 200}, 'config.model.image_size: 200 is not divisible by the patch size '
+                                "16 of variant 'B/16'; use a multiple of 16, e.g. 192"),
+    ({'model.image_size': 8}, 'config.model.image_size: 8 is not divisible by the patch size 16 '
+                              "of variant 'B/16'; use a multiple of 16, e.g. 16"),
+    ({'model.decoder_width': 520}, 'config.model.decoder_width: 520 is not divisible by '
+                                   'decoder_heads=16; change model.decoder_width or '
+                                   'model.decoder_heads'),
+    ({'model.decoder_width': 18, 'model.decoder_heads': 3, 'reconstruction.heads': 1},
+     "config.model.decoder_width: the decoder's sin-cos position embeddings need a width "
+     'divisible by 4, got 18; use a multiple of 4'),
+    ({'masking.throw_ratio': 0.9}, 'config.masking.throw_ratio: 0.9 is outside [0, '
+                                   'mask_ratio=0.75); it is a share of ALL patches; use 0 for MAE '
+                                   'or e.g. 0.5 with mask_ratio 0.75'),
+    ({'method': 'mae', 'reconstruction.thrown_reconstruction': 'none'},
+     "config.masking.throw_ratio: method 'mae' decodes every masked token but throw_ratio=0.5; "
+     'set it to 0, or use method=partial or method=pr_mim'),
+    ({'reconstruction.heads': 3, 'reconstruction.key_width': 48},
+     'config.reconstruction.heads: 3 heads must divide key_width=48 and '
+     'model.decoder_width=512; use e.g. 4'),
+    ({'optim.clip_grad_norm': float('inf')}, 'config.optim.clip_grad_norm: got inf; use a '
+                                             'finite number'),
+    ({'batch_size': 4095}, 'config.batch_size: global batch 4095 is not divisible by the 8 '
+                           'devices on the batch axes; use a multiple of 8, or (resuming a run, '
+                           'which keeps its batch_size) devices on the batch axes that divide '
+                           '4095'),
+]
+
+
+@pytest.mark.parametrize('overrides,message', FIRST_ANSWER,
+                         ids=[m.split(':')[0] + str(list(o.values())) for o, m in FIRST_ANSWER])
+def test_the_check_that_answers_names_its_field_and_the_fix(overrides, message):
+  with pytest.raises(UserError) as e:
+    _validate_pretrain(overrides)
+  assert str(e.value) == message
+
+
+@pytest.mark.parametrize('backend', ['cpu', 'tpu'])
+def test_cudnn_attention_is_refused_on_every_backend_but_gpu(backend):
+  model = ml_collections.ConfigDict(dict(attention='cudnn'))
+  with pytest.raises(UserError, match=rf"^config\.model\.attention: .* runs on '{backend}' here"):
+    config_validation.validate_attention_backend(model, backend)
+
+
+def test_a_layer_decay_of_0_is_refused():
+  """0 would scale every encoder layer's learning rate to 0: fine-tuning only the head."""
+  config = _resolved_finetune_config()
+  config.optim.layer_decay = 0.0
+  with pytest.raises(UserError, match=r'^config\.optim\.layer_decay: got 0.0; use a factor in'):
+    config_validation.validate_classify(config, 8)

@@ -328,7 +328,7 @@ def test_stage_sizes_raises(n_throw, num_stages):
     progressive.stage_sizes(n_throw, num_stages)
 
 
-# --- Mutation-audit additions -----------------------------------------------------------------
+# --- The running-cell pattern's rounding and fill regime; the stages' furthest order ------------
 
 def test_running_cell_pattern_k_rounds_half_up():
   # 7 of 16 patches in the decoder (4 visible + 3 decoded, 9 thrown): 4 * 7 / 16 = 1.75 rounds

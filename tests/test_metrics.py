@@ -118,3 +118,41 @@ def test_a_resumed_run_logs_each_step_once_in_tensorboard(tmp_path, name):
   assert _steps_by_tag(tmp_path / "tensorboard") == {
       "loss": collections.Counter(range(1, 9)), "picture": collections.Counter([5])}
   assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "tensorboard"]
+
+
+def test_progress_line_shows_the_share_done_and_the_eta_at_the_last_rate(monkeypatch, caplog):
+  clock = iter([100.0, 102.0, 106.0])
+  monkeypatch.setattr(metrics.time, "monotonic", lambda: next(clock))
+  progress = metrics.Progress(first_step=10, total_steps=100)
+  with caplog.at_level("INFO"):
+    progress.report(20)  # 5 steps/s: 80 steps left take 16 s
+    progress.report(60)  # 10 steps/s: 40 steps left take 4 s
+  assert [r.getMessage() for r in caplog.records] == [
+      "step 20/100 (20.0%), 5.00 steps/s, ETA 0h00m16s",
+      "step 60/100 (60.0%), 10.00 steps/s, ETA 0h00m04s"]
+
+
+def test_format_seconds_carries_minutes_into_hours():
+  assert metrics.format_seconds(2 * 3600 + 59 * 60 + 59.99) == "2h59m59s"
+  assert metrics.format_seconds(26 * 3600 + 60) == "26h01m00s"
+
+
+def test_jsonl_rows_hold_plain_floats_of_device_scalars(tmp_path):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  writer = metrics.MetricWriter(str(tmp_path), tensorboard=False)
+  writer.write_scalars(3, {"loss": jnp.float32(0.25), "lr": np.float64(1e-4), "n": 2})
+  row = json.loads((tmp_path / "metrics.jsonl").read_text())
+  assert {k: row[k] for k in ("step", "loss", "lr", "n")} == {
+      "step": 3, "loss": 0.25, "lr": 1e-4, "n": 2.0}
+  assert isinstance(row["time"], float)
+
+
+def test_a_rerun_from_step_0_drops_every_event_of_the_unsaved_run(tmp_path):
+  """No checkpoint was saved: the rerun starts at step 0, and TensorBoard must not keep the
+  first run's curve under the new one."""
+  first = metrics.MetricWriter(str(tmp_path))
+  for step in (1, 2, 3):
+    first.write_scalars(step, {"loss": 1.0})
+  first.close()
+  metrics.MetricWriter(str(tmp_path), start_step=0).close()
+  assert _steps_by_tag(tmp_path / "tensorboard") == {}

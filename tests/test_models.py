@@ -643,7 +643,7 @@ def test_mae_forward_is_the_same_for_every_cpu_attention():
 
 
 # ----------------------------------------------------------------------------------------
-# Mutation-audit additions: the progressive (thrown-token) path of the whole model against
+# The progressive (thrown-token) path of the whole model against
 # NumPy, for both decoders. Catches features placed on the wrong canvas cells, the wrong
 # global key, a missing decoder norm, or the wrong inputs of the last block.
 
@@ -781,3 +781,77 @@ def test_encoder_init_distributions_match_mae():
   # N(0, 0.02): 128 cls draws give the std to ~10%; 17 x 128 position draws to ~2%.
   assert 0.014 < p_['cls_token'].std() < 0.026, p_['cls_token'].std()
   assert abs(p_['pos_embedding'].std() / 0.02 - 1) < 0.1, p_['pos_embedding'].std()
+
+
+def test_block_default_mlp_is_four_times_the_width():
+  """A Block built with its defaults is a standard ViT block: MLP hidden width 4 x D (timm)."""
+  x = jnp.zeros((1, 3, 16), jnp.float32)
+  shapes = nn.unbox(jax.eval_shape(vit.Block(heads=2).init, jax.random.key(0), x)['params'])
+  assert shapes['mlp']['fc1']['kernel'].shape == (16, 64)
+  assert shapes['mlp']['fc2']['kernel'].shape == (64, 16)
+
+
+def test_scanned_encoder_draws_every_layer_independently():
+  """nn.scan splits the 'params' rng: each layer gets its own draw, as in the unrolled encoder
+  (a shared rng would start every block from the same weights)."""
+  encoder = vit.Encoder(vit.VitSpec(16, 3, 2, PATCH), IMAGE, scan_layers=True)
+  params = nn.unbox(jax.jit(encoder.init)(jax.random.key(0), _images(batch=1))['params'])
+  for path in ('attn/qkv/kernel', 'attn/proj/kernel', 'mlp/fc1/kernel', 'mlp/fc2/kernel'):
+    w = np.asarray(_flat(params['blocks'])[path])  # [layers, ...]
+    assert w.shape[0] == 3, path
+    for i in range(3):
+      for j in range(i):
+        assert np.abs(w[i] - w[j]).max() > 0.1 * np.abs(w).max(), (path, i, j)
+
+
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_drop_path_draws_each_layer_independently(scan_layers):
+  """Depth 3 at drop_path 0.5: blocks 1 and 2 (rates 0.25, 0.5) drop their two branches each
+  independently, so identical examples come out in all 2**4 combinations. Layers sharing one
+  dropout rng (nn.scan without split_rngs) would nest the drops: only 3 x 3 combinations."""
+  convert = vit.scan_params if scan_layers else (lambda t: t)
+  params = convert(_encoder_params(vit.Encoder(vit.VitSpec(SPEC.width, 3, SPEC.heads, PATCH),
+                                               IMAGE), seed=27))
+  images = jnp.broadcast_to(_images(seed=28, batch=1), (1024, IMAGE, IMAGE, 3))
+  _, fn = _encoder_fn(0.5, 'none', scan_layers, train=True, pool='gap', depth=3)
+  outs = np.asarray(fn(params, images, jax.random.key(2)))  # [1024, D]
+  assert len(np.unique(np.round(outs, 4), axis=0)) == 16
+
+
+def test_relayout_of_abstract_leaves_keeps_each_axis_sharding():
+  """scan_params on ShapeDtypeStructs (a restore target) prepends an unsharded layer axis and
+  keeps the other axes' sharding; unscan_params drops it again."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
+  spec = jax.sharding.PartitionSpec('data', None)
+  leaf = jax.ShapeDtypeStruct((8, 32), jnp.float32,
+                              sharding=jax.sharding.NamedSharding(mesh, spec))
+  tree = {'norm': {'scale': leaf}, 'block0': {'w': leaf}, 'block1': {'w': leaf}}
+  scanned = vit.scan_params(tree)
+  assert scanned['blocks']['w'].shape == (2, 8, 32)
+  assert scanned['blocks']['w'].sharding.spec == jax.sharding.PartitionSpec(None, 'data', None)
+  assert scanned['norm']['scale'].sharding.spec == spec
+  unscanned = vit.unscan_params(scanned)
+  assert sorted(unscanned) == ['block0', 'block1', 'norm']
+  for name in ('block0', 'block1'):
+    assert unscanned[name]['w'].shape == (8, 32)
+    assert unscanned[name]['w'].sharding.spec == spec
+
+
+def test_drop_path_rate_rises_with_depth():
+  """The first block runs at rate 0 and the last at drop_path: with block 1's branches zeroed
+  (dropping them changes nothing), training outputs of identical examples never vary; with
+  block 0's branches zeroed they take block 1's 4 drop combinations."""
+  params = _encoder_params(vit.Encoder(SPEC, IMAGE), seed=29)
+  images = jnp.broadcast_to(_images(seed=30, batch=1), (256, IMAGE, IMAGE, 3))
+  _, fn = _encoder_fn(0.5, 'none', False, train=True, pool='gap')
+
+  def silenced(block):  # the block's attention and MLP branches output exactly zero
+    p = params[block]
+    zero = lambda t: jax.tree.map(jnp.zeros_like, t)  # noqa: E731
+    blk = dict(p, attn=dict(p['attn'], proj=zero(p['attn']['proj'])),
+               mlp=dict(p['mlp'], fc2=zero(p['mlp']['fc2'])))
+    return dict(params, **{block: blk})
+
+  for block, combos in (('block1', 1), ('block0', 4)):
+    outs = np.asarray(fn(silenced(block), images, jax.random.key(3)))  # [256, D]
+    assert len(np.unique(np.round(outs, 4), axis=0)) == combos, block

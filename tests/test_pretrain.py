@@ -242,6 +242,23 @@ def test_unlabeled_folder_needs_knn_off(tiny_config, tmp_path):
   assert pretrain.check_config(tiny_config).num_train == 20
 
 
+def test_a_folder_laid_out_with_classes_still_needs_knn_off(tiny_config, tmp_path):
+  """Pre-training reads a folder as unlabeled even when it has train/ and validation/ class
+  folders: the k-NN monitor is refused with the flag that turns it off, not run on them."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  for split in ("train", "validation"):
+    for label in ("cat", "dog"):
+      (tmp_path / split / label).mkdir(parents=True)
+      for i in range(8):
+        Image.new("RGB", (20, 20), (i * 10, 0, 0)).save(tmp_path / split / label / f"{i}.png")
+  tiny_config.data.dataset = f"folder:{tmp_path}"
+  with pytest.raises(UserError, match=r"^config.knn.enabled: .* has no labels for the k-NN "
+                                      r"monitor; add --config.knn.enabled=False"):
+    pretrain.check_config(tiny_config)
+  tiny_config.knn.enabled = False
+  assert pretrain.check_config(tiny_config).num_train == 16
+
+
 def test_unlabeled_tfds_needs_knn_off_before_training(tiny_config, tmp_path):
   tfds = pytest.importorskip("tensorflow_datasets")
   with tfds.core.registered.skip_registration():

@@ -367,3 +367,32 @@ def test_every_pair_of_settings_trains(method, target, decoder):
   assert np.all(np.isfinite(losses))
   assert np.mean(losses[-3:]) < np.mean(losses[:3])
   assert ("loss_thrown" in names) == (method == "pr_mim")
+
+
+def test_fresh_aggregators_start_as_plain_averages():
+  """At init an `interpolate` stage is the unweighted mean of the known box neighbours and the
+  global feature (zero offset logits), and a `local_attention` stage adds nothing to its
+  attention average (zero-initialized residual MLP): with an empty box it returns glob."""
+  grid, d = 4, 8
+  rng = np.random.default_rng(4)
+  canvas = rng.normal(size=(1, 16, d)).astype(np.float32)
+  glob = rng.normal(size=(1, d)).astype(np.float32)
+  known = rng.random((1, 16)) < 0.5
+  ids = np.asarray([[0, 5, 10, 15]], np.int32)
+  queries = rng.normal(size=(1, 4, d)).astype(np.float32)
+  args = tuple(jnp.asarray(a) for a in (canvas, known, glob, queries, ids))
+  interp = progressive.LocalAggregator(grid, 3, "interpolate")
+  out = interp.apply(interp.init(jax.random.key(0), *args), *args)
+  ref = []
+  for i in ids[0]:
+    r, c = divmod(int(i), grid)
+    box = [rr * grid + cc for rr in range(r - 1, r + 2) for cc in range(c - 1, c + 2)
+           if 0 <= rr < grid and 0 <= cc < grid and known[0, rr * grid + cc]]
+    ref.append(np.concatenate([canvas[0, box], glob], axis=0).mean(0))
+  np.testing.assert_allclose(np.asarray(out)[0], np.stack(ref), rtol=1e-5, atol=1e-6)
+
+  empty = (args[0], jnp.zeros((1, 16), bool)) + args[2:]
+  attn = progressive.LocalAggregator(grid, 3, "local_attention", key_width=4, heads=2)
+  out = attn.apply(attn.init(jax.random.key(0), *empty), *empty)
+  np.testing.assert_allclose(np.asarray(out), np.broadcast_to(glob[:, None], (1, 4, d)),
+                             rtol=1e-6, atol=1e-6)
