@@ -22,6 +22,10 @@ from pr_mim_jax.errors import UserError
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
 
+# The --config flag that define_config_file defines belongs to the command calling it: its
+# help is the command's (cli_help.usage lists flags by the module that owns them).
+flags.disclaim_key_flags()
+
 
 def print_error(message: str) -> None:
   """`error: message` on stderr as one write: print() writes the newline separately, so a
@@ -124,6 +128,23 @@ def write_report(json_path: str, report, markdown_path: str, markdown: str) -> N
     write_text(json_path, json.dumps(report, indent=1) + "\n", "json")
   if markdown_path:
     write_text(markdown_path, markdown, "markdown")
+
+
+def _flagfile_problem(error: flags.CantOpenFlagFileError) -> str:
+  """absl's 'ERROR:: Unable to open flagfile: why' as one line with the fix."""
+  why = " ".join(str(error).split()).removeprefix("ERROR:: ")
+  return f"{why}; give --flagfile a file that exists"
+
+
+def define_config_file(name: str, default, help_string: str, **kwargs):
+  """config_flags.DEFINE_config_file, where a --flagfile that cannot be opened is one error
+  line and exit 2: ml_collections reads the flagfiles of sys.argv as it defines the flag, at
+  import, before parse_flags could report it (a traceback, exit 1)."""
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  try:
+    return config_flags.DEFINE_config_file(name, default, help_string, **kwargs)
+  except flags.CantOpenFlagFileError as e:
+    fail(_flagfile_problem(e))
 
 
 def _unknown_flag(error: flags.UnrecognizedFlagError, flag_values, required) -> str:
@@ -255,8 +276,10 @@ def parse_flags(argv, required: dict[str, str], flag_values=None) -> None:
     print(cli_help.usage(_with_packaged_configs(argv, fv, check=False),
                          full="--helpfull" in asked, flag_values=fv), end="")
     sys.exit(0)
-  try:
-    argv = _with_packaged_configs(argv, fv)
+  try:  # flagfiles expanded first: a packaged config name may be given in one
+    argv = _with_packaged_configs(fv.read_flags_from_files(argv, force_gnu=False), fv)
+  except flags.CantOpenFlagFileError as e:
+    fail(_flagfile_problem(e))
   except UserError as e:
     fail(str(e))
   json_config = _json_config(argv, fv)

@@ -12,13 +12,12 @@ import sys
 
 from absl import flags
 from absl import logging as absl_logging
-from ml_collections import config_flags
 
 from pr_mim_jax import cli
 from pr_mim_jax import log_filters
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, big_vision style.",
-                                          lock_config=True)
+_CONFIG = cli.define_config_file("config", None, "Config file, big_vision style.",
+                                 lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and pictures go "
                                "(local path or gs://). Rerunning with the same workdir resumes.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for a "

@@ -75,6 +75,16 @@ def test_eval_transform_resizes_when_only_one_side_is_native():
                              atol=3)
 
 
+@pytest.mark.parametrize("height,width,size,expected", [
+    (375, 500, 224, (256, 341, 16, 58)),  # int(341.33); (341 - 224) / 2 = 58.5 rounds to even
+    (500, 375, 224, (341, 256, 58, 16)),
+    (224, 224, 224, (224, 224, 0, 0)),  # native size: kept as it is
+    (224, 300, 224, (256, 342, 16, 59)),  # one native side is not enough
+])
+def test_eval_geometry_by_hand(height, width, size, expected):
+  assert augment_np.eval_geometry(height, width, size) == expected
+
+
 def test_flip_rate_is_one_half():
   """2000 draws: the flip share within 4.5 binomial standard deviations of 1/2."""
   img = _coordinates(8, 8, 30, 0)

@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import (ROOT, TINY_OVERRIDES, apply_overrides, load_config, override_flags,
-                      without_tensorflow)
+from conftest import (ROOT, TINY_OVERRIDES, apply_overrides, fake_devices_env, load_config,
+                      override_flags, without_tensorflow)
 from pr_mim_jax import cli
 from pr_mim_jax.tools import benchmark
 
@@ -171,7 +171,7 @@ def test_step_counts_below_their_minimum_are_one_error_line(flag, message):
      "batch_size) devices on the batch axes that divide 15"),
 ])
 def test_batch_flag_is_checked_like_the_configs_batch(args, devices, message):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env = fake_devices_env(devices)
   proc = subprocess.run([sys.executable, "-m", "pr_mim_jax.tools.benchmark",
                          "--config=pr_mim_jax/configs/pretrain.py:dataset=shapes", "--methods=mae",
                          *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)

@@ -90,6 +90,13 @@ def _parse_error(monkeypatch, capsys, *args, config=CONFIG):
      "model.scan_layerss; did you mean model.scan_layers?"),
     # Not an override: 'optim' is no config flag.
     ("--optim.base_lr=1e-3", "Unknown command line flag 'optim.base_lr' (see --helpfull)"),
+    # difflib's default cut-off (0.6): 'warmup' is close enough to 'warmup_epochs' ...
+    ("--config.optim.warmup=5",
+     "--config.optim.warmup: unknown config field optim.warmup; did you mean optim.warmup_epochs?"),
+    ("--config.optim.Base_lr=1",  # field names are case-sensitive
+     "--config.optim.Base_lr: unknown config field optim.Base_lr; did you mean optim.base_lr?"),
+    ("--config.knn.enable=false",
+     "--config.knn.enable: unknown config field knn.enable; did you mean knn.enabled?"),
 ])
 def test_flag_mistakes_are_one_line_with_the_fix(monkeypatch, capsys, arg, line):
   assert _parse_error(monkeypatch, capsys, arg) == [f"error: {line}"]
@@ -567,3 +574,139 @@ def test_a_link_into_a_missing_folder_is_refused_where_it_points(tmp_path):
                             f"{os.path.realpath(tmp_path)}/gone")
   with pytest.raises(cli.UserError, match=r"^--markdown: cannot write .*link.json: "):
     cli.write_text(str(link), "x", "markdown")
+
+
+# ----------------------------------------------------------------------------------------
+# More of what a user types wrong, each as its full error line.
+
+def test_a_far_misspelling_lists_the_fields_rather_than_guess(monkeypatch, capsys):
+  # ... 'lr' is not close to 'base_lr' (ratio 4/9): no guess, the group's fields instead.
+  [line] = _parse_error(monkeypatch, capsys, "--config.optim.lr=1")
+  assert line.startswith("error: --config.optim.lr: unknown config field optim.lr; config.optim "
+                         "has fields b1, b2, base_lr, ")
+  assert "did you mean" not in line
+
+
+def test_a_negated_override_without_config_says_which_flag(monkeypatch, capsys):
+  assert _parse_error(monkeypatch, capsys, "--noconfig.knn.enabled", config=None) == [
+      f"error: --noconfig.knn.enabled: a config override needs --config first, e.g. "
+      f"--config={CONFIG}"]
+
+
+def test_a_directory_as_config_is_one_line(monkeypatch, capsys, tmp_path):
+  assert _parse_error(monkeypatch, capsys, config=str(tmp_path)) == [
+      f"error: --config={tmp_path}: no such config file; give a path, or the name of a packaged "
+      "config: pretrain, linear_probe, finetune, knn, study"]
+
+
+def test_an_empty_required_flag_is_refused_like_a_missing_one(monkeypatch, capsys):
+  monkeypatch.chdir(ROOT)
+  argv = ["prog", f"--config={CONFIG}", "--workdir="]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "Config file.", flag_values=fv,
+                                  lock_config=True, sys_argv=argv)
+  flags.DEFINE_string("workdir", None, "Workdir.", flag_values=fv)
+  with pytest.raises(SystemExit) as e:
+    cli.parse_flags(argv, {"config": CONFIG, "workdir": "workdirs/demo"}, fv)
+  assert e.value.code == 2
+  assert capsys.readouterr().err == "error: --workdir is required, e.g. --workdir=workdirs/demo\n"
+
+
+def test_a_report_path_that_is_a_directory_is_refused_before_the_run(tmp_path):
+  with pytest.raises(cli.UserError) as e:
+    cli.check_output_file(str(tmp_path), "json")
+  assert str(e.value) == f"--json: cannot write {tmp_path}: Is a directory"
+
+
+def test_a_report_tool_fails_only_when_every_setting_failed(capsys):
+  assert cli.failed_settings_exit([]) == 0
+  assert cli.failed_settings_exit([{"error": "OOM"}, {"step_ms": 3.0}]) == 0
+  assert capsys.readouterr().err == ""
+  assert cli.failed_settings_exit([{"error": "OOM"}, {"error": "bad mesh"}]) == 1
+  assert capsys.readouterr().err == ("error: all 2 settings failed, the last with: bad mesh; the "
+                                     "report names each one's error\n")
+
+
+def test_only_a_config_with_methods_and_setting_is_the_study():
+  methods_only = ml_collections.ConfigDict({"methods": "mae,pr_mim", "batch_size": 8})
+  assert cli.config_kind(methods_only) == "pretrain"  # no `setting`: a pretraining config
+  study = ml_collections.ConfigDict({"methods": "mae,pr_mim", "setting": "tiny"})
+  assert cli.config_kind(study) == "study"
+
+
+def test_a_value_for_a_group_shows_the_first_field_to_set(monkeypatch, capsys):
+  assert _parse_error(monkeypatch, capsys, "--config.mesh_dcn=2") == [
+      "error: --config.mesh_dcn=2: mesh_dcn is a group of fields (data, fsdp, tensor); set them "
+      "one at a time, e.g. --config.mesh_dcn.data=VALUE"]
+
+
+def test_main_refuses_a_workdir_that_is_a_file_before_the_run(monkeypatch, tmp_path):
+  """A file given as --workdir: one UserError line naming it, before the run log is attached
+  or anything compiles."""
+  from pr_mim_jax.configs import pretrain as pretrain_config  # pylint: disable=g-import-not-at-top
+  from pr_mim_jax.training import pretrain  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "notes.txt"
+  workdir.write_text("not a run")
+  main, attached = _stub_main(monkeypatch, pretrain_config.get_config("dataset=shapes"), workdir)
+  monkeypatch.setattr(pretrain, "check_config", lambda config: None)
+  monkeypatch.setattr(pretrain, "train", lambda *unused: pytest.fail("pre-training ran"))
+  with pytest.raises(cli.UserError) as e:
+    main._run()  # pylint: disable=protected-access
+  assert str(e.value) == (f"--workdir={workdir} is a file, not a directory: choose a directory "
+                          "(a new path, or an existing directory)")
+  assert not attached and workdir.read_text() == "not a run"
+
+
+def test_ctrl_c_in_main_says_the_checkpoints_are_kept_and_how_to_resume(monkeypatch, capsys):
+  from pr_mim_jax import main  # pylint: disable=g-import-not-at-top
+
+  def interrupted():
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(cli, "parse_flags", lambda *unused: None)
+  monkeypatch.setattr(cli, "check_config_kind", lambda *unused: None)
+  monkeypatch.setattr(main, "_run", interrupted)
+  assert main.main(["prog"]) == 130
+  assert capsys.readouterr().err == ("error: interrupted (Ctrl-C); the checkpoints already saved "
+                                     "are kept; rerun the same command to resume\n")
+
+
+def test_a_config_json_with_config_arguments_is_refused_the_same_way(monkeypatch, capsys,
+                                                                    tmp_path):
+  record = tmp_path / "config.json"
+  record.write_text('{"mode": "pretrain", "init": null}')
+  [line] = _parse_error(monkeypatch, capsys, config=f"{record}:dataset=shapes")
+  assert line.startswith(f"error: --config={record}:dataset=shapes: a .json file is a run's "
+                         "record, not a config file; give a config file such as ")
+
+
+def test_a_flagfile_that_cannot_be_opened_is_one_line(monkeypatch, capsys, tmp_path):
+  """ml_collections reads --flagfile files as the config flag is defined (at import): a
+  missing one was a traceback and exit 1 there, and 'ERROR:: ...' from absl's parse."""
+  missing = tmp_path / "flags.txt"
+  line = (f"error: Unable to open flagfile: [Errno 2] No such file or directory: '{missing}'; "
+          "give --flagfile a file that exists\n")
+  argv = ["prog", f"--flagfile={missing}"]
+  with pytest.raises(SystemExit) as e:
+    cli.define_config_file("config", None, "Config file.", flag_values=flags.FlagValues(),
+                           sys_argv=argv)
+  assert e.value.code == 2 and capsys.readouterr().err == line
+  fv = flags.FlagValues()
+  flags.DEFINE_integer("num_processes", 0, "Processes.", flag_values=fv)
+  with pytest.raises(SystemExit) as e:
+    cli.parse_flags(argv, {}, fv)
+  assert e.value.code == 2 and capsys.readouterr().err == line
+
+
+def test_a_packaged_config_name_in_a_flagfile_is_found(monkeypatch, capsys, tmp_path):
+  flagfile = tmp_path / "flags.txt"
+  flagfile.write_text("--config=pretrain:dataset=shapes\n--config.seed=x\n")
+  monkeypatch.chdir(tmp_path)  # where no file is named 'pretrain'
+  argv = ["prog", f"--flagfile={flagfile}"]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "Config file.", flag_values=fv,
+                                  lock_config=True, sys_argv=argv)
+  with pytest.raises(SystemExit) as e:  # the config loads: its override's value is the error
+    cli.parse_flags(argv, {"config": CONFIG}, fv)
+  assert e.value.code == 2
+  assert capsys.readouterr().err == "error: --config.seed=x: expected an integer\n"

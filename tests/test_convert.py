@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -174,7 +175,8 @@ def _mode(path):
   return os.stat(path).st_mode & 0o777
 
 
-@pytest.mark.parametrize("umask,want", [(0o022, 0o644), (0o077, 0o600)], ids=["022", "077"])
+@pytest.mark.parametrize("umask,want", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)],
+                         ids=["022", "077", "002"])
 def test_exported_files_get_the_mode_the_umask_gives_new_files(tmp_path, umask, want):
   out = tmp_path / "vit_ti.safetensors"
   old = os.umask(umask)
@@ -515,6 +517,69 @@ def test_replace_swaps_a_workdir_in_and_leaves_nothing_behind(tmp_path):
   assert (tmp_path / "f").read_text() == "new" and not (tmp_path / "f.tmp").exists()
 
 
+def test_a_failed_move_leaves_the_old_file_and_workdir_in_place(tmp_path, monkeypatch):
+  """The old target stays where it was until the new one is in place: a rename that fails
+  (a full disk, another process) loses nothing."""
+  def fail(*args):
+    raise OSError(28, "No space left on device")
+  (tmp_path / "f").write_text("old")
+  (tmp_path / "f.tmp").write_text("new")
+  with monkeypatch.context() as m:
+    m.setattr(os, "replace", fail)
+    with pytest.raises(OSError):
+      safe_replace.replace(tmp_path / "f.tmp", tmp_path / "f")
+  assert (tmp_path / "f").read_text() == "old"
+  old, new = tmp_path / "wd", tmp_path / ".wd.tmp"
+  for path, text in ((old, "old"), (new, "new")):
+    path.mkdir()
+    (path / "config.json").write_text(text)
+  real_rename = type(old).rename
+  def rename(self, target):  # moving the old workdir aside works; moving the new one in fails
+    if self == new:
+      fail()
+    return real_rename(self, target)
+  with monkeypatch.context() as m:
+    m.setattr(type(old), "rename", rename)
+    with pytest.raises(OSError):
+      safe_replace.replace(new, old)
+  assert (old / "config.json").read_text() == "old"
+
+
+def test_a_failed_export_keeps_the_old_files_and_leaves_no_temporaries(tmp_path, monkeypatch):
+  out = tmp_path / "vit_ti.safetensors"
+  convert.convert(str(VIT_TI), str(out))
+  before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+  def fail(path):
+    raise OSError(28, "No space left on device", str(path))
+  monkeypatch.setattr(safe_replace, "as_new_file", fail)
+  with pytest.raises(OSError):
+    convert.convert(str(FIXTURES / "vit_s.safetensors"), str(out), heads=12, overwrite=True)
+  assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_a_scan_layers_config_gets_the_files_weights(tmp_path):
+  """A workdir target whose config scans the blocks holds them stacked, with the file's values."""
+  config = apply_overrides(pretrain_config(), {"model.scan_layers": True})
+  convert.convert(str(MAE_PTH), str(tmp_path / "wd"), heads=2, decoder_heads=2, config=config)
+  assert json.loads((tmp_path / "wd" / "config.json").read_text())["model"]["scan_layers"]
+  params = convert.read_workdir_weights(tmp_path / "wd")[0]
+  state = mae_state()
+  np.testing.assert_array_equal(params["encoder"]["block0"]["mlp"]["fc1"]["kernel"],
+                                state["blocks.0.mlp.fc1.weight"].T)
+  jax.tree.map(np.testing.assert_array_equal, params,
+               weight_files.read_file_weights(MAE_PTH, 2, 2)[0])
+
+
+def test_the_parent_directory_is_never_a_target(tmp_path, monkeypatch):
+  """--to=.. from inside a workdir would replace the workdir holding the current directory."""
+  wd = _fake_workdir(tmp_path / "wd", {"model": {}})
+  (wd / "sub").mkdir()
+  monkeypatch.chdir(wd / "sub")
+  with pytest.raises(UserError, match="names no file or directory of its own"):
+    safe_replace.check_target(pathlib.Path(".."), "workdir", overwrite=True)
+  assert (wd / "config.json").is_file()
+
+
 def test_an_empty_directory_is_a_new_workdir_target_and_a_missing_parent_is_named(tmp_path):
   (tmp_path / "empty").mkdir()
   safe_replace.check_target(tmp_path / "empty", "workdir", overwrite=False)  # nothing to lose
@@ -625,3 +690,24 @@ def test_classifier_workdir_flags_that_do_not_apply_are_errors(tmp_path):
   with pytest.raises(UserError, match="--ema: reads a fine-tuning"):
     convert.convert(str(MAE_PTH), str(tmp_path / "c.safetensors"), ema=True, heads=2)
   assert not list(tmp_path.glob("*.safetensors"))
+
+
+@pytest.mark.slow
+def test_a_probe_exported_at_an_earlier_step_uses_that_steps_batchnorm_statistics(tmp_path):
+  """--step picks the params and the BatchNorm statistics of one checkpoint: the folded head
+  gives that step's logits even when a later checkpoint has other statistics."""
+  model, state = classifier_workdir(tmp_path / "run", "linear_probe", "cls")
+  later = state.replace(step=np.int32(5),
+                        batch_stats=jax.tree.map(lambda x: 3.0 * x + 1.0, state.batch_stats))
+  checkpointing.write_checkpoint(str(tmp_path / "run"), 5, later)
+  out = tmp_path / "clf.safetensors"
+  convert.convert(str(tmp_path / "run"), str(out), step=3)
+  meta = json.loads((tmp_path / "clf.json").read_text())
+  assert meta["source"].endswith("step 3")
+  kwargs = meta["timm"]["kwargs"]
+  images = np.random.default_rng(2).standard_normal((2, 3, 16, 16))
+  ours = np.asarray(model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                                images.transpose(0, 2, 3, 1).astype(np.float32), train=False))
+  np.testing.assert_allclose(numpy_timm_logits(safetensors.numpy.load_file(str(out)), kwargs,
+                                               images), ours, rtol=1e-4,
+                             atol=1e-4 * np.abs(ours).max())

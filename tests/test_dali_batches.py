@@ -6,6 +6,7 @@ error test; `pip install nvidia-dali-cuda120` runs them."""
 
 import io
 import itertools
+import os
 
 import ml_collections
 import numpy as np
@@ -56,7 +57,7 @@ def test_train_batches_are_pillows_bicubic_of_the_numpy_backends_boxes(photos):
   (b,) = _batches(data, n=1)
   assert b["image"].shape == (BATCH, SIZE, SIZE, 3) and b["image"].dtype == np.uint8
   from pr_mim_jax.data import folder_sources  # pylint: disable=g-import-not-at-top
-  src = folder_sources.FolderSource(photos)
+  src = folder_sources.FolderSource(os.path.join(photos, "train"))  # what pre-training reads
   flips = []
   for k, i in enumerate(b["index"]):
     raw = src.raw(int(i))
@@ -114,6 +115,31 @@ def test_eval_batches_match_the_numpy_backend(photos):
 
 
 @needs_dali
+def test_eval_crops_are_the_numpy_backends_for_any_shape(tmp_path):
+  """Lossless PNGs of 101x77, 48x48 (the output size) and 77x101: the same resize and crop
+  geometry as the numpy backend, so pixels within one level, and native-size images kept as
+  they are. (DALI's own resize_shorter and centre crop round the 101x77 case differently.)"""
+  rng = np.random.default_rng(0)
+  for c, (w, h) in zip("abc", [(101, 77), (SIZE, SIZE), (77, 101)]):
+    for split in ("train", "test"):  # the train split names the classes
+      (tmp_path / split / c).mkdir(parents=True)
+    for i in range(4):
+      coarse = rng.uniform(0, 255, (4, 5, 3)).astype(np.uint8)
+      pixels = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC))
+      for split in ("train", "test"):
+        Image.fromarray(pixels).save(tmp_path / split / c / f"{i}.png")
+  data = _config(f"folder:{tmp_path}")
+  images = {}
+  for backend in ("dali", "numpy"):
+    data.backend = backend
+    images[backend] = np.concatenate([b["image"] for b in pipeline.eval_host_batches(
+        data, "test", global_batch=4, image_size=SIZE)]).astype(int)  # classes a, b, c in order
+  d = np.abs(images["dali"] - images["numpy"])
+  np.testing.assert_array_equal(d[4:8], 0)
+  assert d.mean() <= 0.25 and d.max() <= 2, (d.mean(), d.max())
+
+
+@needs_dali
 def test_what_dali_does_not_serve_is_a_user_error(photos):
   with pytest.raises(UserError, match="shapes"):
     _batches(_config("shapes"), n=1)
@@ -135,14 +161,16 @@ def test_without_dali_one_clear_error(tmp_path):
 # stand-in for the DALI pipeline: runs without DALI installed.
 
 class _PngSource:
-  """Labeled in-file examples: example i is a distinct 160x120 PNG, its label 10 + i."""
+  """Labeled in-file examples: example i is a distinct 160x120 PNG (SIZE x SIZE for i in
+  `native`), its label 10 + i."""
 
-  def __init__(self, n=8):
+  def __init__(self, n=8, native=()):
     rng = np.random.default_rng(1)
     self.png = []
-    for _ in range(n):
+    for i in range(n):
       coarse = rng.uniform(0, 255, (6, 8, 3)).astype(np.uint8)
-      pixels = np.asarray(Image.fromarray(coarse).resize((160, 120), Image.BICUBIC))
+      pixels = np.asarray(Image.fromarray(coarse).resize(
+          (SIZE, SIZE) if i in native else (160, 120), Image.BICUBIC))
       out = io.BytesIO()
       Image.fromarray(pixels).save(out, format="PNG")
       self.png.append(out.getvalue())
@@ -156,10 +184,12 @@ class _PngSource:
 
 class _FakePipe:
   """What DALI's pipelines in dali_batches do, in Pillow: train = image_slice at anchor
-  (top, left) and shape (height, width), bicubic resize, horizontal flip; eval = shorter side
-  to size / 0.875, centre crop. Records what it was fed."""
+  (top, left) and shape (height, width), bicubic resize, horizontal flip; eval = bicubic
+  resize to `resized` (height, width), then the size x size slice at anchor (top, left).
+  Records what it was fed."""
 
-  INPUTS = {"train": {"encoded", "anchor", "shape", "flip"}, "eval": {"encoded"}}
+  INPUTS = {"train": {"encoded", "anchor", "shape", "flip"},
+            "eval": {"encoded", "resized", "anchor"}}
 
   def __init__(self, kind, size):
     self.kind, self.size, self.fed, self.runs = kind, size, {}, []
@@ -181,13 +211,9 @@ class _FakePipe:
           pixels = np.asarray(img)
           pixels = pixels[:, ::-1] if int(self.fed["flip"][k]) else pixels
         else:
-          short = int(self.size / augment_np.EVAL_CROP_FRACTION)
-          w, h = img.size
-          nw, nh = (max(short, int(short * w / h)), short) if h <= w else (
-              short, max(short, int(short * h / w)))
-          pixels = np.asarray(img.resize((nw, nh), Image.Resampling.BICUBIC))
-          top, left = round((nh - self.size) / 2), round((nw - self.size) / 2)
-          pixels = pixels[top:top + self.size, left:left + self.size]
+          (nh, nw), (top, left) = self.fed["resized"][k].astype(int), self.fed["anchor"][k]
+          pixels = np.asarray(img.resize((nw, nh), Image.Resampling.BICUBIC))  # same size: a copy
+          pixels = pixels[int(top):int(top) + self.size, int(left):int(left) + self.size]
       out.append(pixels)
     self.runs.append(dict(self.fed))
     self.fed = {}
@@ -196,7 +222,8 @@ class _FakePipe:
     return (type("Out", (), {"as_cpu": lambda _: cpu})(),)
 
 
-def _fake_batches(monkeypatch, kind, steps, *, seed=SEED, size=SIZE, min_scale=0.5):
+def _fake_batches(monkeypatch, kind, steps, *, seed=SEED, size=SIZE, min_scale=0.5,
+                  source=None):
   from pr_mim_jax.data import sampler  # pylint: disable=g-import-not-at-top
   pipes = []
 
@@ -208,7 +235,7 @@ def _fake_batches(monkeypatch, kind, steps, *, seed=SEED, size=SIZE, min_scale=0
   monkeypatch.setattr(dali_batches, "_pipeline", fake_pipeline)
   steps = [sampler.StepIndices(st, np.array(ix, np.int64), np.array(pos, np.int64))
            for st, ix, pos in steps]
-  source = _PngSource()
+  source = source or _PngSource()
   out = list(dali_batches.batches(source, steps, kind=kind, seed=seed, size=size,
                                   min_scale=min_scale, local=len(steps[0].indices), labeled=True,
                                   threads=1, device="cpu"))
@@ -239,14 +266,20 @@ def test_train_batch_feeds_dali_the_numpy_backends_boxes_and_flips(monkeypatch):
   assert 0 < sum(flips) < len(flips)  # both kinds ran
 
 
-def test_eval_batch_feeds_only_the_images(monkeypatch):
-  source, steps, out, pipe = _fake_batches(monkeypatch, "eval", [(0, [2, 3, 4, 5], [0, 1, 2, 3])])
+def test_eval_batch_feeds_the_numpy_backends_resize_and_centre_crop(monkeypatch):
+  """160x120 at 48 px: shorter side int(48 / 0.875) = 54, longer int(54 * 160 / 120) = 72,
+  centre crop at (3, 12). A 48x48 image is kept as it is, as the numpy and tf backends do."""
+  source, steps, out, pipe = _fake_batches(monkeypatch, "eval", [(0, [2, 3, 4, 5], [0, 1, 2, 3])],
+                                           source=_PngSource(native=(5,)))
   (b,) = out
   np.testing.assert_array_equal(b["label"], [12, 13, 14, 15])
-  assert set(pipe.runs[0]) == {"encoded"}
+  np.testing.assert_array_equal(pipe.runs[0]["resized"], [[54, 72]] * 3 + [[48, 48]])
+  np.testing.assert_array_equal(pipe.runs[0]["anchor"], [[3, 12]] * 3 + [[0, 0]])
   for k, i in enumerate(steps[0].indices):
     ref = augment_np.eval_transform(source.raw(int(i)), SIZE)
     assert np.abs(b["image"][k].astype(int) - ref).mean() <= 2.0, k
+  with Image.open(io.BytesIO(source.raw(5))) as img:
+    np.testing.assert_array_equal(b["image"][3], np.asarray(img.convert("RGB")))
 
 
 def test_device_choice(monkeypatch):

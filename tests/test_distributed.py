@@ -354,3 +354,27 @@ def test_one_process_asked_inside_an_srun_step_is_not_told_it_is_outside_one(mon
   with caplog.at_level(logging.WARNING):
     assert distributed.initialize() is False
   assert not any("no srun step" in r.getMessage() for r in caplog.records)
+
+
+def test_explicit_processes_in_one_task_steps_of_one_node_see_all_of_its_gpus():
+  # One `srun -N1 -n1` per node, the job given by the flags: JAX's SLURM default would give
+  # the node's one process only GPU SLURM_LOCALID (0) of its 8.
+  step = dict(SRUN_STEP, SLURM_NTASKS="1", SLURM_STEP_NUM_NODES="1", SLURM_STEP_NODELIST="n2")
+  assert distributed.cluster_args("n1:1234", 2, 1, environ=step) == {
+      "coordinator_address": "n1:1234", "num_processes": 2, "process_id": 1,
+      "local_device_ids": []}
+  assert distributed.cluster_args(environ=step) is None  # and alone: one process, no JAX set-up
+
+
+def test_mains_flag_defaults_leave_the_processes_to_the_environment():
+  # python -m pr_mim_jax.main with only JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+  # JAX_PROCESS_ID set: the flags' defaults must not stand for "one process" or "process 0".
+  import importlib  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  importlib.import_module("pr_mim_jax.main")  # defines its flags
+  defaults = [flags.FLAGS[name].default
+              for name in ("coordinator_address", "num_processes", "process_id")]
+  env = {"JAX_COORDINATOR_ADDRESS": "n1:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
+  assert distributed.cluster_args(*defaults, environ=env) == {
+      "coordinator_address": "n1:1234", "num_processes": 4, "process_id": 3}
+  assert distributed.cluster_args(*defaults, environ={}) is None  # nothing set: one process

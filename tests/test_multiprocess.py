@@ -16,7 +16,8 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY_OVERRIDES, apply_overrides, load_config, override_flags
+from conftest import (ROOT, TINY_OVERRIDES, apply_overrides, fake_devices_env, load_config,
+                      override_flags)
 from test_pretrain import final_params, read_metrics
 
 STEPS = 6
@@ -36,8 +37,7 @@ def _cmd(workdir, extra=()):
 
 
 def _env(devices: int):
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-              JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+  return fake_devices_env(devices, PYTHONUNBUFFERED="1")
 
 
 @pytest.mark.slow

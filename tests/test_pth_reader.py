@@ -70,7 +70,8 @@ def test_refuses_legacy_and_foreign_files(tmp_path):
   legacy = tmp_path / "old.pth"
   legacy.write_bytes(pickle.dumps({"a": 1}, protocol=2))
   # (tmp_path holds this test's name, "legacy" too: match the message's own words.)
-  with pytest.raises(pth_reader.PthError, match=r"a legacy \(pre-1.6\) torch.save file"):
+  with pytest.raises(pth_reader.PthError, match=r"a legacy \(pre-1.6\) torch.save file; re-save "
+                     r"it with a recent torch \(torch.save\(torch.load\(PATH\), NEW_PATH\)\)"):
     pth_reader.read(str(legacy))
   text = tmp_path / "notes.pth"
   text.write_text("hello")
@@ -206,6 +207,7 @@ def test_parameters_and_shared_storage_views(tmp_path):
       "t": _tensor_ops("DoubleStorage", "0", 12, 0, (4, 3), (1, 4)),
       "tail": _tensor_ops("DoubleStorage", "0", 12, 5, (2, 3), (3, 1))}, {"0": data.tobytes()})
   tree = pth_reader.read(path)
+  assert all(tree[k].dtype == np.float64 for k in ("p", "t", "tail"))
   np.testing.assert_array_equal(tree["p"], data.reshape(3, 4))
   np.testing.assert_array_equal(tree["t"], data.reshape(3, 4).T)
   np.testing.assert_array_equal(tree["tail"], data[5:11].reshape(2, 3))
@@ -219,7 +221,7 @@ def test_empty_tensors_keep_their_dtype(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["one_past_the_end", "offset_past_the_end", "negative_stride",
-                                  "short_storage"])
+                                  "negative_offset", "short_storage"])
 def test_views_outside_their_storage_are_refused(tmp_path, case):
   raw = np.arange(6, dtype=np.float32).tobytes()
   numel, offset, size, stride, match = {
@@ -227,6 +229,7 @@ def test_views_outside_their_storage_are_refused(tmp_path, case):
       "one_past_the_end": (6, 1, (6,), (1,), "reaches past its storage of 6 elements"),
       "offset_past_the_end": (6, 0, (2, 3), (4, 1), "reaches past its storage of 6 elements"),
       "negative_stride": (6, 5, (6,), (-1,), "malformed"),
+      "negative_offset": (6, -2, (2,), (1,), "reaches past its storage of 6 elements"),
       "short_storage": (7, 0, (7,), (1,), "holds 24 bytes, 28 expected"),
   }[case]
   path = _torch_zip(tmp_path / "v.pth", {"v": _tensor_ops("FloatStorage", "0", numel, offset, size,
@@ -246,3 +249,14 @@ def test_state_dict_prefers_model_over_model_ema():
                {"state_dict": {"w": a}, "model_ema": {"w": b}}):
     np.testing.assert_array_equal(pth_reader.state_dict(tree)["w"], a)
   np.testing.assert_array_equal(pth_reader.state_dict({"model_ema": {"w": b}, "epoch": 3})["w"], b)
+
+
+def test_storage_names_are_whitelisted_only_under_torch(tmp_path):
+  """Only torch.<T>Storage is a storage type: the same name from any other module is a
+  global like any other, refused by its full name."""
+  path = tmp_path / "s.pth"
+  with zipfile.ZipFile(path, "w") as z:
+    z.writestr("archive/data.pkl", b"\x80\x02" + _op_global("evil", "FloatStorage") + b".")
+  with pytest.raises(pth_reader.PthError,
+                     match=r"refusing to unpickle the global evil\.FloatStorage"):
+    pth_reader.read(str(path))

@@ -242,6 +242,19 @@ mesh = jax.sharding.Mesh(np.vectorize(lambda w: w.d, otypes=[object])(grid), sha
 out["hybrid_slices"] = np.vectorize(lambda w: w.slice_index)(grid).tolist()
 out["runs"]["hybrid 4,2,1"] = train(hybrid, mesh)
 out["constraints"] = constraint_count(config_for(dict(data=2, fsdp=2, tensor=2)))
+
+# check_config against a mesh of 4 batch shards (data x fsdp) and 2 tensor shards: no data
+# is read, only the batch is checked.
+pretrain.pipeline.check_dataset = lambda *args, **kwargs: None
+pretrain.pipeline.num_examples = lambda *args: 1000
+out["batch_checks"] = {}
+for batch in (12, 6):
+  config = config_for(dict(data=2, fsdp=2, tensor=2))
+  config.batch_size, config.knn.enabled = batch, False
+  try:
+    out["batch_checks"][batch] = dict(pretrain.check_config(config).mesh.shape)
+  except Exception as e:  # pylint: disable=broad-except
+    out["batch_checks"][batch] = f"{type(e).__name__}: {e}"
 print("JSON" + json.dumps(out))
 """
 
@@ -273,6 +286,15 @@ def test_layouts_match_one_device(multi_device, layout):
     if k.endswith("attn/qkv/bias"):  # [3, heads, head_dim] flattened: drop the k third
       got, want = (np.delete(a.reshape(3, -1), 1, axis=0) for a in (got, want))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+@pytest.mark.slow
+def test_check_config_counts_only_the_devices_on_the_batch_axes(multi_device):
+  # 8 devices, 4 of them on the batch axes: batch 12 passes, batch 6 is refused naming 4.
+  checks = multi_device["batch_checks"]
+  assert checks["12"] == {"data": 2, "fsdp": 2, "tensor": 2}, checks
+  assert checks["6"].startswith("UserError: config.batch_size: global batch 6 is not divisible "
+                                "by the 4 devices on the batch axes; use a multiple of 4"), checks
 
 
 def _strip(spec):
@@ -451,3 +473,65 @@ def test_constrain_maps_logical_names_in_order_and_only_inside_the_rules_context
   assert '[{"data", "fsdp"}, {}, {"tensor"}]' in line, line
   assert not constraints(f.lower(x).as_text())  # outside: a no-op
   np.testing.assert_array_equal(f(x), 2 * np.ones((2, 3, 4)))
+
+
+# ----------------------------------------------------------------------------------------
+# The mesh's error lines and fallback grid, as a user meets them.
+
+def test_mesh_errors_are_one_line_with_the_fix():
+  with pytest.raises(UserError) as e:
+    sharding.mesh_shapes(_config(dict(data=2, fsdp=2, tensor=1)), 8)
+  assert str(e.value) == ("config.mesh: {'data': 2, 'fsdp': 2, 'tensor': 1} has 4 devices but "
+                          "there are 8 per slice (8 in all); make the product match or set one "
+                          "axis to -1")
+  with pytest.raises(UserError) as e:  # 3 does not divide 8: said so, not "set one to -1"
+    sharding.mesh_shapes(_config(dict(data=-1, fsdp=3, tensor=1)), 8)
+  assert str(e.value) == ("config.mesh: {'data': -1, 'fsdp': 3, 'tensor': 1} cannot fill 8 "
+                          "devices per slice; use sizes whose product divides 8")
+  with pytest.raises(UserError) as e:
+    sharding.mesh_shapes(_config(dict(data=-1), dict(data=3)), 8)
+  assert str(e.value) == ("config.mesh_dcn: {'data': 3, 'fsdp': 1, 'tensor': 1} needs a multiple "
+                          "of 3 devices, got 8; change config.mesh_dcn")
+
+
+def test_device_grid_fallback_keeps_the_config_axes(monkeypatch):
+  """Devices mesh_utils cannot place (an unusual kind) are laid out in order, [data, fsdp,
+  tensor] as config.mesh says: device i at data i // 4, fsdp (i // 2) % 2, tensor i % 2."""
+  def refuse(*args, **kwargs):
+    raise NotImplementedError("unknown device kind")
+  monkeypatch.setattr(sharding.mesh_utils, "create_device_mesh", refuse)
+  config = _config(dict(data=2, fsdp=-1, tensor=2))
+  grid = sharding.device_grid(config, _fake_devices(8, per_slice=8))
+  ids = np.vectorize(lambda d: d.id)(grid)
+  np.testing.assert_array_equal(ids, [[[0, 1], [2, 3]], [[4, 5], [6, 7]]])
+  config = _config(dict(data=-1, fsdp=1, tensor=1))
+  grid = sharding.device_grid(config, _fake_devices(8, per_slice=8))
+  assert grid.shape == (8, 1, 1)
+
+
+def test_an_indivisible_param_is_named_with_its_shape_ways_and_axes():
+  import jax
+  fake_mesh = types.SimpleNamespace(shape={"data": 2, "fsdp": 2, "tensor": 3})
+  params = {"encoder": {"w": jax.ShapeDtypeStruct((6, 12), np.float32)}}
+  bad = {"encoder": {"w": types.SimpleNamespace(spec=(("data", "fsdp"), None), mesh=fake_mesh)}}
+  with pytest.raises(UserError) as e:  # 6 rows over 2 * 2 = 4 devices
+    sharding.check_divisible(params, bad)
+  assert str(e.value) == ("config.mesh: param encoder/w of shape (6, 12) cannot be split 4 ways "
+                          "over ('data', 'fsdp') (config.sharding_rules); change config.mesh or "
+                          "the model sizes")
+
+
+def test_rules_from_config_read_comma_lists_with_spaces():
+  config = _config()
+  config.sharding_rules.update(batch="data, fsdp", embed=" fsdp ", mlp="", heads="tensor,")
+  rules = dict(sharding.rules_from_config(config))
+  assert rules["batch"] == ("data", "fsdp") and rules["embed"] == "fsdp"
+  assert rules["mlp"] is None and rules["heads"] == "tensor"
+
+
+def test_mesh_from_config_sizes_each_axis_as_config_mesh_says():
+  import jax
+  config = _config(dict(data=2, fsdp=-1, tensor=1))
+  mesh = sharding.mesh_from_config(config, [jax.devices()[0]] * 8)
+  assert mesh.axis_names == ("data", "fsdp", "tensor")
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}

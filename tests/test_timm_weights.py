@@ -157,14 +157,16 @@ def numpy_mae_loss(s, imgs, ids_keep, ids_restore, mask, heads=4, dec_heads=2, p
 
 
 @pytest.mark.slow
-def test_official_mae_state_dict_gives_the_reference_loss():
+@pytest.mark.parametrize("ddepth", [1, 2])
+def test_official_mae_state_dict_gives_the_reference_loss(ddepth):
+  """Two decoder blocks too: decoder_blocks.N must load into decoder_block{N}, in order."""
   rng = np.random.default_rng(0)
-  state = random_mae_state(rng)
+  state = random_mae_state(rng, ddepth=ddepth)
   arch = timm_weights.infer_arch(state, heads=4, decoder_heads=2)
-  assert arch.posemb == "sincos" and arch.decoder_depth == 1
+  assert arch.posemb == "sincos" and arch.decoder_depth == ddepth
   params = timm_weights.from_state_dict(state, arch)
-  model = mae.MaskedAutoencoder(vit.VitSpec(32, 2, 4, 4), 16, decoder_width=16, decoder_depth=1,
-                                decoder_heads=2)
+  model = mae.MaskedAutoencoder(vit.VitSpec(32, 2, 4, 4), 16, decoder_width=16,
+                                decoder_depth=ddepth, decoder_heads=2)
   split = masking.token_split(16, 0.75)
   fresh = jax.eval_shape(functools.partial(pretrain.init_params, model, split), jax.random.PRNGKey(0))
   assert jax.tree.structure(fresh) == jax.tree.structure(params)
@@ -354,3 +356,32 @@ def test_heads_that_do_not_divide_the_width_and_gaps_in_block_numbers_are_refuse
 def test_lists_at_the_limit_are_not_truncated():
   assert timm_weights.listing([str(i) for i in range(10)]) == "0, 1, 2, 3, 4, 5, 6, 7, 8, 9"
   assert timm_weights.listing("abc", limit=2) == "a, b, ... and 1 more"
+
+
+@pytest.mark.parametrize("name,shape", [
+    ("vit_tiny_patch16_224", (192, 12, 3, 16, 224)),
+    ("vit_small_patch16_224", (384, 12, 6, 16, 224)),
+    ("vit_base_patch16_384", (768, 12, 12, 16, 384)),
+    ("vit_large_patch16_224", (1024, 24, 16, 16, 224)),
+    ("vit_huge_patch14_224", (1280, 32, 16, 14, 224))])
+def test_standard_vits_get_timms_own_name_and_no_note(name, shape):
+  """timm's plain ViTs (width, depth, heads as in its vision_transformer.py): an export of one
+  is named by its entrypoint, with no note claiming the kwargs override it."""
+  width, depth, heads, patch, img = shape
+  arch = timm_weights.Arch(width=width, depth=depth, heads=heads, patch=patch, grid=img // patch,
+                           mlp_hidden=4 * width, posemb="learned")
+  spec = timm_weights.timm_model(arch)
+  assert spec["name"] == name and "note" not in spec, spec
+
+
+def test_a_width_not_divisible_by_4_reads_as_a_learned_table():
+  """No 2-D sin-cos table exists for such a width, so its pos_embed is a learned one (not an
+  error from building the sin-cos table to compare with)."""
+  arch = timm_weights.Arch(width=6, depth=1, heads=2, patch=2, grid=2, mlp_hidden=24,
+                           posemb="learned")
+  rng = np.random.default_rng(10)
+  state = {k: rng.standard_normal(s).astype(np.float32)
+           for k, s in timm_weights.expected_shapes(arch, False).items()}
+  assert timm_weights.infer_arch(state, heads=2) == arch
+  params = timm_weights.from_state_dict(state, arch)
+  np.testing.assert_array_equal(params["encoder"]["pos_embedding"], state["pos_embed"][0])

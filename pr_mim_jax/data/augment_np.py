@@ -180,17 +180,24 @@ def train_augment(raw, rng: np.random.Generator, size: int,
   return _rgb(out, bgr, flip=rng.uniform() < 0.5)
 
 
+def eval_geometry(height: int, width: int, size: int) -> tuple[int, int, int, int]:
+  """(resized height, resized width, top, left) of MAE's eval crop of a height x width image:
+  the shorter side to size / 0.875, the centre size x size kept. A size x size image is kept
+  as it is: (size, size, 0, 0). The numpy and DALI backends share it."""
+  if (height, width) == (size, size):
+    return size, size, 0, 0
+  short = int(size / EVAL_CROP_FRACTION)
+  if height <= width:
+    new_h, new_w = short, max(short, int(short * width / height))
+  else:
+    new_h, new_w = max(short, int(short * height / width)), short
+  return new_h, new_w, round((new_h - size) / 2), round((new_w - size) / 2)  # torchvision's
+
+
 def eval_transform(raw, size: int) -> np.ndarray:
-  """A raw image -> uint8 [size, size, 3] RGB pixels as MAE eval: the shorter side resized
-  to size / 0.875, the centre size x size kept (native size passes)."""
+  """A raw image -> uint8 [size, size, 3] RGB pixels as MAE eval (eval_geometry)."""
   image, bgr = _pixels(raw)
-  height, width = image.shape[:2]
-  if (height, width) != (size, size):
-    short = int(size / EVAL_CROP_FRACTION)
-    if height <= width:
-      new_h, new_w = short, max(short, int(short * width / height))
-    else:
-      new_h, new_w = max(short, int(short * height / width)), short
-    top, left = round((new_h - size) / 2), round((new_w - size) / 2)  # torchvision's rounding
+  if image.shape[:2] != (size, size):
+    new_h, new_w, top, left = eval_geometry(*image.shape[:2], size)
     image = resize(image, new_h, new_w)[top:top + size, left:left + size]
   return _rgb(image, bgr)

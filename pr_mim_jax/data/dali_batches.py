@@ -69,13 +69,16 @@ def _pipeline(kind: str, *, local: int, size: int, threads: int, device: str):
 
   @pipeline_def(batch_size=local, num_threads=threads, device_id=device_id,
                 prefetch_queue_depth=1, exec_dynamic=True)
-  def evaluate():  # shorter side to size / 0.875, then the centre size x size
+  def evaluate():  # augment_np.eval_geometry's resize, then its size x size crop
     encoded = fn.external_source(name="encoded", dtype=types.UINT8)
+    resized = fn.external_source(name="resized", dtype=types.FLOAT)  # [2]: height, width
+    anchor = fn.external_source(name="anchor", dtype=types.FLOAT)  # [2]: top, left
     image = fn.decoders.image(encoded, adjust_orientation=False, output_type=types.RGB,
                               jpeg_fancy_upsampling=True, device=decoder)
-    image = fn.resize(image, resize_shorter=int(size / augment_np.EVAL_CROP_FRACTION),
-                      interp_type=types.INTERP_CUBIC, antialias=True)
-    return fn.crop(image, crop=[size, size])
+    # A size x size image is resized to its own size: DALI passes it unchanged.
+    image = fn.resize(image, size=resized, interp_type=types.INTERP_CUBIC, antialias=True)
+    return fn.slice(image, anchor, types.Constant(np.array([size, size], np.float32)),
+                    axes=[0, 1], normalized_anchor=False, normalized_shape=False)
 
   pipe = (train if kind == "train" else evaluate)()
   pipe.build()
@@ -112,6 +115,11 @@ def batches(source, steps, *, kind: str, seed: int, size: int, min_scale: float,
       pipe.feed_input("anchor", list(draws[:, 0:2].astype(np.float32)))
       pipe.feed_input("shape", list(draws[:, 2:4].astype(np.float32)))
       pipe.feed_input("flip", list(draws[:, 4].astype(np.int32)))
+    else:
+      crops = np.array([augment_np.eval_geometry(*augment_np.header(r)[:2], size)
+                        for r in raws], np.float32)  # [local, 4]
+      pipe.feed_input("resized", list(crops[:, 0:2]))
+      pipe.feed_input("anchor", list(crops[:, 2:4]))
     (images,) = pipe.run()
     b = {"image": np.asarray(images.as_cpu().as_tensor()), "index": s.indices}  # [local, S, S, 3]
     if labeled:

@@ -38,7 +38,6 @@ import types
 
 import numpy as np
 from absl import flags
-from ml_collections import config_flags
 
 from pr_mim_jax import cli
 from pr_mim_jax.configs import pretrain as pretrain_config
@@ -66,7 +65,7 @@ def _define_flags() -> types.SimpleNamespace:
       heads=flags.DEFINE_integer("heads", 0, "Encoder heads, when the width is not a standard one."),
       decoder_heads=flags.DEFINE_integer("decoder_heads", 0, "Decoder heads (MAE's 512 wide: 16)."),
       overwrite=flags.DEFINE_bool("overwrite", False, "Replace an existing target."),
-      config=config_flags.DEFINE_config_file(
+      config=cli.define_config_file(
           "config", None, f"Pre-training config of a workdir target (default {DEFAULT_CONFIG}); "
           "its model fields are set from the weights.", lock_config=True))
 

@@ -62,11 +62,17 @@ def check_target(path: pathlib.Path, fmt: str, overwrite: bool) -> None:
 
 
 def replace(tmp: pathlib.Path, path: pathlib.Path) -> None:
-  """Moves tmp onto path (a file or a directory), removing what was there."""
+  """Moves tmp onto path (a file or a directory), removing what was there. A directory is
+  moved aside first and put back if the new one cannot be moved in, so path always holds
+  the old or the new one."""
   if path.is_dir():
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
     path.rename(old)
-    tmp.rename(path)
+    try:
+      tmp.rename(path)
+    except BaseException:
+      old.rename(path)
+      raise
     shutil.rmtree(old)
   else:
     os.replace(tmp, path)

@@ -55,11 +55,13 @@ def _slurm_step_tasks(environ: Mapping[str, str]) -> int:
 
 
 def _whole_nodes(environ: Mapping[str, str]) -> dict:
-  """{'local_device_ids': []} in a SLURM step of one task per node (several nodes), unless
+  """{'local_device_ids': []} in a SLURM step of one task per node, unless
   JAX_LOCAL_DEVICE_IDS chooses: [] restricts nothing, where JAX's SLURM default would give
-  each task only the GPU numbered SLURM_LOCALID. {} otherwise."""
+  each task only the GPU numbered SLURM_LOCALID. That includes a step of one task on one
+  node whose process joins a job given by the flags (one `srun -N1 -n1` per node). {}
+  otherwise."""
   tasks = _slurm_step_tasks(environ)
-  if (tasks > 1 and tasks == _int_env(environ, "SLURM_STEP_NUM_NODES", 0)
+  if (tasks >= 1 and tasks == _int_env(environ, "SLURM_STEP_NUM_NODES", 0)
       and not environ.get("JAX_LOCAL_DEVICE_IDS")):
     return {"local_device_ids": []}
   return {}

@@ -29,7 +29,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
-from ml_collections import config_flags
 
 from pr_mim_jax import cli
 from pr_mim_jax.errors import UserError
@@ -52,7 +51,7 @@ MASK_LOOP = 20  # mask generations per timed call (amortizes dispatch)
 def _define_flags() -> types.SimpleNamespace:
   """The CLI's flags, defined when it runs (so importing this module defines none)."""
   return types.SimpleNamespace(
-      config=config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True),
+      config=cli.define_config_file("config", None, "Config file.", lock_config=True),
       batch=flags.DEFINE_integer("batch", 0, "Global batch; 0 = the config's."),
       steps=flags.DEFINE_integer("steps", 20, "Timed steps."),
       warmup=flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation."),

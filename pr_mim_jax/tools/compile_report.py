@@ -26,7 +26,6 @@ import types
 from typing import Callable
 
 from absl import flags
-from ml_collections import config_flags
 
 from pr_mim_jax import cli
 from pr_mim_jax.errors import UserError
@@ -40,8 +39,8 @@ IMAGENET_CLASSES = 1000
 def _define_flags() -> types.SimpleNamespace:
   """The CLI's flags, defined when it runs (so importing this module defines none)."""
   return types.SimpleNamespace(
-      config=config_flags.DEFINE_config_file("config", None, "Config file (pretrain, "
-                                             "linear_probe or finetune).", lock_config=True),
+      config=cli.define_config_file("config", None, "Config file (pretrain, "
+                                    "linear_probe or finetune).", lock_config=True),
       target=flags.DEFINE_string("target", None, "tpu:GEN:TOPOLOGY (GEN in "
                                  f"{sorted(compile_targets.TPU_GENERATIONS)}), gpu:NAME (NAME in "
                                  f"{sorted(compile_targets.GPUS)}) or cpu."),

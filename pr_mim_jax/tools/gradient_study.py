@@ -33,7 +33,6 @@ import optax
 from absl import flags
 from absl import logging as absl_logging
 from etils import epath
-from ml_collections import config_flags
 
 from pr_mim_jax import cli
 from pr_mim_jax.data import pipeline
@@ -55,8 +54,8 @@ DEFAULT_SETTINGS = ("mae", "partial") + tuple(f"pr_mim:{a}" for a in progressive
 def _define_flags() -> types.SimpleNamespace:
   """The CLI's flags, defined when it runs (so importing this module defines none)."""
   return types.SimpleNamespace(
-      config=config_flags.DEFINE_config_file("config", None, "Pre-training config.",
-                                             lock_config=True),
+      config=cli.define_config_file("config", None, "Pre-training config.",
+                                    lock_config=True),
       out=flags.DEFINE_string("out", None, "Output directory for the CSV, markdown and PNG."),
       settings=flags.DEFINE_list("settings", list(DEFAULT_SETTINGS),
                                  "method or pr_mim:AGGREGATOR entries."),

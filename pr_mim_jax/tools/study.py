@@ -25,7 +25,6 @@ from absl import flags
 from absl import logging as absl_logging
 from etils import epath
 from flax import traverse_util
-from ml_collections import config_flags
 
 from pr_mim_jax import cli
 from pr_mim_jax import log_filters
@@ -52,8 +51,8 @@ STAGES = ("pretrain", "reconstruction", "linear_probe", "finetune")  # per metho
 
 def _define_flags() -> types.SimpleNamespace:
   return types.SimpleNamespace(
-      config=config_flags.DEFINE_config_file("config", None, "pr_mim_jax/configs/study.py[:setting=...]",
-                                             lock_config=True),
+      config=cli.define_config_file("config", None, "pr_mim_jax/configs/study.py[:setting=...]",
+                                    lock_config=True),
       workdir=flags.DEFINE_string("workdir", None, "Where runs, results and the table go."))
 
 

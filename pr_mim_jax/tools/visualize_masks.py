@@ -22,7 +22,6 @@ import jax
 import numpy as np
 from absl import flags
 from etils import epath
-from ml_collections import config_flags
 
 from pr_mim_jax import cli
 from pr_mim_jax.data import augment_np, folder_sources, pipeline, pixels, sources
@@ -36,8 +35,8 @@ from pr_mim_jax.training import visualize
 def _define_flags() -> types.SimpleNamespace:
   """The CLI's flags, defined when it runs (so importing this module defines none)."""
   return types.SimpleNamespace(
-      config=config_flags.DEFINE_config_file("config", None, "Pre-training config.",
-                                             lock_config=True),
+      config=cli.define_config_file("config", None, "Pre-training config.",
+                                    lock_config=True),
       out=flags.DEFINE_string("out", None, "Output directory for the PNGs (created if missing)."),
       num_images=flags.DEFINE_integer("num_images", 8, "Images (rows) per picture."),
       seed=flags.DEFINE_integer("seed", 0, "Seed of the masks."))
