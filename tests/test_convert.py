@@ -545,16 +545,27 @@ def test_a_failed_move_leaves_the_old_file_and_workdir_in_place(tmp_path, monkey
   assert (old / "config.json").read_text() == "old"
 
 
-def test_a_failed_export_keeps_the_old_files_and_leaves_no_temporaries(tmp_path, monkeypatch):
+@pytest.mark.parametrize("where,error,why", [
+    # safetensors' own error for a full disk, as seen on a 64 KiB tmpfs
+    ("save_file", safetensors.SafetensorError(
+        "Error while serializing: I/O error: No space left on device (os error 28)"),
+     "Error while serializing: I/O error: No space left on device (os error 28)"),
+    ("as_new_file", OSError(28, "No space left on device"), "No space left on device"),
+])
+def test_a_failed_export_is_one_line_and_keeps_the_old_files(tmp_path, monkeypatch, where, error,
+                                                             why):
   out = tmp_path / "vit_ti.safetensors"
   convert.convert(str(VIT_TI), str(out))
   before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-  def fail(path):
-    raise OSError(28, "No space left on device", str(path))
-  monkeypatch.setattr(safe_replace, "as_new_file", fail)
-  with pytest.raises(OSError):
+  def fail(*args, **kwargs):
+    raise error
+  monkeypatch.setattr(safetensors.numpy if where == "save_file" else safe_replace, where, fail)
+  with pytest.raises(UserError) as e:
     convert.convert(str(FIXTURES / "vit_s.safetensors"), str(out), heads=12, overwrite=True)
-  assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+  assert str(e.value) == (f"--to={out}: writing it failed ({why}); nothing was replaced and no "
+                          "partial file is left. Free space (or fix the permissions), then rerun "
+                          "the same command")
+  assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # and no temporaries
 
 
 def test_a_scan_layers_config_gets_the_files_weights(tmp_path):

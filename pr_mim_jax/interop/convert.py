@@ -199,6 +199,7 @@ def write_timm(params, arch, to: pathlib.Path, with_decoder: bool, source: str,
                head_config=None) -> str:
   """The encoder (and with_decoder, MAE's decoder) as safetensors + the JSON next to it;
   with head_config (a fine-tuning / probing workdir's config.head) the whole classifier."""
+  import safetensors  # pylint: disable=g-import-not-at-top
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
   if with_decoder and not arch.has_decoder:
     raise UserError(f"--with_decoder: {source} has no decoder")
@@ -212,10 +213,15 @@ def write_timm(params, arch, to: pathlib.Path, with_decoder: bool, source: str,
   json_path = safe_replace.sidecar(to)
   tmp, tmp_json = (p.with_name(f".{p.name}.tmp-{os.getpid()}") for p in (to, json_path))
   try:
-    safetensors.numpy.save_file(state, str(tmp), metadata={
-        "format": "pt", weight_files.METADATA_KEY: json.dumps(meta, sort_keys=True)})
-    safe_replace.as_new_file(tmp)
-    tmp_json.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    try:  # a full disk or a quota fails here, before anything at `to` is replaced
+      safetensors.numpy.save_file(state, str(tmp), metadata={
+          "format": "pt", weight_files.METADATA_KEY: json.dumps(meta, sort_keys=True)})
+      safe_replace.as_new_file(tmp)
+      tmp_json.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    except (OSError, safetensors.SafetensorError) as e:
+      raise UserError(f"--to={to}: writing it failed ({getattr(e, 'strerror', None) or e}); "
+                      "nothing was replaced and no partial file is left. Free space (or fix "
+                      "the permissions), then rerun the same command") from e
     safe_replace.replace(tmp_json, json_path)
     safe_replace.replace(tmp, to)
   finally:
