@@ -5,6 +5,7 @@ config argument or override never shows a raw traceback, and -h / --help / --hel
 print the command's usage.
 """
 
+import errno
 import json
 import os
 import pathlib
@@ -21,6 +22,7 @@ from pr_mim_jax.errors import UserError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
+STORAGE_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a write the disk or quota refused
 
 # The --config flag that define_config_file defines belongs to the command calling it: its
 # help is the command's (cli_help.usage lists flags by the module that owns them).
@@ -37,6 +39,16 @@ def print_error(message: str) -> None:
 def fail(message: str) -> None:
   print_error(message)
   sys.exit(EXIT_USER_ERROR)
+
+
+def storage_full(e: OSError) -> str:
+  """The one line for a write that a full disk, a quota or a file-size limit refused, anywhere
+  in a run (config.json, metrics, a picture): rerunning resumes, and checkpoints are written
+  aside and renamed when complete, so the last complete one is intact."""
+  what = f"writing {e.filename}" if e.filename else "a write"
+  return (f"{what} failed: {e.strerror} (the disk is full, or a quota or file-size limit was "
+          "hit); free space, then rerun the same command: pre-training, fine-tuning and study "
+          "runs go on from their last complete checkpoint, which is untouched")
 
 
 def check_not_a_file(path, flag: str) -> None:
@@ -355,6 +367,10 @@ def run(main: Callable[[], int | None], required: dict[str, str], argv=None,
     return main() or 0
   except UserError as e:
     fail(str(e))
+  except OSError as e:
+    if e.errno not in STORAGE_FULL:
+      raise
+    fail(storage_full(e))
   except KeyboardInterrupt:  # Ctrl-C where no stop handler runs (compiling, a final k-NN)
     print_error(f"interrupted (Ctrl-C){'; ' + interrupted if interrupted else ''}")
     return EXIT_INTERRUPTED

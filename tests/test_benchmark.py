@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -121,6 +122,13 @@ def test_markdown_lists_settings_failures_and_ratios():
   assert failed and "RESOURCE_EXHAUSTED / oom" in failed[0]  # '|' would break the table
   assert "| pr_mim | B/16 | 1.500 | 0.650 | 0.700 |" in md
   assert all(l.count("|") == md[3].count("|") for l in md[2:6])  # every row has every column
+
+
+def test_markdown_shows_mfu_as_a_percentage():
+  row = benchmark.add_throughput({**_row("mae", 4000.0, 10.0, 1.0), "num_devices": 1}, 800.0)
+  md = benchmark.markdown({"jax": "0", "matmul_ceiling_tflop_per_s": 800.0, "settings": [row],
+                           "ratios": []})
+  assert "| 58 | 232 | 29.0% | – |" in md  # GFLOP/img, TFLOP/s, MFU, no furthest sampling
 
 
 def test_child_processes_get_the_parents_flags_minus_outputs():
@@ -290,3 +298,143 @@ def test_a_report_tool_exits_1_only_when_every_setting_failed(capsys):
   assert capsys.readouterr().err == (
       "error: all 2 settings failed, the last with: Out of memory; the report names each "
       "one's error\n")
+
+
+# ----------------------------------------------------------------------------------------
+# The timing arithmetic, on a fake clock and a fake compiled step with known durations.
+
+class _FakeDevice:
+  """An accelerator that executes asynchronously: a call queues its work, and the clock moves
+  only when the caller blocks on the result (as jax.block_until_ready does)."""
+
+  def __init__(self, tick=0.0):
+    self.now, self.pending, self.tick = 0.0, 0.0, tick
+
+  def perf_counter(self):
+    self.now += self.tick
+    return self.now
+
+  def block_until_ready(self, x):
+    self.now, self.pending = self.now + self.pending, 0.0
+    return x
+
+
+class _FakeStep:
+  """`jit_train_step`'s result: compiling takes `compile_s`, the n-th call `durations[n]`."""
+
+  def __init__(self, device, compile_s, durations, memory):
+    self.device, self.compile_s, self.durations, self.memory = device, compile_s, durations, memory
+    self.calls = 0
+
+  def lower(self, state, batch):
+    return self
+
+  def compile(self):
+    self.device.now += self.compile_s
+    return self
+
+  def memory_analysis(self):
+    return self.memory
+
+  def __call__(self, state, batch):
+    self.device.pending += self.durations[self.calls]
+    self.calls += 1
+    return state, {"loss": np.float32(0.5)}
+
+
+def _fake_timing(monkeypatch, method, durations, compile_s=7.0, peak_bytes=None, devices=1):
+  """time_train_step's row for a tiny config, run on the fakes above (nothing compiles)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from pr_mim_jax.training import pretrain  # pylint: disable=g-import-not-at-top
+  device = _FakeDevice()
+  memory = types.SimpleNamespace(argument_size_in_bytes=2 * 2 ** 30, output_size_in_bytes=2 ** 30,
+                                 alias_size_in_bytes=2 ** 30, temp_size_in_bytes=3 * 2 ** 29,
+                                 generated_code_size_in_bytes=0)
+  step = _FakeStep(device, compile_s, durations, memory)
+  monkeypatch.setattr(benchmark, "time", types.SimpleNamespace(perf_counter=device.perf_counter))
+  monkeypatch.setattr(jax, "block_until_ready", device.block_until_ready)
+  monkeypatch.setattr(pretrain, "create_state", lambda *a, **k: ({"w": np.zeros(1)}, None))
+  monkeypatch.setattr(pretrain, "jit_train_step", lambda *a, **k: step)
+  stats = types.SimpleNamespace(device_kind="Fake GPU", memory_stats=lambda: (
+      None if peak_bytes is None else {"peak_bytes_in_use": peak_bytes}))
+  # The device the row describes (kind, peak memory, count), swapped in once the real one
+  # has held the batch.
+  monkeypatch.setattr(jax, "device_put", lambda x, s: (
+      monkeypatch.setattr(jax, "devices", lambda *a: [stats] * devices),
+      monkeypatch.setattr(jax, "device_count", lambda *a: devices), x)[-1])
+  config = apply_overrides(load_config(f"method={method},dataset=shapes"), TINY_OVERRIDES)
+  row = benchmark.time_train_step(config, 8, steps=5, warmup=2)
+  assert step.calls == 7  # 2 warm-up steps, 5 timed
+  return row
+
+
+def test_step_time_is_the_median_of_the_timed_steps_alone(monkeypatch):
+  # Two slow warm-up steps, then five timed ones with one outlier: the median is 0.25 s.
+  row = _fake_timing(monkeypatch, "mae", [10.0, 10.0, 0.2, 0.1, 0.3, 0.25, 5.0],
+                     peak_bytes=3 * 2 ** 30, devices=4)
+  assert row["compile_s"] == 7.0  # the compile alone, no step in it
+  assert row["step_ms"] == 250.0
+  assert row["img_per_s"] == 32.0  # the global batch of 8 over 0.25 s, all devices together
+  assert row["peak_gib"] == 3.0  # bytes / 2**30
+  assert (row["xla_temp_gib"], row["xla_total_gib"]) == (1.5, 3.5)  # 2 + 1 - 1 + 1.5 GiB
+  assert (row["device"], row["num_devices"], row["loss"]) == ("Fake GPU", 4, 0.5)
+  assert "furthest_ms" not in row  # MAE throws no tokens
+
+
+@pytest.mark.parametrize("furthest_ms,random_ms,expected_ms", [(3.0, 1.0, 2.0), (1.0, 1.5, 0.0)])
+def test_furthest_sampling_time_is_its_extra_over_random(monkeypatch, furthest_ms, random_ms,
+                                                         expected_ms):
+  """furthest_ms is what furthest sampling adds over random sampling (never below 0, as
+  timing noise could make it), and its share is of the 250 ms step."""
+  masks = {"furthest": furthest_ms, "random": random_ms}
+  monkeypatch.setattr(benchmark, "time_masks", lambda task, batch: masks[task.throw_strategy])
+  row = _fake_timing(monkeypatch, "pr_mim", [1.0, 1.0] + [0.25] * 5)
+  assert (row["masks_ms"], row["masks_random_ms"]) == (furthest_ms, random_ms)
+  assert row["furthest_ms"] == expected_ms
+  assert row["furthest_share"] == pytest.approx(expected_ms / 250.0)
+
+
+def test_median_seconds_is_the_middle_duration(monkeypatch):
+  durations = iter([0.5, 9.0, 0.25, 1.0, 0.75])
+  device = _FakeDevice()
+  monkeypatch.setattr(benchmark, "time", types.SimpleNamespace(perf_counter=device.perf_counter))
+  fn = lambda: setattr(device, "now", device.now + next(durations))
+  assert benchmark._median_seconds(fn, 5) == 0.75
+
+
+def test_mask_time_is_per_generation_in_milliseconds(monkeypatch):
+  # Each timed call reads 1 ms on the clock; it runs MASK_LOOP generations.
+  from pr_mim_jax.training import train_step as ts  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(benchmark, "time",
+                      types.SimpleNamespace(perf_counter=_FakeDevice(tick=1e-3).perf_counter))
+  config = apply_overrides(load_config("method=pr_mim,dataset=shapes"), TINY_OVERRIDES)
+  ms = benchmark.time_masks(ts.task_from_config(config), 4)
+  assert ms == pytest.approx(1.0 / benchmark.MASK_LOOP)
+
+
+def test_matmul_ceiling_counts_every_product_of_the_chain(monkeypatch):
+  """The MFU denominator: bf16 products (the dtype the model computes in), all 10 of the
+  chain counted; here 64x64 matrices (2 * 64**3 FLOPs each), each call 1 us on the clock."""
+  import jax  # pylint: disable=g-import-not-at-top
+  jit, dtypes = jax.jit, set()
+
+  def recording_jit(fn):
+    compiled = jit(fn)
+    return lambda *args: (dtypes.update(str(a.dtype) for a in args), compiled(*args))[-1]
+
+  monkeypatch.setattr(jax, "jit", recording_jit)
+  monkeypatch.setattr(benchmark, "time",
+                      types.SimpleNamespace(perf_counter=_FakeDevice(tick=1e-6).perf_counter))
+  got = benchmark.matmul_ceiling(size=64, chain=10)
+  assert dtypes == {"bfloat16"}
+  assert got["matmul_ceiling_tflop_per_s"] == round(10 * 2 * 64 ** 3 / 1e-6 / 1e12, 2) == 5.24
+  assert got["ceiling_sizes"] == [64]
+
+
+def test_cost_ratio_is_the_ratio_of_the_reported_totals():
+  """flop_ratio_vs_mae compares whole steps: PR-MIM's thrown-token work is in it."""
+  rows = {m: benchmark.cost(load_config(f"method={m},variant=B/16")) for m in ("mae", "pr_mim")}
+  mae, pr = rows["mae"]["gflop_per_img"], rows["pr_mim"]["gflop_per_img"]
+  assert pr["thrown"] > 0 and rows["mae"]["flop_ratio_vs_mae"] == 1.0
+  assert rows["pr_mim"]["flop_ratio_vs_mae"] == pytest.approx(pr["total"] / mae["total"], abs=2e-4)
+  assert pr["total"] == pytest.approx(pr["encoder"] + pr["decoder"] + pr["thrown"], abs=2e-3)

@@ -88,8 +88,9 @@ def _errors(text: str) -> list[str]:
 @pytest.mark.slow
 def test_read_only_workdir_and_full_disk_stop_in_one_line_and_lose_nothing(tmp_path):
   """On small tmpfs mounts: the workdir made read-only, then its checkpoint disk filled up
-  during a save. Each run stops with one error line and no traceback, checkpoint 8 stays
-  byte-identical, and once there is room the same command resumes from it and finishes."""
+  during a save, then the workdir's own disk full at the start (config.json). Each run stops
+  with one error line and no traceback, checkpoint 8 stays byte-identical, and once there is
+  room the same command resumes from it and finishes."""
   prefix = _mount_namespace()
   if prefix is None:
     pytest.skip("needs a private mount namespace for small tmpfs mounts (root, or "
@@ -118,6 +119,9 @@ def test_read_only_workdir_and_full_disk_stop_in_one_line_and_lose_nothing(tmp_p
     fallocate -l ${{room}}k $disk/filler
     {full} > $out/full.txt 2>&1; echo "full rc=$? $(sums)"
     rm $disk/filler
+    dd if=/dev/zero of=$ws/filler bs=64k 2>/dev/null  # the workdir's own disk, to the last byte
+    {full} > $out/workdir_full.txt 2>&1; echo "workdir_full rc=$? $(sums)"
+    rm $ws/filler
     {full} > $out/resumed.txt 2>&1; echo "resumed rc=$? $(sums)"
     echo "steps $(ls $ck | sort -n | tr '\\n' ' ')"
     echo "tracebacks in log.txt $(grep -c Traceback $ws/run/log.txt)"
@@ -143,6 +147,14 @@ def test_read_only_workdir_and_full_disk_stop_in_one_line_and_lose_nothing(tmp_p
   assert "Traceback" not in text
   assert f"traceback in {run_dir}/log.txt" in text  # the detail went to the run's log
   assert int(report["tracebacks"].split()[-1]) > 0, report
+  assert report["workdir_full"] == f"rc=2 {good}", read("workdir_full")[-3000:]
+  text = read("workdir_full")
+  assert _errors(text) == [
+      f"error: writing {run_dir}/config.json failed: No space left on device (the disk is "
+      "full, or a quota or file-size limit was hit); free space, then rerun the same command: "
+      "pre-training, fine-tuning and study runs go on from their last complete checkpoint, "
+      "which is untouched"]
+  assert "Traceback" not in text
   assert report["resumed"] == f"rc=0 {good}", read("resumed")[-3000:]
   assert f"resumed from {ckpt_dir} at step 8" in read("resumed")
   assert report["steps"].split() == ["8", "16", "24"]

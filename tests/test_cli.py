@@ -172,6 +172,49 @@ def test_ctrl_c_outside_the_training_steps_is_one_line_and_exit_130(capsys, hint
   assert capsys.readouterr().err.splitlines() == [line]
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_a_full_disk_anywhere_in_a_run_is_one_line_naming_the_file(capsys, tmp_path):
+  """A write the disk refuses (here config.json, written aside through a link to /dev/full,
+  which answers every write with ENOSPC) ends the command with one line, exit 2; the file
+  written aside is gone and nothing at config.json is torn."""
+  from pr_mim_jax.training import workdir_records  # pylint: disable=g-import-not-at-top
+  (tmp_path / "config.json.tmp").symlink_to("/dev/full")
+  config = ml_collections.ConfigDict({"seed": 0})
+  with pytest.raises(SystemExit) as e:
+    cli.run(lambda: workdir_records.write_records(str(tmp_path), config), {}, ["prog"],
+            flags.FlagValues())
+  assert e.value.code == 2
+  assert capsys.readouterr().err.splitlines()[-1] == (
+      f"error: writing {tmp_path}/config.json failed: No space left on device (the disk is "
+      "full, or a quota or file-size limit was hit); free space, then rerun the same command: "
+      "pre-training, fine-tuning and study runs go on from their last complete checkpoint, "
+      "which is untouched")
+  assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("error, line", [
+    (OSError(errno.EDQUOT, "Disk quota exceeded"), "error: a write failed: Disk quota exceeded"),
+    (OSError(errno.EFBIG, "File too large", "/w/m.jsonl"),
+     "error: writing /w/m.jsonl failed: File too large"),
+])
+def test_a_quota_or_file_size_limit_is_the_same_line(capsys, error, line):
+  def refused():
+    raise error
+  with pytest.raises(SystemExit) as e:
+    cli.run(refused, {}, ["prog"], flags.FlagValues())
+  assert e.value.code == 2
+  assert capsys.readouterr().err.startswith(line + " (the disk is full, or a quota")
+
+
+def test_other_os_errors_are_not_called_a_full_disk():
+  """A missing file or a refused permission is a different fault (or a defect): it is raised
+  as it was, never reported as a full disk."""
+  def missing():
+    raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/nowhere")
+  with pytest.raises(FileNotFoundError):
+    cli.run(missing, {}, ["prog"], flags.FlagValues())
+
+
 def test_misspelt_field_end_to_end(tmp_path):
   """The item as a user meets it: python -m pr_mim_jax.main ... --config.optim.base_lrr=1e-3."""
   proc = _run("main", f"--config={CONFIG}", f"--workdir={tmp_path}/wd",

@@ -116,6 +116,13 @@ def test_memory_total_counts_aliased_outputs_once():
                      "total": 8.5}
 
 
+def test_memory_total_counts_outputs_that_reuse_no_argument():
+  # The new state reuses the donated 2 GiB of the 3 GiB of arguments; the other 0.5 GiB of
+  # outputs (metrics, the loss) are buffers of their own.
+  m = Memory.of(_fake_compiled(3 * GIB, 5 * GIB // 2, 2 * GIB, GIB))
+  assert m.total == 3 * GIB + GIB // 2 + GIB
+
+
 @pytest.mark.parametrize("cost,expected", [
     ({"flops": 4e12}, 4e12 * 8 / 256 / 1e9),
     ([{"flops": 4e12}], 4e12 * 8 / 256 / 1e9),  # older jax: one dict per program
@@ -237,6 +244,9 @@ def test_evaluation_configs_compile_their_own_step(tmp_path):
      "--num_classes=0: must be >= 1 (classes of the probe / fine-tune head)"),
     (["--target=cpu", "--config.model.attention=cudnn_padded"],
      "config.model.attention: 'cudnn_padded' runs only on NVIDIA GPUs, and the target is 'cpu'"),
+    # A share of 1 would stop the search at any bracket, however wide.
+    (["--target=cpu", "--fit_tolerance=1"],
+     "--fit_tolerance: got 1.0; use a share in [0, 1), e.g. 0.03"),
 ])
 def test_mistakes_are_one_line(args, message):
   proc = _run(["--config=pr_mim_jax/configs/pretrain.py:dataset=shapes", *TINY_FLAGS, "--nofit", *args])
@@ -473,3 +483,115 @@ def test_a_zero_slice_size_is_left_to_the_configs_own_check():
   config = pretrain_config.get_config("dataset=shapes")
   config.mesh_dcn.data = 0
   compile_report.check_slices(config, 2)
+
+
+# ----------------------------------------------------------------------------------------
+# report_setting on a fake step and target: memory 2 GiB + 0.25 GiB per example on each device.
+
+def _fake_target(memory_gib=16, devices=4):
+  from pr_mim_jax.tools import compile_targets  # pylint: disable=g-import-not-at-top
+  return compile_targets.Target(compile_targets.TargetSpec("tpu", "v5e:2x2", devices),
+                                [types.SimpleNamespace(device_kind="TPU v5 lite")] * devices,
+                                memory_gib * GIB, "n", {})
+
+
+def _fake_step(shards=4, granularity=1, refuse_above_gib=20.0, xla_gflop=12.0):
+  """A Step whose compile of a global batch g gives, per device (g / shards examples), 2 GiB
+  of arguments (1 GiB of them donated to the outputs) and 0.25 GiB of temporaries per example,
+  and XLA's FLOP count of `xla_gflop` per image; above `refuse_above_gib` the compiler refuses,
+  as a TPU compiler does."""
+  from pr_mim_jax.tools import abstract_step  # pylint: disable=g-import-not-at-top
+
+  def compile_batch(batch, compiler_options=None):
+    per_device = batch["image"] // shards
+    if 2 + 0.25 * per_device > refuse_above_gib:
+      raise RuntimeError("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Allocation "
+                         "exceeds the HBM limit")
+    compiled = _fake_compiled(2 * GIB, GIB, GIB, per_device * GIB // 4,
+                              flops={"flops": xla_gflop * 1e9 * batch["image"] / shards})
+    return compiled
+
+  jitted = types.SimpleNamespace(trace=lambda state, batch: types.SimpleNamespace(
+      lower=lambda: types.SimpleNamespace(compile=lambda compiler_options=None: compile_batch(
+          batch, compiler_options))))
+  return abstract_step.Step(jitted, None, lambda g: {"image": g}, 10.0, shards,
+                            {"data": shards, "fsdp": 1, "tensor": 1}, granularity)
+
+
+def _fake_report(monkeypatch, global_batch, max_batch=100, memory_gib=16, **step_fields):
+  from conftest import apply_overrides, load_config  # pylint: disable=g-import-not-at-top
+  from pr_mim_jax.tools import abstract_step  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(abstract_step, "build", lambda *a: _fake_step(**step_fields))
+  config = apply_overrides(load_config("method=mae,dataset=shapes"),
+                           {**TINY_OVERRIDES, "batch_size": global_batch})
+  return compile_report.report_setting(config, _fake_target(memory_gib), fit=True,
+                                       max_per_device_batch=max_batch, num_classes=12)
+
+
+@pytest.mark.parametrize("global_batch,headroom", [(192, 2.0), (224, 0.0), (256, -2.0)])
+def test_report_states_per_device_memory_fit_and_the_largest_batch(monkeypatch, global_batch,
+                                                                    headroom):
+  # 4 devices of 16 GiB: 48 examples each take 2 + 12 = 14 GiB, 56 exactly 16 GiB, 64 18 GiB,
+  # and past 72 the compiler refuses. Searched in steps of 8 up to 96 (of 100).
+  row = _fake_report(monkeypatch, global_batch)
+  per_device = global_batch // 4
+  assert row["per_device_batch"] == per_device and row["num_devices"] == 4
+  assert row["memory_gib"]["total"] == 2 + per_device / 4
+  assert row["fits"] == (headroom >= 0) and row["headroom_gib"] == headroom
+  assert row["device_memory_gib"] == 16.0
+  assert (row["largest_per_device_batch"], row["largest_global_batch"]) == (56, 224)
+  assert row["smallest_failing_per_device_batch"] == 64
+  assert (row["search_step"], row["search_limit"]) == (8, 96)
+  assert all(p["per_device_batch"] % 8 == 0 for p in row["fit_search"])
+  # XLA counts the per-device program; scaled by 4 devices over the global batch, per image.
+  assert (row["xla_gflop_per_img"], row["analytic_gflop_per_img"]) == (12.0, 10.0)
+  assert row["xla_vs_analytic"] == 1.2
+  text = compile_report.markdown({"target": "t", "device_memory_gib": 16.0, "memory_note": "n",
+                                  "versions": "jax", "settings": [row]})
+  sign = "+" if headroom >= 0 else "-"
+  assert f"| {'yes' if headroom >= 0 else 'no'} ({sign}{abs(headroom):.2f}) | 56 |" in text
+
+
+def test_report_searches_in_whole_micro_batches(monkeypatch):
+  """With 3 micro-batches per step, per-device batches step by lcm(8, 3) = 24; XLA's count,
+  made inside the accumulation loop, is not reported."""
+  row = _fake_report(monkeypatch, 192, granularity=3)
+  assert (row["search_step"], row["search_limit"]) == (24, 96)
+  assert row["largest_per_device_batch"] == 48  # 72 would take 20 GiB
+  assert all(p["per_device_batch"] % 24 == 0 for p in row["fit_search"])
+  assert row["xla_gflop_per_img"] is None and "micro-batches" in row["xla_flops_note"]
+
+
+def test_a_search_that_reaches_its_limit_stays_on_the_grid(monkeypatch):
+  """Everything fits: the answer is the largest multiple of the step within
+  --max_per_device_batch (96 of 100), shown as a lower bound."""
+  row = _fake_report(monkeypatch, 64, refuse_above_gib=1e9, max_batch=100, memory_gib=64)
+  assert row["largest_per_device_batch"] == 96 == row["search_limit"]
+  assert row["smallest_failing_per_device_batch"] is None
+  text = compile_report.markdown({"target": "t", "device_memory_gib": 16.0, "memory_note": "n",
+                                  "versions": "jax", "settings": [row]})
+  assert "| ≥ 96 |" in text
+
+
+@pytest.mark.parametrize("step,start,max_batch,limit", [
+    (8, 8, 100, 10 ** 9), (8, 8, 100, 98), (24, 24, 4096, 4095), (3, 3, 10, 10),
+    (8, 20, 100, 30),  # the config's own per-device batch, off the grid
+])
+def test_the_search_tries_only_multiples_of_its_step(step, start, max_batch, limit):
+  """A --max_per_device_batch off the step's grid is rounded down, never probed: a batch of
+  no whole micro-batches would not even compile."""
+  calls = []
+  best, _ = compile_report.largest_fitting(_measure(lambda b: b, limit, calls), start,
+                                           limit_bytes=limit, step=step, max_batch=max_batch)
+  assert best == _brute_force(lambda b: b, limit, step, max_batch)
+  assert all(b % step == 0 and b <= max_batch for b in calls), calls
+
+
+def test_memory_that_does_not_grow_between_probes_is_searched_on():
+  # Up to 16 examples the compiler's plan takes the same 1 GiB (padded buffers); no straight
+  # line through two equal totals meets the limit, so the search doubles on.
+  curve = lambda b: max(GIB, b * GIB // 16)
+  calls = []
+  best, _ = compile_report.largest_fitting(_measure(curve, 8 * GIB, calls), 8,
+                                           limit_bytes=8 * GIB, step=8, max_batch=4096)
+  assert best == 128 == _brute_force(curve, 8 * GIB, 8, 4096)

@@ -28,6 +28,7 @@ from pr_mim_jax.interop import weight_files
 from pr_mim_jax.models import posemb
 from pr_mim_jax.parallel import sharding
 from pr_mim_jax.training import checkpointing
+from pr_mim_jax.training import workdir_records
 
 FIXTURES = ROOT / "tests" / "fixtures"
 MAE_PTH = FIXTURES / "mae_tiny.pth"  # width 32, depth 1, 2 heads, patch 4, 16 px; decoder 16 x 1, 2 heads
@@ -566,6 +567,56 @@ def test_a_failed_export_is_one_line_and_keeps_the_old_files(tmp_path, monkeypat
                           "partial file is left. Free space (or fix the permissions), then rerun "
                           "the same command")
   assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # and no temporaries
+
+
+def _files(folder):
+  """Every file below `folder` (hidden temporaries too), with its bytes."""
+  return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("existing", [True, False])
+def test_a_failed_move_of_the_weights_puts_the_old_json_back(tmp_path, monkeypatch, existing):
+  """The JSON moves into place first; if the weights' rename then fails, the JSON beside them
+  is the old one again (or gone, for a new target): never new metadata with old weights."""
+  out = tmp_path / "vit.safetensors"
+  if existing:
+    convert.convert(str(VIT_TI), str(out))
+  before = _files(tmp_path)
+  real_replace = os.replace
+  def replace(src, dst):
+    if pathlib.Path(dst) == out:
+      raise OSError(16, "Device or resource busy")
+    real_replace(src, dst)
+  monkeypatch.setattr(os, "replace", replace)
+  with pytest.raises(UserError) as e:
+    convert.convert(str(FIXTURES / "vit_s.safetensors"), str(out), heads=12, overwrite=True)
+  assert str(e.value).startswith(f"--to={out}: writing it failed (Device or resource busy); "
+                                 "nothing was replaced and no partial file is left.")
+  assert _files(tmp_path) == before
+
+
+@pytest.mark.parametrize("where", ["write_records", "write_checkpoint"])
+def test_a_failed_workdir_write_is_one_line_and_keeps_the_old_workdir(tmp_path, monkeypatch,
+                                                                      where):
+  """A full disk while a workdir target is written (its config.json, or the checkpoint, which
+  raises the trainer's CheckpointError) is convert's own line, not advice to resume training;
+  the workdir it would replace is untouched and no temporary directory is left."""
+  old = _fake_workdir(tmp_path / "wd", {"model": {}})
+  before = _files(tmp_path)
+  full = OSError(28, "No space left on device")
+  def fail(directory, *args):
+    if where == "write_records":
+      raise full
+    raise checkpointing._write_failed(0, directory, full) from full
+  monkeypatch.setattr((workdir_records if where == "write_records" else checkpointing), where,
+                      fail)
+  with pytest.raises(UserError) as e:
+    convert.convert(str(MAE_PTH), str(old), heads=2, decoder_heads=2, overwrite=True,
+                    config=pretrain_config())
+  assert str(e.value) == (f"--to={old}: writing it failed (No space left on device); nothing was "
+                          "replaced and no partial file is left. Free space (or fix the "
+                          "permissions), then rerun the same command")
+  assert _files(tmp_path) == before and sorted(os.listdir(tmp_path)) == ["wd"]
 
 
 def test_a_scan_layers_config_gets_the_files_weights(tmp_path):

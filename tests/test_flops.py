@@ -159,6 +159,13 @@ def test_equals_the_matmul_flops_of_the_traced_gradient(method, fields):
     config[section][key] = value
   model, task = ts.model_from_config(config), ts.task_from_config(config)
   assert model.decoder_width != model.spec.width
+  ours = flops.step_flops(model, task.split, task.reconstruct_thrown)
+  assert ours.total * flops.GIGA == pytest.approx(_traced_flops_per_image(model, task, config),
+                                                  rel=1e-9)
+
+
+def _traced_flops_per_image(model, task, config):
+  """Matrix-product FLOPs per image of the traced gradient of one pre-training step."""
   params = jax.eval_shape(lambda r: pretrain.init_params(model, task.split, r), jax.random.key(0))
   size, batch = config.model.image_size, 2
 
@@ -168,9 +175,7 @@ def test_equals_the_matmul_flops_of_the_traced_gradient(method, fields):
 
   jaxpr = jax.make_jaxpr(grads)(params, jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32),
                                 jax.random.key(1))
-  traced = _dot_general_flops(jaxpr.jaxpr) / batch
-  ours = flops.step_flops(model, task.split, task.reconstruct_thrown)
-  assert ours.total * flops.GIGA == pytest.approx(traced, rel=1e-9)
+  return _dot_general_flops(jaxpr.jaxpr) / batch
 
 
 def _hand_block(n, w, ctx=0):
@@ -212,3 +217,18 @@ def test_b16_counts_match_a_hand_count():
         tuple(p / 1e9 for p in parts), rel=1e-12), (method, aggregator)
   assert sum(want["mae", "local_attention"]) / 1e9 == pytest.approx(57.99, abs=0.005)
   assert sum(want["pr_mim", "local_attention"]) / 1e9 == pytest.approx(41.87, abs=0.005)
+
+
+@pytest.mark.parametrize("method,aggregator", [("mae", "local_attention"),
+                                               ("pr_mim", "last_block")])
+def test_counts_the_models_own_mlp_ratio_and_default_head(method, aggregator):
+  """A model built directly (the library API, not a config) may set another MLP ratio and
+  leave `pred_dim` at 0 (pixels): the count still equals the traced matrix products."""
+  config = methods.with_method(apply_overrides(load_config(), TINY_OVERRIDES), method)
+  config.model.compute_dtype = "float32"
+  config.reconstruction.aggregator = aggregator
+  model, task = ts.model_from_config(config), ts.task_from_config(config)
+  model = model.clone(mlp_ratio=2.0, pred_dim=0)  # MLP hidden 64, head 4*4*3 = 48 outputs
+  ours = flops.step_flops(model, task.split, task.reconstruct_thrown)
+  assert ours.total * flops.GIGA == pytest.approx(_traced_flops_per_image(model, task, config),
+                                                  rel=1e-9)

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -87,6 +88,10 @@ def _must_not_run(*args, **kwargs):
      "--jpeg_size: got '500'; use WIDTHxHEIGHT of at least 32x32, e.g. 500x375"),
     (["--sources=shapes", "--accelerators=8,x"],
      "--accelerators: got 8,x; use counts > 0, e.g. --accelerators=1,8"),
+    (["--sources=shapes", "--accelerators=0,8"],
+     "--accelerators: got 0,8; use counts > 0, e.g. --accelerators=1,8"),
+    (["--sources=jpeg", "--jpeg_size=500x16"],
+     "--jpeg_size: got '500x16'; use WIDTHxHEIGHT of at least 32x32, e.g. 500x375"),
     (["--sources=shapes", "--step_img_per_s=-3523"],
      "--step_img_per_s: got -3523; use the accelerator's measured images/s, or 0 for no sizing"),
 ])
@@ -172,3 +177,73 @@ def test_a_backend_that_cannot_run_fails_before_anything_runs(monkeypatch, tmp_p
   assert capsys.readouterr().err.splitlines() == [
       "error: --backends: 'dali' decodes image files, and the in-memory shapes source has none; "
       "time dali with --sources=jpeg alone, or drop it"]
+
+
+# ----------------------------------------------------------------------------------------
+# The rates, on a fake pipeline, clock and CPU-time counter with known numbers.
+
+class _FakeHost:
+  """Each batch takes `wall` seconds and `user` + `system` CPU seconds; the first two
+  (pipeline start-up) take ten times as long."""
+
+  def __init__(self, wall, user, system):
+    self.wall, self.user, self.system = wall, user, system
+    self.now = self.utime = self.stime = 0.0
+    self.served = 0
+
+  def batches(self, data, *, seed, global_batch, image_size):
+    image = np.zeros((global_batch, image_size, image_size, 3), np.uint8)
+    while True:
+      slow = 10 if self.served < 2 else 1
+      self.now += slow * self.wall
+      self.utime += slow * self.user
+      self.stime += slow * self.system
+      self.served += 1
+      yield {"image": image}
+
+  def getrusage(self, who):
+    return types.SimpleNamespace(ru_utime=self.utime, ru_stime=self.stime)
+
+
+@pytest.mark.parametrize("user,system,cores,per_core", [(0.15, 0.05, 2.0, 1280.0),
+                                                        (0.04, 0.01, 0.5, 5120.0)])
+def test_measure_reports_timed_batches_per_second_and_busy_cores(monkeypatch, user, system,
+                                                                  cores, per_core):
+  # 4 timed batches of 256 images, 0.1 s each: 2560 images/s of 224x224x3 uint8 pixels.
+  host = _FakeHost(0.1, user, system)
+  monkeypatch.setattr(input_benchmark.pipeline, "host_batches", host.batches)
+  monkeypatch.setattr(input_benchmark, "time", types.SimpleNamespace(perf_counter=lambda: host.now))
+  monkeypatch.setattr(input_benchmark, "resource",
+                      types.SimpleNamespace(getrusage=host.getrusage, RUSAGE_SELF=0))
+  row = input_benchmark.measure(None, batch=256, image_size=224, batches=4)
+  assert host.served == input_benchmark.WARMUP_BATCHES + 4
+  assert row["img_per_s"] == pytest.approx(2560.0)
+  assert row["cpu_cores_busy"] == cores  # user + system CPU time over wall time
+  assert row["img_per_s_per_core"] == per_core
+  assert (row["bytes_per_img"], row["image_dtype"]) == (224 * 224 * 3, "uint8")
+  assert row["h2d_mb_per_s"] == 385.4  # 2560 x 150528 bytes, in 1e6 bytes/s
+
+
+def test_sizing_scales_the_per_core_rate_to_the_accelerators():
+  # An accelerator stepping 3523 images/s needs 3523 / 1280 = 2.75 cores at 1280 per core.
+  row = {"img_per_s": 2560.0, "img_per_s_per_core": 1280.0, "bytes_per_img": 150528}
+  assert input_benchmark.sizing(row, 3523.0, [1, 4, 8]) == {
+      "step_img_per_s": 3523.0, "cores_per_accelerator": 2.75,
+      "cores_to_feed": {"1": 2.8, "4": 11.0, "8": 22.0},
+      "h2d_mb_per_s_per_accelerator": 530.3}  # 3523 x 150528 bytes, in 1e6 bytes/s
+
+
+@pytest.mark.parametrize("step_img_per_s", [0, 3523])
+def test_a_step_rate_adds_the_sizing_and_none_leaves_it_out(monkeypatch, tmp_path, capsys,
+                                                            step_img_per_s):
+  monkeypatch.setenv("HOME", str(tmp_path))
+  measured = {"img_per_s": 2560.0, "img_per_s_per_core": 1280.0, "bytes_per_img": 150528}
+  monkeypatch.setattr(input_benchmark, "measure", lambda data, **kw: dict(measured))
+  assert not input_benchmark.main(["input_benchmark", "--sources=shapes", "--backends=numpy",
+                                   f"--step_img_per_s={step_img_per_s}", "--accelerators=1,8"],
+                                  flags.FlagValues())
+  (row,) = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+  if step_img_per_s:
+    assert row["cores_to_feed"] == {"1": 2.8, "8": 22.0}
+  else:
+    assert "cores_to_feed" not in row and "step_img_per_s" not in row

@@ -834,3 +834,97 @@ def test_a_negative_label_in_memory_is_a_user_error_too():
   batches = iter([{"label": np.array([0, -1], np.int32), "index": np.array([0, 1])}])
   with pytest.raises(UserError, match="example 1 of the in-memory dataset has label -1"):
     list(pipeline._labels_checked(batches, src))  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("backend", [pytest.param("tf", marks=needs_tf), "numpy"])
+def test_randaugment_crops_with_crop_min_scale(backend, shapes_dir):
+  """data.crop_min_scale reaches the fine-tuning recipe's crop too: with no ops and no erasing,
+  the 'randaugment' batch is the 'crop_flip' batch at the same (non-default) scale, normalised."""
+  from pr_mim_jax.data import pixels  # pylint: disable=g-import-not-at-top
+  data = _config("shapes", data_dir=shapes_dir, random_erase=0.0, randaugment=dict(num_ops=0),
+                 crop_min_scale=0.9)
+  kw = dict(seed=SEED, global_batch=BATCH, image_size=16, backend=backend)
+  ra = _take(pipeline.labeled_host_batches(data, augment="randaugment", **kw), 2)
+  plain = _take(pipeline.labeled_host_batches(data, augment="crop_flip", **kw), 2)
+  for a, b in zip(ra, plain):
+    np.testing.assert_allclose(a["image"], pixels.normalize(b["image"]), atol=1e-6)
+
+
+def test_global_batch_not_divisible_by_the_processes_is_a_user_error(monkeypatch):
+  """With 3 processes a global batch of 8 cannot split evenly: one clear error, before any
+  data is read."""
+  monkeypatch.setattr(pipeline.jax, "process_count", lambda: 3)
+  for make in (pipeline.train_batches, pipeline.labeled_train_batches):
+    kw = dict(augment="crop_flip") if make is pipeline.labeled_train_batches else {}
+    with pytest.raises(UserError, match="not divisible by the 3 processes; use a multiple of 3"):
+      make(_config("shapes"), seed=0, global_batch=8, image_size=16, start_step=0,
+           sharding=_sharding(), backend="numpy", **kw)
+
+
+def test_device_prefetcher_waits_for_a_slow_consumer():
+  """A consumer slower than the loader (a long training step) still gets every item, in
+  order: a full queue makes the loader wait, never drop or stop."""
+  import time  # pylint: disable=g-import-not-at-top
+
+  p = prefetch.DevicePrefetcher(iter(range(4)), 1)
+  got = []
+  for item in p:
+    got.append(item)
+    time.sleep(0.5)
+  assert got == [0, 1, 2, 3]
+
+
+def test_data_prefetch_sets_how_far_the_loader_runs_ahead():
+  """data.prefetch=4: the loader thread prepares 4 device batches (+ the one it holds) ahead
+  of a consumer that has not started."""
+  import time  # pylint: disable=g-import-not-at-top
+  produced = []
+
+  def host():
+    for i in range(20):
+      produced.append(i)
+      yield {"image": np.full((2, 1, 1, 3), i, np.uint8), "index": np.arange(2)}
+
+  device_batches = pipeline._device_batches  # pylint: disable=protected-access
+  it = device_batches(_config("shapes", prefetch=4), host(), _sharding(), 2)
+  deadline = time.monotonic() + 10
+  while len(produced) < 4 and time.monotonic() < deadline:  # the loader fills the queue
+    time.sleep(0.05)
+  time.sleep(0.3)  # and then waits
+  assert 4 <= len(produced) <= 5
+  assert [int(np.asarray(b["image"])[0, 0, 0, 0]) for b in _take(it, 6)] == list(range(6))
+
+
+def test_device_prefetcher_delivers_an_item_put_as_its_wait_timed_out():
+  """The loader may put its last item and end just after the consumer's poll timed out: the
+  consumer must still get that item, not take the ended thread for an empty stream."""
+  import queue  # pylint: disable=g-import-not-at-top
+
+  p = prefetch.DevicePrefetcher(iter(["last"]), 1)
+  p._thread.join(5)  # pylint: disable=protected-access
+  real_get, timeouts = p._queue.get, []  # pylint: disable=protected-access
+
+  def get(timeout):  # the first wait times out while the item arrives
+    if not timeouts:
+      timeouts.append(timeout)
+      raise queue.Empty
+    return real_get(timeout=timeout)
+
+  p._queue.get = get  # pylint: disable=protected-access
+  assert list(p) == ["last"]
+
+
+def test_a_split_smaller_than_one_batch_fails_when_the_batches_are_made():
+  """40 training examples cannot fill a global batch of 64: host_batches raises the error as
+  it is called (before the trainer compiles), not at the first batch."""
+  for make in (pipeline.host_batches, pipeline.labeled_host_batches):
+    with pytest.raises(UserError, match="fewer than one global batch of 64"):
+      make(_config("shapes"), seed=0, global_batch=64, image_size=16, backend="numpy")
+
+
+def test_the_first_unlabeled_example_of_a_batch_is_named():
+  """Two unlabeled rows in one batch: the error names the first, in batch order."""
+  src = sources.ArraySource(np.zeros((4, 4, 4, 3), np.uint8), np.array([0, -1, 1, -1], np.int32))
+  batches = iter([{"label": np.array([0, -1, 1, -1], np.int32), "index": np.arange(4)}])
+  with pytest.raises(UserError, match="example 1 of the in-memory dataset has label -1"):
+    list(pipeline._labels_checked(batches, src))  # pylint: disable=protected-access

@@ -357,20 +357,26 @@ def test_tf_train_augment_is_crop_then_randaugment_then_normalise(ra):
   assert changed >= 6  # RandAugment did act (each image: p = 3/4 of at least one op)
 
 
+def _boxes_over_seeds(backend, tf_erase, size, draws=600):
+  """[4, N]: top, left, h, w of the box that each of `draws` seeded erasures paints on a flat
+  size x size image (draws that erase nothing are left out)."""
+  x = np.full((size, size, 3), 7.0, np.float32)
+  boxes = []
+  for i in range(draws):
+    out = (randaugment_np.random_erase(x, np.random.default_rng(i), 1.0) if backend == "numpy"
+           else tf_erase(x, i, 1.0))
+    ys, xs = np.nonzero((out != 7.0).any(-1))
+    if len(ys):
+      boxes.append((ys.min(), xs.min(), np.ptp(ys) + 1, np.ptp(xs) + 1))
+  return np.array(boxes, float).T
+
+
 @pytest.mark.parametrize("backend", ["numpy", "tf"])
 def test_random_erase_area_share_stays_in_timms_range(backend, tf_erase):
   """Area a ~ U[0.02, 1/3] of the image, sides h = round(sqrt(a r)), w = round(sqrt(a / r)),
   so (h - 1/2)(w - 1/2) <= a <= 1/3 H W and (h + 1/2)(w + 1/2) >= a >= 0.02 H W exactly,
   whatever the ratio; the top ~6% of the range must still be drawn (largest share > 0.3)."""
-  x = np.full((64, 64, 3), 7.0, np.float32)
-  sides = []
-  for i in range(600):
-    out = (randaugment_np.random_erase(x, np.random.default_rng(i), 1.0) if backend == "numpy"
-           else tf_erase(x, i, 1.0))
-    ys, xs = np.nonzero((out != 7.0).any(-1))
-    if len(ys):
-      sides.append((np.ptp(ys) + 1, np.ptp(xs) + 1))
-  h, w = np.array(sides, float).T
+  _, _, h, w = _boxes_over_seeds(backend, tf_erase, 64)
   assert len(h) > 500
   assert ((h - 0.5) * (w - 0.5) <= 64 * 64 / 3).all()
   assert ((h + 0.5) * (w + 0.5) >= 0.02 * 64 * 64).all()
@@ -400,3 +406,134 @@ def test_random_erase_aspect_ratio_spans_timms_range():
   ratios = np.array(ratios)
   assert ratios.max() > 2.6 and ratios.min() < 1 / 2.6
   assert abs(np.mean(np.log(ratios))) < 0.1  # symmetric in log space
+
+
+# ------------------------------------------------- resampling, levels, recipe defaults
+
+
+def test_half_pixel_translate_is_bilinear(op):
+  """TranslateX by half a pixel on a horizontal ramp 10 * column: bilinear resampling averages
+  the two neighbours, 10 u + 5 (nearest-neighbour would give 10 u or 10 u + 10)."""
+  img = np.repeat(np.repeat((np.arange(SIZE) * 10)[None, :, None], SIZE, 0), 3, 2).astype(np.uint8)
+  out = op(img, "TranslateX", 0.5 / (0.45 * SIZE), 1.0).astype(int)
+  want = np.arange(SIZE - 2) * 10 + 5
+  np.testing.assert_array_equal(out[:, :SIZE - 2, 0], np.broadcast_to(want, (SIZE, SIZE - 2)))
+
+
+def test_tf_rotate_of_a_non_square_image_turns_about_its_centre(ra):
+  """Rotate on a 16 x 32 image turns about the image's own centre, as Pillow's rotate: TF and
+  Pillow agree up to resampling (a centre with rows and columns swapped is 8 pixels off)."""
+  yy, xx = np.mgrid[0:16, 0:32]
+  img = np.stack([xx * 8, yy * 15, (xx + yy) * 5], -1).astype(np.uint8)
+  for sign in (-1.0, 1.0):
+    a = _tf_op(ra, img, "Rotate", 1.0, sign).astype(int)
+    b = _np_op(img, "Rotate", 1.0, sign).astype(int)
+    assert np.abs(a - b).mean() < 3, (sign, np.abs(a - b).mean())
+
+
+def _recorded_draws(monkeypatch, n, **kw):
+  """(number of applied ops per image, all their levels) of randaugment_np.train_augment over
+  n seeds, with apply_op replaced by a recorder that returns the image unchanged."""
+  calls = []
+  def record(img, name, level, sign):
+    calls.append(level)
+    return img
+  monkeypatch.setattr(randaugment_np, "apply_op", record)
+  img = np.tile(_image(seed=8), (2, 1, 1))
+  for s in range(n):
+    randaugment_np.train_augment(img, augment_np.example_rng(0, s, 0), 16, erase_prob=0.0, **kw)
+  return len(calls) / n, np.array(calls)
+
+
+def test_train_augment_defaults_are_timms_rand_m9_mstd05(monkeypatch):
+  """Without arguments train_augment is MAE's fine-tuning recipe: 2 slots applied with p = 1/2
+  each (one op per image on average) at level (9 + N(0, 0.5)) / 10. Bounds about 5 sigma."""
+  per_image, levels = _recorded_draws(monkeypatch, 1000)
+  assert abs(per_image - 1.0) < 5 * np.sqrt(0.5 / 1000)
+  assert abs(levels.mean() - 0.9) < 0.01 and abs(levels.std() - 0.05) < 0.01
+
+
+def test_train_augment_passes_magnitude_and_its_spread_through(monkeypatch):
+  """magnitude 5 with magnitude_std 0: every applied op runs at level exactly 0.5."""
+  _, levels = _recorded_draws(monkeypatch, 100, magnitude=5.0, magnitude_std=0.0)
+  assert len(levels) > 50 and (levels == 0.5).all()
+
+
+@pytest.mark.parametrize("backend", ["numpy", "tf"])
+def test_levels_are_clipped_at_zero(backend, monkeypatch):
+  """A magnitude near 0 with a wide spread: levels are clipped to [0, 1], never negative (a
+  negative level would turn each op the other way round); about a third of them sit at 0."""
+  levels = []
+  if backend == "numpy":
+    def record(img, name, level, sign):
+      levels.append(level)
+      return img
+    monkeypatch.setattr(randaugment_np, "apply_op", record)
+    for s in range(300):
+      randaugment_np.rand_augment(_image(), np.random.default_rng(s), magnitude=1.0,
+                                  magnitude_std=2.0)
+  else:
+    ra = pytest.importorskip("pr_mim_jax.data.randaugment")
+    def record_tf(x, op, level, sign):
+      levels.append(float(level))
+      return x
+    monkeypatch.setattr(ra, "apply_op", record_tf)
+    for s in range(300):
+      ra.rand_augment(ra.tf.zeros([2, 2, 3]), ra.tf.constant([s, 5], ra.tf.int64), magnitude=1.0,
+                      magnitude_std=2.0)
+  levels = np.array(levels)
+  assert levels.min() == 0.0 and levels.max() <= 1.0
+  assert 0.2 < np.mean(levels == 0.0) < 0.45  # P(N(1, 2) < 0) = 0.31
+
+
+def test_np_train_augment_erases_with_unit_noise_after_normalising():
+  """The erased box holds N(0, 1) noise in the normalised space the model sees (timm erases
+  after Normalize), not noise that went through the normalisation."""
+  img = np.tile(_image(seed=6), (2, 1, 1))
+  values = []
+  for s in range(40):
+    base = randaugment_np.pixels.normalize(
+        augment_np.train_augment(img, augment_np.example_rng(0, s, 0), 16))
+    out = randaugment_np.train_augment(img, augment_np.example_rng(0, s, 0), 16, num_ops=0,
+                                       erase_prob=1.0)
+    values.append(out[(out != base).any(-1)])  # [pixels, 3]
+  values = np.concatenate(values)
+  assert len(values) > 500
+  assert abs(values.mean()) < 0.1 and abs(values.std() - 1.0) < 0.1
+
+
+@pytest.mark.parametrize("backend", ["numpy", "tf"])
+def test_random_erase_box_draws_are_independent(backend, tf_erase):
+  """The box's area, aspect ratio, row and column are independent draws (timm): over 600
+  boxes on a 48 x 48 image, top / (H - h) and left / (W - w) are uncorrelated, and so are the
+  area and log(h / w) (|r| under 5 / sqrt(600) = 0.2; one draw reused for both gives ~0.9)."""
+  top, left, h, w = _boxes_over_seeds(backend, tf_erase, 48)
+  top, left = top / np.maximum(48 - h, 1), left / np.maximum(48 - w, 1)
+  area, log_ratio = h * w, np.log(h / w)
+  assert len(top) > 500
+  assert abs(np.corrcoef(top, left)[0, 1]) < 0.2
+  assert abs(np.corrcoef(area, log_ratio)[0, 1]) < 0.2
+
+
+def test_tf_rand_augment_output_is_whole_pixels_even_when_no_op_applies(ra):
+  """rand_augment returns integer-valued pixels (Pillow's uint8) whatever it draws: with no
+  op slots a fractional input comes back rounded."""
+  x = np.full((4, 4, 3), 10.4, np.float32)
+  x[0, 0] = 200.6
+  out = ra.rand_augment(x, ra.tf.constant([0, 1], ra.tf.int64), num_ops=0).numpy()
+  np.testing.assert_array_equal(out, np.round(x))
+
+
+def test_tf_autocontrast_and_equalize_leave_flat_channels_as_pillow_does(ra):
+  """Pillow leaves a constant channel unchanged (nothing to stretch or equalise), and Equalize
+  also a channel with too few pixels below its top level (3 here, under 255); TF agrees."""
+  x = np.zeros((4, 4, 3), np.uint8)
+  x[..., 0] = 77  # constant
+  x[..., 1] = np.where(np.arange(16).reshape(4, 4) < 3, 40, 90)  # two levels, 3 px below the top
+  x[..., 2] = np.arange(16).reshape(4, 4) * 16
+  for name, flat in (("AutoContrast", 1), ("Equalize", 2)):
+    want = _np_op(x, name, 0.5)
+    np.testing.assert_array_equal(want[..., :flat], x[..., :flat], err_msg=name)  # Pillow
+    out = _tf_op(ra, x, name, 0.5)
+    np.testing.assert_array_equal(out[..., :flat], x[..., :flat], err_msg=name)
+    assert np.abs(out.astype(int) - want).max() <= 1, name  # float32 vs Pillow's float64 LUT

@@ -4,10 +4,12 @@ import json
 import os
 import pathlib
 import re
+import statistics
 import subprocess
 import sys
 
 import ml_collections
+import numpy as np
 import pytest
 
 from conftest import ROOT, without_tensorflow
@@ -297,22 +299,28 @@ def test_a_diverged_stage_is_one_error_line_naming_the_study_field(tmp_path, mon
   assert not (tmp_path / "results.jsonl").exists()  # nothing recorded as finished
 
 
-def test_ctrl_c_before_training_says_how_to_go_on(tmp_path):
-  # Outside the trainer's stop handler (compiling, evaluating) Ctrl-C printed only
-  # "interrupted (Ctrl-C)", without saying that the study resumes.
-  code = ("import sys\n"
-          "from pr_mim_jax.tools import study\n"
-          "def ctrl_c(*_):\n"
-          "  raise KeyboardInterrupt\n"
-          "study.run_all = ctrl_c\n"
-          f"sys.exit(study.main(['study', '--config=pr_mim_jax/configs/study.py', "
-          f"'--workdir={tmp_path}/w']))\n")
-  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                        timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
-  assert proc.returncode == 130, proc.stderr[-2000:]
-  assert proc.stderr.strip().splitlines()[-1] == (
-      "error: interrupted (Ctrl-C); the finished stages and saved checkpoints are kept; rerun "
-      "the same command to resume")
+@pytest.mark.parametrize("raised, code, last_line", [
+    # Outside the trainer's stop handler (compiling, evaluating) Ctrl-C printed only
+    # "interrupted (Ctrl-C)", without saying that the study resumes.
+    ("KeyboardInterrupt", 130, "error: interrupted (Ctrl-C); the finished stages and saved "
+     "checkpoints are kept; rerun the same command to resume"),
+    ("study.Stopped()", 0, None),
+])
+def test_a_stop_before_or_during_training_says_how_to_go_on(tmp_path, raised, code, last_line):
+  program = ("import sys\n"
+             "from pr_mim_jax.tools import study\n"
+             "def stop(*_):\n"
+             f"  raise {raised}\n"
+             "study.run_all = stop\n"
+             f"sys.exit(study.main(['study', '--config=pr_mim_jax/configs/study.py', "
+             f"'--workdir={tmp_path}/w']))\n")
+  proc = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == code, proc.stderr[-2000:]
+  if last_line:
+    assert proc.stderr.strip().splitlines()[-1] == last_line
+  else:
+    assert "study stopped by a signal; rerun the same command to resume" in proc.stderr
 
 
 def test_the_gpu_setting_sizes_are_the_documented_ones():
@@ -436,3 +444,266 @@ def test_a_diverged_evaluation_names_its_own_lr_field(tmp_path, monkeypatch, mod
       f"study stage mae/0/{mode}: loss is inf at step 7, not saved; lower "
       f"config.{mode}.base_lr and start over")):
     study.run_all(_one_run_study(), epath.Path(tmp_path))
+
+
+# Made-up per-seed results: each metric has its own values, so a column, a method or a seed
+# put in the wrong place changes what the tables and the verdicts say.
+SEED_RESULTS = {  # label -> seed -> (knn, probe, finetune, recon, gflop, pre s, total s, knn init)
+    "mae": {0: (0.20, 0.30, 0.40, 0.50, 0.012, 10.0, 40.0, 0.09),
+            1: (0.22, 0.33, 0.47, 0.52, 0.012, 12.0, 44.0, 0.10),
+            2: (0.30, 0.36, 0.41, 0.57, 0.012, 17.0, 49.0, 0.11)},
+    "pr_mim": {0: (0.25, 0.35, 0.45, 0.60, 0.009, 7.0, 30.0, 0.08),
+               1: (0.29, 0.31, 0.50, 0.61, 0.009, 9.0, 35.0, 0.12),
+               2: (0.27, 0.39, 0.43, 0.66, 0.009, 8.0, 33.0, 0.09)},
+    "pr_mim@0.25": {0: (0.10, 0.15, 0.20, 0.70, 0.010, 8.0, 31.0, 0.07),
+                    1: (0.14, 0.19, 0.28, 0.74, 0.010, 9.0, 32.0, 0.08)},
+}
+METRICS = ("knn_top1", "probe_top1", "finetune_top1", "recon_loss", "gflop_per_img",
+           "pretrain_seconds", "total_seconds", "knn_top1_random_init")
+
+
+def _made_up_rows():
+  return [{"label": label, "method": label.split("@")[0], "seed": seed,
+           **dict(zip(METRICS, values))}
+          for label, by_seed in SEED_RESULTS.items() for seed, values in by_seed.items()]
+
+
+def test_the_summary_is_the_mean_and_the_sample_std_over_each_runs_seeds():
+  summary = study.summarize(_made_up_rows())
+  assert list(summary) == ["mae", "pr_mim", "pr_mim@0.25"]  # pr_mim@0.25 is not pr_mim
+  for label, by_seed in SEED_RESULTS.items():
+    assert summary[label]["seeds"] == len(by_seed)
+    for i, metric in enumerate(METRICS):
+      values = [v[i] for v in by_seed.values()]
+      mean, std = summary[label][metric]
+      assert mean == pytest.approx(statistics.mean(values), abs=1e-12), (label, metric)
+      assert std == pytest.approx(statistics.stdev(values), abs=1e-12), (label, metric)
+
+
+def test_one_seed_has_std_zero():
+  rows = [r for r in _made_up_rows() if r["seed"] == 0]
+  summary = study.summarize(rows)
+  assert summary["mae"]["knn_top1"] == (0.20, 0.0) and summary["mae"]["seeds"] == 1
+
+
+def _table_rows(text):
+  """study.md's table as {method: {column header: cell}}."""
+  lines = [l for l in text.splitlines() if l.startswith("| ")]
+  header = [c.strip() for c in lines[0].strip("|").split("|")]
+  return {cells[0]: dict(zip(header, cells)) for cells in
+          ([c.strip() for c in l.strip("|").split("|")] for l in lines[1:])}
+
+
+def test_the_table_reads_back_each_methods_mean_and_std(tmp_path):
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  study.write_outputs(ml_collections.ConfigDict(dict(setting="cpu", seeds="0,1,2")),
+                      epath.Path(tmp_path), _made_up_rows())
+  text = (tmp_path / "study.md").read_text()
+  table = _table_rows(text)
+  assert list(table) == list(SEED_RESULTS)
+  for label, by_seed in SEED_RESULTS.items():
+    column = lambda i: [v[i] for v in by_seed.values()]  # noqa: E731
+    pct = lambda i: (f"{100 * statistics.mean(column(i)):.1f} ± "  # noqa: E731
+                     f"{100 * statistics.stdev(column(i)):.1f}")
+    row = table[label]
+    assert row["k-NN top-1 %"] == pct(0)
+    assert row["linear probe top-1 %"] == pct(1)
+    assert row["fine-tune top-1 %"] == pct(2)
+    assert row["recon loss (all masked)"] == (f"{statistics.mean(column(3)):.4f} ± "
+                                              f"{statistics.stdev(column(3)):.4f}")
+    assert row["pre-train s"] == f"{statistics.mean(column(5)):.0f}"
+    assert row["total s"] == f"{statistics.mean(column(6)):.0f}"
+  assert table["mae"]["linear probe top-1 %"] == "33.0 ± 3.0"  # by hand: 0.30, 0.33, 0.36
+  assert table["mae"]["pre-train s"] == "13" and table["mae"]["total s"] == "44"
+  knn_init = statistics.mean(v[7] for s in SEED_RESULTS.values() for v in s.values())
+  assert (f"Chance is 8.3%; k-NN of the randomly initialised encoder: {100 * knn_init:.1f}%."
+          in text)
+
+
+def _summary(**stats):
+  """{label: (mean, std)} of every accuracy and the reconstruction loss -> a summary."""
+  seeds = stats.pop("seeds", 3)
+  return {label: {m: ms for m in ("knn_top1", "probe_top1", "finetune_top1", "recon_loss")}
+          | {"seeds": seeds} for label, ms in stats.items()}
+
+
+@pytest.mark.parametrize("a,b,verdict,gap,spread", [
+    # gap 3 points against std 2 points: more than one std, less than two.
+    ((0.50, 0.02), (0.47, 0.02), "does not exceed", "3.0", "2.0"),
+    # std 1 and 5 points: the mean std is 3 (the larger one would be 5), and 8 > 2 x 3.
+    ((0.50, 0.01), (0.42, 0.05), "exceeds", "8.0", "3.0"),
+    # a gap of exactly twice the spread does not exceed it (numbers exact in binary).
+    ((0.50, 0.125), (0.25, 0.125), "does not exceed", "25.0", "12.5"),
+])
+def test_a_verdict_compares_the_gap_with_twice_the_mean_std(a, b, verdict, gap, spread):
+  line = study.spread_verdicts(_summary(a=a, b=b))[0]
+  assert line == (f"- k-NN: best a, gap {gap} points {verdict} twice the mean seed std "
+                  f"({spread} points).")
+
+
+def test_a_verdict_uses_each_metrics_own_spread():
+  summary = _summary(a=(0.50, 0.04), b=(0.40, 0.04))  # 10 > 2 x 4 points
+  summary["a"]["probe_top1"], summary["b"]["probe_top1"] = (0.50, 0.06), (0.40, 0.06)
+  summary["a"]["finetune_top1"], summary["b"]["finetune_top1"] = (0.3, 0.0), (0.9, 0.0)
+  summary["a"]["recon_loss"], summary["b"]["recon_loss"] = (0.6, 0.01), (0.61, 0.01)
+  knn, probe, finetune, recon = study.spread_verdicts(summary)
+  assert "gap 10.0 points exceeds twice the mean seed std (4.0 points)" in knn
+  assert "gap 10.0 points does not exceed twice the mean seed std (6.0 points)" in probe
+  assert finetune.startswith("- fine-tune: best b, gap 60.0 points exceeds")
+  assert recon == ("- reconstruction loss: best a, gap 0.0100 does not exceed twice the mean "
+                   "seed std (0.0100).")
+
+
+def test_a_method_with_one_seed_leaves_the_spread_unmeasured():
+  summary = _summary(a=(0.50, 0.01), b=(0.40, 0.0))
+  summary["b"]["seeds"] = 1  # e.g. a method added with one seed to a three-seed study
+  lines = study.spread_verdicts(summary)
+  assert lines[0] == ("- k-NN: best a, gap 10.0 points; one seed only, so the seed-to-seed "
+                      "spread is unmeasured.")
+  assert all(l.endswith("; one seed only, so the seed-to-seed spread is unmeasured.")
+             for l in lines)
+
+
+def test_the_plot_draws_each_methods_numbers(tmp_path):
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  summary = study.summarize(_made_up_rows())
+  fig = study.plot(summary, epath.Path(tmp_path) / "s.png", "cpu")
+  labels = list(SEED_RESULTS)
+  accuracy, recon, gflop, seconds = fig.axes
+  title = fig._suptitle.get_text()  # pylint: disable=protected-access
+  assert "mean ± std over 2/3 seed(s) per method" in title
+  (chance,) = [l for l in accuracy.get_lines() if l.get_label() == "chance"]
+  assert list(chance.get_ydata()) == pytest.approx([100 / 12] * 2)
+  from matplotlib import container as mpl_container  # pylint: disable=g-import-not-at-top
+  bars = [c for c in accuracy.containers if isinstance(c, mpl_container.BarContainer)]
+  assert len(bars) == 3  # one per accuracy, in legend order
+  for container, metric in zip(bars, ("knn_top1", "probe_top1", "finetune_top1")):
+    assert [t.get_text() for t in accuracy.get_xticklabels()] == labels
+    centres = [p.get_x() + p.get_width() / 2 for p in container.patches]
+    assert [labels[int(round(c))] for c in centres] == labels  # each bar over its method
+    for patch, label in zip(container.patches, labels):
+      assert patch.get_height() == pytest.approx(100 * summary[label][metric][0])
+    segments = container.errorbar.lines[2][0].get_segments()  # one vertical bar per method
+    for seg, label in zip(segments, labels):
+      assert abs(seg[1][1] - seg[0][1]) == pytest.approx(2 * 100 * summary[label][metric][1])
+  for ax, metric, name in ((recon, "recon_loss", "recon loss"), (gflop, "gflop_per_img", "GFLOP"),
+                           (seconds, "total_seconds", "wall time")):
+    assert name in ax.get_ylabel()
+    assert [p.get_height() for p in ax.patches] == pytest.approx(
+        [summary[l][metric][0] for l in labels])
+
+
+def _recording_stages(monkeypatch, seen):
+  """Fake stages whose results name the run (label via the workdir, seed via the config), so
+  that a result filed under the wrong run, seed or column shows; each takes its own time."""
+  clock = _Clock()
+  monkeypatch.setattr(study.time, "perf_counter", clock)
+  monkeypatch.setattr(study, "gflop_per_img", lambda cfg: 0.01)
+  monkeypatch.setattr(study, "write_outputs", lambda *a: None)
+
+  def run_of(workdir):  # .../pr_mim@0.25_seed3/pretrain -> pr_mim@0.25
+    return os.path.basename(os.path.dirname(workdir)).rsplit("_seed", 1)[0]
+
+  code = {"mae": 0.1, "pr_mim": 0.2, "pr_mim@0.25": 0.3}
+
+  def pretrain_train(config, workdir):
+    seen.append(("pretrain", run_of(workdir), config.seed, config.masking.throw_ratio,
+                 config.optim.base_lr))
+    base = code[run_of(workdir)] + config.seed / 100
+    clock.now += 10.0
+    return {"loss": base + 0.001, "knn_top1": base + 0.002, "knn_top1_random_init": base + 0.003}
+
+  def evaluate(config, workdir):
+    seen.append((config.mode, run_of(workdir), config.seed, config.optim.epochs,
+                 config.optim.base_lr, config.optim.get("layer_decay"),
+                 config.model.get("drop_path")))
+    base = code[run_of(workdir)] + config.seed / 100
+    clock.now += 5.0 if config.mode == "linear_probe" else 7.0
+    return {"eval_top1": base + (0.004 if config.mode == "linear_probe" else 0.005)}
+
+  def recon(config, workdir, num_examples):
+    clock.now += 2.0
+    return code[run_of(workdir)] + config.seed / 100 + 0.006
+
+  monkeypatch.setattr(study.pretrain, "train", pretrain_train)
+  monkeypatch.setattr(study.classify, "train", evaluate)
+  monkeypatch.setattr(study, "reconstruction_loss", recon)
+
+
+def test_each_row_holds_its_own_runs_results(tmp_path, monkeypatch):
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  seen = []
+  _recording_stages(monkeypatch, seen)
+  c = _one_run_study()
+  c.methods, c.pr_mim_throw_ratios, c.seeds = "mae,pr_mim", "0.25", "3,5"
+  c.pretrain.base_lr, c.linear_probe.epochs, c.finetune.epochs = 2e-3, 3.0, 1.5
+  c.finetune.layer_decay, c.finetune.drop_path = 0.65, 0.05
+  rows = study.run_all(c, epath.Path(tmp_path))
+  code = {"mae": 0.1, "pr_mim": 0.2, "pr_mim@0.25": 0.3}
+  assert [(r["label"], r["method"], r["throw_ratio"], r["seed"]) for r in rows] == [
+      (l, l.split("@")[0], t, s) for s in (3, 5)
+      for l, t in (("mae", 0.0), ("pr_mim", 0.5), ("pr_mim@0.25", 0.25))]
+  for r in rows:
+    base = code[r["label"]] + r["seed"] / 100
+    assert (r["pretrain_loss"], r["knn_top1"], r["knn_top1_random_init"], r["probe_top1"],
+            r["finetune_top1"], r["recon_loss"]) == pytest.approx(
+                (base + 0.001, base + 0.002, base + 0.003, base + 0.004, base + 0.005,
+                 base + 0.006))
+    assert (r["pretrain_seconds"], r["total_seconds"]) == (10.0, 10.0 + 2.0 + 5.0 + 7.0)
+  assert [s for s in seen if s[0] == "pretrain"] == [
+      ("pretrain", l, s, t, 2e-3) for s in (3, 5)
+      for l, t in (("mae", 0.0), ("pr_mim", 0.5), ("pr_mim@0.25", 0.25))]
+  for s in seen:
+    if s[0] == "linear_probe":
+      assert s[3:5] == (3.0, c.linear_probe.base_lr)
+    elif s[0] == "finetune":
+      assert s[3:] == (1.5, 1e-3, 0.65, 0.05)
+  assert len(seen) == 2 * 3 * 3  # pre-training and two evaluations per run and seed
+
+
+def test_the_reconstruction_loss_is_the_mean_over_images_with_every_masked_token(
+    tmp_path, monkeypatch):
+  """Chunks of 3, 3 and 1 images: the mean over images weighs the last chunk 1/7, not 1/3."""
+  from pr_mim_jax.configs import study as study_config  # pylint: disable=g-import-not-at-top
+  images = np.arange(7, dtype=np.float32)[:, None, None, None] * np.ones((1, 16, 16, 3),
+                                                                         np.float32)
+  flags_seen = []
+
+  def loss_fn(params, model, chunk, masks, task, every_masked_token=False):
+    flags_seen.append(every_masked_token)
+    return chunk.mean(), {}  # per-image loss = the image's index
+
+  class Checkpointer:
+    def __init__(self, *a, **k):
+      pass
+
+    def restore_subtree(self, *a):
+      return {}, None
+
+    def close(self):
+      pass
+
+  monkeypatch.setattr(study.checkpointing, "Checkpointer", Checkpointer)
+  monkeypatch.setattr(study.pipeline, "labeled_arrays", lambda *a, **k: (images, None))
+  monkeypatch.setattr(study.train_step_lib, "loss_fn", loss_fn)
+  c = study_config.get_config("setting=cpu")
+  c.shapes.image_size, c.model.variant = 16, "Ti/4"
+  config = study.pretrain_config(c, "partial", 0.5, 0)
+  loss = study.reconstruction_loss(config, str(tmp_path), 7, batch=3)
+  assert loss == pytest.approx(statistics.mean(range(7)))  # 3.0; the chunks' mean is 11/3
+  assert flags_seen and all(flags_seen)
+
+
+@pytest.mark.parametrize("setting", ["cpu", "gpu"])
+def test_every_run_reads_the_studys_shapes_from_memory(setting):
+  """No TensorFlow needed (the module's promise): every run reads the in-memory source, at
+  the study's image size and split sizes."""
+  from pr_mim_jax.configs import study as study_config  # pylint: disable=g-import-not-at-top
+  c = study_config.get_config(f"setting={setting}")
+  c.shapes.image_size, c.shapes.train_size = 32, 1000
+  configs = [study.pretrain_config(c, "pr_mim", 0.5, 0),
+             *(study.eval_config(c, mode, "w", 0) for mode in ("linear_probe", "finetune"))]
+  for run in configs:
+    assert run.data.backend == "numpy"
+    assert (run.data.shapes.image_size, run.data.shapes.train_size) == (32, 1000)
+  assert configs[0].model.image_size == 32

@@ -195,6 +195,18 @@ def timm_metadata(arch: timm_weights.Arch, with_decoder: bool, source: str,
           "written_by": "python -m pr_mim_jax.interop.convert"}
 
 
+def _write_failed(to: pathlib.Path, e: Exception) -> UserError:
+  """The one line for a write that failed (a full disk, a quota, permissions). Everything is
+  written under temporary names and moved into place all or none, so `to` is as it was."""
+  cause = e.__cause__ if isinstance(e, UserError) and e.__cause__ is not None else e
+  lines = str(cause).strip().splitlines() or [type(cause).__name__]
+  why = getattr(cause, "strerror", None) or lines[0]
+  why = why if len(why) <= 160 else "..." + why[-160:]  # a library's long message ends in why
+  return UserError(f"--to={to}: writing it failed ({why}); nothing was replaced and no partial "
+                   "file is left. Free space (or fix the permissions), then rerun the same "
+                   "command")
+
+
 def write_timm(params, arch, to: pathlib.Path, with_decoder: bool, source: str,
                head_config=None) -> str:
   """The encoder (and with_decoder, MAE's decoder) as safetensors + the JSON next to it;
@@ -213,17 +225,14 @@ def write_timm(params, arch, to: pathlib.Path, with_decoder: bool, source: str,
   json_path = safe_replace.sidecar(to)
   tmp, tmp_json = (p.with_name(f".{p.name}.tmp-{os.getpid()}") for p in (to, json_path))
   try:
-    try:  # a full disk or a quota fails here, before anything at `to` is replaced
+    try:
       safetensors.numpy.save_file(state, str(tmp), metadata={
           "format": "pt", weight_files.METADATA_KEY: json.dumps(meta, sort_keys=True)})
       safe_replace.as_new_file(tmp)
       tmp_json.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+      safe_replace.replace_together([(tmp_json, json_path), (tmp, to)])
     except (OSError, safetensors.SafetensorError) as e:
-      raise UserError(f"--to={to}: writing it failed ({getattr(e, 'strerror', None) or e}); "
-                      "nothing was replaced and no partial file is left. Free space (or fix "
-                      "the permissions), then rerun the same command") from e
-    safe_replace.replace(tmp_json, json_path)
-    safe_replace.replace(tmp, to)
+      raise _write_failed(to, e) from e
   finally:
     for p in (tmp, tmp_json):
       p.unlink(missing_ok=True)
@@ -307,9 +316,12 @@ def write_workdir(params, arch, to: pathlib.Path, config, source: str) -> str:
     state = state.replace(params=merged)
   tmp = to.with_name(f".{to.name}.tmp-{os.getpid()}")
   try:
-    workdir_records.write_records(str(tmp), config)
-    checkpointing.write_checkpoint(str(tmp), 0, state)
-    safe_replace.replace(tmp, to)
+    try:
+      workdir_records.write_records(str(tmp), config)
+      checkpointing.write_checkpoint(str(tmp), 0, state)
+      safe_replace.replace(tmp, to)
+    except (OSError, checkpointing.CheckpointError) as e:
+      raise _write_failed(to, e) from e
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   what = (f"{config.method}, {config.model.variant} width {arch.width} depth {arch.depth} "

@@ -1,9 +1,10 @@
 """Writing convert's outputs without losing data: what --to may replace, and the rename.
 
-Outputs are built under a temporary name next to the target and renamed into place. An
-existing target (or the JSON beside a .safetensors one) is replaced only with --overwrite,
-and then only a file or a pr_mim_jax workdir (a directory with config.json): never another
-directory, nor a symbolic link. New files get the mode open() gives (0666 less the umask).
+Outputs are built under a temporary name next to the target and renamed into place (a
+.safetensors target and its JSON together, all or none). An existing target (or the JSON
+beside a .safetensors one) is replaced only with --overwrite, and then only a file or a
+pr_mim_jax workdir (a directory with config.json): never another directory, nor a symbolic
+link. New files get the mode open() gives (0666 less the umask).
 """
 
 import os
@@ -76,6 +77,33 @@ def replace(tmp: pathlib.Path, path: pathlib.Path) -> None:
     shutil.rmtree(old)
   else:
     os.replace(tmp, path)
+
+
+def replace_together(moves: list[tuple[pathlib.Path, pathlib.Path]]) -> None:
+  """Moves each (tmp, file) of `moves` onto its file, all or none: when a move fails, the files
+  moved before it get their old contents back (or go, if new), so a .safetensors file and its
+  JSON never pair a new one with an old one. Each but the last is copied aside first; the
+  last needs no copy, since a failed rename leaves its file as it was."""
+  olds = []  # [(file, its old contents aside, or None where it did not exist)]
+  try:
+    for i, (tmp, path) in enumerate(moves):
+      if i < len(moves) - 1:
+        old = path.with_name(f".{path.name}.old-{os.getpid()}") if path.is_file() else None
+        if old is not None:
+          shutil.copy2(path, old)
+        olds.append((path, old))
+      os.replace(tmp, path)
+  except BaseException:
+    for path, old in reversed(olds):
+      if old is None:
+        path.unlink(missing_ok=True)
+      else:
+        os.replace(old, path)
+    raise
+  finally:
+    for _, old in olds:
+      if old is not None:
+        old.unlink(missing_ok=True)
 
 
 def _umask() -> int:

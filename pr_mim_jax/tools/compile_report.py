@@ -119,6 +119,7 @@ def largest_fitting(measure: Callable[[int], Probe], start: int, *, limit_bytes:
   than `tolerance` times the largest fitting batch. Returns 0 when not even `step` fits.
   """
   probes: dict[int, Probe] = {}
+  max_batch = max_batch // step * step  # the largest candidate: off the grid it is never tried
   lo, hi = 0, None  # largest fitting batch (0: none yet), smallest failing one (None: none yet)
   b = max(step, min(max_batch, start // step * step))
   while b is not None:

@@ -101,9 +101,11 @@ def write_whole(path: epath.Path, text: str) -> None:
   tmp = path.parent / (path.name + ".tmp")
   try:
     tmp.write_text(text)
-  except OSError:  # e.g. a full disk: leave no half-written copy behind either
+  except OSError as e:  # e.g. a full disk: leave no half-written copy behind either
     if tmp.exists():
       tmp.unlink()
+    if e.errno is not None and e.filename is None:  # a failed write() names no file
+      e.filename = str(path)
     raise
   tmp.replace(path)
 
