@@ -5,7 +5,6 @@ config argument or override never shows a raw traceback, and -h / --help / --hel
 print the command's usage.
 """
 
-import errno
 import json
 import os
 import pathlib
@@ -18,11 +17,11 @@ from pr_mim_jax import cli_help
 from pr_mim_jax import log_filters
 from pr_mim_jax import override_errors
 from pr_mim_jax.configs import JOBS as PACKAGED_JOBS
+from pr_mim_jax import errors
 from pr_mim_jax.errors import UserError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
-STORAGE_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a write the disk or quota refused
 
 # The --config flag that define_config_file defines belongs to the command calling it: its
 # help is the command's (cli_help.usage lists flags by the module that owns them).
@@ -368,7 +367,7 @@ def run(main: Callable[[], int | None], required: dict[str, str], argv=None,
   except UserError as e:
     fail(str(e))
   except OSError as e:
-    if e.errno not in STORAGE_FULL:
+    if e.errno not in errors.STORAGE_FULL:
       raise
     fail(storage_full(e))
   except KeyboardInterrupt:  # Ctrl-C where no stop handler runs (compiling, a final k-NN)

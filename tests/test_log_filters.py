@@ -29,6 +29,8 @@ def test_drops_the_missing_libtpu_line():
     _record(NO_LIBTPU, name="pr_mim_jax"),  # another logger
     _record("Unable to initialize backend 'tpu': INTERNAL: Failed to open libnuma.so.1: "
             "cannot open shared object file: No such file or directory"),  # not libtpu
+    _record("Unable to initialize backend 'tpu': INTERNAL: Failed to open libtpu.so: "
+            "/usr/lib/libtpu.so: undefined symbol: TpuExecutor_Create"),  # installed, broken
     _record("Compiling train_step with global shapes and types"),
 ])
 def test_passes_every_other_line(record):
@@ -63,6 +65,7 @@ def _at(pathname, message, level=logging.INFO):
          "Generating dataset shapes (/root/tensorflow_datasets/shapes/1.1.0)"), True),
     (_at("/site-packages/tensorflow_datasets/core/dataset_info.py", "Load dataset info"), False),
     (_at("/work/pr_mim_jax/training/pretrain.py", "saving checkpoint 3 in /w/checkpoints"), False),
+    (_at("/home/me/orbax_trials/train.py", "step 3: loss 0.41"), False),  # not orbax's own code
 ])
 def test_narration_is_orbax_info_and_tfds_generating_only(record, dropped):
   assert log_filters.is_narration(record) == dropped

@@ -1,7 +1,9 @@
 """The metric writers: JSONL always, TensorBoard through clu with TensorFlow's GPUs hidden."""
 
 import collections
+import errno
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -43,6 +45,47 @@ def test_hide_gpus_after_tensorflow_started_is_not_an_error(monkeypatch):
     raise RuntimeError("Visible devices cannot be modified after being initialized")
   monkeypatch.setattr(tensorflow_devices.tf.config, "set_visible_devices", already_initialised)
   tensorflow_devices.hide_gpus()  # must not raise
+
+
+@pytest.mark.skipif(not pathlib.Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_a_full_disk_names_metrics_jsonl(tmp_path):
+  """A failed append (a link to /dev/full, which refuses every write) raises the disk's error
+  with the file's name on it, for the one error line cli.run prints."""
+  (tmp_path / "metrics.jsonl").symlink_to("/dev/full")
+  writer = metrics.MetricWriter(str(tmp_path), tensorboard=False)
+  with pytest.raises(OSError) as e:
+    writer.write_scalars(1, {"loss": 0.5})
+  assert (e.value.errno, e.value.filename) == (errno.ENOSPC, str(tmp_path / "metrics.jsonl"))
+
+
+@pytest.mark.parametrize("where", ["__init__", "write_scalars"])
+def test_tensorboard_on_a_full_disk_raises_the_disks_os_error(tmp_path, monkeypatch, where):
+  """TensorFlow reports a full disk as its ResourceExhaustedError (seen on a full tmpfs, at the
+  writer's creation): it becomes the OSError cli.run prints as one line, naming the folder.
+  Any other TensorFlow error is raised as it was."""
+  tf = pytest.importorskip("tensorflow")
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  full = tf.errors.ResourceExhaustedError(
+      None, None, f"{tmp_path}/tensorboard/events.out.tfevents.1.vm.1.0.v2; No space left on "
+      "device\n\tFailed to flush 1 events")
+  raised = [full]
+
+  class Writer:
+    def __init__(self, logdir):
+      if where == "__init__":
+        raise raised[0]
+
+    def write_scalars(self, step, scalars):
+      raise raised[0]
+
+  monkeypatch.setattr(metric_writers, "SummaryWriter", Writer)
+  with pytest.raises(OSError) as e:
+    metrics.MetricWriter(str(tmp_path)).write_scalars(1, {"loss": 0.5})
+  assert (e.value.errno, e.value.filename) == (errno.ENOSPC, str(tmp_path / "tensorboard"))
+  assert e.value.__cause__ is full
+  raised[0] = tf.errors.InvalidArgumentError(None, None, "not a disk problem")
+  with pytest.raises(tf.errors.InvalidArgumentError):
+    metrics.MetricWriter(str(tmp_path)).write_scalars(1, {"loss": 0.5})
 
 
 def test_last_recorded_takes_each_keys_last_row_past_torn_lines(tmp_path):

@@ -1,6 +1,7 @@
 """Tests for pr_mim_jax.training.picture_text: where titles and legend items land."""
 
 import numpy as np
+from PIL import ImageFont
 import pytest
 
 from pr_mim_jax.training import picture_text as pt
@@ -73,3 +74,14 @@ def test_legend_wraps_at_the_width_and_a_wide_first_item_stays_on_the_first_line
   assert _find(band, _swatch((0, 0, 255))) is not None and (band[-1] == 255).all()
   wide = pt._legend_layout(items, 1000, fnt)[0]  # pylint: disable=protected-access
   assert wide[1][1] == pt.PAD and wide[1][0] > pt.PAD  # room enough: one line
+
+
+def test_a_title_that_fits_only_without_its_margins_is_shrunk_to_keep_them():
+  try:
+    left, _, right, _ = ImageFont.load_default(size=pt.TITLE_PX).getbbox("reconstruction")
+  except TypeError:
+    pytest.skip("Pillow < 10.1: one built-in font size, so a long title cannot shrink to fit")
+  tile = right - left + 2  # room at full size edge to edge, but not for PAD on each side
+  band = pt.title_band(["reconstruction"], tile, 2, tile)
+  ink = _ink_columns(band, 0, tile)
+  assert ink.size and ink.min() >= pt.PAD - 1 and ink.max() <= tile - pt.PAD

@@ -1,6 +1,7 @@
 """End-to-end pre-training: loss falls, checkpoints, resume after SIGTERM, fault handling."""
 
 import collections
+import errno
 import json
 import os
 import shutil
@@ -395,6 +396,25 @@ def test_the_pictures_show_the_masks_their_step_trained_with(tiny_config, tmp_pa
   np.testing.assert_array_equal(shown[0][0], np.asarray(trained.ids_vis))
   np.testing.assert_array_equal(shown[0][1], np.asarray(trained.ids_dec))
   assert (tmp_path / "images" / "reconstruction_0000005.png").exists()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_a_picture_on_a_full_disk_names_its_file(tiny_config, tmp_path, monkeypatch):
+  """The PNG's write fails (a link to /dev/full, which refuses every write): the disk's
+  error carries the picture's path, for the one error line cli.run prints."""
+  monkeypatch.setattr(pretrain, "_reconstruct", lambda *args, **kwargs: (None, None))
+  monkeypatch.setattr(pretrain.sharding, "to_host", lambda tree: (
+      None, collections.namedtuple("Preds", "dec throw")(None, None),
+      collections.namedtuple("Masks", "ids_vis ids_dec ids_throw")(None, None, None)))
+  monkeypatch.setattr(pretrain.visualize, "reconstruction_grid",
+                      lambda *args, **kwargs: np.zeros((4, 4, 3), np.uint8))
+  png = tmp_path / "images" / "reconstruction_0000005.png"
+  png.parent.mkdir()
+  png.symlink_to("/dev/full")
+  task = train_step_lib.task_from_config(tiny_config)
+  with pytest.raises(OSError) as e:
+    pretrain.write_reconstructions(str(tmp_path), None, None, {}, None, None, 5, task)
+  assert (e.value.errno, e.value.filename) == (errno.ENOSPC, str(png))
 
 
 def test_a_fallback_past_a_damaged_checkpoint_drops_the_metrics_logged_after_its_step(

@@ -126,3 +126,23 @@ def test_profiling_off_is_silent_on_a_resumed_run(tmp_path, fake_profiler, caplo
       window.after_step(step, step)
     window.close()
   assert fake_profiler == [] and "profiler" not in caplog.text
+
+
+def test_only_process_0_traces(tmp_path, fake_profiler, monkeypatch):
+  """A pod writes one trace: the other processes run the window without tracing."""
+  monkeypatch.setattr(profiler.jax, "process_index", lambda: 1)
+  window = profiler.StepWindow(str(tmp_path / "p1"), 0, 2)
+  for step in range(4):
+    window.after_step(step, step)
+  window.close()
+  assert fake_profiler == [] and not (tmp_path / "p1").exists()
+
+
+def test_steps_after_a_traced_window_log_no_warning(tmp_path, fake_profiler, caplog):
+  with caplog.at_level("WARNING"):
+    window = profiler.StepWindow(str(tmp_path / "w"), 1, 2)  # steps 2 and 3
+    for step in range(0, 8):
+      window.after_step(step, step)
+    window.close()
+  assert [e[0] for e in fake_profiler] == ["start", "block", "stop"]
+  assert not caplog.records

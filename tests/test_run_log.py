@@ -2,6 +2,7 @@
 
 import io
 import logging
+import re
 
 from absl import logging as absl_logging
 
@@ -11,6 +12,7 @@ from pr_mim_jax import run_log
 def test_remote_workdirs_get_no_file_and_process_0_gets_log_txt(tmp_path):
   assert run_log.log_path("gs://bucket/run") is None
   assert run_log.log_path(str(tmp_path)) == str(tmp_path / "log.txt")
+  assert run_log.log_path(str(tmp_path / "run:2")) == str(tmp_path / "run:2" / "log.txt")
 
 
 def test_the_file_keeps_the_traceback_and_the_console_names_the_file(tmp_path):
@@ -112,3 +114,31 @@ def test_a_traceback_already_rendered_as_text_is_kept_off_the_console_too(tmp_pa
   assert note.filter(record)
   assert record.exc_text is None and record.exc_info is None
   assert record.getMessage() == f"save of step 8 failed (traceback in {tmp_path / 'log.txt'})"
+
+
+def test_a_resumed_run_appends_to_the_log_file_in_absl_format(tmp_path):
+  (tmp_path / "log.txt").write_text("the first run's line\n")
+  try:
+    run_log.attach(str(tmp_path))
+    absl_logging.warning("resumed at step %d", 8)
+  finally:
+    run_log.attach("gs://detach")
+  lines = (tmp_path / "log.txt").read_text().splitlines()
+  assert lines[0] == "the first run's line"
+  assert re.fullmatch(r"W\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ test_run_log\.py:\d+\] resumed at step 8",
+                      lines[1]), lines[1]
+
+
+def test_the_console_note_keeps_messages_that_are_not_format_strings(tmp_path):
+  """A failure logged as the exception object itself, and a workdir whose name holds '%'."""
+  path = str(tmp_path / "100%" / "log.txt")
+  note = run_log._TracebackToFile(path)  # pylint: disable=protected-access
+  raw = logging.LogRecord("t", logging.ERROR, __file__, 1, OSError(28, "No space left"), None,
+                          None)
+  formatted = logging.LogRecord("t", logging.ERROR, __file__, 1, "save of %s failed",
+                                ("step 8",), None)
+  for record in (raw, formatted):
+    record.exc_text = "Traceback (most recent call last):\n  ...\nOSError: disk full"
+    assert note.filter(record)
+  assert raw.getMessage() == f"[Errno 28] No space left (traceback in {path})"
+  assert formatted.getMessage() == f"save of step 8 failed (traceback in {path})"

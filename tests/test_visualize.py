@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFont
 
 from conftest import ROOT, TINY_OVERRIDES, apply_overrides, load_config
 from pr_mim_jax import patch_tokens
@@ -374,3 +374,87 @@ def test_fit_factor_is_the_smallest_factor_reaching_the_minimum():
     f = visualize.fit_factor(size)
     assert f * size >= visualize.MIN_TILE and (f == 1 or (f - 1) * size < visualize.MIN_TILE)
   assert visualize.fit_factor(24, 100) == 5 and visualize.fit_factor(200) == 1
+
+
+def _pred_for_pixel(rgb):
+  """The normalised-space prediction that ImageNet denormalisation draws as pixel `rgb`."""
+  mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+  return ((np.asarray(rgb, np.float64) / 255 - mean) / std).astype(np.float32)
+
+
+def _ink_span(band):
+  """Width in px from the first to the last column holding dark (text) pixels."""
+  cols = np.nonzero((_luma(band) < 100).any(0))[0]
+  return int(cols.max() - cols.min() + 1) if cols.size else 0
+
+
+def test_reconstruction_grid_png_shows_each_patch_in_its_column_under_its_title():
+  """A hand-made 8 px image of four 4 px patches of known colours, read back from the PNG:
+  top-right visible, bottom-left decoded, the diagonal thrown (and predicted, PR-MIM)."""
+  colours = {0: (10, 20, 30), 1: (40, 50, 60), 2: (70, 80, 90), 3: (100, 110, 120)}
+  image = np.zeros((1, 8, 8, 3), np.uint8)
+  for k, rgb in colours.items():
+    r, c = divmod(k, 2)
+    image[0, 4 * r:4 * r + 4, 4 * c:4 * c + 4] = rgb
+  dec_rgb, throw_rgb = (250, 5, 128), (0, 255, 0)
+  pred_dec = np.tile(_pred_for_pixel(dec_rgb), 16)[None, None]  # [1, 1, 48]
+  pred_throw = np.tile(_pred_for_pixel(throw_rgb), (1, 2, 16))  # [1, 2, 48]
+  out = visualize.reconstruction_grid(image, pred_dec, np.array([[1]]), np.array([[2]]), 4,
+                                      'pixel', pixels.denormalize, ids_throw=np.array([[0, 3]]),
+                                      pred_throw=pred_throw)
+  picture = np.asarray(Image.open(io.BytesIO(visualize.encode_png(out))).convert('RGB'))
+  tile, gap, p = 128, 2, 64  # x16: 8 px tiles become 128 px, 4 px patches 64 px
+  top = _find_rows(picture, np.full((p, p, 3), colours[0], np.uint8))
+  assert top is not None
+  cols = [picture[top:top + tile, j * (tile + gap):j * (tile + gap) + tile] for j in range(3)]
+  at = lambda col, k: cols[col][p * (k // 2):p * (k // 2) + p, p * (k % 2):p * (k % 2) + p]
+  for k, rgb in colours.items():  # original
+    assert (at(0, k) == rgb).all(), k
+  assert (at(1, 1) == colours[1]).all() and (at(1, 2) == 128).all()  # token map
+  assert _marks_only(at(1, 0)) and _marks_only(at(1, 3))
+  assert (at(2, 1) == colours[1]).all() and (at(2, 2) == dec_rgb).all()  # reconstruction
+  frame = 16  # the 1 px frame of a 4 px patch, upscaled x16
+  for k in (0, 3):
+    assert (at(2, k)[frame:-frame, frame:-frame] == throw_rgb).all(), k
+    assert _marks_only(np.concatenate([at(2, k)[:frame].reshape(-1, 3),
+                                       at(2, k)[:, :frame].reshape(-1, 3)])), k
+  try:
+    fnt = ImageFont.load_default(size=16)  # titles of 128 px columns need no shrinking
+  except TypeError:  # Pillow < 10.1: one small built-in font, titles not checked
+    return
+  for j, title in enumerate(['original', 'token map', 'reconstruction']):
+    left, _, right, _ = fnt.getbbox(title)
+    band = picture[:top, j * (tile + gap):j * (tile + gap) + tile]
+    assert abs(_ink_span(band) - (right - left)) <= 2, title
+    ink = np.nonzero((_luma(band) < 100).any(0))[0]
+    assert abs((ink.min() + ink.max()) / 2 - (tile - 1) / 2) <= 2, title  # centred on its column
+
+
+def test_legend_items_pair_each_swatch_with_its_meaning():
+  items = visualize.legend_items(reconstructed=True, predicted_thrown=True, swatch=16)
+  assert [text.split(':')[0].split(',')[0] for _, text in items] == [
+      'visible', 'decoded', 'thrown', 'thrown']
+  (visible, _), (decoded, _), (thrown, _), (framed, text) = items
+  assert visible is None and 'predicted' in text
+  assert decoded.shape == (16, 16, 3) and (decoded == 128).all()  # the token map's grey
+  assert _marks_only(thrown)  # the token map's stripes
+  edge = np.concatenate([framed[0], framed[-1], framed[:, 0], framed[:, -1]])
+  assert _marks_only(edge) and (framed[4:-4, 4:-4] == 255).all()  # a striped frame, open inside
+
+
+def test_thrown_stripes_run_diagonally_and_cross_every_row_and_column():
+  marks = visualize.stripes(12, 12, 3)
+  np.testing.assert_array_equal(marks[1:, :-1], marks[:-1, 1:])  # constant along x + y
+  for i in range(12):
+    assert _marks_only(marks[i]) and _marks_only(marks[:, i]), i
+  images, ids = _hand_case(patch=16)
+  out = visualize.token_map(images, ids['ids_vis'], ids['ids_dec'], None, 16, identity_denorm)
+  row = out[0, 20, :16]  # a row of thrown patch 2
+  assert np.any(row[1:] != row[:-1], -1).sum() >= 3  # two dark-light periods per patch
+
+
+def test_thrown_predictions_without_their_ids_are_refused():
+  images, ids = _hand_case()
+  with pytest.raises(ValueError, match='pred_throw needs ids_throw'):
+    visualize.reconstruction(images, np.zeros((1, 1, 12)), ids['ids_vis'], ids['ids_dec'], 2,
+                             'pixel', identity_denorm, pred_throw=np.zeros((1, 2, 12)))

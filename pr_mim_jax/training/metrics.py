@@ -14,6 +14,9 @@ import jax
 import numpy as np
 from etils import epath
 
+from pr_mim_jax.errors import naming
+from pr_mim_jax.errors import storage_errors_as_os_errors
+
 
 class MetricWriter:
   """Scalars to logs + `metrics.jsonl` (+ TensorBoard); images to TensorBoard."""
@@ -24,15 +27,16 @@ class MetricWriter:
     self.active = jax.process_index() == 0
     self._jsonl = epath.Path(workdir) / "metrics.jsonl"
     self._clu = None
+    self._logdir = os.fspath(epath.Path(workdir) / "tensorboard")
     if self.active and tensorboard:
       try:
         from pr_mim_jax.data import tensorflow_devices  # pylint: disable=g-import-not-at-top
         tensorflow_devices.hide_gpus()  # before clu loads TF: TF must never take GPU memory
         from clu import metric_writers  # pylint: disable=g-import-not-at-top
-        logdir = os.fspath(epath.Path(workdir) / "tensorboard")
-        if start_step is not None:
-          drop_events_after(logdir, start_step)
-        self._clu = metric_writers.SummaryWriter(logdir)
+        with storage_errors_as_os_errors(self._logdir):
+          if start_step is not None:
+            drop_events_after(self._logdir, start_step)
+          self._clu = metric_writers.SummaryWriter(self._logdir)
       except ImportError:
         logging.info("clu/tensorflow not installed: no TensorBoard, metrics go to %s", self._jsonl)
 
@@ -41,23 +45,27 @@ class MetricWriter:
       return
     scalars = {k: float(v) for k, v in scalars.items()}
     logging.info("[%d] %s", step, ", ".join(f"{k}={v:.6g}" for k, v in sorted(scalars.items())))
-    with self._jsonl.open("a") as f:
+    with naming(self._jsonl), self._jsonl.open("a") as f:
       f.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
     if self._clu is not None:
-      self._clu.write_scalars(step, scalars)
+      with storage_errors_as_os_errors(self._logdir):
+        self._clu.write_scalars(step, scalars)
 
   def write_images(self, step: int, images: dict):
     """images: name -> uint8 [H, W, 3]."""
     if self.active and self._clu is not None:
-      self._clu.write_images(step, {k: np.asarray(v)[None] for k, v in images.items()})
+      with storage_errors_as_os_errors(self._logdir):
+        self._clu.write_images(step, {k: np.asarray(v)[None] for k, v in images.items()})
 
   def flush(self):
     if self._clu is not None:
-      self._clu.flush()
+      with storage_errors_as_os_errors(self._logdir):
+        self._clu.flush()
 
   def close(self):
     if self._clu is not None:
-      self._clu.close()
+      with storage_errors_as_os_errors(self._logdir):
+        self._clu.close()
 
 
 def drop_events_after(logdir: str, step: int) -> None:

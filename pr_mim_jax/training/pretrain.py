@@ -12,6 +12,7 @@ from jax.sharding import Mesh
 
 from pr_mim_jax.data import pipeline, pixels
 from pr_mim_jax.errors import UserError
+from pr_mim_jax.errors import naming
 from pr_mim_jax.method import masking
 from pr_mim_jax.models import vit
 from pr_mim_jax.parallel import sharding
@@ -144,7 +145,8 @@ def write_reconstructions(workdir, writer, model, params, images, state_rng, ste
     out = epath.Path(workdir) / "images"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"reconstruction_{step:07d}.png"
-    path.write_bytes(visualize.encode_png(picture))
+    with naming(path):
+      path.write_bytes(visualize.encode_png(picture))
     writer.write_images(step, {"reconstruction": picture})
     logging.info("wrote %s", path)
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from pr_mim_jax import cli
 from pr_mim_jax.errors import UserError
+from pr_mim_jax.errors import naming
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml-collections", "numpy",
             "tensorflow", "tensorflow-cpu", "tensorflow-datasets", "clu")
@@ -100,12 +101,11 @@ def write_whole(path: epath.Path, text: str) -> None:
   never a torn one (config.json decides what a resume accepts)."""
   tmp = path.parent / (path.name + ".tmp")
   try:
-    tmp.write_text(text)
-  except OSError as e:  # e.g. a full disk: leave no half-written copy behind either
+    with naming(path):
+      tmp.write_text(text)
+  except OSError:  # e.g. a full disk: leave no half-written copy behind either
     if tmp.exists():
       tmp.unlink()
-    if e.errno is not None and e.filename is None:  # a failed write() names no file
-      e.filename = str(path)
     raise
   tmp.replace(path)
 
