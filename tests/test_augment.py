@@ -439,3 +439,144 @@ def test_tf_random_resized_crop_stays_in_pixel_range(tfa):
   img = np.repeat(board[..., None], 3, -1)
   out = tfa.random_resized_crop(img, tfa.tf.constant([0, 1], tfa.tf.int64), 64).numpy()
   assert out.min() >= 0.0 and out.max() <= 255.0 and out.min() < 10 and out.max() > 245
+
+
+# ------------------------------------- TF crops, DCT path and eval against Pillow
+
+
+def test_tf_random_resized_crop_is_close_to_pillows_resize_of_its_box(tfa):
+  """random_resized_crop of a 120 x 160 noise image to 100 x 100 against Pillow's antialiased
+  bicubic resize of the same box (MAE's torchvision recipe, an independent reference), over
+  boxes that shrink along both axes, grow along both, or shrink along one only: each within
+  1.5 levels on average. Noise shows a missing antialias filter (aliasing: about 4 levels on
+  average where one axis shrinks 1.1x, 19 where both shrink 1.5x); measured 0.3-0.6."""
+  tf, size = tfa.tf, 100
+  img = np.random.default_rng(0).integers(0, 256, (120, 160, 3)).astype(np.uint8)
+  kinds = set()
+  for s in range(24):
+    seed = tf.constant([s, 2], tf.int64)
+    begin, box = (x.numpy() for x in tfa.sample_crop_box(img.shape, seed))
+    (top, left), (h, w) = begin[:2], box[:2]
+    kinds.add((h > size, w > size))
+    ours = tfa.to_pixels(tfa.random_resized_crop(img, seed, size)).numpy().astype(int)
+    pillow = np.asarray(Image.fromarray(img).resize(
+        (size, size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h)))
+    assert np.abs(ours - pillow).mean() <= 1.5, (s, h, w, np.abs(ours - pillow).mean())
+  assert {(True, True), (False, False)} <= kinds and kinds & {(True, False), (False, True)}
+
+
+def _noisy_photo_jpeg(w=640, h=480, seed=0) -> bytes:
+  """A photo-like JPEG with strong per-pixel noise (sigma 20, quality 95, chroma not
+  subsampled, so decoders agree up to their DCT scaling): fine detail that tells resampling
+  filters apart."""
+  rng = np.random.default_rng(seed)
+  coarse = rng.uniform(0, 255, (h // 40 + 1, w // 40 + 1, 3)).astype(np.uint8)
+  smooth = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), np.float32)
+  pixels = np.clip(smooth + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+  buf = io.BytesIO()
+  Image.fromarray(pixels).save(buf, "JPEG", quality=95, subsampling=0)
+  return buf.getvalue()
+
+
+def test_tf_dct_downscaled_crop_is_pillows_draft_decode_and_bicubic_resize(tfa):
+  """A JPEG crop decoded at 1/r in the DCT domain: the same as Pillow's draft decode at 1/r
+  (libjpeg's DCT scaling) then its antialiased bicubic resize of the box's exact fractional
+  edges there, an independent reference for the window, the offset and the filter. Within
+  0.5 levels on average (measured 0.15-0.25 at r = 2 and 4; a bilinear filter is 0.8-1.4
+  away)."""
+  tf, enc = tfa.tf, _noisy_photo_jpeg()
+  ratios = set()
+  for size in (64, 160):
+    for s in range(5):
+      seed = tf.constant([s, 3], tf.int64)
+      begin, box = (x.numpy() for x in tfa.sample_crop_box(tf.image.extract_jpeg_shape(enc), seed))
+      r = int(tfa.dct_ratio(box[0], box[1], size))
+      ratios.add(r)
+      if r == 1:
+        continue
+      img = Image.open(io.BytesIO(enc))
+      img.draft("RGB", (-(-640 // r), -(-480 // r)))
+      assert img.size == (-(-640 // r), -(-480 // r))
+      (top, left), (h, w) = begin[:2] / r, box[:2] / r
+      pillow = np.asarray(img.convert("RGB").resize(
+          (size, size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h)))
+      ours = tfa.to_pixels(tfa.decode_random_resized_crop(enc, seed, size)).numpy()
+      assert np.abs(ours.astype(int) - pillow).mean() <= 0.5, (size, s, r)
+  assert {2, 4} <= ratios
+
+
+def _photo(w, h, seed=0):
+  """uint8 [h, w, 3]: smooth colour fields with mild noise, photo-like."""
+  rng = np.random.default_rng(seed)
+  coarse = rng.uniform(0, 255, (h // 40 + 1, w // 40 + 1, 3)).astype(np.uint8)
+  smooth = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), np.float32)
+  return np.clip(smooth + rng.normal(0, 6, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("form", ["pixels", "png", "jpeg"])
+def test_tf_train_augment_honours_min_scale(tfa, form):
+  """train_augment(min_scale=1.0) of a square image is the whole image resized, maybe
+  mirrored (fine-tuning and probing pass their own crop scale), for pixels, PNG and JPEG
+  bytes: within 1.5 levels on average of Pillow's antialiased bicubic resize (a crop at the
+  default scale, 0.2, is not)."""
+  img, size = _photo(128, 128), 32
+  buf = io.BytesIO()
+  if form != "pixels":
+    Image.fromarray(img).save(buf, "PNG" if form == "png" else "JPEG", quality=95)
+    img = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+  x = img if form == "pixels" else buf.getvalue()
+  pillow = np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BICUBIC))
+  for position in range(4):
+    out = tfa.train_augment(x, 0, 1, position, size, encoded=form != "pixels",
+                            min_scale=1.0).numpy().astype(int)
+    d = min(np.abs(out - pillow).mean(), np.abs(out[:, ::-1] - pillow).mean())
+    assert d <= 1.5, (position, d)
+
+
+def test_tf_train_augment_depends_on_the_seed(tfa):
+  """Two runs with different seeds see different crops (same step and position)."""
+  img = _photo(64, 48)
+  outs = [tfa.train_augment(img, seed, 3, 1, 16, encoded=False).numpy() for seed in range(4)]
+  assert all(not np.array_equal(outs[0], o) for o in outs[1:])
+  np.testing.assert_array_equal(tfa.train_augment(img, 0, 3, 1, 16, encoded=False).numpy(),
+                                outs[0])
+
+
+@pytest.mark.parametrize("backend", ["np", "tf"])
+def test_eval_transform_of_a_portrait_image_is_close_to_pillows(backend, tfa):
+  """MAE's eval transform of a portrait 500 x 384 photo: Resize(109) makes the width 109 and
+  the height int(109 * 500 / 384) = int(141.9) = 141 (torchvision truncates), CenterCrop(96)
+  starts at (round(22.5), round(6.5)) = (22, 6). Pillow's antialiased bicubic is the
+  reference, within the DCT bound (a height of 142 instead fails it)."""
+  img, size = _photo(384, 500), 96
+  pillow = np.asarray(Image.fromarray(img).resize((109, 141), Image.Resampling.BICUBIC))
+  pillow = pillow[22:22 + size, 6:6 + size].astype(int)
+  if backend == "np":
+    ours = augment_np.eval_transform(img, size)
+  else:
+    ours = tfa.eval_transform(img, size).numpy()
+  d = np.abs(ours.astype(int) - pillow)
+  assert d.mean() <= 1.5 and np.percentile(d, 99) <= 4, (d.mean(), np.percentile(d, 99))
+
+
+def test_tf_eval_transform_of_noise_is_pillows_bicubic(tfa):
+  """The eval resize's filter, on a 120 x 160 noise image at size 100: Resize(114) gives
+  114 x 152, CenterCrop(100) starts at (7, 26). Within 1 level on average of Pillow's
+  bicubic (measured 0.27; a bilinear filter is 10 levels away)."""
+  img = np.random.default_rng(0).integers(0, 256, (120, 160, 3)).astype(np.uint8)
+  pillow = np.asarray(Image.fromarray(img).resize((152, 114), Image.Resampling.BICUBIC))
+  ours = tfa.eval_transform(img, 100).numpy().astype(int)
+  assert np.abs(ours - pillow[7:107, 26:126]).mean() <= 1.0
+
+
+def test_tf_dct_downscaled_crop_stays_in_pixel_range(tfa):
+  """The JPEG path's float crop (decoded at 1/8 here) is promised in [0, 255] too: shrinking
+  a 0/255 checkerboard of 64-pixel squares rings past both ends before clipping."""
+  board = (np.indices((8, 8)).sum(0) % 2 * 255).astype(np.uint8)
+  img = np.repeat(np.repeat(board, 64, 0), 64, 1)
+  buf = io.BytesIO()
+  Image.fromarray(np.repeat(img[..., None], 3, -1)).save(buf, "JPEG", quality=95)
+  for s in range(3):
+    out = tfa.decode_random_resized_crop(buf.getvalue(), tfa.tf.constant([s, 1], tfa.tf.int64),
+                                         48, min_scale=1.0).numpy()
+    assert out.min() >= 0.0 and out.max() <= 255.0 and out.min() < 10 and out.max() > 245

@@ -431,6 +431,25 @@ def test_knn_config_has_only_fields_the_run_reads():
   assert 'seed' not in config and 'drop_path' not in config.model
 
 
+def test_knn_docs_state_the_configs_protocol_and_default_dataset():
+  """docs/evaluation.md's k-NN row and the README's timing row state what knn.py runs (k, the
+  temperature, mean pooling; the demo's 20,000 / 2,000 images, ImageNet's 100,000 / 50,000);
+  without `dataset=` it scores imagenet2012, the neighbours drawn from the train split."""
+  doc = (ROOT / 'docs' / 'evaluation.md').read_text()
+  readme = (ROOT / 'README.md').read_text()
+  c = knn_config.get_config('init=w')
+  assert c.knn.feature == 'mean'
+  assert f'k = {c.knn.k}, votes exp(sim / {c.knn.temperature}) (DINO), mean-pooled' in doc
+  demo = knn_config.get_config('init=w,dataset=shapes')
+  sizes = f'{demo.knn.train_examples:,} train, {demo.knn.test_examples:,} test images'
+  assert f'k-NN ({sizes})' in readme
+  assert (f'the first {demo.knn.train_examples:,} train / {demo.knn.test_examples:,} test images '
+          f'on `shapes`, {c.knn.train_examples:,} train / {c.knn.test_examples:,} validation '
+          'images otherwise') in ' '.join(doc.split())
+  assert (c.data.dataset, c.data.train_split) == ('imagenet2012', 'train')
+  assert demo.data.train_split == 'train'
+
+
 def test_every_check_is_covered():
   """Each `_require` / `_positive_int` call site field appears in a list of bad values above
   (a guard against new checks being added without a test)."""
@@ -801,6 +820,17 @@ def test_eval_configs_share_the_arguments(mode):
   assert (c.init.workdir, c.init.step, c.model.variant, c.data.dataset) == (
       '/runs/pre', -1, 'L/16', 'shapes')
   assert c.head.freeze_encoder is (mode == 'linear_probe')
+
+
+@pytest.mark.parametrize('name', ['linear_probe', 'finetune', 'knn'])
+def test_eval_config_help_lists_the_arguments_it_takes(name):
+  """`--help --config=FILE` lists the FILE:key=value arguments that get_config accepts, with
+  their defaults (init, dataset; variant for the classifiers), never "takes no arguments"."""
+  from pr_mim_jax import cli_help  # pylint: disable=g-import-not-at-top
+  text = cli_help.config_file_help('config', str(ROOT / 'pr_mim_jax' / 'configs' / f'{name}.py'))
+  assert "init  (default '')" in text and "dataset  (default 'imagenet2012')" in text
+  assert ("variant  (default '')" in text) is (name != 'knn')
+  assert 'takes no arguments' not in text
 
 
 def test_demo_eval_recipes_match_docs_evaluation_table():

@@ -74,6 +74,30 @@ def test_train_batches_are_pillows_bicubic_of_the_numpy_backends_boxes(photos):
 
 
 @needs_dali
+def test_train_resize_is_bicubic_not_bilinear(tmp_path):
+  """On sharp edges (8 PNG checkerboards of 5-9 px cells, levels 64 and 192) the two filters
+  part: each DALI crop is nearer Pillow's bicubic of its box than Pillow's bilinear."""
+  for i, cell in enumerate((5, 6, 7, 9, 5, 6, 7, 9)):
+    yy, xx = np.mgrid[:120, :160]
+    board = np.where((yy // cell + xx // cell) % 2, 192, 64).astype(np.uint8)
+    Image.fromarray(np.repeat(board[..., None], 3, axis=-1)).save(tmp_path / f"{i}.png")
+  (b,) = _batches(_config(f"folder:{tmp_path}"), n=1)
+  for k, i in enumerate(b["index"]):
+    rng = augment_np.example_rng(SEED, 0, k)
+    top, left, h, w = augment_np.sample_crop_box(120, 160, rng)
+    flip = rng.uniform() < 0.5
+    got = b["image"][k].astype(int)
+    with Image.open(tmp_path / f"{int(i)}.png") as img:
+      err = {}
+      for name, f in (("bicubic", Image.Resampling.BICUBIC),
+                      ("bilinear", Image.Resampling.BILINEAR)):
+        ref = np.asarray(img.convert("RGB").resize((SIZE, SIZE), f,
+                                                   box=(left, top, left + w, top + h)))
+        err[name] = np.abs(got - (ref[:, ::-1] if flip else ref)).mean()
+    assert err["bicubic"] < 0.5 * err["bilinear"], (k, err)
+
+
+@needs_dali
 def test_same_step_same_batch_and_resume(photos):
   data = _config(f"folder:{photos}")
   first = _batches(data, n=3)

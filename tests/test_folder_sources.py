@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from pr_mim_jax.data import datasets, folder_sources, sources
+from pr_mim_jax.errors import UserError
 
 needs_tf = pytest.mark.skipif(not datasets.tf_importable(),
                               reason="tensorflow / tensorflow_datasets not installed")
@@ -117,3 +118,52 @@ def test_labeled_folder_tf_parse_in_a_dataset_map_labels_without_autograph_warni
               for k, ex in zip(keys, ds.as_numpy_iterator())}
   assert labels == {"bird": 0, "cat": 1}
   assert not [r for r in caplog.records if "AutoGraph" in r.getMessage()]
+
+
+def test_a_folder_linked_twice_is_read_under_the_same_name_whatever_the_listing_order(
+    tmp_path, monkeypatch):
+  """root/train/kitty links to root/train/cat: the images are read once, under 'cat' (the
+  first in sorted order), also where the file system lists 'kitty' first, so every host
+  reads the same files and the same classes."""
+  _png(tmp_path / "train" / "cat" / "a.png")
+  _png(tmp_path / "train" / "dog" / "b.png")
+  (tmp_path / "train" / "kitty").symlink_to(tmp_path / "train" / "cat")
+  real_walk = os.walk
+
+  def reverse_sorted_walk(*args, **kwargs):
+    for dirpath, dirnames, filenames in real_walk(*args, **kwargs):
+      dirnames.sort(reverse=True)  # in place: the caller's pruning still steers the walk
+      yield dirpath, dirnames, filenames
+
+  monkeypatch.setattr(folder_sources.os, "walk", reverse_sorted_walk)
+  assert folder_sources.list_image_files(str(tmp_path / "train")) == (
+      f"{tmp_path}/train/cat/a.png", f"{tmp_path}/train/dog/b.png")
+  assert folder_sources.folder_classes(str(tmp_path), "train") == ("cat", "dog")
+
+
+@pytest.mark.parametrize("backend", [pytest.param("tf", marks=needs_tf), "numpy"])
+def test_labels_are_indices_in_the_sorted_class_names(tmp_path, backend):
+  """Classes 'sea' < 'sea lion' < 'seal' by name, although paths sort 'sea lion/' before
+  'sea/' (' ' < '/'): the label is the index in the sorted names, on both backends; a
+  validation split without 'sea lion' keeps the train split's numbering."""
+  from pr_mim_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  for split, classes in (("train", ("sea", "sea lion", "seal")), ("val", ("sea", "seal"))):
+    for c, cls in enumerate(("sea", "sea lion", "seal")):
+      if cls in classes:
+        path = tmp_path / split / cls / "x.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (60 * c,) * 3).save(path)
+  data = ml_collections.ConfigDict({"dataset": f"folder:{tmp_path}", "train_split": "train",
+                                    "backend": backend})
+  assert folder_sources.folder_classes(str(tmp_path), "train") == ("sea", "sea lion", "seal")
+  for split in ("train", "val"):
+    images, labels = pipeline.labeled_arrays(data, split, num_examples=3, image_size=8)
+    np.testing.assert_array_equal(images[:, 0, 0, 0], 60 * labels)  # pixel value = 60 * class
+    assert sorted(labels.tolist()) == ([0, 1, 2] if split == "train" else [0, 2])
+
+
+def test_an_unlabeled_folder_has_no_labels_to_give(tmp_path):
+  """An unlabeled folder source never makes up a label (0 would look like class 0)."""
+  _png(tmp_path / "a.png")
+  with pytest.raises(UserError, match="has no labels"):
+    folder_sources.FolderSource(str(tmp_path)).label(0)

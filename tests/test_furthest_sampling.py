@@ -69,6 +69,11 @@ def test_never_repicks_kept_or_chosen():
     assert sorted(got[b]) == sorted(np.flatnonzero(~kept[b]))
 
 
+def test_noise_not_matching_the_grid_raises():
+  with pytest.raises(ValueError, match='grid'):
+    furthest_sampling.furthest_point_sample(jnp.zeros((2, 16)), jnp.zeros((2, 16), bool), 5, 3)
+
+
 def test_kept_sq_distance_matches_brute_force():
   grid = 7
   _, kept = _random_inputs(1, 6, grid, 5)

@@ -103,3 +103,65 @@ def test_a_zero_feature_does_not_poison_the_scores():
   assert np.isfinite(scores).all()
   unit = np.array([1.0, 0.1]) / np.linalg.norm([1.0, 0.1])
   np.testing.assert_allclose(scores, [[1.0, np.exp(unit[0]), np.exp(unit[1])]], rtol=1e-5)
+
+
+def _at_cosines(cosines):
+  """float32 [N, 2] unit vectors at the given cosine similarities to the query (1, 0)."""
+  c = np.asarray(cosines, np.float64)
+  return np.stack([c, np.sqrt(1.0 - c ** 2)], axis=1).astype(np.float32)
+
+
+def test_defaults_are_dinos_k_and_temperature():
+  """knn_accuracy without k or temperature votes as DINO: k = 20, T = 0.07. Five class-0
+  neighbours at cos 0.95 against fifteen class-1 at cos 0.9: with k = 20 the fifteen win
+  (5 e^(0.05/0.07) = 10.2 < 15), with k = 10 class 0 would. One class-0 neighbour at cos 1
+  against four class-1 at cos 0.9: at T = 0.07 the one wins (e^(0.1/0.07) = 4.2 > 4), at
+  T = 0.1 it would not (e = 2.7)."""
+  query, label = np.array([[1.0, 0.0]], np.float32), np.array([1])
+  train = _at_cosines([0.95] * 5 + [0.9] * 15)
+  assert knn.knn_accuracy(train, np.array([0] * 5 + [1] * 15), query, label) == 1.0
+  train = _at_cosines([1.0] + [0.9] * 4)
+  assert knn.knn_accuracy(train, np.array([0] + [1] * 4), query, np.array([0])) == 1.0
+
+
+@pytest.mark.parametrize("n_test,chunk", [(6, 5), (11, 5), (1, 4)])
+def test_accuracy_counts_every_test_image_once(n_test, chunk):
+  """A last chunk of one image, or a single chunk, is counted: the accuracy equals a NumPy
+  loop's over all n_test images."""
+  rng = np.random.default_rng(n_test)
+  train = rng.normal(size=(30, 5)).astype(np.float32)
+  test = rng.normal(size=(n_test, 5)).astype(np.float32)
+  train_labels, test_labels = rng.integers(0, 3, 30), rng.integers(0, 3, n_test)
+  want = numpy_knn_scores(train, train_labels, test, 4, 0.07, 3).argmax(-1) == test_labels
+  # The last image alone decides whether a dropped last chunk shows: make it correct.
+  test_labels[-1] = numpy_knn_scores(train, train_labels, test[-1:], 4, 0.07, 3).argmax()
+  want[-1] = True
+  got = knn.knn_accuracy(train, train_labels, test, test_labels, k=4, chunk=chunk)
+  assert got == pytest.approx(want.mean())
+
+
+class _HalfTokens(nn.Module):
+  """A stand-in encoder computing in bfloat16, as the k-NN config's ImageNet default."""
+
+  @nn.compact
+  def __call__(self, images):  # [B, H, W, 3] -> [B, 1 + H * W, 3] bfloat16
+    tokens = images.reshape(images.shape[0], -1, 3).astype(jnp.bfloat16)
+    return jnp.concatenate([tokens[:, :1], tokens], axis=1)
+
+
+def test_extract_features_of_a_bfloat16_encoder_are_float32():
+  """The cosine similarities are computed on float32 features whatever the encoder's compute
+  dtype (bfloat16 keeps 3 significant digits, enough to reorder close neighbours)."""
+  images = np.random.default_rng(0).integers(0, 256, (5, 2, 2, 3)).astype(np.uint8)
+  got = knn.extract_features(_HalfTokens(), {}, images, feature="mean", batch_size=2)
+  assert got.shape == (5, 3) and got.dtype == np.float32
+
+
+def test_ties_go_to_the_earlier_train_image_and_the_lower_class():
+  """Exact ties (duplicate images) resolve as the NumPy loop above does, a stable sort and
+  argmax: with k = 1 the earlier of two equal train features votes; two equal votes of
+  classes 2 and 1 elect class 1. So a rerun on the same features gives the same accuracy."""
+  query = np.array([[1.0, 0.0]], np.float32)
+  twins = np.array([[2.0, 0.0], [1.0, 0.0], [0.0, 1.0]], np.float32)
+  assert knn.knn_accuracy(twins, np.array([2, 1, 0]), query, np.array([2]), k=1) == 1.0
+  assert knn.knn_accuracy(twins, np.array([2, 1, 0]), query, np.array([1]), k=2) == 1.0

@@ -23,6 +23,8 @@ from pr_mim_jax.models import progressive
     (196, 0.7, 0.0, (58, 138, 0)),  # int(58.8) = 58 (rounding would give 59)
     (196, 0.9, 0.0, (19, 177, 0)),  # int(19.6) = 19 (rounding would give 20)
     (64, 0.9, 0.3, (6, 39, 19)),  # int(6.4) = 6, round(19.2) = 19
+    (16, 0.75, 0.3, (4, 7, 5)),  # round(4.8) = 5 (truncating would give 4)
+    (16, 0.75, 0.2, (4, 9, 3)),  # round(3.2) = 3 (ceil would give 4)
     # In floating point 1 - 0.8 is just below 0.2, so MAE's int(100 * (1 - 0.8)) keeps 19.
     (100, 0.8, 0.0, (19, 81, 0)),
 ])
@@ -428,3 +430,67 @@ def test_furthest_ties_are_broken_by_fresh_noise_per_image():
   for v, d in zip(vis, dec):
     by_visible.setdefault(tuple(sorted(v)), set()).add(tuple(sorted(d)))
   assert sum(len(d) > 1 for d in by_visible.values()) > 50
+
+
+def test_running_cell_fill_is_random_among_masked_off_pattern_patches():
+  # grid 5: 6 visible, 9 decoded, 13-patch pattern. When five or six visible patches fall on
+  # the pattern, fewer than 9 pattern patches are masked, and the remaining decoder slots go
+  # to off-pattern masked patches drawn by noise. Drawn by patch index instead, every such
+  # example would fill with its lowest-index candidates; by noise that happens for about
+  # one in C(candidates, slots) >= 1 in 11 of them.
+  split, masks = _make(23, 2048, 5, 0.76, 0.4, 'running_cell')
+  pattern = set(np.flatnonzero(masking.running_cell_pattern(5, split)))
+  lowest = fills = 0
+  for vis, dec in zip(np.asarray(masks.ids_vis), np.asarray(masks.ids_dec)):
+    on = pattern - set(vis)
+    if len(on) >= split.n_dec:
+      continue
+    fill = set(dec) - pattern
+    candidates = sorted(set(range(25)) - pattern - set(vis))
+    assert on <= set(dec) and fill <= set(candidates) and len(fill) == split.n_dec - len(on)
+    lowest += fill == set(candidates[:len(fill)])
+    fills += 1
+  assert fills > 100
+  assert lowest < 0.3 * fills
+
+
+@pytest.mark.parametrize('strategy', ['running_cell', 'furthest'])
+def test_last_thrown_stage_is_in_visibility_noise_order(strategy):
+  # The patches no strategy picks keep the order of the visibility noise (make_masks), so
+  # "furthest" with one stage runs furthest sampling for the decoded patches only. The
+  # "random" strategy's (vis, dec, throw) with the same key is that noise order.
+  split, masks = _make(24, 8, 7, 0.75, 0.5, strategy, 1)
+  _, noise_order = _make(24, 8, 7, 0.75, 0.5, 'random', 1)
+  order = np.concatenate([np.asarray(noise_order.ids_vis), np.asarray(noise_order.ids_mask)], 1)
+  for b in range(8):
+    taken = set(np.asarray(masks.ids_vis)[b]) | set(np.asarray(masks.ids_dec)[b])
+    expected = [p for p in order[b] if p not in taken]
+    np.testing.assert_array_equal(np.asarray(masks.ids_throw)[b], expected)
+
+
+@pytest.mark.parametrize('strategy', masking.THROW_STRATEGIES)
+def test_make_masks_grid_not_matching_the_split_raises(strategy):
+  # 16 patches are a 4x4 grid; a 5x5 grid is refused by every strategy, "random" included,
+  # although it does not use the grid.
+  split = masking.token_split(16, 0.75, 0.25)
+  with pytest.raises(ValueError, match='grid 5'):
+    masking.make_masks(jax.random.key(0), 2, split, strategy, 5)
+
+
+def test_running_cell_fill_never_takes_a_visible_patch():
+  # 4x4, 4 visible, 9 decoded, 3 thrown: k = round(4 * 13 / 16) = 3, a 12-patch pattern and
+  # 4 off-pattern patches. When all 4 visible patches are on the pattern (495 of 1820 sets)
+  # only 8 pattern patches are masked, so one decoder slot is filled from the 4 off-pattern
+  # ones, all masked: the decoded set is then exactly those 8 plus one off-pattern patch.
+  split, masks = _make(25, 2048, 4, 0.75, 0.1875, 'running_cell')
+  assert (split.n_vis, split.n_dec, split.n_throw) == (4, 9, 3)
+  pattern = masking.running_cell_pattern(4, split)
+  assert pattern.sum() == 12
+  vis, dec, throw = (np.asarray(a) for a in (masks.ids_vis, masks.ids_dec, masks.ids_throw))
+  filling = pattern[vis].all(axis=1)  # [B]
+  assert filling.sum() > 400
+  onehot = lambda ids: np.eye(16, dtype=np.int32)[ids].sum(axis=1)  # noqa: E731  [B, L]
+  np.testing.assert_array_equal(onehot(vis) + onehot(dec) + onehot(throw), 1)
+  dec_on = pattern[dec].sum(axis=1)  # [B]
+  np.testing.assert_array_equal(dec_on[filling], 8)
+  np.testing.assert_array_equal(dec_on[~filling], 9)

@@ -62,7 +62,7 @@ def test_a_full_disk_names_metrics_jsonl(tmp_path):
 def test_tensorboard_on_a_full_disk_raises_the_disks_os_error(tmp_path, monkeypatch, where):
   """TensorFlow reports a full disk as its ResourceExhaustedError (seen on a full tmpfs, at the
   writer's creation): it becomes the OSError cli.run prints as one line, naming the folder.
-  Any other TensorFlow error is raised as it was."""
+  Any other TensorFlow error, and an OSError that names its own file, is raised as it was."""
   tf = pytest.importorskip("tensorflow")
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   full = tf.errors.ResourceExhaustedError(
@@ -86,6 +86,11 @@ def test_tensorboard_on_a_full_disk_raises_the_disks_os_error(tmp_path, monkeypa
   raised[0] = tf.errors.InvalidArgumentError(None, None, "not a disk problem")
   with pytest.raises(tf.errors.InvalidArgumentError):
     metrics.MetricWriter(str(tmp_path)).write_scalars(1, {"loss": 0.5})
+  event_file = str(tmp_path / "tensorboard" / "events.out")  # an OSError keeps its own file
+  raised[0] = OSError(errno.ENOSPC, "No space left on device", event_file)
+  with pytest.raises(OSError) as e:
+    metrics.MetricWriter(str(tmp_path)).write_scalars(1, {"loss": 0.5})
+  assert e.value is raised[0] and e.value.filename == event_file
 
 
 def test_last_recorded_takes_each_keys_last_row_past_torn_lines(tmp_path):

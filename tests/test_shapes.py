@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -435,3 +436,74 @@ def test_without_file_locks_prepare_leaves_incomplete_folders_alone(tmp_path, mo
   live.mkdir(parents=True)
   b = shapes_tfds.prepare(str(tmp_path), image_size=16, train_size=2, test_size=1, seed=3)
   assert b.is_prepared() and live.exists()
+
+
+# The first examples at seed 0 as version 1.1.0 generates them: (label, mean pixel value) at 64
+# px. Prepared datasets are cached by version, and the README's numbers were measured on
+# these images: a change to the generator's output must bump Shapes.VERSION and update these.
+_V110_TRAIN = ((10, 181.66), (10, 83.43), (2, 132.86), (8, 168.07), (2, 135.27), (10, 127.85))
+_V110_TEST = ((6, 110.55), (8, 160.88), (6, 73.18), (1, 81.75), (2, 117.91), (9, 148.22))
+_V110_EASY_WHITE_PIXELS = (137, 137, 240, 218, 232, 136)  # > 127 in red, 32 px, same labels
+
+
+def test_first_examples_are_those_of_the_current_version():
+  for split, pinned in (('train', _V110_TRAIN), ('test', _V110_TEST)):
+    images, labels = shapes.generate(6, image_size=64, seed=0, split=split)
+    assert labels.tolist() == [label for label, _ in pinned], split
+    # Tolerance for float rounding on other CPUs and NumPy builds, far below any real change.
+    np.testing.assert_allclose(images.reshape(6, -1).mean(1), [m for _, m in pinned], atol=0.05)
+  images, labels = shapes.generate(6, image_size=32, seed=0, difficulty='easy')
+  assert labels.tolist() == [label for label, _ in _V110_TRAIN]
+  white = (images[..., 0] > 127).sum((1, 2))
+  np.testing.assert_allclose(white, _V110_EASY_WHITE_PIXELS, atol=2)
+
+
+def test_other_split_names_get_their_own_stable_examples():
+  """train and test are 0 and 1; any other name is 2 + its CRC32 (the same in every process,
+  unlike hash()), so two other names never share their examples."""
+  assert (shapes.split_id('train'), shapes.split_id('test')) == (0, 1)
+  assert shapes.split_id('validation') == 2 + zlib.crc32(b'validation')
+  assert shapes.split_id('extra') == 2 + zlib.crc32(b'extra')
+  val, _ = shapes.generate(2, image_size=16, split='validation')
+  extra, _ = shapes.generate(2, image_size=16, split='extra')
+  assert not np.array_equal(val, extra)
+
+
+@pytest.mark.parametrize('difficulty', shapes.DIFFICULTIES)
+def test_each_label_names_the_shape_drawn(monkeypatch, difficulty):
+  """The one shape rendered from an SDF in example i (clutter is drawn otherwise) is the class
+  that label i names."""
+  drawn = []
+  real_sdf = shapes._shape_sdf  # pylint: disable=protected-access
+
+  def recording_sdf(name, u, v):
+    drawn.append(name)
+    return real_sdf(name, u, v)
+
+  monkeypatch.setattr(shapes, '_shape_sdf', recording_sdf)
+  _, labels = shapes.generate(24, image_size=16, seed=3, difficulty=difficulty)
+  assert len(set(labels.tolist())) > 6
+  assert drawn == [shapes.CLASS_NAMES[k] for k in labels]
+
+
+def test_prepare_removes_only_unfinished_folders(tmp_path):
+  """Beside a killed generation's incomplete.* folder, a copy prepared at an older version (a
+  user's cache from before an upgrade) is kept."""
+  pytest.importorskip('tensorflow_datasets')
+  from pr_mim_jax.data import shapes_tfds
+  config_dir = tmp_path / 'shapes' / 's16_tr6_te3_seed2'
+  for folder in ('incomplete.AB12CD_1.1.0', '1.0.0'):
+    (config_dir / folder).mkdir(parents=True)
+    (config_dir / folder / 'dataset_info.json').write_text('{}')
+  assert shapes_tfds.prepare(str(tmp_path), image_size=16, train_size=6, test_size=3,
+                             seed=2).is_prepared()
+  assert sorted(p.name for p in config_dir.iterdir()) == ['1.0.0', '1.1.0']
+  assert (config_dir / '1.0.0' / 'dataset_info.json').read_text() == '{}'
+
+
+def test_a_config_name_with_anything_after_it_is_not_a_shapes_config():
+  pytest.importorskip('tensorflow_datasets')
+  from pr_mim_jax.data import shapes_tfds
+  for name in ('s16_tr40_te10_seed5_easier', 's16_tr40_te10_seed5x', 's16_tr40_te10_seed5_hard'):
+    assert shapes_tfds.Shapes.get_builder_config(name) is None, name
+  assert shapes_tfds.Shapes.get_builder_config('s16_tr40_te10_seed5_easy').difficulty == 'easy'

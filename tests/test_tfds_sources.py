@@ -124,6 +124,16 @@ def test_unprepared_dataset_error_gives_the_readme_recipe(tmp_path, name):
 
 
 @needs_tf
+@pytest.mark.parametrize("name", ["imagenet2012", "imagenet2012:5.1.0"])
+def test_unprepared_imagenet_error_names_its_two_archives(tmp_path, name):
+  """With or without a version, imagenet2012 asks for the two ILSVRC2012 tars by name."""
+  with pytest.raises(UserError) as e:
+    tfds_sources.tfds_builder(name, str(tmp_path))
+  assert ("put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in "
+          f"{tmp_path}/downloads/manual/") in str(e.value)
+
+
+@needs_tf
 def test_recipe_says_to_install_importlib_resources_where_it_is_missing(tmp_path, monkeypatch):
   real = importlib.util.find_spec
   monkeypatch.setattr(importlib.util, "find_spec",
@@ -220,6 +230,26 @@ def test_tfds_keys_parse_to_the_asked_examples_in_order(own_tfds):
     assert int(ex["label"]) == ref[i]["label"]
     np.testing.assert_array_equal(source.image(i), ref[i]["image"])
     assert source.label(i) == ref[i]["label"]
+
+
+@needs_tf
+def test_a_sliced_split_reads_the_examples_of_its_slice(own_tfds):
+  """Split 'train[2:5]': example i is record 2 + i of train as tfds's own data_source reads it,
+  through every access: keys + tf_parse for the tf backend, image / raw / label for the numpy
+  and DALI backends."""
+  tf, _ = datasets.tf_modules()
+  builder = tfds_sources.tfds_builder("pr_mim_own", own_tfds)
+  source = tfds_sources.TfdsSource(builder, "train[2:5]")
+  ref = builder.as_data_source("train")  # decoded by tfds: {'image': [8, 8, 3], 'label'}
+  assert len(source) == 3
+  assert len({int(ref[i]["image"][0, 0, 0]) for i in range(6)}) == 6  # distinct examples
+  for i, key in enumerate(source.keys(np.arange(3))):
+    want = ref[2 + i]
+    ex = source.tf_parse(tf.constant(key))
+    np.testing.assert_array_equal(tf.io.decode_image(ex["image"]).numpy(), want["image"])
+    np.testing.assert_array_equal(source.image(i), want["image"])
+    np.testing.assert_array_equal(tf.io.decode_image(source.raw(i)).numpy(), want["image"])
+    assert int(ex["label"]) == source.label(i) == want["label"]
 
 
 @pytest.fixture(scope="module")
