@@ -5,6 +5,7 @@ import functools
 import flax
 import flax.linen as nn
 import jax
+from jax import ad_checkpoint
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -855,3 +856,129 @@ def test_drop_path_rate_rises_with_depth():
   for block, combos in (('block1', 1), ('block0', 4)):
     outs = np.asarray(fn(silenced(block), images, jax.random.key(3)))  # [256, D]
     assert len(np.unique(np.round(outs, 4), axis=0)) == combos, block
+
+
+def test_bf16_attention_weights_sum_to_one():
+  # The softmax runs in float32 even under bf16 compute: averaging a constant value over 197
+  # keys gives it back exactly in bf16 (a bf16 softmax is off by up to one bf16 step).
+  q, k, _ = (a.astype(jnp.bfloat16) for a in _qkv(197, 197, heads=2, hd=16, seed=3))
+  out = np.asarray(jax.jit(vit.attend)(q, k, jnp.ones_like(q)).astype(jnp.float32))
+  np.testing.assert_array_equal(out, 1.0)
+
+
+@pytest.mark.parametrize('n,multiple', [(5, 8), (50, 64), (16, 8), (197, 64)])
+def test_pad_tokens_reaches_the_next_multiple(n, multiple):
+  # cuDNN only takes the padded lengths: they must be the smallest multiple >= n.
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, n, 3, 4)), jnp.float32)
+  padded = np.asarray(vit._pad_tokens(x, multiple))
+  assert padded.shape == (2, -(-n // multiple) * multiple, 3, 4)
+  np.testing.assert_array_equal(padded[:, :n], x)
+  np.testing.assert_array_equal(padded[:, n:], 0.0)
+
+
+def test_remat_policies_keep_what_they_name(capsys):
+  # What each model.remat keeps for the backward pass (beyond the block's own arguments):
+  # 'full' nothing, 'dots_saveable' only the matmul outputs (not the [B, H, N, N] softmax),
+  # 'none' everything, the attention probabilities included.
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 16)), jnp.float32)
+  kept = {}
+  for remat in ('none', 'full', 'dots_saveable'):
+    block = vit.block_class(remat)(heads=2)
+    params = _np_params(block, x)
+    ad_checkpoint.print_saved_residuals(
+        lambda p, x, block=block: block.apply({'params': p}, x).sum(), params, x)
+    kept[remat] = [line for line in capsys.readouterr().out.splitlines()
+                   if line.strip() and 'from the argument' not in line]
+  shapes = {remat: {line.split()[0] for line in lines} for remat, lines in kept.items()}
+  assert kept['full'] == []
+  # qkv [B, N, 3, H, hd], the attention output projection [B, N, D], fc1 [B, N, 4D]
+  assert shapes['dots_saveable'] == {'f32[2,5,3,2,8]', 'f32[2,5,16]', 'f32[2,5,64]'}
+  assert 'f32[2,2,5,5]' in shapes['none']  # the softmax [B, H, N, N]
+
+
+def test_decoder_init_distributions_match_mae():
+  """MAE's decoder init: mask token N(0, 0.02), xavier-uniform embed/pred, zero biases."""
+  dw = 256
+  model = mae.MaskedAutoencoder(SPEC, IMAGE, decoder_width=dw, decoder_depth=1, decoder_heads=2)
+  ids_vis, ids_dec = _masks()
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), _images(), ids_vis, ids_dec)['params'])
+  token = np.asarray(params['mask_token'])
+  assert token.shape == (1, 1, dw)
+  assert abs(token.std() / 0.02 - 1) < 0.15 and abs(token.mean()) < 0.005, token.std()
+  for name, fan_in, fan_out in (('decoder_embed', SPEC.width, dw),
+                                ('decoder_pred', dw, PATCH * PATCH * 3)):
+    w = np.asarray(params[name]['kernel'])
+    limit = np.sqrt(6.0 / (fan_in + fan_out))
+    assert np.abs(w).max() <= limit * (1 + 1e-6) and np.abs(w).max() > 0.95 * limit, name
+    np.testing.assert_array_equal(np.asarray(params[name]['bias']), 0.0, err_msg=name)
+
+
+def test_scan_params_keeps_the_layer_order_past_ten_blocks():
+  # ViT-B has 12 blocks: layer i of the scanned tree is block{i} (numeric order, so block10
+  # does not land between block1 and block2), and unscan_params gives every block back.
+  tree = {f'block{i}': {'w': np.full((2,), i, np.float32)} for i in range(12)}
+  tree['norm'] = {'scale': np.ones(2, np.float32)}
+  scanned = vit.scan_params(tree)
+  assert sorted(scanned) == ['blocks', 'norm']
+  np.testing.assert_array_equal(np.asarray(scanned['blocks']['w'])[:, 0], np.arange(12))
+  back = vit.unscan_params(scanned)
+  assert sorted(back) == sorted(tree)
+  for i in range(12):
+    np.testing.assert_array_equal(np.asarray(back[f'block{i}']['w']), i)
+
+
+def test_mlp_ratio_sets_every_hidden_width():
+  """mlp_ratio reaches the block's MLP, the encoder's blocks and the MAE decoder's."""
+  x = jnp.zeros((1, 3, 16), jnp.float32)
+  shapes = nn.unbox(jax.eval_shape(vit.Block(heads=2, mlp_ratio=2.0).init, jax.random.key(0),
+                                   x)['params'])
+  assert shapes['mlp']['fc1']['kernel'].shape == (16, 32)
+  model = mae.MaskedAutoencoder(SPEC, IMAGE, decoder_width=8, decoder_depth=1, decoder_heads=2,
+                                mlp_ratio=3.0)
+  ids_vis, ids_dec = _masks()
+  shapes = _flat(nn.unbox(jax.eval_shape(model.init, jax.random.key(0), _images(), ids_vis,
+                                         ids_dec)['params']))
+  assert shapes['encoder/block1/mlp/fc1/kernel'].shape == (16, 48)
+  assert shapes['decoder_block0/mlp/fc2/kernel'].shape == (24, 8)
+
+
+def test_scanned_drop_path_rate_rises_with_depth():
+  """As test_drop_path_rate_rises_with_depth, through nn.scan: layer 0 runs at rate 0, so with
+  layer 1's branches zeroed identical examples never vary; with layer 0's zeroed they take
+  layer 1's 4 drop combinations."""
+  params = _encoder_params(vit.Encoder(SPEC, IMAGE), seed=31)
+  images = jnp.broadcast_to(_images(seed=32, batch=1), (256, IMAGE, IMAGE, 3))
+  _, fn = _encoder_fn(0.5, 'none', True, train=True, pool='gap')
+  for block, combos in (('block1', 1), ('block0', 4)):
+    p = params[block]
+    zero = lambda t: jax.tree.map(jnp.zeros_like, t)  # noqa: E731
+    silenced = dict(params, **{block: dict(p, attn=dict(p['attn'], proj=zero(p['attn']['proj'])),
+                                           mlp=dict(p['mlp'], fc2=zero(p['mlp']['fc2'])))})
+    outs = np.asarray(fn(vit.scan_params(silenced), images, jax.random.key(4)))  # [256, D]
+    assert len(np.unique(np.round(outs, 4), axis=0)) == combos, block
+
+
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_training_without_drop_path_needs_no_dropout_rng(scan_layers):
+  # drop_path 0 (the pre-training default): train=True is the eval forward, no rng needed.
+  encoder = vit.Encoder(SPEC, IMAGE, scan_layers=scan_layers)
+  params = _encoder_params(vit.Encoder(SPEC, IMAGE), seed=33)
+  params = vit.scan_params(params) if scan_layers else params
+  run = jax.jit(lambda p, x, train: encoder.apply({'params': p}, x, train=train, pool='gap'),
+                static_argnums=2)
+  images = _images(seed=34)
+  np.testing.assert_array_equal(np.asarray(run(params, images, True)),
+                                np.asarray(run(params, images, False)))
+
+
+def test_build_passes_the_reconstruction_fields():
+  cfg = ml_collections.ConfigDict(dict(
+      variant='Ti/4', image_size=16, width=32, depth=1, heads=4, decoder_width=8,
+      decoder_depth=1, decoder_heads=2, posemb='sincos', compute_dtype='float32'))
+  rec = ml_collections.ConfigDict(dict(
+      thrown_reconstruction='progressive', aggregator='interpolate', num_stages=3, window=5,
+      key_width=16, heads=2))
+  model = mae.build(cfg, rec, pred_dim=7)
+  assert (model.thrown_reconstruction, model.aggregator, model.num_stages) == (
+      'progressive', 'interpolate', 3)
+  assert (model.window, model.key_width, model.aggregator_heads, model.pred_dim) == (5, 16, 2, 7)

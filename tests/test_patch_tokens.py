@@ -4,6 +4,8 @@ The per-example vmap form runs under meshes of several devices and the row-iota 
 one device; tests/test_sharding.py checks that the FSDP step keeps the batch sharded.
 """
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,3 +86,29 @@ def test_gather_tokens_picks_rows_per_example():
   ids = np.array([[4, 0], [1, 3]], np.int32)
   got = np.asarray(patch_tokens.gather_tokens(jnp.asarray(x), jnp.asarray(ids)))
   np.testing.assert_array_equal(got, np.stack([x[0, [4, 0]], x[1, [1, 3]]]))
+
+
+def test_scatter_rows_casts_values_to_the_canvas_dtype(form):
+  # The progressive canvas is bf16 under bf16 compute while some writers hand float32 rows:
+  # the values take the canvas's dtype, with no JAX unsafe-cast warning (a future error).
+  x = jnp.zeros((2, 4, 3), jnp.bfloat16)
+  ids = jnp.asarray([[1, 3], [0, 2]], jnp.int32)
+  values = jnp.asarray(np.random.default_rng(2).normal(size=(2, 2, 3)), jnp.float32)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    out = patch_tokens.scatter_rows(x, ids, values)
+  assert out.dtype == jnp.bfloat16
+  ref = numpy_scatter(np.zeros((2, 4, 3), np.float32), np.asarray(ids),
+                      np.asarray(values.astype(jnp.bfloat16).astype(jnp.float32)))
+  np.testing.assert_array_equal(np.asarray(out.astype(jnp.float32)), ref)
+
+
+def test_scatter_rows_passes_the_mode_on(form):
+  # mode reaches the scatter: 'clip' writes out-of-range ids to the last row (the default and
+  # 'drop' skip them).
+  x = jnp.zeros((1, 4), jnp.int32)
+  ids, values = jnp.asarray([[0, 9]], jnp.int32), jnp.asarray([[1, 2]], jnp.int32)
+  np.testing.assert_array_equal(np.asarray(patch_tokens.scatter_rows(x, ids, values, "clip")),
+                                [[1, 0, 0, 2]])
+  np.testing.assert_array_equal(np.asarray(patch_tokens.scatter_rows(x, ids, values)),
+                                [[1, 0, 0, 0]])

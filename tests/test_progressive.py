@@ -396,3 +396,36 @@ def test_fresh_aggregators_start_as_plain_averages():
   out = attn.apply(attn.init(jax.random.key(0), *empty), *empty)
   np.testing.assert_allclose(np.asarray(out), np.broadcast_to(glob[:, None], (1, 4, d)),
                              rtol=1e-6, atol=1e-6)
+
+
+def test_bf16_aggregator_weights_sum_to_one():
+  """Under bf16 compute the aggregation softmax still runs in float32: on a constant canvas
+  (glob included) every output is that constant, exactly (a bf16 softmax is off by a bf16
+  step on some tokens)."""
+  grid, d, n = 8, 8, 64
+  rng = np.random.default_rng(5)
+  canvas = jnp.ones((2, grid * grid, d), jnp.bfloat16)
+  glob = jnp.ones((2, d), jnp.bfloat16)
+  known = jnp.asarray(rng.random((2, grid * grid)) < 0.7)
+  ids = jnp.asarray(np.stack([rng.permutation(grid * grid)[:n] for _ in range(2)]), jnp.int32)
+  queries = jnp.asarray(3 * rng.normal(size=(2, n, d)), jnp.bfloat16)
+  module = progressive.LocalAggregator(grid, 5, "local_attention", key_width=8, heads=2,
+                                       dtype=jnp.bfloat16)
+  args = (canvas, known, glob, queries, ids)
+  params = _np_params(module, *args, seed=5, scale=3.0)
+  params["mlp_out"] = jax.tree.map(jnp.zeros_like, params["mlp_out"])  # only the average
+  out = jax.jit(module.apply)({"params": params}, *args)  # [2, n, d]
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(out.astype(jnp.float32)), 1.0)
+
+
+@pytest.mark.parametrize("aggregator", ["local_attention", "last_block"])
+def test_bf16_compute_gives_float32_thrown_predictions(aggregator):
+  # The loss reads both prediction sets in float32, the thrown ones included.
+  model = tiny_model(aggregator=aggregator, dtype=jnp.bfloat16)
+  images, masks = _inputs(seed=8)
+  args = (images, masks.ids_vis, masks.ids_dec, masks.ids_throw)
+  params = _np_params(model, *args, seed=8)
+  preds = jax.jit(lambda p: model.apply({"params": p}, *args))(params)
+  assert preds.dec.dtype == jnp.float32 and preds.throw.dtype == jnp.float32
+  assert preds.throw.shape == (2, SPLIT.n_throw, PATCH * PATCH * 3)
