@@ -494,6 +494,21 @@ def test_evaluations_every_eval_every_steps_and_at_the_last_then_never_again(
   assert again["finished_before"] and again["eval_top1"] == 0.5 and calls == [(0, total)]
 
 
+def test_a_probe_run_names_its_outputs_and_promises_no_pictures(tmp_path, monkeypatch, caplog):
+  """A probe writes no reconstruction pictures, so its start-up line must not send the user
+  to an images/ folder (pre-training's does)."""
+  monkeypatch.setattr(classify, "evaluate", lambda *args, **kwargs: {
+      "top1": 0.5, "top5": 1.0, "loss": 1.0, "count": 1.0})
+  monkeypatch.setattr(classify.trainer, "run", _fake_run([]))
+  _no_input(monkeypatch)
+  workdir = str(tmp_path / "probe")
+  with caplog.at_level("INFO"):
+    classify.train(tiny_probe(tmp_path, **{"train.total_steps": 2}), workdir)
+  line, = [r.getMessage() for r in caplog.records if r.getMessage().startswith("writing to")]
+  assert workdir in line and "metrics.jsonl" in line and "images/" not in line
+  assert not os.path.exists(os.path.join(workdir, "images"))
+
+
 def test_a_resume_reads_no_encoder_so_a_moved_init_run_does_not_stop_it(tmp_path, monkeypatch):
   """The encoder is read once, into the fresh state before the first run's steps; a resume
   takes everything from its own checkpoint (the init run may have moved since:

@@ -48,7 +48,8 @@ def get_config(arg=None):
       decoder="self_attention",  # 'self_attention' (MAE) | 'cross_attention' (CrossMAE)
       compute_dtype="float32" if demo else "bfloat16",  # params stay float32
       # Per block: 'none' | 'full' | 'dots_saveable' (keep the weight-matmul outputs, recompute
-      # norms, attention and GELU: 19.5 -> 8.0 GiB for MAE-B/16 at 256 per H100, compiled).
+      # norms, attention and GELU: 19.5 -> 8.0 GiB for MAE-B/16 at 256 per H100 in XLA's
+      # compile-time plan of 2026-11-28, docs/performance.md).
       remat="none" if demo else "dots_saveable",
       scan_layers=False,  # nn.scan over encoder blocks (params 'blocks' with a layer axis)
       attention="einsum",  # 'einsum' | 'xla' | 'cudnn' | 'cudnn_padded' (models/vit.py)

@@ -5,8 +5,8 @@ r"""The small-scale comparison of MAE, partial reconstruction and PR-MIM (pr_mim
 
 Every method pre-trains with the same epochs, batch and seeds on the embedded shapes
 dataset, read from memory (no TensorFlow needed); each is then scored by k-NN, a linear
-probe and a short fine-tune. `cpu` took 20-22 minutes per seed on the project's 2-core
-CPU machine, under load (docs/evaluation.md). `gpu` is sized for one GPU run of about 6
+probe and a short fine-tune. `cpu` took 22-23 minutes per seed on the project's 2-core
+CPU machine (2026-12-07, docs/evaluation.md). `gpu` is sized for one GPU run of about 6
 minutes: an estimate, it has not run on a GPU yet (about 840k images per seed through
 the NumPy input pipeline).
 """
@@ -28,7 +28,7 @@ def get_config(arg=None):
   gpu = arg.setting == "gpu"
   c = ml_collections.ConfigDict()
   c.setting = arg.setting
-  c.methods = "mae,partial,pr_mim"  # comma-separated; each at its default throw ratio (0.5)
+  c.methods = "mae,partial,pr_mim"  # comma-separated; each at its default throw ratio (0 / 0.5)
   c.pr_mim_throw_ratios = ""  # extra PR-MIM runs, e.g. '0.25,0.625'
   c.seeds = "0"  # e.g. '0,1,2' for the seed-to-seed spread (each seed repeats everything)
   c.backend = "numpy"  # in-memory shapes source; 'auto' uses tfds when TensorFlow is there

@@ -4,8 +4,8 @@ The same recipe as `augment.py` (random resized crop with area in [0.2, 1] and a
 ratio in [3/4, 4/3], resize, horizontal flip with p=0.5, uint8 pixels out) and the same
 box-sampling algorithm (torchvision's RandomResizedCrop, `sample_crop_box`), but a
 *distribution* match only: the random numbers come from NumPy, and the resize filter differs
-in detail (pixel-area averaging where the crop shrinks, bicubic where it grows, against TF's
-antialiased bicubic).
+in detail (a Gaussian blur then bicubic along an axis that shrinks, plain bicubic where the
+crop grows, against TF's antialiased bicubic).
 Never bit-identical to the TF path; it is deterministic on its own, keyed by
 (seed, step, position in the global batch).
 
@@ -84,7 +84,8 @@ def _pixels(raw, reduce: int = 1) -> tuple[np.ndarray, bool]:
 
 def _rgb(img: np.ndarray, bgr: bool, flip: bool = False) -> np.ndarray:
   """Contiguous uint8 [H, W, 3] RGB, mirrored left-right if `flip` (OpenCV's vectorised
-  copies: a NumPy copy of reversed strides is 3x slower)."""
+  copies: a NumPy copy of reversed strides took 5-70x as long on a 224 px image, on the
+  2-core CPU dev machine under load, 2026-12-07)."""
   img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB) if bgr else img
   return cv2.flip(img, 1) if flip else np.ascontiguousarray(img)
 
@@ -97,8 +98,8 @@ def decode(raw) -> np.ndarray:
 def resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
   """uint8 [h, w, 3] -> [height, width, 3], bicubic. Along an axis that shrinks by s, a
   Gaussian of sigma 0.5 * sqrt(s^2 - 1) pixels first removes what the smaller grid cannot
-  hold (antialiasing, as Pillow's widened bicubic does; OpenCV's own pixel-area filter is
-  5x slower at fractional scales)."""
+  hold (antialiasing, as Pillow's widened bicubic does; OpenCV's own pixel-area filter was
+  3-4x slower at fractional scales on 2026-11-29: docs/performance.md, "Input pipeline", v3)."""
   h, w = img.shape[:2]
   sigma_y, sigma_x = (0.5 * np.sqrt(max((n / m) ** 2 - 1, 0.0))
                       for n, m in ((h, height), (w, width)))

@@ -3,8 +3,8 @@
 Everything the batch builders in pipeline.py need to know about a dataset before the
 first batch: the resolved backend ('tf', 'numpy' or 'dali'), the random-access source of a split
 (sources.py), and cheap checks and counts (check_dataset, num_examples, num_classes)
-that raise UserErrors naming what is wrong. TensorFlow is imported only when the 'tf'
-backend is used.
+that raise UserErrors naming what is wrong. TensorFlow is imported only for the 'tf'
+backend (or 'auto' where it is installed) and for tfds datasets.
 """
 
 from __future__ import annotations

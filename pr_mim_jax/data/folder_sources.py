@@ -1,6 +1,7 @@
 """Image folders as random-access sources: unlabeled for pre-training, labeled by layout.
 
-`folder:/root` pre-trains on root/<train_split> (or the whole tree, asked for with '.');
+`folder:/root` pre-trains on root/<train_split> (or the whole tree: asked for with '.', or
+with the default 'train' where no sub-folder is named as a train split);
 labeled use reads root/<split>/<class>/*. Files are listed once, recursively and sorted;
 only .jpg/.jpeg/.png are read, and what is left out is named. Access styles as in
 sources.py (NumPy `image(i)`, TF `keys` + `tf_parse`).

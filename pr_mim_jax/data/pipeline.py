@@ -25,11 +25,12 @@ the global batch). tf.data runs with deterministic ordering, so batches are exac
 Resume. Nothing is saved: a run restarted at `start_step` recomputes the
 permutation of start_step's epoch and continues from there. Skipping ahead costs
 one permutation, about 14 ms (13-50 ms) for N = 1,281,167 (ImageNet-1k train) in
-NumPy on the 2-core Intel Xeon dev machine, plus one more per epoch boundary.
+NumPy on the 2-core Intel Xeon dev machine (2026-11-26), plus one more per epoch boundary.
 
-Backends. 'tf' (tf.data, parallel decode in TF ops, never on a GPU) or 'numpy'
+Backends. 'tf' (tf.data, parallel decode in TF ops, never on a GPU), 'numpy'
 (NumPy + OpenCV in a thread pool, for machines without TensorFlow; 'shapes' and
-'folder:' only). Choose with the `backend` argument, else `data.backend` if the
+'folder:' only) or 'dali' (NVIDIA DALI; encoded images, so not 'shapes'; no RandAugment:
+dali_batches.py). Choose with the `backend` argument, else `data.backend` if the
 config has it, else 'auto' = 'tf' if tensorflow and tensorflow_datasets import.
 The numpy backend reads the same examples per batch as 'tf', but its augmentation
 is only a distribution match (see augment_np.py). With TF, 'shapes' is prepared
@@ -466,7 +467,7 @@ def labeled_arrays(data, split: str, *, num_examples: int, image_size: int,
 
   Returns uint8 pixels [N, S, S, 3] and int32 [N] with N = min(num_examples,
   split size). Images: shorter side resized to S / 0.875 (bicubic), centre crop S
-  (images already S x S are only normalised). UserError for unlabeled datasets.
+  (images already S x S pass unchanged). UserError for unlabeled datasets.
   """
   if int(num_examples) <= 0:
     raise UserError(f"labeled_arrays needs num_examples > 0, got {num_examples}")

@@ -94,7 +94,8 @@ def train_augment(image: np.ndarray, rng: np.random.Generator, size: int, *,
                   min_scale: float = augment_np.MIN_SCALE, num_ops: int = 2,
                   magnitude: float = 9.0, magnitude_std: float = 0.5,
                   erase_prob: float = 0.25) -> np.ndarray:
-  """uint8 [H, W, 3] -> float32 normalised [size, size, 3]: crop, flip, RandAugment, erasing."""
+  """A raw image (encoded bytes, or uint8 [H, W, 3]) -> float32 normalised [size, size, 3]:
+  crop, flip, RandAugment, erasing."""
   x = augment_np.train_augment(image, rng, size, min_scale)
   x = rand_augment(x, rng, num_ops, magnitude, magnitude_std)
   return random_erase(pixels.normalize(x), rng, erase_prob)

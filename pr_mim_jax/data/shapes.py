@@ -4,7 +4,7 @@ Each image holds one large shape whose *outline geometry alone* defines the
 class. Everything else is nuisance, drawn at random per image, so that the
 class cannot be read off colour, position or local texture statistics:
 
-* shape: colour, scale (40%-76% of the image side), position, full rotation,
+* shape: colour, scale (bounding circle 52%-84% of the image side), position, full rotation,
   slight anisotropic stretch, fill style (solid, two-tone stripes or outline);
 * background: mixtures of colour gradients, sinusoidal stripes / plaid,
   blotchy low-frequency colour noise and per-pixel Gaussian noise;
@@ -16,8 +16,9 @@ Shapes are rendered from signed distance functions (SDFs) evaluated on the pixel
 grid, with analytic one-pixel soft edges as anti-aliasing. Example `i` is a pure
 function of `(seed, split, i, image_size)`: each example has its own RNG seeded
 with `[seed, split_id, i]`, so any chunk can be generated on its own. The label
-and all scalar draws come first from that RNG, hence the label of example `i`
-does not depend on `image_size`.
+is that RNG's first draw, hence the label of example `i` does not depend on
+`image_size` (the shape and clutter need not match: their draws follow the background's
+[S, S, 3] noise).
 
 Pure NumPy on purpose: importing this module imports neither TF nor JAX.
 """

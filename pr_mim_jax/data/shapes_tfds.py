@@ -24,8 +24,9 @@ from pr_mim_jax.data import shapes
 from pr_mim_jax.data import tfds_sources
 
 _CHUNK = 500  # Examples generated per `shapes.generate` call.
-# Generation cost per image, measured on 2 shared CPU cores: a fixed part (PNG encoding,
-# records) and a part per pixel. TensorFlow's start-up (~5 s when not yet imported) comes on top.
+# Generation cost per image, measured on 2 shared CPU cores (2026-11-28): a fixed part (PNG
+# encoding, records) and a part per pixel. TensorFlow's start-up (~5 s when not yet imported)
+# comes on top.
 _SECONDS_PER_IMAGE = 2e-3
 _SECONDS_PER_PIXEL = 6e-7
 _NAME_RE = re.compile(r'^s(\d+)_tr(\d+)_te(\d+)_seed(\d+)(?:_(easy))?$')

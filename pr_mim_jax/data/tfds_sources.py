@@ -305,7 +305,8 @@ class TfdsSource:
     return self._decoded
 
   def image(self, i: int) -> np.ndarray:
-    """Decoded uint8 [H, W, 3] (for tools and the numpy backend; the tf backend uses tf_parse)."""
+    """Decoded uint8 [H, W, 3] (for tests and tools: the numpy backend refuses tfds datasets,
+    the tf backend uses tf_parse, the dali backend raw)."""
     return augment_np.decode(self.raw(i))
 
   def raw(self, i: int) -> bytes:

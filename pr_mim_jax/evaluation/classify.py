@@ -204,7 +204,7 @@ def train(config, workdir: str, checked: Checked | None = None) -> dict:
                  vit.CHECKPOINT_RELAYOUTS)  # a finished run of another model is an error
     ckpt.close()
     return trainer.finished_summary(workdir, latest, EVAL_KEYS)
-  trainer.log_outputs(workdir, ckpt.directory)
+  trainer.log_outputs(workdir, ckpt.directory, pictures=False)
   workdir_records.write_records(workdir, config)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     resume = latest is not None

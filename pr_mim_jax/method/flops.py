@@ -4,8 +4,9 @@ Counts what our model executes, the way `torch.utils.flop_counter` counts: only 
 products (2*M*N*K each; attention's two products included), no elementwise work. The
 backward pass costs two products per forward product (gradients of both operands), except
 the patch embedding, whose input is data and needs no gradient (one product). XLA's
-`cost_analysis()` on GPU is unreliable (it has reported 2.5 and 5.9 GFLOP/img for a ~58 GFLOP MAE-B step), so this is the number to trust;
-tests cross-check it against XLA's CPU count.
+`cost_analysis()` on GPU is unreliable (on one H200, in two undated reference runs before
+this code, it reported 2.5 and 5.9 GFLOP/img for a ~58 GFLOP MAE-B/16 step), so this is the
+number to trust; tests cross-check it against XLA's CPU count.
 """
 
 import dataclasses

@@ -1,7 +1,8 @@
 """The three pre-training methods and the config fields each one implies (docs/method.md).
 
-`pr_mim_jax/configs/pretrain.py` expands `method=` with this table; the benchmark, the compile report,
-the gradient tool and the study switch methods on one config with `with_method` / `sweep`.
+`pr_mim_jax/configs/pretrain.py` expands `method=` with this table (the study builds one config
+per method that way); the benchmark, the compile report and the gradient tool switch methods
+on one config with `with_method` / `sweep`.
 """
 
 import ml_collections

@@ -73,7 +73,7 @@ class HeadsDense(nn.Module):
   """Dense layer over head-structured axes with logical names on its kernel.
 
   Contracts the last `in_axes` axes of x with a kernel [*in, *features] (Xavier-uniform
-  over the flattened fan-in/out, as timm's Linear init). flax's DenseGeneral reshapes
+  over the flattened fan-in/out, as MAE's Linear init). flax's DenseGeneral reshapes
   a flat kernel at init, which breaks logical constraints inside a mesh.
   """
   features: tuple

@@ -10,9 +10,10 @@ also compile time, median step time, images/s, achieved TFLOP/s, MFU against a b
 ceiling measured in the same run, peak device memory (and XLA's compile-time temp-buffer
 size and total, which any backend reports), and the time furthest sampling takes.
 Each timed setting runs in a fresh process (JAX cannot reset the memory peak), and so does
-the ceiling measurement. A summary with the ratios to MAE follows as markdown. The step
-timed is the one `pretrain` runs (`pretrain.jit_train_step`), with the config's model,
-attention, remat and optimizer settings. Timed work lives here, never in tests.
+the ceiling measurement. A timed run then prints a summary with the ratios to MAE as
+markdown (--markdown writes it with or without timing). The step timed is the one `pretrain`
+runs (`pretrain.jit_train_step`), with the config's model, attention, remat and optimizer
+settings. Timed work lives here, never in tests.
 """
 
 import dataclasses

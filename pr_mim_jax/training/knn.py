@@ -1,4 +1,5 @@
-"""Cosine k-NN classification on frozen encoder features (the pre-training monitor).
+"""Cosine k-NN classification on frozen encoder features (the pre-training monitor and the
+k-NN evaluation).
 
 Each test feature votes with its k most similar train features, weighted by
 exp(similarity / T) as in DINO's k-NN protocol (k = 20, T = 0.07).

@@ -122,8 +122,8 @@ class KnnMonitor:
 def _reconstruct(params, images, state_rng, step, *, model, task):
   """(predictions, masks) of `images` [N, H, W, 3] under the masks of 0-based step `step`.
 
-  One compile per run: `step` is traced. Drawn eagerly, the masks alone took about 3 s of
-  op-by-op compiles per picture on a CPU.
+  One compile per run: `step` is traced. Drawn eagerly, the masks cost op-by-op compiles
+  (6.6 s for a process's first 8 demo pictures on the 2-core CPU dev machine, 2026-12-07).
   """
   masks = train_step_lib.step_masks(state_rng, step, images.shape[0], task)
   _, (preds, _) = train_step_lib.loss_fn(params, model, images, masks, task)
@@ -218,7 +218,7 @@ def train(config, workdir: str, checked: Checked | None = None) -> dict:
     if done is not None:
       ckpt.close()
       return done
-  trainer.log_outputs(workdir, ckpt.directory)
+  trainer.log_outputs(workdir, ckpt.directory, pictures=True)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state, state_sharding = create_state(model, tx, split, config.seed, mesh, rules)
     if latest is not None:

@@ -138,10 +138,11 @@ def finished_summary(workdir: str, step: int, keys, needed=()) -> dict | None:
   return {"step": step, "finished_before": True, **{k: v for k, (_, v) in recorded.items()}}
 
 
-def log_outputs(workdir: str, ckpt_dir) -> None:
-  logging.info("writing to %s: checkpoints in %s, metrics in metrics.jsonl and tensorboard/, "
-               "reconstruction pictures in images/. Setting up the model state, the input "
-               "pipeline and the metric writers", workdir, ckpt_dir)
+def log_outputs(workdir: str, ckpt_dir, *, pictures: bool) -> None:
+  """Says where the run writes; `pictures` for a pre-training run's reconstructions."""
+  logging.info("writing to %s: checkpoints in %s, metrics in metrics.jsonl and tensorboard/%s. "
+               "Setting up the model state, the input pipeline and the metric writers", workdir,
+               ckpt_dir, ", reconstruction pictures in images/" if pictures else "")
 
 
 def wait_for_first_step(step: int, outputs, started: float) -> None:
