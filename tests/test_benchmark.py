@@ -53,6 +53,7 @@ def test_isolated_timing_writes_json_and_markdown(tmp_path):
   report = json.loads(out_json.read_text())
   assert report["isolated"] and report["timed"] and report["jax"]
   assert report["matmul_ceiling_tflop_per_s"] > 0 and report["ceiling_sizes"] == [64]
+  assert report["ceiling_dtype"] == "float32"  # the shapes config computes in float32
   mae_row, pr_row = report["settings"]
   assert (mae_row["method"], pr_row["method"]) == ("mae", "pr_mim")
   for r in report["settings"]:
@@ -412,9 +413,10 @@ def test_mask_time_is_per_generation_in_milliseconds(monkeypatch):
   assert ms == pytest.approx(1.0 / benchmark.MASK_LOOP)
 
 
-def test_matmul_ceiling_counts_every_product_of_the_chain(monkeypatch):
-  """The MFU denominator: bf16 products (the dtype the model computes in), all 10 of the
-  chain counted; here 64x64 matrices (2 * 64**3 FLOPs each), each call 1 us on the clock."""
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_matmul_ceiling_counts_every_product_of_the_chain(monkeypatch, dtype):
+  """The MFU denominator: products in the dtype asked for, all 10 of the chain counted; here
+  64x64 matrices (2 * 64**3 FLOPs each), each call 1 us on the clock."""
   import jax  # pylint: disable=g-import-not-at-top
   jit, dtypes = jax.jit, set()
 
@@ -425,10 +427,40 @@ def test_matmul_ceiling_counts_every_product_of_the_chain(monkeypatch):
   monkeypatch.setattr(jax, "jit", recording_jit)
   monkeypatch.setattr(benchmark, "time",
                       types.SimpleNamespace(perf_counter=_FakeDevice(tick=1e-6).perf_counter))
-  got = benchmark.matmul_ceiling(size=64, chain=10)
-  assert dtypes == {"bfloat16"}
+  got = benchmark.matmul_ceiling(size=64, chain=10, dtype=dtype)
+  assert dtypes == {dtype}
   assert got["matmul_ceiling_tflop_per_s"] == round(10 * 2 * 64 ** 3 / 1e-6 / 1e12, 2) == 5.24
   assert got["ceiling_sizes"] == [64]
+
+
+def _flag_values(config, **values):
+  """What _define_flags gives _run, with these values (the rest at their defaults)."""
+  defaults = dict(config=config, batch=0, steps=1, warmup=0, methods=["mae", "pr_mim"],
+                  variants=[], no_timing=False, json="", markdown="", isolate=False,
+                  ceiling_size=64, profile_dir="", child="")
+  return types.SimpleNamespace(**{k: types.SimpleNamespace(value=v)
+                                  for k, v in {**defaults, **values}.items()})
+
+
+@pytest.mark.parametrize("dtype,name", [("float32", "float32"), ("bfloat16", "bf16")])
+@pytest.mark.parametrize("child", ["", benchmark.CEILING])
+def test_the_ceiling_is_measured_in_the_dtype_the_steps_compute_in(monkeypatch, capsys, dtype,
+                                                                   name, child):
+  """In this process and in a ceiling child alike; the summary names that dtype."""
+  asked = []
+  monkeypatch.setattr(benchmark, "matmul_ceiling", lambda size, dtype: (
+      asked.append((size, dtype)), {"matmul_ceiling_tflop_per_s": 2.0, "device": "cpu"})[-1])
+  monkeypatch.setattr(benchmark, "time_train_step", lambda c, b, *a: {
+      "batch": b, "img_per_s": 100.0, "step_ms": 80.0, "num_devices": 1})
+  config = apply_overrides(load_config("method=mae,dataset=shapes"),
+                           dict(TINY_OVERRIDES, **{"model.compute_dtype": dtype}))
+  benchmark._run(_flag_values(config, child=child), ["benchmark"])  # pylint: disable=protected-access
+  assert asked == [(64, dtype)]
+  out = capsys.readouterr().out
+  if child:
+    assert json.loads(out.split(benchmark.RESULT_PREFIX, 1)[1])["matmul_ceiling_tflop_per_s"] == 2.0
+  else:
+    assert f"; {name} matmul ceiling 2 TFLOP/s per device" in out
 
 
 def test_cost_ratio_is_the_ratio_of_the_reported_totals():

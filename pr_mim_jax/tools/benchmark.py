@@ -6,8 +6,8 @@ r"""Train-step cost and speed on synthetic, device-resident data (no TensorFlow 
 
 Per (method, variant) setting it prints one JSON line: the analytic fwd+bwd GFLOP per image
 (encoder / decoder / thrown-token reconstruction) and its ratio to MAE; unless --no-timing,
-also compile time, median step time, images/s, achieved TFLOP/s, MFU against a bf16 matmul
-ceiling measured in the same run, peak device memory (and XLA's compile-time temp-buffer
+also compile time, median step time, images/s, achieved TFLOP/s, MFU against a matmul
+ceiling in the step's compute dtype measured in the same run, peak device memory (and XLA's compile-time temp-buffer
 size and total, which any backend reports), and the time furthest sampling takes.
 Each timed setting runs in a fresh process (JAX cannot reset the memory peak), and so does
 the ceiling measurement. A timed run then prints a summary with the ratios to MAE as
@@ -108,15 +108,22 @@ def _median_seconds(fn, repeats: int) -> float:
   return float(np.median(times))
 
 
-def matmul_ceiling(size: int = 0, chain: int = 10) -> dict:
-  """bf16 matmul TFLOP/s on device 0: the best of a few sizes, `chain` dependent products
-  per call (so dispatch is amortized). The MFU denominator, measured rather than quoted."""
+DTYPE_NAMES = {"bfloat16": "bf16", "float32": "float32"}  # as the summary names a ceiling
+
+
+def matmul_ceiling(size: int = 0, chain: int = 10, dtype: str = "bfloat16") -> dict:
+  """Matmul TFLOP/s in `dtype` on device 0: the best of a few sizes, `chain` dependent
+  products per call (so dispatch is amortized). The MFU denominator, measured rather than
+  quoted, in the dtype the step computes in: a recent NVIDIA GPU's bf16 peak is twice its
+  TF32 one (vendor figures), so a float32 step held to a bf16 ceiling reads half its MFU or
+  less. (On a CPU, XLA multiplies bf16 in float32: both measured 0.06-0.09 TFLOP/s at 512²
+  on the project's 2-core machine, five runs each, 2026-12-07.)"""
   device = jax.devices()[0]
   sizes = [size] if size else ([512] if device.platform == "cpu" else [4096, 8192])
   best = 0.0
   for n in sizes:
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
-    b = (jax.random.normal(jax.random.key(1), (n, n), jnp.float32) / np.sqrt(n)).astype(jnp.bfloat16)
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = (jax.random.normal(jax.random.key(1), (n, n), jnp.float32) / np.sqrt(n)).astype(dtype)
     run = jax.jit(lambda a, b: jax.lax.fori_loop(0, chain, lambda _, x: x @ b, a))
     jax.block_until_ready(run(a, b))
     seconds = _median_seconds(lambda: jax.block_until_ready(run(a, b)), 5)
@@ -228,11 +235,12 @@ def _cell(value, fmt="{}"):
 
 def markdown(report: dict) -> str:
   """The summary tables of a report (settings, then ratios to MAE)."""
+  dtype = DTYPE_NAMES[report.get("ceiling_dtype", "bfloat16")]
   ceiling = (f"failed ({report['ceiling_error']}), so no MFU" if "ceiling_error" in report else
              f"{_cell(report.get('matmul_ceiling_tflop_per_s'), '{:.3g}')} TFLOP/s per device "
              "(MFU: TFLOP/s over it times the devices)")
   lines = [f"Device: {report.get('device') or '?'} x{report.get('num_devices') or '?'}, "
-           f"jax {report['jax']}; bf16 matmul ceiling {ceiling}.", "",
+           f"jax {report['jax']}; {dtype} matmul ceiling {ceiling}.", "",
            "| method | variant | attention | batch | img/s | step ms | peak GiB | XLA total GiB | "
            "GFLOP/img | TFLOP/s | MFU | furthest ms (share of step) |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -335,9 +343,10 @@ def _run(f: types.SimpleNamespace, argv) -> int:
     if timing:
       config_validation.validate_attention_backend(c.model, jax.default_backend())
   batch_of = lambda c: c.batch_size
+  dtype = configs[0].model.compute_dtype  # the sweep varies methods and variants, not this
   if f.child.value:  # one setting (or the ceiling) in this fresh process
     if f.child.value == CEILING:
-      row = matmul_ceiling(f.ceiling_size.value)
+      row = matmul_ceiling(f.ceiling_size.value, dtype=dtype)
     else:
       c = configs[int(f.child.value)]
       row = time_train_step(c, batch_of(c), f.steps.value, f.warmup.value, f.profile_dir.value)
@@ -346,10 +355,12 @@ def _run(f: types.SimpleNamespace, argv) -> int:
 
   report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "jax": jax.__version__, "command": " ".join(argv), "timed": timing,
-            "isolated": timing and f.isolate.value, "steps": f.steps.value, "settings": []}
+            "isolated": timing and f.isolate.value, "steps": f.steps.value,
+            "ceiling_dtype": dtype, "settings": []}
   if timing:
     measure = ((lambda child: _in_child(argv, child)) if f.isolate.value else
-               (lambda child: matmul_ceiling(f.ceiling_size.value) if child == CEILING else
+               (lambda child: matmul_ceiling(f.ceiling_size.value, dtype=dtype)
+                if child == CEILING else
                 time_train_step(configs[int(child)], batch_of(configs[int(child)]),
                                 f.steps.value, f.warmup.value, f.profile_dir.value)))
     report.update(ceiling_fields(measure(CEILING)))
