@@ -164,10 +164,14 @@ def test_drop_path_only_in_training():
   run = jax.jit(lambda p, x, train: model.apply({'params': p}, x, train=train,
                                                 rngs={'dropout': jax.random.key(1)}),
                 static_argnums=2)
+  # Evaluation: the same logits for every copy, to float32 rounding (with jax 0.7.1 on an AMD
+  # EPYC, XLA's CPU kernels gave some rows 1 ulp apart).
   evals = np.asarray(run(params, images, False))
-  np.testing.assert_array_equal(evals, np.broadcast_to(evals[:1], evals.shape))
+  np.testing.assert_allclose(evals, np.broadcast_to(evals[:1], evals.shape), rtol=1e-6,
+                             atol=1e-6)
+  # Training drops whole residual branches per example: copies differ far beyond rounding.
   trains = np.asarray(run(params, images, True))
-  assert len(np.unique(np.round(trains, 5), axis=0)) > 1
+  assert np.ptp(trains, axis=0).max() > 0.05
 
 
 def test_from_config():
