@@ -454,11 +454,13 @@ def test_the_ceiling_is_measured_in_the_dtype_the_steps_compute_in(monkeypatch, 
       "batch": b, "img_per_s": 100.0, "step_ms": 80.0, "num_devices": 1})
   config = apply_overrides(load_config("method=mae,dataset=shapes"),
                            dict(TINY_OVERRIDES, **{"model.compute_dtype": dtype}))
-  benchmark._run(_flag_values(config, child=child), ["benchmark"])  # pylint: disable=protected-access
+  run = benchmark._run  # pylint: disable=protected-access
+  run(_flag_values(config, child=child), ["benchmark"])
   assert asked == [(64, dtype)]
   out = capsys.readouterr().out
   if child:
-    assert json.loads(out.split(benchmark.RESULT_PREFIX, 1)[1])["matmul_ceiling_tflop_per_s"] == 2.0
+    row = json.loads(out.split(benchmark.RESULT_PREFIX, 1)[1])
+    assert row["matmul_ceiling_tflop_per_s"] == 2.0
   else:
     assert f"; {name} matmul ceiling 2 TFLOP/s per device" in out
 

@@ -76,6 +76,26 @@ def test_run_logs_window_means_calls_after_step_and_saves_on_schedule():
   assert summary == {"loss": 7.0, "loss_step": 10, "seen": 10, "step": 10, "stopped": False}
 
 
+@pytest.mark.parametrize("log_every,rates", [
+    (10, [(10, 1.0), (20, 1.0), (21, 1.0)]),  # step 1's 100 s are in no window
+    (1, [(1, 0.01)] + [(s, 1.0) for s in range(2, 22)]),  # step 1 is its own window
+])
+def test_steps_per_second_leaves_out_the_first_steps_compile(monkeypatch, log_every, rates):
+  """Step 1 waits 100 s for compiling and every later step takes 1 s (on a fake clock): the
+  first logged rate (and so the first ETA) is the training speed, not compile-bound."""
+  clock = [0.0]
+  monkeypatch.setattr(trainer.time, "monotonic", lambda: clock[0])  # the time module's own
+
+  def timed_step(state, batch):
+    clock[0] += 100.0 if int(state) == 0 else 1.0
+    return _step(state, batch)
+
+  writer = FakeWriter()
+  trainer.run(jnp.int32(0), timed_step, _batches([1.0] * 21), start_step=0, total_steps=21,
+              log_every=log_every, peak_lr=0.1, writer=writer)
+  assert [(s, r["steps_per_sec"]) for s, r in writer.rows] == rates
+
+
 def test_checkpoint_every_zero_saves_only_the_last_step():
   ckpt = FakeCheckpointer()
   trainer.run(jnp.int32(0), _step, _batches([1.0] * 5), start_step=0, total_steps=5,

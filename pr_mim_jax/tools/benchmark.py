@@ -7,8 +7,9 @@ r"""Train-step cost and speed on synthetic, device-resident data (no TensorFlow 
 Per (method, variant) setting it prints one JSON line: the analytic fwd+bwd GFLOP per image
 (encoder / decoder / thrown-token reconstruction) and its ratio to MAE; unless --no-timing,
 also compile time, median step time, images/s, achieved TFLOP/s, MFU against a matmul
-ceiling in the step's compute dtype measured in the same run, peak device memory (and XLA's compile-time temp-buffer
-size and total, which any backend reports), and the time furthest sampling takes.
+ceiling in the step's compute dtype measured in the same run, peak device memory (and
+XLA's compile-time temp-buffer size and total, which any backend reports), and the time
+furthest sampling takes.
 Each timed setting runs in a fresh process (JAX cannot reset the memory peak), and so does
 the ceiling measurement. A timed run then prints a summary with the ratios to MAE as
 markdown (--markdown writes it with or without timing). The step timed is the one `pretrain`

@@ -137,6 +137,11 @@ class Progress:
                  100.0 * step / self.total, rate, format_seconds(eta))
     return {"steps_per_sec": rate}
 
+  def restart(self, step: int) -> None:
+    """Begin the current interval at `step`, now (the loop calls it once the first step,
+    which waits for compiling, is done: the first rate and ETA then leave compiling out)."""
+    self._last_step, self._last_time = step, time.monotonic()
+
 
 def format_seconds(seconds: float) -> str:
   if not np.isfinite(seconds):

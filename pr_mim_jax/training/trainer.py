@@ -184,6 +184,8 @@ def run(state, step_fn, batches: Iterator[dict], *, start_step: int, total_steps
       step += 1
       if step == start_step + 1:
         wait_for_first_step(step, metrics, started)
+        if step % log_every and step != total_steps:  # else this step's own line logs it
+          progress.restart(step)
       queue.push(metrics)
       pending.append((step, metrics))
       if ckpt is not None:
