@@ -10,9 +10,11 @@ import sys
 import tomllib
 import zipfile
 
+from packaging.requirements import Requirement
 import pytest
 
 from conftest import ROOT
+from pr_mim_jax.data import sources
 
 PACKAGE = ROOT / "pr_mim_jax"
 # Distributions of optional modules whose import name says nothing of them, when absent.
@@ -81,6 +83,26 @@ def test_lowest_versions_pin_every_floor():
     assert pinned.split(".")[:len(release)] == release, f"{name}: floor {floor.group(1)}, " \
         f"lowest tested {pinned}: move one to the other"
 
+
+
+# Marker environments -> the TensorFlow distribution that has wheels there. pip download on
+# 2026-12-07 (Python 3.11): tensorflow-cpu >= 2.20 has none for macOS or Linux on aarch64,
+# tensorflow has both, and the rest of requirements.txt resolves on both with it.
+TENSORFLOW_WHEELS = {("linux", "x86_64"): "tensorflow-cpu", ("linux", "aarch64"): "tensorflow",
+                     ("darwin", "arm64"): "tensorflow"}
+
+
+@pytest.mark.parametrize("system,machine", TENSORFLOW_WHEELS)
+def test_each_platform_installs_the_one_tensorflow_it_has_wheels_for(system, machine):
+  """requirements.txt's markers pick exactly one TensorFlow per platform, and the install hint
+  of a run without TensorFlow names the same one; nothing else depends on the platform."""
+  env = {"sys_platform": system, "platform_machine": machine}
+  requirements = [Requirement(l.split("#")[0]) for l in _lines(ROOT / "requirements.txt")]
+  picked = {r.name for r in requirements if r.marker is None or r.marker.evaluate(env)}
+  want = TENSORFLOW_WHEELS[(system, machine)]
+  assert picked & {"tensorflow", "tensorflow-cpu"} == {want}
+  assert [r.name for r in requirements if r.marker] == ["tensorflow-cpu", "tensorflow"]
+  assert sources.tensorflow_distribution(system, machine) == want
 
 @pytest.mark.slow
 def test_a_built_wheel_runs_every_config_from_another_directory(tmp_path):

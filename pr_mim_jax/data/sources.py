@@ -20,6 +20,8 @@ inside the functions that need them.
 from __future__ import annotations
 
 import os
+import platform
+import sys
 
 import numpy as np
 
@@ -29,7 +31,15 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 FOLDER_PREFIX = "folder:"
 SHAPES = "shapes"
 OWN_DATASETS = (SHAPES,)  # dataset names of this project (besides folder:PATH and tfds names)
-TF_INSTALL = "pip install tensorflow-cpu tensorflow-datasets array-record"
+
+
+def tensorflow_distribution(system: str = sys.platform, machine: str = platform.machine()) -> str:
+  """The TensorFlow that pip can install here: tensorflow-cpu on Linux x86-64, tensorflow on
+  macOS and Linux on ARM, where tensorflow-cpu has no wheels (requirements.txt's choice too)."""
+  return "tensorflow-cpu" if system == "linux" and machine == "x86_64" else "tensorflow"
+
+
+TF_INSTALL = f"pip install {tensorflow_distribution()} tensorflow-datasets array-record"
 
 
 def parse_dataset(name: str) -> tuple[str, str]:
