@@ -224,6 +224,11 @@ def test_corrupt_checkpoint_raises_and_is_untouched(tmp_path, damage):
   assert 'move it away' in msg and 'untouched' in msg
   assert '\n' not in msg
   assert err.value.__cause__ is not None
+  # What an evaluation's init= and convert --from read: the same one line, nothing touched.
+  with pytest.raises(checkpointing.CheckpointError) as err:
+    ckpt.restore_subtree(('params',), _sharding())
+  assert str(tmp_path / '2') in str(err.value) and 'untouched' in str(err.value)
+  assert '\n' not in str(err.value)
   ckpt.close()
   assert _snapshot(tmp_path) == before
   assert sorted(p.name for p in tmp_path.iterdir()) == ['1', '2']
@@ -369,6 +374,9 @@ def test_a_changed_array_is_named(tmp_path):
     ckpt.restore_subtree(('params', 'dense'), _sharding())
   _, step = ckpt.restore_subtree(('params', 'scale'), _sharding())  # an intact part reads
   assert step == 1
+  with pytest.raises(checkpointing.CheckpointError, match=r"has no params/nope \(it has "
+                     r"\['dense', 'scale'\]\); is it a pre-training"):
+    ckpt.restore_subtree(('params', 'nope'), _sharding())
   with pytest.raises(checkpointing.DamagedCheckpoint, match='Every checkpoint'):
     ckpt.restore(_abstract(states[1]), fallback=True)
   ckpt.close()

@@ -420,6 +420,21 @@ def test_single_dash_config_names_a_packaged_config_too(monkeypatch, tmp_path):
   assert fv["config"].value.method == "mae" and fv["config"].value.optim.base_lr == 0.5
 
 
+
+def test_config_given_as_a_separate_word_names_a_packaged_config_too(monkeypatch, capsys,
+                                                                      tmp_path):
+  """absl takes `--config pretrain` as well as `--config=pretrain`: the name resolves and a
+  missing file is the same one line either way."""
+  monkeypatch.chdir(tmp_path)  # no configs/ here
+  argv = ["prog", "--config", "pretrain:method=mae", "--config.optim.base_lr=0.5"]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "Config file.", flag_values=fv, sys_argv=argv)
+  cli.parse_flags(argv, {"config": CONFIG}, fv)
+  assert fv["config"].value.method == "mae" and fv["config"].value.optim.base_lr == 0.5
+  assert _parse_error(monkeypatch, capsys, "--config", "pretrainn:method=mae", config=None) == [
+      "error: --config=pretrainn: no such config file; give a path, or the name of a packaged "
+      "config: pretrain, linear_probe, finetune, knn, study"]
+
 # ----------------------------------------------------------------------------------------
 # Helpers of every command.
 

@@ -103,6 +103,28 @@ def test_knn_and_linear_probe_start_from_a_converted_workdir(workdir, tmp_path):
                                 mae_state()["blocks.0.mlp.fc1.weight"].T)
 
 
+
+def test_an_encoder_only_file_becomes_a_workdir_with_a_fresh_decoder(workdir, tmp_path):
+  """timm weights (no decoder) in: the workdir's encoder is the file's and its decoder is new,
+  as the message says; MAE's decoder into a CrossMAE config is refused, writing nothing."""
+  vit = tmp_path / "vit.safetensors"
+  convert.convert(str(workdir), str(vit))  # the encoder only, under timm's names
+  message = convert.convert(str(vit), str(tmp_path / "wd"), config=pretrain_config())
+  assert "decoder freshly initialised" in message, message
+  ours, theirs = (convert.read_workdir_weights(w)[0] for w in (tmp_path / "wd", workdir))
+  jax.tree.map(np.testing.assert_array_equal, ours["encoder"], theirs["encoder"])
+  # The decoder takes the config's shape (2 blocks here, the file's source had 1) and new values.
+  assert {"decoder_block0", "decoder_block1"} <= ours.keys() and "decoder_block1" not in theirs
+  for group in ours.keys() & theirs.keys() - {"encoder"}:
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ours[group]),
+                                                        jax.tree.leaves(theirs[group]))), group
+  crossmae = pretrain_config()
+  crossmae.model.decoder = "cross_attention"
+  with pytest.raises(UserError, match="config.model.decoder: 'cross_attention', but the weights "
+                     "hold MAE's self-attention decoder; use 'self_attention'"):
+    convert.convert(str(MAE_PTH), str(tmp_path / "x"), heads=2, decoder_heads=2, config=crossmae)
+  assert not (tmp_path / "x").exists()
+
 @pytest.mark.slow
 def test_pretraining_resumes_from_a_converted_workdir(workdir, tmp_path):
   run = tmp_path / "continued"
@@ -329,8 +351,18 @@ def _metadata_file(value):
   return "src.safetensors"
 
 
+def _damaged_file(cut=None, raw=None):
+  """VIT_TI's bytes cut to `cut` (a slice), or `raw` bytes, as src.safetensors."""
+  pathlib.Path("src.safetensors").write_bytes(raw if raw is not None else VIT_TI.read_bytes()[cut])
+  return "src.safetensors"
+
+
+CORRUPT = "starts like safetensors but cannot be read; it looks truncated or corrupt"
+
+
 @pytest.mark.parametrize("case", ["proc_file", "proc_workdir", "dot", "bad_json", "no_model",
-                                  "meta_not_json", "meta_list", "knn_config"])
+                                  "meta_not_json", "meta_list", "knn_config", "cut_in_header",
+                                  "cut_in_data", "zero_header_length"])
 def test_bad_paths_and_inputs_are_one_line_errors(tmp_path, monkeypatch, case):
   monkeypatch.chdir(tmp_path)
   wd = lambda config: str(_fake_workdir(tmp_path / "src", config))  # pylint: disable=unnecessary-lambda-assignment
@@ -348,6 +380,12 @@ def test_bad_paths_and_inputs_are_one_line_errors(tmp_path, monkeypatch, case):
                     "'pr_mim_jax' is not a JSON object"),
       "knn_config": (lambda: str(MAE_PTH), "wd", dict(config=knn_config.get_config("init=x")),
                      "--config: a knn config; a workdir target needs a pre-training config"),
+      # A download cut short, in the JSON header or in the tensors' bytes after it.
+      "cut_in_header": (lambda: _damaged_file(slice(200)), "x.safetensors", {}, CORRUPT),
+      "cut_in_data": (lambda: _damaged_file(slice(-100)), "x.safetensors", {},
+                      CORRUPT + r" \(ValueError: tensor .* offsets"),
+      "zero_header_length": (lambda: _damaged_file(raw=bytes(8) + b"{}"), "x.safetensors", {},
+                             CORRUPT + r" \(ValueError: header length 0 is not plausible"),
   }[case]
   src = src()
   before = sorted(p.name for p in tmp_path.iterdir())

@@ -3,10 +3,12 @@
 import json
 import subprocess
 import sys
+import types
 
 import pytest
 
 from conftest import ROOT
+from pr_mim_jax.data import host_memory
 from pr_mim_jax.tools import input_benchmark
 
 pytest.importorskip("tensorflow")
@@ -97,3 +99,21 @@ def test_a_freed_buffer_under_32_mib_is_reused_without_page_faults():
   if not tuned:
     pytest.skip("mallopt is not glibc's here")
   assert max(faults[1:]) < 50, faults
+
+
+def _unloadable(name):
+  raise OSError(f"{name}: cannot open shared object file")
+
+
+@pytest.mark.parametrize("c_library", [
+    lambda name: types.SimpleNamespace(),  # loads, but has no mallopt: macOS's libSystem, musl
+    _unloadable])
+def test_without_glibc_the_pipeline_leaves_malloc_alone(monkeypatch, c_library):
+  """tune_malloc, which every input pipeline calls, says False instead of failing where the C
+  library has no mallopt or cannot be loaded."""
+  monkeypatch.setattr(host_memory.ctypes, "CDLL", c_library)
+  host_memory.tune_malloc.cache_clear()
+  try:
+    assert host_memory.tune_malloc() is False
+  finally:
+    host_memory.tune_malloc.cache_clear()

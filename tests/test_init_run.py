@@ -113,6 +113,13 @@ def test_init_config_json_without_a_model_is_one_line(tmp_path):
     init_run.resolve_model(config)
 
 
+
+def test_init_config_json_that_is_not_json_is_one_line(tmp_path):
+  (tmp_path / "config.json").write_text("{")  # a run killed while writing it, say
+  with pytest.raises(UserError, match=rf"^config.init.workdir: {tmp_path}/config.json is not "
+                     r"valid JSON \("):
+    init_run.pretrained_config(str(tmp_path))
+
 def _encoder(value):
   return {"block0": {"w": np.full((2, 3), value, np.float32)},
           "block1": {"w": np.full((2, 3), value + 1, np.float32)},

@@ -466,3 +466,23 @@ def test_a_signal_between_a_steps_save_decision_and_the_next_step_is_still_saved
     sys.settrace(previous)
   assert fired == [2] and summary["stopped"]
   assert ckpt.saved and ckpt.saved[-1][0] == summary["step"], (ckpt.saved, summary)
+
+
+def test_the_compilation_cache_dir_expands_home_and_is_left_alone_when_empty(monkeypatch,
+                                                                              tmp_path):
+  """config.compilation_cache_dir ('~' allowed) becomes JAX's persistent compilation cache,
+  for compiles over a second; '' keeps whatever JAX was given (the tests' session cache)."""
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+  before = {n: getattr(jax.config, n) for n in names}
+  monkeypatch.setenv("HOME", str(tmp_path))
+  try:
+    trainer.setup_jax(types.SimpleNamespace(compilation_cache_dir="~/xla"))
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 1.0
+    for name, value in before.items():
+      jax.config.update(name, value)
+    trainer.setup_jax(types.SimpleNamespace(compilation_cache_dir=""))
+    assert {n: getattr(jax.config, n) for n in names} == before
+  finally:
+    for name, value in before.items():
+      jax.config.update(name, value)

@@ -57,11 +57,6 @@ class MetricWriter:
       with storage_errors_as_os_errors(self._logdir):
         self._clu.write_images(step, {k: np.asarray(v)[None] for k, v in images.items()})
 
-  def flush(self):
-    if self._clu is not None:
-      with storage_errors_as_os_errors(self._logdir):
-        self._clu.flush()
-
   def close(self):
     if self._clu is not None:
       with storage_errors_as_os_errors(self._logdir):
