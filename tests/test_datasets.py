@@ -69,6 +69,11 @@ def test_tfds_name_without_tf_says_to_install_it(monkeypatch):
   monkeypatch.setattr(datasets, "tf_importable", lambda: False)
   with pytest.raises(UserError, match=f"needs tensorflow.*{sources.TF_INSTALL}"):
     datasets.check_dataset(_data("cifar10", backend="numpy"))
+  # Asking for the tf backend by name: the same advice; auto falls back to numpy instead.
+  with pytest.raises(UserError, match=f"^data backend 'tf' needs tensorflow and "
+                     f"tensorflow-datasets: {sources.TF_INSTALL}$"):
+    datasets.resolve_backend(_data("shapes", backend="tf"), None)
+  assert datasets.resolve_backend(_data("shapes", backend="auto"), None) == "numpy"
 
 
 def test_missing_split_error_names_the_config_field():

@@ -305,6 +305,9 @@ def test_a_diverged_stage_is_one_error_line_naming_the_study_field(tmp_path, mon
     ("KeyboardInterrupt", 130, "error: interrupted (Ctrl-C); the finished stages and saved "
      "checkpoints are kept; rerun the same command to resume"),
     ("study.Stopped()", 0, None),
+    # A diverged stage ends the study with its one line and exit code 1, nothing printed after.
+    ("study.Diverged('the mae pre-training run diverged at step 3')", 1,
+     "error: the mae pre-training run diverged at step 3"),
 ])
 def test_a_stop_before_or_during_training_says_how_to_go_on(tmp_path, raised, code, last_line):
   program = ("import sys\n"
