@@ -189,11 +189,14 @@ def test_batch_flag_is_checked_like_the_configs_batch(args, devices, message):
 
 
 @pytest.mark.slow
-def test_no_warmup_still_times_the_step():
+def test_no_warmup_still_times_the_step_and_a_trace_follows_it(tmp_path):
   config = apply_overrides(load_config("method=mae,dataset=shapes"),
                            dict(TINY_OVERRIDES, **{"model.depth": 1}))
-  row = benchmark.time_train_step(config, 8, steps=1, warmup=0)
+  row = benchmark.time_train_step(config, 8, steps=1, warmup=0, profile_dir=str(tmp_path))
   assert row["step_ms"] > 0 and np.isfinite(row["loss"])
+  # --profile_dir: one trace per setting, in a folder named after it, that TensorBoard reads
+  traces = list((tmp_path / "mae_Ti_4").glob("plugins/profile/*/*.xplane.pb"))
+  assert len(traces) == 1 and traces[0].stat().st_size > 0, sorted(tmp_path.rglob("*"))
 
 
 def test_a_report_path_that_cannot_be_written_fails_before_anything_runs(tmp_path):
@@ -203,6 +206,17 @@ def test_a_report_path_that_cannot_be_written_fails_before_anything_runs(tmp_pat
   assert proc.stderr.strip().splitlines() == [
       f"error: --json: cannot write {tmp_path}/missing/bench.json: No such directory "
       f"{tmp_path}/missing"]
+
+
+def test_a_profile_dir_that_is_a_file_fails_before_anything_is_timed(tmp_path):
+  (tmp_path / "traces").write_text("not a folder")
+  proc = _run("--config=pr_mim_jax/configs/pretrain.py", "--methods=mae",
+              f"--profile_dir={tmp_path}/traces")
+  assert proc.returncode == 2 and proc.stdout == ""  # not even the ceiling was measured
+  assert proc.stderr.strip().splitlines() == [
+      f"error: --profile_dir={tmp_path}/traces is a file, not a directory: choose a directory "
+      "(a new path, or an existing directory)"]
+  assert (tmp_path / "traces").read_text() == "not a folder"
 
 
 def test_a_bad_markdown_path_leaves_an_earlier_json_report_alone(tmp_path):

@@ -5,6 +5,7 @@ compile-only pieces are installed, see README "Will it fit?")."""
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -595,3 +596,50 @@ def test_memory_that_does_not_grow_between_probes_is_searched_on():
   best, _ = compile_report.largest_fitting(_measure(curve, 8 * GIB, calls), 8,
                                            limit_bytes=8 * GIB, step=8, max_batch=4096)
   assert best == 128 == _brute_force(curve, 8 * GIB, 8, 4096)
+
+
+def _flags(config, tmp_path, **values):
+  """compile_report's flags as `_run` reads them (absl FlagHolders: .value and .name)."""
+  values = {"config": config, "target": "cpu", "num_devices": 1, "num_slices": 1,
+            "methods": ["mae", "pr_mim"], "variants": [], "num_classes": 12, "fit": False,
+            "max_per_device_batch": 1024, "fit_step": 8, "fit_tolerance": 0.0,
+            "json": str(tmp_path / "report.json"), "markdown": str(tmp_path / "report.md"),
+            **values}
+  return types.SimpleNamespace(**{k: types.SimpleNamespace(name=k, value=v)
+                                  for k, v in values.items()})
+
+
+def test_a_setting_that_fails_to_compile_is_a_row_and_the_sweep_goes_on(monkeypatch, tmp_path,
+                                                                        capsys):
+  from conftest import apply_overrides, load_config  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # _run sets it; restored after the test
+  monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  config = apply_overrides(load_config("dataset=shapes"), TINY_OVERRIDES)
+  compiled, real_report_setting = [], compile_report.report_setting
+
+  def report_setting(c, target, **kw):  # MAE fails to compile, PR-MIM compiles for real
+    if c.method == "mae":
+      raise RuntimeError("INTERNAL: Failed to compile\nthe compiler's long explanation")
+    compiled.append(c.method)
+    return real_report_setting(c, target, **kw)
+
+  monkeypatch.setattr(compile_report, "report_setting", report_setting)
+  assert compile_report._run(_flags(config, tmp_path), ["compile_report"]) == 0
+  assert compiled == ["pr_mim"]  # the failure did not stop the sweep
+  rows = json.loads((tmp_path / "report.json").read_text())["settings"]
+  assert rows[0] == {"mode": "pretrain", "method": "mae", "variant": "Ti/4",
+                     "error": "INTERNAL: Failed to compile"}
+  assert rows[1]["method"] == "pr_mim" and rows[1]["memory_gib"]["total"] > 0
+  assert "| pretrain | mae | Ti/4 | failed: INTERNAL: Failed to compile |" in (
+      tmp_path / "report.md").read_text()
+  progress = capsys.readouterr().err.splitlines()
+  assert progress[0].startswith("[1/2] mae Ti/4: total – GiB;")
+  assert re.match(r"\[2/2\] pr_mim Ti/4: total [\d.]+ GiB;", progress[1]), progress
+  # Every setting failed: the report is still written, and the exit code says so.
+  monkeypatch.setattr(compile_report, "report_setting",
+                      lambda c, t, **kw: (_ for _ in ()).throw(RuntimeError("boom")))
+  assert compile_report._run(_flags(config, tmp_path), ["compile_report"]) == 1
+  assert capsys.readouterr().err.splitlines()[-1] == (
+      "error: all 2 settings failed, the last with: boom; the report names each one's error")
+  assert [r["error"] for r in json.loads((tmp_path / "report.json").read_text())["settings"]
+          ] == ["boom", "boom"]

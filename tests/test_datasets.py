@@ -76,6 +76,14 @@ def test_tfds_name_without_tf_says_to_install_it(monkeypatch):
   assert datasets.resolve_backend(_data("shapes", backend="auto"), None) == "numpy"
 
 
+def test_dali_on_the_in_memory_shapes_says_which_backends_read_it():
+  """Where DALI is installed, the backend check passes; the shapes source then has no files."""
+  with pytest.raises(UserError) as e:
+    datasets.open_source(_data("shapes", backend="dali"), "train", "dali")
+  assert str(e.value) == ("data.backend='dali' decodes image files; the in-memory 'shapes' "
+                          "dataset has none: use data.backend=numpy or tf for it")
+
+
 def test_missing_split_error_names_the_config_field():
   """eval_split's default ('validation') is a split the user never typed: say which field."""
   with pytest.raises(UserError, match=r"^data.eval_split: dataset shapes has no split 'valid"):

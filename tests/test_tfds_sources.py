@@ -66,6 +66,16 @@ def test_missing_version_of_own_dataset_lists_its_versions(own_tfds):
 
 
 @needs_tf
+def test_a_version_tfds_does_not_have_names_the_ones_it_has(tmp_path):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  known = ", ".join(str(v) for v in tfds.builder("mnist", data_dir=str(tmp_path)).versions)
+  with pytest.raises(UserError) as e:
+    tfds_sources.tfds_builder("mnist:9.9.9", str(tmp_path))
+  assert str(e.value) == (f"cannot load dataset 'mnist:9.9.9': tfds knows it at {known} only; "
+                          "ask for one of those in data.dataset (or no version: the newest)")
+
+
+@needs_tf
 def test_bad_split_slice_is_not_called_a_missing_split(own_tfds):
   builder = tfds_sources.tfds_builder("pr_mim_own", own_tfds)
   assert tfds_sources.check_split("pr_mim_own", builder, "train[:50%]") == 3

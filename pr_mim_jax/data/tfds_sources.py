@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import os
+import re
 from typing import Any
 
 import numpy as np
@@ -181,7 +182,12 @@ def tfds_builder(name: str, data_dir: str | None, *, require_prepared: bool = Tr
     raise UserError(f"unknown dataset {name!r}:{hint} use a tfds name, 'shapes' "
                     f"or 'folder:/path/to/images'{where}") from e
   except AssertionError as e:  # tfds's way to say "no such version"
-    raise UserError(f"cannot load dataset {name!r}: {str(e).splitlines()[-1]}") from e
+    reason = str(e).splitlines()[-1]
+    known = re.search(r"cannot be loaded at version .*, only: (.+?)\.?$", reason)
+    if known:  # tfds's line repeats its own arguments; keep what the user needs
+      reason = (f"tfds knows it at {known.group(1)} only; ask for one of those in data.dataset "
+                "(or no version: the newest)")
+    raise UserError(f"cannot load dataset {name!r}: {reason}") from e
   except ValueError as e:  # an unknown config, or a name tfds cannot parse ("/data/imgs")
     if "BuilderConfig" in str(e):
       base, _, config = name.split(":")[0].partition("/")

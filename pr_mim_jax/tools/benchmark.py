@@ -333,6 +333,8 @@ def _run(f: types.SimpleNamespace, argv) -> int:
   cli.check_output_file(f.markdown.value, "markdown")
   configs = methods.sweep(f.config.value, f.methods.value, f.variants.value)
   timing = not f.no_timing.value
+  if timing and f.profile_dir.value:  # made now: the traces are taken after each timing
+    cli.output_dir(f.profile_dir.value, "profile_dir")
   for c in configs:
     if f.batch.value:  # --batch is the config's batch_size, checked like it
       c.batch_size = f.batch.value
