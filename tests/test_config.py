@@ -926,6 +926,10 @@ FIRST_ANSWER = [
     ({'method': 'mae', 'reconstruction.thrown_reconstruction': 'none'},
      "config.masking.throw_ratio: method 'mae' decodes every masked token but throw_ratio=0.5; "
      'set it to 0, or use method=partial or method=pr_mim'),
+    # 0.001 of 196 patches rounds to none thrown, but a run's config.json would still say 0.001
+    ({'method': 'mae', 'reconstruction.thrown_reconstruction': 'none', 'masking.throw_ratio': 1e-3},
+     "config.masking.throw_ratio: method 'mae' decodes every masked token but throw_ratio=0.001; "
+     'set it to 0, or use method=partial or method=pr_mim'),
     ({'reconstruction.heads': 3, 'reconstruction.key_width': 48},
      'config.reconstruction.heads: 3 heads must divide key_width=48 and '
      'model.decoder_width=512; use e.g. 4'),

@@ -112,8 +112,8 @@ def validate_method(config, split: masking.TokenSplit):
   _require(rec.thrown_reconstruction in mae.THROWN_RECONSTRUCTIONS,
            "reconstruction.thrown_reconstruction", f"unknown value {rec.thrown_reconstruction!r}",
            f"use one of {mae.THROWN_RECONSTRUCTIONS}")
-  if method == "mae":
-    _require(split.n_throw == 0, "masking.throw_ratio",
+  if method == "mae":  # the ratio itself, not its rounded count: config.json records it
+    _require(config.masking.throw_ratio == 0, "masking.throw_ratio",
              f"method 'mae' decodes every masked token but throw_ratio={config.masking.throw_ratio}",
              "set it to 0, or use method=partial or method=pr_mim")
   else:
