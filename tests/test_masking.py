@@ -25,6 +25,7 @@ from pr_mim_jax.models import progressive
     (64, 0.9, 0.3, (6, 39, 19)),  # int(6.4) = 6, round(19.2) = 19
     (16, 0.75, 0.3, (4, 7, 5)),  # round(4.8) = 5 (truncating would give 4)
     (16, 0.75, 0.2, (4, 9, 3)),  # round(3.2) = 3 (ceil would give 4)
+    (49, 0.75, 0.5, (12, 13, 24)),  # round(24.5) = 24: an exact half goes to the even side
     # In floating point 1 - 0.8 is just below 0.2, so MAE's int(100 * (1 - 0.8)) keeps 19.
     (100, 0.8, 0.0, (19, 81, 0)),
 ])
