@@ -594,6 +594,31 @@ def test_a_run_resumed_past_a_damaged_step_saves_that_step_anew(tmp_path, caplog
   assert '2.damaged' in caplog.text
 
 
+@pytest.mark.parametrize('keep,after_5', [(1, ['5', '6']), (2, ['4', '5', '6'])])
+def test_retention_counts_good_steps_and_never_deletes_a_damaged_one(tmp_path, keep, after_5):
+  """Steps 2, 4, 6 with 6 damaged, resumed from 4. Saving 5 keeps the newest `keep` good
+  steps and leaves damaged 6 in place, as the resume promised (orbax's own retention counts
+  in save order: it deleted 6 with keep=1, and with keep=2 kept 6 in place of good 4)."""
+  states = _saved(tmp_path, [2, 4, 6])
+  _swap_in_other_arrays(tmp_path / '6', tmp_path / '4')
+  damaged = _snapshot(tmp_path / '6')
+  ckpt = checkpointing.Checkpointer(str(tmp_path), max_to_keep=keep)
+  _assert_identical(ckpt.restore(_abstract(states[6]), fallback=True), states[4])
+  ckpt.save(5, _make_state(seed=5))
+  ckpt.wait()
+  assert sorted(p.name for p in tmp_path.iterdir()) == after_5
+  assert _snapshot(tmp_path / '6') == damaged
+  new = _make_state(seed=16)
+  ckpt.save(6, new)  # reaches the damaged step: it goes aside, whole
+  ckpt.close()
+  assert sorted(p.name for p in tmp_path.iterdir()) == after_5[1:] + ['6.damaged']
+  assert {k.replace(f'{tmp_path}/6.damaged', f'{tmp_path}/6'): v
+          for k, v in _snapshot(tmp_path / '6.damaged').items()} == damaged
+  reopened = checkpointing.Checkpointer(str(tmp_path))
+  _assert_identical(reopened.restore(_abstract(new)), new)
+  reopened.close()
+
+
 def test_a_step_damaged_again_goes_aside_under_a_new_name(tmp_path):
   """Earlier damaged copies of a step, kept for inspection, are never overwritten: the next
   one takes the first free '<step>.damaged-N' name."""

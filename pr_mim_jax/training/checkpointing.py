@@ -18,6 +18,7 @@ place. A step killed after orbax's rename but before its checksums lacks the fil
 restores unverified, with a note, as do checkpoints from before checksums existed. A run
 resumed past a damaged step that reaches that step again moves it aside to `<step>.damaged`
 and saves the step anew (otherwise the damaged one would block every save of that step).
+Until then retention neither deletes the damaged step nor counts it (_NewestGoodSteps).
 """
 
 from absl import logging
@@ -195,6 +196,23 @@ def _damaged(path, e: Exception) -> DamagedCheckpoint:
       'older checkpoint, or point --workdir elsewhere.')
 
 
+class _NewestGoodSteps:
+  """orbax's retention policy for a Checkpointer: keeps the `n` highest steps not in
+  `damaged` (the Checkpointer's own set, read at each save) and every step in it.
+
+  orbax's LatestN counts in save order: after a resume that passed over damaged newer steps,
+  it deleted them (whom the resume had promised to leave in place) or kept them in place of
+  good ones."""
+
+  def __init__(self, n: int, damaged: set[int]):
+    self.n, self.damaged = n, damaged
+
+  def should_preserve(self, checkpoints, *, context=None) -> list[bool]:
+    good = sorted(c.step for c in checkpoints if c.step not in self.damaged)
+    keep = set(good[-self.n:]) | self.damaged
+    return [c.step in keep for c in checkpoints]
+
+
 class Checkpointer:
   """Keeps the newest `max_to_keep` train states under `directory`.
 
@@ -224,7 +242,7 @@ class Checkpointer:
         create=write,
         cleanup_tmp_directories=write,
         enable_async_checkpointing=self._async_save,
-        preservation_policy=ocp.checkpoint_managers.LatestN(n=self._max_to_keep))
+        preservation_policy=_NewestGoodSteps(self._max_to_keep, self._damaged))
     try:
       return ocp.CheckpointManager(self.directory, options=options, handler_registry=registry)
     except OSError as e:
