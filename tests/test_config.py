@@ -292,6 +292,8 @@ INVALID = [
     ({'mesh.fsdp': -1}, 'config.mesh:'),  # data is -1 too
     ({'sharding_rules.embed': 'model'}, 'config.sharding_rules.embed'),
     ({'sharding_rules.heads': 'tensor,tensor'}, 'config.sharding_rules.heads'),
+    # It seeds the shuffle, which raised inside tf.data, after the compile, as 4 tracebacks.
+    ({'seed': -1}, 'config.seed: got -1; use an integer >= 0'),
 ]
 
 
@@ -332,6 +334,7 @@ INVALID_CLASSIFY = [
     ({'data.random_erase': 1.5}, 'config.data.random_erase: got 1.5'),
     ({'data.augment': 'crop_flip'}, 'config.data.random_erase: 0.25 has no effect'),
     ({'data.backend': 'torch'}, "config.data.backend: unknown value 'torch'"),
+    ({'seed': -3}, 'config.seed: got -3; use an integer >= 0'),
 ]
 
 # A probe config (LARS on the head of a frozen encoder) with a field it would ignore.

@@ -84,6 +84,17 @@ def test_dali_on_the_in_memory_shapes_says_which_backends_read_it():
                           "dataset has none: use data.backend=numpy or tf for it")
 
 
+@pytest.mark.parametrize("field,value,least", [
+    ("train_size", 0, 1),  # was "batch_size 16 exceeds the 0 training examples"
+    ("image_size", 0, 1), ("test_size", -4, 0), ("seed", 1.5, 0)])
+def test_a_shapes_size_out_of_range_names_the_field_and_its_least_value(field, value, least):
+  data = _data("shapes", eval_split="test", shapes={"image_size": 16, "train_size": 32,
+                                                    "test_size": 8, "seed": 0, field: value})
+  with pytest.raises(UserError) as e:
+    datasets.check_dataset(data)
+  assert str(e.value) == f"data.shapes.{field} must be an integer >= {least}, got {value!r}"
+
+
 def test_missing_split_error_names_the_config_field():
   """eval_split's default ('validation') is a split the user never typed: say which field."""
   with pytest.raises(UserError, match=r"^data.eval_split: dataset shapes has no split 'valid"):

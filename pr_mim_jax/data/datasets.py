@@ -40,9 +40,9 @@ def _shapes_cfg(data) -> tuple[int, int, int, int]:
   cfg = get(data, "shapes", None) or {}
   vals = (get(cfg, "image_size", 64), get(cfg, "train_size", 20000), get(cfg, "test_size", 2000),
           get(cfg, "seed", 0))
-  for name, v in zip(("image_size", "train_size", "test_size", "seed"), vals):
-    if not isinstance(v, (int, np.integer)) or v < 0:
-      raise UserError(f"data.shapes.{name} must be a non-negative integer, got {v!r}")
+  for name, v, least in zip(("image_size", "train_size", "test_size", "seed"), vals, (1, 1, 0, 0)):
+    if not isinstance(v, (int, np.integer)) or v < least:
+      raise UserError(f"data.shapes.{name} must be an integer >= {least}, got {v!r}")
   return tuple(int(v) for v in vals)
 
 

@@ -37,6 +37,12 @@ def _positive_int(field, value):
   _require(isinstance(value, int) and value > 0, field, f"got {value!r}", "use an integer > 0")
 
 
+def validate_seed(config):
+  """The run's seed, which also seeds each epoch's shuffle (numpy: only integers >= 0)."""
+  _require(isinstance(config.seed, int) and config.seed >= 0, "seed", f"got {config.seed!r}",
+           "use an integer >= 0")
+
+
 def validate_model(model):
   try:
     spec = vit.parse_variant(model.variant)
@@ -273,6 +279,7 @@ def validate_pretrain(config, num_batch_shards: int):
   validate_data(config.data)
   validate_mesh(config)
   validate_train(config, num_batch_shards)
+  validate_seed(config)
 
 
 def validate_init_step(config):
@@ -369,6 +376,7 @@ def validate_classify(config, num_batch_shards: int):
            f"{erase} has no effect with data.augment={config.data.augment!r} (erasing is part "
            "of the 'randaugment' recipe)", "use 0, or data.augment='randaugment'")
   validate_data(config.data)
+  validate_seed(config)
   for field in ("batch_size", "eval.batch_size"):
     value = config.eval.batch_size if field == "eval.batch_size" else config.batch_size
     _require(isinstance(value, int) and value > 0 and value % num_batch_shards == 0, field,
