@@ -320,6 +320,16 @@ def parse_flags(argv, required: dict[str, str], flag_values=None) -> None:
   for name, example in required.items():
     if not fv[name].value:
       fail(f"--{name} is required, e.g. --{name}={example}")
+  _expand_home(fv)
+
+
+def _expand_home(fv) -> None:
+  """A leading ~ in every string flag, expanded: the shell leaves `--workdir=~/run` as it is,
+  which would make a folder named '~' in the current one (the configs' paths expand too)."""
+  for name in fv:
+    value = fv[name].value
+    if isinstance(value, str) and value.startswith("~"):
+      fv[name].value = os.path.expanduser(value)
 
 
 # The command that runs each kind of config (config_kind).

@@ -8,6 +8,7 @@ names the field and the fix, and exit code 2.
 """
 
 import logging
+import os
 import sys
 
 from absl import flags
@@ -45,6 +46,8 @@ def _run() -> int:
     from pr_mim_jax.evaluation import classify, knn_eval  # pylint: disable=g-import-not-at-top
     run, check = ((knn_eval.knn_eval, knn_eval.check_knn_config) if mode == "knn"
                   else (classify.train, classify.check_config))
+  if (config.get("init") and config.init.get("workdir") or "").startswith("~"):  # as --workdir
+    config.init.workdir = os.path.expanduser(config.init.workdir)
   checked = check(config)  # before INFO logging, so a mistake prints one line
   if mode == "pretrain":  # before the workdir is made
     from pr_mim_jax.data import datasets  # pylint: disable=g-import-not-at-top
@@ -52,6 +55,7 @@ def _run() -> int:
   elif mode == "knn":  # before the run log appends to another run's log.txt
     knn_eval.check_knn_workdir(_WORKDIR.value)
   config_validation.validate_attention_backend(config.model, jax.default_backend())
+  workdir_records.check_run_kind(_WORKDIR.value, config)  # before its log.txt is appended to
   workdir_records.check_writable(_WORKDIR.value)
   absl_logging.use_absl_handler()
   absl_logging.set_verbosity(absl_logging.INFO)

@@ -443,6 +443,37 @@ def test_a_required_flag_left_out_is_named_with_an_example(monkeypatch, capsys):
       f"error: --config is required, e.g. --config={CONFIG}"]
 
 
+def test_a_path_flag_starting_with_tilde_is_in_the_home_folder(monkeypatch, tmp_path):
+  """The shell expands no ~ after `--workdir=`: left alone it made a folder named '~' in the
+  current one, and a later --workdir=$HOME/run started afresh instead of resuming."""
+  monkeypatch.chdir(ROOT)
+  monkeypatch.setenv("HOME", str(tmp_path))
+  argv = ["prog", f"--config={CONFIG}", "--workdir=~/runs/a", "--json=~", "--out=a~/b"]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "Config file.", flag_values=fv,
+                                  lock_config=True, sys_argv=argv)
+  for name in ("workdir", "json", "out"):
+    flags.DEFINE_string(name, None, "A path.", flag_values=fv)
+  cli.parse_flags(argv, {"config": CONFIG, "workdir": "workdirs/demo"}, fv)
+  assert (fv.workdir, fv.json, fv.out) == (f"{tmp_path}/runs/a", str(tmp_path), "a~/b")
+  assert fv.config.data.dataset == "shapes"  # the config is no string: left as it is
+
+
+def test_an_init_run_starting_with_tilde_is_in_the_home_folder(monkeypatch, tmp_path):
+  from pr_mim_jax.configs import knn as knn_config  # pylint: disable=g-import-not-at-top
+  from pr_mim_jax.evaluation import knn_eval  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("HOME", str(tmp_path))
+  main, _ = _stub_main(monkeypatch, knn_config.get_config("init=~/runs/demo"), tmp_path / "knn")
+
+  def check_knn_config(config):
+    raise cli.UserError(f"checked with init.workdir={config.init.workdir}")
+
+  monkeypatch.setattr(knn_eval, "check_knn_config", check_knn_config)
+  with pytest.raises(cli.UserError) as e:
+    main._run()  # pylint: disable=protected-access
+  assert str(e.value) == f"checked with init.workdir={tmp_path}/runs/demo"
+
+
 def test_the_last_of_repeated_flags_wins_as_in_absl():
   assert cli.cli_help.argument_of(["--config=a", "--x=1", "--config", "b"], "config") == "b"
   assert cli.cli_help.argument_of(["--config=a", "--config=b"], "config") == "b"
@@ -584,18 +615,30 @@ def test_main_exits_1_on_a_non_finite_loss(monkeypatch, tmp_path, capsys):
   assert capsys.readouterr().err.splitlines()[-1] == "error: loss is nan at step 3"
 
 
-def test_knn_into_a_pretraining_workdir_is_refused_before_its_log_is_touched(monkeypatch,
-                                                                            tmp_path):
-  """k-NN with --workdir = the run to evaluate: refused before run_log.attach would append
-  the k-NN's lines to that run's log.txt."""
-  from pr_mim_jax.configs import knn as knn_config  # pylint: disable=g-import-not-at-top
-  from pr_mim_jax.evaluation import knn_eval  # pylint: disable=g-import-not-at-top
+@pytest.mark.parametrize("mode,error", [
+    ("knn", r"^--workdir: .* holds a pretrain run \(checkpoints\), whose config\.json a k-NN "),
+    ("linear_probe", r"^config\.mode: --workdir .* holds a 'pretrain' run \(its config\.json\)")])
+def test_an_evaluation_into_its_init_run_is_refused_before_its_log_is_touched(
+    monkeypatch, tmp_path, mode, error):
+  """--workdir = the run to evaluate: refused before run_log.attach would append the
+  evaluation's lines to that run's log.txt (k-NN by the checkpoints a k-NN run never writes,
+  a probe by the run's config.json)."""
+  # pylint: disable=g-import-not-at-top
+  from pr_mim_jax.configs import classify as classify_config
+  from pr_mim_jax.configs import knn as knn_config
+  from pr_mim_jax.configs import pretrain as pretrain_config
+  from pr_mim_jax.evaluation import classify, knn_eval
   (tmp_path / "checkpoints" / "6").mkdir(parents=True)
+  (tmp_path / "config.json").write_text(pretrain_config.get_config("dataset=shapes").to_json())
   (tmp_path / "log.txt").write_text("pre-training log\n")
-  main, attached = _stub_main(monkeypatch, knn_config.get_config(f"init={tmp_path}"), tmp_path)
-  monkeypatch.setattr(knn_eval, "check_knn_config", lambda config: None)
-  monkeypatch.setattr(knn_eval, "knn_eval", lambda *unused: pytest.fail("k-NN ran"))
-  with pytest.raises(cli.UserError, match=r"^--workdir: .* holds another run \(checkpoints\)"):
+  config = (knn_config.get_config(f"init={tmp_path}") if mode == "knn" else
+            classify_config.get_config(mode, f"init={tmp_path},dataset=shapes"))
+  main, attached = _stub_main(monkeypatch, config, tmp_path)
+  for module, check, run in ((knn_eval, "check_knn_config", "knn_eval"),
+                             (classify, "check_config", "train")):
+    monkeypatch.setattr(module, check, lambda config: None)
+    monkeypatch.setattr(module, run, lambda *unused: pytest.fail("the evaluation ran"))
+  with pytest.raises(cli.UserError, match=error):
     main._run()  # pylint: disable=protected-access
   assert not attached
   assert (tmp_path / "log.txt").read_text() == "pre-training log\n"

@@ -106,6 +106,25 @@ def test_init_at_a_knn_workdir_is_one_line(tmp_path, mode):
     init_run.resolve_model(config)
 
 
+@pytest.mark.parametrize("mode", ["linear_probe", "finetune"])
+def test_init_at_a_probe_or_fine_tune_run_warns_that_it_is_no_pre_training_run(tmp_path, mode,
+                                                                               caplog):
+  """Its encoder is there (a fine-tuned one, for a fine-tune run), so it is used, but said."""
+  recorded = eval_config(mode, "/runs/pre", **{"model.variant": "Ti/4"})
+  (tmp_path / "config.json").write_text(recorded.to_json())
+  probe = classify_config.get_config("linear_probe", f"init={tmp_path},dataset=shapes")
+  with caplog.at_level("WARNING"):
+    assert init_run.resolve_model(probe).variant == "Ti/4"
+  assert (f"config.init.workdir: {tmp_path} is a {mode} run, not a pre-training run: its "
+          "encoder as that run left it is the starting point (its own config.init.workdir: "
+          "'/runs/pre')") in caplog.text
+  caplog.clear()
+  (tmp_path / "config.json").write_text(load_config("variant=Ti/4").to_json())
+  with caplog.at_level("WARNING"):
+    init_run.resolve_model(probe)
+  assert "not a pre-training run" not in caplog.text
+
+
 def test_init_config_json_without_a_model_is_one_line(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"model": {"variant": ""}}))
   config = classify_config.get_config("linear_probe", f"init={tmp_path},dataset=shapes")

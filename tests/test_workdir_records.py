@@ -119,6 +119,27 @@ def test_resuming_pre_training_with_another_method_loss_or_examples_is_refused(t
                                         pretrain.FIXED_ON_RESUME)
 
 
+def test_a_workdir_holding_another_kind_of_run_says_to_use_a_new_one(tmp_path):
+  """A probe given its init run as --workdir was told to pass --config.mode=pretrain, and
+  pre-training into a probe's workdir failed later on 151 mismatched leaves."""
+  pretrained = _recorded(tmp_path / "pre")
+  with pytest.raises(UserError) as err:
+    workdir_records.check_run_kind(pretrained, _tiny(mode="linear_probe"))
+  assert str(err.value) == (
+      f"config.mode: --workdir {pretrained} holds a 'pretrain' run (its config.json), and this "
+      "is a 'linear_probe' run; point --workdir at a new folder, and init= at the run to start "
+      "from")
+  probe = _recorded(tmp_path / "probe", mode="finetune")
+  with pytest.raises(UserError, match=r"^config\.mode: .* holds a 'finetune' run .* this is a "
+                     r"'pretrain' run; point --workdir at a new folder$"):
+    workdir_records.check_run_kind(probe, _tiny())
+  # The same kind, a new folder, or a config.json that does not parse: no objection here.
+  workdir_records.check_run_kind(pretrained, _tiny())
+  workdir_records.check_run_kind(str(tmp_path / "new"), _tiny(mode="finetune"))
+  (tmp_path / "probe" / "config.json").write_text("{")
+  workdir_records.check_run_kind(probe, _tiny())
+
+
 def test_allowed_changes_are_named_and_step_0_or_no_record_takes_any_config(tmp_path, caplog):
   workdir = _recorded(tmp_path / "run")
   with caplog.at_level(logging.WARNING):

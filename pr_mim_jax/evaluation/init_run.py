@@ -35,6 +35,10 @@ def pretrained_config(init_workdir: str):
     config = ml_collections.ConfigDict(json.loads(path.read_text()))
   except (ValueError, TypeError) as e:
     raise UserError(f"config.init.workdir: {path} is not valid JSON ({e})") from None
+  if config.get("mode") in ("linear_probe", "finetune"):  # it has an encoder, but not MAE's
+    logging.warning("config.init.workdir: %s is a %s run, not a pre-training run: its encoder "
+                    "as that run left it is the starting point (its own config.init.workdir: "
+                    "%r)", init_workdir, config.mode, config.get("init", {}).get("workdir"))
   if config.get("mode") == "knn":  # a k-NN workdir: a config.json, but no checkpoint
     raise UserError(f"config.init.workdir: {init_workdir} is a k-NN evaluation's workdir, "
                     "which holds no checkpoint; point it at the run it evaluated (its "

@@ -127,6 +127,21 @@ def _moved_folder(key: str, old, new) -> bool:
           and old.startswith("folder:") and new.startswith("folder:"))
 
 
+def check_run_kind(workdir: str, config) -> None:
+  """A UserError when `workdir` holds another kind of run (its config.json's mode), before
+  this run appends to its log or resumes: e.g. a probe given its init run as --workdir."""
+  path = epath.Path(workdir) / "config.json"
+  try:
+    recorded = json.loads(path.read_text()) if path.exists() else {}
+  except ValueError:
+    return  # check_resume_config names it
+  old, new = recorded.get("mode", "pretrain"), config.get("mode", "pretrain")
+  if recorded and old != new:
+    start = ", and init= at the run to start from" if new in ("linear_probe", "finetune") else ""
+    raise UserError(f"config.mode: --workdir {workdir} holds a {old!r} run (its config.json), "
+                    f"and this is a {new!r} run; point --workdir at a new folder{start}")
+
+
 def check_resume_config(workdir: str, config, step: int, fixed: tuple[str, ...]) -> None:
   """Compares `config` with the config.json of the run about to resume from `step`.
 
