@@ -136,8 +136,9 @@ def test_a_workdir_holding_another_kind_of_run_says_to_use_a_new_one(tmp_path):
   # The same kind, a new folder, or a config.json that does not parse: no objection here.
   workdir_records.check_run_kind(pretrained, _tiny())
   workdir_records.check_run_kind(str(tmp_path / "new"), _tiny(mode="finetune"))
-  (tmp_path / "probe" / "config.json").write_text("{")
-  workdir_records.check_run_kind(probe, _tiny())
+  for text in ("{", "[]"):
+    (tmp_path / "probe" / "config.json").write_text(text)
+    workdir_records.check_run_kind(probe, _tiny())
 
 
 def test_allowed_changes_are_named_and_step_0_or_no_record_takes_any_config(tmp_path, caplog):

@@ -201,7 +201,7 @@ class _NewestGoodSteps:
   `damaged` (the Checkpointer's own set, read at each save) and every step in it.
 
   orbax's LatestN counts in save order: after a resume that passed over damaged newer steps,
-  it deleted them (whom the resume had promised to leave in place) or kept them in place of
+  it deleted them (which the resume had promised to leave in place) or kept them in place of
   good ones."""
 
   def __init__(self, n: int, damaged: set[int]):

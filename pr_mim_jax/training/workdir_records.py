@@ -135,6 +135,8 @@ def check_run_kind(workdir: str, config) -> None:
     recorded = json.loads(path.read_text()) if path.exists() else {}
   except ValueError:
     return  # check_resume_config names it
+  if not isinstance(recorded, dict):
+    return
   old, new = recorded.get("mode", "pretrain"), config.get("mode", "pretrain")
   if recorded and old != new:
     start = ", and init= at the run to start from" if new in ("linear_probe", "finetune") else ""
