@@ -27,6 +27,7 @@ from pr_mim_jax.interop import timm_weights
 from pr_mim_jax.interop import weight_files
 from pr_mim_jax.models import posemb
 from pr_mim_jax.parallel import sharding
+from pr_mim_jax.training import checkpoint_errors
 from pr_mim_jax.training import checkpointing
 from pr_mim_jax.training import workdir_records
 
@@ -645,7 +646,7 @@ def test_a_failed_workdir_write_is_one_line_and_keeps_the_old_workdir(tmp_path, 
   def fail(directory, *args):
     if where == "write_records":
       raise full
-    raise checkpointing._write_failed(0, directory, full) from full
+    raise checkpoint_errors.write_failed(0, directory, full) from full
   monkeypatch.setattr((workdir_records if where == "write_records" else checkpointing), where,
                       fail)
   with pytest.raises(UserError) as e:

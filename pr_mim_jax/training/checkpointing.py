@@ -2,7 +2,7 @@
 
 A thin wrapper around `orbax.checkpoint.CheckpointManager` that keeps the
 training loop free of orbax details and turns damaged or incompatible
-checkpoints into one-line `CheckpointError`s instead of orbax tracebacks.
+checkpoints into one-line `CheckpointError`s (checkpoint_errors.py) instead of orbax tracebacks.
 
 Atomicity: orbax writes each step into `<step>.orbax-checkpoint-tmp*` and only
 renames it to `<step>` once every file is written (on GCS, where renames are
@@ -23,31 +23,19 @@ Until then retention neither deletes the damaged step nor counts it (_NewestGood
 
 from absl import logging
 import json
-import logging as logging_std
 import os
-import sys
-import traceback
-import warnings
 from etils import epath
 import jax
 from jax.experimental import multihost_utils
-import numpy as np
 import orbax.checkpoint as ocp
 
-from pr_mim_jax.errors import UserError
+from pr_mim_jax.training import checkpoint_errors
 from pr_mim_jax.training import checksums
+from pr_mim_jax.training.checkpoint_errors import CheckpointError, DamagedCheckpoint  # re-exported
 
 _ITEM = 'state'  # Name of the single item inside each step directory.
 _MAX_LISTED = 5  # Mismatched leaves listed in an incompatibility error.
 CHECKSUMS_FILE = 'checksums.json'  # In each step directory, written once the save is final.
-
-
-class CheckpointError(UserError):
-  """A checkpoint that cannot be used; the message says which and why."""
-
-
-class DamagedCheckpoint(CheckpointError):
-  """A checkpoint whose files cannot be read or whose arrays fail their checksums."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -65,135 +53,11 @@ def write_checkpoint(workdir: str, step: int, state) -> None:
     ckpt.close()
 
 
-def _short(e: Exception, limit: int = 200) -> str:
-  """First line of an exception, truncated: enough to hint, not a traceback."""
-  lines = str(e).strip().splitlines()
-  text = lines[0] if lines else ''
-  text = text if len(text) <= limit else text[:limit] + '...'
-  return f'{type(e).__name__}: {text}'
-
-
 def _to_abstract(x):
   """Concrete arrays become ShapeDtypeStructs carrying their sharding."""
   if isinstance(x, jax.Array):
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
   return x
-
-
-def _flat(tree) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-  """Maps 'a/b/0'-style leaf paths to (shape, dtype).
-
-  Works for both the target tree (dataclasses, namedtuples) and orbax's saved
-  metadata tree (plain dicts/lists), which flatten to the same path strings.
-  """
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {
-      jax.tree_util.keystr(p, simple=True, separator='/'):
-          (tuple(x.shape), np.dtype(x.dtype))
-      for p, x in leaves}
-
-
-def _mismatches(saved, expected) -> list[str]:
-  """Human-readable differences between saved and expected leaves."""
-  saved, expected = _flat(saved), _flat(expected)
-  out = []
-  for k in list(expected) + [k for k in saved if k not in expected]:
-    if k not in expected:
-      out.append(f'{k} (only in checkpoint)')
-    elif k not in saved:
-      out.append(f'{k} (missing from checkpoint)')
-    elif saved[k] != expected[k]:
-      (s_shape, s_dtype), (e_shape, e_dtype) = saved[k], expected[k]
-      out.append(f'{k}: saved {s_shape} {s_dtype}, expected {e_shape} {e_dtype}')
-  return out
-
-
-def _late_read(exc, tb) -> bool:
-  """Whether an exception nobody catches comes from a checkpoint read or write that outlived
-  a failed one: when one array fails, orbax stops waiting and closes its event loop while
-  TensorStore still completes (or fails) the other arrays' operations, whose coroutines and
-  callbacks then raise with no one to catch them."""
-  if isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed':
-    return True
-  return any('/orbax/checkpoint/' in f.filename for f in traceback.extract_tb(tb))
-
-
-class _LateTaskFilter(logging_std.Filter):
-  """asyncio's "Task exception was never retrieved" for an orbax task becomes one INFO line."""
-
-  def filter(self, record):
-    exc = record.exc_info[1] if record.exc_info else None
-    if exc is not None and _late_read(exc, exc.__traceback__):
-      record.levelno, record.levelname = logging_std.INFO, 'INFO'
-      record.msg, record.args, record.exc_info, record.exc_text = (
-          'A checkpoint operation ended after its read or write failed: %s',
-          (_short(exc, 120),), None, None)
-    return True
-
-
-def _quiet_late_reads() -> None:
-  """Those exceptions go to the log as one line each instead of to the console as tracebacks
-  around the error line. They arrive as unraisable exceptions (coroutines destroyed while
-  pending, TensorStore's threads), uncaught ones, asyncio's "never retrieved" log records,
-  or "never awaited" warnings at exit, possibly before the failure itself reaches us, hence
-  installed with the first Checkpointer; every other exception reaches the previous hooks
-  unchanged."""
-  if getattr(sys.unraisablehook, 'quiets_late_reads', False):
-    return
-  logging_std.getLogger('asyncio').addFilter(_LateTaskFilter())
-  warnings.filterwarnings('ignore', r"coroutine '.*serializ", RuntimeWarning)  # orbax's I/O
-  previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
-
-  def unraisable(args):
-    if _late_read(args.exc_value, args.exc_traceback):
-      logging.info('A checkpoint operation ended after its read or write failed: %s',
-                   _short(args.exc_value, 120))
-    else:
-      previous_unraisable(args)
-
-  def uncaught(exc_type, exc, tb):
-    # Only the closed loop: any other exception reaching the main thread is a real failure
-    # (a directory orbax cannot create, say), whatever orbax frames it passed through.
-    if isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed':
-      logging.info('A checkpoint operation ended after its read or write failed: %s',
-                   _short(exc, 120))
-    else:
-      previous_except(exc_type, exc, tb)
-
-  unraisable.quiets_late_reads = True
-  sys.unraisablehook, sys.excepthook = unraisable, uncaught
-
-
-def _write_failed(step, directory, e: Exception) -> CheckpointError:
-  """The one-line error for a save that failed; the library's own words go to the log."""
-  what = ('Creating the checkpoint directory' if step is None
-          else f'Writing checkpoint step {step} to')
-  logging.warning('%s %s failed: %s', what, directory, e)
-  text = str(e)
-  if step is not None and not epath.Path(directory).exists():
-    return CheckpointError(
-        f'{what} {directory} failed: the directory was deleted while the step was being '
-        'written, and every checkpoint in it went with it. Rerun the same command to start '
-        'afresh.')
-  if 'No space left' in text or 'File too large' in text or 'Disk quota' in text:
-    cause = 'the disk is full (or a file size or quota limit was hit): free space'
-  elif 'Permission denied' in text or 'Read-only file system' in text:
-    cause = ('the directory is not writable (permissions, or a read-only file system): make '
-             'it writable')
-  else:
-    cause = f'{type(e).__name__}, details in the log above: fix the cause'
-  return CheckpointError(
-      f'{what} {directory} failed: {cause}, then rerun the same command to resume from the '
-      'last complete checkpoint, which is untouched.')
-
-
-def _damaged(path, e: Exception) -> DamagedCheckpoint:
-  """The one-line error for unreadable files; the library's own words go to the log."""
-  logging.warning('Reading checkpoint %s failed: %s', path, e)
-  return DamagedCheckpoint(
-      f'Checkpoint {path} is damaged or unreadable ({type(e).__name__} while reading it; '
-      'details in the log above). It is left untouched: move it away to resume from an '
-      'older checkpoint, or point --workdir elsewhere.')
 
 
 class _NewestGoodSteps:
@@ -224,7 +88,7 @@ class Checkpointer:
                async_save: bool = True):
     # orbax needs absolute paths; a relative local workdir is resolved against the cwd.
     self.directory = epath.Path(directory if "://" in directory else os.path.abspath(directory))
-    _quiet_late_reads()
+    checkpoint_errors.quiet_late_reads()
     self._pending = None  # Step of the last async save, maybe still writing.
     self._sums = {}  # step -> its arrays' checksums, dispatched, to write once the save is final
     self.restored = None  # (step, verified) of the last restore
@@ -246,7 +110,7 @@ class Checkpointer:
     try:
       return ocp.CheckpointManager(self.directory, options=options, handler_registry=registry)
     except OSError as e:
-      raise _write_failed(None, self.directory, e) from e
+      raise checkpoint_errors.write_failed(None, self.directory, e) from e
 
   def _open_for_writing(self) -> None:
     """Replaces the reading manager by one that writes (the first save does this)."""
@@ -296,7 +160,7 @@ class Checkpointer:
           **{_ITEM: ocp.args.StandardSave(state)}))
     except Exception as e:
       self._sums.pop(step, None)
-      raise _write_failed(step, self.directory, e) from e
+      raise checkpoint_errors.write_failed(step, self.directory, e) from e
     self._pending = step
     self.poll()  # a synchronous save is final already
 
@@ -312,7 +176,7 @@ class Checkpointer:
       try:
         (self.directory / str(step)).rename(aside)
       except Exception as e:  # pylint: disable=broad-except  # OSError, or a remote store's own
-        raise _write_failed(step, self.directory, e) from e
+        raise checkpoint_errors.write_failed(step, self.directory, e) from e
       logging.warning('Saving step %d again: the damaged checkpoint of that step, passed over '
                       'when resuming, is now %s (delete it once you have looked at it).',
                       step, aside)
@@ -340,7 +204,7 @@ class Checkpointer:
         tmp.rename(path / CHECKSUMS_FILE)  # whole or absent
       except Exception as e:  # pylint: disable=broad-except
         logging.warning('Could not write the checksums of checkpoint %s (%s); it will '
-                        'restore unverified.', path, _short(e))
+                        'restore unverified.', path, checkpoint_errors.short(e))
 
   def wait(self) -> None:
     """Blocks until pending async saves are complete on disk, checksums included."""
@@ -348,7 +212,7 @@ class Checkpointer:
       self._mngr.wait_until_finished()
     except Exception as e:
       self._sums.pop(self._pending, None)
-      raise _write_failed(self._pending, self.directory, e) from e
+      raise checkpoint_errors.write_failed(self._pending, self.directory, e) from e
     self.poll()
     self._pending = None
 
@@ -378,7 +242,7 @@ class Checkpointer:
     except FileNotFoundError:
       saved = None
     except Exception as e:  # pylint: disable=broad-except
-      raise _damaged(path, e) from e
+      raise checkpoint_errors.damaged(path, e) from e
     if saved is None:
       logging.warning('Checkpoint %s has no checksums (written before they existed, or the '
                       'run stopped before they were written): restored unverified.', path)
@@ -407,13 +271,13 @@ class Checkpointer:
     # damage (missing/garbled metadata, manifest or array headers).
     try:
       saved = self._mngr.item_metadata(step)[_ITEM].tree
-      problems = _mismatches(saved, target)
+      problems = checkpoint_errors.mismatches(saved, target)
     except Exception as e:
-      raise _damaged(path, e) from e
+      raise checkpoint_errors.damaged(path, e) from e
     convert = None
     for to_saved, from_saved in relayouts if problems else ():
       alt = to_saved(target)
-      if not _mismatches(saved, alt):
+      if not checkpoint_errors.mismatches(saved, alt):
         logging.info('Checkpoint %s has another layout; converting it on restore.', path)
         target, convert, problems = alt, from_saved, []
         break
@@ -468,7 +332,7 @@ class Checkpointer:
       restored = self._mngr.restore(step, args=ocp.args.Composite(
           **{_ITEM: ocp.args.StandardRestore(target)}))
     except Exception as e:
-      raise _damaged(path, e) from e
+      raise checkpoint_errors.damaged(path, e) from e
     self.restored = (step, self._verify(step, restored[_ITEM]))  # in the saved layout
     if convert is None:
       return restored[_ITEM]
@@ -487,7 +351,7 @@ class Checkpointer:
     try:
       node = self._mngr.item_metadata(step)[_ITEM].tree
     except Exception as e:
-      raise _damaged(self.directory / str(step), e) from e
+      raise checkpoint_errors.damaged(self.directory / str(step), e) from e
     for i, key in enumerate(keys):
       if not isinstance(node, dict) or key not in node:
         have = sorted(node) if isinstance(node, dict) else type(node).__name__
@@ -504,7 +368,7 @@ class Checkpointer:
           self.directory / str(step) / _ITEM, args=ocp.args.PyTreeRestore(
               item=target, restore_args=restore_args, partial_restore=True))
     except Exception as e:
-      raise _damaged(self.directory / str(step), e) from e
+      raise checkpoint_errors.damaged(self.directory / str(step), e) from e
     for key in keys:
       restored = restored[key]
     self.restored = (step, self._verify(step, restored, keys))
