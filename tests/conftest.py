@@ -30,6 +30,9 @@ for _name, _prefix in (("JAX_COMPILATION_CACHE_DIR", "pr_mim_jax_test_xla_"),  #
     os.environ[_name] = tempfile.mkdtemp(prefix=_prefix)
     if "PYTEST_XDIST_WORKER" not in os.environ:  # the session's first process owns it
       atexit.register(shutil.rmtree, os.environ[_name], True)
+# Every compile goes in that cache, not only those over JAX's default of a second: the tiny
+# steps compile in well under one, and each subprocess and worker compiled them again.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()

@@ -727,8 +727,8 @@ def classifier_workdir(path, mode, pool, *, ema=False, num_classes=5, seed=0):
   config.model.update(variant="B/4", width=32, depth=2, heads=4, image_size=16, posemb="learned")
   config.head.pool, config.ema.decay = pool, 0.99 if ema else 0.0
   model = classifier.from_config(config, num_classes)
-  variables = nn.unbox(model.init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32),
-                                  train=False))
+  init = jax.jit(lambda rng: model.init(rng, np.zeros((1, 16, 16, 3), np.float32), train=False))
+  variables = nn.unbox(init(jax.random.key(0)))  # jitted: eagerly, each op compiles alone
   rng = np.random.default_rng(seed)
   noise = lambda t: jax.tree.map(
       lambda x: x + 0.3 * rng.standard_normal(x.shape).astype(x.dtype), t)

@@ -252,8 +252,8 @@ def test_every_masked_token_scores_all_masked_patches_equally(progressive):
                              reconstruct_thrown=progressive, thrown_loss_weight=0.3)
   images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 16, 3)), jnp.float32)
   masks = train_step_lib.step_masks(jax.random.key_data(jax.random.key(1)), 0, 2, task)
-  params = model.init(jax.random.key(0), images, masks.ids_vis, masks.ids_dec,
-                      masks.ids_throw if progressive else None)['params']
+  params = jax.jit(model.init)(jax.random.key(0), images, masks.ids_vis, masks.ids_dec,
+                              masks.ids_throw if progressive else None)['params']
   loss, (preds, _) = train_step_lib.loss_fn(params, model, images, masks, task,
                                             every_masked_token=True)
   pred = np.concatenate([preds.dec] + ([preds.throw] if progressive else []), axis=1)

@@ -49,7 +49,7 @@ def _run(config, params=None, steps=2):
   tx = optim.make_optimizer(config.optim, schedule)
   if params is None:
     params = pretrain.init_params(model, task.split, jax.random.key(0))
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.jit(tx.init)(params),
                      rng=jax.random.key_data(jax.random.key(1)))
   step_fn = jax.jit(functools.partial(train_step_lib.train_step, model=model, tx=tx, task=task,
                                       schedule=schedule))

@@ -333,7 +333,7 @@ def _trained_losses(method, target, decoder):
   model, task = ts.model_from_config(c), ts.task_from_config(c)
   params = pretrain.init_params(model, task.split, jax.random.key(0))
   tx = optim.make_optimizer(c.optim, lambda s: 3e-3)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.jit(tx.init)(params),
                      rng=jax.random.key_data(jax.random.key(1)))
   step = jax.jit(functools.partial(ts.train_step, model=model, tx=tx, task=task,
                                    schedule=lambda s: 3e-3))

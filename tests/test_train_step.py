@@ -101,7 +101,7 @@ def test_train_step_uses_the_schedule_at_the_current_step():
   schedule = lambda s: 0.1 * (s + 1.0)  # noqa: E731
   tx = optax.sgd(schedule)
   state = TrainState(step=jnp.asarray(4, jnp.int32), params=params,
-                     opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(1)))
+                     opt_state=jax.jit(tx.init)(params), rng=jax.random.key_data(jax.random.key(1)))
   state = state.replace(opt_state=jax.tree.map(
       lambda x: jnp.asarray(4, x.dtype) if getattr(x, "ndim", 1) == 0 else x, state.opt_state))
   new, metrics = jax.jit(lambda s, b: train_step.train_step(

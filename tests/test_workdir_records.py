@@ -220,12 +220,15 @@ def test_switching_between_a_folder_and_another_dataset_is_refused(tmp_path, old
                                         pretrain.FIXED_ON_RESUME)
 
 
-def test_a_config_json_that_is_not_json_resumes_with_a_warning(tmp_path, caplog):
-  (tmp_path / "config.json").write_text('{"batch_size": 16, "se')  # torn by a full disk
+@pytest.mark.parametrize("text", ['{"batch_size": 16, "se',  # torn by a full disk
+                                  '[16, 32]'])  # JSON, but no object of fields
+def test_a_config_json_that_holds_no_config_resumes_with_a_warning(tmp_path, caplog, text):
+  (tmp_path / "config.json").write_text(text)
   with caplog.at_level(logging.WARNING):
     workdir_records.check_resume_config(str(tmp_path), _tiny(batch_size=32), 8,
                                         pretrain.FIXED_ON_RESUME)
-  assert "is not valid JSON" in caplog.text
+    workdir_records.check_run_kind(str(tmp_path), {"mode": "linear_probe"})
+  assert "holds no JSON object; resuming without comparing the config" in caplog.text
 
 
 def test_records_and_metrics_are_written_by_process_0_only(tmp_path, monkeypatch):

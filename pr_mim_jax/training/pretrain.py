@@ -43,8 +43,10 @@ def _dummy_inputs(model, split: masking.TokenSplit):
   return images, ids[:, :a], ids[:, a:b], ids[:, b:]
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
 def init_params(model, split, rng):
-  """Unboxed float32 params (a pure function of rng)."""
+  """Unboxed float32 params (a pure function of rng). Jitted: run eagerly (a tool, a test),
+  each of init's few hundred ops would compile on its own."""
   return nn.unbox(model.init(rng, *_dummy_inputs(model, split))["params"])
 
 

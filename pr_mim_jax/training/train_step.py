@@ -54,8 +54,10 @@ def model_from_config(config) -> mae.MaskedAutoencoder:
                    targets.target_dim(config.loss.target, patch))
 
 
+@functools.partial(jax.jit, static_argnums=(2, 3))
 def step_masks(rng, step, batch_size: int, task: Task) -> masking.Masks:
-  """The masks of one step: a pure function of (rng, step)."""
+  """The masks of one step: a pure function of (rng, step). Jitted for eager callers (the
+  pictures, tools, tests), where each sampling op would compile on its own."""
   return masking.make_masks(jax.random.fold_in(rng, step), batch_size, task.split,
                             task.throw_strategy, task.grid, task.num_stages)
 

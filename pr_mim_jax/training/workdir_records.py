@@ -160,7 +160,9 @@ def check_resume_config(workdir: str, config, step: int, fixed: tuple[str, ...])
   try:
     recorded = json.loads(path.read_text())
   except ValueError:
-    logging.warning("%s is not valid JSON; resuming without comparing the config", path)
+    recorded = None
+  if not isinstance(recorded, dict):
+    logging.warning("%s holds no JSON object; resuming without comparing the config", path)
     return
   changes = config_changes(recorded, json.loads(config.to_json()))
   refused = [c for c in changes if _fixed(c[0], fixed) and not _moved_folder(*c)]
